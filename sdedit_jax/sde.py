@@ -1,0 +1,193 @@
+"""Linear forward SDEs of score-based models (Song et al., 2021).
+
+Every SDE here has a Gaussian perturbation kernel of the form
+``x_t = m(t) * x_0 + s(t) * z``. Subclasses define only ``m``, ``s`` and the
+diffusion ``g(t)``; everything the samplers need (drift, exact one-step
+transitions, the reverse SDE, the probability-flow ODE) follows from those in
+this base class, so adding an SDE means touching one class.
+
+Times are arrays of shape ``[B]`` (one time per example) so a batch can mix
+different SDEdit start times ``t0`` inside one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+
+
+def _bcast(v: Array, x: Array) -> Array:
+    """Reshapes a per-example ``[B]`` array to broadcast against ``x[B, ...]``."""
+    return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
+
+
+class SDE:
+    """Base class: ``dx = f(x, t) dt + g(t) dw`` with a linear Gaussian kernel.
+
+    Attributes:
+        T: final time of the forward process (always 1 here).
+        eps: smallest time integrated to; avoids the singular score at t=0.
+    """
+
+    T: float = 1.0
+    eps: float = 1e-3
+
+    # --- defined by subclasses -------------------------------------------------
+    def log_mean_coeff(self, t: Array) -> Array:
+        """``log m(t)`` for the kernel mean ``m(t) x_0``."""
+        raise NotImplementedError
+
+    def marginal_std(self, t: Array) -> Array:
+        """``s(t)``, the kernel standard deviation."""
+        raise NotImplementedError
+
+    def diffusion(self, t: Array) -> Array:
+        """``g(t)``."""
+        raise NotImplementedError
+
+    def drift_coeff(self, t: Array) -> Array:
+        """``d log m / dt``: the drift is linear, ``f(x, t) = drift_coeff(t) * x``."""
+        raise NotImplementedError
+
+    @property
+    def prior_std(self) -> float:
+        """Standard deviation of the N(0, prior_std^2 I) prior at t=T."""
+        raise NotImplementedError
+
+    # --- derived ----------------------------------------------------------------
+    def drift(self, x: Array, t: Array) -> Array:
+        return _bcast(self.drift_coeff(t), x) * x
+
+    def marginal(self, x0: Array, t: Array) -> tuple[Array, Array]:
+        """Mean and std of ``p_t(x_t | x_0)``; the std is broadcast like x0."""
+        mean = _bcast(jnp.exp(self.log_mean_coeff(t)), x0) * x0
+        return mean, _bcast(self.marginal_std(t), x0)
+
+    def perturb(self, key: Array, x0: Array, t: Array) -> Array:
+        """Samples ``x_t ~ p_t(x_t | x_0)`` for one example (``key`` is one key)."""
+        mean, std = self.marginal(x0, t)
+        return mean + std * jax.random.normal(key, x0.shape, x0.dtype)
+
+    def prior_sample(self, key: Array, shape: tuple[int, ...]) -> Array:
+        return self.prior_std * jax.random.normal(key, shape)
+
+    def transition(self, t: Array, s: Array) -> tuple[Array, Array]:
+        """Exact kernel from time ``s`` to ``t > s``: ``x_t = a x_s + sqrt(v) z``.
+
+        Follows from the marginals: ``a = m(t)/m(s)`` and, because the added
+        noise is independent, ``v = s(t)^2 - a^2 s(s)^2``.
+        """
+        a = jnp.exp(self.log_mean_coeff(t) - self.log_mean_coeff(s))
+        v = self.marginal_std(t) ** 2 - (a * self.marginal_std(s)) ** 2
+        return a, jnp.maximum(v, 0.0)
+
+    def discretize(self, x: Array, t: Array, dt: Array) -> tuple[Array, Array]:
+        """One-step discretisation ``x_t = x_{t-dt} + f + G z`` (exact kernel).
+
+        For VP this is DDPM's ``f = (sqrt(1-beta)-1) x, G = sqrt(beta)``; for VE
+        SMLD's ``f = 0, G = sqrt(sigma_t^2 - sigma_{t-dt}^2)``.
+        """
+        a, v = self.transition(t, t - dt)
+        return (_bcast(a, x) - 1.0) * x, _bcast(jnp.sqrt(v), x)
+
+    def reverse_drift(self, x: Array, t: Array, score: Array, ode: bool = False) -> Array:
+        """Drift of the reverse-time SDE ``f - g^2 score`` (or the ODE ``f - g^2/2 score``)."""
+        g2 = _bcast(self.diffusion(t) ** 2, x)
+        return self.drift(x, t) - (0.5 if ode else 1.0) * g2 * score
+
+
+def _vp_integral(t: Array, beta_min: float, beta_max: float) -> Array:
+    """``int_0^t beta(s) ds`` for the linear schedule."""
+    return 0.5 * t**2 * (beta_max - beta_min) + t * beta_min
+
+
+@dataclasses.dataclass(frozen=True)
+class VPSDE(SDE):
+    """Variance-preserving SDE (DDPM in the continuous limit)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    eps: float = 1e-3
+
+    def beta(self, t: Array) -> Array:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_mean_coeff(self, t):
+        return -0.5 * _vp_integral(t, self.beta_min, self.beta_max)
+
+    def marginal_std(self, t):
+        return jnp.sqrt(-jnp.expm1(2.0 * self.log_mean_coeff(t)))
+
+    def diffusion(self, t):
+        return jnp.sqrt(self.beta(t))
+
+    def drift_coeff(self, t):
+        return -0.5 * self.beta(t)
+
+    @property
+    def prior_std(self):
+        return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SubVPSDE(SDE):
+    """Sub-VP SDE: VP's drift with a smaller diffusion, variance ``(1 - m^2)^2``."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    eps: float = 1e-3
+
+    def beta(self, t: Array) -> Array:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_mean_coeff(self, t):
+        return -0.5 * _vp_integral(t, self.beta_min, self.beta_max)
+
+    def marginal_std(self, t):
+        return -jnp.expm1(2.0 * self.log_mean_coeff(t))
+
+    def diffusion(self, t):
+        discount = -jnp.expm1(-2.0 * _vp_integral(t, self.beta_min, self.beta_max))
+        return jnp.sqrt(self.beta(t) * discount)
+
+    def drift_coeff(self, t):
+        return -0.5 * self.beta(t)
+
+    @property
+    def prior_std(self):
+        return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VESDE(SDE):
+    """Variance-exploding SDE (SMLD / NCSN in the continuous limit)."""
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    eps: float = 1e-5
+
+    def log_mean_coeff(self, t):
+        return jnp.zeros_like(t)
+
+    def marginal_std(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def diffusion(self, t):
+        log_ratio = jnp.log(self.sigma_max / self.sigma_min)
+        return self.marginal_std(t) * jnp.sqrt(2.0 * log_ratio)
+
+    def drift_coeff(self, t):
+        return jnp.zeros_like(t)
+
+    @property
+    def prior_std(self):
+        return self.sigma_max
+
+
+SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
