@@ -1,5 +1,20 @@
 """sdedit_jax: SDEdit guided image synthesis and editing as device-parallel JAX jobs."""
 
+from sdedit_jax.edit import sdedit_batch
+from sdedit_jax.engine import Editor, data_mesh, sdedit
+from sdedit_jax.sampling.integrate import Sampler, integrate, sample_prior
 from sdedit_jax.sde import SDE, SubVPSDE, VESDE, VPSDE
 
-__all__ = ["SDE", "SubVPSDE", "VESDE", "VPSDE"]
+__all__ = [
+    "SDE",
+    "Editor",
+    "Sampler",
+    "SubVPSDE",
+    "VESDE",
+    "VPSDE",
+    "data_mesh",
+    "integrate",
+    "sample_prior",
+    "sdedit",
+    "sdedit_batch",
+]

@@ -18,11 +18,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from sdedit_jax.rng import example_noise
+
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 
-def _bcast(v: Array, x: Array) -> Array:
+def batch_bcast(v: Array, x: Array) -> Array:
     """Reshapes a per-example ``[B]`` array to broadcast against ``x[B, ...]``."""
     return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
 
@@ -62,17 +64,17 @@ class SDE:
 
     # --- derived ----------------------------------------------------------------
     def drift(self, x: Array, t: Array) -> Array:
-        return _bcast(self.drift_coeff(t), x) * x
+        return batch_bcast(self.drift_coeff(t), x) * x
 
     def marginal(self, x0: Array, t: Array) -> tuple[Array, Array]:
         """Mean and std of ``p_t(x_t | x_0)``; the std is broadcast like x0."""
-        mean = _bcast(jnp.exp(self.log_mean_coeff(t)), x0) * x0
-        return mean, _bcast(self.marginal_std(t), x0)
+        mean = batch_bcast(jnp.exp(self.log_mean_coeff(t)), x0) * x0
+        return mean, batch_bcast(self.marginal_std(t), x0)
 
-    def perturb(self, key: Array, x0: Array, t: Array) -> Array:
-        """Samples ``x_t ~ p_t(x_t | x_0)`` for one example (``key`` is one key)."""
+    def perturb(self, keys: Array, x0: Array, t: Array) -> Array:
+        """Samples ``x_t ~ p_t(x_t | x_0)`` with one key per example (``keys[B]``)."""
         mean, std = self.marginal(x0, t)
-        return mean + std * jax.random.normal(key, x0.shape, x0.dtype)
+        return mean + std * example_noise(keys, x0)
 
     def prior_sample(self, key: Array, shape: tuple[int, ...]) -> Array:
         return self.prior_std * jax.random.normal(key, shape)
@@ -94,11 +96,11 @@ class SDE:
         SMLD's ``f = 0, G = sqrt(sigma_t^2 - sigma_{t-dt}^2)``.
         """
         a, v = self.transition(t, t - dt)
-        return (_bcast(a, x) - 1.0) * x, _bcast(jnp.sqrt(v), x)
+        return (batch_bcast(a, x) - 1.0) * x, batch_bcast(jnp.sqrt(v), x)
 
     def reverse_drift(self, x: Array, t: Array, score: Array, ode: bool = False) -> Array:
         """Drift of the reverse-time SDE ``f - g^2 score`` (or the ODE ``f - g^2/2 score``)."""
-        g2 = _bcast(self.diffusion(t) ** 2, x)
+        g2 = batch_bcast(self.diffusion(t) ** 2, x)
         return self.drift(x, t) - (0.5 if ode else 1.0) * g2 * score
 
 

@@ -1,0 +1,256 @@
+"""Device-parallel execution: the one place that builds meshes and jits.
+
+The whole edit (all repeats and steps) is one ``jax.jit`` program. Batch
+arrays are sharded over a 1-D ``data`` mesh axis; the score model's weights are
+replicated. Editing is purely data-parallel, so the program has no collectives.
+
+Score functions are pytrees: their array leaves (model weights) are traced
+arguments and everything else is static, so a new call with the same model
+reuses the compiled program and weights are never baked in as constants. A
+plain Python function is a static leaf of its own; pass weights through
+``jax.tree_util.Partial`` (see :func:`sdedit_jax.score.make_score_fn`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sdedit_jax import rng
+from sdedit_jax.edit import sdedit_batch
+from sdedit_jax.sampling.integrate import Sampler
+from sdedit_jax.sde import SDE, ScoreFn
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: every device of every host)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(
+        np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray))
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticScore:
+    """The hashable, non-array part of a score-function pytree."""
+
+    treedef: Any
+    static_leaves: tuple
+    array_positions: tuple[int, ...]
+
+
+def split_score_fn(score_fn: ScoreFn) -> tuple[_StaticScore, list]:
+    """Splits a score-function pytree into (static part, array leaves)."""
+    leaves, treedef = jax.tree_util.tree_flatten(score_fn)
+    positions = tuple(i for i, leaf in enumerate(leaves) if _is_array(leaf))
+    static = tuple(None if i in positions else leaf for i, leaf in enumerate(leaves))
+    return _StaticScore(treedef, static, positions), [leaves[i] for i in positions]
+
+
+def _merge_score_fn(static: _StaticScore, arrays: list) -> ScoreFn:
+    leaves = list(static.static_leaves)
+    for position, array in zip(static.array_positions, arrays):
+        leaves[position] = array
+    return jax.tree_util.tree_unflatten(static.treedef, leaves)
+
+
+@functools.partial(jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats"))
+def _edit_program(score_arrays, guides, seeds, id_words, t0, mask, *,
+                  static_score, sde, sampler, repeats):
+    score_fn = _merge_score_fn(static_score, score_arrays)
+    keys = rng.example_keys(seeds, id_words)
+    return sdedit_batch(score_fn, sde, sampler, guides, keys, t0, mask, repeats)
+
+
+def compiled_program_count() -> int:
+    """How many edit programs have been compiled in this process (for tests/logs)."""
+    return _edit_program._cache_size()
+
+
+@dataclasses.dataclass(frozen=True)
+class EditBatch:
+    """One batch of edit inputs, host-side (numpy) or already global arrays."""
+
+    guides: Any  # [B, H, W, C] float32
+    seeds: Any  # [B] int32
+    id_words: Any  # [B, W] uint32
+    t0: Any  # [B] float32
+    mask: Any = None  # [B, H, W, 1|C] float32 or None
+
+
+class Editor:
+    """Runs SDEdit for one (SDE, sampler, repeats) on a device mesh.
+
+    Batches are padded to a multiple of the mesh size; padded rows use a valid
+    ``t0`` and are cut from the result, and since every draw comes from the
+    example's own key they never influence real rows.
+    """
+
+    def __init__(self, sde: SDE, sampler: Sampler, repeats: int = 1, mesh: Mesh | None = None):
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats: must be a positive int, got {repeats!r}")
+        self.sde, self.sampler, self.repeats = sde, sampler, repeats
+        self.mesh = data_mesh() if mesh is None else mesh
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    def place_score(self, score_fn: ScoreFn) -> tuple[_StaticScore, list]:
+        """Splits the score function and replicates its weights on the mesh (do it once)."""
+        static, arrays = split_score_fn(score_fn)
+        return static, jax.device_put(arrays, self.replicated)
+
+    def run_global(self, placed_score, batch: EditBatch) -> jax.Array:
+        """Runs on arrays whose leading dimension is a multiple of the mesh size."""
+        static, arrays = placed_score
+        return _edit_program(
+            arrays,
+            batch.guides,
+            batch.seeds,
+            batch.id_words,
+            batch.t0,
+            batch.mask,
+            static_score=static,
+            sde=self.sde,
+            sampler=self.sampler,
+            repeats=self.repeats,
+        )
+
+    def run(self, placed_score, batch: EditBatch) -> jax.Array:
+        """Pads a host batch to the mesh, shards it, runs, and cuts the padding."""
+        size = len(batch.t0)
+        padded = _pad_batch(batch, -size % self.num_devices)
+        sharded = EditBatch(
+            *(
+                None if v is None else jax.device_put(v, self.batch_sharding)
+                for v in dataclasses.astuple(padded)
+            )
+        )
+        return self.run_global(placed_score, sharded)[:size]
+
+
+def _pad_batch(batch: EditBatch, pad: int) -> EditBatch:
+    if pad == 0:
+        return batch
+
+    def pad_rows(v, fill):
+        v = np.asarray(v)
+        return np.concatenate([v, np.full((pad,) + v.shape[1:], fill, v.dtype)])
+
+    return EditBatch(
+        guides=pad_rows(batch.guides, 0.0),
+        seeds=pad_rows(batch.seeds, 0),
+        id_words=pad_rows(batch.id_words, 0),
+        t0=pad_rows(batch.t0, 1.0),
+        mask=None if batch.mask is None else pad_rows(batch.mask, 1.0),
+    )
+
+
+def validate_edit_inputs(guides: np.ndarray, t0: np.ndarray, mask, sde: SDE, num_ids: int):
+    """Raises ``ValueError`` naming the offending field for unusable inputs."""
+    if guides.ndim != 4:
+        raise ValueError(f"guides: expected [B, H, W, C], got shape {guides.shape}")
+    batch = guides.shape[0]
+    if num_ids != batch:
+        raise ValueError(f"example_ids: {num_ids} ids for {batch} guides")
+    if not np.all(np.isfinite(guides)):
+        bad = sorted(set(np.nonzero(~np.isfinite(guides))[0].tolist()))
+        raise ValueError(f"guides: non-finite values in examples at batch positions {bad[:10]}")
+    if t0.shape != (batch,):
+        raise ValueError(f"t0: expected a float or shape ({batch},), got shape {t0.shape}")
+    if not np.all((t0 > sde.eps) & (t0 <= sde.T)):
+        raise ValueError(
+            f"t0: every value must lie in ({sde.eps}, {sde.T}] (the SDE's eps..T), got "
+            f"min {t0.min():.4g} max {t0.max():.4g}"
+        )
+    if mask is not None:
+        if mask.shape[:3] != guides.shape[:3] or mask.shape[3] not in (1, guides.shape[3]):
+            raise ValueError(
+                f"mask: shape {mask.shape} does not match guides {guides.shape} "
+                "(expected [B, H, W, 1] or the guides' shape)"
+            )
+        if not np.all(np.isfinite(mask)) or mask.min() < 0 or mask.max() > 1:
+            raise ValueError("mask: values must be finite and in [0, 1] (1 = editable)")
+
+
+def sdedit(
+    score_fn: ScoreFn,
+    sde: SDE,
+    guides,
+    *,
+    seed: int = 0,
+    example_ids=None,
+    t0=0.5,
+    mask=None,
+    n_steps: int = 250,
+    repeats: int = 1,
+    predictor: str = "euler_maruyama",
+    corrector: str | None = None,
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+    denoise: bool = True,
+    mesh: Mesh | None = None,
+) -> jax.Array:
+    """Edits ``guides`` with SDEdit on every device (one compiled program per shape).
+
+    Args:
+        score_fn: ``score_fn(x[B,H,W,C] float32, t[B]) -> score``; a pytree
+            (e.g. ``jax.tree_util.Partial``) whose array leaves are weights.
+        sde: the forward SDE the score model was trained with.
+        guides: ``[B, H, W, C]`` guide images in the model's value range.
+        seed: job seed; with ``example_ids`` it determines all randomness.
+        example_ids: ``[B]`` non-negative integer ids (default ``0..B-1``) or
+            ``[B, W]`` uint32 words. An example's output depends only on
+            (seed, id, t0, its guide and mask), never on the batch.
+        t0: SDEdit start time, a float or ``[B]``; traced (no recompiles).
+        mask: ``[B, H, W, 1]`` or ``[B, H, W, C]``, 1 = editable region.
+        n_steps: reverse steps from ``t0`` to ``eps`` (static; see
+            :mod:`sdedit_jax.edit` for the paper's N and t0).
+        repeats: SDEdit's K, sequential perturb-and-denoise cycles.
+        predictor, corrector, snr, corrector_steps, denoise: see ``Sampler``.
+        mesh: device mesh (default: all devices on a ``data`` axis).
+
+    Returns:
+        ``[B, H, W, C]`` edited images.
+    """
+    sampler = Sampler(
+        predictor=predictor,
+        corrector=corrector or "none",
+        n_steps=n_steps,
+        snr=snr,
+        corrector_steps=corrector_steps,
+        denoise=denoise,
+    )
+    guides = np.asarray(guides, np.float32)
+    batch = guides.shape[0] if guides.ndim == 4 else -1
+    ids = np.arange(batch) if example_ids is None else np.asarray(example_ids)
+    t0 = np.broadcast_to(np.asarray(t0, np.float32), (batch,)) if np.ndim(t0) == 0 else t0
+    t0 = np.asarray(t0, np.float32)
+    mask = None if mask is None else np.asarray(mask, np.float32)
+    validate_edit_inputs(guides, t0, mask, sde, len(ids))
+    if ids.ndim == 1 and (not np.issubdtype(ids.dtype, np.integer) or ids.min(initial=0) < 0):
+        raise ValueError("example_ids: expected non-negative integers")
+    editor = Editor(sde, sampler, repeats, mesh)
+    batch_in = EditBatch(
+        guides=guides,
+        seeds=np.full((batch,), seed, np.int32),
+        id_words=np.asarray(rng.ids_to_words(ids)),
+        t0=t0,
+        mask=mask,
+    )
+    return editor.run(editor.place_score(score_fn), batch_in)
+

@@ -1,0 +1,1 @@
+"""Reverse-time integration: predictors, correctors and the scan-based integrator."""
