@@ -3,7 +3,7 @@
 from sdedit_jax.edit import sdedit_batch
 from sdedit_jax.engine import Editor, data_mesh, sdedit
 from sdedit_jax.sampling.integrate import Sampler, integrate, sample_prior
-from sdedit_jax.sde import SDE, SubVPSDE, VESDE, VPSDE
+from sdedit_jax.sde import SDE, VESDE, VPSDE, SubVPSDE
 
 __all__ = [
     "SDE",

@@ -9,6 +9,13 @@ arguments and everything else is static, so a new call with the same model
 reuses the compiled program and weights are never baked in as constants. A
 plain Python function is a static leaf of its own; pass weights through
 ``jax.tree_util.Partial`` (see :func:`sdedit_jax.score.make_score_fn`).
+
+Bit-reproducibility: an example's output depends only on (seed, id, t0, guide,
+mask) at a given ``per_device_batch``. Score functions should multiply by
+per-example reciprocals rather than divide by broadcast per-example values:
+XLA rewrites ``x / broadcast(s)`` into ``x * broadcast(1 / s)`` in some
+programs (e.g. single- vs multi-device) and not others, a last-bit difference.
+On GPUs also set ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``.
 """
 
 from __future__ import annotations
@@ -60,17 +67,30 @@ def split_score_fn(score_fn: ScoreFn) -> tuple[_StaticScore, list]:
 
 def _merge_score_fn(static: _StaticScore, arrays: list) -> ScoreFn:
     leaves = list(static.static_leaves)
-    for position, array in zip(static.array_positions, arrays):
+    for position, array in zip(static.array_positions, arrays, strict=True):
         leaves[position] = array
     return jax.tree_util.tree_unflatten(static.treedef, leaves)
 
 
-@functools.partial(jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats"))
+@functools.partial(
+    jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats", "mesh")
+)
 def _edit_program(score_arrays, guides, seeds, id_words, t0, mask, *,
-                  static_score, sde, sampler, repeats):
-    score_fn = _merge_score_fn(static_score, score_arrays)
-    keys = rng.example_keys(seeds, id_words)
-    return sdedit_batch(score_fn, sde, sampler, guides, keys, t0, mask, repeats)
+                  static_score, sde, sampler, repeats, mesh):
+    def edit_local(score_arrays, *rows):
+        score_fn = _merge_score_fn(static_score, score_arrays)
+
+        def edit_rows(guides, seeds, id_words, t0, mask):
+            keys = rng.example_keys(seeds, id_words)
+            return sdedit_batch(score_fn, sde, sampler, guides, keys, t0, mask, repeats)
+
+        return edit_rows(*rows)
+
+    rows = PartitionSpec(DATA_AXIS)
+    local = jax.shard_map(
+        edit_local, mesh=mesh, in_specs=(PartitionSpec(),) + (rows,) * 5, out_specs=rows
+    )
+    return local(score_arrays, guides, seeds, id_words, t0, mask)
 
 
 def compiled_program_count() -> int:
@@ -92,15 +112,33 @@ class EditBatch:
 class Editor:
     """Runs SDEdit for one (SDE, sampler, repeats) on a device mesh.
 
-    Batches are padded to a multiple of the mesh size; padded rows use a valid
-    ``t0`` and are cut from the result, and since every draw comes from the
-    example's own key they never influence real rows.
+    The compiled step edits ``per_device_batch`` rows on every device (a
+    ``shard_map``, so the per-device program is the same for any mesh size);
+    longer batches run as several steps. An example is therefore always
+    computed by the same program on the same number of rows, which makes its
+    result bit-identical for any batch size, batch position and device count
+    (at a given ``per_device_batch``): XLA's vectorisation and reduction order
+    depend on the shapes a program sees. Padded rows use a valid ``t0`` and are
+    cut from the result; every draw comes from the example's own key, so they
+    never influence real rows.
     """
 
-    def __init__(self, sde: SDE, sampler: Sampler, repeats: int = 1, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        sde: SDE,
+        sampler: Sampler,
+        repeats: int = 1,
+        mesh: Mesh | None = None,
+        per_device_batch: int = 8,
+    ):
         if not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats: must be a positive int, got {repeats!r}")
+        if not isinstance(per_device_batch, int) or per_device_batch < 1:
+            raise ValueError(
+                f"per_device_batch: must be a positive int, got {per_device_batch!r}"
+            )
         self.sde, self.sampler, self.repeats = sde, sampler, repeats
+        self.per_device_batch = per_device_batch
         self.mesh = data_mesh() if mesh is None else mesh
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -109,13 +147,18 @@ class Editor:
     def num_devices(self) -> int:
         return self.mesh.devices.size
 
+    @property
+    def global_batch(self) -> int:
+        """Rows per compiled step: mesh size * per-device batch."""
+        return self.num_devices * self.per_device_batch
+
     def place_score(self, score_fn: ScoreFn) -> tuple[_StaticScore, list]:
         """Splits the score function and replicates its weights on the mesh (do it once)."""
         static, arrays = split_score_fn(score_fn)
         return static, jax.device_put(arrays, self.replicated)
 
     def run_global(self, placed_score, batch: EditBatch) -> jax.Array:
-        """Runs on arrays whose leading dimension is a multiple of the mesh size."""
+        """One compiled step on sharded arrays of ``global_batch`` rows."""
         static, arrays = placed_score
         return _edit_program(
             arrays,
@@ -128,19 +171,32 @@ class Editor:
             sde=self.sde,
             sampler=self.sampler,
             repeats=self.repeats,
+            mesh=self.mesh,
+        )
+
+    def shard(self, batch: EditBatch) -> EditBatch:
+        """Places a host batch of ``global_batch`` rows on the mesh, sharded by rows."""
+        return EditBatch(
+            *(
+                None if v is None else jax.device_put(v, self.batch_sharding)
+                for v in dataclasses.astuple(batch)
+            )
         )
 
     def run(self, placed_score, batch: EditBatch) -> jax.Array:
-        """Pads a host batch to the mesh, shards it, runs, and cuts the padding."""
+        """Edits a host batch of any size: pads, runs step by step, cuts the padding."""
         size = len(batch.t0)
-        padded = _pad_batch(batch, -size % self.num_devices)
-        sharded = EditBatch(
-            *(
-                None if v is None else jax.device_put(v, self.batch_sharding)
-                for v in dataclasses.astuple(padded)
+        padded = _pad_batch(batch, -size % self.global_batch)
+        outputs = []
+        for start in range(0, size + (-size % self.global_batch), self.global_batch):
+            rows = EditBatch(
+                *(
+                    None if v is None else v[start : start + self.global_batch]
+                    for v in dataclasses.astuple(padded)
+                )
             )
-        )
-        return self.run_global(placed_score, sharded)[:size]
+            outputs.append(self.run_global(placed_score, self.shard(rows)))
+        return jax.numpy.concatenate(outputs)[:size]
 
 
 def _pad_batch(batch: EditBatch, pad: int) -> EditBatch:
@@ -204,6 +260,7 @@ def sdedit(
     corrector_steps: int = 1,
     denoise: bool = True,
     mesh: Mesh | None = None,
+    per_device_batch: int = 8,
 ) -> jax.Array:
     """Edits ``guides`` with SDEdit on every device (one compiled program per shape).
 
@@ -223,6 +280,8 @@ def sdedit(
         repeats: SDEdit's K, sequential perturb-and-denoise cycles.
         predictor, corrector, snr, corrector_steps, denoise: see ``Sampler``.
         mesh: device mesh (default: all devices on a ``data`` axis).
+        per_device_batch: rows each device edits per compiled step; results
+            are bit-identical across batch sizes and device counts at a fixed value.
 
     Returns:
         ``[B, H, W, C]`` edited images.
@@ -244,7 +303,7 @@ def sdedit(
     validate_edit_inputs(guides, t0, mask, sde, len(ids))
     if ids.ndim == 1 and (not np.issubdtype(ids.dtype, np.integer) or ids.min(initial=0) < 0):
         raise ValueError("example_ids: expected non-negative integers")
-    editor = Editor(sde, sampler, repeats, mesh)
+    editor = Editor(sde, sampler, repeats, mesh, per_device_batch)
     batch_in = EditBatch(
         guides=guides,
         seeds=np.full((batch,), seed, np.int32),

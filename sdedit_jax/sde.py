@@ -13,7 +13,7 @@ different SDEdit start times ``t0`` inside one compiled program.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,8 @@ class SDE:
         """``log m(t)`` for the kernel mean ``m(t) x_0``."""
         raise NotImplementedError
 
-    def marginal_std(self, t: Array) -> Array:
-        """``s(t)``, the kernel standard deviation."""
+    def marginal_var(self, t: Array) -> Array:
+        """``s(t)^2``, the kernel variance."""
         raise NotImplementedError
 
     def diffusion(self, t: Array) -> Array:
@@ -63,6 +63,10 @@ class SDE:
         raise NotImplementedError
 
     # --- derived ----------------------------------------------------------------
+    def marginal_std(self, t: Array) -> Array:
+        """``s(t)``, the kernel standard deviation."""
+        return jnp.sqrt(self.marginal_var(t))
+
     def drift(self, x: Array, t: Array) -> Array:
         return batch_bcast(self.drift_coeff(t), x) * x
 
@@ -86,7 +90,7 @@ class SDE:
         noise is independent, ``v = s(t)^2 - a^2 s(s)^2``.
         """
         a = jnp.exp(self.log_mean_coeff(t) - self.log_mean_coeff(s))
-        v = self.marginal_std(t) ** 2 - (a * self.marginal_std(s)) ** 2
+        v = self.marginal_var(t) - a**2 * self.marginal_var(s)
         return a, jnp.maximum(v, 0.0)
 
     def discretize(self, x: Array, t: Array, dt: Array) -> tuple[Array, Array]:
@@ -123,8 +127,8 @@ class VPSDE(SDE):
     def log_mean_coeff(self, t):
         return -0.5 * _vp_integral(t, self.beta_min, self.beta_max)
 
-    def marginal_std(self, t):
-        return jnp.sqrt(-jnp.expm1(2.0 * self.log_mean_coeff(t)))
+    def marginal_var(self, t):
+        return -jnp.expm1(2.0 * self.log_mean_coeff(t))
 
     def diffusion(self, t):
         return jnp.sqrt(self.beta(t))
@@ -151,6 +155,9 @@ class SubVPSDE(SDE):
     def log_mean_coeff(self, t):
         return -0.5 * _vp_integral(t, self.beta_min, self.beta_max)
 
+    def marginal_var(self, t):
+        return jnp.square(jnp.expm1(2.0 * self.log_mean_coeff(t)))
+
     def marginal_std(self, t):
         return -jnp.expm1(2.0 * self.log_mean_coeff(t))
 
@@ -176,6 +183,9 @@ class VESDE(SDE):
 
     def log_mean_coeff(self, t):
         return jnp.zeros_like(t)
+
+    def marginal_var(self, t):
+        return jnp.square(self.marginal_std(t))
 
     def marginal_std(self, t):
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t

@@ -72,7 +72,7 @@ def test_ode_solvers_converge_at_their_order(sde_name):
 
     for predictor, order in (("ode_euler", 1), ("ode_heun", 2)):
         errors = [error(predictor, n) for n in (64, 128, 256)]
-        rates = [np.log2(a / b) for a, b in zip(errors, errors[1:])]
+        rates = [np.log2(a / b) for a, b in zip(errors, errors[1:], strict=False)]
         assert all(abs(r - order) < 0.3 for r in rates), (predictor, errors, rates)
 
 

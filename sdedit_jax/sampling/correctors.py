@@ -6,7 +6,7 @@ A corrector has the signature
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 
@@ -14,8 +14,8 @@ from sdedit_jax.rng import example_noise, fold_in
 from sdedit_jax.sde import SDE, Array, ScoreFn, batch_bcast
 
 
-def _per_example_norm(v: Array) -> Array:
-    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim))))
+def _per_example_sq_norm(v: Array) -> Array:
+    return jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)))
 
 
 def langevin(
@@ -43,8 +43,9 @@ def langevin(
         step_keys = fold_in(keys, i)
         grad = score_fn(x, t)
         noise = example_noise(step_keys, x)
-        ratio = snr * _per_example_norm(noise) / _per_example_norm(grad)
-        step = 2.0 * alpha * ratio**2
+        # Squared norms avoid sqrt-then-divide, which XLA may turn into rsqrt
+        # in some programs and not others (a last-bit difference).
+        step = 2.0 * alpha * snr**2 * _per_example_sq_norm(noise) / _per_example_sq_norm(grad)
         x_mean = x + batch_bcast(step, x) * grad
         x = x_mean + batch_bcast(jnp.sqrt(2.0 * step), x) * noise
     return x, x_mean

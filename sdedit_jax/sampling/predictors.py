@@ -9,7 +9,8 @@ the noise-free last step). Deterministic (ODE) predictors return ``x`` twice.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import jax.numpy as jnp
 
@@ -50,7 +51,7 @@ def ancestral(sde, score_fn, keys, x, t, dt):
     s = t - dt
     a, v = sde.transition(t, s)
     x_mean = (x + batch_bcast(v, x) * score_fn(x, t)) / batch_bcast(a, x)
-    var = v * (sde.marginal_std(s) / sde.marginal_std(t)) ** 2
+    var = v * sde.marginal_var(s) / sde.marginal_var(t)
     return x_mean + batch_bcast(jnp.sqrt(var), x) * example_noise(keys, x), x_mean
 
 
