@@ -10,12 +10,11 @@ the current time with fresh noise, and the final output equals the original
 exactly outside the mask. Compositing is masked editing of a pasted composite.
 
 Step count versus the paper: the paper discretises [0, 1] into ``N`` steps and
-starts at ``t0``, i.e. runs ``N * t0`` steps (N=500, t0=0.5 -> 250). Here
-``n_steps`` is the number of steps taken from each example's own ``t0`` down to
-``eps``; it is static (one compiled program per value) while ``t0`` is traced.
-To match the paper's step size use ``n_steps = round(N * t0)``; a batch mixing
-several ``t0`` takes ``n_steps`` steps for each, so smaller ``t0`` values get
-finer steps.
+starts at ``t0``, i.e. runs ``N * t0`` steps (N=500, t0=0.5 -> 250). Here each
+example takes ``n_steps`` uniform steps from its own ``t0`` down to ``eps``;
+``n_steps`` is a per-example traced value (like ``t0``), so the paper's rule
+``n_steps = ceil(N * t0)`` can differ across a batch inside one compiled
+program. Only ``Sampler.max_steps``, the bucket bounding ``n_steps``, is static.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ def sdedit_batch(
     guides: Array,
     keys: Array,
     t0: Array,
+    n_steps: Array,
     mask: Array | None = None,
     repeats: int = 1,
 ) -> Array:
@@ -45,6 +45,7 @@ def sdedit_batch(
         guides: ``[B, H, W, C]`` guide images (the model's value range).
         keys: ``[B]`` per-example keys, derived from (seed, example id).
         t0: ``[B]`` start times in ``(eps, T]``.
+        n_steps: ``[B]`` int reverse steps per repeat, in ``[1, sampler.max_steps]``.
         mask: ``[B, H, W, 1 or C]``, 1 = editable; ``None`` edits everything.
         repeats: number of perturb-and-denoise cycles (static).
 
@@ -63,7 +64,7 @@ def sdedit_batch(
         repeat_keys = rng.fold_in(keys, repeat)
         x = sde.perturb(rng.fold_in(repeat_keys, 0), x, t0)
         x = integrate(
-            sde, score_fn, sampler, rng.fold_in(repeat_keys, 1), x, t0, t_end, project
+            sde, score_fn, sampler, rng.fold_in(repeat_keys, 1), x, t0, t_end, n_steps, project
         )
         if mask is not None:
             x = mask * x + (1.0 - mask) * guides

@@ -22,6 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -75,22 +80,24 @@ def _merge_score_fn(static: _StaticScore, arrays: list) -> ScoreFn:
 @functools.partial(
     jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats", "mesh")
 )
-def _edit_program(score_arrays, guides, seeds, id_words, t0, mask, *,
+def _edit_program(score_arrays, guides, seeds, id_words, t0, n_steps, mask, *,
                   static_score, sde, sampler, repeats, mesh):
     def edit_local(score_arrays, *rows):
         score_fn = _merge_score_fn(static_score, score_arrays)
 
-        def edit_rows(guides, seeds, id_words, t0, mask):
+        def edit_rows(guides, seeds, id_words, t0, n_steps, mask):
             keys = rng.example_keys(seeds, id_words)
-            return sdedit_batch(score_fn, sde, sampler, guides, keys, t0, mask, repeats)
+            return sdedit_batch(
+                score_fn, sde, sampler, guides, keys, t0, n_steps, mask, repeats
+            )
 
         return edit_rows(*rows)
 
     rows = PartitionSpec(DATA_AXIS)
     local = jax.shard_map(
-        edit_local, mesh=mesh, in_specs=(PartitionSpec(),) + (rows,) * 5, out_specs=rows
+        edit_local, mesh=mesh, in_specs=(PartitionSpec(),) + (rows,) * 6, out_specs=rows
     )
-    return local(score_arrays, guides, seeds, id_words, t0, mask)
+    return local(score_arrays, guides, seeds, id_words, t0, n_steps, mask)
 
 
 def compiled_program_count() -> int:
@@ -106,6 +113,7 @@ class EditBatch:
     seeds: Any  # [B] int32
     id_words: Any  # [B, W] uint32
     t0: Any  # [B] float32
+    n_steps: Any  # [B] int32, in [1, sampler.max_steps]
     mask: Any = None  # [B, H, W, 1|C] float32 or None
 
 
@@ -166,6 +174,7 @@ class Editor:
             batch.seeds,
             batch.id_words,
             batch.t0,
+            batch.n_steps,
             batch.mask,
             static_score=static,
             sde=self.sde,
@@ -212,26 +221,49 @@ def _pad_batch(batch: EditBatch, pad: int) -> EditBatch:
         seeds=pad_rows(batch.seeds, 0),
         id_words=pad_rows(batch.id_words, 0),
         t0=pad_rows(batch.t0, 1.0),
+        n_steps=pad_rows(batch.n_steps, 1),
         mask=None if batch.mask is None else pad_rows(batch.mask, 1.0),
     )
 
 
-def validate_edit_inputs(guides: np.ndarray, t0: np.ndarray, mask, sde: SDE, num_ids: int):
+def step_bucket(n_steps: int) -> int:
+    """The default ``max_steps`` for a step count: the next power of two.
+
+    Step counts inside one bucket share a compiled program.
+    """
+    return 1 << max(0, int(n_steps) - 1).bit_length()
+
+
+def paper_steps(total_steps: int, t0) -> np.ndarray:
+    """SDEdit's step count for start time ``t0`` when [0, 1] has ``total_steps`` steps."""
+    return np.maximum(1, np.ceil(total_steps * np.asarray(t0, np.float64) - 1e-6)).astype(np.int32)
+
+
+def _per_example(value, batch: int, dtype, field: str) -> np.ndarray:
+    array = np.asarray(value, dtype)
+    if array.ndim == 0:
+        return np.full((batch,), array, dtype)
+    if array.shape != (batch,):
+        raise ValueError(f"{field}: expected a scalar or shape ({batch},), got shape {array.shape}")
+    return array
+
+
+def validate_edit_inputs(
+    guides: np.ndarray, t0: np.ndarray, n_steps: np.ndarray, mask, sde: SDE, sampler: Sampler
+) -> None:
     """Raises ``ValueError`` naming the offending field for unusable inputs."""
-    if guides.ndim != 4:
-        raise ValueError(f"guides: expected [B, H, W, C], got shape {guides.shape}")
-    batch = guides.shape[0]
-    if num_ids != batch:
-        raise ValueError(f"example_ids: {num_ids} ids for {batch} guides")
     if not np.all(np.isfinite(guides)):
         bad = sorted(set(np.nonzero(~np.isfinite(guides))[0].tolist()))
         raise ValueError(f"guides: non-finite values in examples at batch positions {bad[:10]}")
-    if t0.shape != (batch,):
-        raise ValueError(f"t0: expected a float or shape ({batch},), got shape {t0.shape}")
     if not np.all((t0 > sde.eps) & (t0 <= sde.T)):
         raise ValueError(
             f"t0: every value must lie in ({sde.eps}, {sde.T}] (the SDE's eps..T), got "
             f"min {t0.min():.4g} max {t0.max():.4g}"
+        )
+    if np.any((n_steps < 1) | (n_steps > sampler.max_steps)):
+        raise ValueError(
+            f"n_steps: every value must lie in [1, max_steps={sampler.max_steps}], got "
+            f"min {n_steps.min()} max {n_steps.max()}"
         )
     if mask is not None:
         if mask.shape[:3] != guides.shape[:3] or mask.shape[3] not in (1, guides.shape[3]):
@@ -252,7 +284,8 @@ def sdedit(
     example_ids=None,
     t0=0.5,
     mask=None,
-    n_steps: int = 250,
+    n_steps=250,
+    max_steps: int | None = None,
     repeats: int = 1,
     predictor: str = "euler_maruyama",
     corrector: str | None = None,
@@ -272,11 +305,13 @@ def sdedit(
         seed: job seed; with ``example_ids`` it determines all randomness.
         example_ids: ``[B]`` non-negative integer ids (default ``0..B-1``) or
             ``[B, W]`` uint32 words. An example's output depends only on
-            (seed, id, t0, its guide and mask), never on the batch.
+            (seed, id, t0, n_steps, its guide and mask), never on the batch.
         t0: SDEdit start time, a float or ``[B]``; traced (no recompiles).
         mask: ``[B, H, W, 1]`` or ``[B, H, W, C]``, 1 = editable region.
-        n_steps: reverse steps from ``t0`` to ``eps`` (static; see
-            :mod:`sdedit_jax.edit` for the paper's N and t0).
+        n_steps: reverse steps from ``t0`` to ``eps``, an int or ``[B]``;
+            traced. The paper's N-step discretisation of [0, 1] corresponds
+            to ``paper_steps(N, t0)`` (N=500, t0=0.5 -> 250).
+        max_steps: the compiled step bucket (default: ``step_bucket(max(n_steps))``).
         repeats: SDEdit's K, sequential perturb-and-denoise cycles.
         predictor, corrector, snr, corrector_steps, denoise: see ``Sampler``.
         mesh: device mesh (default: all devices on a ``data`` axis).
@@ -286,30 +321,173 @@ def sdedit(
     Returns:
         ``[B, H, W, C]`` edited images.
     """
+    guides = np.asarray(guides, np.float32)
+    if guides.ndim != 4:
+        raise ValueError(f"guides: expected [B, H, W, C], got shape {guides.shape}")
+    batch = guides.shape[0]
+    t0 = _per_example(t0, batch, np.float32, "t0")
+    steps = _per_example(n_steps, batch, np.int32, "n_steps")
     sampler = Sampler(
         predictor=predictor,
         corrector=corrector or "none",
-        n_steps=n_steps,
+        max_steps=step_bucket(steps.max()) if max_steps is None else max_steps,
         snr=snr,
         corrector_steps=corrector_steps,
         denoise=denoise,
     )
-    guides = np.asarray(guides, np.float32)
-    batch = guides.shape[0] if guides.ndim == 4 else -1
     ids = np.arange(batch) if example_ids is None else np.asarray(example_ids)
-    t0 = np.broadcast_to(np.asarray(t0, np.float32), (batch,)) if np.ndim(t0) == 0 else t0
-    t0 = np.asarray(t0, np.float32)
-    mask = None if mask is None else np.asarray(mask, np.float32)
-    validate_edit_inputs(guides, t0, mask, sde, len(ids))
+    if len(ids) != batch:
+        raise ValueError(f"example_ids: {len(ids)} ids for {batch} guides")
     if ids.ndim == 1 and (not np.issubdtype(ids.dtype, np.integer) or ids.min(initial=0) < 0):
         raise ValueError("example_ids: expected non-negative integers")
+    mask = None if mask is None else np.asarray(mask, np.float32)
+    validate_edit_inputs(guides, t0, steps, mask, sde, sampler)
     editor = Editor(sde, sampler, repeats, mesh, per_device_batch)
     batch_in = EditBatch(
         guides=guides,
         seeds=np.full((batch,), seed, np.int32),
         id_words=np.asarray(rng.ids_to_words(ids)),
         t0=t0,
+        n_steps=steps,
         mask=mask,
     )
     return editor.run(editor.place_score(score_fn), batch_in)
 
+
+# --- Streaming jobs -------------------------------------------------------------
+
+
+def id_words(ids) -> np.ndarray:
+    """Two uint32 words per string id (its SHA-256 prefix): the example's noise identity.
+
+    64 bits keep accidental noise sharing between distinct ids negligible
+    (~3e-8 for a billion examples); the words depend on the id alone.
+    """
+    words = np.empty((len(ids), 2), np.uint32)
+    for row, example_id in enumerate(ids):
+        raw = example_id if isinstance(example_id, bytes) else str(example_id).encode()
+        words[row] = np.frombuffer(hashlib.sha256(raw).digest()[:8], np.uint32)
+    return words
+
+
+class _LocalRows:
+    """This process's rows of a global output, fetched only when numpy asks.
+
+    Handing this (not the array) to the writer thread keeps the device-to-host
+    copy off the dispatch loop.
+    """
+
+    def __init__(self, array: jax.Array):
+        self._shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+
+    def __array__(self, dtype=None, copy=None):
+        rows = np.concatenate([np.asarray(s.data) for s in self._shards])
+        return rows if dtype is None else rows.astype(dtype)
+
+
+@dataclasses.dataclass
+class JobSummary:
+    """What one process did in a job."""
+
+    steps: int
+    rows_done: int
+    rows_failed: int
+    seconds: float
+    first_step_seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows_done / self.seconds if self.seconds > 0 else 0.0
+
+
+class Progress:
+    """A progress line with images/s and ETA, plus a JSONL throughput log."""
+
+    def __init__(self, total_steps: int, rows_per_step: int, log_path: str | None,
+                 every_seconds: float = 5.0, label: str = "edit"):
+        self.total_steps, self.rows_per_step = total_steps, rows_per_step
+        self.log_path, self.every, self.label = log_path, every_seconds, label
+        self.start = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, rows_done: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = rows_done / elapsed if elapsed > 0 else 0.0
+        steps_left = self.total_steps - step
+        eta = steps_left * elapsed / step if step else float("nan")
+        line = (f"[{self.label}] step {step}/{self.total_steps}  {rows_done} images  "
+                f"{rate:.2f} img/s  elapsed {elapsed:.0f}s  ETA {eta:.0f}s")
+        print(("\r" if self.tty else "") + line, end="" if self.tty and not force else "\n",
+              file=sys.stderr, flush=True)
+        if self.log_path:
+            record = {"step": step, "total_steps": self.total_steps, "images": rows_done,
+                      "elapsed_s": round(elapsed, 3), "images_per_s": round(rate, 4),
+                      "unix_time": round(time.time(), 3)}
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def run_stream(
+    editor: Editor,
+    placed_score,
+    batches: Iterable[dict[str, np.ndarray]],
+    sink,
+    *,
+    num_steps: int,
+    steps_for: Callable[[np.ndarray], np.ndarray],
+    manifest_fields: dict[str, Any] | None = None,
+    log_path: str | None = None,
+    progress_label: str = "edit",
+) -> JobSummary:
+    """Edits a stream of host-local guide batches and hands outputs to ``sink``.
+
+    Each batch (the schema of :mod:`sdedit_jax.data.guide_inputs`: ``id``,
+    ``guide``, ``mask``, ``t0``, ``seed``, ``valid``, ``ok``) becomes global
+    sharded arrays with ``jax.make_array_from_process_local_data``; the step
+    is dispatched asynchronously and its outputs are fetched by the sink's
+    writer threads, so input prefetch (tf.data), compute and writes overlap.
+    Every process must run the same number of steps; ``steps_for(t0)`` gives
+    the per-example reverse step counts.
+    """
+    progress = Progress(num_steps, editor.global_batch, log_path, label=progress_label)
+    rows_done = rows_failed = steps = 0
+    start = time.perf_counter()
+    first_step_seconds = 0.0
+
+    def to_global(local):
+        return jax.make_array_from_process_local_data(editor.batch_sharding, local)
+
+    for batch in batches:
+        if batch["guide"].shape[0] * jax.process_count() != editor.global_batch:
+            raise ValueError(
+                f"batch: {batch['guide'].shape[0]} rows per host, but the mesh needs "
+                f"{editor.global_batch // jax.process_count()} (per_device_batch x local devices)"
+            )
+        seeds = batch["seed"]
+        if np.any((seeds < 0) | (seeds >= 2**31)):
+            raise ValueError(f"seed: per-example seeds must lie in [0, 2^31), got {seeds}")
+        global_batch = EditBatch(
+            guides=to_global(batch["guide"]),
+            seeds=to_global(seeds.astype(np.int32)),
+            id_words=to_global(id_words(batch["id"])),
+            t0=to_global(batch["t0"]),
+            n_steps=to_global(steps_for(batch["t0"])),
+            mask=to_global(batch["mask"]),
+        )
+        outputs = editor.run_global(placed_score, global_batch)
+        if steps == 0:
+            outputs.block_until_ready()
+            first_step_seconds = time.perf_counter() - start
+        sink.write_batch(batch, _LocalRows(outputs), fields=manifest_fields)
+        steps += 1
+        valid = np.asarray(batch["valid"])
+        rows_done += int(np.sum(valid & np.asarray(batch["ok"])))
+        rows_failed += int(np.sum(valid & ~np.asarray(batch["ok"])))
+        progress.update(steps, rows_done)
+    progress.update(steps, rows_done, force=True)
+    return JobSummary(steps, rows_done, rows_failed, time.perf_counter() - start,
+                      first_step_seconds)

@@ -72,7 +72,7 @@ def test_seed_and_id_change_the_noise():
     assert not np.allclose(a, b) and not np.allclose(a, c)
 
 
-def test_changing_t0_mask_or_weights_does_not_recompile():
+def test_changing_t0_steps_mask_or_weights_does_not_recompile():
     traces = []
 
     def counting_score(params, x, t):
@@ -80,22 +80,23 @@ def test_changing_t0_mask_or_weights_does_not_recompile():
         return _conv_score(params, x, t)
 
     guides, t0, mask, ids = _inputs(16)
-    kw = dict(example_ids=ids, n_steps=7, predictor="ode_heun")
+    kw = dict(example_ids=ids, max_steps=8, predictor="ode_heun")
     first = _conv_score_fn(0)
     score = jax.tree_util.Partial(counting_score, first.args[0])
-    sj.sdedit(score, SDE, guides, t0=t0, mask=mask, **kw)
+    sj.sdedit(score, SDE, guides, t0=t0, n_steps=7, mask=mask, **kw)
     compiled, traced = engine.compiled_program_count(), len(traces)
     for seed in range(3):
         new_t0 = np.random.default_rng(seed).uniform(0.1, 1.0, 16).astype(np.float32)
         new_mask = 1.0 - mask if seed % 2 else mask
         weights = _conv_score_fn(seed + 1).args[0]
         score = jax.tree_util.Partial(counting_score, weights)
-        sj.sdedit(score, SDE, guides, t0=new_t0, mask=new_mask, **kw)
-        sj.sdedit(score, SDE, guides, t0=float(new_t0[0]), mask=new_mask, **kw)
+        steps = engine.paper_steps(8, new_t0)
+        sj.sdedit(score, SDE, guides, t0=new_t0, n_steps=steps, mask=new_mask, **kw)
+        sj.sdedit(score, SDE, guides, t0=float(new_t0[0]), n_steps=seed + 5, mask=new_mask, **kw)
     assert engine.compiled_program_count() == compiled
     assert len(traces) == traced
-    # A new step count is a new program (static by design).
-    sj.sdedit(score, SDE, guides, t0=t0, mask=mask, **{**kw, "n_steps": 8})
+    # A new bucket is a new program (static by design).
+    sj.sdedit(score, SDE, guides, t0=t0, n_steps=9, mask=mask, **{**kw, "max_steps": 16})
     assert engine.compiled_program_count() == compiled + 1
 
 
@@ -107,18 +108,20 @@ def test_changing_t0_mask_or_weights_does_not_recompile():
         (dict(t0=0.0), r"t0: every value must lie in"),
         (dict(t0=1.5), r"t0: every value must lie in"),
         (dict(t0=np.array([0.5, 0.5], np.float32)), r"t0: expected"),
+        (dict(n_steps=np.array([3, 3], np.int32)), r"n_steps: expected"),
+        (dict(n_steps=9, max_steps=8), r"n_steps: every value must lie in \[1, max_steps=8\]"),
         (dict(predictor="heun"), "predictor: unknown name"),
         (dict(corrector="mala"), "corrector: unknown name"),
         (dict(example_ids=np.arange(3)), "example_ids: 3 ids for 4 guides"),
         (dict(n_steps=0), "n_steps"),
+        (dict(guides=np.zeros((8, 8, 3), np.float32)), r"guides: expected \[B, H, W, C\]"),
         (dict(repeats=0), "repeats"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(change, message):
-    guides = np.zeros((4, 8, 8, 3), np.float32)
-    kw = {"t0": 0.5, "n_steps": 3, **change}
+    kw = {"guides": np.zeros((4, 8, 8, 3), np.float32), "t0": 0.5, "n_steps": 3, **change}
     with pytest.raises(ValueError, match=message):
-        sj.sdedit(SCORES["gaussian"], SDE, guides, **kw)
+        sj.sdedit(SCORES["gaussian"], SDE, **kw)
 
 
 def test_non_finite_guides_are_named():
@@ -126,3 +129,16 @@ def test_non_finite_guides_are_named():
     guides[2, 1, 1, 0] = np.nan
     with pytest.raises(ValueError, match=r"guides: non-finite values .* \[2\]"):
         sj.sdedit(SCORES["gaussian"], SDE, guides, t0=0.5, n_steps=3)
+
+
+def test_mixed_step_counts_equal_separate_runs():
+    """Per-example step counts: extra loop iterations leave finished examples untouched."""
+    guides, t0, mask, ids = _inputs(16)
+    steps = np.where(np.arange(16) % 2 == 0, 3, 7).astype(np.int32)
+    kw = dict(example_ids=ids, t0=t0, mask=mask, max_steps=8, corrector="langevin")
+    mixed = np.asarray(sj.sdedit(SCORES["convnet"], SDE, guides, n_steps=steps, **kw))
+    for n in (3, 7):
+        alone = np.asarray(sj.sdedit(SCORES["convnet"], SDE, guides, n_steps=n, **kw))
+        np.testing.assert_array_equal(mixed[steps == n], alone[steps == n])
+    assert not np.allclose(mixed[steps == 3], np.asarray(
+        sj.sdedit(SCORES["convnet"], SDE, guides, n_steps=7, **kw))[steps == 3])

@@ -14,16 +14,16 @@ from sdedit_jax.sampling.correctors import langevin
 MU, S = 0.3, 0.5
 SDES = {"vp": sj.VPSDE(), "subvp": sj.SubVPSDE(), "ve": sj.VESDE(sigma_max=20.0)}
 SAMPLERS = {
-    "euler_maruyama": sj.Sampler("euler_maruyama", n_steps=1000),
-    "reverse_diffusion": sj.Sampler("reverse_diffusion", n_steps=1000),
-    "ancestral": sj.Sampler("ancestral", n_steps=1000),
-    "ode_euler": sj.Sampler("ode_euler", n_steps=1000),
-    "ode_heun": sj.Sampler("ode_heun", n_steps=300),
+    "euler_maruyama": sj.Sampler("euler_maruyama", max_steps=1000),
+    "reverse_diffusion": sj.Sampler("reverse_diffusion", max_steps=1000),
+    "ancestral": sj.Sampler("ancestral", max_steps=1000),
+    "ode_euler": sj.Sampler("ode_euler", max_steps=1000),
+    "ode_heun": sj.Sampler("ode_heun", max_steps=300),
     "pc_reverse_diffusion_langevin": sj.Sampler(
-        "reverse_diffusion", "langevin", n_steps=1000, snr=0.05
+        "reverse_diffusion", "langevin", max_steps=1000, snr=0.05
     ),
     "pc_euler_maruyama_langevin": sj.Sampler(
-        "euler_maruyama", "langevin", n_steps=1000, snr=0.05, corrector_steps=2
+        "euler_maruyama", "langevin", max_steps=1000, snr=0.05, corrector_steps=2
     ),
 }
 
@@ -65,7 +65,7 @@ def test_ode_solvers_converge_at_their_order(sde_name):
     keys = jax.random.split(jax.random.key(0), 8)
 
     def error(predictor, n):
-        sampler = sj.Sampler(predictor, n_steps=n, denoise=False)
+        sampler = sj.Sampler(predictor, max_steps=n, denoise=False)
         run = jax.jit(sj.integrate, static_argnums=(0, 1, 2))
         out = run(sde, GaussianScore(sde, MU, S), sampler, keys, x0, t_start, t_end)
         return float(jnp.max(jnp.abs(out - exact)))
@@ -102,5 +102,5 @@ def test_sampler_rejects_bad_values():
         sj.Sampler("heun")
     with pytest.raises(ValueError, match="corrector"):
         sj.Sampler(corrector="hmc")
-    with pytest.raises(ValueError, match="n_steps"):
-        sj.Sampler(n_steps=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        sj.Sampler(max_steps=0)

@@ -1,11 +1,13 @@
-"""The reverse-time integrator: one ``lax.scan`` over a per-example time grid.
+"""The reverse-time integrator: one loop over per-example time grids.
 
 What the equation is lives in :mod:`sdedit_jax.sde`, how one step is taken in
 :mod:`predictors` / :mod:`correctors`, and *when* to step here: each example
-runs ``n_steps`` uniform steps from its own ``t_start`` to ``t_end``. The step
-count is static (it sets the scan length, hence the compiled program) while the
-start times are traced, so a batch can mix start times and changing them never
-recompiles.
+runs its own number of uniform steps from its own ``t_start`` to ``t_end``.
+Start times and step counts are traced arrays, so a batch can mix them and
+changing them never recompiles; the compiled program is fixed by the static
+``Sampler`` (whose ``max_steps`` is the step-count bucket). The loop runs as
+many iterations as the largest step count in the batch; an example that has
+finished is left untouched by the remaining iterations.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 from sdedit_jax import rng
 from sdedit_jax.sampling.correctors import CORRECTORS
 from sdedit_jax.sampling.predictors import PREDICTORS
-from sdedit_jax.sde import SDE, Array, ScoreFn
+from sdedit_jax.sde import SDE, Array, ScoreFn, batch_bcast
 
 # ``project(keys, x, t)`` maps the state after a step at time ``t`` back onto a
 # constraint (e.g. the known pixels of a masked edit).
@@ -34,7 +36,8 @@ class Sampler:
         predictor: a key of ``PREDICTORS`` ("euler_maruyama", "reverse_diffusion",
             "ancestral", "ode_euler", "ode_heun", "none").
         corrector: a key of ``CORRECTORS`` ("langevin" or "none").
-        n_steps: predictor steps per integration (per SDEdit repeat).
+        max_steps: the largest step count a program accepts (its bucket);
+            per-example step counts are traced values in ``[1, max_steps]``.
         snr: Langevin signal-to-noise ratio.
         corrector_steps: Langevin moves per time step.
         denoise: return the noise-free mean of the last step (Song et al.'s
@@ -43,7 +46,7 @@ class Sampler:
 
     predictor: str = "euler_maruyama"
     corrector: str = "none"
-    n_steps: int = 250
+    max_steps: int = 256
     snr: float = 0.16
     corrector_steps: int = 1
     denoise: bool = True
@@ -57,8 +60,8 @@ class Sampler:
             raise ValueError(
                 f"corrector: unknown name {self.corrector!r}; choose from {sorted(CORRECTORS)}"
             )
-        if not isinstance(self.n_steps, int) or self.n_steps < 1:
-            raise ValueError(f"n_steps: must be a positive int, got {self.n_steps!r}")
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"max_steps: must be a positive int, got {self.max_steps!r}")
         if not isinstance(self.corrector_steps, int) or self.corrector_steps < 1:
             raise ValueError(
                 f"corrector_steps: must be a positive int, got {self.corrector_steps!r}"
@@ -74,10 +77,10 @@ class Sampler:
         return predictor_evals + corrector_evals
 
 
-def time_grid(t_start: Array, t_end: Array | float, n_steps: int) -> Array:
-    """Uniform per-example grids ``[n_steps + 1, B]`` from ``t_start`` down to ``t_end``."""
-    frac = jnp.arange(n_steps + 1, dtype=t_start.dtype)[:, None] / n_steps
-    return t_start[None, :] + (t_end - t_start)[None, :] * frac
+def grid_time(t_start: Array, t_end: Array, n_steps: Array, i: Array) -> Array:
+    """Time after ``i`` of ``n_steps`` uniform steps from ``t_start`` to ``t_end`` (all ``[B]``)."""
+    frac = jnp.minimum(i, n_steps).astype(t_start.dtype) / n_steps.astype(t_start.dtype)
+    return t_start + (t_end - t_start) * frac
 
 
 def integrate(
@@ -88,6 +91,7 @@ def integrate(
     x: Array,
     t_start: Array,
     t_end: Array,
+    n_steps: Array | None = None,
     project: Projection | None = None,
 ) -> Array:
     """Integrates the reverse process from ``t_start`` to ``t_end`` (both ``[B]``).
@@ -95,6 +99,7 @@ def integrate(
     Args:
         keys: one PRNG key per example; step ``i`` uses ``fold_in(key, i)``.
         x: state at ``t_start``, ``[B, ...]``.
+        n_steps: ``[B]`` int steps per example (default ``sampler.max_steps``).
         project: optional constraint applied after every step.
 
     Returns:
@@ -102,18 +107,21 @@ def integrate(
     """
     predictor = PREDICTORS[sampler.predictor]
     corrector = CORRECTORS[sampler.corrector]
-    grid = time_grid(t_start, t_end, sampler.n_steps)
+    if n_steps is None:
+        n_steps = jnp.full(t_start.shape, sampler.max_steps, jnp.int32)
+    n_steps = jnp.clip(n_steps, 1, sampler.max_steps)
 
-    def step(carry, i):
-        x, _ = carry
-        t, t_next = grid[i], grid[i + 1]
+    def step(i, carry):
+        x_prev, x_mean_prev = carry
+        t = grid_time(t_start, t_end, n_steps, i)
+        t_next = grid_time(t_start, t_end, n_steps, i + 1)
         dt = t - t_next
         step_keys = rng.fold_in(keys, i)
         x, x_mean = corrector(
             sde,
             score_fn,
             rng.fold_in(step_keys, 0),
-            x,
+            x_prev,
             t,
             dt,
             snr=sampler.snr,
@@ -124,9 +132,10 @@ def integrate(
             project_keys = rng.fold_in(step_keys, 2)
             x = project(project_keys, x, t_next)
             x_mean = project(project_keys, x_mean, t_next)
-        return (x, x_mean), None
+        active = batch_bcast(i < n_steps, x)
+        return jnp.where(active, x, x_prev), jnp.where(active, x_mean, x_mean_prev)
 
-    (x, x_mean), _ = jax.lax.scan(step, (x, x), jnp.arange(sampler.n_steps))
+    x, x_mean = jax.lax.fori_loop(0, jnp.max(n_steps), step, (x, x))
     return x_mean if sampler.denoise else x
 
 

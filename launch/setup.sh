@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs everything sdedit_jax needs into ./.venv on a fresh Debian/Ubuntu machine (CPU).
+# Accelerators: after this, `pip install -U "jax[cuda12]"` (GPU) or "jax[tpu]" (TPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+need_apt=()
+dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || need_apt+=(fonts-noto-color-emoji)
+dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need_apt+=(dataset-fashion-mnist)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -r requirements.txt
+.venv/bin/pip install -q --no-deps -e .
+echo "sdedit_jax installed in $(pwd)/.venv"

@@ -1,0 +1,230 @@
+"""Output sinks: atomic files, exact resume after crashes (incl. kill -9), surfaced errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdedit_jax.data import sinks
+
+SIZE = 6
+JOB = {"sampler": "euler_maruyama", "n_steps": 10, "repeats": 1, "model_checksum": "abc123"}
+
+
+def output_for(index: int) -> np.ndarray:
+    """A deterministic output in [-1, 1] for example ``index`` (what a real job would compute)."""
+    return np.random.default_rng(index).uniform(-1, 1, (SIZE, SIZE, 3)).astype(np.float32)
+
+
+def example(index: int) -> dict:
+    return {"id": f"dir/ex{index:03d}.png", "source": f"/data/dir/ex{index:03d}.png",
+            "t0": np.float32(0.3), "seed": 7}
+
+
+def run_job(workdir, indices, *, process_index=0, **kwargs) -> None:
+    with sinks.Sink(workdir, process_index=process_index, job_fields=JOB, **kwargs) as sink:
+        for i in indices:
+            if i % 5 == 4:  # every fifth example is a bad input
+                sink.write_failure(id=example(i)["id"], source=example(i)["source"],
+                                   reason="guide (x): corrupt")
+            else:
+                sink.write(**example(i), image=output_for(i))
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def leftover_temps(workdir) -> list[str]:
+    return [n for _, _, names in os.walk(workdir) for n in names if ".tmp-" in n]
+
+
+def test_outputs_rows_and_round_trip(tmp_path):
+    workdir = str(tmp_path)
+    run_job(workdir, range(3), save_npz=True)
+    summary = sinks.finalize(workdir)
+    rows = read_jsonl(os.path.join(workdir, "manifest.jsonl"))
+    assert summary.manifest_rows == 3 and [r["id"] for r in rows] == [example(i)["id"]
+                                                                      for i in range(3)]
+    for i, row in enumerate(rows):
+        stem = f"dir/ex{i:03d}.png"
+        assert row == {**JOB, "id": example(i)["id"], "source": example(i)["source"],
+                       "output": f"images/{stem}.png", "npz": f"arrays/{stem}.npz",
+                       "t0": 0.3, "seed": 7}
+        png = np.asarray(Image.open(os.path.join(workdir, row["output"])))
+        expected = np.clip(np.round((output_for(i) + 1) * 127.5), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(png, expected)
+        np.testing.assert_array_equal(np.load(os.path.join(workdir, row["npz"]))["image"],
+                                      output_for(i))
+    assert leftover_temps(workdir) == []
+
+
+def test_atomic_write_leaves_target_intact_on_failure(tmp_path, monkeypatch):
+    target = str(tmp_path / "out.bin")
+    sinks.atomic_write_bytes(target, b"old")
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        sinks.atomic_write_bytes(target, b"new")
+    assert open(target, "rb").read() == b"old"
+    assert leftover_temps(str(tmp_path)) == []
+
+
+def test_resume_after_simulated_crash_gives_the_uninterrupted_result(tmp_path):
+    reference, crashed = str(tmp_path / "reference"), str(tmp_path / "crashed")
+    run_job(reference, range(12))
+    sinks.finalize(reference)
+
+    run_job(crashed, range(6))
+    # What a kill leaves: a half-written row (example 6's PNG was already in
+    # place), and an orphan temporary file of an interrupted write.
+    row = {**JOB, **example(6), "t0": 0.3, "output": "images/dir/ex006.png.png"}
+    with open(os.path.join(crashed, "manifest.p00000.jsonl"), "a") as f:
+        f.write(json.dumps(row)[:25])
+    sinks.atomic_write_bytes(os.path.join(crashed, row["output"]), b"partial run's bytes")
+    orphan = os.path.join(crashed, "images", "dir", ".ex007.png.png.tmp-p00000-deadbeef")
+    with open(orphan, "wb") as f:
+        f.write(b"half")
+
+    done = sinks.completed_ids(crashed)
+    assert done == {example(i)["id"] for i in range(6)}
+    run_job(crashed, [i for i in range(12) if example(i)["id"] not in done])
+    assert not os.path.exists(orphan)
+    summary = sinks.finalize(crashed)
+    assert summary.ignored_lines == 0  # the sink rewrote its file without the fragment
+    for name in ("manifest.jsonl", "failures.jsonl"):
+        assert open(os.path.join(crashed, name)).read() == open(
+            os.path.join(reference, name)).read()
+    for i in range(12):
+        if i % 5 != 4:
+            path = f"images/dir/ex{i:03d}.png.png"
+            assert open(os.path.join(crashed, path), "rb").read() == open(
+                os.path.join(reference, path), "rb").read()
+
+
+KILLED_WRITER = """
+import importlib.util, sys, numpy as np
+spec = importlib.util.spec_from_file_location("sinks", sys.argv[1])
+sinks = sys.modules["sinks"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sinks)  # by path: the package __init__ would import jax
+workdir, count = sys.argv[2], int(sys.argv[3])
+done = sinks.completed_ids(workdir)
+with sinks.Sink(workdir, job_fields={"n_steps": 10}, num_threads=2) as sink:
+    for i in range(count):
+        example_id = f"ex{i:03d}"
+        if example_id in done:
+            continue
+        image = np.random.default_rng(i).uniform(-1, 1, (64, 64, 3)).astype(np.float32)
+        sink.write(id=example_id, source="s", image=image, t0=0.5, seed=i)
+"""
+
+
+def test_repeated_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
+    count = 80
+    script = [sys.executable, "-c", KILLED_WRITER, sinks.__file__]
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    subprocess.run(script + [reference, str(count)], check=True, timeout=60)
+    sinks.finalize(reference)
+
+    manifest = os.path.join(killed, "manifest.p00000.jsonl")
+    kills = 0
+    for target_rows in (5, 25, 50):
+        process = subprocess.Popen(script + [killed, str(count)])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None:
+            if os.path.exists(manifest) and open(manifest).read().count("\n") >= target_rows:
+                process.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.002)
+        process.wait()
+    subprocess.run(script + [killed, str(count)], check=True, timeout=60)
+    assert kills >= 1
+    sinks.finalize(killed)
+    assert open(os.path.join(killed, "manifest.jsonl")).read() == open(
+        os.path.join(reference, "manifest.jsonl")).read()
+    assert len(read_jsonl(os.path.join(killed, "manifest.jsonl"))) == count
+
+
+def test_writer_errors_surface_and_are_not_lost(tmp_path):
+    sink = sinks.Sink(str(tmp_path))
+    sink.write(id="good", source="s", image=np.zeros((SIZE, SIZE, 3)), t0=0.5, seed=0)
+    sink.write(id="bad", source="s", image=np.zeros((SIZE, SIZE)), t0=0.5, seed=0)
+    with pytest.raises(sinks.SinkError, match=r"1 background write\(s\) failed.*'bad'"):
+        sink.close()
+    with pytest.raises(sinks.SinkError, match="'bad'"):
+        sink.close()
+    assert sinks.completed_ids(str(tmp_path)) == {"good"}
+    with pytest.raises(ValueError, match="written by the sink"):
+        sinks.Sink(str(tmp_path / "other"), job_fields={"seed": 1})
+
+
+def test_write_batch_skips_padding_and_records_failures(tmp_path):
+    workdir = str(tmp_path)
+    outputs = np.stack([output_for(i) for i in range(4)])
+    outputs[2, 0, 0, 0] = np.nan
+    batch = {
+        "id": np.array([b"a", b"b", b"c", b""]), "source": np.array([b"sa", b"sb", b"sc", b""]),
+        "t0": np.full([4], 0.5, np.float32), "seed": np.arange(4, dtype=np.int64),
+        "valid": np.array([True, True, True, False]), "ok": np.array([True, False, True, False]),
+        "error": np.array([b"", b"mask (m.png): size 7x8 does not match guide 8x8", b"", b""]),
+    }
+    with sinks.Sink(workdir) as sink:
+        sink.write_batch(batch, outputs, fields={"step": 3})
+    sinks.finalize(workdir)
+    manifest = read_jsonl(os.path.join(workdir, "manifest.jsonl"))
+    failures = read_jsonl(os.path.join(workdir, "failures.jsonl"))
+    assert [r["id"] for r in manifest] == ["a"] and manifest[0]["step"] == 3
+    assert failures == [
+        {"id": "b", "source": "sb", "reason": "mask (m.png): size 7x8 does not match guide 8x8",
+         "step": 3},
+        {"id": "c", "source": "sc", "reason": "output: 1 non-finite values", "step": 3},
+    ]
+    assert sinks.completed_ids(workdir) == {"a", "b", "c"}
+    assert sinks.completed_ids(workdir, retry_failed=True) == {"a"}
+
+
+def test_processes_write_own_files_and_retried_failures_are_dropped(tmp_path):
+    workdir = str(tmp_path)
+    run_job(workdir, [0, 2, 4], process_index=0)
+    run_job(workdir, [1, 3, 5], process_index=1)
+    assert sorted(os.listdir(workdir)) == ["failures.p00000.jsonl", "failures.p00001.jsonl",
+                                           "images", "manifest.p00000.jsonl",
+                                           "manifest.p00001.jsonl"]
+    assert sinks.completed_ids(workdir) == {example(i)["id"] for i in range(6)}
+    # Retrying the failed example 4 (e.g. after fixing its file) succeeds.
+    with sinks.Sink(workdir, process_index=0, job_fields=JOB) as sink:
+        sink.write(**example(4), image=output_for(4))
+    summary = sinks.finalize(workdir)
+    assert summary.manifest_rows == 6 and summary.failure_rows == 0
+    ids = [r["id"] for r in read_jsonl(os.path.join(workdir, "manifest.jsonl"))]
+    assert ids == sorted(example(i)["id"] for i in range(6))
+
+
+def test_rows_with_missing_outputs_are_redone_not_finalized(tmp_path):
+    workdir = str(tmp_path)
+    run_job(workdir, [0, 1])
+    os.remove(os.path.join(workdir, "images", "dir", "ex001.png.png"))
+    assert sinks.completed_ids(workdir) == {example(0)["id"]}
+    summary = sinks.finalize(workdir)
+    assert summary.missing_outputs == [example(1)["id"]] and summary.manifest_rows == 1
+
+
+def test_output_stems_are_safe_and_distinct():
+    ids = ["a b", "a_b", "../../etc/passwd", "/abs", "x/./y", "ünï", "ok/name.png"]
+    stems = [sinks.output_stem(i) for i in ids]
+    assert len(set(stems)) == len(ids)
+    assert sinks.output_stem("ok/name.png") == "ok/name.png"
+    for stem in stems:
+        parts = stem.split("/")
+        assert all(p not in ("", ".", "..") for p in parts) and not stem.startswith("/")
