@@ -418,9 +418,9 @@ class Progress:
         elapsed = now - self.start
         rate = rows_done / elapsed if elapsed > 0 else 0.0
         steps_left = self.total_steps - step
-        eta = steps_left * elapsed / step if step else float("nan")
+        eta = f"{steps_left * elapsed / step:.0f}s" if step else "-"
         line = (f"[{self.label}] step {step}/{self.total_steps}  {rows_done} images  "
-                f"{rate:.2f} img/s  elapsed {elapsed:.0f}s  ETA {eta:.0f}s")
+                f"{rate:.2f} img/s  elapsed {elapsed:.0f}s  ETA {eta}")
         print(("\r" if self.tty else "") + line, end="" if self.tty and not force else "\n",
               file=sys.stderr, flush=True)
         if self.log_path:
