@@ -1,0 +1,178 @@
+"""Benchmarks, each printing ratios measured in one run (not tests).
+
+    # The compiled edit program: compile time, steps/s, images/s, FLOP/s vs matmul peak.
+    python -m sdedit_jax.bench --what=sampler --batch=64 --steps=100
+    # End-to-end job (tf.data input, sharded steps, PNG/manifest writes) vs the
+    # pure compiled program on the same batches.
+    python -m sdedit_jax.bench --what=job --num_guides=256 --steps=50
+
+``--model_dir`` picks a model folder (default: the shipped model); with
+``--random_arch=configs/train_emoji.py`` a randomly initialised network of that
+config's architecture is timed instead (same cost, no weights needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sdedit_jax import engine, job, pretrained  # noqa: E402
+from sdedit_jax.models import unet  # noqa: E402
+from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
+from sdedit_jax.score import make_score_fn  # noqa: E402
+
+_WHAT = flags.DEFINE_enum("what", "sampler", ["sampler", "job"], "what to measure")
+_MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
+_RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
+_BATCH = flags.DEFINE_integer("batch", 64, "global batch (sampler mode)")
+_STEPS = flags.DEFINE_integer("steps", 100, "reverse steps per edit")
+_PREDICTOR = flags.DEFINE_string("predictor", "euler_maruyama", "predictor")
+_CORRECTOR = flags.DEFINE_string("corrector", "none", "corrector")
+_REPEATS = flags.DEFINE_integer("timing_repeats", 3, "timed runs (best is reported)")
+_NUM_GUIDES = flags.DEFINE_integer("num_guides", 256, "guides in the job benchmark")
+_PER_DEVICE = flags.DEFINE_integer("per_device_batch", 0, "0 -> batch / devices")
+
+
+def load_benchmark_model() -> pretrained.LoadedModel:
+    if not _RANDOM_ARCH.value:
+        return pretrained.load_model(_MODEL_DIR.value)
+    config = job.load_config(_RANDOM_ARCH.value)
+    model_config = unet.UNetConfig.from_config(config.model)
+    graphdef, state = nnx.split(unet.build(model_config, 0))
+    sde = pretrained.sde_from_config(config.sde.to_dict())
+    score_fn = make_score_fn(graphdef, state, sde, config.training.parameterization)
+    return pretrained.LoadedModel(score_fn, sde, model_config.image_size,
+                                  model_config.num_channels, "random", _RANDOM_ARCH.value)
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large float32 matmul on device 0: the machine's practical peak."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def score_flops(model: pretrained.LoadedModel, rows: int) -> float:
+    """FLOPs of one score evaluation of ``rows`` images, from XLA's cost analysis."""
+    x = jnp.zeros((rows, model.image_size, model.image_size, model.num_channels))
+    t = jnp.full((rows,), 0.5)
+    compiled = jax.jit(lambda s, x, t: s(x, t)).lower(model.score_fn, x, t).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return float(analysis["flops"])
+
+
+def _random_batch(model, editor, rows, steps, seed=0) -> engine.EditBatch:
+    rng = np.random.default_rng(seed)
+    shape = (rows, model.image_size, model.image_size, model.num_channels)
+    return engine.EditBatch(
+        guides=rng.uniform(-1, 1, shape).astype(np.float32),
+        seeds=np.zeros(rows, np.int32),
+        id_words=engine.id_words([str(i) for i in range(rows)]),
+        t0=np.full(rows, 0.5, np.float32),
+        n_steps=np.full(rows, steps, np.int32),
+        mask=np.ones(shape[:3] + (1,), np.float32),
+    )
+
+
+def bench_sampler(model: pretrained.LoadedModel) -> dict:
+    devices = jax.device_count()
+    per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
+    sampler = Sampler(_PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value)
+    editor = engine.Editor(model.sde, sampler, per_device_batch=per_device)
+    placed = editor.place_score(model.score_fn)
+    batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
+    compile_s = _timed(lambda: editor.run_global(placed, batch).block_until_ready())
+    run_s = min(_timed(lambda: editor.run_global(placed, batch).block_until_ready())
+                for _ in range(_REPEATS.value))
+    evals = _STEPS.value * sampler.score_evals_per_step
+    flops_per_eval = score_flops(model, editor.global_batch)
+    peak = matmul_peak_flops()
+    achieved = flops_per_eval * evals / run_s
+    return {
+        "devices": devices, "platform": jax.devices()[0].platform,
+        "global_batch": editor.global_batch, "steps": _STEPS.value,
+        "predictor": sampler.predictor, "corrector": sampler.corrector,
+        "first_call_s (compile+run)": round(compile_s, 2), "run_s": round(run_s, 3),
+        "compile_s (approx)": round(compile_s - run_s, 2),
+        "steps_per_s": round(_STEPS.value / run_s, 2),
+        "images_per_s": round(editor.global_batch / run_s, 2),
+        "model_calls_per_s (batched)": round(evals / run_s, 2),
+        "image_evals_per_s": round(evals * editor.global_batch / run_s, 1),
+        "gflop_per_image_eval": round(flops_per_eval / editor.global_batch / 1e9, 4),
+        "achieved_gflop_per_s": round(achieved / 1e9, 2),
+        "matmul_peak_gflop_per_s": round(peak / 1e9, 2),
+        "fraction_of_matmul_peak": round(achieved / peak, 3),
+    }
+
+
+def bench_job(model: pretrained.LoadedModel) -> dict:
+    """End-to-end job vs the bare compiled program on identical batch shapes and steps."""
+    devices = jax.device_count()
+    per_device = _PER_DEVICE.value or 8
+    with tempfile.TemporaryDirectory() as tmp:
+        guides = os.path.join(tmp, "guides")
+        os.makedirs(guides)
+        rng = np.random.default_rng(0)
+        for i in range(_NUM_GUIDES.value):
+            pixels = rng.integers(0, 256, (model.image_size, model.image_size, 3), np.uint8)
+            Image.fromarray(pixels).save(os.path.join(guides, f"{i:06d}.png"))
+        config = job.load_config("configs/default.py")
+        config.model_dir = _MODEL_DIR.value
+        config.input.path = guides
+        config.input.image_size = (model.image_size, model.image_size)
+        config.t0s = (0.5,)
+        config.sampler.steps_per_unit_time = 0
+        config.sampler.n_steps = _STEPS.value
+        config.per_device_batch = per_device
+        config.contact_sheet = False
+        result = job.run_job(config, os.path.join(tmp, "out"))["sub_jobs"][0]
+        sampler, _ = job.sampler_from_config(config.sampler)
+    editor = engine.Editor(model.sde, sampler, per_device_batch=per_device)
+    placed = editor.place_score(model.score_fn)
+    batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
+    editor.run_global(placed, batch).block_until_ready()
+    timed_steps = result["steps"] - 1  # the job's first step includes compilation
+    start = time.perf_counter()
+    outputs = [editor.run_global(placed, batch) for _ in range(timed_steps)]
+    jax.block_until_ready(outputs)
+    pure_s = time.perf_counter() - start
+    job_s = result["seconds"] - result["first_step_seconds"]
+    job_rate = timed_steps * editor.global_batch / job_s
+    pure_rate = timed_steps * editor.global_batch / pure_s
+    return {
+        "devices": devices, "global_batch": editor.global_batch, "steps": _STEPS.value,
+        "guides": _NUM_GUIDES.value, "job_images_per_s (after first step)": round(job_rate, 2),
+        "pure_program_images_per_s": round(pure_rate, 2),
+        "job_over_pure_ratio": round(job_rate / pure_rate, 3),
+    }
+
+
+def main(argv):
+    del argv
+    model = load_benchmark_model()
+    result = bench_sampler(model) if _WHAT.value == "sampler" else bench_job(model)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
