@@ -124,6 +124,7 @@ def test_kill_9_and_restart_equals_uninterrupted(model_dir, guides_dir, referenc
     workdir = str(tmp_path / "killed")
     cmd = _job_command(model_dir, guides_dir, workdir)
     rng = np.random.default_rng(0)
+    interrupted = 0
     for kill_after_rows in sorted(rng.integers(2, 60, 3)):
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(8), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -138,8 +139,10 @@ def test_kill_9_and_restart_equals_uninterrupted(model_dir, guides_dir, referenc
             if done >= kill_after_rows:
                 break
             time.sleep(0.05)
+        interrupted += proc.poll() is None
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert interrupted >= 2  # the kills really landed mid-job
     _run(cmd, devices=8)
     assert _outputs(workdir) == reference
 
