@@ -451,7 +451,8 @@ def run_stream(
     is dispatched asynchronously and its outputs are fetched by the sink's
     writer threads, so input prefetch (tf.data), compute and writes overlap.
     Every process must run the same number of steps; ``steps_for(t0)`` gives
-    the per-example reverse step counts.
+    the per-example reverse step counts. Closes ``sink`` at the end, so the
+    reported time includes the last computations and writes.
     """
     progress = Progress(num_steps, editor.global_batch, log_path, label=progress_label)
     rows_done = rows_failed = steps = 0
@@ -488,6 +489,7 @@ def run_stream(
         rows_done += int(np.sum(valid & np.asarray(batch["ok"])))
         rows_failed += int(np.sum(valid & ~np.asarray(batch["ok"])))
         progress.update(steps, rows_done)
+    sink.close()
     progress.update(steps, rows_done, force=True)
     return JobSummary(steps, rows_done, rows_failed, time.perf_counter() - start,
                       first_step_seconds)
