@@ -17,7 +17,7 @@ from flax import nnx
 from sdedit_jax import checkpoint
 from sdedit_jax.models import unet
 from sdedit_jax.score import make_score_fn
-from sdedit_jax.sde import SDE, SDES, ScoreFn
+from sdedit_jax.sde import SDE, ScoreFn, sde_from_config
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "default_model")
 INFO_FILE = "model_info.json"
@@ -34,19 +34,6 @@ class LoadedModel:
     num_channels: int
     checksum: str  # sha256 of the weight file: recorded with every output
     path: str
-
-
-def sde_from_config(config: dict) -> SDE:
-    """``{"name": "vp", **fields}`` -> an SDE, naming unknown names and fields."""
-    fields = dict(config)
-    name = fields.pop("name", None)
-    if name not in SDES:
-        raise ValueError(f"sde.name: must be one of {sorted(SDES)}, got {name!r}")
-    known = {f.name for f in dataclasses.fields(SDES[name])}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"sde: unknown field(s) {unknown} for {name!r}; known {sorted(known)}")
-    return SDES[name](**fields)
 
 
 def save_model(

@@ -203,3 +203,16 @@ class VESDE(SDE):
 
 
 SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+
+
+def sde_from_config(config) -> SDE:
+    """``{"name": "vp", **fields}`` (a dict or ConfigDict) -> an SDE; bad names are errors."""
+    fields = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    name = fields.pop("name", None)
+    if name not in SDES:
+        raise ValueError(f"sde.name: must be one of {sorted(SDES)}, got {name!r}")
+    known = {f.name for f in dataclasses.fields(SDES[name])}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"sde: unknown field(s) {unknown} for {name!r}; known {sorted(known)}")
+    return SDES[name](**fields)

@@ -1,0 +1,443 @@
+"""Trains a score model by denoising score matching, data-parallel over all devices.
+
+Usage:
+
+    python -m sdedit_jax.train --config configs/train_emoji.py --workdir runs/emoji_default \
+        [--config.training.num_steps=...]
+
+Re-running the same command resumes from the newest checkpoint in ``workdir``.
+
+Exact resume: the training split is small, so it is held in memory and the
+batch of step ``k`` is a pure function of ``(seed, k)``: sample number
+``j = k * B + i`` is image ``perm_e[j mod N]`` with ``e = j // N`` and
+``perm_e = permutation(fold_in(order_key, e), N)``; flips and the loss's noise
+come from keys folded with ``k``. Nothing but the checkpointed train state
+carries over between steps, so a resumed run repeats the uninterrupted one
+bit for bit.
+
+Parallelism: one ``jax.jit`` program over a 1-D ``data`` mesh of all devices;
+the batch is sharded along it and the train state is replicated, so XLA
+inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+import time
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+from PIL import Image
+
+from sdedit_jax import checkpoint, losses
+from sdedit_jax.models import unet
+from sdedit_jax.sde import SDE, sde_from_config
+
+Array = jax.Array
+TrainStep = Callable[["TrainState", Array, Array], tuple["TrainState", dict[str, Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (and thus is checkpointed).
+
+    Attributes:
+        step: number of completed steps.
+        params: trainable model variables.
+        constants: non-trainable model variables (e.g. Fourier frequencies).
+        ema_params: exponential moving average of ``params``, used for sampling.
+        opt_state: optimizer state.
+    """
+
+    step: Array
+    params: nnx.State
+    constants: nnx.State
+    ema_params: nnx.State
+    opt_state: optax.OptState
+
+
+# --- configuration ---------------------------------------------------------------
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Gradient clipping, then AdamW with linear warm-up and optional cosine decay."""
+    if config.schedule == "constant":
+        schedule = optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1))
+    elif config.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0,
+            config.lr,
+            max(config.warmup_steps, 1),
+            config.decay_steps,
+            end_value=config.lr * config.final_lr_fraction,
+        )
+    else:
+        raise ValueError(
+            f"config.optim.schedule must be 'constant' or 'cosine', got {config.schedule!r}"
+        )
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.adamw(
+            schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+        ),
+    )
+
+
+# --- data --------------------------------------------------------------------------
+
+
+def _load_emoji_folder(config: ml_collections.ConfigDict) -> np.ndarray:
+    files = sorted(glob.glob(os.path.join(config.path, "train", "*.png")))
+    if not files:
+        raise FileNotFoundError(
+            f"config.data.path={config.path!r}: no train/*.png; build it with "
+            "`python -m sdedit_jax.data.emoji --out <path>`"
+        )
+    images = []
+    for name in files:
+        with Image.open(name) as image:
+            array = np.asarray(image.convert("RGB"))
+        if array.shape != (config.image_size, config.image_size, 3):
+            raise ValueError(
+                f"{name}: shape {array.shape} does not match config.data.image_size="
+                f"{config.image_size} with 3 channels"
+            )
+        images.append(array)
+    return np.stack(images)
+
+
+def _synthetic_images(config: ml_collections.ConfigDict, seed: int) -> np.ndarray:
+    """Smooth random colour fields: a cheap, learnable data set for tests."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (config.num_examples, 2, 2, config.num_channels))
+    factor = config.image_size // 2
+    fine = np.repeat(np.repeat(coarse, factor, axis=1), factor, axis=2)
+    return fine.astype(np.uint8)
+
+
+def load_train_images(config: ml_collections.ConfigDict, seed: int) -> np.ndarray:
+    """The whole training split as float32 ``[N, H, W, C]`` in [-1, 1].
+
+    Sources: ``"emoji"`` (folder ``config.path``), ``"fashion_mnist"`` (first
+    ``config.num_examples`` images, or all when it is None) and ``"synthetic"``.
+    """
+    if config.source == "emoji":
+        images = _load_emoji_folder(config)
+    elif config.source == "fashion_mnist":
+        from sdedit_jax.data import fashion_mnist
+
+        images = fashion_mnist.load_images("train", config.image_size, config.num_channels)
+        images = images[: config.num_examples]
+    elif config.source == "synthetic":
+        images = _synthetic_images(config, seed)
+    else:
+        raise ValueError(
+            "config.data.source must be 'emoji', 'fashion_mnist' or 'synthetic', "
+            f"got {config.source!r}"
+        )
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def batch_indices(data_key: Array, step: Array, batch_size: int, num_examples: int) -> Array:
+    """Dataset indices of step ``step``'s batch: epoch-wise permutations, no repeats
+    within an epoch. A batch may straddle two epochs, so both permutations are built."""
+    first = step * batch_size
+    epoch = first // num_examples
+    sample = first + jnp.arange(batch_size)
+    perm_now = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+    perm_next = jax.random.permutation(jax.random.fold_in(data_key, epoch + 1), num_examples)
+    position = sample % num_examples
+    return jnp.where(sample // num_examples == epoch, perm_now[position], perm_next[position])
+
+
+def make_batch(
+    images: Array, data_key: Array, step: Array, batch_size: int, random_flip: bool
+) -> Array:
+    """Step ``step``'s batch ``[B, H, W, C]``, with optional per-example horizontal flips."""
+    order_key, flip_key = jax.random.split(data_key)
+    batch = images[batch_indices(order_key, step, batch_size, images.shape[0])]
+    if not random_flip:
+        return batch
+    flip_key = jax.random.fold_in(flip_key, step)
+    flip = jax.random.bernoulli(flip_key, 0.5, (batch_size,)).reshape(batch_size, 1, 1, 1)
+    return jnp.where(flip, batch[:, :, ::-1, :], batch)
+
+
+# --- model and step ----------------------------------------------------------------
+
+
+def init_state(
+    config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+) -> tuple[nnx.GraphDef, TrainState]:
+    """Initialises the model from ``config.seed`` and the optimizer around it."""
+    model = unet.build(config.model, config.seed)
+    graphdef, params, constants = nnx.split(model, nnx.Param, ...)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        constants=constants,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+    )
+    return graphdef, state
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    sde: SDE,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> TrainStep:
+    """The pure update ``(state, images, key) -> (state, metrics)``.
+
+    ``config`` is the ``training`` section merged with ``optim.ema_rate``.
+    """
+    parameterization = config.parameterization
+    likelihood_weighting = config.likelihood_weighting
+    ema_rate = config.ema_rate
+
+    def train_step(state: TrainState, images: Array, key: Array):
+        def loss_fn(params: nnx.State) -> Array:
+            model = nnx.merge(graphdef, params, state.constants)
+            return losses.dsm_loss(
+                model,
+                sde,
+                images,
+                key,
+                parameterization=parameterization,
+                likelihood_weighting=likelihood_weighting,
+                train=True,
+            )
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = jax.tree.map(
+            lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params
+        )
+        new_state = state.replace(
+            step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+        )
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+def step_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The fields :func:`make_train_step` needs, gathered from the full config."""
+    return ml_collections.ConfigDict(
+        {
+            "parameterization": config.training.parameterization,
+            "likelihood_weighting": config.training.likelihood_weighting,
+            "ema_rate": config.optim.ema_rate,
+        }
+    )
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """1-D ``data`` mesh (Auto axis) over ``devices`` (default: all)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.sharding.Mesh(
+        np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def shard_train_step(train_step: TrainStep, mesh: jax.sharding.Mesh) -> TrainStep:
+    """Jits ``train_step`` over ``mesh``: state replicated (and donated), batch sharded."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated, batch_sharding, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def full_ema_state(state: TrainState) -> nnx.State:
+    """EMA weights plus constants: the state of ``nnx.split(model)`` for sampling."""
+    return nnx.merge_state(state.ema_params, state.constants)
+
+
+# --- loop ----------------------------------------------------------------------------
+
+
+def _log(path: str, step: int, losses_in_window: list[float], grad_norm: float, secs: float):
+    """Appends one record to the JSONL file and prints it."""
+    record = {
+        "step": step,
+        "loss": float(np.mean(losses_in_window)),
+        "grad_norm": grad_norm,
+        "steps_per_sec": len(losses_in_window) / secs,
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(record | {"time": time.time()}) + "\n")
+    print(" ".join(f"{k}={v:.5g}" for k, v in record.items()), flush=True)
+
+
+def _write_final_weights(
+    workdir: str, config: ml_collections.ConfigDict, state: TrainState
+) -> None:
+    """EMA weights as bf16 and fp32 msgpack files, plus ``model_info.json`` to rebuild
+    the model (config, SDE, parameterisation) and check the files (sha256)."""
+    ema = jax.device_get(full_ema_state(state))
+    sums = {}
+    for name, save_fn in (
+        ("ema_params_bf16.msgpack", checkpoint.save_params_bf16),
+        ("ema_params_fp32.msgpack", checkpoint.save_params_fp32),
+    ):
+        sums[name] = save_fn(os.path.join(workdir, name), ema)
+    info = {
+        "step": int(state.step),
+        "model": config.model.to_dict(),
+        "sde": config.sde.to_dict(),
+        "parameterization": config.training.parameterization,
+        "sha256": sums,
+    }
+    with open(os.path.join(workdir, "model_info.json"), "w") as f:
+        json.dump(info, f, indent=1, default=list)
+    print(f"wrote EMA weights: {sums}", flush=True)
+
+
+def _check_batch(config: ml_collections.ConfigDict, num_devices: int, num_images: int) -> None:
+    batch_size = config.training.batch_size
+    if batch_size % num_devices:
+        raise ValueError(
+            f"config.training.batch_size={batch_size} is not divisible by the {num_devices} devices"
+        )
+    if num_images < batch_size:
+        raise ValueError(
+            f"config.training.batch_size={batch_size} exceeds the {num_images} "
+            "training images of config.data"
+        )
+
+
+def _restore(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    sharding: jax.sharding.Sharding,
+    seed: int,
+    workdir: str,
+) -> TrainState:
+    """The newest checkpoint's state if there is one (checked against ``seed``), else ``state``."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state
+    )
+    restored = checkpoint.restore_latest(manager, abstract)
+    if restored is None:
+        return state
+    restored_state, meta = restored
+    if meta["seed"] != seed:
+        raise ValueError(f"{workdir}: checkpoint has seed {meta['seed']}, config.seed={seed}")
+    print(f"resumed from step {int(restored_state.step)}", flush=True)
+    return restored_state
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    devices: list[jax.Device] | None = None,
+    stop_at: int | None = None,
+) -> TrainState:
+    """Runs (or resumes) training until ``config.training.num_steps``.
+
+    Args:
+        config: full training config (see ``configs/train_emoji.py``).
+        workdir: checkpoints, ``metrics.jsonl`` and final weights go here.
+        devices: devices of the data mesh (default: all).
+        stop_at: stop (with a checkpoint) after this step, as if interrupted.
+
+    Returns:
+        The final train state (replicated on the mesh).
+    """
+    training = config.training
+    mesh = make_mesh(devices)
+    images_np = load_train_images(config.data, config.seed)
+    _check_batch(config, mesh.devices.size, images_np.shape[0])
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    os.makedirs(workdir, exist_ok=True)
+
+    sde = sde_from_config(config.sde)
+    tx = make_optimizer(config.optim)
+    graphdef, state = init_state(config, tx)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    print(f"model: {num_params:,} params; devices: {mesh.devices.size}", flush=True)
+    manager = checkpoint.make_manager(
+        os.path.join(workdir, "checkpoints"), training.keep_checkpoints
+    )
+    state = _restore(manager, jax.device_put(state, replicated), replicated, config.seed, workdir)
+
+    images = jax.device_put(images_np, replicated)
+    root = jax.random.key(config.seed)
+    data_key, train_key = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+    get_batch = jax.jit(
+        functools.partial(
+            make_batch, batch_size=training.batch_size, random_flip=config.data.random_flip
+        ),
+        out_shardings=batch_sharding,
+    )
+    step_fn = shard_train_step(make_train_step(graphdef, sde, tx, step_config(config)), mesh)
+
+    last_step = training.num_steps if stop_at is None else min(stop_at, training.num_steps)
+    step = int(state.step)
+    window: list[float] = []
+    window_start = last_save = time.perf_counter()
+    while step < last_step:
+        batch = get_batch(images, data_key, jnp.asarray(step, jnp.int32))
+        state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
+        # Synchronous steps: simulated CPU devices can deadlock with many programs in flight.
+        jax.block_until_ready(state)
+        step += 1
+        window.append(float(metrics["loss"]))
+        if step % training.log_every == 0 or step == last_step:
+            now = time.perf_counter()
+            _log(
+                os.path.join(workdir, "metrics.jsonl"),
+                step,
+                window,
+                float(metrics["grad_norm"]),
+                now - window_start,
+            )
+            window, window_start = [], now
+        if (
+            step % training.ckpt_every_steps == 0
+            or time.perf_counter() - last_save >= training.ckpt_every_secs
+            or step == last_step
+        ):
+            meta = {"step": step, "seed": config.seed, "data_position": step * training.batch_size}
+            checkpoint.save(manager, step, state, meta)
+            last_save = time.perf_counter()
+    if step == training.num_steps:
+        _write_final_weights(workdir, config, state)
+    manager.close()
+    return state
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and final weights.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
