@@ -23,11 +23,10 @@ inserts the gradient all-reduce.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import flax.struct
 import jax
@@ -39,9 +38,10 @@ import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
-from PIL import Image
 
 from sdedit_jax import checkpoint, losses
+from sdedit_jax.data import input_pipeline
+from sdedit_jax.data.images import load_image_folder
 from sdedit_jax.models import unet
 from sdedit_jax.sde import SDE, sde_from_config
 
@@ -99,23 +99,19 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def _load_emoji_folder(config: ml_collections.ConfigDict) -> np.ndarray:
-    files = sorted(glob.glob(os.path.join(config.path, "train", "*.png")))
-    if not files:
+    folder = os.path.join(config.path, "train")
+    if not os.path.isdir(folder):
         raise FileNotFoundError(
-            f"config.data.path={config.path!r}: no train/*.png; build it with "
+            f"config.data.path={config.path!r}: no train/ folder; build it with "
             "`python -m sdedit_jax.data.emoji --out <path>`"
         )
-    images = []
-    for name in files:
-        with Image.open(name) as image:
-            array = np.asarray(image.convert("RGB"))
-        if array.shape != (config.image_size, config.image_size, 3):
-            raise ValueError(
-                f"{name}: shape {array.shape} does not match config.data.image_size="
-                f"{config.image_size} with 3 channels"
-            )
-        images.append(array)
-    return np.stack(images)
+    images = load_image_folder(folder)
+    if images.shape[1:] != (config.image_size, config.image_size, 3):
+        raise ValueError(
+            f"{folder}: images of shape {images.shape[1:]} do not match "
+            f"config.data.image_size={config.image_size} with 3 channels"
+        )
+    return images
 
 
 def _synthetic_images(config: ml_collections.ConfigDict, seed: int) -> np.ndarray:
@@ -127,11 +123,17 @@ def _synthetic_images(config: ml_collections.ConfigDict, seed: int) -> np.ndarra
     return fine.astype(np.uint8)
 
 
+IN_MEMORY_SOURCES = ("emoji", "fashion_mnist", "synthetic")
+STREAMING_SOURCES = ("folder", "tfrecord", "tfds")
+
+
 def load_train_images(config: ml_collections.ConfigDict, seed: int) -> np.ndarray:
     """The whole training split as float32 ``[N, H, W, C]`` in [-1, 1].
 
-    Sources: ``"emoji"`` (folder ``config.path``), ``"fashion_mnist"`` (first
-    ``config.num_examples`` images, or all when it is None) and ``"synthetic"``.
+    In-memory sources: ``"emoji"`` (folder ``config.path``), ``"fashion_mnist"``
+    (first ``config.num_examples`` images, or all when it is None) and
+    ``"synthetic"``. Larger data sets stream through tf.data instead
+    (:data:`STREAMING_SOURCES`, see :func:`streaming_batches`).
     """
     if config.source == "emoji":
         images = _load_emoji_folder(config)
@@ -144,7 +146,7 @@ def load_train_images(config: ml_collections.ConfigDict, seed: int) -> np.ndarra
         images = _synthetic_images(config, seed)
     else:
         raise ValueError(
-            "config.data.source must be 'emoji', 'fashion_mnist' or 'synthetic', "
+            f"config.data.source must be one of {IN_MEMORY_SOURCES + STREAMING_SOURCES}, "
             f"got {config.source!r}"
         )
     return images.astype(np.float32) / 127.5 - 1.0
@@ -173,6 +175,23 @@ def make_batch(
     flip_key = jax.random.fold_in(flip_key, step)
     flip = jax.random.bernoulli(flip_key, 0.5, (batch_size,)).reshape(batch_size, 1, 1, 1)
     return jnp.where(flip, batch[:, :, ::-1, :], batch)
+
+
+def streaming_batches(
+    config: ml_collections.ConfigDict, batch_size: int, seed: int, start_step: int
+) -> Iterator[np.ndarray]:
+    """Per-host batches from the tf.data pipeline, positioned at ``start_step``.
+
+    The pipeline is deterministic for a seed, so skipping the batches already
+    consumed resumes the exact stream (skip still reads them: a cost paid once
+    per restart).
+    """
+    data_config = ml_collections.ConfigDict(
+        {k: v for k, v in config.to_dict().items() if k != "num_examples"}
+    )
+    per_host = batch_size // jax.process_count()
+    dataset = input_pipeline.train_dataset(data_config, per_host, seed).skip(start_step)
+    return input_pipeline.numpy_batches(dataset)
 
 
 # --- model and step ----------------------------------------------------------------
@@ -311,13 +330,15 @@ def _write_final_weights(
     print(f"wrote EMA weights: {sums}", flush=True)
 
 
-def _check_batch(config: ml_collections.ConfigDict, num_devices: int, num_images: int) -> None:
+def _check_batch(
+    config: ml_collections.ConfigDict, num_devices: int, num_images: int | None
+) -> None:
     batch_size = config.training.batch_size
     if batch_size % num_devices:
         raise ValueError(
             f"config.training.batch_size={batch_size} is not divisible by the {num_devices} devices"
         )
-    if num_images < batch_size:
+    if num_images is not None and num_images < batch_size:
         raise ValueError(
             f"config.training.batch_size={batch_size} exceeds the {num_images} "
             "training images of config.data"
@@ -365,8 +386,9 @@ def train(
     """
     training = config.training
     mesh = make_mesh(devices)
-    images_np = load_train_images(config.data, config.seed)
-    _check_batch(config, mesh.devices.size, images_np.shape[0])
+    streaming = config.data.source in STREAMING_SOURCES
+    images_np = None if streaming else load_train_images(config.data, config.seed)
+    _check_batch(config, mesh.devices.size, None if streaming else images_np.shape[0])
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     os.makedirs(workdir, exist_ok=True)
@@ -381,23 +403,35 @@ def train(
     )
     state = _restore(manager, jax.device_put(state, replicated), replicated, config.seed, workdir)
 
-    images = jax.device_put(images_np, replicated)
     root = jax.random.key(config.seed)
     data_key, train_key = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
-    get_batch = jax.jit(
-        functools.partial(
-            make_batch, batch_size=training.batch_size, random_flip=config.data.random_flip
-        ),
-        out_shardings=batch_sharding,
-    )
+    step = int(state.step)
+    if streaming:
+        stream = streaming_batches(config.data, training.batch_size, config.seed, step)
+
+        def get_batch(step):
+            del step  # the stream is already positioned
+            local = next(stream)
+            return jax.make_array_from_process_local_data(batch_sharding, local)
+    else:
+        images = jax.device_put(images_np, replicated)
+        make = jax.jit(
+            functools.partial(
+                make_batch, batch_size=training.batch_size, random_flip=config.data.random_flip
+            ),
+            out_shardings=batch_sharding,
+        )
+
+        def get_batch(step):
+            return make(images, data_key, jnp.asarray(step, jnp.int32))
+
     step_fn = shard_train_step(make_train_step(graphdef, sde, tx, step_config(config)), mesh)
 
     last_step = training.num_steps if stop_at is None else min(stop_at, training.num_steps)
-    step = int(state.step)
     window: list[float] = []
     window_start = last_save = time.perf_counter()
     while step < last_step:
-        batch = get_batch(images, data_key, jnp.asarray(step, jnp.int32))
+        batch = get_batch(step)
         state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
         # Synchronous steps: simulated CPU devices can deadlock with many programs in flight.
         jax.block_until_ready(state)
