@@ -5,6 +5,10 @@
     # End-to-end job (tf.data input, sharded steps, PNG/manifest writes) vs the
     # pure compiled program on the same batches.
     python -m sdedit_jax.bench --what=job --num_guides=256 --steps=50
+    # The compiled edit program vs an eager PyTorch port (same weights, batch,
+    # steps and t0; needs torch installed): images/s of both and their ratio.
+    python -m sdedit_jax.bench --what=torch --random_arch=configs/train_emoji.py \
+        --batch=16 --steps=20 --timing_repeats=2
 
 ``--model_dir`` picks a model folder (default: the shipped model); with
 ``--random_arch=configs/train_emoji.py`` a randomly initialised network of that
@@ -13,6 +17,8 @@ config's architecture is timed instead (same cost, no weights needed).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -32,7 +38,7 @@ from sdedit_jax import engine, job, pretrained  # noqa: E402
 from sdedit_jax.models import unet  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
 
-_WHAT = flags.DEFINE_enum("what", "sampler", ["sampler", "job"], "what to measure")
+_WHAT = flags.DEFINE_enum("what", "sampler", ["sampler", "job", "torch"], "what to measure")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
 _RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch (sampler mode)")
@@ -182,12 +188,113 @@ def bench_job(model: pretrained.LoadedModel, model_dir: str) -> dict:
     }
 
 
+def bench_torch(model: pretrained.LoadedModel) -> dict:
+    """The compiled JAX edit vs an eager PyTorch port on the same weights, guides, t0 and steps.
+
+    Both run plain SDEdit (no mask, so no per-step projection) with
+    Euler-Maruyama. Runs are interleaved so that load from other processes
+    hits both alike; the best of ``--timing_repeats`` is reported. PyTorch is
+    timed in both memory formats with torch's default thread count (the
+    baseline: one thread per core, like XLA) and, on a shared machine where
+    OpenMP threads contend, also single-threaded.
+    """
+    # torch is an optional dependency: only this mode imports it.
+    import torch
+
+    from sdedit_jax import torch_baseline
+
+    if (_PREDICTOR.value, _CORRECTOR.value) != ("euler_maruyama", "none"):
+        raise ValueError("--what=torch: the PyTorch port has only --predictor=euler_maruyama "
+                         "--corrector=none")
+    devices = jax.device_count()
+    per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
+    editor = engine.Editor(model.sde, Sampler(max_steps=_STEPS.value), per_device_batch=per_device)
+    placed = editor.place_score(model.score_fn)
+    host_batch = dataclasses.replace(
+        _random_batch(model, editor, editor.global_batch, _STEPS.value), mask=None
+    )
+    batch = editor.shard(host_batch)
+
+    score_apply, state = model.score_fn.func, model.score_fn.args[0]
+    flax_model = nnx.merge(score_apply.graphdef, state)
+    formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    nets = {name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
+            for name, fmt in formats.items()}
+    guides = torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2)
+    threads = torch.get_num_threads()
+
+    def run_torch(format_name, num_threads):
+        torch.set_num_threads(num_threads)
+        # The schedule is built inside the timed call: the JAX program computes it too.
+        schedule = torch_baseline.edit_schedule(
+            model.sde, flax_model.cfg.time_embedding, host_batch.t0, _STEPS.value
+        )
+        return torch_baseline.sdedit(
+            nets[format_name], score_apply.parameterization, schedule,
+            guides.contiguous(memory_format=formats[format_name]),
+            torch.Generator().manual_seed(0),
+        )
+
+    runs = {"jax": lambda: editor.run_global(placed, batch).block_until_ready()}
+    runs.update({f"torch_{name}": functools.partial(run_torch, name, threads) for name in formats})
+    if threads > 1:
+        runs["torch_channels_last_1thread"] = functools.partial(run_torch, "channels_last", 1)
+    first_call_s = {name: _timed(run) for name, run in runs.items()}
+    best_s = {name: float("inf") for name in runs}
+    for _ in range(_REPEATS.value):
+        for name, run in runs.items():
+            best_s[name] = min(best_s[name], _timed(run))
+    torch.set_num_threads(threads)
+    rows = editor.global_batch
+    baseline = min((f"torch_{name}" for name in formats), key=best_s.get)
+    fastest_torch = min((name for name in runs if name != "jax"), key=best_s.get)
+    score_diff, score_scale = _torch_score_difference(
+        model, nets["nchw"], score_apply.parameterization, host_batch
+    )
+    return {
+        "devices": devices, "platform": jax.devices()[0].platform, "global_batch": rows,
+        "steps": _STEPS.value, "t0": float(host_batch.t0[0]), "predictor": "euler_maruyama",
+        "torch_version": torch.__version__, "torch_threads": threads,
+        # XLA:CPU sizes its intra-op thread pool to the schedulable cores; no flag changes it here.
+        "schedulable_cpus": len(os.sched_getaffinity(0)),
+        "score_max_abs (jax, t=t0)": score_scale,
+        "score_max_abs_diff (jax vs torch)": score_diff,
+        "jax_first_call_s (compile+run)": round(first_call_s["jax"], 2),
+        **{f"{name}_run_s": round(best, 3) for name, best in best_s.items()},
+        **{f"{name}_images_per_s": round(rows / best, 2) for name, best in best_s.items()},
+        "torch_baseline (same threads, faster format)": baseline,
+        "jax_over_torch_ratio": round(best_s[baseline] / best_s["jax"], 2),
+        "jax_over_fastest_torch_ratio": round(best_s[fastest_torch] / best_s["jax"], 2),
+    }
+
+
+def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[float, float]:
+    """Max |score_jax - score_torch| on the benchmark guides, and max |score_jax| for scale."""
+    import torch
+
+    from sdedit_jax import torch_baseline
+
+    jax_score = np.asarray(jax.jit(lambda s, x, t: s(x, t))(
+        model.score_fn, jnp.asarray(host_batch.guides), jnp.asarray(host_batch.t0)
+    ))
+    schedule = torch_baseline.edit_schedule(model.sde, net.cfg.time_embedding, host_batch.t0, 1)
+    with torch.no_grad():
+        out = net(torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2), schedule.cond[0])
+        torch_score = torch_baseline.output_to_score(out, schedule.inv_std[0], parameterization)
+    diff = np.max(np.abs(jax_score - torch_score.permute(0, 2, 3, 1).numpy()))
+    return float(diff), float(np.max(np.abs(jax_score)))
+
+
 def main(argv):
     del argv
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = benchmark_model_dir(scratch)
         model = pretrained.load_model(model_dir)
-        result = bench_sampler(model) if _WHAT.value == "sampler" else bench_job(model, model_dir)
+        if _WHAT.value == "torch":
+            result = bench_torch(model)
+        else:
+            result = (bench_sampler(model) if _WHAT.value == "sampler"
+                      else bench_job(model, model_dir))
     print(json.dumps(result, indent=1))
 
 
