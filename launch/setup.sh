@@ -16,4 +16,8 @@ fi
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -r requirements.txt
 .venv/bin/pip install -q --no-deps -e .
+# Optional PyTorch baseline (benchmarks and its parity tests): SDEDIT_WITH_TORCH=1.
+if [ "${SDEDIT_WITH_TORCH:-0}" = 1 ]; then
+  .venv/bin/pip install -q -r requirements-bench.txt
+fi
 echo "sdedit_jax installed in $(pwd)/.venv"
