@@ -236,7 +236,9 @@ def step_bucket(n_steps: int) -> int:
 
 def paper_steps(total_steps: int, t0) -> np.ndarray:
     """SDEdit's step count for start time ``t0`` when [0, 1] has ``total_steps`` steps."""
-    return np.maximum(1, np.ceil(total_steps * np.asarray(t0, np.float64) - 1e-6)).astype(np.int32)
+    # Round first: float32 t0 (0.8 -> 0.80000001) must not add a step.
+    exact = np.round(total_steps * np.asarray(t0, np.float64), 3)
+    return np.maximum(1, np.ceil(exact)).astype(np.int32)
 
 
 def _per_example(value, batch: int, dtype, field: str) -> np.ndarray:

@@ -1,0 +1,231 @@
+"""The evaluation sweep: end to end from the command line, and against closed forms.
+
+Truths used: with the exact score of Gaussian data, SDEdit's output per pixel
+is Gaussian with known mean and variance (``tests/gaussian.py``), so the
+expected squared distance to the guide, E||x - g||^2 = (mean - g)^2 + var, is
+known and grows with t0; the guides scored as outputs are at L2 = 0; masked
+tasks keep the guide exactly outside the mask; one program serves every t0.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from gaussian import GaussianScore, sdedit_moments
+from PIL import Image
+
+from sdedit_jax import engine, evaluate, job, pretrained
+from sdedit_jax.metrics import realism
+from sdedit_jax.models import unet
+from sdedit_jax.sde import VPSDE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 16
+TINY_MODEL = dict(image_size=SIZE, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                  attn_resolutions=(), dropout=0.0, time_embedding="sinusoidal",
+                  fourier_scale=16.0, skip_rescale=True, fast_conv=True)
+# Gaussian data N(MU, S^2) per pixel; guides in [-0.4, 0.4] keep outputs far from the
+# [-1, 1] clip, so clipping (done before scoring) cannot bias the closed form.
+MU, S = 0.0, 0.2
+# Small t0s: beyond ~0.3 the output is nearly the prior and the t0s become hard to tell apart.
+GAUSSIAN_T0S = (0.1, 0.3)
+
+
+def _write_pictures(folder, count, seed):
+    """Squares of random colour on white, like small emoji."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        pixels = np.full((SIZE, SIZE, 3), 255, np.uint8)
+        for _ in range(3):
+            y, x = rng.integers(0, SIZE - 5, 2)
+            pixels[y:y + 6, x:x + 6] = rng.integers(0, 256, 3)
+        Image.fromarray(pixels).save(os.path.join(folder, f"p{i:03d}.png"))
+    return folder
+
+
+def _write_flat_guides(folder, count, seed):
+    """Guides with pixel values in [77, 179] / 127.5 - 1, i.e. within [-0.4, 0.4]."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        pixels = rng.integers(77, 180, (SIZE, SIZE, 3)).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"g{i:03d}.png"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("model"))
+    _, state = nnx.split(unet.build(unet.UNetConfig.from_config(TINY_MODEL), seed=1))
+    pretrained.save_model(path, state, TINY_MODEL, {"name": "vp"}, "noise")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    return _write_pictures(str(tmp_path_factory.mktemp("reference")), 12, seed=1)
+
+
+class PooledPixels:
+    """Cheap stand-in realism features (4x4 average-pooled pixels) for tests about faithfulness.
+
+    EfficientNet's 1280-d features make every FID a 1280x1280 eigendecomposition;
+    the command-line test covers them.
+    """
+
+    name = "pooled_pixels_4x4"
+    dim = 4 * 4 * 3
+
+    def __call__(self, images):
+        images = np.asarray(images, np.float32)
+        batch, height, width, channels = images.shape
+        pooled = images.reshape(batch, 4, height // 4, 4, width // 4, channels).mean(axis=(2, 4))
+        return pooled.reshape(batch, self.dim)
+
+
+def _tiny_config():
+    return job.load_config(os.path.join(REPO, "configs", "eval_tiny.py"))
+
+
+def _finite(value):
+    return value not in ("", None) and np.isfinite(float(value))
+
+
+def test_cli_sweep_writes_every_output(model_dir, reference_dir, tmp_path):
+    guides = _write_pictures(str(tmp_path / "guides"), 8, seed=0)
+    workdir = str(tmp_path / "eval")
+    cache = os.environ.get("SDEDIT_JAX_CACHE", os.path.join(REPO, ".jax_cache"))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_COMPILATION_CACHE_DIR=cache)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdedit_jax.evaluate", "--config", "configs/eval_tiny.py",
+         f"--config.model_dir={model_dir}", f"--config.input.path={guides}",
+         f"--config.reference.paths=('{reference_dir}',)", f"--workdir={workdir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "img/s" in proc.stderr and "KID" in proc.stdout
+
+    with open(os.path.join(workdir, "results.csv")) as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == evaluate.COLUMNS
+        rows = list(reader)
+    settings = [(r["task"], r["variant"], float(r["t0"])) for r in rows]
+    assert settings == [("stroke_painting", "guides", 0.0), ("stroke_edit", "guides", 0.0),
+                        ("stroke_painting", "base", 0.3), ("stroke_painting", "base", 0.7),
+                        ("stroke_edit", "base", 0.3), ("stroke_edit", "base", 0.7)]
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert [r["task"] for r in results["rows"]] == [r["task"] for r in rows]
+    for row in rows:
+        assert int(row["examples"]) == 8
+        for column in ("l2", "mse", "ssim", "kid", "kid_std", "fid"):
+            assert _finite(row[column]), (row, column)
+        masked = row["task"] == "stroke_edit"
+        assert _finite(row["l2_outside"]) == masked
+        if row["variant"] == "guides":
+            assert float(row["l2"]) == 0.0 and float(row["ssim"]) == pytest.approx(1.0)
+            assert row["psnr"] == "inf"
+        else:
+            assert _finite(row["psnr"]) and float(row["l2"]) > 0
+            # The engine pastes the guide back outside the (binary) mask.
+            assert not masked or float(row["l2_outside"]) == 0.0
+    for task in ("stroke_painting", "stroke_edit"):
+        l2 = [float(r["l2"]) for r in rows if r["task"] == task]
+        assert l2 == sorted(l2) and len(set(l2)) == 3, (task, l2)
+    assert [r["n_steps"] for r in rows[2:4]] == ["6", "14"]  # ceil(20 * t0)
+    for name in ("realism_faithfulness.png", "contact_stroke_painting_base.png",
+                 "contact_stroke_edit_base.png"):
+        with Image.open(os.path.join(workdir, name)) as image:
+            assert min(image.size) > 100
+
+
+def _gaussian_config(guides, reference):
+    config = _tiny_config()
+    config.input.path = guides
+    config.reference.paths = (reference,)
+    config.tasks = ("none",)
+    config.max_guides = 16
+    config.t0s = GAUSSIAN_T0S
+    config.sampler.steps_per_unit_time = 400
+    config.sampler.denoise = False  # the closed form is the law of the state at eps
+    config.per_device_batch = 2
+    config.seed = 3
+    return config
+
+
+def _expected_mse(sde, guides, t0):
+    """E[mean over pixels of ((x - g) / 2)^2] and its standard error for one mean of all pixels."""
+    mean, var = sdedit_moments(sde, MU, S, guides, t0, sde.eps)
+    # In [0, 1] units the difference is halved.
+    squared = ((mean - guides) ** 2 + var) / 4
+    per_pixel_var = (2 * var**2 + 4 * var * (mean - guides) ** 2) / 16
+    return float(squared.mean()), float(np.sqrt(per_pixel_var.sum()) / guides.size)
+
+
+def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, tmp_path):
+    sde = VPSDE()
+    guides_dir = _write_flat_guides(str(tmp_path / "guides"), 16, seed=5)
+    model = pretrained.LoadedModel(GaussianScore(sde, MU, S), sde, SIZE, 3, "gaussian", "")
+    config = _gaussian_config(guides_dir, reference_dir)
+    workdir = str(tmp_path / "eval")
+    before = engine.compiled_program_count()
+    results = evaluate.run_evaluation(config, workdir, model, PooledPixels())
+    assert engine.compiled_program_count() - before == 1  # one program for every t0
+
+    guides = np.stack([np.asarray(Image.open(os.path.join(guides_dir, f"g{i:03d}.png")),
+                                  np.float64) / 127.5 - 1 for i in range(16)])
+    baseline, *rows = results["rows"]
+    assert baseline["t0"] == 0.0 and baseline["l2"] == 0.0 and baseline["mse"] == 0.0
+    for row, t0 in zip(rows, GAUSSIAN_T0S, strict=True):
+        expected, stderr = _expected_mse(sde, guides, t0)
+        # 5 standard errors of sampling noise plus 2% for the Euler-Maruyama discretisation.
+        assert abs(row["mse"] - expected) < 5 * stderr + 0.02 * expected, (t0, row, expected)
+        assert row["n_steps"] == int(np.ceil(400 * t0))
+    assert rows[0]["l2"] < rows[1]["l2"]
+    assert not results["reference_cache_hit"]
+
+    again = evaluate.run_evaluation(config, workdir, model, PooledPixels())
+    assert again["reference_cache_hit"]
+    timing = ("seconds", "images_per_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(again["rows"]) == strip(results["rows"])
+
+
+@pytest.mark.parametrize("count", [6, 40, 41, 60])
+def test_fid_to_reference_equals_the_metric_module(count):
+    """The n x n shortcut (n <= d) and the fallback agree with realism.fid (d = 40)."""
+    rng = np.random.default_rng(count)
+    reference = rng.standard_normal((200, 40)) @ rng.standard_normal((40, 40)) * 0.3 + 1.0
+    features = rng.standard_normal((count, 40)) @ rng.standard_normal((40, 40)) * 0.2 + 0.5
+    value = evaluate.fid_to_reference(features, realism.stats_from_features(reference))
+    assert value == pytest.approx(realism.fid(features, reference), rel=1e-6)
+
+
+def test_config_errors_name_the_field(reference_dir, tmp_path):
+    sde = VPSDE()
+    config = _tiny_config()
+    config.variants = ({"predicter": "ode_euler"},)
+    with pytest.raises(ValueError, match=r"config.variants\[0\]: unknown key.*predicter"):
+        evaluate.variants_from_config(config)
+    config.variants = ({"name": "a", "n_steps": 5, "steps_per_unit_time": 5},)
+    with pytest.raises(ValueError, match=r"config.variants\[0\]: sampler: set exactly one"):
+        evaluate.variants_from_config(config)
+    with pytest.raises(ValueError, match=r"config.t0s: \[1.5\] outside"):
+        evaluate.check_t0s((0.5, 1.5), sde)
+    config = _tiny_config()
+    config.input.generator = "composite"
+    with pytest.raises(ValueError, match=r"config.input: do not set \['generator'\]"):
+        evaluate.load_guides(config, "stroke_painting", SIZE, 3)
+    bad = tmp_path / "bad"
+    _write_pictures(str(bad), 2, seed=0)
+    Image.new("RGB", (SIZE + 1, SIZE)).save(bad / "wide.png")
+    config = _tiny_config()
+    config.input.path = str(bad)
+    with pytest.raises(ValueError, match=r"(?s)1 input\(s\) failed.*wide.png"):
+        evaluate.load_guides(config, "stroke_painting", SIZE, 3)
