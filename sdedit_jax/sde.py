@@ -108,14 +108,9 @@ class SDE:
         return self.drift(x, t) - (0.5 if ode else 1.0) * g2 * score
 
 
-def _vp_integral(t: Array, beta_min: float, beta_max: float) -> Array:
-    """``int_0^t beta(s) ds`` for the linear schedule."""
-    return 0.5 * t**2 * (beta_max - beta_min) + t * beta_min
-
-
 @dataclasses.dataclass(frozen=True)
-class VPSDE(SDE):
-    """Variance-preserving SDE (DDPM in the continuous limit)."""
+class _LinearBetaSDE(SDE):
+    """The drift shared by VP and sub-VP: ``f = -beta(t)/2 x``, beta linear in t."""
 
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -124,14 +119,12 @@ class VPSDE(SDE):
     def beta(self, t: Array) -> Array:
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
+    def beta_integral(self, t: Array) -> Array:
+        """``int_0^t beta(s) ds``."""
+        return 0.5 * t**2 * (self.beta_max - self.beta_min) + t * self.beta_min
+
     def log_mean_coeff(self, t):
-        return -0.5 * _vp_integral(t, self.beta_min, self.beta_max)
-
-    def marginal_var(self, t):
-        return -jnp.expm1(2.0 * self.log_mean_coeff(t))
-
-    def diffusion(self, t):
-        return jnp.sqrt(self.beta(t))
+        return -0.5 * self.beta_integral(t)
 
     def drift_coeff(self, t):
         return -0.5 * self.beta(t)
@@ -142,18 +135,19 @@ class VPSDE(SDE):
 
 
 @dataclasses.dataclass(frozen=True)
-class SubVPSDE(SDE):
+class VPSDE(_LinearBetaSDE):
+    """Variance-preserving SDE (DDPM in the continuous limit)."""
+
+    def marginal_var(self, t):
+        return -jnp.expm1(2.0 * self.log_mean_coeff(t))
+
+    def diffusion(self, t):
+        return jnp.sqrt(self.beta(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubVPSDE(_LinearBetaSDE):
     """Sub-VP SDE: VP's drift with a smaller diffusion, variance ``(1 - m^2)^2``."""
-
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    eps: float = 1e-3
-
-    def beta(self, t: Array) -> Array:
-        return self.beta_min + t * (self.beta_max - self.beta_min)
-
-    def log_mean_coeff(self, t):
-        return -0.5 * _vp_integral(t, self.beta_min, self.beta_max)
 
     def marginal_var(self, t):
         return jnp.square(jnp.expm1(2.0 * self.log_mean_coeff(t)))
@@ -162,15 +156,8 @@ class SubVPSDE(SDE):
         return -jnp.expm1(2.0 * self.log_mean_coeff(t))
 
     def diffusion(self, t):
-        discount = -jnp.expm1(-2.0 * _vp_integral(t, self.beta_min, self.beta_max))
+        discount = -jnp.expm1(-2.0 * self.beta_integral(t))
         return jnp.sqrt(self.beta(t) * discount)
-
-    def drift_coeff(self, t):
-        return -0.5 * self.beta(t)
-
-    @property
-    def prior_std(self):
-        return 1.0
 
 
 @dataclasses.dataclass(frozen=True)
