@@ -62,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (plus an optional name), run after the base sampler above.
     config.variants = ()
     config.per_device_batch = 64
-    config.feature_extractor = "efficientnet_lite0"
+    config.feature_extractor = "efficientnet_lite0"  # or "inception_v3" (needs weights)
+    config.feature_weights_path = ""  # local FID Inception weights (.pth / .npz)
     config.feature_batch_size = 32
     config.kid = ml_collections.ConfigDict({"subset_size": 100, "num_subsets": 100})
     config.contact_sheet_examples = 12

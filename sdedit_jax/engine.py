@@ -10,8 +10,8 @@ reuses the compiled program and weights are never baked in as constants. A
 plain Python function is a static leaf of its own; pass weights through
 ``jax.tree_util.Partial`` (see :func:`sdedit_jax.score.make_score_fn`).
 
-Bit-reproducibility: an example's output depends only on (seed, id, t0, guide,
-mask) at a given ``per_device_batch``. Score functions should multiply by
+Bit-reproducibility: an example's output depends only on (seed, id, t0, n_steps,
+guide, mask) at a given ``per_device_batch``. Score functions should multiply by
 per-example reciprocals rather than divide by broadcast per-example values:
 XLA rewrites ``x / broadcast(s)`` into ``x * broadcast(1 / s)`` in some
 programs (e.g. single- vs multi-device) and not others, a last-bit difference.

@@ -527,7 +527,9 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str,
                    for task in config.tasks]
     reference = load_reference(config, model.image_size, model.num_channels)
     if extractor is None:
-        extractor = realism.load_feature_extractor(config.feature_extractor)
+        extractor = realism.load_feature_extractor(
+            config.feature_extractor, config.feature_weights_path or None
+        )
     reference_feats, cache_hit = reference_features(
         extractor, reference, os.path.join(workdir, REFERENCE_CACHE), config.feature_batch_size)
     _log(f"[evaluate] {len(reference.ids)} reference images "

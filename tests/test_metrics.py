@@ -233,6 +233,8 @@ def test_realism_input_errors():
     with pytest.raises(ValueError, match="dim"):
         rm.update_stats(rm.empty_stats(4), x)
     with pytest.raises(ValueError, match="unknown feature extractor"):
+        rm.load_feature_extractor("inception_v4")
+    with pytest.raises(ValueError, match="needs weights_path"):
         rm.load_feature_extractor("inception_v3")
 
 

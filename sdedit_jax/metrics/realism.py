@@ -11,9 +11,11 @@
   and the kernel sums run in float64 numpy, because MMD^2 is a small difference of
   large kernel means and float32 cancels badly.
 
-Scores depend on the feature network. The only offline network here is
-EfficientNet-Lite0 (``load_feature_extractor("efficientnet_lite0")``), so values
-are not comparable with published Inception-v3 FID/KID numbers.
+Scores depend on the feature network. The only network with offline weights here is
+EfficientNet-Lite0 (``load_feature_extractor("efficientnet_lite0")``), whose values
+are not comparable with published FID/KID numbers. Those use the FID Inception-v3
+(``load_feature_extractor("inception_v3", weights_path)``), whose weights cannot be
+downloaded here: the user must supply the file.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from sdedit_jax.metrics.efficientnet import EfficientNetFeatures
+from sdedit_jax.metrics.inception import InceptionV3Features
 
 
 @runtime_checkable
@@ -41,15 +44,27 @@ class FeatureExtractor(Protocol):
     def __call__(self, images: jax.Array) -> jax.Array: ...
 
 
-FEATURE_EXTRACTORS = ("efficientnet_lite0",)
+FEATURE_EXTRACTORS = ("efficientnet_lite0", "inception_v3")
 
 
 def load_feature_extractor(
     name: str, weights_path: str | os.PathLike | None = None
 ) -> FeatureExtractor:
-    """The pretrained extractor called ``name`` (weights default to the pip-shipped file)."""
+    """The pretrained extractor called ``name``.
+
+    EfficientNet-Lite0 weights default to the pip-shipped file; Inception-v3 needs
+    ``weights_path`` (no default exists offline).
+    """
     if name == "efficientnet_lite0":
         return EfficientNetFeatures.pretrained(weights_path)
+    if name == "inception_v3":
+        if weights_path is None:
+            raise ValueError(
+                "load_feature_extractor('inception_v3') needs weights_path: a local copy of "
+                "the FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                "or an .npz of its tensors); they cannot be downloaded here"
+            )
+        return InceptionV3Features.from_weights(weights_path)
     raise ValueError(f"unknown feature extractor '{name}'; available: {FEATURE_EXTRACTORS}")
 
 
