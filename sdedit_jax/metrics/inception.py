@@ -27,7 +27,6 @@ or an ``.npz`` with the same keys.
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import zipfile
@@ -38,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from sdedit_jax.metrics import torch_pickle
+from sdedit_jax.metrics.network_features import NetworkFeatures
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -357,47 +357,24 @@ def load_fid_inception_v3(weights_path: str | os.PathLike) -> FIDInceptionV3:
     return model
 
 
-def _check_images(images: jax.Array) -> None:
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be [B, H, W, 3] RGB in [0, 1], got shape {images.shape}")
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    model = nnx.merge(graphdef, state)
-    features = model.features(preprocess(images))
-    return features, model.fc(features)
-
-
-class InceptionV3Features:
+class InceptionV3Features(NetworkFeatures):
     """FeatureExtractor: 2048-d FID Inception-v3 pool3 features of ``[0, 1]`` RGB images.
 
     These are the only features here whose FID/KID can be compared with published
     numbers, and only when loaded from the genuine FID weights (pytorch-fid's
     ``pt_inception-2015-12-05-6726825d.pth``); any other weights give a different
     metric. Even then, scores also depend on the sample count and the reference set.
-    Any input size is accepted; images are resized to 299x299 inside the jitted call.
+    Any input size is accepted; images are resized to 299x299 inside the jitted
+    call. ``logits`` gives the 1008 logits (e.g. for an Inception Score).
     """
 
     name = "inception_v3"
     dim = FEATURE_DIM
 
     def __init__(self, model: FIDInceptionV3):
-        self._graphdef, self._state = nnx.split(model)
+        super().__init__(model, preprocess, "fc")
 
     @classmethod
     def from_weights(cls, weights_path: str | os.PathLike) -> InceptionV3Features:
         """The extractor with weights read from a local ``.pth`` or ``.npz`` file."""
         return cls(load_fid_inception_v3(weights_path))
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """``[B, H, W, 3]`` in ``[0, 1]`` -> ``[B, 2048]`` float32 features."""
-        _check_images(images)
-        return _apply(self._graphdef, self._state, jnp.asarray(images))[0]
-
-    def logits(self, images: jax.Array) -> jax.Array:
-        """``[B, H, W, 3]`` in ``[0, 1]`` -> ``[B, 1008]`` logits (e.g. for Inception Score)."""
-        _check_images(images)
-        return _apply(self._graphdef, self._state, jnp.asarray(images))[1]
