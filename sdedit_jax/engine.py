@@ -410,13 +410,14 @@ class Progress:
         self.total_steps, self.rows_per_step = total_steps, rows_per_step
         self.log_path, self.every, self.label = log_path, every_seconds, label
         self.start = self.last = time.perf_counter()
+        self.last_step = -1
         self.tty = sys.stderr.isatty()
 
     def update(self, step: int, rows_done: int, force: bool = False) -> None:
         now = time.perf_counter()
-        if not force and now - self.last < self.every:
+        if step == self.last_step or (not force and now - self.last < self.every):
             return
-        self.last = now
+        self.last, self.last_step = now, step
         elapsed = now - self.start
         rate = rows_done / elapsed if elapsed > 0 else 0.0
         steps_left = self.total_steps - step
