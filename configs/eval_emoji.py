@@ -2,17 +2,17 @@
 
     python -m sdedit_jax.evaluate --config configs/eval_emoji.py --workdir runs/eval_emoji
 
-Guides are stroke paintings of the 127 held-out emoji (``data/emoji32/test``;
-build the folder with ``python -m sdedit_jax.data.emoji --out data/emoji32 --size 32``);
-realism is measured against all real emoji (held-out + training). The paper's
-N = ``steps_per_unit_time`` = 100 gives ceil(100 * t0) steps (20..80) per edit;
-about 5-9 minutes on a 2-core CPU (half sampling, half EfficientNet features;
-the reference features are cached in the workdir for re-runs). For finer
+Guides are made from the 127 held-out emoji (``data/emoji32/test``; build the
+folder with ``python -m sdedit_jax.data.emoji --out data/emoji32 --size 32``) by
+two tasks: simulated stroke paintings and stroke edits (strokes inside a mask).
+Realism is measured against the 1,319 training emoji (never the guides' own
+originals). The paper's N = ``steps_per_unit_time`` = 100 gives ceil(100 * t0)
+steps (20..80) per edit; about 12 minutes on a 2-core CPU (sampling plus
+EfficientNet features; reference features are cached in the workdir). For finer
 sampling add ``--config.sampler.steps_per_unit_time=200`` (sampling time x2).
 Variants: ``configs/eval_emoji.py:quick`` (N = 50, 32 guides: a smoke run),
 ``configs/eval_emoji.py:samplers`` (adds a probability-flow ODE and a
-predictor-corrector variant), ``configs/eval_emoji.py:tasks`` (adds stroke
-edits and composites).
+predictor-corrector variant), ``configs/eval_emoji.py:tasks`` (adds composites).
 """
 
 import ml_collections
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     config.max_guides = 0  # 0 = every held-out image
     # Guide generators (see sdedit_jax.data.guides), each one task of the sweep.
-    config.tasks = ("stroke_painting",)
+    config.tasks = ("stroke_painting", "stroke_edit")
     config.generator_kwargs = ml_collections.ConfigDict({
         "stroke_painting": {},
         "stroke_edit": {},
@@ -41,7 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Real images that define "realistic"; paths are read in order and concatenated.
     config.reference = ml_collections.ConfigDict({
         "source": "folder",
-        "paths": ("data/emoji32/test", "data/emoji32/train"),
+        # Training emoji only: the held-out originals of the guides must not be
+        # in the reference, or the guides would be scored against their own sources.
+        "paths": ("data/emoji32/train",),
         "resize": False,
         "mask_dir": "",
         "max_images": 0,  # 0 = all
