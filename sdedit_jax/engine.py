@@ -167,8 +167,15 @@ class Editor:
 
     def run_global(self, placed_score, batch: EditBatch) -> jax.Array:
         """One compiled step on sharded arrays of ``global_batch`` rows."""
+        return self._call(_edit_program, placed_score, batch)
+
+    def lower(self, placed_score, batch: EditBatch) -> jax.stages.Lowered:
+        """The step's lowered program (``.compile()`` it to time compilation or read costs)."""
+        return self._call(_edit_program.lower, placed_score, batch)
+
+    def _call(self, program, placed_score, batch: EditBatch):
         static, arrays = placed_score
-        return _edit_program(
+        return program(
             arrays,
             batch.guides,
             batch.seeds,
