@@ -43,16 +43,22 @@ def save_model(
     sde_config: dict,
     parameterization: str,
     extra: dict | None = None,
-) -> str:
-    """Writes a model folder (fp32 weights + ``model_info.json``); returns the weights' sha256."""
+    with_bf16: bool = False,
+) -> dict[str, str]:
+    """Writes a model folder: fp32 weights (and a bf16 copy), ``model_info.json``.
+
+    Returns the sha256 of each weight file written (also recorded in the info).
+    """
     os.makedirs(model_dir, exist_ok=True)
-    weights = WEIGHT_FILES[0]
-    digest = checkpoint.save_params_fp32(os.path.join(model_dir, weights), state)
-    info = {"model": model_config, "sde": sde_config, "parameterization": parameterization,
-            "sha256": {weights: digest}, **(extra or {})}
+    writers = {WEIGHT_FILES[0]: checkpoint.save_params_fp32}
+    if with_bf16:
+        writers[WEIGHT_FILES[1]] = checkpoint.save_params_bf16
+    sums = {name: write(os.path.join(model_dir, name), state) for name, write in writers.items()}
+    info = {**(extra or {}), "model": model_config, "sde": sde_config,
+            "parameterization": parameterization, "sha256": sums}
     with open(os.path.join(model_dir, INFO_FILE), "w") as f:
         json.dump(info, f, indent=1, default=list)
-    return digest
+    return sums
 
 
 def load_model(model_dir: str | None = None) -> LoadedModel:

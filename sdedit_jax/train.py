@@ -39,7 +39,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sdedit_jax import checkpoint, losses
+from sdedit_jax import checkpoint, losses, pretrained
 from sdedit_jax.data import input_pipeline
 from sdedit_jax.data.images import load_image_folder
 from sdedit_jax.models import unet
@@ -309,24 +309,12 @@ def _log(path: str, step: int, losses_in_window: list[float], grad_norm: float, 
 def _write_final_weights(
     workdir: str, config: ml_collections.ConfigDict, state: TrainState
 ) -> None:
-    """EMA weights as bf16 and fp32 msgpack files, plus ``model_info.json`` to rebuild
-    the model (config, SDE, parameterisation) and check the files (sha256)."""
-    ema = jax.device_get(full_ema_state(state))
-    sums = {}
-    for name, save_fn in (
-        ("ema_params_bf16.msgpack", checkpoint.save_params_bf16),
-        ("ema_params_fp32.msgpack", checkpoint.save_params_fp32),
-    ):
-        sums[name] = save_fn(os.path.join(workdir, name), ema)
-    info = {
-        "step": int(state.step),
-        "model": config.model.to_dict(),
-        "sde": config.sde.to_dict(),
-        "parameterization": config.training.parameterization,
-        "sha256": sums,
-    }
-    with open(os.path.join(workdir, "model_info.json"), "w") as f:
-        json.dump(info, f, indent=1, default=list)
+    """EMA weights (fp32 + bf16) and ``model_info.json``: a model folder in ``workdir``."""
+    sums = pretrained.save_model(
+        workdir, jax.device_get(full_ema_state(state)), config.model.to_dict(),
+        config.sde.to_dict(), config.training.parameterization,
+        extra={"step": int(state.step)}, with_bf16=True,
+    )
     print(f"wrote EMA weights: {sums}", flush=True)
 
 
