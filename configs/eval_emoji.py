@@ -4,15 +4,15 @@
 
 Guides are made from the 127 held-out emoji (``data/emoji32/test``; build the
 folder with ``python -m sdedit_jax.data.emoji --out data/emoji32 --size 32``) by
-two tasks: simulated stroke paintings and stroke edits (strokes inside a mask).
-Realism is measured against the 1,319 training emoji (never the guides' own
-originals). The paper's N = ``steps_per_unit_time`` = 100 gives ceil(100 * t0)
-steps (20..80) per edit; about 12 minutes on a 2-core CPU (sampling plus
-EfficientNet features; reference features are cached in the workdir). For finer
-sampling add ``--config.sampler.steps_per_unit_time=200`` (sampling time x2).
+three tasks: simulated stroke paintings as in the paper, cruder ones (3 colours,
+no blur), and stroke edits (strokes inside a mask). Realism is measured against
+the 1,319 training emoji (never the guides' own originals). Ancestral (DDPM)
+sampling with N = ``steps_per_unit_time`` = 200 gives ceil(200 * t0) steps
+(40..160) per edit; about 20 minutes on an idle 2-core CPU (sampling plus
+EfficientNet features; reference features are cached in the workdir).
 Variants: ``configs/eval_emoji.py:quick`` (N = 50, 32 guides: a smoke run),
-``configs/eval_emoji.py:samplers`` (adds a probability-flow ODE and a
-predictor-corrector variant), ``configs/eval_emoji.py:tasks`` (adds composites).
+``configs/eval_emoji.py:samplers`` (adds Euler-Maruyama, a probability-flow ODE
+and a predictor-corrector variant), ``configs/eval_emoji.py:tasks`` (adds composites).
 """
 
 import ml_collections
@@ -32,9 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     config.max_guides = 0  # 0 = every held-out image
     # Guide generators (see sdedit_jax.data.guides), each one task of the sweep.
-    config.tasks = ("stroke_painting", "stroke_edit")
+    config.tasks = ("stroke_painting", "crude_stroke_painting", "stroke_edit")
+    # A task is a generator name, or a name whose entry names its "generator".
     config.generator_kwargs = ml_collections.ConfigDict({
-        "stroke_painting": {},
+        "stroke_painting": {},  # the paper's simulation: median filter, 6 flat colours
+        # Emoji are flat-coloured already, so 6-colour paintings stay emoji-like;
+        # 3 colours over a 9-pixel median (no blur) is closer to a crude hand painting.
+        "crude_stroke_painting": {"generator": "stroke_painting", "num_colors": 3,
+                                  "median_size": 9, "blur_sigma": 0.0},
         "stroke_edit": {},
         "composite": {},
     })
@@ -50,9 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     config.t0s = (0.2, 0.35, 0.5, 0.65, 0.8)
     config.sampler = ml_collections.ConfigDict({
-        "predictor": "euler_maruyama",
+        "predictor": "ancestral",  # DDPM's sampler, as the paper uses for VP models
         "corrector": "none",
-        "steps_per_unit_time": 100,  # the paper's N; 0 -> n_steps for every t0
+        "steps_per_unit_time": 200,  # the paper's N; 0 -> n_steps for every t0
         "n_steps": 0,
         "max_steps": 0,  # step bucket; 0 -> derived from N
         "snr": 0.16,
@@ -74,11 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.max_guides = 32
     elif arg == "samplers":
         config.variants = (
+            {"name": "euler_maruyama", "predictor": "euler_maruyama"},
             {"name": "ode_heun", "predictor": "ode_heun"},
-            {"name": "em+langevin", "corrector": "langevin"},
+            {"name": "em+langevin", "predictor": "euler_maruyama", "corrector": "langevin"},
         )
     elif arg == "tasks":
-        config.tasks = ("stroke_painting", "stroke_edit", "composite")
+        config.tasks = ("stroke_painting", "crude_stroke_painting", "stroke_edit", "composite")
     elif arg not in (None, ""):
         raise ValueError(
             f"configs/eval_emoji.py: unknown variant {arg!r} (known: quick, samplers, tasks)")

@@ -146,13 +146,30 @@ def load_image_set(input_config: Mapping, name: str, what: str, limit: int = 0) 
     return ImageSet(name, ids[:keep], np.stack(images[:keep]), np.stack(masks[:keep]))
 
 
+def task_generator(config: ml_collections.ConfigDict, task: str) -> tuple[str, dict]:
+    """(generator name, its keyword arguments) of one task.
+
+    A task is a guide generator's name, or any name whose
+    ``config.generator_kwargs`` entry names its ``generator`` (so one generator
+    can appear twice with different settings, e.g. a cruder stroke painting).
+    """
+    kwargs = config.generator_kwargs.get(task, {})
+    kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+    generator = kwargs.pop("generator", task)
+    if generator not in guide_inputs.GENERATOR_NAMES:
+        raise ValueError(f"config.tasks: task {task!r} uses generator {generator!r}; known: "
+                         f"{', '.join(guide_inputs.GENERATOR_NAMES)} (or name one in "
+                         f"config.generator_kwargs.{task}.generator)")
+    return generator, kwargs
+
+
 def load_guides(config: ml_collections.ConfigDict, task: str, image_size: int,
                 channels: int) -> ImageSet:
-    """The guides of one task: the generator ``task`` applied to ``config.input``'s images."""
-    kwargs = config.generator_kwargs.get(task, {})
+    """The guides of one task (see :func:`task_generator`), made from ``config.input``'s images."""
+    generator, kwargs = task_generator(config, task)
     mapping = _input_mapping(
-        config.input.to_dict(), "config.input", generator=task,
-        generator_kwargs=kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs),
+        config.input.to_dict(), "config.input", generator=generator,
+        generator_kwargs=kwargs,
         image_size=(image_size, image_size), channels=channels, seed=config.seed)
     return load_image_set(mapping, task, f"config.input (guides of task {task!r})",
                           config.max_guides)

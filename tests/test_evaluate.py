@@ -229,3 +229,29 @@ def test_config_errors_name_the_field(reference_dir, tmp_path):
     config.input.path = str(bad)
     with pytest.raises(ValueError, match=r"(?s)1 input\(s\) failed.*wide.png"):
         evaluate.load_guides(config, "stroke_painting", SIZE, 3)
+
+
+def test_a_named_task_runs_its_generator_with_its_own_settings(reference_dir):
+    """One generator twice: the named task's settings (2 colours) reach the generator."""
+    config = _tiny_config()
+    config.input.path = reference_dir
+    config.generator_kwargs.two_colours = {"generator": "stroke_painting", "num_colors": 2}
+    default = evaluate.load_guides(config, "stroke_painting", SIZE, 3)
+    named = evaluate.load_guides(config, "two_colours", SIZE, 3)
+    assert named.name == "two_colours" and named.ids == default.ids
+    for image in named.images:
+        assert len(np.unique(image.reshape(-1, 3), axis=0)) <= 2
+    assert max(len(np.unique(image.reshape(-1, 3), axis=0)) for image in default.images) > 2
+    config.generator_kwargs.typo = {"generator": "stroke_paintng"}
+    with pytest.raises(ValueError, match="task 'typo' uses generator 'stroke_paintng'"):
+        evaluate.load_guides(config, "typo", SIZE, 3)
+
+
+@pytest.mark.parametrize("variant", [None, "quick", "samplers", "tasks"])
+def test_emoji_eval_configs_resolve(variant):
+    """Every variant of configs/eval_emoji.py names known samplers, generators and t0s."""
+    config = job.load_config(os.path.join(REPO, "configs", f"eval_emoji.py:{variant or ''}"))
+    assert [v.name for v in evaluate.variants_from_config(config)][0] == "base"
+    for task in config.tasks:
+        evaluate.task_generator(config, task)
+    evaluate.check_t0s(config.t0s, VPSDE())

@@ -18,11 +18,11 @@ from sdedit_jax.sde import sde_from_config
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
-def _load_config(name):
+def _load_config(name, variant=None):
     spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(variant)
 
 
 @pytest.fixture(scope="session")
@@ -207,6 +207,19 @@ def test_emoji_config_builds_the_default_model():
     assert 0.8e6 < unet.count_params(model) < 1.5e6
     assert config.training.batch_size % 8 == 0
     assert config.optim.decay_steps == config.training.num_steps
+
+
+def test_shipped_model_is_what_the_continued_config_trains():
+    """The shipped weights' info matches configs/train_emoji.py:continued (model, SDE, steps)."""
+    config = _load_config("train_emoji", "continued")
+    with open(os.path.join(os.path.dirname(train.__file__), "assets", "default_model",
+                           "model_info.json")) as f:
+        info = json.load(f)
+    assert info["step"] == config.training.num_steps
+    assert info["model"] == json.loads(json.dumps(config.model.to_dict()))
+    assert info["sde"] == config.sde.to_dict()
+    assert info["parameterization"] == config.training.parameterization
+    assert _load_config("train_emoji").training.num_steps < config.training.num_steps
 
 
 def test_streaming_tfdata_source_resumes_exactly(tiny_config, tmp_path):
