@@ -16,7 +16,8 @@ The shipped model continues that 5000-step run (``:continued``): copy its
 checkpoints into a new workdir and train on, with the cosine schedule
 stretched to 13000 steps and the run stopped at 11500 (session time):
 
-    mkdir -p runs/emoji_long && cp -r runs/emoji_default/checkpoints runs/emoji_long/
+    mkdir -p runs/emoji_long
+    cp -r runs/emoji_default/{checkpoints,metrics.jsonl} runs/emoji_long/
     python -m sdedit_jax.train --config configs/train_emoji.py:continued --workdir runs/emoji_long
 """
 
