@@ -1,0 +1,358 @@
+"""The one file layer: every path the project reads or writes goes through here.
+
+Why: a job's workdir, inputs and model folders may live on local disks, shared
+file systems or object stores (``gs://``, TensorFlow's in-memory ``ram://``,
+any scheme ``tf.io.gfile`` knows). Plain ``open``/``os`` calls silently treat
+``gs://b/x`` as a local folder named ``gs:``; routing every access through this
+module makes that impossible.
+
+Paths are strings. A path is *local* when it has no ``scheme://`` prefix (or
+is ``file://...``); local paths use Python's own ``os``/``open`` (fast, and
+``fsync`` works), every other path uses ``tf.io.gfile`` (TensorFlow is only
+imported when such a path is used). Errors come out as Python's own types:
+``FileNotFoundError``, ``PermissionError``, or :class:`StorageError` (an
+``OSError``) for everything else a storage backend reports, always naming the
+path.
+
+**Publication rule** (:func:`publish_bytes`): a file is either absent or
+complete, never partial.
+
+* Local: write a temporary file in the target's folder, flush, ``fsync``,
+  then ``os.replace`` it over the target (atomic on POSIX).
+* Object stores (rename is a copy there, not atomic): write the final object
+  once, in one upload; the object becomes visible only when the upload has
+  completed. Never append to or rewrite an object in place. (TensorFlow's
+  in-memory ``ram://`` has an atomic rename and is published like local files.)
+
+Consumers rely on the corollary: a record that *refers* to a file (e.g. a
+manifest row naming an output image) is published only after that file's
+publication returned, so a record never points to a missing or partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import posixpath
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+TEMP_MARKER = ".sdedit-tmp"  # in the names of temporary files of local publication
+# In-memory stores with an atomic rename (and whose "wb" appends to an existing
+# object instead of replacing it): published like local files, by rename.
+_RENAME_STORES = ("ram",)
+
+
+class StorageError(OSError):
+    """A storage backend refused or failed an operation (the message names the path)."""
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+
+def scheme(path: str) -> str:
+    """``"gs"``, ``"ram"``, ... for URLs; ``""`` for local paths (``file://`` included)."""
+    match = _SCHEME.match(os.fspath(path))
+    return "" if match is None or match.group(1).lower() == "file" else match.group(1).lower()
+
+
+def is_local(path: str) -> bool:
+    """Whether ``path`` is on the local file system (no scheme, or ``file://``)."""
+    return scheme(path) == ""
+
+
+def _local(path: str) -> str:
+    path = os.fspath(path)
+    return path[len("file://"):] if path.lower().startswith("file://") else path
+
+
+def join(base: str, *parts: str) -> str:
+    """Joins path components; URLs always use ``/``."""
+    if is_local(base):
+        return os.path.join(_local(base), *parts)
+    return posixpath.join(base, *parts)
+
+
+def dirname(path: str) -> str:
+    """The folder of ``path`` (``gs://b`` stays the bucket root)."""
+    if is_local(path):
+        return os.path.dirname(_local(path))
+    prefix = _SCHEME.match(path).group(0)
+    rest = path[len(prefix):].rstrip("/")
+    return prefix + posixpath.dirname(rest) if "/" in rest else prefix + rest
+
+
+def basename(path: str) -> str:
+    """The last component of ``path``."""
+    return posixpath.basename(path.rstrip("/")) if not is_local(path) else os.path.basename(path)
+
+
+def abspath(path: str) -> str:
+    """Absolute form of a local path; URLs are already absolute and returned unchanged."""
+    return os.path.abspath(_local(path)) if is_local(path) else path
+
+
+def relpath(path: str, start: str) -> str:
+    """``path`` relative to the folder ``start`` (POSIX separators for URLs)."""
+    if is_local(path):
+        return os.path.relpath(_local(path), _local(start))
+    prefix = start.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        raise ValueError(f"{path} is not under {start}")
+    return path[len(prefix):]
+
+
+# --- backend plumbing --------------------------------------------------------------------------
+
+
+def _gfile():
+    import tensorflow as tf  # only URLs pay for the import
+
+    return tf.io.gfile
+
+
+@contextlib.contextmanager
+def _translated(path: str) -> Iterator[None]:
+    """Re-raises TensorFlow's storage errors as Python OSErrors naming ``path``."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.NotFoundError as e:
+        raise FileNotFoundError(f"{path}: not found ({_one_line(e.message)})") from None
+    except tf.errors.PermissionDeniedError as e:
+        raise PermissionError(f"{path}: permission denied ({_one_line(e.message)})") from None
+    except tf.errors.OpError as e:
+        raise StorageError(f"{path}: {type(e).__name__}: {_one_line(e.message)}") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# --- queries -----------------------------------------------------------------------------------
+
+
+def exists(path: str) -> bool:
+    """Whether a file or folder exists at ``path``."""
+    if is_local(path):
+        return os.path.exists(_local(path))
+    with _translated(path):
+        return _gfile().exists(path)
+
+
+def isdir(path: str) -> bool:
+    """Whether ``path`` is a folder."""
+    if is_local(path):
+        return os.path.isdir(_local(path))
+    with _translated(path):
+        return _gfile().isdir(path)
+
+
+def isfile(path: str) -> bool:
+    """Whether ``path`` is an existing file (not a folder)."""
+    if is_local(path):
+        return os.path.isfile(_local(path))
+    with _translated(path):
+        return _gfile().exists(path) and not _gfile().isdir(path)
+
+
+def size(path: str) -> int:
+    """Size of the file at ``path`` in bytes."""
+    if is_local(path):
+        return os.stat(_local(path)).st_size
+    with _translated(path):
+        return _gfile().stat(path).length
+
+
+def listdir(path: str) -> list[str]:
+    """Sorted names (not paths) of the entries of folder ``path``."""
+    if is_local(path):
+        return sorted(os.listdir(_local(path)))
+    with _translated(path):
+        return sorted(name.rstrip("/") for name in _gfile().listdir(path))
+
+
+def walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """Top-down ``(folder, subfolders, files)`` like ``os.walk``; prune by editing subfolders.
+
+    Local walks do not follow symbolic links to folders (they are listed as
+    subfolders but not entered), as ``os.walk``.
+    """
+    if is_local(top):
+        yield from os.walk(_local(top))
+        return
+    with _translated(top):
+        names = listdir(top)
+        folders = [n for n in names if _gfile().isdir(join(top, n))]
+    files = sorted(set(names) - set(folders))
+    yield top, folders, files
+    for folder in folders:
+        yield from walk(join(top, folder))
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted paths matching a ``*``/``?``/``[...]`` pattern (local or URL)."""
+    if is_local(pattern):
+        import glob as _glob
+
+        return sorted(_glob.glob(_local(pattern)))
+    with _translated(pattern):
+        return sorted(_gfile().glob(pattern))
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def open_file(path: str, mode: str = "rb") -> IO[Any]:
+    """A file object for ``path``; read modes of URLs return an in-memory copy.
+
+    Use :func:`publish_bytes` rather than write modes for anything another
+    process or a resumed job reads.
+    """
+    if is_local(path):
+        return open(_local(path), mode)
+    if "r" in mode and "+" not in mode:
+        import io
+
+        data = read_bytes(path)
+        return io.BytesIO(data) if "b" in mode else io.StringIO(data.decode("utf-8"))
+    with _translated(path):
+        return _gfile().GFile(path, mode)
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole content of the file at ``path``."""
+    if is_local(path):
+        with open(_local(path), "rb") as f:
+            return f.read()
+    with _translated(path):
+        if _gfile().isdir(path):
+            raise IsADirectoryError(f"{path}: is a folder")
+        with _gfile().GFile(path, "rb") as f:
+            return f.read()
+
+
+def read_text(path: str) -> str:
+    """The whole content of a UTF-8 text file."""
+    return read_bytes(path).decode("utf-8")
+
+
+def sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (streamed for local files)."""
+    digest = hashlib.sha256()
+    if is_local(path):
+        with open(_local(path), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    else:
+        digest.update(read_bytes(path))
+    return digest.hexdigest()
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+# Folders this process already created: object stores pay a request per makedirs.
+_made: set[str] = set()
+
+
+def makedirs(path: str) -> None:
+    """Creates folder ``path`` and its parents (no error if it exists)."""
+    if is_local(path):
+        os.makedirs(_local(path) or ".", exist_ok=True)
+        return
+    if path in _made:
+        return
+    with _translated(path):
+        _gfile().makedirs(path)
+    _made.add(path)
+
+
+def temp_name(path: str, tag: str = "") -> str:
+    """The temporary sibling :func:`publish_bytes` uses for ``path`` (``tag`` e.g. a process)."""
+    folder, name = os.path.split(_local(path))
+    return os.path.join(folder, f".{name}{TEMP_MARKER}-{tag}-{uuid.uuid4().hex}")
+
+
+def is_temp_name(name: str, tag: str | None = None) -> bool:
+    """Whether a file name is a (possibly orphaned) temporary of :func:`publish_bytes`."""
+    marker = TEMP_MARKER + ("-" if tag is None else f"-{tag}-")
+    return name.startswith(".") and marker in name
+
+
+def publish_bytes(path: str, data: bytes, *, tag: str = "") -> None:
+    """Makes ``data`` the content of ``path`` atomically (see the module's publication rule).
+
+    Creates missing parent folders. A kill during a local publication can
+    leave a temporary file (:func:`is_temp_name`, with ``tag``), never a partial
+    target; callers remove their own orphans on restart.
+    """
+    makedirs(dirname(path) or ".")
+    if scheme(path) in _RENAME_STORES:
+        temp = join(dirname(path), basename(temp_name(path, tag)))
+        with _translated(path):
+            with _gfile().GFile(temp, "wb") as f:
+                f.write(data)
+            _gfile().rename(temp, path, overwrite=True)
+        return
+    if not is_local(path):
+        with _translated(path), _gfile().GFile(path, "wb") as f:
+            f.write(data)
+        return
+    temp = temp_name(path, tag)
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, _local(path))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+        raise
+
+
+def remove(path: str) -> None:
+    """Deletes the file at ``path``."""
+    if is_local(path):
+        os.remove(_local(path))
+        return
+    with _translated(path):
+        _gfile().remove(path)
+
+
+def rmtree(path: str) -> None:
+    """Deletes folder ``path`` and everything under it (no error if absent)."""
+    if is_local(path):
+        if os.path.isdir(_local(path)):
+            shutil.rmtree(_local(path))
+        return
+    with _translated(path):
+        if _gfile().exists(path):
+            _gfile().rmtree(path)
+    _made.difference_update({p for p in _made if p == path or p.startswith(path.rstrip("/") + "/")})
+
+
+def check_writable(folder: str) -> None:
+    """Fails at once, with one clear line, if ``folder`` cannot be created and written.
+
+    Publishes and deletes a small probe file. For ``gs://`` the message says
+    how to provide credentials. Nothing is created locally for a URL.
+    """
+    probe = join(folder, f".sdedit-write-check-{uuid.uuid4().hex}")
+    try:
+        makedirs(folder)
+        publish_bytes(probe, b"ok")
+        remove(probe)
+    except OSError as e:
+        hint = ""
+        if scheme(folder) == "gs":
+            hint = (" (Google Cloud Storage needs credentials: run `gcloud auth "
+                    "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS, and "
+                    "check that the bucket exists and you may write to it)")
+        raise StorageError(f"{folder}: cannot write here: {_one_line(str(e))}{hint}") from None

@@ -1,0 +1,81 @@
+"""The file layer behaves the same on local disks and on a non-local file system (ram://)."""
+
+import os
+import uuid
+
+import pytest
+
+from sdedit_jax import files
+
+
+@pytest.fixture(params=["local", "ram"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return f"ram://test-files-{uuid.uuid4().hex}/root"
+
+
+def test_publish_read_list_walk_glob_remove(root):
+    files.publish_bytes(files.join(root, "a", "x.txt"), b"one")
+    files.publish_bytes(files.join(root, "a", "b", "y.bin"), b"\x00\x01")
+    files.publish_bytes(files.join(root, "a", "x.txt"), b"two")  # replaces
+    assert files.read_bytes(files.join(root, "a", "x.txt")) == b"two"
+    assert files.read_text(files.join(root, "a", "x.txt")) == "two"
+    assert files.size(files.join(root, "a", "b", "y.bin")) == 2
+    assert files.listdir(files.join(root, "a")) == ["b", "x.txt"]
+    assert files.isdir(files.join(root, "a", "b"))
+    assert not files.isdir(files.join(root, "a", "x.txt"))
+    assert files.isfile(files.join(root, "a", "x.txt"))
+    walked = [(files.relpath(d, root) if d != root else ".", sorted(s), sorted(f))
+              for d, s, f in files.walk(root)]
+    assert [(d.replace(os.sep, "/"), s, f) for d, s, f in walked] == [
+        (".", ["a"], []), ("a", ["b"], ["x.txt"]), ("a/b", [], ["y.bin"])]
+    assert files.glob(files.join(root, "a", "*.txt")) == [files.join(root, "a", "x.txt")]
+    with files.open_file(files.join(root, "a", "x.txt")) as f:
+        assert f.read() == b"two"
+    files.remove(files.join(root, "a", "x.txt"))
+    assert not files.exists(files.join(root, "a", "x.txt"))
+    with pytest.raises(FileNotFoundError, match="x.txt"):
+        files.read_bytes(files.join(root, "a", "x.txt"))
+    files.rmtree(root)
+    assert not files.exists(files.join(root, "a", "b", "y.bin"))
+
+
+def test_local_publication_leaves_the_target_whole_on_failure(tmp_path, monkeypatch):
+    target = str(tmp_path / "t.txt")
+    files.publish_bytes(target, b"old")
+
+    def fail(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        files.publish_bytes(target, b"new", tag="p00001")
+    assert open(target, "rb").read() == b"old"
+    assert os.listdir(tmp_path) == ["t.txt"]  # the temporary was removed
+
+
+def test_temp_names_are_recognised_by_tag():
+    name = os.path.basename(files.temp_name("/x/out.png", "p00002"))
+    assert files.is_temp_name(name) and files.is_temp_name(name, "p00002")
+    assert not files.is_temp_name(name, "p00003")
+    assert not files.is_temp_name("out.png")
+
+
+def test_paths_of_urls_and_local_paths():
+    assert files.is_local("runs/x") and files.is_local("file:///tmp/x")
+    assert not files.is_local("gs://bucket/run") and files.scheme("gs://b") == "gs"
+    assert files.join("gs://b/run", "t0_0.5", "x.png") == "gs://b/run/t0_0.5/x.png"
+    assert files.dirname("gs://b/run/x.png") == "gs://b/run"
+    assert files.basename("gs://b/run/") == "run"
+    assert files.abspath("gs://b/x") == "gs://b/x"
+    assert files.relpath("ram://r/a/b.png", "ram://r") == "a/b.png"
+
+
+def test_gs_without_credentials_fails_at_once_and_creates_nothing_locally(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
+    with pytest.raises(files.StorageError, match=r"gs://sdedit-no-such-bucket/run: cannot write "
+                                                 r"here: .*GOOGLE_APPLICATION_CREDENTIALS"):
+        files.check_writable("gs://sdedit-no-such-bucket/run")
+    assert os.listdir(tmp_path) == []
