@@ -47,8 +47,18 @@ match guide 32x32"``. Failed rows carry a zero guide, a zero mask and the
 default ``t0``, so they are harmless if the engine computes them anyway.
 Rules: grayscale is replicated to RGB, palette images are expanded, RGBA is
 accepted only if fully opaque; two-channel (gray+alpha) and 16-bit images
-fail. Masks are grayscale (RGB masks must have equal channels), 255 (or 1.0)
-= editable, soft values allowed. A mask whose size differs from its guide
+(including 16-bit PNGs, which PIL would silently truncate) fail. Images are
+turned upright by their EXIF orientation tag, as viewers show them. Masks are
+grayscale (RGB masks must have equal channels), 255 (or 1.0) = editable, soft
+values allowed; an 8-bit mask holding only the values 0 and 1 is read as a
+binary {0, 1} mask (1 = editable), since 1/255 is no meaningful soft value.
+Seeds (config, manifest, record) must lie in [0, 2^31). File names that are
+not valid UTF-8, FIFOs and other non-regular files, broken symbolic links and
+links to a folder above themselves fail (links to other folders are followed);
+a CSV header that repeats a column or a JSON row that repeats a key fails its
+rows. ``.npy`` headers are checked (shape, size, file length) before reading.
+Every id's output name (:mod:`sdedit_jax.data.names`) must be distinct; a
+clash fails the later id. A mask whose size differs from its guide
 always fails; a guide whose size differs from ``image_size`` fails unless
 ``resize`` is set. Images over ``max_pixels``, non-finite or out-of-range
 ``.npy`` values, and ``t0`` outside ``(t0_min, 1]`` fail.
@@ -68,14 +78,15 @@ import io
 import json
 import math
 import os
+import stat
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageOps
 
-from sdedit_jax.data import guides
+from sdedit_jax.data import guides, names
 
 SOURCES = ("folder", "tfrecord", "tfds", "manifest")
 GENERATOR_NAMES = ("none", *guides.GENERATORS)
@@ -83,9 +94,20 @@ GUIDE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
 MASK_EXTENSIONS = (".png", ".npy")
 MANIFEST_FIELDS = ("path", "mask", "t0", "seed", "id")
 _NPY_MAGIC = b"\x93NUMPY"
-_INT64_RANGE = (-(2**63), 2**63 - 1)
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Seeds become int32 jax.random keys: every seed (config, manifest, record) must fit.
+SEED_RANGE = (0, 2**31)
 # npy values may exceed the nominal range by float round-off.
 _RANGE_TOLERANCE = 1e-3
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,18 +156,39 @@ class GuideInputConfig:
 
     def __post_init__(self):
         size = self.image_size
-        size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
-        object.__setattr__(self, "image_size", size)
+        size = (size, size) if _is_int(size) else size
+        if not (isinstance(size, (tuple, list)) and len(size) == 2
+                and all(_is_int(s) and s >= 1 for s in size)):
+            raise ValueError(f"image_size: expected (height, width) of positive ints, "
+                             f"got {self.image_size!r}")
+        object.__setattr__(self, "image_size", tuple(int(s) for s in size))
         object.__setattr__(self, "generator", self.generator or "none")
+        if not isinstance(self.generator_kwargs, Mapping):
+            raise ValueError(f"generator_kwargs: expected a mapping, got {self.generator_kwargs!r}")
         object.__setattr__(self, "generator_kwargs", dict(self.generator_kwargs))
         if self.source not in SOURCES:
             raise ValueError(f"source: expected one of {SOURCES}, got {self.source!r}")
-        if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"image_size: expected (height, width) >= 1, got {self.image_size!r}")
-        if self.channels not in (1, 3):
+        if self.channels not in (1, 3) or not _is_int(self.channels):
             raise ValueError(f"channels: expected 1 or 3, got {self.channels!r}")
-        if not self.t0_min < self.t0 <= 1.0:
-            raise ValueError(f"t0: must lie in ({self.t0_min}, 1], got {self.t0!r}")
+        if not (_is_number(self.t0_min) and 0 <= self.t0_min < 1):
+            raise ValueError(f"t0_min: expected a number in [0, 1), got {self.t0_min!r}")
+        if not (_is_number(self.t0) and self.t0_min < self.t0 <= 1.0):
+            raise ValueError(f"t0: expected a number in ({self.t0_min}, 1], got {self.t0!r}")
+        if not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise ValueError(f"seed: expected an integer in [0, 2^31), got {self.seed!r}")
+        for name in ("max_pixels", "prefetch_batches"):
+            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 1):
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if not (_is_int(self.num_parallel_calls)
+                and (self.num_parallel_calls >= 1 or self.num_parallel_calls == tf.data.AUTOTUNE)):
+            raise ValueError(f"num_parallel_calls: expected a positive int or -1 (autotune), "
+                             f"got {self.num_parallel_calls!r}")
+        for name in ("path", "mask_dir", "tfds_name", "tfds_split", "tfds_image_key",
+                     "tfds_mask_key", "generator"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected a string, got {getattr(self, name)!r}")
+        if not isinstance(self.resize, bool):
+            raise ValueError(f"resize: expected True or False, got {self.resize!r}")
         if self.generator not in GENERATOR_NAMES:
             raise ValueError(
                 f"generator: expected one of {GENERATOR_NAMES}, got {self.generator!r}"
@@ -221,6 +264,11 @@ def _catalog(rows: list[_Row], payload=None) -> Catalog:
         )
         unique.append(dataclasses.replace(row, id=f"{row.id}#duplicate{repeats[row.id]}",
                                           error=row.error or reason))
+    unique = [_encodable(row) for row in unique]
+    clashes = names.find_clashes(row.id for row in unique)
+    unique = [row if row.id not in clashes else dataclasses.replace(row, error=row.error or (
+        f"id ({row.source}): output name {names.output_name(row.id)!r} clashes with that of id "
+        f"{clashes[row.id]!r}; give the examples other ids")) for row in unique]
     columns = {
         name: np.array([getattr(row, name) for row in unique], dtype=str)
         for name in ("id", "source", "guide_path", "mask_path", "error")
@@ -230,14 +278,74 @@ def _catalog(rows: list[_Row], payload=None) -> Catalog:
     return Catalog(columns, payload)
 
 
-def _walk_files(root: str, skip: str = "") -> list[str]:
-    """Sorted POSIX paths relative to ``root`` of non-hidden files, skipping folder ``skip``."""
-    found = []
-    for directory, folders, names in os.walk(root):
-        folders[:] = [f for f in folders if not f.startswith(".")
-                      and os.path.join(directory, f) != skip]
-        found += [os.path.relpath(os.path.join(directory, n), root).replace(os.sep, "/")
-                  for n in names if not n.startswith(".")]
+def _printable(text: str) -> str:
+    """``text`` with bytes that are not UTF-8 (file names) shown as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _encodable(row: _Row) -> _Row:
+    """The row, or a failed row with printable text if a field is not valid UTF-8.
+
+    Such text (a file name in another encoding, a lone surrogate in a JSON
+    manifest) cannot enter the tf.data pipeline or a JSON manifest.
+    """
+    fields = ("id", "source", "guide_path", "mask_path", "error")
+    bad = [f for f in fields if _printable(getattr(row, f)) != getattr(row, f)]
+    if not bad:
+        return row
+    shown = {f: _printable(getattr(row, f)) for f in fields}
+    return dataclasses.replace(row, **shown, guide_path="", mask_path="", error=(
+        f"{bad[0].replace('_path', '')} ({shown['source']}): name is not valid UTF-8; "
+        "rename the file"))
+
+
+def _file_problem(path: str) -> str:
+    """Why the (non-folder) entry ``path`` cannot be read as an input file, or ``""``."""
+    try:
+        mode = os.stat(path).st_mode  # follows symbolic links
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "file not found"
+    except OSError as e:
+        return f"cannot read ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device",
+             stat.S_ISBLK: "a device"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a file")
+    return f"{kind}, not a regular file"
+
+
+def _walk_files(root: str, skip: str = "") -> list[tuple[str, str]]:
+    """Sorted ``(POSIX path relative to root, problem)`` of non-hidden entries, skipping ``skip``.
+
+    Symbolic links to folders are followed (their files are inputs like any
+    other), except a link back to a folder above it, which is listed with its
+    problem rather than walked forever. Entries that are not regular files
+    (FIFOs, sockets, devices, broken links) are listed with their problem, so
+    they become failure rows instead of hanging the reader or vanishing.
+    """
+    found: list[tuple[str, str]] = []
+
+    def visit(folder: str, rel_folder: str, ancestors: frozenset[str]) -> None:
+        try:
+            entries = sorted(os.listdir(folder))
+        except OSError as e:
+            found.append((rel_folder or ".", f"cannot list folder ({e.strerror})"))
+            return
+        for name in entries:
+            path, rel = os.path.join(folder, name), f"{rel_folder}/{name}" if rel_folder else name
+            if name.startswith(".") or path == skip:
+                continue
+            if os.path.isdir(path):
+                real = os.path.realpath(path)
+                if real in ancestors:
+                    found.append((rel, f"symbolic link to {real}, a folder above it; not followed"))
+                else:
+                    visit(path, rel, ancestors | {real})
+                continue
+            found.append((rel, _file_problem(path)))
+
+    visit(root, "", frozenset({os.path.realpath(root)}))
     return sorted(found)
 
 
@@ -248,12 +356,20 @@ def _folder_catalog(config: GuideInputConfig) -> Catalog:
     mask_root = os.path.normpath(os.path.join(root, config.mask_dir)) if config.mask_dir else ""
     with_masks = bool(mask_root) and os.path.isdir(mask_root)
     masks_by_stem: dict[str, list[str]] = {}
-    for rel in _walk_files(mask_root) if with_masks else []:
-        masks_by_stem.setdefault(os.path.splitext(rel)[0], []).append(rel)
     rows, guide_stems = [], set()
-    for rel in _walk_files(root, skip=mask_root):
+    for rel, problem in _walk_files(mask_root) if with_masks else []:
+        if problem:
+            path = os.path.join(mask_root, rel)
+            rows.append(_Row(id=f"{config.mask_dir}/{rel}", source=path, t0=config.t0,
+                             seed=config.seed, error=f"mask ({path}): {problem}"))
+        else:
+            masks_by_stem.setdefault(os.path.splitext(rel)[0], []).append(rel)
+    for rel, problem in _walk_files(root, skip=mask_root):
         path = os.path.join(root, rel)
         row = _Row(id=rel, source=path, t0=config.t0, seed=config.seed, guide_path=path)
+        if problem:
+            rows.append(dataclasses.replace(row, error=f"guide ({path}): {problem}"))
+            continue
         stem, ext = os.path.splitext(rel)
         if ext.lower() not in GUIDE_EXTENSIONS:
             rows.append(dataclasses.replace(
@@ -292,7 +408,10 @@ def _pair_mask(row: _Row, stem: str, candidates: list[str], mask_root: str) -> _
 def _parse_t0(value: Any, config: GuideInputConfig) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"expected a number, got {value!r}")
-    t0 = float(value)
+    try:
+        t0 = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
     if not (math.isfinite(t0) and config.t0_min < t0 <= 1.0):
         raise ValueError(f"{value!r} is not in ({config.t0_min}, 1]")
     return t0
@@ -301,10 +420,25 @@ def _parse_t0(value: Any, config: GuideInputConfig) -> float:
 def _parse_seed(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"expected an integer, got {value!r}")
-    seed = int(value)
-    if not _INT64_RANGE[0] <= seed <= _INT64_RANGE[1]:
-        raise ValueError(f"{value!r} does not fit in int64")
+    try:
+        seed = int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {value!r}") from None
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"{value!r} is not in [0, 2^31)")
     return seed
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object repeats a key (``json`` would silently keep the last value)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated is not None:
+        raise _RepeatedKey(repr(repeated))
+    return dict(pairs)
 
 
 def _manifest_records(path: str) -> list[tuple[int, dict | None, str]]:
@@ -312,8 +446,15 @@ def _manifest_records(path: str) -> list[tuple[int, dict | None, str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet CSVs carry a BOM
         if path.lower().endswith(".csv"):
             reader = csv.DictReader(f, restkey="\0extra")
+            header = reader.fieldnames or []
+            repeated = sorted({name for name in header if header.count(name) > 1})
             records = []
             for fields in reader:
+                if repeated:
+                    # DictReader would silently keep the last of the repeated columns.
+                    records.append((reader.line_num, None,
+                                    f"the header repeats column(s) {repeated}"))
+                    continue
                 if "\0extra" in fields:
                     records.append((reader.line_num, None, "more values than header columns"))
                     continue
@@ -325,9 +466,12 @@ def _manifest_records(path: str) -> list[tuple[int, dict | None, str]]:
             if not line.strip():
                 continue
             try:
-                fields = json.loads(line)
+                fields = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 records.append((number, None, f"invalid JSON ({e})"))
+                continue
+            except _RepeatedKey as e:
+                records.append((number, None, f"field {e} appears more than once"))
                 continue
             if not isinstance(fields, dict):
                 records.append((number, None, "expected a JSON object"))
@@ -375,8 +519,14 @@ def _manifest_catalog(config: GuideInputConfig) -> Catalog:
         raise ValueError(f"path: manifest {config.path!r} does not exist")
     if not manifest.lower().endswith((".jsonl", ".csv")):
         raise ValueError(f"path: manifest {config.path!r} must end in .jsonl or .csv")
-    rows = [_manifest_row(n, fields, error, manifest, config)
-            for n, fields, error in _manifest_records(manifest)]
+    try:
+        records = _manifest_records(manifest)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"path: manifest {config.path!r} is not UTF-8 text (byte {e.start}: "
+                         f"{e.reason})") from None
+    except csv.Error as e:
+        raise ValueError(f"path: manifest {config.path!r} is not a readable CSV ({e})") from None
+    rows = [_manifest_row(n, fields, error, manifest, config) for n, fields, error in records]
     if not rows:
         raise ValueError(f"path: manifest {config.path!r} has no rows")
     return _catalog(sorted(rows, key=lambda r: r.id))
@@ -440,7 +590,11 @@ def _record_row(record: bytes, shard: str, index: int, config: GuideInputConfig)
         t0 = _parse_t0(float(fields["t0"]), config) if "t0" in fields else config.t0
     except ValueError as e:
         return dataclasses.replace(row, error=f"tfrecord ({source}): feature 't0': {e}")
-    return dataclasses.replace(row, t0=t0, seed=int(fields.get("seed", config.seed)))
+    try:
+        seed = _parse_seed(int(fields["seed"])) if "seed" in fields else config.seed
+    except ValueError as e:
+        return dataclasses.replace(row, t0=t0, error=f"tfrecord ({source}): feature 'seed': {e}")
+    return dataclasses.replace(row, t0=t0, seed=seed)
 
 
 def _tfrecord_catalog(config: GuideInputConfig) -> Catalog:
@@ -535,11 +689,17 @@ def _open(path: str, data: bytes, label: str):
     if data:
         return io.BytesIO(data)
     try:
-        return open(path, "rb")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat rejects it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise BadInput(f"{label}: file not found") from None
     except OSError as e:
-        raise BadInput(f"{label}: cannot read ({e})") from None
+        raise BadInput(f"{label}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadInput(f"{label}: {_file_problem(path) or 'not a regular file'}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _read_npy(stream, label: str, max_pixels: int) -> np.ndarray:
@@ -548,18 +708,40 @@ def _read_npy(stream, label: str, max_pixels: int) -> np.ndarray:
                (2, 0): np.lib.format.read_array_header_2_0}
     if version not in readers:
         raise BadInput(f"{label}: unsupported npy format version {version}")
-    shape, _, dtype = readers[version](stream)
-    if len(shape) >= 2 and shape[0] * shape[1] > max_pixels:
+    try:
+        shape, _, dtype = readers[version](stream)
+    except ValueError as e:
+        raise BadInput(f"{label}: unreadable npy header ({e})") from None
+    # Check the header against limits and the file's length before numpy allocates it.
+    if len(shape) not in (2, 3) or (len(shape) == 3 and not 1 <= shape[2] <= 4):
+        raise BadInput(f"{label}: npy shape {shape}; expected [H, W] or [H, W, C] with C <= 4")
+    if shape[0] * shape[1] > max_pixels:
         raise BadInput(f"{label}: size {shape[0]}x{shape[1]} exceeds max_pixels={max_pixels}")
+    expected = math.prod(shape) * dtype.itemsize
+    header_end = stream.tell()
+    stored = stream.seek(0, io.SEEK_END) - header_end
     stream.seek(0)
+    if stored < expected:
+        raise BadInput(f"{label}: npy header promises {expected} bytes of {dtype} {shape}, "
+                       f"the file holds {max(stored, 0)}")
     return np.load(stream, allow_pickle=False)
 
 
+def _png_bit_depth(stream) -> int:
+    """The bit depth in a PNG's header (0 if the stream is not a PNG)."""
+    head = stream.read(25)
+    stream.seek(0)
+    return head[24] if len(head) == 25 and head.startswith(_PNG_MAGIC) else 0
+
+
 def _read_pil(stream, label: str, max_pixels: int) -> np.ndarray:
-    """8-bit pixels ``[H, W, 1 or 3]``.
+    """8-bit pixels ``[H, W, 1 or 3]``, turned upright by the EXIF orientation tag.
 
     Palette and CMYK/YCbCr images become RGB; RGBA loses its alpha only if opaque.
+    16-bit PNGs fail (PIL would silently drop their low bytes).
     """
+    if _png_bit_depth(stream) == 16:
+        raise BadInput(f"{label}: 16-bit PNG; expected 8 bits per channel (convert it to 8-bit)")
     try:
         image = Image.open(stream)
     except Exception as e:  # PIL raises many types for unreadable headers
@@ -570,6 +752,8 @@ def _read_pil(stream, label: str, max_pixels: int) -> np.ndarray:
                            f"max_pixels={max_pixels}")
         try:
             image.load()
+            # Cameras store portrait photos sideways plus an orientation tag; viewers obey it.
+            image = ImageOps.exif_transpose(image)
         except Exception as e:
             raise BadInput(f"{label}: corrupt or truncated image data "
                            f"({type(e).__name__}: {e})") from None
@@ -654,7 +838,12 @@ def _decode_mask(path: str, data: bytes, label: str, config: GuideInputConfig) -
         return _check_float_range(pixels.astype(np.float32), label, 0.0, 1.0)
     if pixels.shape[-1] == 3 and np.any(pixels != pixels[..., :1]):
         raise BadInput(f"{label}: RGB channels differ; a mask must be grayscale (255 = editable)")
-    return pixels[..., 0].astype(np.float32) / 255.0
+    pixels = pixels[..., 0]
+    if pixels.max(initial=0) == 1:
+        # Only 0 and 1: a binary mask saved as {0, 1} rather than {0, 255} (1/255 is no
+        # meaningful soft value), so 1 means editable.
+        return pixels.astype(np.float32)
+    return pixels.astype(np.float32) / 255.0
 
 
 def _fit(pixels: np.ndarray, label: str, config: GuideInputConfig, resample) -> np.ndarray:
