@@ -38,7 +38,7 @@ import posixpath
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -243,6 +243,17 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+def read_lines(path: str) -> Iterator[bytes]:
+    """The lines of a file (with their ``\\n``), streamed rather than read whole."""
+    if is_local(path):
+        with open(_local(path), "rb") as f:
+            yield from f
+        return
+    with _translated(path), _gfile().GFile(path, "rb") as f:
+        while line := f.readline():
+            yield line if isinstance(line, bytes) else line.encode("utf-8")
+
+
 def sha256(path: str) -> str:
     """Hex sha256 of a file's bytes (streamed for local files)."""
     digest = hashlib.sha256()
@@ -292,22 +303,30 @@ def publish_bytes(path: str, data: bytes, *, tag: str = "") -> None:
     leave a temporary file (:func:`is_temp_name`, with ``tag``), never a partial
     target; callers remove their own orphans on restart.
     """
+    publish_chunks(path, [data], tag=tag)
+
+
+def publish_chunks(path: str, chunks: Iterable[bytes], *, tag: str = "") -> None:
+    """:func:`publish_bytes` for content produced piece by piece (never all in memory)."""
     makedirs(dirname(path) or ".")
     if scheme(path) in _RENAME_STORES:
         temp = join(dirname(path), basename(temp_name(path, tag)))
         with _translated(path):
             with _gfile().GFile(temp, "wb") as f:
-                f.write(data)
+                for chunk in chunks:
+                    f.write(chunk)
             _gfile().rename(temp, path, overwrite=True)
         return
     if not is_local(path):
         with _translated(path), _gfile().GFile(path, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
         return
     temp = temp_name(path, tag)
     try:
         with open(temp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, _local(path))

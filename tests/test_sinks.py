@@ -1,16 +1,19 @@
 """Output sinks: atomic files, exact resume after crashes (incl. kill -9), surfaced errors."""
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from sdedit_jax import files
 from sdedit_jax.data import sinks
 
 SIZE = 6
@@ -43,21 +46,26 @@ def read_jsonl(path) -> list[dict]:
 
 
 def leftover_temps(workdir) -> list[str]:
-    return [n for _, _, names in os.walk(workdir) for n in names if ".tmp-" in n]
+    return [n for _, _, names in os.walk(workdir) for n in names if files.is_temp_name(n)]
+
+
+def records(workdir, kind="manifest") -> list[str]:
+    """The per-batch completion records in ``workdir`` (before ``finalize`` merges them)."""
+    return sorted(n for n in os.listdir(workdir) if n.startswith(f"{kind}.p"))
 
 
 def test_outputs_rows_and_round_trip(tmp_path):
     workdir = str(tmp_path)
-    run_job(workdir, range(3), save_npz=True)
+    run_job(workdir, range(3), npz="per_example")
     summary = sinks.finalize(workdir)
     rows = read_jsonl(os.path.join(workdir, "manifest.jsonl"))
     assert summary.manifest_rows == 3 and [r["id"] for r in rows] == [example(i)["id"]
                                                                       for i in range(3)]
     for i, row in enumerate(rows):
-        stem = f"dir/ex{i:03d}.png"
+        stem = sinks.output_stem(example(i)["id"])
         assert row == {**JOB, "id": example(i)["id"], "source": example(i)["source"],
-                       "output": f"images/{stem}.png", "npz": f"arrays/{stem}.npz",
-                       "t0": 0.3, "seed": 7}
+                       "output": "images/" + sinks.output_name(example(i)["id"]),
+                       "npz": f"arrays/{stem}.npz", "t0": 0.3, "seed": 7}
         png = np.asarray(Image.open(os.path.join(workdir, row["output"])))
         expected = np.clip(np.round((output_for(i) + 1) * 127.5), 0, 255).astype(np.uint8)
         np.testing.assert_array_equal(png, expected)
@@ -80,36 +88,39 @@ def test_atomic_write_leaves_target_intact_on_failure(tmp_path, monkeypatch):
     assert leftover_temps(str(tmp_path)) == []
 
 
+def image_path(i: int) -> str:
+    return "images/" + sinks.output_name(example(i)["id"])
+
+
 def test_resume_after_simulated_crash_gives_the_uninterrupted_result(tmp_path):
     reference, crashed = str(tmp_path / "reference"), str(tmp_path / "crashed")
     run_job(reference, range(12))
     sinks.finalize(reference)
 
     run_job(crashed, range(6))
-    # What a kill leaves: a half-written row (example 6's PNG was already in
-    # place), and an orphan temporary file of an interrupted write.
-    row = {**JOB, **example(6), "t0": 0.3, "output": "images/dir/ex006.png.png"}
-    with open(os.path.join(crashed, "manifest.p00000.jsonl"), "a") as f:
-        f.write(json.dumps(row)[:25])
-    sinks.atomic_write_bytes(os.path.join(crashed, row["output"]), b"partial run's bytes")
-    orphan = os.path.join(crashed, "images", "dir", ".ex007.png.png.tmp-p00000-deadbeef")
+    # What a kill leaves: example 6's PNG published but not its record, and an
+    # orphan temporary file of an interrupted publication of example 7.
+    sinks.atomic_write_bytes(os.path.join(crashed, image_path(6)), b"partial run's bytes")
+    orphan = files.temp_name(os.path.join(crashed, image_path(7)), "p00000")
     with open(orphan, "wb") as f:
         f.write(b"half")
 
     done = sinks.completed_ids(crashed)
     assert done == {example(i)["id"] for i in range(6)}
+    assert done == {i for i in (example(j)["id"] for j in range(12))
+                    if i in sinks.completed_index(crashed)}
     run_job(crashed, [i for i in range(12) if example(i)["id"] not in done])
     assert not os.path.exists(orphan)
     summary = sinks.finalize(crashed)
-    assert summary.ignored_lines == 0  # the sink rewrote its file without the fragment
+    assert summary.ignored_lines == 0
+    assert records(crashed) == [] and records(crashed, "failures") == []  # merged, then deleted
     for name in ("manifest.jsonl", "failures.jsonl"):
         assert open(os.path.join(crashed, name)).read() == open(
             os.path.join(reference, name)).read()
     for i in range(12):
         if i % 5 != 4:
-            path = f"images/dir/ex{i:03d}.png.png"
-            assert open(os.path.join(crashed, path), "rb").read() == open(
-                os.path.join(reference, path), "rb").read()
+            assert open(os.path.join(crashed, image_path(i)), "rb").read() == open(
+                os.path.join(reference, image_path(i)), "rb").read()
 
 
 KILLED_WRITER = """
@@ -118,7 +129,7 @@ spec = importlib.util.spec_from_file_location("sinks", sys.argv[1])
 sinks = sys.modules["sinks"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sinks)  # by path: the package __init__ would import jax
 workdir, count = sys.argv[2], int(sys.argv[3])
-done = sinks.completed_ids(workdir)
+done = sinks.completed_index(workdir)
 with sinks.Sink(workdir, job_fields={"n_steps": 10}, num_threads=2) as sink:
     for i in range(count):
         example_id = f"ex{i:03d}"
@@ -132,23 +143,24 @@ with sinks.Sink(workdir, job_fields={"n_steps": 10}, num_threads=2) as sink:
 def test_repeated_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     count = 80
     script = [sys.executable, "-c", KILLED_WRITER, sinks.__file__]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(sinks.__file__))))}
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-    subprocess.run(script + [reference, str(count)], check=True, timeout=60)
+    subprocess.run(script + [reference, str(count)], check=True, timeout=60, env=env)
     sinks.finalize(reference)
 
-    manifest = os.path.join(killed, "manifest.p00000.jsonl")
     kills = 0
     for target_rows in (5, 25, 50):
-        process = subprocess.Popen(script + [killed, str(count)])
+        process = subprocess.Popen(script + [killed, str(count)], env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and process.poll() is None:
-            if os.path.exists(manifest) and open(manifest).read().count("\n") >= target_rows:
+            if os.path.isdir(killed) and len(records(killed)) >= target_rows:
                 process.send_signal(signal.SIGKILL)
                 kills += 1
                 break
             time.sleep(0.002)
         process.wait()
-    subprocess.run(script + [killed, str(count)], check=True, timeout=60)
+    subprocess.run(script + [killed, str(count)], check=True, timeout=60, env=env)
     assert kills >= 1
     sinks.finalize(killed)
     assert open(os.path.join(killed, "manifest.jsonl")).read() == open(
@@ -198,9 +210,9 @@ def test_processes_write_own_files_and_retried_failures_are_dropped(tmp_path):
     workdir = str(tmp_path)
     run_job(workdir, [0, 2, 4], process_index=0)
     run_job(workdir, [1, 3, 5], process_index=1)
-    assert sorted(os.listdir(workdir)) == ["failures.p00000.jsonl", "failures.p00001.jsonl",
-                                           "images", "manifest.p00000.jsonl",
-                                           "manifest.p00001.jsonl"]
+    # One record per write call, named by process, run and sequence number.
+    assert [n.split(".")[1] for n in records(workdir)] == ["p00000"] * 2 + ["p00001"] * 3
+    assert [n.split(".")[1] for n in records(workdir, "failures")] == ["p00000"]
     assert sinks.completed_ids(workdir) == {example(i)["id"] for i in range(6)}
     # Retrying the failed example 4 (e.g. after fixing its file) succeeds.
     with sinks.Sink(workdir, process_index=0, job_fields=JOB) as sink:
@@ -214,7 +226,7 @@ def test_processes_write_own_files_and_retried_failures_are_dropped(tmp_path):
 def test_rows_with_missing_outputs_are_redone_not_finalized(tmp_path):
     workdir = str(tmp_path)
     run_job(workdir, [0, 1])
-    os.remove(os.path.join(workdir, "images", "dir", "ex001.png.png"))
+    os.remove(os.path.join(workdir, image_path(1)))
     assert sinks.completed_ids(workdir) == {example(0)["id"]}
     summary = sinks.finalize(workdir)
     assert summary.missing_outputs == [example(1)["id"]] and summary.manifest_rows == 1
@@ -228,3 +240,47 @@ def test_output_stems_are_safe_and_distinct():
     for stem in stems:
         parts = stem.split("/")
         assert all(p not in ("", ".", "..") for p in parts) and not stem.startswith("/")
+
+
+def test_npz_shards_png_levels_and_progress_count_on_a_non_local_file_system():
+    workdir = f"ram://test-sinks-{uuid.uuid4().hex}/out"
+    outputs = np.stack([output_for(i) for i in range(4)])
+    batch = {
+        "id": np.array([b"a", b"b", b"c", b""]), "source": np.array([b"sa", b"sb", b"sc", b""]),
+        "t0": np.full([4], 0.5, np.float32), "seed": np.arange(4, dtype=np.int64),
+        "valid": np.array([True, True, True, False]), "ok": np.array([True, False, True, False]),
+        "error": np.array([b"", b"guide (b): corrupt", b"", b""]),
+    }
+    sizes = {}
+    for level in (0, 9):
+        sub = files.join(workdir, f"level{level}")
+        with sinks.Sink(sub, npz="shards", png_compression=level, num_threads=3) as sink:
+            sink.write_batch(batch, outputs)
+        assert sink.rows_written == 3  # padding is not an example
+        sinks.finalize(sub)
+        rows = [json.loads(line) for line in files.read_lines(files.join(sub, "manifest.jsonl"))]
+        assert [(r["id"], r["npz_index"]) for r in rows] == [("a", 0), ("c", 1)]
+        assert rows[0]["npz"] == rows[1]["npz"] and rows[0]["npz"].startswith("arrays/")
+        shard = np.load(io.BytesIO(files.read_bytes(files.join(sub, rows[0]["npz"]))))
+        assert shard["id"].tolist() == ["a", "c"]
+        np.testing.assert_array_equal(shard["image"], outputs[[0, 2]])
+        for row, i in zip(rows, (0, 2), strict=True):
+            png = np.asarray(Image.open(io.BytesIO(files.read_bytes(files.join(sub,
+                                                                               row["output"])))))
+            np.testing.assert_array_equal(png, sinks.to_uint8(output_for(i)))
+        sizes[level] = files.size(files.join(sub, rows[0]["output"]))
+    assert sizes[0] >= sizes[9]
+    smooth = np.tile(np.linspace(-1, 1, 64, dtype=np.float32)[:, None, None], (1, 64, 3))
+    stored, packed = sinks.png_bytes(smooth, 0), sinks.png_bytes(smooth, 9)
+    assert len(stored) > 4 * len(packed)  # the level reaches the encoder; pixels are the same
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored))),
+                                  np.asarray(Image.open(io.BytesIO(packed))))
+
+
+def test_sink_options_are_checked():
+    with pytest.raises(ValueError, match="npz: expected one of"):
+        sinks.Sink("ram://x/y", npz="zip")
+    with pytest.raises(ValueError, match="png=False needs"):
+        sinks.Sink("ram://x/y", png=False)
+    with pytest.raises(ValueError, match="png_compression: expected an int in 0..9, got 10"):
+        sinks.Sink("ram://x/y", png_compression=10)

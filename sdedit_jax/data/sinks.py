@@ -2,79 +2,80 @@
 
 Layout of a job's ``workdir`` (shared by all hosts)::
 
-    images/<id>.png            the output as 8-bit PNG (from [-1, 1])
-    arrays/<id>.npz            the float32 output (key "image"), if save_npz
-    manifest.p00003.jsonl      rows appended by process 3, one per finished example
-    failures.p00003.jsonl      rows {id, source, reason} appended by process 3
-    manifest.jsonl, failures.jsonl   sorted and deduplicated by ``finalize``
+    images/<name>.png          the output as 8-bit PNG (from [-1, 1]), if png
+    arrays/<stem>.npz          the float32 output (key "image"), if npz="per_example"
+    arrays/p00003.<run>.<n>.npz    one npz per written batch (keys "id", "image"),
+                               if npz="shards"; rows name the file and "npz_index"
+    manifest.p00003.<run>.<n>.jsonl   completion records of process 3: one file
+                               per written batch, rows of its finished examples
+    failures.p00003.<run>.<n>.jsonl   the same for rows {id, source, reason}
+    manifest.jsonl, failures.jsonl   sorted and deduplicated by ``finalize``,
+                               which then deletes the per-batch records it merged
 
-``<id>`` is the example id made file-system safe (see :func:`output_stem`).
+``<name>`` is the example id made file-system safe by an injective rule
+(:func:`sdedit_jax.data.names.output_name`: ``cat.png`` -> ``cat.png``,
+``cat.jpg`` -> ``cat.jpg~.png``, ``Cat 1.png`` -> ``Cat_1~<hash>.png``).
 
-Crash safety: every file is written to a temporary name in its final folder,
-fsynced and renamed over the target, so a file is either absent or complete.
-A manifest row is appended (with flush and fsync) only after its PNG is in
-place; an example counts as done when it has a parseable row whose output
-exists. A kill can therefore leave at most an orphan temporary file, an
-output without a row (redone and atomically replaced, with identical content),
-or a truncated last line (ignored by readers; the example is redone). On start
-a sink deletes its own process's orphans and rewrites its own files without
-broken lines, so appends never extend a fragment. Rows hold only fields that
-are functions of the example and the job (no timestamps), so ``finalize``
-after any number of restarts gives the same files as an uninterrupted run.
+Crash safety: every file, the records included, is *published* with
+:func:`sdedit_jax.files.publish_bytes` (local: temporary file, fsync, rename;
+object stores such as ``gs://``: one upload of the final object, never an
+append), so a file is either absent or complete. A batch's completion record
+is published only after all of its outputs, so an example counts as done
+when a row names it; on local disks its outputs must also exist and not be
+empty (a 0-byte file, which a lost write-back can leave on some file systems,
+is redone); on object stores the publication order is trusted (checking
+would cost one request per example). A kill can therefore leave at most an
+orphan temporary file (removed by the next sink of that process) or outputs
+without a record (redone and atomically replaced, with identical content).
+Every sink writes records under its own ``<run>`` name, so two writers never
+replace each other's records. Rows hold only fields that are functions of the
+example and the job (no timestamps), so ``finalize`` after any number of
+restarts gives the same files as an uninterrupted run.
+
+Bounded bookkeeping: resume reads the records as a stream and keeps only an
+8-byte hash per finished id (:class:`CompletedIds`), not the rows or id strings.
 
 Failure policy: a failed example (bad input or non-finite output) is recorded
 once and, being deterministic, is not retried on resume; pass
 ``retry_failed=True`` to :func:`completed_ids` to retry failures (e.g. after
 fixing the files). ``finalize`` drops failure rows of ids that later succeeded.
 
-Writes run on a small thread pool behind a bounded queue, so the device loop
-only waits on disk when the disk is slower than the device. The first writer
-error is raised by the next ``write*`` call and by ``close``; none is lost.
+Writes run on a pool of writer threads (default: one per CPU core; PNG
+encoding and zlib release the GIL) behind a bounded queue of batches, so the
+device loop only waits on disk when the disk is slower than the device. The
+first writer error is raised by the next ``write*`` call and by ``close``;
+none is lost.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import glob
 import hashlib
 import io
+import itertools
 import json
 import os
-import re
 import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from sdedit_jax import files
+from sdedit_jax.data.names import output_name, output_stem  # noqa: F401  (the sink's naming)
+
 MANIFEST = "manifest"
 FAILURES = "failures"
-RESERVED_FIELDS = ("id", "source", "output", "npz", "t0", "seed", "reason")
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_MAX_NAME = 150
+RESERVED_FIELDS = ("id", "source", "output", "npz", "npz_index", "t0", "seed", "reason")
+NPZ_MODES = ("none", "per_example", "shards")
 
 
 class SinkError(RuntimeError):
     """One or more background writes failed."""
-
-
-def output_stem(example_id: str) -> str:
-    """A relative, file-system-safe path for an id; ``/`` in ids becomes folders.
-
-    Unsafe characters become ``_``, and a hash of the id is appended whenever
-    the id had to change, so distinct ids never share a file.
-    """
-    parts = []
-    for part in example_id.split("/"):
-        safe = _UNSAFE_CHARS.sub("_", part)[:_MAX_NAME]
-        parts.append("_" if safe in ("", ".", "..") else safe)
-    stem = "/".join(parts)
-    if stem != example_id:
-        stem += "-" + hashlib.sha1(example_id.encode()).hexdigest()[:10]
-    return stem
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -83,32 +84,35 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _temp_tag(process_index: int) -> str:
-    return f".tmp-p{process_index:05d}-"
+    return f"p{process_index:05d}"
 
 
 def atomic_write_bytes(path: str, data: bytes, *, process_index: int = 0) -> None:
-    """Writes ``data`` to ``path`` via a fsynced temporary file in the same folder and a rename."""
-    folder, name = os.path.split(path)
-    os.makedirs(folder or ".", exist_ok=True)
-    temp = os.path.join(folder, f".{name}{_temp_tag(process_index)}{uuid.uuid4().hex}")
+    """Publishes ``data`` at ``path`` (see :func:`sdedit_jax.files.publish_bytes`).
+
+    Errors name ``path`` (a full disk must say which file it could not write).
+    """
     try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+        files.publish_bytes(path, data, tag=_temp_tag(process_index))
+    except OSError as e:
+        raise _naming(e, path) from e
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG encoding of a ``[H, W, 1 or 3]`` image in ``[-1, 1]``."""
+def _naming(error: OSError, path: str) -> OSError:
+    """An OSError that names ``path`` (a full disk must say which file it could not write)."""
+    return OSError(error.errno, f"{error.strerror or error} (writing {path})")
+
+
+def png_bytes(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """PNG encoding of a ``[H, W, 1 or 3]`` image in ``[-1, 1]``.
+
+    ``compress_level`` is zlib's 0..9: 1 encodes several times faster than the
+    default 6 for files about 10-30 % larger; pixels are identical.
+    """
     pixels = to_uint8(image)
     pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
@@ -129,66 +133,141 @@ def _jsonl_line(row: Mapping[str, Any]) -> str:
 
 
 def _process_files(workdir: str, kind: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(glob.escape(workdir), f"{kind}.p[0-9]*.jsonl")))
+    """Completion records of every process (older single-file ones included), oldest first."""
+    return files.glob(files.join(_glob_escape(workdir), f"{kind}.p[0-9]*.jsonl"))
 
 
-def read_rows(path: str) -> tuple[list[dict], int]:
-    """Parseable rows (JSON objects with a string ``id``) of a JSONL file and the count of others.
+def _glob_escape(path: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
-    Unparseable lines are what a kill during an append leaves behind; they are
-    skipped (and counted) because the example they belonged to is redone.
+
+def _iter_rows(path: str) -> Iterator[tuple[dict | None, bytes]]:
+    """``(row, line)`` per non-blank line of a JSONL file; ``row`` is None if unparseable.
+
+    A parseable row is a JSON object with a string ``id``. Published records are
+    never partial; unparseable lines can only come from hand edits or files of
+    older versions, and their examples are redone.
     """
-    rows, bad = [], 0
-    if not os.path.exists(path):
-        return rows, bad
-    with open(path, "rb") as f:
-        for line in f.read().split(b"\n"):
+    try:
+        lines = files.read_lines(path)
+        for line in lines:
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError:
-                bad += 1
+                yield None, line
                 continue
-            if isinstance(row, dict) and isinstance(row.get("id"), str):
-                rows.append(row)
-            else:
-                bad += 1
+            ok = isinstance(row, dict) and isinstance(row.get("id"), str)
+            yield (row if ok else None), line
+    except FileNotFoundError:
+        return
+
+
+def read_rows(path: str) -> tuple[list[dict], int]:
+    """Parseable rows (JSON objects with a string ``id``) of a JSONL file, and how many others."""
+    rows, bad = [], 0
+    for row, _ in _iter_rows(path):
+        if row is None:
+            bad += 1
+        else:
+            rows.append(row)
     return rows, bad
+
+
+def _output_paths(row: Mapping[str, Any]) -> list[Any]:
+    return [row[k] for k in ("output", "npz") if k in row] or [None]
 
 
 def _output_exists(workdir: str, row: Mapping[str, Any]) -> bool:
-    outputs = [row.get("output")] + ([row["npz"]] if row.get("npz") else [])
-    return all(isinstance(p, str) and os.path.isfile(os.path.join(workdir, p)) for p in outputs)
+    paths = _output_paths(row)
+    if not all(isinstance(p, str) for p in paths):
+        return False
+    if not files.is_local(workdir):
+        return True  # the publication order guarantees it (see the module docstring)
+    return all(_non_empty_file(os.path.join(workdir, p)) for p in paths)
 
 
-def _latest_by_id(rows: list[dict]) -> dict[str, dict]:
-    """The last row of each id (a redone example's row supersedes older ones)."""
-    return {row["id"]: row for row in rows}
+def _non_empty_file(path: str) -> bool:
+    try:
+        return os.path.isfile(path) and os.path.getsize(path) > 0
+    except OSError:
+        return False
 
 
-def _all_rows(workdir: str, kind: str) -> tuple[list[dict], int]:
-    """Rows of the consolidated file, then of every process file (later ones win)."""
-    rows, bad = [], 0
-    for path in [os.path.join(workdir, f"{kind}.jsonl")] + _process_files(workdir, kind):
-        file_rows, file_bad = read_rows(path)
-        rows += file_rows
-        bad += file_bad
-    return rows, bad
+def _record_files(workdir: str, kind: str) -> list[str]:
+    """The consolidated file, then every process's records (later ones win)."""
+    return [files.join(workdir, f"{kind}.jsonl")] + _process_files(workdir, kind)
+
+
+def _completed_stream(workdir: str, retry_failed: bool) -> Iterator[str]:
+    """Ids with a manifest row whose outputs exist, then (unless retried) failed ids."""
+    for path in _record_files(workdir, MANIFEST):
+        for row, _ in _iter_rows(path):
+            if row is not None and _output_exists(workdir, row):
+                yield row["id"]
+    if not retry_failed:
+        for path in _record_files(workdir, FAILURES):
+            for row, _ in _iter_rows(path):
+                if row is not None:
+                    yield row["id"]
+
+
+def id_hashes(ids: Iterable[str | bytes]) -> np.ndarray:
+    """64-bit hashes (blake2b) of ids, as uint64: the key of :class:`CompletedIds`."""
+    out = []
+    for example_id in ids:
+        raw = example_id if isinstance(example_id, bytes) else str(example_id).encode("utf-8")
+        out.append(int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little"))
+    return np.fromiter(out, np.uint64, len(out))
+
+
+class CompletedIds:
+    """A compact set of finished ids: their sorted 64-bit hashes (8 bytes per id).
+
+    Why: a Python set of a million id strings costs about 100 MB per host and
+    seconds to build; this costs 8 MB. Two distinct ids share a hash with
+    probability about n^2 / 2^65 (3e-8 for a million ids): the cost of a
+    collision would be one example skipped as done.
+    """
+
+    def __init__(self, hashes: np.ndarray):
+        self._hashes = np.unique(np.asarray(hashes, np.uint64))
+
+    @classmethod
+    def from_ids(cls, ids: Iterable[str]) -> CompletedIds:
+        return cls(id_hashes(ids))
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __contains__(self, example_id: object) -> bool:
+        return bool(self.contains([example_id])[0])
+
+    def contains(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Boolean membership of every id (vectorised over the hashes)."""
+        keys = id_hashes(ids)
+        if not len(self._hashes):
+            return np.zeros(len(keys), bool)
+        where = np.minimum(np.searchsorted(self._hashes, keys), len(self._hashes) - 1)
+        return self._hashes[where] == keys
 
 
 def completed_ids(workdir: str, *, retry_failed: bool = False) -> set[str]:
     """Ids that need no more work: finished (row and outputs present) or failed.
 
+    For small jobs and tests; jobs use :func:`completed_index` (bounded memory).
+
     Args:
         workdir: the job's output folder (all processes' files are read).
         retry_failed: leave failed ids out, so they are tried again.
     """
-    rows, _ = _all_rows(workdir, MANIFEST)
-    done = {row["id"] for row in rows if _output_exists(workdir, row)}
-    if not retry_failed:
-        done |= {row["id"] for row in _all_rows(workdir, FAILURES)[0]}
-    return done
+    return set(_completed_stream(workdir, retry_failed))
+
+
+def completed_index(workdir: str, *, retry_failed: bool = False) -> CompletedIds:
+    """The ids of :func:`completed_ids` as a compact :class:`CompletedIds`."""
+    return CompletedIds.from_ids(_completed_stream(workdir, retry_failed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,45 +284,77 @@ def _write_jsonl(path: str, rows: list[Mapping[str, Any]]) -> None:
     atomic_write_bytes(path, "".join(_jsonl_line(row) for row in rows).encode())
 
 
+def _latest_lines(workdir: str, kind: str) -> tuple[dict[str, tuple[dict, bytes]], int, list[str]]:
+    """Last row (and its line) of every id over all record files, bad lines, files read."""
+    latest, bad, read = {}, 0, []
+    for path in _record_files(workdir, kind):
+        read.append(path)
+        for row, line in _iter_rows(path):
+            if row is None:
+                bad += 1
+            else:
+                latest[row["id"]] = (row, line if line.endswith(b"\n") else line + b"\n")
+    return latest, bad, read
+
+
 def finalize(workdir: str) -> FinalizeSummary:
     """Writes ``manifest.jsonl`` and ``failures.jsonl``: one row per id, sorted by id.
 
     Call once after every process has closed its sink (e.g. on process 0
     after a barrier). Rows whose outputs are missing are left out and listed
     in the summary (a rerun redoes them); failure rows of ids that succeeded
-    are dropped.
+    are dropped. The per-batch records merged into the two files are then
+    deleted (a kill in between leaves duplicates, which are merged again).
     """
-    rows, bad_rows = _all_rows(workdir, MANIFEST)
-    latest = _latest_by_id(rows)
-    missing = sorted(i for i, row in latest.items() if not _output_exists(workdir, row))
-    manifest = [latest[i] for i in sorted(set(latest) - set(missing))]
-    failure_rows, bad_failures = _all_rows(workdir, FAILURES)
-    succeeded = {row["id"] for row in manifest}
-    failures = _latest_by_id([row for row in failure_rows if row["id"] not in succeeded])
-    _write_jsonl(os.path.join(workdir, f"{MANIFEST}.jsonl"), manifest)
-    failure_list = [failures[i] for i in sorted(failures)]
-    _write_jsonl(os.path.join(workdir, f"{FAILURES}.jsonl"), failure_list)
+    manifest, bad_rows, manifest_files = _latest_lines(workdir, MANIFEST)
+    missing = sorted(i for i, (row, _) in manifest.items() if not _output_exists(workdir, row))
+    for example_id in missing:
+        del manifest[example_id]
+    failures, bad_failures, failure_files = _latest_lines(workdir, FAILURES)
+    for example_id in set(failures) & set(manifest):
+        del failures[example_id]
+    for kind, latest in ((MANIFEST, manifest), (FAILURES, failures)):
+        path = files.join(workdir, f"{kind}.jsonl")
+        try:
+            files.publish_chunks(path, (latest[i][1] for i in sorted(latest)), tag=_temp_tag(0))
+        except OSError as e:
+            raise _naming(e, path) from e
+    for path in manifest_files[1:] + failure_files[1:]:
+        try:
+            files.remove(path)
+        except FileNotFoundError:
+            pass
     return FinalizeSummary(len(manifest), len(failures), bad_rows + bad_failures, missing)
 
 
-def _remove_orphan_temps(workdir: str, process_index: int) -> None:
-    """Deletes temporary files this process left behind when it was killed."""
+def remove_orphan_temps(workdir: str, process_index: int, *, recursive: bool = True) -> None:
+    """Deletes temporary files this process left behind when it was killed.
+
+    Output names never start with ``.`` (see :mod:`sdedit_jax.data.names`), so
+    no output can be mistaken for a temporary file. Object stores have none
+    (objects are uploaded whole).
+    """
+    if not files.is_local(workdir) or not os.path.isdir(workdir):
+        return
     tag = _temp_tag(process_index)
-    for folder, _, names in os.walk(workdir):
+    for folder, subfolders, names in os.walk(workdir):
+        if not recursive:
+            subfolders.clear()
         for name in names:
-            if name.startswith(".") and tag in name:
+            if files.is_temp_name(name, tag):
                 os.remove(os.path.join(folder, name))
-
-
-def _rewrite_clean(path: str) -> None:
-    """Rewrites a process file without broken lines so that appends start on a fresh line."""
-    if os.path.exists(path):
-        rows, _ = read_rows(path)
-        _write_jsonl(path, rows)
 
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def default_writer_threads() -> int:
+    """Writer threads when none are configured: one per CPU core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 class Sink:
@@ -259,59 +370,90 @@ class Sink:
         *,
         process_index: int = 0,
         job_fields: Mapping[str, Any] | None = None,
-        save_npz: bool = False,
-        num_threads: int = 2,
-        max_pending: int = 8,
+        png: bool = True,
+        npz: str = "none",
+        png_compression: int = 6,
+        num_threads: int | None = None,
+        max_pending: int | None = None,
     ):
         """Opens (and cleans after a crash) this process's files in ``workdir``.
 
         Args:
-            workdir: the job's output folder, shared by all processes.
+            workdir: the job's output folder, shared by all processes (any
+                path :mod:`sdedit_jax.files` understands).
             process_index: this process; its files carry the index.
             job_fields: fields added to every manifest row (sampler, n_steps,
                 model checksum, ...); they must not depend on time or host.
-            save_npz: also save the float32 output of each example.
-            num_threads: writer threads.
-            max_pending: queued write tasks before ``write*`` blocks.
+            png: write each output as an 8-bit PNG.
+            npz: ``"none"``, ``"per_example"`` (one float32 npz per example) or
+                ``"shards"`` (one npz per written batch, for bulk post-processing).
+            png_compression: zlib level 0..9 of the PNGs.
+            num_threads: image encoding/writing threads (default: one per core).
+            max_pending: batches queued before ``write*`` blocks (default 2).
         """
+        if npz not in NPZ_MODES:
+            raise ValueError(f"npz: expected one of {NPZ_MODES}, got {npz!r}")
+        if not png and npz == "none":
+            raise ValueError("outputs: png=False needs npz='per_example' or 'shards'")
+        if not (isinstance(png_compression, int) and 0 <= png_compression <= 9):
+            raise ValueError(f"png_compression: expected an int in 0..9, got {png_compression!r}")
+        num_threads = default_writer_threads() if num_threads is None else num_threads
+        if not (isinstance(num_threads, int) and num_threads >= 1):
+            raise ValueError(f"num_threads: expected an int >= 1, got {num_threads!r}")
         self.workdir = workdir
         self.process_index = process_index
-        self.save_npz = save_npz
+        self.png, self.npz, self.png_compression = png, npz, png_compression
         self.job_fields = dict(job_fields or {})
         _check_fields(self.job_fields)
-        os.makedirs(workdir, exist_ok=True)
-        _remove_orphan_temps(workdir, process_index)
-        suffix = f".p{process_index:05d}.jsonl"
-        self.manifest_path = os.path.join(workdir, MANIFEST + suffix)
-        self.failures_path = os.path.join(workdir, FAILURES + suffix)
-        for path in (self.manifest_path, self.failures_path):
-            _rewrite_clean(path)
-        self._files = {
-            MANIFEST: open(self.manifest_path, "a", encoding="utf-8"),
-            FAILURES: open(self.failures_path, "a", encoding="utf-8"),
-        }
-        self._file_lock = threading.Lock()
+        files.makedirs(workdir)
+        remove_orphan_temps(workdir, process_index)
+        # Records of this sink are named p<process>.<run>.<n>: runs sort by start time,
+        # and the random part keeps two writers (a double launch) from colliding.
+        self._run = f"r{time.time_ns() // 1_000_000:013d}{uuid.uuid4().hex[:6]}"
+        self._sequence = itertools.count()
+        self._written = 0
+        self._count_lock = threading.Lock()
         self._errors: list[BaseException] = []
         self._error_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_pending)
-        self._pool = concurrent.futures.ThreadPoolExecutor(num_threads, "sink-writer")
+        self._slots = threading.BoundedSemaphore(max_pending or 2)
+        # Batches are coordinated on one pool and their images encoded on another, so
+        # a batch's record can wait for its images without starving the encoders.
+        self._batches = concurrent.futures.ThreadPoolExecutor(
+            max_pending or 2, "sink-batch")
+        self._images = concurrent.futures.ThreadPoolExecutor(num_threads, "sink-writer")
         self._closed = False
 
     # --- public API ------------------------------------------------------------------------------
 
+    @property
+    def rows_written(self) -> int:
+        """Examples whose output or failure row is published (progress counts these)."""
+        with self._count_lock:
+            return self._written
+
     def write(self, *, id: str, source: str, image: Any, t0: float, seed: int,
               fields: Mapping[str, Any] | None = None) -> None:
         """Queues one output ``image [H, W, C]`` in ``[-1, 1]`` (any array, e.g. a jax.Array)."""
-        self._submit(self._write_example, id, source, image, t0, seed, self._fields(fields))
+        columns = {"id": np.array([id]), "source": np.array([source]),
+                   "t0": np.array([t0], np.float32), "seed": np.array([seed]),
+                   "valid": np.array([True]), "ok": np.array([True]), "error": np.array([""])}
+        self._submit(self._write_batch, columns, _Stacked(image), self._fields(fields))
 
     def write_failure(self, *, id: str, source: str, reason: str,
                       fields: Mapping[str, Any] | None = None) -> None:
         """Queues a failure row ``{id, source, reason}`` (plus ``fields``)."""
-        self._submit(self._write_failure, id, source, reason, self._fields(fields))
+        columns = {"id": np.array([id]), "source": np.array([source]),
+                   "t0": np.zeros([1], np.float32), "seed": np.zeros([1], np.int64),
+                   "valid": np.array([True]), "ok": np.array([False]),
+                   "error": np.array([reason])}
+        self._submit(self._write_batch, columns, None, self._fields(fields))
 
     def write_batch(self, batch: Mapping[str, Any], outputs: Any,
                     fields: Mapping[str, Any] | None = None) -> None:
         """Queues a batch from ``guide_inputs``: outputs for ok rows, failures for bad rows.
+
+        The batch's rows are published as one completion record after all its
+        outputs are in place.
 
         Args:
             batch: a batch of the guide stream as numpy (``id``, ``source``,
@@ -327,12 +469,11 @@ class Sink:
         self._submit(self._write_batch, columns, outputs, self._fields(fields))
 
     def close(self) -> None:
-        """Waits for every queued write, closes the files, raises ``SinkError`` on any failure."""
+        """Waits for every queued write, raises ``SinkError`` on any failure."""
         if not self._closed:
             self._closed = True
-            self._pool.shutdown(wait=True)
-            for f in self._files.values():
-                f.close()
+            self._batches.shutdown(wait=True)
+            self._images.shutdown(wait=True)
         self._raise_if_failed()
 
     def __enter__(self) -> Sink:
@@ -356,7 +497,7 @@ class Sink:
         self._raise_if_failed()
         self._slots.acquire()
         try:
-            future = self._pool.submit(fn, *args)
+            future = self._batches.submit(fn, *args)
         except BaseException:
             self._slots.release()
             raise
@@ -369,61 +510,89 @@ class Sink:
             with self._error_lock:
                 self._errors.append(error)
 
-    def _append(self, kind: str, row: Mapping[str, Any]) -> None:
-        line = _jsonl_line(row)
-        with self._file_lock:
-            f = self._files[kind]
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
     def _fields(self, fields: Mapping[str, Any] | None) -> dict[str, Any]:
         """Job fields plus per-call ``fields``, checked on the caller's thread."""
         merged = dict(self.job_fields, **(fields or {}))
         _check_fields(merged)
         return merged
 
-    def _write_example(self, example_id: str, source: str, image: Any, t0: float, seed: int,
-                       fields: dict[str, Any]) -> None:
-        image = np.asarray(image, np.float32)
-        if image.ndim != 3 or image.shape[-1] not in (1, 3):
-            raise ValueError(f"output of {example_id!r}: expected [H, W, 1 or 3], "
-                             f"got shape {image.shape}")
-        bad = int(np.count_nonzero(~np.isfinite(image)))
-        if bad:
-            self._write_failure(example_id, source, f"output: {bad} non-finite values", fields)
-            return
-        stem = output_stem(example_id)
-        row = {"id": example_id, "source": source, "output": f"images/{stem}.png",
-               "t0": np.float32(t0), "seed": int(seed)}
-        atomic_write_bytes(os.path.join(self.workdir, row["output"]), png_bytes(image),
+    def _record_path(self, kind: str, sequence: int, extension: str = "jsonl") -> str:
+        name = f"{kind}.{_temp_tag(self.process_index)}.{self._run}.{sequence:06d}.{extension}"
+        return files.join(self.workdir, name)
+
+    def _publish(self, relative: str, data: bytes) -> None:
+        atomic_write_bytes(files.join(self.workdir, relative), data,
                            process_index=self.process_index)
-        if self.save_npz:
-            row["npz"] = f"arrays/{stem}.npz"
+
+    def _write_image(self, example_id: str, image: np.ndarray) -> dict[str, Any]:
+        """Publishes one example's per-example files; returns their row fields."""
+        row: dict[str, Any] = {}
+        if self.png:
+            row["output"] = f"images/{output_name(example_id)}"
+            self._publish(row["output"], png_bytes(image, self.png_compression))
+        if self.npz == "per_example":
+            row["npz"] = f"arrays/{output_stem(example_id)}.npz"
             buffer = io.BytesIO()
             np.savez(buffer, image=image)
-            atomic_write_bytes(os.path.join(self.workdir, row["npz"]), buffer.getvalue(),
-                               process_index=self.process_index)
-        self._append(MANIFEST, {**fields, **row})
-
-    def _write_failure(self, example_id: str, source: str, reason: str,
-                       fields: dict[str, Any]) -> None:
-        row = {"id": example_id, "source": source, "reason": reason}
-        self._append(FAILURES, {**fields, **row})
+            self._publish(row["npz"], buffer.getvalue())
+        return row
 
     def _write_batch(self, columns: dict[str, np.ndarray], outputs: Any,
                      fields: dict[str, Any]) -> None:
-        outputs = np.asarray(outputs)
-        if outputs.shape[0] != len(columns["id"]):
-            raise ValueError(f"outputs: {outputs.shape[0]} rows for a batch of "
+        rows = np.flatnonzero(columns["valid"])
+        good = [i for i in rows if columns["ok"][i]]
+        images = np.asarray(outputs, np.float32) if good else None
+        if images is not None and images.shape[0] != len(columns["id"]):
+            raise ValueError(f"outputs: {images.shape[0]} rows for a batch of "
                              f"{len(columns['id'])}")
-        for i in np.flatnonzero(columns["valid"]):
+        manifest, failures, finite = [], [], []
+        for i in rows:
             example_id, source = _text(columns["id"][i]), _text(columns["source"][i])
-            if columns["ok"][i]:
-                self._write_example(example_id, source, outputs[i], columns["t0"][i],
-                                    columns["seed"][i], fields)
-            else:
-                self._write_failure(example_id, source, _text(columns["error"][i]), fields)
+            base = {**fields, "id": example_id, "source": source}
+            if not columns["ok"][i]:
+                failures.append({**base, "reason": _text(columns["error"][i])})
+                continue
+            image = images[i]
+            if image.ndim != 3 or image.shape[-1] not in (1, 3):
+                raise ValueError(f"output of {example_id!r}: expected [H, W, 1 or 3], "
+                                 f"got shape {image.shape}")
+            bad = int(np.count_nonzero(~np.isfinite(image)))
+            if bad:
+                failures.append({**base, "reason": f"output: {bad} non-finite values"})
+                continue
+            finite.append(i)
+            manifest.append({**base, "t0": np.float32(columns["t0"][i]),
+                             "seed": int(columns["seed"][i])})
+        ids = [_text(columns["id"][i]) for i in finite]
+        written = list(self._images.map(self._write_image, ids, [images[i] for i in finite]))
+        sequence = next(self._sequence)
+        if self.npz == "shards" and finite:
+            shard = self._record_path("arrays/part", sequence, "npz")
+            buffer = io.BytesIO()
+            np.savez(buffer, id=np.array(ids), image=images[finite])
+            atomic_write_bytes(shard, buffer.getvalue(), process_index=self.process_index)
+            relative = files.relpath(shard, self.workdir).replace(os.sep, "/")
+            for index, fields_written in enumerate(written):
+                fields_written.update(npz=relative, npz_index=index)
+        for kind, records in ((MANIFEST, [{**row, **extra} for row, extra
+                                          in zip(manifest, written, strict=True)]),
+                              (FAILURES, failures)):
+            if records:
+                path = self._record_path(kind, sequence)
+                atomic_write_bytes(path, "".join(_jsonl_line(r) for r in records).encode(),
+                                   process_index=self.process_index)
+        with self._count_lock:
+            self._written += len(rows)
+
+
+class _Stacked:
+    """One image as a batch of one, converted to numpy on the writer thread."""
+
+    def __init__(self, image: Any):
+        self._image = image
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self._image, dtype)[None]
 
 
 def _check_fields(fields: Mapping[str, Any]) -> None:
