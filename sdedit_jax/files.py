@@ -72,7 +72,14 @@ def _local(path: str) -> str:
 
 
 def join(base: str, *parts: str) -> str:
-    """Joins path components; URLs always use ``/``."""
+    """Joins path components; URLs always use ``/``.
+
+    Like ``os.path.join`` with an absolute component, a URL component starts
+    the path over (a local manifest may name ``gs://`` inputs).
+    """
+    for i in range(len(parts) - 1, -1, -1):
+        if not is_local(parts[i]):
+            return join(parts[i], *parts[i + 1:])
     if is_local(base):
         return os.path.join(_local(base), *parts)
     return posixpath.join(base, *parts)

@@ -79,3 +79,9 @@ def test_gs_without_credentials_fails_at_once_and_creates_nothing_locally(tmp_pa
                                                  r"here: .*GOOGLE_APPLICATION_CREDENTIALS"):
         files.check_writable("gs://sdedit-no-such-bucket/run")
     assert os.listdir(tmp_path) == []
+
+
+def test_join_restarts_at_a_url_component():
+    assert files.join("/data/manifests", "gs://b/x.png") == "gs://b/x.png"
+    assert files.join("ram://r", "a", "gs://b/c", "d.png") == "gs://b/c/d.png"
+    assert files.join("/data", "sub", "/abs.png") == "/abs.png"

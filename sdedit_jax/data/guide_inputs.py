@@ -86,6 +86,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
 
+from sdedit_jax import files
 from sdedit_jax.data import guides, names
 
 SOURCES = ("folder", "tfrecord", "tfds", "manifest")
@@ -324,6 +325,8 @@ def _walk_files(root: str, skip: str = "") -> list[tuple[str, str]]:
     (FIFOs, sockets, devices, broken links) are listed with their problem, so
     they become failure rows instead of hanging the reader or vanishing.
     """
+    if not files.is_local(root):
+        return _walk_store(root, skip)
     found: list[tuple[str, str]] = []
 
     def visit(folder: str, rel_folder: str, ancestors: frozenset[str]) -> None:
@@ -349,23 +352,38 @@ def _walk_files(root: str, skip: str = "") -> list[tuple[str, str]]:
     return sorted(found)
 
 
+def _walk_store(root: str, skip: str) -> list[tuple[str, str]]:
+    """``_walk_files`` on an object store (``gs://``, ``ram://``): objects are regular files."""
+    found = []
+    for folder, subfolders, entries in files.walk(root):
+        subfolders[:] = [f for f in subfolders
+                         if not f.startswith(".") and files.join(folder, f) != skip]
+        rel_folder = "" if folder == root else files.relpath(folder, root)
+        found += [(f"{rel_folder}/{n}" if rel_folder else n, "") for n in entries
+                  if not n.startswith(".")]
+    return sorted(found)
+
+
 def _folder_catalog(config: GuideInputConfig) -> Catalog:
-    root = os.path.abspath(config.path)
-    if not os.path.isdir(root):
+    root = files.abspath(config.path)
+    if not files.isdir(root):
         raise ValueError(f"path: guide folder {config.path!r} does not exist")
-    mask_root = os.path.normpath(os.path.join(root, config.mask_dir)) if config.mask_dir else ""
-    with_masks = bool(mask_root) and os.path.isdir(mask_root)
+    mask_root = ""
+    if config.mask_dir:
+        mask_root = files.join(root, config.mask_dir)
+        mask_root = os.path.normpath(mask_root) if files.is_local(root) else mask_root
+    with_masks = bool(mask_root) and files.isdir(mask_root)
     masks_by_stem: dict[str, list[str]] = {}
     rows, guide_stems = [], set()
     for rel, problem in _walk_files(mask_root) if with_masks else []:
         if problem:
-            path = os.path.join(mask_root, rel)
+            path = files.join(mask_root, rel)
             rows.append(_Row(id=f"{config.mask_dir}/{rel}", source=path, t0=config.t0,
                              seed=config.seed, error=f"mask ({path}): {problem}"))
         else:
             masks_by_stem.setdefault(os.path.splitext(rel)[0], []).append(rel)
     for rel, problem in _walk_files(root, skip=mask_root):
-        path = os.path.join(root, rel)
+        path = files.join(root, rel)
         row = _Row(id=rel, source=path, t0=config.t0, seed=config.seed, guide_path=path)
         if problem:
             rows.append(dataclasses.replace(row, error=f"guide ({path}): {problem}"))
@@ -383,7 +401,7 @@ def _folder_catalog(config: GuideInputConfig) -> Catalog:
     for stem, mask_files in sorted(masks_by_stem.items()):
         if stem not in guide_stems:
             for rel in mask_files:
-                path = os.path.join(mask_root, rel)
+                path = files.join(mask_root, rel)
                 rows.append(_Row(id=f"{config.mask_dir}/{rel}", source=path, t0=config.t0,
                                  seed=config.seed,
                                  error=f"mask ({path}): no guide image named {stem}.*"))
@@ -396,8 +414,8 @@ def _pair_mask(row: _Row, stem: str, candidates: list[str], mask_root: str) -> _
     """Attaches the guide's mask, or an error naming the expected mask files."""
     usable = [c for c in candidates if os.path.splitext(c)[1].lower() in MASK_EXTENSIONS]
     if len(usable) == 1 and len(candidates) == 1:
-        return dataclasses.replace(row, mask_path=os.path.join(mask_root, usable[0]))
-    expected = os.path.join(mask_root, stem) + "{" + ",".join(MASK_EXTENSIONS) + "}"
+        return dataclasses.replace(row, mask_path=files.join(mask_root, usable[0]))
+    expected = files.join(mask_root, stem) + "{" + ",".join(MASK_EXTENSIONS) + "}"
     if not candidates:
         problem = "file not found (the mask folder exists, so every guide needs a mask)"
     else:
@@ -443,7 +461,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 def _manifest_records(path: str) -> list[tuple[int, dict | None, str]]:
     """``(line number, fields or None, parse error)`` for every non-blank manifest row."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet CSVs carry a BOM
+    # -sig: spreadsheet CSVs carry a BOM
+    with io.TextIOWrapper(files.open_file(path, "rb"), encoding="utf-8-sig", newline="") as f:
         if path.lower().endswith(".csv"):
             reader = csv.DictReader(f, restkey="\0extra")
             header = reader.fieldnames or []
@@ -482,11 +501,11 @@ def _manifest_records(path: str) -> list[tuple[int, dict | None, str]]:
 
 def _manifest_row(number: int, fields: dict | None, error: str, manifest: str,
                   config: GuideInputConfig) -> _Row:
-    base = os.path.dirname(manifest)
+    base = files.dirname(manifest)
     where = f"manifest ({manifest}) line {number}"
     fields = fields or {}
     raw_path = fields.get("path")
-    path = os.path.join(base, raw_path) if isinstance(raw_path, str) and raw_path else manifest
+    path = files.join(base, raw_path) if isinstance(raw_path, str) and raw_path else manifest
     row_id = fields.get("id", raw_path)
     if not (isinstance(row_id, str) and row_id):
         row_id = f"{os.path.basename(manifest)}:{number}"
@@ -510,12 +529,12 @@ def _manifest_row(number: int, fields: dict | None, error: str, manifest: str,
     if problems:
         return dataclasses.replace(row, error=f"{where}: " + "; ".join(problems))
     mask = fields.get("mask")
-    return dataclasses.replace(row, mask_path=os.path.join(base, mask) if mask else "", **values)
+    return dataclasses.replace(row, mask_path=files.join(base, mask) if mask else "", **values)
 
 
 def _manifest_catalog(config: GuideInputConfig) -> Catalog:
-    manifest = os.path.abspath(config.path)
-    if not os.path.isfile(manifest):
+    manifest = files.abspath(config.path)
+    if not files.isfile(manifest):
         raise ValueError(f"path: manifest {config.path!r} does not exist")
     if not manifest.lower().endswith((".jsonl", ".csv")):
         raise ValueError(f"path: manifest {config.path!r} must end in .jsonl or .csv")
@@ -688,6 +707,13 @@ class BadInput(Exception):
 def _open(path: str, data: bytes, label: str):
     if data:
         return io.BytesIO(data)
+    if not files.is_local(path):
+        try:
+            return io.BytesIO(files.read_bytes(path))
+        except FileNotFoundError:
+            raise BadInput(f"{label}: file not found") from None
+        except OSError as e:
+            raise BadInput(f"{label}: cannot read ({e})") from None
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat rejects it.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -996,6 +1022,15 @@ def _rows_dataset(catalog: Catalog) -> tf.data.Dataset:
     return tf.data.Dataset.zip(rows, payload).map(lambda row, data: {**row, **data})
 
 
+def _done_mask(ids: np.ndarray, completed) -> np.ndarray:
+    """Which ids are completed; ``completed`` is a collection or has a vectorised ``contains``
+    (``sinks.CompletedIds``: hashes, so a million ids cost no million-string set)."""
+    if hasattr(completed, "contains"):
+        return np.asarray(completed.contains(ids), bool)
+    completed = frozenset(completed)
+    return np.fromiter((i in completed for i in ids.tolist()), bool, len(ids))
+
+
 def global_num_steps(host_counts: Collection[int], batch_size_per_host: int) -> int:
     """Steps every host must run so that the host with the most examples finishes."""
     return max((math.ceil(c / batch_size_per_host) for c in host_counts), default=0)
@@ -1060,7 +1095,7 @@ def make_guide_dataset(
         batch_size_per_host: rows per batch on this host.
         process_index, process_count: this host and the number of hosts
             (default: ``jax.process_index()``, ``jax.process_count()``).
-        completed: ids already done (see ``sinks.completed_ids``); they are
+        completed: ids already done (``sinks.completed_index``, or any collection); they are
             skipped before batching. Every host must pass the same set for
             the hosts to agree on ``num_steps``; read it before any host writes,
             or agree on the step count across hosts and pass ``num_steps``.
@@ -1082,8 +1117,7 @@ def make_guide_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index: {process_index} not in [0, {process_count})")
     catalog = build_catalog(config) if catalog is None else catalog
-    completed = frozenset(completed)
-    done = np.array([i in completed for i in catalog.ids], bool)
+    done = _done_mask(catalog.columns["id"], completed)
     owner = np.arange(len(catalog)) % process_count
     host_counts = tuple(int(np.sum(~done & (owner == p))) for p in range(process_count))
     needed = global_num_steps(host_counts, batch_size_per_host)
@@ -1117,3 +1151,22 @@ def make_guide_dataset(
         total_examples=len(catalog),
         num_skipped=int(done.sum()),
     )
+
+
+def preview_examples(config: GuideInputConfig | Mapping[str, Any], catalog: Catalog,
+                     ids: Collection[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{id: (guide, mask)}`` of the good examples among ``ids``, exactly as a job sees them.
+
+    Runs the job's own pipeline (generators included) on just these rows, so
+    a contact sheet can be rebuilt after a resume without keeping guides around.
+    """
+    wanted = frozenset(ids)
+    stream = make_guide_dataset(
+        config, batch_size_per_host=max(1, len(wanted)), process_index=0, process_count=1,
+        completed=frozenset(catalog.ids) - wanted, catalog=catalog)
+    found = {}
+    for batch in stream.dataset.as_numpy_iterator():
+        for row, example_id in enumerate(batch["id"]):
+            if batch["valid"][row] and batch["ok"][row]:
+                found[example_id.decode()] = (batch["guide"][row], batch["mask"][row])
+    return found
