@@ -8,15 +8,38 @@ Every t0 of ``config.t0s`` is a sub-job writing ``<workdir>/t0_<t0>/``
 Re-running the same command resumes: finished and failed ids are skipped.
 Multi-host: pass ``--distributed`` on every host (see ``launch/``).
 
-Exit status: 0 when every input was edited, 3 when some inputs failed (listed
-in the failures files and the summary), 1 on errors.
+Re-running the same command resumes; ``--retry_failed`` also tries the
+inputs listed in ``failures.jsonl`` again (e.g. after fixing the files).
+
+Exit status (the process always ends promptly with it):
+
+* 0: every input has its output (``summary.json`` describes the workdir).
+* 3: some inputs failed; each has one row in ``t0_*/failures.jsonl`` naming
+  the file, the field and the reason, and every other input was edited.
+* 2: configuration or startup error, found before any work: one line
+  naming the field, the value and what is allowed (or the process holding
+  the workdir, see :mod:`sdedit_jax.workdir_lock`).
+* 1: any other error: one line for storage errors (e.g. a full disk, naming
+  the file), a traceback for internal errors.
+* 130 / 143: interrupted by Ctrl-C / SIGTERM. The process ends at once, even
+  inside a compilation: every write is atomic, so the workdir is left as
+  after a ``kill -9`` and the same command resumes.
+
+Every ending goes through ``os._exit`` after flushing output: all files are
+already closed (or atomically published) by then, and skipping interpreter
+shutdown avoids tf.data iterators deadlocking in their destructors and
+TensorFlow/XLA threads aborting, which could otherwise hold a batch
+allocation until its wall-clock limit.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -25,30 +48,83 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sdedit_jax.job import run_job  # noqa: E402
+from sdedit_jax import workdir_lock  # noqa: E402
+from sdedit_jax.data import sinks  # noqa: E402
+from sdedit_jax.job import ConfigError, run_job  # noqa: E402
 
-EXIT_SOME_FAILED = 3
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SOME_FAILED = 0, 1, 2, 3
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "job config file")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "output folder (resumable)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_RETRY_FAILED = flags.DEFINE_bool("retry_failed", False,
+                                  "also retry the inputs listed in failures.jsonl")
 
 
-def main(argv: list[str]) -> None:
+def _exit(status: int) -> None:
+    """Ends the process now with ``status`` (see the module docstring for why ``os._exit``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _exit_promptly_on_signals() -> None:
+    """Ctrl-C and SIGTERM end the process at once, whatever the main thread is doing.
+
+    Python runs signal handlers only between bytecodes of the main thread,
+    which may sit in an XLA compilation or a tf.data wait for many seconds. The
+    C-level handler also writes the signal number to a wakeup pipe; a watcher
+    thread reads it and exits.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        signum = os.read(read_fd, 1)[0]
+        print(f"\nsdedit_jax: stopped by {signal.Signals(signum).name}; finished outputs are "
+              "kept: run the same command to resume", file=sys.stderr)
+        _exit(128 + signum)
+
+    threading.Thread(target=watch, name="exit-on-signal", daemon=True).start()
+
+
+def _run(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise ConfigError(f"unexpected arguments: {argv[1:]} (settings are --config.<field>=...)")
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to jax
     if _DISTRIBUTED.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    result = run_job(_CONFIG.value, _WORKDIR.value)
+    result = run_job(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=1))
+    if _DISTRIBUTED.value:
+        jax.distributed.shutdown()  # os._exit skips the atexit hook that would do it
     if result["failures"]:
         print(f"{result['failures']} input(s) failed: see {_WORKDIR.value}/t0_*/failures.jsonl",
               file=sys.stderr)
-        sys.exit(EXIT_SOME_FAILED)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def main(argv: list[str]) -> None:
+    _exit_promptly_on_signals()
+    try:
+        status = _run(argv)
+    except (ConfigError, workdir_lock.WorkdirBusy) as e:
+        print(f"sdedit_jax: {e}", file=sys.stderr)
+        status = EXIT_CONFIG
+    except (OSError, sinks.SinkError) as e:
+        print(f"sdedit_jax: error: {' '.join(str(e).split())}", file=sys.stderr)
+        status = EXIT_ERROR
+    except BaseException:  # noqa: BLE001 - internal error: show where, then end promptly
+        traceback.print_exc()
+        status = EXIT_ERROR
+    _exit(status)
 
 
 if __name__ == "__main__":

@@ -210,6 +210,12 @@ class GuideInputConfig:
         return cls(**values)
 
 
+def _plain(fn: Callable) -> Callable:
+    """Marks a tf.data function as plain graph code: AutoGraph would otherwise convert
+    it and leave ``__autograph_generated_file*.py`` in the temp folder (forever, after a kill)."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 # --- catalog: every example of a source, in canonical order, without pixels ----------------------
 
 
@@ -645,8 +651,9 @@ def _tfrecord_catalog(config: GuideInputConfig) -> Catalog:
                 tf.data.Dataset.from_tensors(tf.constant(b"")).repeat(tf.cast(broken, tf.int64)))
 
         records = tf.data.Dataset.from_tensor_slices(
-            (shards, np.array(readable, np.int64), np.array(corrupt))).flat_map(shard_records)
-        return records.map(lambda r: {"record": r, "guide_bytes": "", "mask_bytes": ""})
+            (shards, np.array(readable, np.int64), np.array(corrupt))
+        ).flat_map(_plain(shard_records))
+        return records.map(_plain(lambda r: {"record": r, "guide_bytes": "", "mask_bytes": ""}))
 
     return _catalog(rows, payload)
 
@@ -669,16 +676,16 @@ def _tfds_catalog(config: GuideInputConfig) -> Catalog:
             read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1),
         )
 
-    ids = [i.decode() for i in examples().map(lambda e: e["tfds_id"]).as_numpy_iterator()]
+    ids = [i.decode() for i in examples().map(_plain(lambda e: e["tfds_id"])).as_numpy_iterator()]
     where = f"tfds://{config.tfds_name}/{config.tfds_split}"
     rows = [_Row(id=i, source=f"{where}/{i}", t0=config.t0, seed=config.seed) for i in ids]
 
     def payload() -> tf.data.Dataset:
         mask_key = config.tfds_mask_key
-        return examples().map(lambda e: {
+        return examples().map(_plain(lambda e: {
             "record": "", "guide_bytes": e[config.tfds_image_key],
             "mask_bytes": e[mask_key] if mask_key else tf.constant(b""),
-        })
+        }))
 
     return _catalog(rows, payload)
 
@@ -1019,7 +1026,7 @@ def _rows_dataset(catalog: Catalog) -> tf.data.Dataset:
              "mask_bytes": tf.constant(b"")}).repeat()
     else:
         payload = catalog.payload()
-    return tf.data.Dataset.zip(rows, payload).map(lambda row, data: {**row, **data})
+    return tf.data.Dataset.zip(rows, payload).map(_plain(lambda row, data: {**row, **data}))
 
 
 def _done_mask(ids: np.ndarray, completed) -> np.ndarray:
@@ -1130,11 +1137,12 @@ def make_guide_dataset(
     rows = _rows_dataset(catalog)
     if config.generator == "composite":
         donors = rows.skip(1).concatenate(rows.take(1))
-        rows = tf.data.Dataset.zip(rows, donors).map(lambda row, donor: {**row, "donor": donor})
+        rows = tf.data.Dataset.zip(rows, donors).map(
+            _plain(lambda row, donor: {**row, "donor": donor}))
     dataset = (
-        rows.filter(lambda row: tf.gather(keep, row["index"]))
-        .map(lambda row: _process(row, config), num_parallel_calls=config.num_parallel_calls,
-             deterministic=True)
+        rows.filter(_plain(lambda row: tf.gather(keep, row["index"])))
+        .map(_plain(lambda row: _process(row, config)),
+             num_parallel_calls=config.num_parallel_calls, deterministic=True)
         .concatenate(tf.data.Dataset.from_tensors(_padding_row(config)).repeat())
         .batch(batch_size_per_host, drop_remainder=True)
         .take(num_steps)
