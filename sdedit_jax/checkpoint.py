@@ -13,7 +13,6 @@ size, enough for sampling) or float32, with a sha256 to pin the exact bytes.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 import jax
@@ -22,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, serialization
 
+from sdedit_jax import files
+
 PyTree = Any
 
 
@@ -29,7 +30,7 @@ def make_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
     """A manager over ``directory`` with items ``state`` (pytree) and ``meta`` (JSON)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(
-        os.path.abspath(directory), options=options, item_names=("state", "meta")
+        files.abspath(directory), options=options, item_names=("state", "meta")
     )
 
 
@@ -72,11 +73,7 @@ def _to_bytes(state: nnx.State, dtype: jnp.dtype) -> bytes:
 
 
 def _write(path: str, data: bytes) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    files.publish_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -91,12 +88,8 @@ def save_params_fp32(path: str, state: nnx.State) -> str:
 
 
 def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes (any path :mod:`sdedit_jax.files` understands)."""
+    return files.sha256(path)
 
 
 def load_params(path: str, abstract_state: nnx.State, sha256: str | None = None) -> nnx.State:
@@ -110,8 +103,7 @@ def load_params(path: str, abstract_state: nnx.State, sha256: str | None = None)
         abstract_state: state of a freshly built model (or its ``nnx.eval_shape``).
         sha256: if given, the file must have this checksum.
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    data = files.read_bytes(path)
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"{path}: sha256 {hashlib.sha256(data).hexdigest()} != expected {sha256}")
     loaded = serialization.msgpack_restore(data)

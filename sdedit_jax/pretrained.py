@@ -14,7 +14,7 @@ import os
 
 from flax import nnx
 
-from sdedit_jax import checkpoint
+from sdedit_jax import checkpoint, files
 from sdedit_jax.models import unet
 from sdedit_jax.score import make_score_fn
 from sdedit_jax.sde import SDE, ScoreFn, sde_from_config
@@ -49,36 +49,35 @@ def save_model(
 
     Returns the sha256 of each weight file written (also recorded in the info).
     """
-    os.makedirs(model_dir, exist_ok=True)
+    files.makedirs(model_dir)
     writers = {WEIGHT_FILES[0]: checkpoint.save_params_fp32}
     if with_bf16:
         writers[WEIGHT_FILES[1]] = checkpoint.save_params_bf16
-    sums = {name: write(os.path.join(model_dir, name), state) for name, write in writers.items()}
+    sums = {name: write(files.join(model_dir, name), state) for name, write in writers.items()}
     info = {**(extra or {}), "model": model_config, "sde": sde_config,
             "parameterization": parameterization, "sha256": sums}
-    with open(os.path.join(model_dir, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=1, default=list)
+    files.publish_bytes(files.join(model_dir, INFO_FILE),
+                        json.dumps(info, indent=1, default=list).encode())
     return sums
 
 
 def load_model(model_dir: str | None = None) -> LoadedModel:
     """Loads the EMA weights in ``model_dir`` (default: the shipped model)."""
     model_dir = DEFAULT_MODEL_DIR if model_dir in (None, "", "default") else model_dir
-    info_path = os.path.join(model_dir, INFO_FILE)
-    if not os.path.exists(info_path):
+    info_path = files.join(model_dir, INFO_FILE)
+    if not files.exists(info_path):
         raise FileNotFoundError(f"{info_path}: no model info file (is {model_dir} a model folder?)")
-    with open(info_path) as f:
-        info = json.load(f)
+    info = json.loads(files.read_text(info_path))
     for field in ("model", "sde", "parameterization", "sha256"):
         if field not in info:
             raise ValueError(f"{info_path}: missing field {field!r}")
-    weights = next((w for w in WEIGHT_FILES if os.path.exists(os.path.join(model_dir, w))), None)
+    weights = next((w for w in WEIGHT_FILES if files.exists(files.join(model_dir, w))), None)
     if weights is None:
         raise FileNotFoundError(f"{model_dir}: none of the weight files {WEIGHT_FILES}")
     config = unet.UNetConfig.from_config(info["model"])
     abstract = nnx.eval_shape(lambda: unet.build(config, 0))
     graphdef, abstract_state = nnx.split(abstract)
-    path = os.path.join(model_dir, weights)
+    path = files.join(model_dir, weights)
     state = checkpoint.load_params(path, abstract_state, sha256=info["sha256"].get(weights))
     sde = sde_from_config(info["sde"])
     return LoadedModel(
