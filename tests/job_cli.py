@@ -1,0 +1,79 @@
+"""Helpers for tests that run the batch job as users do: ``python -m sdedit_jax.main``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from sdedit_jax import pretrained
+from sdedit_jax.models import unet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 16
+TINY_MODEL = dict(image_size=SIZE, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                  attn_resolutions=(), dropout=0.0, time_embedding="sinusoidal",
+                  fourier_scale=16.0, skip_rescale=True, fast_conv=True)
+
+
+def make_model(path: str) -> str:
+    """A random tiny model folder (16 px, RGB) saved with the project's own writer."""
+    _, state = nnx.split(unet.build(unet.UNetConfig.from_config(TINY_MODEL), seed=1))
+    pretrained.save_model(path, state, TINY_MODEL, {"name": "vp"}, "noise")
+    return path
+
+
+def save_png(path: str, pixels: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def random_guide(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3)).astype(np.uint8)
+
+
+def command(model_dir: str, source: str, workdir: str, *extra: str,
+            t0s: str = "(0.4,0.6)") -> list[str]:
+    """The job's command line for ``source`` (a folder, or a .jsonl/.csv manifest)."""
+    kind = "manifest" if source.endswith((".jsonl", ".csv")) else "folder"
+    return [sys.executable, "-m", "sdedit_jax.main", "--config", "configs/default.py",
+            f"--config.model_dir={model_dir}", f"--config.input.source={kind}",
+            f"--config.input.path={source}", f"--config.input.image_size=({SIZE},{SIZE})",
+            f"--config.t0s={t0s}", "--config.sampler.steps_per_unit_time=10",
+            "--config.per_device_batch=2", f"--workdir={workdir}", *extra]
+
+
+def env(devices: int = 2, tmpdir: str | None = None) -> dict[str, str]:
+    out = dict(os.environ)
+    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out["JAX_COMPILATION_CACHE_DIR"] = os.path.join(REPO, ".jax_cache")
+    out["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if tmpdir is not None:
+        out["TMPDIR"] = tmpdir
+    return out
+
+
+def run(cmd: list[str], *, devices: int = 2, tmpdir: str | None = None, timeout: float = 300,
+        **kwargs) -> subprocess.CompletedProcess:
+    """Runs the command under a timeout (a hang fails the test with TimeoutExpired)."""
+    return subprocess.run(cmd, cwd=REPO, env=env(devices, tmpdir), capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def rows(path: str) -> dict[str, dict]:
+    """JSONL rows of a finished manifest or failures file, by id."""
+    with open(path, encoding="utf-8") as f:
+        return {row["id"]: row for row in map(json.loads, f)}
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The job's own messages (TensorFlow/XLA start-up chatter removed)."""
+    noise = ("oneDNN", "absl::InitializeLog", "libtpu", "xla_bridge", "cpu_feature_guard",
+             "To enable the following instructions")
+    return [line for line in stderr.splitlines() if line.strip()
+            and not any(n in line for n in noise)]
