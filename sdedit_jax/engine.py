@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sdedit_jax import rng
+from sdedit_jax import files, rng
 from sdedit_jax.edit import sdedit_batch
 from sdedit_jax.sampling.integrate import Sampler
 from sdedit_jax.sde import SDE, ScoreFn
@@ -410,35 +410,55 @@ class JobSummary:
 
 
 class Progress:
-    """A progress line with images/s and ETA, plus a JSONL throughput log."""
+    """A progress line with images/s and ETA from *written* images, plus a JSONL log.
 
-    def __init__(self, total_steps: int, rows_per_step: int, log_path: str | None,
-                 every_seconds: float = 5.0, label: str = "edit"):
-        self.total_steps, self.rows_per_step = total_steps, rows_per_step
-        self.log_path, self.every, self.label = log_path, every_seconds, label
-        self.start = self.last = time.perf_counter()
-        self.last_step = -1
+    Why written: steps are dispatched asynchronously and outputs queue for the
+    writers, so dispatched batches run ahead of what is on disk; rate and ETA
+    count the examples whose outputs (or failure rows) are published.
+    """
+
+    def __init__(self, total_rows: int, log_path: str | None, every_seconds: float = 5.0,
+                 label: str = "edit"):
+        self.total_rows, self.log_path = total_rows, log_path
+        self.every, self.label = every_seconds, label
+        self.start = self.last = self.last_publish = time.perf_counter()
+        self.last_rows = -1
         self.tty = sys.stderr.isatty()
+        self.records: list[str] = []  # not yet published
+        self._published: list[str] = []  # object stores: the whole log so far
 
-    def update(self, step: int, rows_done: int, force: bool = False) -> None:
+    def update(self, step: int, written: int, force: bool = False) -> None:
         now = time.perf_counter()
-        if step == self.last_step or (not force and now - self.last < self.every):
+        if not force and (now - self.last < self.every or written == self.last_rows):
             return
-        self.last, self.last_step = now, step
+        self.last, self.last_rows = now, written
         elapsed = now - self.start
-        rate = rows_done / elapsed if elapsed > 0 else 0.0
-        steps_left = self.total_steps - step
-        eta = f"{steps_left * elapsed / step:.0f}s" if step else "-"
-        line = (f"[{self.label}] step {step}/{self.total_steps}  {rows_done} images  "
+        rate = written / elapsed if elapsed > 0 else 0.0
+        left = max(0, self.total_rows - written)
+        eta = f"{left / rate:.0f}s" if rate > 0 else "-"
+        line = (f"[{self.label}] {written}/{self.total_rows} images written  step {step}  "
                 f"{rate:.2f} img/s  elapsed {elapsed:.0f}s  ETA {eta}")
         print(("\r" if self.tty else "") + line, end="" if self.tty and not force else "\n",
               file=sys.stderr, flush=True)
         if self.log_path:
-            record = {"step": step, "total_steps": self.total_steps, "images": rows_done,
-                      "elapsed_s": round(elapsed, 3), "images_per_s": round(rate, 4),
-                      "unix_time": round(time.time(), 3)}
+            self.records.append(json.dumps({
+                "step": step, "images_written": written, "total_images": self.total_rows,
+                "elapsed_s": round(elapsed, 3), "images_per_s": round(rate, 4),
+                "unix_time": round(time.time(), 3)}) + "\n")
+            # Object stores cannot append: the whole log is republished, at most once a minute.
+            if force or files.is_local(self.log_path) or now - self.last_publish > 60:
+                self._publish()
+                self.last_publish = now
+
+    def _publish(self) -> None:
+        if files.is_local(self.log_path):
             with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.writelines(self.records)
+            self.records = []
+            return
+        self._published += self.records
+        self.records = []
+        files.publish_bytes(self.log_path, "".join(self._published).encode())
 
 
 def run_stream(
@@ -452,6 +472,7 @@ def run_stream(
     manifest_fields: dict[str, Any] | None = None,
     log_path: str | None = None,
     progress_label: str = "edit",
+    total_rows: int | None = None,
 ) -> JobSummary:
     """Edits a stream of host-local guide batches and hands outputs to ``sink``.
 
@@ -464,7 +485,13 @@ def run_stream(
     the per-example reverse step counts. Closes ``sink`` at the end, so the
     reported time includes the last computations and writes.
     """
-    progress = Progress(num_steps, editor.global_batch, log_path, label=progress_label)
+    total = num_steps * editor.global_batch // jax.process_count() if total_rows is None else (
+        total_rows)
+    progress = Progress(total, log_path, label=progress_label)
+
+    def written() -> int:  # sinks without a count: dispatched rows
+        return getattr(sink, "rows_written", rows_done + rows_failed)
+
     rows_done = rows_failed = steps = 0
     start = time.perf_counter()
     first_step_seconds = 0.0
@@ -498,8 +525,8 @@ def run_stream(
         valid = np.asarray(batch["valid"])
         rows_done += int(np.sum(valid & np.asarray(batch["ok"])))
         rows_failed += int(np.sum(valid & ~np.asarray(batch["ok"])))
-        progress.update(steps, rows_done)
+        progress.update(steps, written())
     sink.close()
-    progress.update(steps, rows_done, force=True)
+    progress.update(steps, written(), force=True)
     return JobSummary(steps, rows_done, rows_failed, time.perf_counter() - start,
                       first_step_seconds)

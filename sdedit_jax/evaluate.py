@@ -487,9 +487,8 @@ def sweep(model: pretrained.LoadedModel, variants: list[Variant], task_guides: l
     """Edits and scores every (variant, task, t0); returns (rows, contact-sheet cells per curve)."""
     editors = [engine.Editor(model.sde, v.sampler, v.repeats,
                              per_device_batch=config.per_device_batch) for v in variants]
-    chunk = editors[0].global_batch
-    total_chunks = len(variants) * len(t0s) * sum(-(-len(g.ids) // chunk) for g in task_guides)
-    progress = engine.Progress(total_chunks, chunk, throughput_log, label="evaluate")
+    total_rows = len(variants) * len(t0s) * sum(len(g.ids) for g in task_guides)
+    progress = engine.Progress(total_rows, throughput_log, label="evaluate")
     done = {"chunks": 0, "rows": 0}
 
     def on_chunk(count):

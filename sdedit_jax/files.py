@@ -320,12 +320,14 @@ def publish_chunks(path: str, chunks: Iterable[bytes], *, tag: str = "") -> None
         temp = join(dirname(path), basename(temp_name(path, tag)))
         with _translated(path):
             with _gfile().GFile(temp, "wb") as f:
+                f.write(b"")  # GFile creates nothing until its first write
                 for chunk in chunks:
                     f.write(chunk)
             _gfile().rename(temp, path, overwrite=True)
         return
     if not is_local(path):
         with _translated(path), _gfile().GFile(path, "wb") as f:
+            f.write(b"")
             for chunk in chunks:
                 f.write(chunk)
         return

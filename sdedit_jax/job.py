@@ -6,6 +6,7 @@ the command line and the output layout.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -19,14 +20,33 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from sdedit_jax import engine, pretrained, report, workdir_lock
+from sdedit_jax import engine, files, fingerprint, pretrained, report, workdir_lock
 from sdedit_jax.data import guide_inputs, sinks
 from sdedit_jax.sampling.integrate import Sampler
 
 
+def resolve_config_path(spec: str) -> str:
+    """``path/to/config.py[:arg]`` with the path found from any folder.
+
+    The rule: a path that exists (relative to the current folder) is used as
+    given; otherwise a relative path such as ``configs/default.py`` is looked
+    up in the project's source tree (next to the package) and then in the
+    configs installed with the package (``<prefix>/share/sdedit_jax``).
+    """
+    path, sep, arg = spec.partition(":")
+    if os.path.exists(path) or os.path.isabs(path) or not files.is_local(path):
+        return spec
+    package = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.path.dirname(package), os.path.join(sys.prefix, "share", "sdedit_jax")):
+        candidate = os.path.join(root, path)
+        if os.path.isfile(candidate):
+            return candidate + sep + arg
+    return spec
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path/to/config.py[:arg]`` the way ``--config`` does."""
-    path, _, arg = spec.partition(":")
+    path, _, arg = resolve_config_path(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location("_sdedit_config", path)
     if module_spec is None or module_spec.loader is None:
         raise FileNotFoundError(f"{path}: not a config file")
@@ -121,6 +141,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise _prefixed(e, "sampler") from None
     for t0 in t0s:
         input_config(config, t0)
+    check_output_config(config)
+
+
+def check_output_config(config: ml_collections.ConfigDict) -> None:
+    """Validates ``config.output`` and ``config.overwrite`` (raises :class:`ConfigError`)."""
+    output = config.output
+    _require(isinstance(output.png, bool), "output.png", output.png, "True or False")
+    _require(output.npz in sinks.NPZ_MODES, "output.npz", output.npz,
+             f"one of {sinks.NPZ_MODES}")
+    _require(output.png or output.npz != "none", "output.png", output.png,
+             "True, unless output.npz is 'per_example' or 'shards' (a job needs an output)")
+    _require(_is_int(output.png_compression) and 0 <= output.png_compression <= 9,
+             "output.png_compression", output.png_compression,
+             "an int in 0..9 (zlib level: 1 is fast, 9 is smallest)")
+    threads = output.writer_threads
+    _require(threads is None or (_is_int(threads) and threads >= 1), "output.writer_threads",
+             threads, "None (one per CPU core) or an int >= 1")
+    _require(isinstance(config.overwrite, bool), "overwrite", config.overwrite, "True or False")
 
 
 def input_config(config: ml_collections.ConfigDict, t0: float) -> guide_inputs.GuideInputConfig:
@@ -171,7 +209,7 @@ def _build_catalog(inputs: guide_inputs.GuideInputConfig) -> guide_inputs.Catalo
 
 
 def _read_png(path: str) -> np.ndarray:
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(files.read_bytes(path))) as image:
         return np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0
 
 
@@ -180,18 +218,21 @@ SUMMARY = "summary.json"
 CONTACT_ROWS = 16
 
 
-def write_contact_sheet(workdir: str, subdirs: dict[float, str],
+def write_contact_sheet(workdir: str, subdirs: dict[str, str],
                         inputs: guide_inputs.GuideInputConfig,
                         catalog: guide_inputs.Catalog) -> str | None:
-    """guide | mask | output per t0 for the first ids (canonical order) that have an output.
+    """guide | mask | output per sub-job for the first ids (canonical order) with a PNG output.
+
+    ``subdirs`` maps column labels (``"t0=0.3"``) to sub-job folders.
 
     A function of the finished workdir and the inputs only, so a resumed job
     writes the same sheet as an uninterrupted one; published atomically.
     """
     outputs = {}
     for t0, sub in subdirs.items():
-        for row in sinks.read_rows(os.path.join(sub, f"{sinks.MANIFEST}.jsonl"))[0]:
-            outputs[(row["id"], t0)] = os.path.join(sub, row["output"])
+        for row in sinks.read_rows(files.join(sub, f"{sinks.MANIFEST}.jsonl"))[0]:
+            if isinstance(row.get("output"), str):
+                outputs[(row["id"], t0)] = files.join(sub, row["output"])
     chosen = [i for i in sorted(catalog.ids) if any((i, t0) in outputs for t0 in subdirs)]
     chosen = chosen[:CONTACT_ROWS]
     if not chosen:
@@ -208,40 +249,153 @@ def write_contact_sheet(workdir: str, subdirs: dict[float, str],
             cells.append(None if path is None else _read_png(path))
         rows.append(cells)
         names.append(os.path.splitext(example_id)[0])
-    labels = ["guide", "mask"] + [f"t0={t0:g}" for t0 in subdirs]
+    labels = ["guide", "mask", *subdirs]
     buffer = io.BytesIO()
     report.contact_sheet(rows, labels, names).save(buffer, format="PNG")
-    path = os.path.join(workdir, CONTACT_SHEET)
+    path = files.join(workdir, CONTACT_SHEET)
     sinks.atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
-def run_job(config: ml_collections.ConfigDict, workdir: str, *,
-            retry_failed: bool = False) -> dict:
-    """Runs every t0 sub-job of ``config``; returns the job summary (also in summary.json).
+PER_EXAMPLE_FOLDER = "t0_per_example"
 
-    The whole configuration, the model against the inputs and the input
-    source are checked before any work (:class:`ConfigError`); the workdir is
-    locked against a second launch (:class:`workdir_lock.WorkdirBusy`).
-    ``summary.json`` describes the whole workdir (every invocation); the
-    returned dict adds what this invocation did under ``this_run``.
+
+@dataclasses.dataclass(frozen=True)
+class SubJob:
+    """One resumable part of a job: a folder, the t0 of its rows, which rows (the t0 rule)."""
+
+    label: str  # column label of the contact sheet, e.g. "t0=0.3"
+    folder: str  # under the workdir
+    t0: float  # of rows without their own t0 (and of failed rows)
+    t0_rows: str  # guide_inputs.T0_ROWS: "configured" or "own"
+
+
+def sub_jobs(t0s: list[float], catalog: guide_inputs.Catalog) -> list[SubJob]:
+    """The t0 rule (see ``guide_inputs.T0_ROWS``): configured t0s, plus one per-example sub-job.
+
+    Inputs that name their own t0 are edited once, at that t0, in
+    ``t0_per_example/``; all others at every configured t0. A configured
+    sub-job without rows (every input names its t0) is left out.
+    """
+    given = catalog.columns["t0_given"]
+    jobs = [SubJob(f"t0={t0:g}", t0_folder(t0), t0, "configured") for t0 in t0s
+            if not given.all()]
+    if given.any():
+        jobs.append(SubJob("own t0", PER_EXAMPLE_FOLDER, t0s[0], "own"))
+    return jobs
+
+
+def _catalog_at(catalog: guide_inputs.Catalog, t0: float) -> guide_inputs.Catalog:
+    """The catalog with ``t0`` for every row that does not name its own (no re-listing)."""
+    columns = dict(catalog.columns)
+    columns["t0"] = np.where(columns["t0_given"], columns["t0"], np.float32(t0))
+    return dataclasses.replace(catalog, columns=columns)
+
+
+def job_fingerprint(config: ml_collections.ConfigDict, model: pretrained.LoadedModel,
+                    sampler: Sampler, t0s: list[float],
+                    inputs: guide_inputs.GuideInputConfig) -> dict:
+    """Everything that determines this job's outputs (see :mod:`sdedit_jax.fingerprint`)."""
+    steps = config.sampler
+    step_rule = ({"steps_per_unit_time": steps.steps_per_unit_time} if steps.steps_per_unit_time
+                 else {"n_steps": steps.n_steps})
+    return fingerprint.job_fingerprint(
+        model_sha256=model.checksum,
+        sde={"type": type(model.sde).__name__, **_scalar_fields(model.sde)},
+        sampler={"predictor": sampler.predictor, "corrector": sampler.corrector,
+                 "snr": sampler.snr, "corrector_steps": sampler.corrector_steps,
+                 "denoise": sampler.denoise, "max_steps": sampler.max_steps},
+        step_rule=step_rule, repeats=config.repeats, seed=config.seed, t0s=t0s,
+        t0_rule=("inputs naming their own t0 are edited once at it, in "
+                 f"{PER_EXAMPLE_FOLDER}/; others at each of t0s"),
+        image_size=inputs.image_size, channels=inputs.channels,
+        guides={"resize": inputs.resize, "generator": inputs.generator,
+                "generator_kwargs": json.loads(json.dumps(inputs.generator_kwargs,
+                                                          sort_keys=True, default=str))},
+        output={"png": config.output.png, "npz": config.output.npz},
+    )
+
+
+def _scalar_fields(value) -> dict:
+    fields = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else {}
+    return {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool))}
+
+
+def run_job(config: ml_collections.ConfigDict, workdir: str, *,
+            retry_failed: bool = False, dry_run: bool = False) -> dict:
+    """Runs every sub-job of ``config``; returns the job summary (also in summary.json).
+
+    The whole configuration, the model against the inputs, the input source
+    and the workdir (writable; made by this configuration, see
+    :mod:`sdedit_jax.fingerprint`) are checked before any work
+    (:class:`ConfigError`); the workdir is locked against a second launch
+    (:class:`workdir_lock.WorkdirBusy`). ``summary.json`` describes the whole
+    workdir (every invocation); the returned dict adds what this invocation
+    did under ``this_run``.
 
     Args:
         retry_failed: try the inputs listed in ``failures.jsonl`` again.
+        dry_run: write nothing; print (and return under ``"plan"``) what each
+            sub-job would edit and skip, and why.
     """
     check_config(config)
+    if files.is_local(workdir):
+        _require(not os.path.isfile(workdir), "workdir", workdir, "a folder (this is a file)")
+    if not dry_run:
+        files.check_writable(workdir)  # a gs:// path without credentials fails here, at once
     t0s = [float(t0) for t0 in config.t0s]
     inputs = {t0: input_config(config, t0) for t0 in t0s}
     sampler, steps_for = sampler_from_config(config.sampler)
     model = _load_model(config.model_dir)
     check_model(model, inputs[t0s[0]], t0s)
     catalog = _build_catalog(inputs[t0s[0]])
-    _require(not os.path.isfile(workdir), "workdir", workdir, "a folder (this is a file)")
     process, n_processes = jax.process_index(), jax.process_count()
+    job_print = job_fingerprint(config, model, sampler, t0s, inputs[t0s[0]])
+    try:
+        fingerprint.check_or_record(workdir, job_print, overwrite=config.overwrite,
+                                    record=False)
+    except fingerprint.FingerprintMismatch as e:
+        raise ConfigError(str(e)) from None
+    if dry_run:
+        return plan_job(config, workdir, t0s, inputs, catalog, retry_failed)
     with workdir_lock.acquire(workdir, process):
         sinks.remove_orphan_temps(workdir, process, recursive=False)
+        if process == 0:
+            fingerprint.check_or_record(workdir, job_print, overwrite=config.overwrite)
+        multihost_utils.sync_global_devices("workdir fingerprint")
         return _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for,
                            retry_failed, process, n_processes)
+
+
+def plan_job(config, workdir, t0s, inputs, catalog, retry_failed) -> dict:
+    """The dry run: per sub-job, every input with ``edit`` or ``skip`` and the reason."""
+    plan = []
+    errors = catalog.columns["error"]
+    for job in sub_jobs(t0s, catalog):
+        sub = files.join(workdir, job.folder)
+        done = sinks.completed_index(sub, retry_failed=True)
+        failed = sinks.completed_index(sub) if not retry_failed else sinks.CompletedIds([])
+        mine = {"configured": ~catalog.columns["t0_given"],
+                "own": catalog.columns["t0_given"]}[job.t0_rows]
+        is_done = done.contains(catalog.columns["id"])
+        is_failed = failed.contains(catalog.columns["id"]) & ~is_done
+        counts = {"edit": 0, "skip": 0}
+        print(f"[{job.folder}] plan ({job.label}):")
+        for i in np.flatnonzero(mine):
+            example_id = catalog.columns["id"][i]
+            if is_done[i]:
+                action, why = "skip", "done (its output is in the workdir)"
+            elif is_failed[i]:
+                action, why = "skip", "failed in an earlier run (--retry_failed tries it again)"
+            elif errors[i]:
+                action, why = "fail", str(errors[i])
+            else:
+                action, why = "edit", f"t0={float(catalog.columns['t0'][i]):g}" if (
+                    job.t0_rows == "own") else f"t0={job.t0:g}"
+            counts[action] = counts.get(action, 0) + 1
+            print(f"  {action}  {example_id}  ({why})")
+        plan.append({"folder": job.folder, **counts})
+    return {"workdir": workdir, "dry_run": True, "plan": plan, "failures": 0}
 
 
 def _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for,
@@ -250,40 +404,45 @@ def _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for
                            per_device_batch=config.per_device_batch)
     placed = editor.place_score(model.score_fn)
     subdirs, this_run, totals = {}, [], []
-    for t0 in t0s:
-        sub = os.path.join(workdir, t0_folder(t0))
-        completed = sinks.completed_ids(sub, retry_failed=retry_failed)
+    job_fields = {"sde": type(model.sde).__name__, "predictor": sampler.predictor,
+                  "corrector": sampler.corrector, "max_steps": sampler.max_steps,
+                  "steps_per_unit_time": config.sampler.steps_per_unit_time,
+                  "n_steps": config.sampler.n_steps, "repeats": config.repeats,
+                  "model_sha256": model.checksum}
+    for job in sub_jobs(t0s, catalog):
+        sub = files.join(workdir, job.folder)
+        completed = sinks.completed_index(sub, retry_failed=retry_failed)
         # Every host must see the same finished set before anyone writes more.
         multihost_utils.sync_global_devices(f"read completed {sub}")
         stream = guide_inputs.make_guide_dataset(
-            inputs[t0], batch_size_per_host=editor.global_batch // n_processes,
-            completed=completed, catalog=catalog if t0 == t0s[0] else None,
+            inputs.get(job.t0, inputs[t0s[0]]),
+            batch_size_per_host=editor.global_batch // n_processes,
+            completed=completed, catalog=_catalog_at(catalog, job.t0), t0_rows=job.t0_rows,
         )
-        job_fields = {"sde": type(model.sde).__name__, "predictor": sampler.predictor,
-                      "corrector": sampler.corrector, "max_steps": sampler.max_steps,
-                      "steps_per_unit_time": config.sampler.steps_per_unit_time,
-                      "n_steps": config.sampler.n_steps, "repeats": config.repeats,
-                      "model_sha256": model.checksum}
-        print(f"[t0={t0:g}] {stream.num_examples} to edit, {stream.num_skipped} already done, "
-              f"{stream.num_steps} steps of {editor.global_batch}", file=sys.stderr, flush=True)
+        print(f"[{job.folder}] {stream.num_examples} to edit, {stream.num_skipped} already "
+              f"done, {stream.num_steps} steps of {editor.global_batch}", file=sys.stderr,
+              flush=True)
         with sinks.Sink(sub, process_index=process, job_fields=job_fields,
-                        npz="per_example" if config.save_npz else "none") as sink:
+                        png=config.output.png, npz=config.output.npz,
+                        png_compression=config.output.png_compression,
+                        num_threads=config.output.writer_threads) as sink:
             summary = engine.run_stream(
                 editor, placed, stream.dataset.as_numpy_iterator(), sink,
                 num_steps=stream.num_steps, steps_for=steps_for,
-                log_path=os.path.join(sub, f"throughput.p{process:05d}.jsonl"),
-                progress_label=f"t0={t0:g}",
+                log_path=files.join(sub, f"throughput.p{process:05d}.jsonl"),
+                progress_label=job.label, total_rows=stream.local_examples,
             )
         multihost_utils.sync_global_devices(f"wrote {sub}")
-        subdirs[t0] = sub
+        subdirs[job.label] = sub
         if process == 0:
             final = sinks.finalize(sub)
-            totals.append({"t0": t0, "folder": t0_folder(t0), "edited": final.manifest_rows,
+            totals.append({"t0": job.t0 if job.t0_rows == "configured" else None,
+                           "folder": job.folder, "edited": final.manifest_rows,
                            "failed": final.failure_rows,
                            "remaining": stream.total_examples - final.manifest_rows
                            - final.failure_rows})
-        this_run.append({"t0": t0, "steps": summary.steps, "edited": summary.rows_done,
-                         "seconds": round(summary.seconds, 2),
+        this_run.append({"folder": job.folder, "steps": summary.steps,
+                         "edited": summary.rows_done, "seconds": round(summary.seconds, 2),
                          "first_step_seconds": round(summary.first_step_seconds, 2),
                          "images_per_s": round(summary.images_per_second, 3),
                          "skipped_done": stream.num_skipped})
@@ -297,6 +456,6 @@ def _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for
     if config.contact_sheet:
         sheet = write_contact_sheet(workdir, subdirs, inputs[t0s[0]], catalog)
         result["contact_sheet"] = None if sheet is None else CONTACT_SHEET
-    sinks.atomic_write_bytes(os.path.join(workdir, SUMMARY),
+    sinks.atomic_write_bytes(files.join(workdir, SUMMARY),
                              json.dumps(result, indent=1).encode())
     return {"workdir": workdir, **result, "this_run": run}

@@ -50,10 +50,12 @@ from ml_collections import config_flags  # noqa: E402
 
 from sdedit_jax import workdir_lock  # noqa: E402
 from sdedit_jax.data import sinks  # noqa: E402
-from sdedit_jax.job import ConfigError, run_job  # noqa: E402
+from sdedit_jax.job import ConfigError, resolve_config_path, run_job  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SOME_FAILED = 0, 1, 2, 3
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "job config file")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", resolve_config_path("configs/default.py"),
+    "job config file (path[:variant]; configs/<name>.py works from any folder)")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "output folder (resumable)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
@@ -61,6 +63,19 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False,
                                   "also retry the inputs listed in failures.jsonl")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False,
+                             "write nothing; list what each sub-job would edit or skip, and why")
+
+
+def _resolve_config_argv(argv: list[str]) -> list[str]:
+    """``--config`` values resolved with :func:`resolve_config_path` (before flags are parsed)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config_path(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config_path(out[i + 1])
+    return out
 
 
 def _exit(status: int) -> None:
@@ -99,7 +114,8 @@ def _run(argv: list[str]) -> int:
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to jax
     if _DISTRIBUTED.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    result = run_job(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
+    result = run_job(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value,
+                     dry_run=_DRY_RUN.value)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=1))
     if _DISTRIBUTED.value:
@@ -128,4 +144,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, argv=_resolve_config_argv(sys.argv))

@@ -85,3 +85,8 @@ def test_join_restarts_at_a_url_component():
     assert files.join("/data/manifests", "gs://b/x.png") == "gs://b/x.png"
     assert files.join("ram://r", "a", "gs://b/c", "d.png") == "gs://b/c/d.png"
     assert files.join("/data", "sub", "/abs.png") == "/abs.png"
+
+
+def test_empty_content_is_published(root):
+    files.publish_chunks(files.join(root, "empty.jsonl"), iter([]))
+    assert files.read_bytes(files.join(root, "empty.jsonl")) == b""

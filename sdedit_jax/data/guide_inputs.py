@@ -33,6 +33,12 @@ randomness depends only on the example's (seed, id). ``stroke_edit`` and
 ``composite`` is the next example of the source in canonical order (the last
 uses the first), so it too is independent of sharding and resume.
 
+The t0 rule (``T0_ROWS``): an example whose input names its own ``t0`` (the
+``t0`` field of a manifest row or TFRecord) is edited exactly once, at that
+t0; a job puts all such examples in one sub-job (``t0_per_example/``). Every
+other example is edited once per configured t0 (``t0_<t0>/``). So no output
+is ever duplicated across t0 folders.
+
 Canonical order and sharding: examples are listed in a canonical order (sorted
 ids for folders and manifests; sorted shard names then record order for
 TFRecords; TFDS's file order) that every host computes identically. Example
@@ -94,6 +100,10 @@ GENERATOR_NAMES = ("none", *guides.GENERATORS)
 GUIDE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
 MASK_EXTENSIONS = (".png", ".npy")
 MANIFEST_FIELDS = ("path", "mask", "t0", "seed", "id")
+# The t0 rule: an input that names its own t0 (a manifest or TFRecord field) is
+# edited once, at that t0 ("own" rows: the job's ``t0_per_example`` sub-job);
+# every other input is edited at each configured t0 ("configured" rows).
+T0_ROWS = ("all", "configured", "own")
 _NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Seeds become int32 jax.random keys: every seed (config, manifest, record) must fit.
@@ -228,6 +238,7 @@ class _Row:
     guide_path: str = ""
     mask_path: str = ""
     error: str = ""
+    t0_given: bool = False  # the input names its own t0 (see T0_ROWS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +292,7 @@ def _catalog(rows: list[_Row], payload=None) -> Catalog:
         for name in ("id", "source", "guide_path", "mask_path", "error")
     }
     columns["t0"] = np.array([row.t0 for row in unique], np.float32)
+    columns["t0_given"] = np.array([row.t0_given for row in unique], bool)
     columns["seed"] = np.array([row.seed for row in unique], np.int64)
     return Catalog(columns, payload)
 
@@ -300,10 +312,10 @@ def _encodable(row: _Row) -> _Row:
     bad = [f for f in fields if _printable(getattr(row, f)) != getattr(row, f)]
     if not bad:
         return row
-    shown = {f: _printable(getattr(row, f)) for f in fields}
+    shown = {f: _printable(getattr(row, f)) for f in ("id", "source")}
+    field = {"id": "id", "mask_path": "mask"}.get(bad[0], "guide")
     return dataclasses.replace(row, **shown, guide_path="", mask_path="", error=(
-        f"{bad[0].replace('_path', '')} ({shown['source']}): name is not valid UTF-8; "
-        "rename the file"))
+        f"{field} ({shown['source']}): name is not valid UTF-8; rename the file"))
 
 
 def _file_problem(path: str) -> str:
@@ -535,7 +547,8 @@ def _manifest_row(number: int, fields: dict | None, error: str, manifest: str,
     if problems:
         return dataclasses.replace(row, error=f"{where}: " + "; ".join(problems))
     mask = fields.get("mask")
-    return dataclasses.replace(row, mask_path=files.join(base, mask) if mask else "", **values)
+    return dataclasses.replace(row, mask_path=files.join(base, mask) if mask else "",
+                               t0_given="t0" in values, **values)
 
 
 def _manifest_catalog(config: GuideInputConfig) -> Catalog:
@@ -619,7 +632,7 @@ def _record_row(record: bytes, shard: str, index: int, config: GuideInputConfig)
         seed = _parse_seed(int(fields["seed"])) if "seed" in fields else config.seed
     except ValueError as e:
         return dataclasses.replace(row, t0=t0, error=f"tfrecord ({source}): feature 'seed': {e}")
-    return dataclasses.replace(row, t0=t0, seed=seed)
+    return dataclasses.replace(row, t0=t0, seed=seed, t0_given="t0" in fields)
 
 
 def _tfrecord_catalog(config: GuideInputConfig) -> Catalog:
@@ -1058,7 +1071,8 @@ class GuideStream:
         batch_size: rows per batch on this host.
         host_counts: examples left to do on each host.
         process_index: this host.
-        total_examples: examples in the source (all hosts, done or not).
+        total_examples: examples of the source in this stream's ``t0_rows`` (all hosts,
+            done or not).
         num_skipped: examples skipped because they were completed (all hosts).
     """
 
@@ -1094,6 +1108,7 @@ def make_guide_dataset(
     completed: Collection[str] = frozenset(),
     num_steps: int | None = None,
     catalog: Catalog | None = None,
+    t0_rows: str = "all",
 ) -> GuideStream:
     """Builds this host's stream of guide batches.
 
@@ -1109,6 +1124,9 @@ def make_guide_dataset(
         num_steps: batches to yield (default: the least that serves every
             host); more steps add padding batches.
         catalog: a prebuilt ``build_catalog(config)`` (avoids listing twice).
+        t0_rows: which examples this stream holds (see ``T0_ROWS``): ``"all"``,
+            ``"configured"`` (those without their own t0, edited at
+            ``config.t0``) or ``"own"`` (those whose input names a t0).
 
     Returns:
         The host's ``GuideStream``.
@@ -1124,16 +1142,22 @@ def make_guide_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index: {process_index} not in [0, {process_count})")
     catalog = build_catalog(config) if catalog is None else catalog
-    done = _done_mask(catalog.columns["id"], completed)
+    if t0_rows not in T0_ROWS:
+        raise ValueError(f"t0_rows: expected one of {T0_ROWS}, got {t0_rows!r}")
+    selected = {"all": np.ones(len(catalog), bool), "configured": ~catalog.columns["t0_given"],
+                "own": catalog.columns["t0_given"]}[t0_rows]
+    # Rows outside the selection count as neither to do nor done.
+    done = _done_mask(catalog.columns["id"], completed) & selected
+    left = ~done & selected
     owner = np.arange(len(catalog)) % process_count
-    host_counts = tuple(int(np.sum(~done & (owner == p))) for p in range(process_count))
+    host_counts = tuple(int(np.sum(left & (owner == p))) for p in range(process_count))
     needed = global_num_steps(host_counts, batch_size_per_host)
     if num_steps is None:
         num_steps = needed
     elif num_steps < needed:
         raise ValueError(f"num_steps: {num_steps} is fewer than the {needed} steps needed")
 
-    keep = tf.constant(~done & (owner == process_index))
+    keep = tf.constant(left & (owner == process_index))
     rows = _rows_dataset(catalog)
     if config.generator == "composite":
         donors = rows.skip(1).concatenate(rows.take(1))
@@ -1156,7 +1180,7 @@ def make_guide_dataset(
         batch_size=batch_size_per_host,
         host_counts=host_counts,
         process_index=process_index,
-        total_examples=len(catalog),
+        total_examples=int(selected.sum()),
         num_skipped=int(done.sum()),
     )
 
