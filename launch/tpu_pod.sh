@@ -11,7 +11,14 @@
 set -euo pipefail
 : "${REPO:?set REPO to the git URL of your sdedit_jax clone}" "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${CONFIG:=configs/default.py}" "${WORKDIR:?set WORKDIR}"
 ACCEL=${ACCEL:-v4-32}
-VERSION=${VERSION:-tpu-ubuntu2204-base}
+# The runtime image for the accelerator (Google's table of TPU software versions).
+case "$ACCEL" in
+  v6e-*) DEFAULT_VERSION=v2-alpha-tpuv6e ;;
+  v5p-*) DEFAULT_VERSION=v2-alpha-tpuv5 ;;
+  v5litepod-* | v5e-*) DEFAULT_VERSION=v2-alpha-tpuv5-lite ;;
+  *) DEFAULT_VERSION=tpu-ubuntu2204-base ;;
+esac
+VERSION=${VERSION:-$DEFAULT_VERSION}
 EXTRA=${EXTRA:-}
 
 if ! gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE" >/dev/null 2>&1; then
@@ -19,13 +26,12 @@ if ! gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE" >/dev/null 2
     --accelerator-type "$ACCEL" --version "$VERSION"
 fi
 
-# Per-worker setup: code, dependencies, jax[tpu] (idempotent).
+# Per-worker setup: code, Python >= 3.11, pinned dependencies, jax[tpu] (idempotent).
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   set -e
   [ -d sdedit_jax ] || git clone '$REPO' sdedit_jax
   cd sdedit_jax && git pull --ff-only
-  bash launch/setup.sh
-  .venv/bin/pip install -q -U 'jax[tpu]'
+  bash launch/tpu_setup.sh
 "
 
 # The job itself, on all workers at once. Re-running resumes: finished ids are skipped.

@@ -34,6 +34,7 @@ allocation until its wall-clock limit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -48,7 +49,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sdedit_jax import workdir_lock  # noqa: E402
+from sdedit_jax import cluster, workdir_lock  # noqa: E402
 from sdedit_jax.data import sinks  # noqa: E402
 from sdedit_jax.job import ConfigError, resolve_config_path, run_job  # noqa: E402
 
@@ -113,7 +114,9 @@ def _run(argv: list[str]) -> int:
         raise ConfigError(f"unexpected arguments: {argv[1:]} (settings are --config.<field>=...)")
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to jax
     if _DISTRIBUTED.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        settings = cluster.process_settings(os.environ, _COORDINATOR.value,
+                                            _NUM_PROCESSES.value, _PROCESS_ID.value)
+        jax.distributed.initialize(**dataclasses.asdict(settings))
     result = run_job(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value,
                      dry_run=_DRY_RUN.value)
     if jax.process_index() == 0:
