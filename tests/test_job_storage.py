@@ -185,3 +185,37 @@ def test_fingerprint_refuses_each_changed_field_and_resumes_the_same(store, tmp_
     assert recorded["seed_rule"]["seed"] == 5
     with pytest.raises(job.ConfigError, match=r"seed_rule.seed 5 -> 0"):
         job.run_job(_config(store), workdir)
+
+
+@pytest.mark.slow
+def test_t0_rule_edits_inputs_with_their_own_t0_once_and_dry_run_writes_nothing(store, capsys):
+    rows = [{"path": f"guides/g{i:02d}.png", "mask": f"guides/masks/g{i:02d}.png"}
+            for i in range(7)]
+    for i, t0 in ((4, 0.3), (5, 0.5), (6, 0.5)):
+        rows[i]["t0"] = t0
+    manifest = files.join(store, "rows.jsonl")
+    files.publish_bytes(manifest, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    config = _config(store, **{"input.source": "manifest", "input.path": manifest,
+                               "t0s": (0.4, 0.6)})
+    workdir = files.join(store, "t0_rule")
+
+    plan = job.run_job(config, workdir, dry_run=True)
+    assert [(p["folder"], p["edit"], p["skip"]) for p in plan["plan"]] == [
+        ("t0_0.40", 4, 0), ("t0_0.60", 4, 0), ("t0_per_example", 3, 0)]
+    assert "edit  guides/g05.png  (t0=0.5)" in capsys.readouterr().out
+    assert not files.exists(workdir)  # a dry run writes nothing
+
+    job.run_job(config, workdir)
+    edited = {}
+    for folder in ("t0_0.40", "t0_0.60", "t0_per_example"):
+        lines = files.read_lines(files.join(workdir, folder, "manifest.jsonl"))
+        edited[folder] = {r["id"]: r["t0"] for r in map(json.loads, lines)}
+    plain = {f"guides/g{i:02d}.png" for i in range(4)}
+    assert edited["t0_0.40"] == dict.fromkeys(plain, 0.4)
+    assert edited["t0_0.60"] == dict.fromkeys(plain, 0.6)
+    assert edited["t0_per_example"] == {"guides/g04.png": 0.3, "guides/g05.png": 0.5,
+                                        "guides/g06.png": 0.5}
+
+    plan = job.run_job(config, workdir, dry_run=True)
+    assert [(p["edit"], p["skip"]) for p in plan["plan"]] == [(0, 4), (0, 4), (0, 3)]
+    assert "skip  guides/g04.png  (done" in capsys.readouterr().out
