@@ -134,13 +134,15 @@ def test_kill_9_and_restart_equals_uninterrupted(model_dir, guides_dir, referenc
                 len(open(os.path.join(workdir, d, f)).read().splitlines())
                 for d in (os.listdir(workdir) if os.path.isdir(workdir) else [])
                 if d.startswith("t0_")
-                for f in os.listdir(os.path.join(workdir, d)) if f.startswith("manifest.p")
+                # per-batch records, and what finalize merged them into
+                for f in os.listdir(os.path.join(workdir, d)) if f.startswith("manifest.")
             )
             if done >= kill_after_rows:
                 break
             time.sleep(0.05)
         interrupted += proc.poll() is None
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert interrupted >= 2  # the kills really landed mid-job
     _run(cmd, devices=8)
