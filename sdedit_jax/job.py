@@ -341,14 +341,16 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, *,
     check_config(config)
     if files.is_local(workdir):
         _require(not os.path.isfile(workdir), "workdir", workdir, "a folder (this is a file)")
-    if not dry_run:
-        files.check_writable(workdir)  # a gs:// path without credentials fails here, at once
     t0s = [float(t0) for t0 in config.t0s]
     inputs = {t0: input_config(config, t0) for t0 in t0s}
     sampler, steps_for = sampler_from_config(config.sampler)
     model = _load_model(config.model_dir)
     check_model(model, inputs[t0s[0]], t0s)
     catalog = _build_catalog(inputs[t0s[0]])
+    if not dry_run:
+        # After the checks above, so a configuration error leaves no workdir behind;
+        # a gs:// path without credentials still fails here, before any work.
+        files.check_writable(workdir)
     process, n_processes = jax.process_index(), jax.process_count()
     job_print = job_fingerprint(config, model, sampler, t0s, inputs[t0s[0]])
     try:
