@@ -77,6 +77,8 @@ def join(base: str, *parts: str) -> str:
     Like ``os.path.join`` with an absolute component, a URL component starts
     the path over (a local manifest may name ``gs://`` inputs).
     """
+    if "://" not in base and not any("://" in part for part in parts):  # fast path: local
+        return os.path.join(base, *parts)
     for i in range(len(parts) - 1, -1, -1):
         if not is_local(parts[i]):
             return join(parts[i], *parts[i + 1:])

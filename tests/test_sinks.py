@@ -284,3 +284,19 @@ def test_sink_options_are_checked():
         sinks.Sink("ram://x/y", png=False)
     with pytest.raises(ValueError, match="png_compression: expected an int in 0..9, got 10"):
         sinks.Sink("ram://x/y", png_compression=10)
+
+
+def test_completed_index_matches_the_string_set_and_hashes_ignore_array_width():
+    rng = np.random.default_rng(0)
+    alphabet = list("abcXYZ/._-üé中 0123456789")
+    ids = sorted({"".join(rng.choice(alphabet, rng.integers(1, 40))) for _ in range(3000)})
+    done, other = ids[::2], ids[1::2]
+    index = sinks.CompletedIds.from_ids(iter(done), chunk=100)
+    assert len(index) == len(done)
+    assert index.contains(np.array(ids)).tolist() == [i in set(done) for i in ids]
+    assert all(i in index for i in done[:50]) and not any(i in index for i in other[:50])
+    # A hash depends on the id alone: not on the array it sits in, nor str vs UTF-8 bytes.
+    wide = np.array(["x", "y" * 300])
+    assert sinks.id_hashes(wide)[0] == sinks.id_hashes(["x"])[0]
+    assert sinks.id_hashes(["ü"])[0] == sinks.id_hashes([b"\xc3\xbc"])[0]
+    assert len(set(sinks.id_hashes(["a" * n for n in range(1, 30)]).tolist())) == 29

@@ -1,0 +1,251 @@
+"""Host-side benchmarks of batch jobs (not tests): bookkeeping at scale and the output pipeline.
+
+    # 1,000,000-example manifest on one host, trivial score function: startup,
+    # resume with 99 % done, peak memory; the per-id string set side by side.
+    python -m sdedit_jax.bench_host --what=scale --examples=1000000
+    # Decode + PNG encode + write at 256x256 (no model), by writer threads and PNG level.
+    python -m sdedit_jax.bench_host --what=pipeline --size=256 --images=384
+
+Each measured phase runs in a fresh subprocess, so its peak memory (the
+``ru_maxrss`` high-water mark above the process's footprint after its imports)
+is its own. Figures go to stdout as JSON lines; BENCHMARKS.md records them with
+the CPU they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
+_WHAT = flags.DEFINE_enum("what", "scale", ["scale", "pipeline", "phase"], "what to measure")
+_EXAMPLES = flags.DEFINE_integer("examples", 1_000_000, "examples in the synthetic manifest")
+_DONE = flags.DEFINE_float("done", 0.99, "fraction already finished in the resume phase")
+_SIZE = flags.DEFINE_integer("size", 256, "image side of the pipeline benchmark")
+_IMAGES = flags.DEFINE_integer("images", 384, "images per pipeline measurement")
+_SCRATCH = flags.DEFINE_string("scratch", "", "folder for generated data (default: a temp dir)")
+_PHASE = flags.DEFINE_string("phase", "", "internal: the phase a subprocess runs")
+
+GUIDE_SIDE = 16
+ROWS_PER_RECORD = 1000  # rows per completion record (one written batch)
+
+
+def _cpu() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        name = platform.processor() or "unknown"
+    return f"{name}, {len(os.sched_getaffinity(0))} cores usable"
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- scale: synthetic data -----------------------------------------------------------------------
+
+
+def _job_fields() -> dict:
+    return {"sde": "VPSDE", "predictor": "euler_maruyama", "corrector": "none", "max_steps": 1,
+            "steps_per_unit_time": 0, "n_steps": 1, "repeats": 1, "model_sha256": "0" * 64}
+
+
+def make_scale_data(root: str, examples: int, done: float) -> dict:
+    """A manifest of ``examples`` rows and a workdir whose records finish ``done`` of them."""
+    from sdedit_jax.data import sinks
+
+    guide = os.path.join(root, "guide.png")
+    Image.fromarray(np.full((GUIDE_SIDE, GUIDE_SIDE, 3), 128, np.uint8)).save(guide)
+    manifest = os.path.join(root, "manifest.jsonl")
+    with open(manifest, "w") as f:
+        for i in range(examples):
+            f.write(json.dumps({"path": "guide.png", "id": f"images/{i:08d}.png"}) + "\n")
+    workdir = os.path.join(root, "work", "t0_0.50")
+    os.makedirs(os.path.join(workdir, "arrays"), exist_ok=True)
+    finished = int(examples * done)
+    fields = _job_fields()
+    for start in range(0, finished, ROWS_PER_RECORD):
+        shard = f"arrays/part.p00000.r0.{start // ROWS_PER_RECORD:06d}.npz"
+        with open(os.path.join(workdir, shard), "wb") as f:
+            f.write(b"npz")  # only its existence is checked on resume
+        rows = [{**fields, "id": f"images/{i:08d}.png", "source": guide, "npz": shard,
+                 "npz_index": i - start, "t0": np.float32(0.5), "seed": 0}
+                for i in range(start, min(start + ROWS_PER_RECORD, finished))]
+        name = f"manifest.p00000.r0.{start // ROWS_PER_RECORD:06d}.jsonl"
+        with open(os.path.join(workdir, name), "w") as f:
+            f.writelines(sinks._jsonl_line(r) for r in rows)
+    return {"manifest": manifest, "workdir": workdir, "finished": finished}
+
+
+# --- scale: one phase per subprocess ---------------------------------------------------------
+
+
+def _trivial_editor():
+    """An Editor whose score is ``-x`` (one step): the device side costs ~nothing."""
+    import jax
+
+    from sdedit_jax import engine
+    from sdedit_jax.sampling.integrate import Sampler
+    from sdedit_jax.sde import VPSDE
+
+    sampler = Sampler(predictor="euler_maruyama", corrector="none", max_steps=1)
+    editor = engine.Editor(VPSDE(), sampler, 1, per_device_batch=256)
+    score = jax.tree_util.Partial(lambda x, t: -x)
+    return editor, editor.place_score(score)
+
+
+def run_phase(phase: str, data: dict) -> dict:
+    """Runs one measured phase in this process; returns its timings and peak memory."""
+    import jax  # noqa: F401  (imports belong to the footprint, not to the phase)
+    import tensorflow as tf  # noqa: F401
+
+    from sdedit_jax.data import guide_inputs, sinks
+
+    base = _peak_mb()
+    start = time.perf_counter()
+    out: dict = {"phase": phase}
+    if phase == "index":  # the compact completed-id index alone
+        index = sinks.completed_index(data["workdir"])
+        out.update(seconds=time.perf_counter() - start, ids=len(index))
+    elif phase == "string_set":  # the per-id string set it replaces, for comparison
+        ids = sinks.completed_ids(data["workdir"])
+        out.update(seconds=time.perf_counter() - start, ids=len(ids))
+    else:  # "fresh" or "resume": what a job does before and during its first batch
+        config = guide_inputs.GuideInputConfig(source="manifest", path=data["manifest"],
+                                               image_size=(GUIDE_SIDE, GUIDE_SIDE), t0=0.5,
+                                               mask_dir="")
+        catalog = guide_inputs.build_catalog(config)
+        out["catalog_s"] = time.perf_counter() - start
+        workdir = data["workdir"] if phase == "resume" else data["workdir"] + "_fresh"
+        mark = time.perf_counter()
+        completed = sinks.completed_index(workdir)
+        out["completed_index_s"] = time.perf_counter() - mark
+        editor, placed = _trivial_editor()
+        mark = time.perf_counter()
+        stream = guide_inputs.make_guide_dataset(
+            config, batch_size_per_host=editor.global_batch, completed=completed,
+            catalog=catalog, process_index=0, process_count=1)
+        iterator = stream.dataset.as_numpy_iterator()
+        first = next(iterator)
+        out["stream_and_first_batch_s"] = time.perf_counter() - mark
+        out["startup_s"] = time.perf_counter() - start
+        out.update(to_edit=stream.num_examples, skipped=stream.num_skipped)
+        if phase == "resume":  # finish the remaining examples through the trivial model
+            from sdedit_jax import engine
+
+            mark = time.perf_counter()
+            with tempfile.TemporaryDirectory() as scratch:
+                sink = sinks.Sink(os.path.join(scratch, "out"), png=False, npz="shards")
+
+                def batches():
+                    yield first
+                    yield from iterator
+
+                summary = engine.run_stream(editor, placed, batches(), sink,
+                                            num_steps=stream.num_steps,
+                                            steps_for=lambda t0: np.ones(np.shape(t0), np.int32))
+            out["finish_rest_s"] = time.perf_counter() - mark
+            out["finished_rows"] = summary.rows_done
+    out["peak_mb_above_imports"] = round(_peak_mb() - base, 1)
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _subprocess_phase(phase: str, data: dict) -> dict:
+    cmd = [sys.executable, "-m", "sdedit_jax.bench_host", "--what=phase", f"--phase={phase}",
+           f"--scratch={json.dumps(data)}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"phase {phase} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_scale(root: str) -> None:
+    mark = time.perf_counter()
+    data = make_scale_data(root, _EXAMPLES.value, _DONE.value)
+    print(json.dumps({"cpu": _cpu(), "examples": _EXAMPLES.value, "finished": data["finished"],
+                      "generate_s": round(time.perf_counter() - mark, 1)}), flush=True)
+    for phase in ("fresh", "resume", "index", "string_set"):
+        print(json.dumps(_subprocess_phase(phase, data)), flush=True)
+
+
+# --- pipeline: decode + encode + write at 256^2, no model ---------------------------------------
+
+
+def _pipeline_once(guides: str, out: str, threads: int, level: int, images: int) -> dict:
+    from sdedit_jax.data import guide_inputs, sinks
+
+    config = guide_inputs.GuideInputConfig(source="folder", path=guides, mask_dir="",
+                                           image_size=(_SIZE.value, _SIZE.value))
+    start = time.perf_counter()
+    stream = guide_inputs.make_guide_dataset(config, batch_size_per_host=32, process_index=0,
+                                             process_count=1)
+    decoded = 0
+    with sinks.Sink(out, png_compression=level, num_threads=threads, max_pending=4) as sink:
+        for batch in stream.dataset.as_numpy_iterator():
+            sink.write_batch(batch, batch["guide"])  # the "edit" is the identity
+            decoded += int(batch["valid"].sum())
+    seconds = time.perf_counter() - start
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    return {"writer_threads": threads, "png_level": level, "images": decoded,
+            "seconds": round(seconds, 2), "images_per_s": round(decoded / seconds, 1),
+            "cpu_s_total": round(cpu.ru_utime + cpu.ru_stime, 1)}
+
+
+def _encode_cost(level: int, image: np.ndarray, repeats: int = 20) -> float:
+    from sdedit_jax.data import sinks
+
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sinks.png_bytes(image, level)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def bench_pipeline(root: str) -> None:
+    guides = os.path.join(root, "guides")
+    os.makedirs(guides, exist_ok=True)
+    rng = np.random.default_rng(0)
+    side = _SIZE.value
+    # Smooth images with some texture: PNG costs like a photo-like output, not like noise.
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for i in range(_IMAGES.value):
+        pixels = np.stack([np.sin(6 * xx + i), np.cos(5 * yy + i), np.sin(4 * (xx + yy))], -1)
+        pixels = (pixels + 1) * 110 + rng.integers(0, 20, (side, side, 3))
+        Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(guides, f"{i:05d}.png"))
+    sample = np.asarray(Image.open(os.path.join(guides, "00000.png")), np.float32) / 127.5 - 1
+    print(json.dumps({"cpu": _cpu(), "size": side, "images": _IMAGES.value,
+                      "png_encode_ms": {level: round(_encode_cost(level, sample), 2)
+                                        for level in (1, 6)}}), flush=True)
+    for level in (1, 6):
+        for threads in (1, 2, 4, 8):
+            out = os.path.join(root, f"out_{level}_{threads}")
+            print(json.dumps(_pipeline_once(guides, out, threads, level, _IMAGES.value)),
+                  flush=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _WHAT.value == "phase":
+        print(json.dumps(run_phase(_PHASE.value, json.loads(_SCRATCH.value))))
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        root = _SCRATCH.value or scratch
+        os.makedirs(root, exist_ok=True)
+        (bench_scale if _WHAT.value == "scale" else bench_pipeline)(root)
+
+
+if __name__ == "__main__":
+    app.run(main)
