@@ -219,3 +219,22 @@ def test_t0_rule_edits_inputs_with_their_own_t0_once_and_dry_run_writes_nothing(
     plan = job.run_job(config, workdir, dry_run=True)
     assert [(p["edit"], p["skip"]) for p in plan["plan"]] == [(0, 4), (0, 4), (0, 3)]
     assert "skip  guides/g04.png  (done" in capsys.readouterr().out
+
+
+def test_cli_from_another_folder_takes_every_setting_and_dry_run_writes_nothing(tmp_path):
+    """``configs/default.py`` and its demo inputs resolve from any folder; optional keys
+    (None or empty in the file) are settable on the command line."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "sdedit_jax.main", "--config", "configs/default.py:quick",
+           "--workdir", "out", "--dry_run", "--config.output.writer_threads=3",
+           "--config.input.tfds_data_dir=/nowhere", "--config.input.tfds_name=unused",
+           '--config.input.generator_kwargs={"num_colors": 4}', "--config.output.npz=shards"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "edit  edit_u1f34a.png  (t0=0.3)" in proc.stdout
+    assert os.listdir(tmp_path) == []  # a dry run writes nothing
