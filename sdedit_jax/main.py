@@ -4,8 +4,12 @@
     python -m sdedit_jax.main --config configs/default.py --config.seed=3 --workdir runs/s3
 
 Every t0 of ``config.t0s`` is a sub-job writing ``<workdir>/t0_<t0>/``
-(``images/``, ``manifest.jsonl``, ``failures.jsonl``, ``throughput.jsonl``).
-Re-running the same command resumes: finished and failed ids are skipped.
+(``images/``, ``manifest.jsonl``, ``failures.jsonl``, ``throughput.jsonl``);
+inputs that name their own t0 are edited once, in ``t0_per_example/``.
+Re-running the same command resumes: finished and failed ids are skipped; a
+different configuration is refused (see :mod:`sdedit_jax.fingerprint`).
+``--dry_run`` lists what would be edited or skipped, and why, writing nothing.
+Paths may be local or ``gs://`` (see :mod:`sdedit_jax.files`).
 Multi-host: pass ``--distributed`` on every host (see ``launch/``).
 
 Re-running the same command resumes; ``--retry_failed`` also tries the
