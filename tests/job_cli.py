@@ -38,12 +38,16 @@ def random_guide(seed: int) -> np.ndarray:
 
 
 def command(model_dir: str, source: str, workdir: str, *extra: str,
-            t0s: str = "(0.4,0.6)") -> list[str]:
-    """The job's command line for ``source`` (a folder, or a .jsonl/.csv manifest)."""
+            t0s: str = "(0.4,0.6)", image_size: str = f"({SIZE},{SIZE})") -> list[str]:
+    """The job's command line for ``source`` (a folder, or a .jsonl/.csv manifest).
+
+    Tuple settings are parameters: given twice on a command line, ml_collections
+    concatenates them instead of replacing the first.
+    """
     kind = "manifest" if source.endswith((".jsonl", ".csv")) else "folder"
     return [sys.executable, "-m", "sdedit_jax.main", "--config", "configs/default.py",
             f"--config.model_dir={model_dir}", f"--config.input.source={kind}",
-            f"--config.input.path={source}", f"--config.input.image_size=({SIZE},{SIZE})",
+            f"--config.input.path={source}", f"--config.input.image_size={image_size}",
             f"--config.t0s={t0s}", "--config.sampler.steps_per_unit_time=10",
             "--config.per_device_batch=2", f"--workdir={workdir}", *extra]
 

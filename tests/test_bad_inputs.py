@@ -195,32 +195,33 @@ def test_csv_with_a_repeated_column_fails_its_rows(model_dir, tmp_path):
                for f in failures.values())
 
 
-CLI_CONFIG_ERRORS = [  # (flag or t0s, the field the one-line error must name)
-    ("('a',)", "config.t0s"),
-    ("()", "config.t0s"),
-    ("(0.3,1.5)", "config.t0s"),
-    ("--config.seed=-1", "config.seed"),
-    ("--config.sampler.n_steps=-5", "config.sampler.n_steps"),
-    ("--config.input.image_size=(32,32)", "config.input.image_size"),
-    ("--config.input.channels=1", "config.input.channels"),
-    ("--config.model_dir=/nonexistent/model", "config.model_dir"),
-    ("--config.input.path=/nonexistent/guides", "config.input.path"),
+CLI_CONFIG_ERRORS = [  # (setting, the start of the one-line error)
+    ({"t0s": "('a',)"}, "config.t0s: got ('a',); expected a non-empty tuple"),
+    ({"t0s": "()"}, "config.t0s: got (); expected a non-empty tuple"),
+    ({"t0s": "(0.3,1.5)"}, "config.t0s: got (0.3, 1.5)"),
+    ("--config.seed=-1", "config.seed: got -1; expected an int in [0, 2^31)"),
+    ("--config.sampler.n_steps=-5", "config.sampler.n_steps: got -5; expected an int >= 0"),
+    ({"image_size": "(32,32)"}, "config.input.image_size: got (32, 32); expected (16, 16), "
+                                "the size of the model"),
+    ("--config.input.channels=1", "config.input.channels: got 1; expected 3, the channels"),
+    ("--config.model_dir=/nonexistent/model", "config.model_dir: cannot load"),
+    ("--config.input.path=/nonexistent/guides", "config.input.path: guide folder"),
 ]
 
 
-@pytest.mark.parametrize("flag, field", CLI_CONFIG_ERRORS)
-def test_config_errors_are_one_line_before_any_work(model_dir, tmp_path, flag, field):
+@pytest.mark.parametrize("setting, message", CLI_CONFIG_ERRORS)
+def test_config_errors_are_one_line_before_any_work(model_dir, tmp_path, setting, message):
     guides = str(tmp_path / "guides")
     job_cli.save_png(os.path.join(guides, "g.png"), job_cli.random_guide(0))
     workdir = str(tmp_path / "out")
-    if flag.startswith("--"):
-        cmd = job_cli.command(model_dir, guides, workdir, flag)
+    if isinstance(setting, dict):
+        cmd = job_cli.command(model_dir, guides, workdir, **setting)
     else:
-        cmd = job_cli.command(model_dir, guides, workdir, t0s=flag)
+        cmd = job_cli.command(model_dir, guides, workdir, setting)
     proc = job_cli.run(cmd, timeout=120)
     lines = job_cli.error_lines(proc.stderr)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith(f"sdedit_jax: {field}"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"sdedit_jax: {message}"), lines
     assert not os.path.exists(workdir)  # nothing was started
 
 
@@ -285,3 +286,24 @@ def test_output_name_clash_becomes_a_failure_row(monkeypatch, tmp_path):
     errors = dict(zip(catalog.ids, catalog.columns["error"], strict=True))
     assert errors["A.png"] == ""
     assert "clashes with that of id 'A.png'" in errors["a.png"]
+
+
+def test_tfrecord_seeds_outside_the_int32_key_range_fail_their_rows(tmp_path):
+    import tensorflow as tf
+
+    image = open(_write_png(tmp_path / "g.png"), "rb").read()
+    shard = str(tmp_path / "data.tfrecord")
+    with tf.io.TFRecordWriter(shard) as writer:
+        for example_id, seed in (("ok", 7), ("negative", -1), ("big", 2**32), ("top", 2**31 - 1)):
+            writer.write(guide_inputs.tf_example(image, id=example_id, seed=seed))
+    catalog = guide_inputs.build_catalog({"source": "tfrecord", "path": shard})
+    errors = dict(zip(catalog.ids, catalog.columns["error"], strict=True))
+    assert errors["ok"] == "" and errors["top"] == ""
+    assert "feature 'seed': -1 is not in [0, 2^31)" in errors["negative"]
+    assert "feature 'seed': 4294967296 is not in [0, 2^31)" in errors["big"]
+    assert shard in errors["big"]
+
+
+def _write_png(path) -> str:
+    job_cli.save_png(str(path), job_cli.random_guide(0))
+    return str(path)
