@@ -77,7 +77,7 @@ def join(base: str, *parts: str) -> str:
     Like ``os.path.join`` with an absolute component, a URL component starts
     the path over (a local manifest may name ``gs://`` inputs).
     """
-    if "://" not in base and not any("://" in part for part in parts):  # fast path: local
+    if "://" not in "".join((base, *parts)):  # fast path: local (joins run once per input)
         return os.path.join(base, *parts)
     for i in range(len(parts) - 1, -1, -1):
         if not is_local(parts[i]):
@@ -89,6 +89,8 @@ def join(base: str, *parts: str) -> str:
 
 def dirname(path: str) -> str:
     """The folder of ``path`` (``gs://b`` stays the bucket root)."""
+    if "://" not in path:
+        return os.path.dirname(path)
     if is_local(path):
         return os.path.dirname(_local(path))
     prefix = _SCHEME.match(path).group(0)
@@ -345,6 +347,17 @@ def publish_chunks(path: str, chunks: Iterable[bytes], *, tag: str = "") -> None
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp)
         raise
+
+
+def append_bytes(path: str, data: bytes) -> None:
+    """Appends to a small log file. Object stores cannot append: the whole file is read and
+    published again (fine for logs of thousands of lines, never for bookkeeping)."""
+    if is_local(path):
+        with open(_local(path), "ab") as f:
+            f.write(data)
+        return
+    old = read_bytes(path) if exists(path) else b""
+    publish_bytes(path, old + data)
 
 
 def remove(path: str) -> None:

@@ -300,3 +300,15 @@ def test_completed_index_matches_the_string_set_and_hashes_ignore_array_width():
     assert sinks.id_hashes(wide)[0] == sinks.id_hashes(["x"])[0]
     assert sinks.id_hashes(["ü"])[0] == sinks.id_hashes([b"\xc3\xbc"])[0]
     assert len(set(sinks.id_hashes(["a" * n for n in range(1, 30)]).tolist())) == 29
+
+
+def test_hand_edited_records_keep_their_good_rows(tmp_path):
+    path = tmp_path / "manifest.p00000.r1.000000.jsonl"
+    good = [json.dumps({"id": f"x{i}", "output": "o"}) for i in range(3)]
+    path.write_bytes("\n".join([good[0], '{"id": "trunc', "1, 2", "", good[1], "[3,",
+                                "4]", '"no id"', good[2]]).encode() + b"\n\xff\n")
+    for block in (1, 4, 4096):
+        rows = [(r, line) for r, line in sinks._iter_rows(str(path), block=block)]
+        assert [r["id"] for r, _ in rows if r] == ["x0", "x1", "x2"]
+        assert sum(r is None for r, _ in rows) == 6
+    assert sinks.read_rows(str(path))[1] == 6

@@ -309,6 +309,8 @@ def _encodable(row: _Row) -> _Row:
     manifest) cannot enter the tf.data pipeline or a JSON manifest.
     """
     fields = ("id", "source", "guide_path", "mask_path", "error")
+    if all(getattr(row, f).isascii() for f in fields):  # the common case, checked fast
+        return row
     bad = [f for f in fields if _printable(getattr(row, f)) != getattr(row, f)]
     if not bad:
         return row
@@ -547,8 +549,10 @@ def _manifest_row(number: int, fields: dict | None, error: str, manifest: str,
     if problems:
         return dataclasses.replace(row, error=f"{where}: " + "; ".join(problems))
     mask = fields.get("mask")
-    return dataclasses.replace(row, mask_path=files.join(base, mask) if mask else "",
-                               t0_given="t0" in values, **values)
+    # Built once (not via dataclasses.replace): this runs for every row of a manifest.
+    return _Row(id=row_id, source=path, t0=values.get("t0", config.t0),
+                seed=values.get("seed", config.seed), guide_path=path,
+                mask_path=files.join(base, mask) if mask else "", t0_given="t0" in values)
 
 
 def _manifest_catalog(config: GuideInputConfig) -> Catalog:
@@ -1029,10 +1033,15 @@ def _padding_row(config: GuideInputConfig) -> dict:
     }
 
 
-def _rows_dataset(catalog: Catalog) -> tf.data.Dataset:
-    """Every catalog row with its payload, in canonical order."""
-    columns = dict(catalog.columns, index=np.arange(len(catalog), dtype=np.int64))
-    rows = tf.data.Dataset.from_tensor_slices(columns)
+def _rows_dataset(catalog: Catalog, indices: np.ndarray | None = None) -> tf.data.Dataset:
+    """Catalog rows with their payload, in canonical order: all, or only ``indices``.
+
+    Only catalogs without a payload can be sliced (a payload is a stream).
+    """
+    if indices is None:
+        indices = np.arange(len(catalog), dtype=np.int64)
+    columns = {k: v[indices] for k, v in catalog.columns.items()}
+    rows = tf.data.Dataset.from_tensor_slices(dict(columns, index=indices.astype(np.int64)))
     if catalog.payload is None:
         payload = tf.data.Dataset.from_tensors(
             {"record": tf.constant(b""), "guide_bytes": tf.constant(b""),
@@ -1157,15 +1166,26 @@ def make_guide_dataset(
     elif num_steps < needed:
         raise ValueError(f"num_steps: {num_steps} is fewer than the {needed} steps needed")
 
-    keep = tf.constant(left & (owner == process_index))
-    rows = _rows_dataset(catalog)
-    if config.generator == "composite":
-        donors = rows.skip(1).concatenate(rows.take(1))
-        rows = tf.data.Dataset.zip(rows, donors).map(
-            _plain(lambda row, donor: {**row, "donor": donor}))
+    mine = left & (owner == process_index)
+    if catalog.payload is None:
+        # Resume: the rows to do are picked in numpy; filtering a million finished rows
+        # through tf.data would cost a minute before the first batch.
+        indices = np.flatnonzero(mine)
+        rows = _rows_dataset(catalog, indices)
+        if config.generator == "composite":
+            donors = _rows_dataset(catalog, (indices + 1) % len(catalog))
+            rows = tf.data.Dataset.zip(rows, donors).map(
+                _plain(lambda row, donor: {**row, "donor": donor}))
+    else:
+        keep = tf.constant(mine)
+        rows = _rows_dataset(catalog)
+        if config.generator == "composite":
+            donors = rows.skip(1).concatenate(rows.take(1))
+            rows = tf.data.Dataset.zip(rows, donors).map(
+                _plain(lambda row, donor: {**row, "donor": donor}))
+        rows = rows.filter(_plain(lambda row: tf.gather(keep, row["index"])))
     dataset = (
-        rows.filter(_plain(lambda row: tf.gather(keep, row["index"])))
-        .map(_plain(lambda row: _process(row, config)),
+        rows.map(_plain(lambda row: _process(row, config)),
              num_parallel_calls=config.num_parallel_calls, deterministic=True)
         .concatenate(tf.data.Dataset.from_tensors(_padding_row(config)).repeat())
         .batch(batch_size_per_host, drop_remainder=True)
