@@ -58,17 +58,17 @@ def _job_command(model_dir, guides, workdir, *extra):
             f"--workdir={workdir}", *extra]
 
 
-def _env(devices):
-    env = dict(os.environ)
+def _env(devices, tmpdir=None):
+    env = dict(os.environ, **({"TMPDIR": tmpdir} if tmpdir else {}))
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(REPO, ".jax_cache")
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
 
 
-def _run(cmd, devices, check=True):
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(devices), capture_output=True, text=True,
-                          timeout=600)
+def _run(cmd, devices, check=True, tmpdir=None):
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(devices, tmpdir), capture_output=True,
+                          text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
@@ -80,8 +80,9 @@ def _outputs(workdir):
     for root, _, names in os.walk(workdir):
         for name in names:
             rel = os.path.relpath(os.path.join(root, name), workdir)
-            if rel.startswith("t0_") and (rel.endswith(".png") or rel.endswith("manifest.jsonl")
-                                          or rel.endswith("failures.jsonl")):
+            if rel in ("contact_sheet.png", "summary.json") or rel.startswith("t0_") and (
+                    rel.endswith(".png") or rel.endswith("manifest.jsonl")
+                    or rel.endswith("failures.jsonl")):
                 with open(os.path.join(root, name), "rb") as f:
                     files[rel] = f.read()
     return files
@@ -103,7 +104,8 @@ def reference(model_dir, guides_dir, tmp_path_factory):
 
 def test_job_is_identical_on_1_and_8_devices_and_2_processes(
         model_dir, guides_dir, reference, tmp_path):
-    assert len([k for k in reference if k.endswith(".png")]) == 80
+    assert len([k for k in reference if k.startswith("t0_") and k.endswith(".png")]) == 80
+    assert "contact_sheet.png" in reference and json.loads(reference["summary.json"])["complete"]
     rows = reference["t0_0.40/manifest.jsonl"].decode().splitlines()
     assert len(rows) == 40 and json.loads(rows[0])["model_sha256"]
 
@@ -125,8 +127,10 @@ def test_kill_9_and_restart_equals_uninterrupted(model_dir, guides_dir, referenc
     cmd = _job_command(model_dir, guides_dir, workdir)
     rng = np.random.default_rng(0)
     interrupted = 0
+    tmpdir = str(tmp_path / "tmp")  # TensorFlow's temp folder: a kill must leave nothing there
+    os.mkdir(tmpdir)
     for kill_after_rows in sorted(rng.integers(2, 60, 3)):
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(8), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(8, tmpdir), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:
@@ -145,8 +149,9 @@ def test_kill_9_and_restart_equals_uninterrupted(model_dir, guides_dir, referenc
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert interrupted >= 2  # the kills really landed mid-job
-    _run(cmd, devices=8)
-    assert _outputs(workdir) == reference
+    _run(cmd, devices=8, tmpdir=tmpdir)
+    assert _outputs(workdir) == reference  # contact sheet and summary.json included
+    assert os.listdir(tmpdir) == []
 
 
 def test_bad_inputs_are_listed_and_the_rest_completes(model_dir, tmp_path):
