@@ -62,7 +62,7 @@ from absl import app, flags  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sdedit_jax import engine, pretrained, report  # noqa: E402
+from sdedit_jax import engine, files, pretrained, report  # noqa: E402
 from sdedit_jax.data import guide_inputs, sinks  # noqa: E402
 from sdedit_jax.job import sampler_from_config  # noqa: E402
 from sdedit_jax.metrics import faithfulness, realism  # noqa: E402
@@ -266,8 +266,8 @@ def reference_features(extractor, reference: ImageSet, cache_path: str,
                        batch_size: int) -> tuple[np.ndarray, bool]:
     """Reference features, from ``cache_path`` when it holds these exact images; (features, hit)."""
     key = _reference_key(extractor, reference)
-    if os.path.exists(cache_path):
-        with np.load(cache_path) as cached:
+    if files.exists(cache_path):
+        with np.load(io.BytesIO(files.read_bytes(cache_path))) as cached:
             if str(cached["key"]) == key:
                 return cached["features"], True
     features = image_features(extractor, reference.images, batch_size)
@@ -533,7 +533,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_count() != 1:
         raise ValueError("evaluate: runs in a single process; start it without jax.distributed")
     started = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     model = pretrained.load_model(config.model_dir) if model is None else model
     t0s = check_t0s(config.t0s, model.sde)
     variants = variants_from_config(config)

@@ -39,7 +39,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sdedit_jax import checkpoint, losses, pretrained
+from sdedit_jax import checkpoint, files, losses, pretrained
 from sdedit_jax.data import input_pipeline
 from sdedit_jax.data.images import load_image_folder
 from sdedit_jax.models import unet
@@ -301,8 +301,7 @@ def _log(path: str, step: int, losses_in_window: list[float], grad_norm: float, 
         "grad_norm": grad_norm,
         "steps_per_sec": len(losses_in_window) / secs,
     }
-    with open(path, "a") as f:
-        f.write(json.dumps(record | {"time": time.time()}) + "\n")
+    files.append_bytes(path, (json.dumps(record | {"time": time.time()}) + "\n").encode())
     print(" ".join(f"{k}={v:.5g}" for k, v in record.items()), flush=True)
 
 
@@ -379,7 +378,7 @@ def train(
     _check_batch(config, mesh.devices.size, None if streaming else images_np.shape[0])
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
 
     sde = sde_from_config(config.sde)
     tx = make_optimizer(config.optim)
@@ -387,7 +386,7 @@ def train(
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"model: {num_params:,} params; devices: {mesh.devices.size}", flush=True)
     manager = checkpoint.make_manager(
-        os.path.join(workdir, "checkpoints"), training.keep_checkpoints
+        files.join(workdir, "checkpoints"), training.keep_checkpoints
     )
     state = _restore(manager, jax.device_put(state, replicated), replicated, config.seed, workdir)
 
@@ -428,7 +427,7 @@ def train(
         if step % training.log_every == 0 or step == last_step:
             now = time.perf_counter()
             _log(
-                os.path.join(workdir, "metrics.jsonl"),
+                files.join(workdir, "metrics.jsonl"),
                 step,
                 window,
                 float(metrics["grad_norm"]),
