@@ -27,6 +27,20 @@ complete, never partial.
 Consumers rely on the corollary: a record that *refers* to a file (e.g. a
 manifest row naming an output image) is published only after that file's
 publication returned, so a record never points to a missing or partial file.
+
+API (paths are ``str``; every function takes local paths and URLs alike):
+
+* paths: :func:`scheme`, :func:`is_local`, :func:`join`, :func:`dirname`,
+  :func:`basename`, :func:`abspath`, :func:`relpath`;
+* queries: :func:`exists`, :func:`isdir`, :func:`isfile`, :func:`size`,
+  :func:`listdir`, :func:`walk`, :func:`glob`;
+* reading: :func:`read_bytes`, :func:`read_text`, :func:`read_lines` (streamed),
+  :func:`open_file`, :func:`sha256`;
+* writing: :func:`publish_bytes` / :func:`publish_chunks` (atomic, the only way
+  to write anything another process or a resumed run reads), :func:`makedirs`,
+  :func:`remove`, :func:`rmtree`, :func:`append_bytes` (small logs only),
+  :func:`temp_name` / :func:`is_temp_name` (orphans of killed publications),
+  :func:`check_writable` (fail fast on an unusable workdir).
 """
 
 from __future__ import annotations
