@@ -236,7 +236,9 @@ def test_output_stems_are_safe_and_distinct():
     ids = ["a b", "a_b", "../../etc/passwd", "/abs", "x/./y", "ünï", "ok/name.png"]
     stems = [sinks.output_stem(i) for i in ids]
     assert len(set(stems)) == len(ids)
-    assert sinks.output_stem("ok/name.png") == "ok/name.png"
+    # names.output_name keeps a plain ``.png`` id as it is; the stem drops the extension.
+    assert sinks.output_name("ok/name.png") == "ok/name.png"
+    assert sinks.output_stem("ok/name.png") == "ok/name"
     for stem in stems:
         parts = stem.split("/")
         assert all(p not in ("", ".", "..") for p in parts) and not stem.startswith("/")
