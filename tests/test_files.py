@@ -90,3 +90,21 @@ def test_join_restarts_at_a_url_component():
 def test_empty_content_is_published(root):
     files.publish_chunks(files.join(root, "empty.jsonl"), iter([]))
     assert files.read_bytes(files.join(root, "empty.jsonl")) == b""
+
+
+def test_image_folders_list_and_load_on_any_file_system(root):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from sdedit_jax.data import images
+
+    for name, value in (("b/two.png", 200), ("a.png", 100), ("notes.txt", 0)):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buffer, format="PNG")
+        files.publish_bytes(files.join(root, "imgs", name), buffer.getvalue())
+    folder = files.join(root, "imgs")
+    assert images.list_image_files(folder) == [files.join(folder, "a.png"),
+                                                files.join(folder, "b", "two.png")]
+    assert images.load_image_folder(folder)[:, 0, 0, 0].tolist() == [100, 200]

@@ -7,10 +7,10 @@ the same order, which the deterministic input pipeline depends on.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image
+
+from sdedit_jax import files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -26,25 +26,25 @@ def list_image_files(root: str) -> list[str]:
     Sorting by path relative to `root` makes the order independent of the file
     system's directory enumeration order.
     """
-    if not os.path.isdir(root):
+    if not files.isdir(root):
         raise FileNotFoundError(f"Image folder {root!r} does not exist or is not a directory.")
     relative = []
-    for directory, _, names in os.walk(root):
+    for directory, _, names in files.walk(root):
         relative += [
-            os.path.relpath(os.path.join(directory, name), root)
+            files.relpath(files.join(directory, name), root)
             for name in names
             if is_image_file(name)
         ]
     if not relative:
         raise ValueError(f"Image folder {root!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files.")
-    return [os.path.join(root, path) for path in sorted(relative)]
+    return [files.join(root, path) for path in sorted(relative)]
 
 
 def load_image_folder(root: str, mode: str = "RGB") -> np.ndarray:
     """All images under `root` as uint8 [N, H, W, C] in `list_image_files` order (equal sizes)."""
     arrays = []
     for path in list_image_files(root):
-        with Image.open(path) as image:
+        with files.open_file(path) as f, Image.open(f) as image:
             arrays.append(np.asarray(image.convert(mode)))
     shapes = {array.shape for array in arrays}
     if len(shapes) != 1:
