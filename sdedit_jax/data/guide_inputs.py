@@ -246,9 +246,10 @@ class Catalog:
     """Metadata of all examples of a source in canonical order (no pixels are read).
 
     Attributes:
-        columns: equal-length numpy arrays ``id``, ``source``, ``guide_path``,
-            ``mask_path`` (str), ``t0`` (float32), ``seed`` (int64) and
-            ``error`` (str, non-empty for examples already known to be bad).
+        columns: equal-length numpy arrays ``id`` (str), ``source``,
+            ``guide_path``, ``mask_path`` and ``error`` (object arrays of str;
+            ``error`` non-empty for examples already known to be bad), ``t0``
+            (float32), ``t0_given`` (bool) and ``seed`` (int64).
         payload: for record sources, a function returning a dataset aligned
             row for row with ``columns`` that yields ``record`` (serialized
             ``tf.train.Example``), ``guide_bytes`` and ``mask_bytes``.
@@ -287,10 +288,14 @@ def _catalog(rows: list[_Row], payload=None) -> Catalog:
     unique = [row if row.id not in clashes else dataclasses.replace(row, error=row.error or (
         f"id ({row.source}): output name {names.output_name(row.id)!r} clashes with that of id "
         f"{clashes[row.id]!r}; give the examples other ids")) for row in unique]
-    columns = {
-        name: np.array([getattr(row, name) for row in unique], dtype=str)
-        for name in ("id", "source", "guide_path", "mask_path", "error")
-    }
+    # Ids as a numpy str array (hashed and compared in bulk); the other text columns as
+    # object arrays: a fixed-width column costs 4 bytes x the longest value per row, so
+    # one long error message would cost gigabytes over a million rows.
+    columns = {"id": np.array([row.id for row in unique], dtype=str)}
+    for name in ("source", "guide_path", "mask_path", "error"):
+        column = np.empty(len(unique), object)
+        column[:] = [getattr(row, name) for row in unique]
+        columns[name] = column
     columns["t0"] = np.array([row.t0 for row in unique], np.float32)
     columns["t0_given"] = np.array([row.t0_given for row in unique], bool)
     columns["seed"] = np.array([row.seed for row in unique], np.int64)
@@ -1041,6 +1046,8 @@ def _rows_dataset(catalog: Catalog, indices: np.ndarray | None = None) -> tf.dat
     if indices is None:
         indices = np.arange(len(catalog), dtype=np.int64)
     columns = {k: v[indices] for k, v in catalog.columns.items()}
+    columns = {k: tf.constant(v.tolist(), tf.string) if v.dtype == object else v
+               for k, v in columns.items()}
     rows = tf.data.Dataset.from_tensor_slices(dict(columns, index=indices.astype(np.int64)))
     if catalog.payload is None:
         payload = tf.data.Dataset.from_tensors(
