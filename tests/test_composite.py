@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdedit_jax import composite
+from sdedit_jax.data import compositing as composite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
