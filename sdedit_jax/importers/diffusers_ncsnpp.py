@@ -1,4 +1,4 @@
-"""diffusers' NCSN++ layout (``UNet2DModel`` with ``Skip*`` blocks) -> :mod:`sdedit_jax.models.ncsnpp`.
+"""diffusers' NCSN++ layout (``UNet2DModel`` with ``Skip*`` blocks) -> the NCSN++ port.
 
 The published ``google/ncsnpp-{church,bedroom,celebahq,ffhq}-256`` folders use
 ``SkipDownBlock2D``/``AttnSkipDownBlock2D``/``SkipUpBlock2D``/``AttnSkipUpBlock2D``
@@ -45,7 +45,9 @@ _KNOWN = _IRRELEVANT | set(_EXPECTED) | {
 
 
 def _unsupported(field: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"diffusers config: {field}={value!r} is not supported by the NCSN++ port ({why})")
+    return ValueError(
+        f"diffusers config: {field}={value!r} is not supported by the NCSN++ port ({why})"
+    )
 
 
 def config_from_diffusers(
@@ -130,7 +132,7 @@ def _check_group_counts(cfg: Mapping[str, Any], config: NCSNppConfig) -> None:
     skips = config.skip_channels()
     h = widths[-1]
     for level in reversed(range(config.num_levels)):
-        for j in range(config.num_res_blocks + 1):
+        for _ in range(config.num_res_blocks + 1):
             skip = skips.pop()
             if level in config.attn_levels():  # AttnSkipUpBlock2D: min(h + skip // 4, 32)
                 checks.append(("block_out_channels", min(h + skip // 4, 32), h + skip))

@@ -22,7 +22,7 @@ def normalized_taps(kernel: Sequence[float], gain: float) -> np.ndarray:
     """1-D taps whose outer product is ``outer(k, k) / sum(outer(k, k)) * gain``."""
     k = np.asarray(kernel, dtype=np.float64)
     if k.ndim != 1 or k.size < 1 or k.sum() == 0:
-        raise ValueError(f"fir_kernel must be a non-empty 1-D kernel with nonzero sum, got {kernel}")
+        raise ValueError(f"fir_kernel must be a 1-D kernel with nonzero sum, got {kernel}")
     return k / k.sum() * np.sqrt(gain)
 
 

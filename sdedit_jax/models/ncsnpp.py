@@ -453,6 +453,24 @@ class NCSNpp(nnx.Module):
         return out
 
 
+def params_from_diffusers(
+    state_dict: Mapping[str, np.ndarray], config: NCSNppConfig, source: str = "state dict"
+) -> nnx.State:
+    """Weights from a diffusers NCSN++ state dict (:mod:`sdedit_jax.importers.diffusers_ncsnpp`)."""
+    from sdedit_jax.importers.diffusers_ncsnpp import params_from_diffusers as convert
+
+    return convert(state_dict, config, source)
+
+
+def params_from_score_sde(
+    params_tree: Mapping[str, Any], config: NCSNppConfig, source: str = "params_ema"
+) -> nnx.State:
+    """Weights from score_sde's ``params_ema`` tree (see :mod:`sdedit_jax.importers.score_sde`)."""
+    from sdedit_jax.importers.score_sde import params_from_score_sde as convert
+
+    return convert(params_tree, config, source)
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of scalars in the model's weights (Fourier frequencies included)."""
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model)))
