@@ -27,7 +27,7 @@ from flax import nnx
 
 FORMATS = ("diffusers", "ddim", "score_sde", "model_folder")
 CONDITIONS = ("t", "timestep", "sigma")
-DATA_RANGES = ("-1_1", "0_1")
+DATA_RANGES = {"-1_1": (-1.0, 1.0), "0_1": (0.0, 1.0)}
 
 # pickle protocol 2, LONG1 of 10 bytes: how torch's legacy format starts (its magic number).
 _LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a"
@@ -50,7 +50,7 @@ class Imported:
         condition: the network's conditioning input: ``"t"`` (diffusion time),
             ``"timestep"`` (DDPM's ``t * T - 1``) or ``"sigma"`` (noise std).
         parameterization: ``"noise"``, ``"score"`` or ``"scaled"`` (see :mod:`sdedit_jax.score`).
-        data_range: pixel range the network was trained on, ``"-1_1"`` or ``"0_1"``.
+        data_range: pixel range the network was trained on, a key of :data:`DATA_RANGES`.
         sde: the SDE it was trained with, as ``sde_from_config`` reads it; ``None``
             when the checkpoint does not record it (the user must then name it).
         source: ``{"path", "format", "sha256"}`` of the file the weights came from.
@@ -95,12 +95,15 @@ def detect_format(path: str) -> str:
     )
 
 
-def load(path: str, format: str | None = None, image_size: int | None = None) -> Imported:
+def load(path: str, format: str | None = None, image_size: int | None = None,
+         config: str | None = None) -> Imported:
     """Imports the checkpoint at ``path`` (format auto-detected unless given).
 
     Args:
         image_size: the training resolution of a ddim/SDEdit checkpoint, which its
             weights do not record (default 256, the size SDEdit's networks use).
+        config: for score_sde checkpoints, a preset name or JSON config file (their
+            weights do not record the network either); see :mod:`.score_sde`.
     """
     format = detect_format(path) if format is None else format
     if format == "diffusers":
@@ -116,7 +119,7 @@ def load(path: str, format: str | None = None, image_size: int | None = None) ->
             score_sde = importlib.import_module("sdedit_jax.importers.score_sde")
         except ImportError as err:
             raise UnknownFormat(f"{path}: score_sde import is not available ({err})") from None
-        return score_sde.load(path)
+        return score_sde.load(path, config=config)
     if format == "model_folder":
         raise UnknownFormat(f"{path}: is already a model folder; load it with pretrained")
     raise UnknownFormat(f"format: must be one of {FORMATS}, got {format!r}")

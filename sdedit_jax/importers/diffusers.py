@@ -148,9 +148,11 @@ def load(path: str) -> Imported:
     try:
         state = module.params_from_diffusers(tensors, net_config)
     except ValueError as err:
-        raise type(err)(f"{weights}: {err}") from None
+        message = str(err)
+        raise type(err)(message if weights in message else f"{weights}: {message}") from None
     if architecture == "ncsnpp":
-        usage = {"condition": "sigma", "parameterization": "score", "data_range": "0_1",
+        data_range = "0_1" if tuple(net_config.data_range) == (0.0, 1.0) else "-1_1"
+        usage = {"condition": "sigma", "parameterization": "score", "data_range": data_range,
                  "sde": ve_sde(folder)}
     else:
         usage = {"condition": "timestep", "parameterization": "noise", "data_range": "-1_1",
