@@ -405,3 +405,67 @@ def test_not_a_checkpoint_or_truncated(tmp_path, tiny):
         score_sde.read_score_sde_checkpoint(str(other))
     with pytest.raises(ValueError, match=r"the score_sde config is not in the checkpoint"):
         score_sde.load(str(good))
+
+
+BASE_PY = '''import ml_collections
+import os
+
+os.makedirs(os.path.join(os.environ["MARKER_DIR"], "executed"))
+
+
+def get_default_configs():
+  config = ml_collections.ConfigDict()
+  config.data = data = ml_collections.ConfigDict()
+  data.image_size = 256
+  data.centered = False
+  config.model = model = ml_collections.ConfigDict()
+  model.sigma_min = 0.01
+  model.sigma_max = 378
+  model.dropout = 0.
+  config.seed = 42
+  return config
+'''
+RUN_PY = '''from configs.default_lsun_configs import get_default_configs
+
+
+def get_config():
+  config = get_default_configs()
+  config.sampling.snr = 0.075
+  model = config.model
+  model.sigma_max = 380
+  {fields}
+  return config
+'''
+
+
+def test_score_sde_py_config_is_read_not_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MARKER_DIR", str(tmp_path))
+    (tmp_path / "configs" / "ve").mkdir(parents=True)
+    (tmp_path / "configs" / "default_lsun_configs.py").write_text(BASE_PY)
+    church = score_sde.PRESETS["church"]["model"]
+    fields = "\n  ".join(f"model.{k} = {v!r}" for k, v in church.items()
+                         if k not in ("sigma_min", "sigma_max", "dropout"))
+    run = tmp_path / "configs" / "ve" / "church_ncsnpp_continuous.py"
+    run.write_text(RUN_PY.format(fields=fields))
+    cfg = score_sde.load_config(str(run))
+    assert not (tmp_path / "executed").exists()
+    assert cfg["model"] == {**church, "sigma_max": 380, "dropout": 0.0}
+    assert (cfg["data"], cfg["sampling"], cfg["seed"]) == (
+        {"image_size": 256, "centered": False}, {"snr": 0.075}, 42)
+    assert score_sde.sde_config(cfg)["sigma_max"] == 380
+    assert ncsnpp.NCSNppConfig.from_score_sde_config(cfg) == (
+        ncsnpp.NCSNppConfig.from_score_sde_config(score_sde.PRESETS["church"]))
+    run.write_text(RUN_PY.format(fields="model.nf = int('128')"))
+    with pytest.raises(ValueError, match=r"church_ncsnpp_continuous\.py:\d+: model\.nf is not"):
+        score_sde.load_config(str(run))
+
+
+def test_score_sde_json_config_and_bad_names(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(SMALL_SCORE_SDE))
+    assert score_sde.load_config(str(path)) == SMALL_SCORE_SDE
+    with pytest.raises(ValueError, match=r"'nowhere': neither a preset \['bedroom'"):
+        score_sde.load_config("nowhere")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"cfg\.json: not a JSON score_sde config"):
+        score_sde.load_config(str(path))

@@ -18,6 +18,7 @@ and the output pyramid). Old checkpoints store GroupNorm ``scale``/``bias`` as
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -52,9 +53,7 @@ _NETWORK = {
     "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "fir_kernel",
     "skip_rescale", "fourier_scale", "init_scale", "scale_by_sigma",
 }
-_DATA = {"image_size", "num_channels", "centered"}
-_DATA_IGNORED = {"dataset", "category", "random_flip", "uniform_dequantization",
-                 "tfrecords_path"}
+_DATA = ("image_size", "num_channels", "centered")  # the rest of "data" is about the dataset
 
 
 def _lsun_256(**model: Any) -> dict[str, dict[str, Any]]:
@@ -100,12 +99,10 @@ def config_from_score_sde(cfg: Mapping[str, Any]) -> NCSNppConfig:
     Fields the port does not reproduce raise a one-line error naming field and value.
     """
     model, data = _sections(cfg)
-    for section, values, known in (("model", model, set(_REQUIRED) | _NOT_NETWORK | _NETWORK),
-                                   ("data", data, _DATA | _DATA_IGNORED)):
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"score_sde config: unknown field {section}.{unknown[0]}="
-                             f"{values[unknown[0]]!r}")
+    unknown = sorted(set(model) - (set(_REQUIRED) | _NOT_NETWORK | _NETWORK))
+    if unknown:
+        raise ValueError(f"score_sde config: unknown field model.{unknown[0]}="
+                         f"{model[unknown[0]]!r}")
     for field, expected in _REQUIRED.items():
         if field not in model:
             raise ValueError(f"score_sde config: missing field model.{field} (needs {expected!r})")
@@ -151,13 +148,16 @@ def sde_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_config(name_or_path: str) -> dict[str, Any]:
-    """A score_sde config: a preset name from :data:`PRESETS` or a JSON file with
-    ``"model"`` (and optionally ``"data"``, ``"sampling"``) sections."""
+    """A score_sde config: a preset name from :data:`PRESETS`, one of score_sde's own
+    ``configs/**/*.py`` files (read, not run: :func:`read_py_config`), or a JSON file
+    with ``"model"`` (and optionally ``"data"``, ``"sampling"``) sections."""
     if name_or_path in PRESETS:
         return copy.deepcopy(PRESETS[name_or_path])
     if not os.path.isfile(name_or_path):
         raise ValueError(f"score_sde config {name_or_path!r}: neither a preset "
                          f"{sorted(PRESETS)} nor a file")
+    if name_or_path.endswith(".py"):
+        return read_py_config(name_or_path)
     try:
         with open(name_or_path) as f:
             cfg = json.load(f)
@@ -168,6 +168,93 @@ def load_config(name_or_path: str) -> dict[str, Any]:
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise ValueError(f"{name_or_path}: a score_sde config needs a 'model' section")
     return cfg
+
+
+def _dotted(node: ast.AST) -> list[str] | None:
+    """``a.b.c`` -> ["a", "b", "c"]; None for anything else."""
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.Attribute):
+        head = _dotted(node.value)
+        return None if head is None else [*head, node.attr]
+    return None
+
+
+def _base_config(path: str, module: str) -> str:
+    """The file of ``from configs.default_x import ...``: found from ``path`` upwards."""
+    rel = os.path.join(*module.split(".")) + ".py"
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isfile(os.path.join(folder, rel)):
+            return os.path.join(folder, rel)
+        if os.path.dirname(folder) == folder:
+            raise ValueError(f"{path}: imports {module}, but {rel} is not found above it")
+        folder = os.path.dirname(folder)
+
+
+def _literal(stmt: ast.Assign, key: list[str], path: str) -> tuple[bool, Any]:
+    """``(True, value)`` for a literal right-hand side; non-literals are an error in the
+    network's sections and skipped elsewhere."""
+    try:
+        return True, ast.literal_eval(stmt.value)
+    except ValueError:
+        if key[0] in ("model", "data"):
+            raise ValueError(f"{path}:{stmt.lineno}: {'.'.join(key)} is not a literal") from None
+        return False, None
+
+
+def read_py_config(path: str) -> dict[str, Any]:
+    """A score_sde ``configs/**/*.py`` file as nested dicts, without running it.
+
+    The file (and the ``configs.default_*`` file it imports) is parsed, and the literal
+    assignments ``config.<section>.<field> = ...`` of its functions are collected in
+    order, directly or through section aliases (``model = config.model``,
+    ``config.data = data = ConfigDict()``).
+    """
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    config: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("configs."):
+            for section, values in read_py_config(_base_config(path, node.module)).items():
+                if isinstance(values, dict):
+                    config.setdefault(section, {}).update(values)
+                else:
+                    config[section] = values
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        roots: set[str] = set()  # names bound to the whole config
+        aliases: dict[str, str] = {}  # names bound to one section
+        for stmt in (s for s in fn.body if isinstance(s, ast.Assign)):
+            targets = [t for t in map(_dotted, stmt.targets) if t is not None]
+            source = _dotted(stmt.value)
+            if isinstance(stmt.value, ast.Call) and all(len(t) == 1 for t in targets):
+                roots.update(t[0] for t in targets)  # config = get_default_configs()
+                continue
+            if source and len(source) == 2 and source[0] in roots:
+                aliases.update({t[0]: source[1] for t in targets if len(t) == 1})
+                continue
+            keys = []
+            for head, *rest in targets:
+                if head in roots:
+                    keys.append(rest)
+                elif head in aliases:
+                    keys.append([aliases[head], *rest])
+                elif not rest and isinstance(stmt.value, ast.Call):
+                    keys.append(None)  # the alias half of config.x = x = ConfigDict()
+            sections = [k[0] for k in keys if k and len(k) == 1]
+            if isinstance(stmt.value, ast.Call) and sections:
+                config.setdefault(sections[0], {})
+                aliases.update({t[0]: sections[0] for t in targets if len(t) == 1})
+                continue
+            for key in (k for k in keys if k):
+                ok, value = _literal(stmt, key, path)
+                if ok and len(key) == 2:
+                    config.setdefault(key[0], {})[key[1]] = value
+                elif ok and len(key) == 1:
+                    config[key[0]] = value
+    if "model" not in config:
+        raise ValueError(f"{path}: no config.model assignments found (not a score_sde config?)")
+    return config
 
 
 def read_score_sde_checkpoint(path: str) -> dict[str, Any]:
