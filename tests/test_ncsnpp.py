@@ -243,6 +243,17 @@ def test_score_sde_checkpoint_loads_to_the_diffusers_network(church, tmp_path):
     _assert_close(_forward(net, jnp.asarray(x), jnp.asarray(sigma)), _reference(model, x, sigma))
 
 
+@pytest.mark.slow
+def test_full_size_church_256_parity():
+    """The real church-256 network (65.6M parameters) on a 256 px batch (about a minute)."""
+    model = _randomised(CHURCH_256, seed=1)
+    cfg = ncsnpp.NCSNppConfig.from_diffusers_config(CHURCH_256)
+    net = _net(cfg, ncsnpp.params_from_diffusers(_numpy_state_dict(model), cfg))
+    assert ncsnpp.count_params(net) == sum(p.numel() for p in model.parameters()) == 65_574_549
+    x, sigma = _inputs(11, 2, 256, [0.01, 380.0])
+    _assert_close(_forward(net, jnp.asarray(x), jnp.asarray(sigma)), _reference(model, x, sigma))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = _randomised(TINY, seed=3)

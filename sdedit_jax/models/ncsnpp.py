@@ -108,12 +108,15 @@ class NCSNppConfig:
             raise bad("num_res_blocks", self.num_res_blocks, "must be >= 1")
         if len(self.data_range) != 2 or not self.data_range[0] < self.data_range[1]:
             raise bad("data_range", self.data_range, "must be (low, high) with low < high")
-        fir.normalized_taps(self.fir_kernel, 1.0)
+        try:
+            fir.normalized_taps(self.fir_kernel, 1.0)
+        except ValueError:
+            raise bad("fir_kernel", self.fir_kernel, "needs a 1-D nonzero-sum kernel") from None
         for channels in self.norm_channels():
             if channels < 4 or channels % _groups(channels):
                 raise bad("nf", self.nf, f"GroupNorm over {channels} channels needs "
                           f"{_groups(channels)} groups that divide it")
-        for level in self.attn_levels():
+        for level in (*self.attn_levels(), self.num_levels - 1):  # the middle has attention
             width = self.nf * self.ch_mult[level]
             if self.attention_head_dim is not None and width % self.attention_head_dim:
                 raise bad("attention_head_dim", self.attention_head_dim,
