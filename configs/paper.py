@@ -29,7 +29,9 @@ model folder the variant reads (format auto-detected):
   or a ``checkpoint_<n>`` of ``ve/ffhq_256_ncsnpp_continuous``.
 
 SDEdit's ``.ckpt`` files are linked from the ermongroup/SDEdit README; score_sde's
-Flax checkpoints from the yang-song/score_sde README (its Google Drive). E.g.:
+Flax checkpoints from the yang-song/score_sde README (its Google Drive). A score_sde
+checkpoint does not hold its network config: pass the run's preset with ``--config``
+(``church``, ``bedroom``, ``celebahq_256``, ``ffhq_256``). E.g.:
 
     huggingface-cli download google/ddpm-ema-church-256 --local-dir downloads/ddpm-ema-church-256
     python -m sdedit_jax.convert --source downloads/ddpm-ema-church-256 \
@@ -37,7 +39,7 @@ Flax checkpoints from the yang-song/score_sde README (its Google Drive). E.g.:
     python -m sdedit_jax.main --config configs/paper.py:church_ddpm --workdir runs/church_ddpm
 
     python -m sdedit_jax.convert --source downloads/church_ncsnpp_continuous/checkpoint_126 \
-        --out models/ncsnpp-church-256
+        --config church --out models/ncsnpp-church-256
     python -m sdedit_jax.main --config configs/paper.py:church_ncsnpp --workdir runs/church_ncsnpp
 
 The converted folder records the SDE the network was trained with; the job
