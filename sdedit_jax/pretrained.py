@@ -43,6 +43,7 @@ from sdedit_jax import checkpoint, importers
 from sdedit_jax.models import unet
 from sdedit_jax.score import (
     check_condition,
+    check_parameterization,
     make_network_score_fn,
     make_score_fn,
     sde_for_range,
@@ -108,8 +109,12 @@ def architecture(name: str) -> tuple[Any, type]:
     return module, getattr(module, config_name)
 
 
+@functools.lru_cache(maxsize=16)
 def _abstract(name: str, config: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and shape-only state (shared: callers copy before filling it)."""
     module, _ = architecture(name)
+    if hasattr(module, "abstract"):  # builds the modules without tracing an initialiser
+        return module.abstract(config)
     return nnx.split(nnx.eval_shape(lambda: module.build(config, 0)))
 
 
@@ -252,15 +257,25 @@ def _load_imported(path: str, sde: dict | None, format: str | None, image_size: 
 
 def save_imported(model_dir: str, imported: importers.Imported, sde: dict | None = None,
                   with_bf16: bool = False) -> dict[str, str]:
-    """Writes an imported checkpoint as a model folder (see the module docstring)."""
+    """Writes an imported checkpoint as a model folder (see the module docstring).
+
+    Everything is checked (SDE, conditioning input, data range) before a file is written.
+    """
+    sde = _imported_sde(imported, sde, imported.source["path"])
+    try:
+        model_sde = sde_from_config(sde)
+        check_condition(imported.condition, model_sde)
+        sde_for_range(model_sde, imported.data_range)
+        check_parameterization(imported.parameterization)
+    except ValueError as err:
+        raise ValueError(f"{imported.source['path']}: {err}") from None
     extra = {
         "architecture": imported.architecture,
         "condition": imported.condition,
         "data_range": imported.data_range,
         "source": imported.source,
     }
-    return save_model(model_dir, imported.state, dataclasses.asdict(imported.config),
-                      _imported_sde(imported, sde, imported.source["path"]),
+    return save_model(model_dir, imported.state, dataclasses.asdict(imported.config), sde,
                       imported.parameterization, extra=extra, with_bf16=with_bf16)
 
 

@@ -134,7 +134,6 @@ def load(path: str) -> Imported:
     folder = model_folder(path)
     config_path = os.path.join(folder, CONFIG_FILE)
     config = read_json(config_path)
-    weights = weight_file(folder)
     try:
         if is_ncsnpp(config):
             module, architecture = _ncsnpp(config_path), "ncsnpp"
@@ -144,6 +143,7 @@ def load(path: str) -> Imported:
             net_config = module.DDPMUNetConfig.from_diffusers_config(config)
     except ValueError as err:
         raise type(err)(f"{config_path}: {err}") from None
+    weights = weight_file(folder)
     tensors = new_attention_names(read_tensors(weights))
     try:
         state = module.params_from_diffusers(tensors, net_config)

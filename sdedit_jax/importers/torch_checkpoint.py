@@ -47,6 +47,10 @@ _MID_BLOCK_KEY = re.compile(r"^mid\.block_([12])\.(\w+)\.(weight|bias)$")
 
 def read_checkpoint(path: str) -> Any:
     """Unpickles a torch file safely; any malformation is one :class:`CheckpointError`."""
+    with open(path, "rb") as f:
+        is_zip_entry = f.read(4) == b"PK\x03\x04"
+    if is_zip_entry and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: truncated or corrupt torch zip file (no central directory)")
     try:
         return torch_pickle.load_checkpoint(path)
     except CheckpointError:

@@ -496,6 +496,12 @@ class DDPMUNet(nnx.Module):
         return h.astype(jnp.float32)
 
 
+def count_params(state: nnx.State | nnx.Module) -> int:
+    """Number of weights (scalars)."""
+    state = nnx.state(state) if isinstance(state, nnx.Module) else state
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state))
+
+
 def build(config: Mapping[str, Any] | DDPMUNetConfig, seed: int) -> DDPMUNet:
     """A randomly initialised :class:`DDPMUNet` (one jitted initialiser per config)."""
     cfg = DDPMUNetConfig.from_config(config)
@@ -536,11 +542,17 @@ def _from_torch(value: Any) -> Any:
     return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
 
 
+@functools.lru_cache(maxsize=16)
+def abstract(config: DDPMUNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and shape-only state of the network of ``config`` (no weights computed)."""
+    return nnx.split(nnx.eval_shape(lambda: DDPMUNet(config, rngs=nnx.Rngs(params=0))))
+
+
 def expected_diffusers_tensors(config: DDPMUNetConfig) -> dict[str, tuple[int, ...]]:
     """The diffusers state-dict key and torch shape of every weight, from the config alone."""
-    abstract = nnx.split(nnx.eval_shape(lambda: build(config, 0)))[1]
-    shapes = dict(zip(state_dict.flat_paths(abstract),
-                      (leaf.shape for leaf in jax.tree.leaves(nnx.to_pure_dict(abstract))),
+    _, abstract_state = abstract(config)
+    shapes = dict(zip(state_dict.flat_paths(abstract_state),
+                      (leaf.shape for leaf in jax.tree.leaves(nnx.to_pure_dict(abstract_state))),
                       strict=True))
     return {_torch_key(p): _torch_shape(s) for p, s in shapes.items()}
 
@@ -552,5 +564,6 @@ def params_from_diffusers(tensors: Mapping[str, Any], config: DDPMUNetConfig) ->
     ``to_out.0``); every key is checked (see :func:`state_dict.check_tensors`).
     """
     state_dict.check_tensors("", tensors, expected_diffusers_tensors(config))
-    abstract = nnx.split(nnx.eval_shape(lambda: build(config, 0)))[1]
-    return state_dict.fill_state(abstract, lambda path, _: _from_torch(tensors[_torch_key(path)]))
+    return state_dict.fill_state(
+        abstract(config)[1], lambda path, _: _from_torch(tensors[_torch_key(path)])
+    )
