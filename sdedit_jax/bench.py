@@ -316,6 +316,18 @@ PUBLISHED_UNETS = {
         "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     },
+    # google/ncsnpp-church-256 (score_sde's VE church run); its input is sigma.
+    "ncsnpp_church_256": {
+        "sample_size": 256, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+        "block_out_channels": (128, 128, 256, 256, 256, 256, 256),
+        "down_block_types": ("SkipDownBlock2D",) * 4 + ("AttnSkipDownBlock2D",)
+        + ("SkipDownBlock2D",) * 2,
+        "up_block_types": ("SkipUpBlock2D",) * 2 + ("AttnSkipUpBlock2D",)
+        + ("SkipUpBlock2D",) * 4,
+        "time_embedding_type": "fourier", "center_input_sample": True, "flip_sin_to_cos": True,
+        "freq_shift": 0, "mid_block_scale_factor": 1.41421356237, "norm_eps": 1e-6,
+        "norm_num_groups": None, "downsample_padding": 1, "attention_head_dim": None,
+    },
 }
 # XLA:CPU compile options (DebugOptions), compared side by side in one process. In jax
 # 0.10.2 XLA:CPU already hands convolutions, matmuls and their elementwise neighbours to
@@ -352,7 +364,8 @@ def _jax_network_fn(folder: str):
     return (lambda state, x, t: nnx.merge(net.graphdef, state)(x, t)), net.state
 
 
-def bench_network(name: str, rows: int, scratch: str) -> dict:
+def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
+                  repeats: int) -> dict:
     """One call of a published architecture: sdedit_jax (per XLA option set) vs diffusers.
 
     A randomly initialised diffusers ``UNet2DModel`` is saved with
@@ -373,16 +386,18 @@ def bench_network(name: str, rows: int, scratch: str) -> dict:
     size = config["sample_size"]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, size, size, 3)).astype(np.float32)
-    t = np.linspace(50.0, 950.0, rows).astype(np.float32)
+    if config.get("time_embedding_type") == "fourier":  # sigma input
+        t = np.geomspace(0.5, 300.0, rows).astype(np.float32)
+    else:  # DDPM timestep input
+        t = np.linspace(50.0, 950.0, rows).astype(np.float32)
     jx, jt = jnp.asarray(x), jnp.asarray(t)
     lowered = jax.jit(apply).lower(state, jx, jt)
     compile_s, compiled = {}, {}
-    for option in _XLA_OPTIONS.value:
+    for option in xla_options:
         start = time.perf_counter()
         compiled[option] = lowered.compile(compiler_options=XLA_CPU_OPTIONS[option])
         compile_s[option] = time.perf_counter() - start
-    analysis = compiled["default" if "default" in compiled else _XLA_OPTIONS.value[0]]
-    analysis = analysis.cost_analysis()
+    analysis = compiled[xla_options[0]].cost_analysis()
     flops = float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 
     channels_last = copy.deepcopy(reference).to(memory_format=torch.channels_last)
@@ -404,7 +419,7 @@ def bench_network(name: str, rows: int, scratch: str) -> dict:
     diffs = {k: float(np.max(np.abs(v - torch_out))) for k, v in outputs.items()
              if k.startswith("jax_")}
     best_s = {k: float("inf") for k in runs}
-    for _ in range(_REPEATS.value):
+    for _ in range(repeats):
         for k, run in runs.items():
             best_s[k] = min(best_s[k], _timed(run))
     fastest_torch = min(("torch_eager", "torch_channels_last"), key=best_s.get)
@@ -412,7 +427,7 @@ def bench_network(name: str, rows: int, scratch: str) -> dict:
         "network": name, "params_M": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
         "image_size": size, "batch": rows, "cpu": cpu_model_name(),
         "platform": jax.devices()[0].platform, "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "timing_repeats": _REPEATS.value,
+        "torch_threads": torch.get_num_threads(), "timing_repeats": repeats,
         "gflop_per_call (XLA cost analysis)": round(flops / 1e9, 2),
         "max_abs_diff_jax_vs_torch": diffs, "torch_output_max_abs": scale,
         "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
@@ -442,7 +457,8 @@ def bench_networks() -> list[dict]:
         for name in _NETWORKS.value:
             if (name, _BATCH.value) in finished:
                 continue
-            result = bench_network(name, _BATCH.value, scratch)
+            result = bench_network(name, _BATCH.value, scratch, _XLA_OPTIONS.value,
+                                   _REPEATS.value)
             print(json.dumps(result), flush=True)
             results.append(result)
             if _RESULTS.value:
