@@ -78,6 +78,7 @@ def test_church_config_from_diffusers_and_from_ddim_yaml_agree():
     assert from_ddim == from_diffusers
     assert from_diffusers.down_attention == (False,) * 4 + (True, False)
     assert DDPMUNetConfig.from_config(from_ddim.to_config()) == from_ddim
+    assert DDPMUNetConfig.from_ddim_config({**ddim_model, "resolution": 256}) == from_ddim
 
 
 @pytest.mark.parametrize(

@@ -233,10 +233,12 @@ class DDPMUNetConfig:
         )
 
     @classmethod
-    def from_ddim_config(cls, model: Mapping[str, Any], image_size: int) -> DDPMUNetConfig:
-        """From the ``model:`` section of a ddim/SDEdit yaml config and ``data.image_size``."""
+    def from_ddim_config(cls, model: Mapping[str, Any], image_size: int | None = None
+                         ) -> DDPMUNetConfig:
+        """From the ``model:`` section of a ddim/SDEdit yaml config and ``data.image_size``
+        (or a ``resolution`` entry in ``model``)."""
         required = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions")
-        optional = ("type", "in_channels", "out_ch", "dropout", "resamp_with_conv")
+        optional = ("type", "in_channels", "out_ch", "dropout", "resamp_with_conv", "resolution")
         unknown = sorted(set(model) - set(required) - set(optional) - set(_DDIM_IGNORED))
         if unknown:
             raise UnsupportedConfig(f"{unknown[0]}: unknown ddim model field")
@@ -245,6 +247,9 @@ class DDPMUNetConfig:
             raise UnsupportedConfig(f"{missing[0]}: missing from the ddim model config")
         if model.get("type", "simple") != "simple":
             raise UnsupportedConfig(f"type: {model['type']!r} is not supported (only 'simple')")
+        image_size = model.get("resolution") if image_size is None else image_size
+        if not isinstance(image_size, int):
+            raise UnsupportedConfig(f"resolution: {image_size!r} is not an int image size")
         ch, mult = int(model["ch"]), tuple(int(m) for m in model["ch_mult"])
         sizes = [image_size // 2**level for level in range(len(mult))]
         attention = tuple(s in set(model["attn_resolutions"]) for s in sizes)
