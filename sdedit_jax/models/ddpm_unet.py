@@ -8,7 +8,9 @@ so an importer only renames leaves and transposes kernels. Layout is NHWC.
 
 Inference only: dropout is recorded in the config but never applied. With
 ``compute_dtype="bfloat16"`` weights and activations run in bfloat16 (group
-norm statistics and softmax in float32); inputs and outputs stay float32.
+norm statistics and softmax in float32); inputs and outputs stay float32. In
+float32, convolutions and matmuls ask for full precision (no TF32 on GPUs), so the
+port matches the reference on accelerators as on CPU.
 
 ``net(x, timesteps)`` takes DDPM's own timestep input (0..T-1, float allowed)
 and returns the predicted noise, like ``UNet2DModel(x, t).sample``.
@@ -279,6 +281,12 @@ def _bcast(v: Array, ndim: int) -> Array:
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
+def _precision(dtype: Any) -> jax.lax.Precision:
+    """float32 means float32 on accelerators too (no TF32), so parity holds everywhere;
+    bfloat16 runs at the hardware's native precision."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 class Conv(nnx.Module):
     """NHWC conv with bias; ``stride=2`` uses DDPM's padding (see ``downsample_padding``)."""
 
@@ -294,7 +302,7 @@ class Conv(nnx.Module):
     def __call__(self, x: Array) -> Array:
         y = jax.lax.conv_general_dilated(
             x, self.kernel[...].astype(x.dtype), (self.stride,) * 2, self.pads,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_precision(x.dtype),
         )
         return y + _bcast(self.bias[...].astype(x.dtype), y.ndim)
 
@@ -305,7 +313,8 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((c_out,)))
 
     def __call__(self, x: Array) -> Array:
-        return x @ self.kernel[...].astype(x.dtype) + _bcast(self.bias[...].astype(x.dtype), x.ndim)
+        y = jnp.matmul(x, self.kernel[...].astype(x.dtype), precision=_precision(x.dtype))
+        return y + _bcast(self.bias[...].astype(x.dtype), x.ndim)
 
 
 class GroupNorm(nnx.Module):
@@ -362,9 +371,12 @@ class Attention(nnx.Module):
         y = self.group_norm(x).reshape(b, h * w, c)
         q, k, v = (proj(y).reshape(b, h * w, self.heads, d)
                    for proj in (self.to_q, self.to_k, self.to_v))
-        logits = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=jnp.float32)
+        precision = _precision(x.dtype)
+        logits = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=jnp.float32,
+                            precision=precision)
         weights = jax.nn.softmax(logits * (1.0 / math.sqrt(d)), axis=-1).astype(x.dtype)
-        out = jnp.einsum("bhij,bjhd->bihd", weights, v).reshape(b, h * w, c)
+        out = jnp.einsum("bhij,bjhd->bihd", weights, v, precision=precision)
+        out = out.reshape(b, h * w, c)
         return x + self.to_out(out).reshape(b, h, w, c)
 
 
