@@ -241,6 +241,12 @@ def test_a_list_that_is_not_ddims(tmp_path):
         importers.load(str(path))
 
 
+def test_a_diffusers_weight_file_alone_points_to_its_folder(truth):
+    _, root, _ = truth
+    with pytest.raises(CheckpointError, match="holds diffusers' key names; convert the diffusers"):
+        importers.load(str(root / "bin" / "diffusion_pytorch_model.bin"))
+
+
 def test_format_override_and_unknown_format(truth, tmp_path):
     _, root, _ = truth
     with pytest.raises(importers.UnknownFormat, match="format: must be one of"):

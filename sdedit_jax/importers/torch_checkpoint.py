@@ -90,6 +90,9 @@ def select_weights(obj: Any, path: str) -> tuple[dict[str, np.ndarray], str]:
 def infer_config(tensors: dict[str, np.ndarray], image_size: int, path: str
                  ) -> ddpm_unet.DDPMUNetConfig:
     """The network's hyper-parameters, read off the shapes of ddim's tensors."""
+    if any(k.startswith("down_blocks.") for k in tensors):
+        raise CheckpointError(f"{path}: holds diffusers' key names; convert the diffusers folder "
+                              "(with its config.json) instead of the weight file")
     for key in ("conv_in.weight", "conv_out.weight", "down.0.block.0.conv1.weight"):
         if key not in tensors or np.ndim(tensors[key]) != 4:
             raise CheckpointError(f"{path}: no 4-d {key}; not a ddim/SDEdit DDPM checkpoint")
