@@ -150,6 +150,10 @@ def _read_folder(model_dir: str) -> _Folder:
     return _Folder(info, info_path, name, config, os.path.join(model_dir, weights))
 
 
+def _is_model_folder(path: str, format: str | None) -> bool:
+    return format in (None, "model_folder") and importers.detect_format(path) == "model_folder"
+
+
 def _score_model(name: str, config: Any, state: nnx.State, sde: SDE, usage: dict,
                  where: str) -> tuple[ScoreFn, SDE]:
     """Score function and SDE (both in [-1, 1] units) of an imported architecture."""
@@ -183,8 +187,7 @@ def load_model(
         format, image_size, score_sde_config: see :func:`sdedit_jax.importers.load`.
     """
     model_dir = DEFAULT_MODEL_DIR if model_dir in (None, "", "default") else model_dir
-    if importers.detect_format(model_dir) != "model_folder" or format not in (None,
-                                                                              "model_folder"):
+    if not _is_model_folder(model_dir, format):
         return _load_imported(model_dir, sde, format, image_size, score_sde_config)
     folder = _read_folder(model_dir)
     info = folder.info
@@ -326,7 +329,7 @@ def load_network(
             config has a ``compute_dtype`` field); default: as stored (float32).
     """
     path = DEFAULT_MODEL_DIR if path in (None, "", "default") else path
-    if importers.detect_format(path) == "model_folder" and format in (None, "model_folder"):
+    if _is_model_folder(path, format):
         folder = _read_folder(path)
         name, config = folder.architecture, folder.config
         _, abstract_state = _abstract(name, config)
