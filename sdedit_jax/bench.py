@@ -15,6 +15,8 @@
     # XLA's cost analysis. Results go to --results as they finish (rerun resumes).
     python -m sdedit_jax.bench --what=networks --networks=ddpm_church_256,ddpm_cifar10_32 \
         --batch=1 --timing_repeats=3 --results=runs/bench_networks.jsonl
+    # The compiled edit program under each XLA:CPU option set, side by side.
+    python -m sdedit_jax.bench --what=sampler_xla --batch=64 --steps=20
 
 ``--model_dir`` picks a model folder (default: the shipped model); with
 ``--random_arch=configs/train_emoji.py`` a randomly initialised network of that
@@ -45,8 +47,9 @@ from sdedit_jax import engine, job, pretrained  # noqa: E402
 from sdedit_jax.models import unet  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
 
-_WHAT = flags.DEFINE_enum("what", "sampler", ["sampler", "job", "torch", "networks"],
-                         "what to measure")
+_WHAT = flags.DEFINE_enum("what", "sampler",
+                          ["sampler", "job", "torch", "networks", "sampler_xla"],
+                          "what to measure")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
 _RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch (sampler mode)")
@@ -142,6 +145,40 @@ def bench_sampler(model: pretrained.LoadedModel) -> dict:
         "achieved_gflop_per_s": round(achieved / 1e9, 2),
         "matmul_peak_gflop_per_s": round(peak / 1e9, 2),
         "fraction_of_matmul_peak": round(achieved / peak, 3),
+    }
+
+
+def bench_sampler_xla(model: pretrained.LoadedModel) -> dict:
+    """The edit program of ``--what=sampler`` compiled under each ``--xla_options`` set.
+
+    One lowering, one compile per option set, calls interleaved, best of
+    ``--timing_repeats``: images/s per set and its ratio to the first set.
+    """
+    per_device = _PER_DEVICE.value or max(1, _BATCH.value // jax.device_count())
+    sampler = Sampler(_PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value)
+    editor = engine.Editor(model.sde, sampler, per_device_batch=per_device)
+    placed = editor.place_score(model.score_fn)
+    batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
+    lowered = editor.lower(placed, batch)
+    _, arrays = placed
+    args = (arrays, batch.guides, batch.seeds, batch.id_words, batch.t0, batch.n_steps,
+            batch.mask)
+    compiled = {o: lowered.compile(compiler_options=XLA_CPU_OPTIONS[o])
+                for o in _XLA_OPTIONS.value}
+    outputs = {o: np.asarray(c(*args)) for o, c in compiled.items()}  # also warms up
+    first = _XLA_OPTIONS.value[0]
+    best = {o: float("inf") for o in compiled}
+    for _ in range(_REPEATS.value):
+        for o, c in compiled.items():
+            best[o] = min(best[o], _timed(lambda c=c: c(*args).block_until_ready()))
+    rows = editor.global_batch
+    return {
+        "cpu": cpu_model_name(), "devices": jax.device_count(), "global_batch": rows,
+        "steps": _STEPS.value, "predictor": sampler.predictor,
+        "max_abs_diff_vs_first": {o: float(np.max(np.abs(v - outputs[first])))
+                                  for o, v in outputs.items()},
+        "images_per_s": {o: round(rows / b, 2) for o, b in best.items()},
+        f"speedup_over_{first}": {o: round(best[first] / b, 3) for o, b in best.items()},
     }
 
 
@@ -378,6 +415,7 @@ def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
     from diffusers import UNet2DModel
 
     config = PUBLISHED_UNETS[name]
+    load = [os.getloadavg()[0]]
     torch.manual_seed(0)
     reference = UNet2DModel(**config).eval()
     folder = os.path.join(scratch, name)
@@ -405,14 +443,20 @@ def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
     tx_last = tx.contiguous(memory_format=torch.channels_last)
     tt = torch.from_numpy(t)
 
-    def torch_call(model, inputs):
+    threads = torch.get_num_threads()
+
+    def torch_call(model, inputs, num_threads):
+        torch.set_num_threads(num_threads)
         with torch.inference_mode():
             return model(inputs, tt).sample
 
     runs = {f"jax_{o}": functools.partial(lambda c: c(state, jx, jt).block_until_ready(), c)
             for o, c in compiled.items()}
-    runs["torch_eager"] = functools.partial(torch_call, reference, tx)
-    runs["torch_channels_last"] = functools.partial(torch_call, channels_last, tx_last)
+    runs["torch_eager"] = functools.partial(torch_call, reference, tx, threads)
+    runs["torch_channels_last"] = functools.partial(torch_call, channels_last, tx_last, threads)
+    if threads > 1:  # OpenMP threads contend badly when other processes load the CPU
+        runs["torch_channels_last_1thread"] = functools.partial(
+            torch_call, channels_last, tx_last, 1)
     outputs = {k: np.asarray(run()) for k, run in runs.items()}  # also warms up
     torch_out = outputs["torch_eager"].transpose(0, 2, 3, 1)
     scale = float(np.max(np.abs(torch_out)))
@@ -422,12 +466,15 @@ def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
     for _ in range(repeats):
         for k, run in runs.items():
             best_s[k] = min(best_s[k], _timed(run))
-    fastest_torch = min(("torch_eager", "torch_channels_last"), key=best_s.get)
+    torch.set_num_threads(threads)
+    load.append(os.getloadavg()[0])
+    fastest_torch = min((k for k in runs if k.startswith("torch")), key=best_s.get)
     return {
         "network": name, "params_M": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
         "image_size": size, "batch": rows, "cpu": cpu_model_name(),
         "platform": jax.devices()[0].platform, "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "timing_repeats": repeats,
+        "torch_threads": threads, "timing_repeats": repeats,
+        "load_average_1min (start, end)": load,
         "gflop_per_call (XLA cost analysis)": round(flops / 1e9, 2),
         "max_abs_diff_jax_vs_torch": diffs, "torch_output_max_abs": scale,
         "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
@@ -478,6 +525,8 @@ def main(argv):
         model = pretrained.load_model(model_dir)
         if _WHAT.value == "torch":
             result = bench_torch(model)
+        elif _WHAT.value == "sampler_xla":
+            result = bench_sampler_xla(model)
         else:
             result = (bench_sampler(model) if _WHAT.value == "sampler"
                       else bench_job(model, model_dir))

@@ -58,6 +58,6 @@ def test_tiny_network_matches_diffusers_and_counts_its_flops(tmp_path, monkeypat
     # attention add a little on top.
     flops = result["gflop_per_call (XLA cost analysis)"] * 1e9
     assert 2 * macs * 0.97 <= flops <= 2 * macs * 1.3
-    assert set(result["seconds_per_call"]) == {"jax_default", "torch_eager",
-                                               "torch_channels_last"}
+    assert {"jax_default", "torch_eager", "torch_channels_last"} <= set(
+        result["seconds_per_call"])
     assert all(v > 0 for v in result["seconds_per_call"].values())
