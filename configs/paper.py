@@ -38,6 +38,9 @@ checkpoint does not hold its network config: pass the run's preset with ``--conf
         --out models/ddpm-church-256
     python -m sdedit_jax.main --config configs/paper.py:church_ddpm --workdir runs/church_ddpm
 
+    # or SDEdit's own file (the same DDPM network, in ddim's key layout):
+    python -m sdedit_jax.convert --source downloads/church_outdoor.ckpt --out models/ddpm-church-256
+
     python -m sdedit_jax.convert --source downloads/church_ncsnpp_continuous/checkpoint_126 \
         --config church --out models/ncsnpp-church-256
     python -m sdedit_jax.main --config configs/paper.py:church_ncsnpp --workdir runs/church_ncsnpp
