@@ -9,6 +9,14 @@
     # steps and t0; needs torch installed): images/s of both and their ratio.
     python -m sdedit_jax.bench --what=torch --random_arch=configs/train_emoji.py \
         --batch=16 --steps=20 --timing_repeats=2
+    # One network call of the published architectures (random weights saved by
+    # diffusers, loaded by sdedit_jax): sdedit_jax under several XLA:CPU option
+    # sets vs diffusers' UNet2DModel in PyTorch (eager, channels_last), FLOPs from
+    # XLA's cost analysis. Results go to --results as they finish (rerun resumes).
+    python -m sdedit_jax.bench --what=networks --networks=ddpm_church_256,ddpm_cifar10_32 \
+        --batch=1 --timing_repeats=3 --results=runs/bench_networks.jsonl
+    # The compiled edit program under each XLA:CPU option set, side by side.
+    python -m sdedit_jax.bench --what=sampler_xla --batch=64 --steps=20
 
 ``--model_dir`` picks a model folder (default: the shipped model); with
 ``--random_arch=configs/train_emoji.py`` a randomly initialised network of that
@@ -17,6 +25,7 @@ config's architecture is timed instead (same cost, no weights needed).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -38,7 +47,9 @@ from sdedit_jax import engine, job, pretrained  # noqa: E402
 from sdedit_jax.models import unet  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
 
-_WHAT = flags.DEFINE_enum("what", "sampler", ["sampler", "job", "torch"], "what to measure")
+_WHAT = flags.DEFINE_enum("what", "sampler",
+                          ["sampler", "job", "torch", "networks", "sampler_xla"],
+                          "what to measure")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
 _RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch (sampler mode)")
@@ -48,6 +59,12 @@ _CORRECTOR = flags.DEFINE_string("corrector", "none", "corrector")
 _REPEATS = flags.DEFINE_integer("timing_repeats", 3, "timed runs (best is reported)")
 _NUM_GUIDES = flags.DEFINE_integer("num_guides", 256, "guides in the job benchmark")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 0, "0 -> batch / devices")
+_NETWORKS = flags.DEFINE_list("networks", ["ddpm_church_256", "ddpm_cifar10_32"],
+                              "networks mode: keys of PUBLISHED_UNETS")
+_XLA_OPTIONS = flags.DEFINE_list("xla_options", ["default", "no_ynnpack", "onednn_dot"],
+                                 "networks mode: keys of XLA_CPU_OPTIONS, timed side by side")
+_RESULTS = flags.DEFINE_string("results", "", "networks mode: JSONL file; finished networks "
+                               "are skipped on a rerun")
 
 
 def benchmark_model_dir(scratch: str) -> str:
@@ -128,6 +145,40 @@ def bench_sampler(model: pretrained.LoadedModel) -> dict:
         "achieved_gflop_per_s": round(achieved / 1e9, 2),
         "matmul_peak_gflop_per_s": round(peak / 1e9, 2),
         "fraction_of_matmul_peak": round(achieved / peak, 3),
+    }
+
+
+def bench_sampler_xla(model: pretrained.LoadedModel) -> dict:
+    """The edit program of ``--what=sampler`` compiled under each ``--xla_options`` set.
+
+    One lowering, one compile per option set, calls interleaved, best of
+    ``--timing_repeats``: images/s per set and its ratio to the first set.
+    """
+    per_device = _PER_DEVICE.value or max(1, _BATCH.value // jax.device_count())
+    sampler = Sampler(_PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value)
+    editor = engine.Editor(model.sde, sampler, per_device_batch=per_device)
+    placed = editor.place_score(model.score_fn)
+    batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
+    lowered = editor.lower(placed, batch)
+    _, arrays = placed
+    args = (arrays, batch.guides, batch.seeds, batch.id_words, batch.t0, batch.n_steps,
+            batch.mask)
+    compiled = {o: lowered.compile(compiler_options=XLA_CPU_OPTIONS[o])
+                for o in _XLA_OPTIONS.value}
+    outputs = {o: np.asarray(c(*args)) for o, c in compiled.items()}  # also warms up
+    first = _XLA_OPTIONS.value[0]
+    best = {o: float("inf") for o in compiled}
+    for _ in range(_REPEATS.value):
+        for o, c in compiled.items():
+            best[o] = min(best[o], _timed(lambda c=c: c(*args).block_until_ready()))
+    rows = editor.global_batch
+    return {
+        "cpu": cpu_model_name(), "devices": jax.device_count(), "global_batch": rows,
+        "steps": _STEPS.value, "predictor": sampler.predictor,
+        "max_abs_diff_vs_first": {o: float(np.max(np.abs(v - outputs[first])))
+                                  for o, v in outputs.items()},
+        "images_per_s": {o: round(rows / b, 2) for o, b in best.items()},
+        f"speedup_over_{first}": {o: round(best[first] / b, 3) for o, b in best.items()},
     }
 
 
@@ -285,13 +336,197 @@ def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[f
     return float(diff), float(np.max(np.abs(jax_score)))
 
 
+# diffusers UNet2DModel configs of published checkpoints (the hub folders' config.json).
+_DDPM_COMMON = {"in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+                "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6,
+                "downsample_padding": 0, "attention_head_dim": None}
+PUBLISHED_UNETS = {
+    # google/ddpm-ema-{church,bedroom,celebahq}-256: 113.7M parameters.
+    "ddpm_church_256": {
+        **_DDPM_COMMON, "sample_size": 256, "block_out_channels": (128, 128, 256, 256, 512, 512),
+        "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    },
+    # google/ddpm-cifar10-32: 35.7M parameters, at the shipped model's 32 px.
+    "ddpm_cifar10_32": {
+        **_DDPM_COMMON, "sample_size": 32, "block_out_channels": (128, 256, 256, 256),
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    },
+    # google/ncsnpp-church-256 (score_sde's VE church run); its input is sigma.
+    "ncsnpp_church_256": {
+        "sample_size": 256, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+        "block_out_channels": (128, 128, 256, 256, 256, 256, 256),
+        "down_block_types": ("SkipDownBlock2D",) * 4 + ("AttnSkipDownBlock2D",)
+        + ("SkipDownBlock2D",) * 2,
+        "up_block_types": ("SkipUpBlock2D",) * 2 + ("AttnSkipUpBlock2D",)
+        + ("SkipUpBlock2D",) * 4,
+        "time_embedding_type": "fourier", "center_input_sample": True, "flip_sin_to_cos": True,
+        "freq_shift": 0, "mid_block_scale_factor": 1.41421356237, "norm_eps": 1e-6,
+        "norm_num_groups": None, "downsample_padding": 1, "attention_head_dim": None,
+    },
+}
+# XLA:CPU compile options (DebugOptions), compared side by side in one process. In jax
+# 0.10.2 XLA:CPU already hands convolutions, matmuls and their elementwise neighbours to
+# YNNPACK ("__ynn_fusion" in the compiled HLO). Checked there and left out: the XNNPACK
+# flags (xla_cpu_use_xnnpack, xla_cpu_experimental_xnn_fusion_type) compile to the same
+# program, xla_cpu_use_onednn alone changes nothing, and oneDNN convolution fusions
+# (xla_cpu_experimental_onednn_fusion_type=..._CONVOLUTION) die with SIGILL on AMD EPYC.
+XLA_CPU_OPTIONS: dict[str, dict[str, object]] = {
+    "default": {},
+    "no_ynnpack": {"xla_cpu_experimental_ynn_fusion_type": ""},  # Eigen everywhere
+    "onednn_dot": {"xla_cpu_use_onednn": True,  # oneDNN matmuls, YNNPACK convolutions
+                   "xla_cpu_experimental_onednn_fusion_type":
+                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+}
+
+
+def cpu_model_name() -> str:
+    """``lscpu``'s model name (where figures came from), or the platform's processor string."""
+    import platform
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines()
+             if line.startswith("Model name")]
+    return names[0] if names else "unknown"
+
+
+def _jax_network_fn(folder: str):
+    """``(apply, state)``: sdedit_jax's network of a diffusers folder as a pure function."""
+    net = pretrained.load_network(folder)
+    return (lambda state, x, t: nnx.merge(net.graphdef, state)(x, t)), net.state
+
+
+def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
+                  repeats: int) -> dict:
+    """One call of a published architecture: sdedit_jax (per XLA option set) vs diffusers.
+
+    A randomly initialised diffusers ``UNet2DModel`` is saved with
+    ``save_pretrained`` and loaded by ``pretrained.load_network``, so both sides
+    hold the same weights; the outputs are compared on the timed batch. Calls
+    are interleaved and the best of ``--timing_repeats`` counts, so load from
+    other processes hits every contestant alike.
+    """
+    import torch
+    from diffusers import UNet2DModel
+
+    config = PUBLISHED_UNETS[name]
+    load = [os.getloadavg()[0]]
+    torch.manual_seed(0)
+    reference = UNet2DModel(**config).eval()
+    folder = os.path.join(scratch, name)
+    reference.save_pretrained(folder)
+    apply, state = _jax_network_fn(folder)
+    size = config["sample_size"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, size, size, 3)).astype(np.float32)
+    if config.get("time_embedding_type") == "fourier":  # sigma input
+        t = np.geomspace(0.5, 300.0, rows).astype(np.float32)
+    else:  # DDPM timestep input
+        t = np.linspace(50.0, 950.0, rows).astype(np.float32)
+    jx, jt = jnp.asarray(x), jnp.asarray(t)
+    lowered = jax.jit(apply).lower(state, jx, jt)
+    compile_s, compiled = {}, {}
+    for option in xla_options:
+        start = time.perf_counter()
+        compiled[option] = lowered.compile(compiler_options=XLA_CPU_OPTIONS[option])
+        compile_s[option] = time.perf_counter() - start
+    analysis = compiled[xla_options[0]].cost_analysis()
+    flops = float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
+
+    channels_last = copy.deepcopy(reference).to(memory_format=torch.channels_last)
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    tx_last = tx.contiguous(memory_format=torch.channels_last)
+    tt = torch.from_numpy(t)
+
+    threads = torch.get_num_threads()
+
+    def torch_call(model, inputs, num_threads):
+        torch.set_num_threads(num_threads)
+        with torch.inference_mode():
+            return model(inputs, tt).sample
+
+    runs = {f"jax_{o}": functools.partial(lambda c: c(state, jx, jt).block_until_ready(), c)
+            for o, c in compiled.items()}
+    runs["torch_eager"] = functools.partial(torch_call, reference, tx, threads)
+    runs["torch_channels_last"] = functools.partial(torch_call, channels_last, tx_last, threads)
+    if threads > 1:  # OpenMP threads contend badly when other processes load the CPU
+        runs["torch_channels_last_1thread"] = functools.partial(
+            torch_call, channels_last, tx_last, 1)
+    outputs = {k: np.asarray(run()) for k, run in runs.items()}  # also warms up
+    torch_out = outputs["torch_eager"].transpose(0, 2, 3, 1)
+    scale = float(np.max(np.abs(torch_out)))
+    diffs = {k: float(np.max(np.abs(v - torch_out))) for k, v in outputs.items()
+             if k.startswith("jax_")}
+    best_s = {k: float("inf") for k in runs}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            best_s[k] = min(best_s[k], _timed(run))
+    torch.set_num_threads(threads)
+    load.append(os.getloadavg()[0])
+    fastest_torch = min((k for k in runs if k.startswith("torch")), key=best_s.get)
+    return {
+        "network": name, "params_M": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
+        "image_size": size, "batch": rows, "cpu": cpu_model_name(),
+        "platform": jax.devices()[0].platform, "torch_version": torch.__version__,
+        "torch_threads": threads, "timing_repeats": repeats,
+        "load_average_1min (start, end)": load,
+        "gflop_per_call (XLA cost analysis)": round(flops / 1e9, 2),
+        "max_abs_diff_jax_vs_torch": diffs, "torch_output_max_abs": scale,
+        "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
+        "seconds_per_call": {k: round(v, 4) for k, v in best_s.items()},
+        "images_per_s": {k: round(rows / v, 3) for k, v in best_s.items()},
+        "gflop_per_s": {k: round(flops / v / 1e9, 1) for k, v in best_s.items()},
+        "speedup_over_fastest_torch": {k: round(best_s[fastest_torch] / v, 2)
+                                       for k, v in best_s.items() if k.startswith("jax_")},
+    }
+
+
+def bench_networks() -> list[dict]:
+    """``bench_network`` for every ``--networks`` entry, appended to ``--results`` as it ends."""
+    unknown = sorted(set(_NETWORKS.value) - set(PUBLISHED_UNETS))
+    if unknown:
+        raise ValueError(f"--networks: unknown {unknown}; known {sorted(PUBLISHED_UNETS)}")
+    unknown = sorted(set(_XLA_OPTIONS.value) - set(XLA_CPU_OPTIONS))
+    if unknown:
+        raise ValueError(f"--xla_options: unknown {unknown}; known {sorted(XLA_CPU_OPTIONS)}")
+    done = []
+    if _RESULTS.value and os.path.exists(_RESULTS.value):
+        with open(_RESULTS.value) as f:
+            done = [json.loads(line) for line in f if line.strip()]
+    finished = {(r["network"], r["batch"]) for r in done}
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in _NETWORKS.value:
+            if (name, _BATCH.value) in finished:
+                continue
+            result = bench_network(name, _BATCH.value, scratch, _XLA_OPTIONS.value,
+                                   _REPEATS.value)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+            if _RESULTS.value:
+                os.makedirs(os.path.dirname(os.path.abspath(_RESULTS.value)), exist_ok=True)
+                with open(_RESULTS.value, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+    return done + results
+
+
 def main(argv):
     del argv
+    if _WHAT.value == "networks":
+        bench_networks()
+        return
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = benchmark_model_dir(scratch)
         model = pretrained.load_model(model_dir)
         if _WHAT.value == "torch":
             result = bench_torch(model)
+        elif _WHAT.value == "sampler_xla":
+            result = bench_sampler_xla(model)
         else:
             result = (bench_sampler(model) if _WHAT.value == "sampler"
                       else bench_job(model, model_dir))

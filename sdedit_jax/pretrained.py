@@ -1,27 +1,65 @@
-"""Loading a trained score model from a model folder (the shipped default included).
+"""Score models from model folders (the shipped default included) and published checkpoints.
 
-A model folder holds ``model_info.json`` (architecture, SDE, output
-parameterisation, weight checksums; written by :mod:`sdedit_jax.train`) and
-``ema_params_fp32.msgpack`` or ``ema_params_bf16.msgpack``. The default model,
-trained by this project on rendered emoji, ships in ``sdedit_jax/assets/default_model``.
+A model folder holds ``model_info.json`` and ``ema_params_fp32.msgpack`` (or
+``ema_params_bf16.msgpack``). ``model_info.json``::
+
+    {
+      "architecture": "ddpm_unet",   # key of ARCHITECTURES; "unet" when absent
+      "model": {...},                # that architecture's config fields
+      "sde": {"name": "discrete_vp", ...},   # as sde.sde_from_config reads it
+      "parameterization": "noise",   # "noise" | "score" | "scaled" (see score.py)
+      "condition": "timestep",       # network input: "t" | "timestep" (t*T-1) | "sigma";
+                                     # absent for "unet" (its time_embedding decides)
+      "data_range": "-1_1",          # pixels the network was trained on: "-1_1" | "0_1"
+      "source": {"path": ..., "format": "diffusers", "sha256": ...},  # imported models
+      "sha256": {"ema_params_fp32.msgpack": ...}
+    }
+
+Data range: every score model this module returns takes and returns images in
+[-1, 1], whatever the network was trained on; a network trained on [0, 1] (score_sde's
+VE models with ``centered=False``) is wrapped by
+:func:`sdedit_jax.score.make_network_score_fn`, with its VE SDE rescaled to match
+(:func:`sdedit_jax.score.sde_for_range`). Guides are therefore always given in [-1, 1].
+
+:func:`load_model` and :func:`load_network` also accept a diffusers folder, a
+ddim/SDEdit checkpoint or a score_sde checkpoint and convert it on the fly
+(:mod:`sdedit_jax.importers`); ``python -m sdedit_jax.convert`` writes the folder once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 import os
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from sdedit_jax import checkpoint, files
+from sdedit_jax import checkpoint, files, importers
 from sdedit_jax.models import unet
-from sdedit_jax.score import make_score_fn
+from sdedit_jax.score import (
+    check_condition,
+    check_parameterization,
+    make_network_score_fn,
+    make_score_fn,
+    sde_for_range,
+)
 from sdedit_jax.sde import SDE, ScoreFn, sde_from_config
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "default_model")
 INFO_FILE = "model_info.json"
 WEIGHT_FILES = ("ema_params_fp32.msgpack", "ema_params_bf16.msgpack")
+# Architecture name -> (module, config class). Each module has ``build(config, seed)``
+# and the class ``from_config(dict)``; imported lazily so one never needs the others.
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "unet": ("sdedit_jax.models.unet", "UNetConfig"),
+    "ddpm_unet": ("sdedit_jax.models.ddpm_unet", "DDPMUNetConfig"),
+    "ncsnpp": ("sdedit_jax.models.ncsnpp", "NCSNppConfig"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +72,7 @@ class LoadedModel:
     num_channels: int
     checksum: str  # sha256 of the weight file: recorded with every output
     path: str
+    architecture: str = "unet"
 
 
 def save_model(
@@ -61,9 +100,36 @@ def save_model(
     return sums
 
 
-def load_model(model_dir: str | None = None) -> LoadedModel:
-    """Loads the EMA weights in ``model_dir`` (default: the shipped model)."""
-    model_dir = DEFAULT_MODEL_DIR if model_dir in (None, "", "default") else model_dir
+def architecture(name: str) -> tuple[Any, type]:
+    """The module and config class of an architecture name."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"architecture: must be one of {sorted(ARCHITECTURES)}, got {name!r}")
+    module_name, config_name = ARCHITECTURES[name]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, config_name)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(name: str, config: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and shape-only state (shared: callers copy before filling it)."""
+    module, _ = architecture(name)
+    if hasattr(module, "abstract"):  # builds the modules without tracing an initialiser
+        return module.abstract(config)
+    return nnx.split(nnx.eval_shape(lambda: module.build(config, 0)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Folder:
+    """A model folder's info, parsed and checked."""
+
+    info: dict
+    info_path: str
+    architecture: str
+    config: Any
+    weights: str
+
+
+def _read_folder(model_dir: str) -> _Folder:
     info_path = files.join(model_dir, INFO_FILE)
     if not files.exists(info_path):
         raise FileNotFoundError(f"{info_path}: no model info file (is {model_dir} a model folder?)")
@@ -74,17 +140,208 @@ def load_model(model_dir: str | None = None) -> LoadedModel:
     weights = next((w for w in WEIGHT_FILES if files.exists(files.join(model_dir, w))), None)
     if weights is None:
         raise FileNotFoundError(f"{model_dir}: none of the weight files {WEIGHT_FILES}")
-    config = unet.UNetConfig.from_config(info["model"])
-    abstract = nnx.eval_shape(lambda: unet.build(config, 0))
-    graphdef, abstract_state = nnx.split(abstract)
-    path = files.join(model_dir, weights)
-    state = checkpoint.load_params(path, abstract_state, sha256=info["sha256"].get(weights))
-    sde = sde_from_config(info["sde"])
+    name = info.get("architecture", "unet")
+    try:
+        _, config_cls = architecture(name)
+        config = config_cls.from_config(info["model"])
+    except ValueError as err:
+        raise ValueError(f"{info_path}: {err}") from None
+    return _Folder(info, info_path, name, config, files.join(model_dir, weights))
+
+
+def _is_model_folder(path: str, format: str | None) -> bool:
+    return format in (None, "model_folder") and importers.detect_format(path) == "model_folder"
+
+
+def _score_model(name: str, config: Any, state: nnx.State, sde: SDE, usage: dict,
+                 where: str) -> tuple[ScoreFn, SDE]:
+    """Score function and SDE (both in [-1, 1] units) of an imported architecture."""
+    graphdef, _ = _abstract(name, config)
+    data_range = usage.get("data_range", "-1_1")
+    try:
+        check_condition(usage["condition"], sde)
+        user_sde = sde_for_range(sde, data_range)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    score_fn = make_network_score_fn(graphdef, state, sde, usage["parameterization"],
+                                     usage["condition"], data_range)
+    return score_fn, user_sde
+
+
+def load_model(
+    model_dir: str | None = None,
+    *,
+    sde: dict | None = None,
+    format: str | None = None,
+    image_size: int | None = None,
+    score_sde_config: str | None = None,
+) -> LoadedModel:
+    """Loads a score model: the shipped one (default), a model folder, or a checkpoint.
+
+    Args:
+        model_dir: a model folder, a diffusers folder, a ddim/SDEdit ``.ckpt``/``.pth``
+            or a score_sde ``checkpoint_<n>`` (the latter converted on the fly).
+        sde: overrides the SDE of a checkpoint (``{"name": "ve", ...}``); needed when
+            the checkpoint does not record it.
+        format, image_size, score_sde_config: see :func:`sdedit_jax.importers.load`.
+    """
+    model_dir = DEFAULT_MODEL_DIR if model_dir in (None, "", "default") else model_dir
+    if not _is_model_folder(model_dir, format):
+        return _load_imported(model_dir, sde, format, image_size, score_sde_config)
+    folder = _read_folder(model_dir)
+    info = folder.info
+    config = folder.config
+    graphdef, abstract_state = _abstract(folder.architecture, config)
+    path = folder.weights
+    state = checkpoint.load_params(
+        path, abstract_state, sha256=info["sha256"].get(files.basename(path))
+    )
+    model_sde = sde_from_config(sde if sde is not None else info["sde"])
+    if folder.architecture == "unet":
+        score_fn, user_sde = make_score_fn(graphdef, state, model_sde,
+                                           info["parameterization"]), model_sde
+    else:
+        if "condition" not in info:
+            raise ValueError(f"{folder.info_path}: missing field 'condition'")
+        score_fn, user_sde = _score_model(folder.architecture, config, state, model_sde, info,
+                                          folder.info_path)
     return LoadedModel(
-        score_fn=make_score_fn(graphdef, state, sde, info["parameterization"]),
-        sde=sde,
+        score_fn=score_fn,
+        sde=user_sde,
         image_size=config.image_size,
-        num_channels=config.num_channels,
+        num_channels=_num_channels(config),
         checksum=checkpoint.sha256_file(path),
         path=path,
+        architecture=folder.architecture,
     )
+
+
+def _num_channels(config: Any) -> int:
+    for field in ("num_channels", "in_channels"):
+        if hasattr(config, field):
+            return int(getattr(config, field))
+    raise ValueError(f"{type(config).__name__} has no channel count")
+
+
+def _import(path: str, format: str | None, image_size: int | None,
+            score_sde_config: str | None) -> importers.Imported:
+    return importers.load(path, format=format, image_size=image_size, config=score_sde_config)
+
+
+def _imported_sde(imported: importers.Imported, sde: dict | None, path: str) -> dict:
+    chosen = sde if sde is not None else imported.sde
+    if chosen is None:
+        raise ValueError(
+            f"{path}: the checkpoint does not record its SDE; name it "
+            '(e.g. sde={"name": "ve", "sigma_min": 0.01, "sigma_max": 380})'
+        )
+    return dict(chosen)
+
+
+def _load_imported(path: str, sde: dict | None, format: str | None, image_size: int | None,
+                   score_sde_config: str | None) -> LoadedModel:
+    imported = _import(path, format, image_size, score_sde_config)
+    model_sde = sde_from_config(_imported_sde(imported, sde, path))
+    usage = {"condition": imported.condition, "parameterization": imported.parameterization,
+             "data_range": imported.data_range}
+    score_fn, user_sde = _score_model(imported.architecture, imported.config, imported.state,
+                                      model_sde, usage, path)
+    return LoadedModel(
+        score_fn=score_fn,
+        sde=user_sde,
+        image_size=imported.config.image_size,
+        num_channels=_num_channels(imported.config),
+        checksum=imported.source["sha256"],
+        path=imported.source["path"],
+        architecture=imported.architecture,
+    )
+
+
+def save_imported(model_dir: str, imported: importers.Imported, sde: dict | None = None,
+                  with_bf16: bool = False) -> dict[str, str]:
+    """Writes an imported checkpoint as a model folder (see the module docstring).
+
+    Everything is checked (SDE, conditioning input, data range) before a file is written.
+    """
+    sde = _imported_sde(imported, sde, imported.source["path"])
+    try:
+        model_sde = sde_from_config(sde)
+        check_condition(imported.condition, model_sde)
+        sde_for_range(model_sde, imported.data_range)
+        check_parameterization(imported.parameterization)
+    except ValueError as err:
+        raise ValueError(f"{imported.source['path']}: {err}") from None
+    extra = {
+        "architecture": imported.architecture,
+        "condition": imported.condition,
+        "data_range": imported.data_range,
+        "source": imported.source,
+    }
+    return save_model(model_dir, imported.state, dataclasses.asdict(imported.config), sde,
+                      imported.parameterization, extra=extra, with_bf16=with_bf16)
+
+
+# --- the bare network -------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, t: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    if isinstance(model, unet.UNet):
+        return model(x, t, train=False)
+    return model(x, t)
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A loaded network as a function: ``net(x[B,H,W,C], timesteps) -> [B,H,W,C]``.
+
+    ``timesteps`` is the network's own conditioning input (a scalar or ``[B]``):
+    DDPM's timestep (0..T-1, float allowed) for ``ddpm_unet``, sigma for ``ncsnpp``,
+    the diffusion time t (or sigma, by its config) for ``unet``. The output equals
+    diffusers' ``UNet2DModel(x_nchw, timesteps).sample`` transposed to NHWC.
+    """
+
+    architecture: str
+    config: Any
+    graphdef: nnx.GraphDef
+    state: nnx.State
+
+    def __call__(self, x: jax.Array, timesteps: jax.Array | float) -> jax.Array:
+        x = jnp.asarray(x, jnp.float32)
+        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), x.shape[:1])
+        return _apply(self.graphdef, self.state, x, t)
+
+
+def load_network(
+    path: str | None = None,
+    *,
+    compute_dtype: str | None = None,
+    format: str | None = None,
+    image_size: int | None = None,
+    score_sde_config: str | None = None,
+) -> Network:
+    """The bare network of a model folder, diffusers folder or checkpoint (see :class:`Network`).
+
+    Args:
+        compute_dtype: e.g. ``"bfloat16"`` for accelerators (architectures whose
+            config has a ``compute_dtype`` field); default: as stored (float32).
+    """
+    path = DEFAULT_MODEL_DIR if path in (None, "", "default") else path
+    if _is_model_folder(path, format):
+        folder = _read_folder(path)
+        name, config = folder.architecture, folder.config
+        _, abstract_state = _abstract(name, config)
+        state = checkpoint.load_params(
+            folder.weights, abstract_state,
+            sha256=folder.info["sha256"].get(files.basename(folder.weights)),
+        )
+    else:
+        imported = _import(path, format, image_size, score_sde_config)
+        name, config, state = imported.architecture, imported.config, imported.state
+    if compute_dtype is not None:
+        if not hasattr(config, "compute_dtype"):
+            raise ValueError(f"compute_dtype: architecture {name!r} has no compute_dtype option")
+        config = dataclasses.replace(config, compute_dtype=compute_dtype)
+    graphdef, _ = _abstract(name, config)
+    return Network(name, config, graphdef, state)

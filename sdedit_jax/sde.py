@@ -13,10 +13,12 @@ different SDEdit start times ``t0`` inside one compiled program.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdedit_jax.rng import example_noise
 
@@ -189,7 +191,105 @@ class VESDE(SDE):
         return self.sigma_max
 
 
-SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+@functools.lru_cache(maxsize=8)
+def _log_alpha_bar_knots(
+    beta_start: float, beta_end: float, num_timesteps: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``log alpha_bar`` at ``t = k / T`` (k = 0..T) as float32 hi + lo parts, and the
+    per-step increments ``log(1 - beta_k)``; the table itself is float64, like DDPM's."""
+    betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    increments = np.log1p(-betas)
+    knots = np.concatenate([[0.0], np.cumsum(increments)])  # == log((1 - betas).cumprod())
+    hi = knots.astype(np.float32)
+    lo = (knots - hi.astype(np.float64)).astype(np.float32)
+    return hi, lo, increments.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteVPSDE(SDE):
+    """DDPM's discrete linear-beta schedule as a VP SDE (the SDE of SDEdit's DDPM networks).
+
+    Grid time ``t = (n + 1) / T`` is DDPM step ``n``: its marginal is exactly
+    ``alpha_bar[n] = prod_{i<=n} (1 - beta_i)`` (computed in float64 as DDPM does), and
+    the network's timestep input there is ``n = t T - 1``. Between grid times
+    ``log alpha_bar`` is linear in ``t``, i.e. a VP SDE with a piecewise-constant
+    ``beta(t) = -T log(1 - beta_n)`` on ``((n) / T, (n + 1) / T]``, so drift and diffusion
+    agree with the marginals and every predictor applies. One ``ancestral`` step of
+    ``1 / T`` from a grid time is DDPM's ancestral step (mean with ``beta_n``, variance
+    ``beta_tilde_n``); ``eps = 0`` makes the last step end at the data (DDPM's ``x_0``).
+    Times within 1e-3 of a step of a grid time are taken as that grid time, so the
+    float32 time grids of the samplers land on DDPM's steps exactly.
+    """
+
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_timesteps: int = 1000
+    eps: float = 0.0
+
+    def __post_init__(self):
+        if not (isinstance(self.num_timesteps, int) and self.num_timesteps >= 2):
+            raise ValueError(f"num_timesteps: must be an int >= 2, got {self.num_timesteps!r}")
+        if not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise ValueError(
+                f"beta_start, beta_end: need 0 < beta_start <= beta_end < 1, got "
+                f"{self.beta_start!r}, {self.beta_end!r}"
+            )
+
+    def _tables(self) -> tuple[Array, Array, Array]:
+        hi, lo, inc = _log_alpha_bar_knots(self.beta_start, self.beta_end, self.num_timesteps)
+        return jnp.asarray(hi), jnp.asarray(lo), jnp.asarray(inc)
+
+    def _steps(self, t: Array) -> Array:
+        """``t * T``, snapped to the nearest integer within 1e-3."""
+        u = jnp.asarray(t, jnp.float32) * self.num_timesteps
+        nearest = jnp.round(u)
+        return jnp.where(jnp.abs(u - nearest) <= 1e-3, nearest, u)
+
+    def _segment(self, u: Array) -> Array:
+        """Index ``n`` of the step whose interval ``(n, n + 1]`` (in units of 1/T) holds ``u``."""
+        return jnp.clip(jnp.ceil(u).astype(jnp.int32) - 1, 0, self.num_timesteps - 1)
+
+    def _log_alpha_bar(self, u: Array) -> tuple[Array, Array, Array]:
+        """``log alpha_bar`` at ``u = t T`` as the nearest knot's (hi, lo) and the offset."""
+        hi, lo, inc = self._tables()
+        knot = jnp.clip(jnp.round(u), 0, self.num_timesteps).astype(jnp.int32)
+        return hi[knot], lo[knot], (u - knot) * inc[self._segment(u)]
+
+    def timestep(self, t: Array) -> Array:
+        """The DDPM network's timestep input at time ``t``: ``t T - 1`` (float)."""
+        return self._steps(t) - 1.0
+
+    def log_mean_coeff(self, t):
+        hi, lo, offset = self._log_alpha_bar(self._steps(t))
+        return 0.5 * (hi + (lo + offset))
+
+    def marginal_var(self, t):
+        return -jnp.expm1(2.0 * self.log_mean_coeff(t))
+
+    def drift_coeff(self, t):
+        _, _, inc = self._tables()
+        return 0.5 * self.num_timesteps * inc[self._segment(self._steps(t))]
+
+    def diffusion(self, t):
+        return jnp.sqrt(-2.0 * self.drift_coeff(t))
+
+    def transition(self, t: Array, s: Array) -> tuple[Array, Array]:
+        """As the base class, with ``v = 1 - a^2`` (exact for VP) from the difference of
+        ``log alpha_bar`` taken knot to knot, so ``a^2 = 1 - beta_n`` and ``v = beta_n``
+        keep float32 precision even where ``alpha_bar`` is tiny."""
+        hi_t, lo_t, off_t = self._log_alpha_bar(self._steps(t))
+        hi_s, lo_s, off_s = self._log_alpha_bar(self._steps(s))
+        log_a2 = (hi_t - hi_s) + ((lo_t - lo_s) + (off_t - off_s))
+        return jnp.exp(0.5 * log_a2), -jnp.expm1(log_a2)
+
+    @property
+    def prior_std(self):
+        return 1.0
+
+
+SDES: dict[str, type[SDE]] = {
+    "vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "discrete_vp": DiscreteVPSDE
+}
 
 
 def sde_from_config(config) -> SDE:

@@ -1,0 +1,89 @@
+"""Converts a published checkpoint into a model folder that jobs and ``pretrained`` load.
+
+    python -m sdedit_jax.convert --source ddpm-ema-church-256/ --out models/church_ddpm
+    python -m sdedit_jax.convert --source church_outdoor.ckpt --out models/church_sdedit
+    python -m sdedit_jax.convert --source checkpoint_126 --config church --out models/church_ve
+
+The format (a diffusers folder, an ermongroup/ddim or SDEdit ``.ckpt``/``.pth``, a
+score_sde ``checkpoint_<n>``) is detected from the files; ``--format`` overrides it.
+The folder records the network, its training SDE, parameterisation, conditioning
+input and data range, and the source file's sha256 (see :mod:`sdedit_jax.pretrained`).
+
+Exit status: 0 on success; 1 with a one-line message on bad input (no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from sdedit_jax import importers, pretrained  # noqa: E402
+from sdedit_jax.sde import sde_from_config  # noqa: E402
+
+_SOURCE = flags.DEFINE_string("source", None, "checkpoint file or folder to convert")
+_OUT = flags.DEFINE_string("out", None, "model folder to write")
+_FORMAT = flags.DEFINE_enum("format", None, ["diffusers", "ddim", "score_sde"],
+                            "source format (default: detected)")
+_SDE = flags.DEFINE_string(
+    "sde", None, 'training SDE as JSON, e.g. \'{"name": "ve", "sigma_min": 0.01, '
+    '"sigma_max": 380}\' (default: from the checkpoint)')
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)")
+_CONFIG = flags.DEFINE_string(
+    "config", None, "score_sde network config: a preset name or a JSON file")
+_BF16 = flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
+
+
+def parse_sde(text: str | None) -> dict | None:
+    """The ``--sde`` JSON object, checked by building the SDE once."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--sde: not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--sde: expected a JSON object, got {text!r}")
+    try:
+        sde_from_config(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--sde: {err}") from None
+    return value
+
+
+def convert(source: str, out: str, *, format: str | None = None, sde: dict | None = None,
+            image_size: int | None = None, config: str | None = None,
+            with_bf16: bool = False) -> dict:
+    """Imports ``source`` and writes the model folder ``out``; returns its model_info."""
+    imported = importers.load(source, format=format, image_size=image_size, config=config)
+    pretrained.save_imported(out, imported, sde=sde, with_bf16=with_bf16)
+    pretrained.load_model(out)  # proves the folder loads before reporting success
+    with open(os.path.join(out, pretrained.INFO_FILE)) as f:
+        return json.load(f)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for flag in (_SOURCE, _OUT):
+        if not flag.value:
+            raise app.UsageError(f"--{flag.name} is required")
+    try:
+        info = convert(_SOURCE.value, _OUT.value, format=_FORMAT.value, sde=parse_sde(_SDE.value),
+                       image_size=_IMAGE_SIZE.value, config=_CONFIG.value,
+                       with_bf16=_BF16.value)
+    except (ValueError, OSError) as err:
+        print(f"convert: {err}", file=sys.stderr)
+        sys.exit(1)
+    summary = {k: info[k] for k in ("architecture", "sde", "parameterization", "condition",
+                                    "data_range", "source")}
+    print(json.dumps({"out": _OUT.value, **summary}, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,177 @@
+"""diffusers ``UNet2DModel`` folders: ``config.json`` + ``diffusion_pytorch_model.*`` weights.
+
+The config decides the network: Skip* blocks or ``time_embedding_type="fourier"``
+make an NCSN++ (:mod:`sdedit_jax.models.ncsnpp`), anything else must be the
+DDPM U-Net (:mod:`sdedit_jax.models.ddpm_unet`). Both attention key spellings
+(``query/key/value/proj_attn`` of diffusers < 0.15 and ``to_q/to_k/to_v/to_out.0``)
+are read. safetensors files are read with safetensors' numpy API, ``.bin`` files
+(torch pickles) with the allow-listed reader, so no checkpoint code runs.
+
+The training SDE comes from a ``scheduler_config.json`` beside the model (or in
+the pipeline's ``scheduler/``) when there is one; otherwise DDPM's linear betas
+1e-4..0.02 over 1000 steps for DDPM networks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from sdedit_jax import checkpoint
+from sdedit_jax.importers import Imported, torch_checkpoint
+from sdedit_jax.models import ddpm_unet
+
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SCHEDULER_FILE = "scheduler_config.json"
+DDPM_SDE = {"name": "discrete_vp", "beta_start": 1e-4, "beta_end": 0.02, "num_timesteps": 1000}
+_OLD_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+_NEW_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def model_folder(path: str) -> str:
+    """The folder holding ``config.json``: ``path`` itself or a pipeline's ``unet/``."""
+    for folder in (path, os.path.join(path, "unet")):
+        if os.path.exists(os.path.join(folder, CONFIG_FILE)):
+            return folder
+    raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is it a diffusers model folder?)")
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def weight_file(folder: str) -> str:
+    for name in WEIGHT_FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"{folder}: none of the weight files {WEIGHT_FILES}")
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+    """A flat ``{key: array}`` state dict from a safetensors or torch ``.bin`` file."""
+    if path.endswith(".safetensors"):
+        import safetensors.numpy
+
+        try:
+            return dict(safetensors.numpy.load_file(path))
+        except Exception as err:  # safetensors raises its own error types for bad files
+            raise torch_checkpoint.CheckpointError(
+                f"{path}: not a readable safetensors file ({err})"
+            ) from None
+    return torch_checkpoint.state_dict_from(torch_checkpoint.read_checkpoint(path), path)
+
+
+def new_attention_names(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Renames diffusers' old attention keys (``query`` ... ``proj_attn``) to the current ones."""
+    renamed = {}
+    for key, value in tensors.items():
+        match = _OLD_ATTENTION.match(key)
+        if match:
+            key = f"{match[1]}{_NEW_ATTENTION[match[2]]}.{match[3]}"
+        renamed[key] = value
+    return renamed
+
+
+def is_ncsnpp(config: dict) -> bool:
+    """NCSN++ (score_sde) networks use Skip* blocks and Fourier time features."""
+    blocks = list(config.get("down_block_types", ())) + list(config.get("up_block_types", ()))
+    return config.get("time_embedding_type") == "fourier" or any("Skip" in b for b in blocks)
+
+
+def _scheduler_config(folder: str) -> tuple[str | None, dict]:
+    for path in (os.path.join(folder, SCHEDULER_FILE),
+                 os.path.join(os.path.dirname(folder.rstrip("/")), "scheduler", SCHEDULER_FILE)):
+        if os.path.exists(path):
+            return path, read_json(path)
+    return None, {}
+
+
+def ddpm_sde(folder: str) -> dict:
+    """DDPM's discrete schedule, from the scheduler config when present."""
+    path, sched = _scheduler_config(folder)
+    if path is None:
+        return dict(DDPM_SDE)
+    for field, allowed in (("beta_schedule", ("linear",)), ("trained_betas", (None,)),
+                           ("prediction_type", ("epsilon",))):
+        if sched.get(field, allowed[0]) not in allowed:
+            raise ValueError(f"{path}: {field}: {sched[field]!r} is not supported")
+    return {
+        "name": "discrete_vp",
+        "beta_start": float(sched.get("beta_start", DDPM_SDE["beta_start"])),
+        "beta_end": float(sched.get("beta_end", DDPM_SDE["beta_end"])),
+        "num_timesteps": int(sched.get("num_train_timesteps", DDPM_SDE["num_timesteps"])),
+    }
+
+
+def ve_sde(folder: str) -> dict | None:
+    """score_sde's VE SDE from a ``ScoreSdeVeScheduler`` config; None when there is none.
+
+    sigma_max is per dataset (380 for LSUN church, 348 for CelebA-HQ/FFHQ 256), so
+    without a scheduler config the caller must name the SDE.
+    """
+    path, sched = _scheduler_config(folder)
+    if path is None or "sigma_max" not in sched:
+        return None
+    return {"name": "ve", "sigma_min": float(sched.get("sigma_min", 0.01)),
+            "sigma_max": float(sched["sigma_max"])}
+
+
+def load(path: str) -> Imported:
+    """Imports a diffusers ``UNet2DModel`` folder (see the module docstring)."""
+    folder = model_folder(path)
+    config_path = os.path.join(folder, CONFIG_FILE)
+    config = read_json(config_path)
+    try:
+        if is_ncsnpp(config):
+            module, architecture = _ncsnpp(config_path), "ncsnpp"
+            net_config = module.NCSNppConfig.from_diffusers_config(config)
+        else:
+            module, architecture = ddpm_unet, "ddpm_unet"
+            net_config = module.DDPMUNetConfig.from_diffusers_config(config)
+    except ValueError as err:
+        raise type(err)(f"{config_path}: {err}") from None
+    weights = weight_file(folder)
+    tensors = new_attention_names(read_tensors(weights))
+    try:
+        state = module.params_from_diffusers(tensors, net_config)
+    except ValueError as err:
+        message = str(err)
+        raise type(err)(message if weights in message else f"{weights}: {message}") from None
+    if architecture == "ncsnpp":
+        data_range = "0_1" if tuple(net_config.data_range) == (0.0, 1.0) else "-1_1"
+        usage = {"condition": "sigma", "parameterization": "score", "data_range": data_range,
+                 "sde": ve_sde(folder)}
+    else:
+        usage = {"condition": "timestep", "parameterization": "noise", "data_range": "-1_1",
+                 "sde": ddpm_sde(folder)}
+    return Imported(
+        architecture=architecture,
+        config=net_config,
+        state=state,
+        source={"path": os.path.abspath(weights), "format": "diffusers",
+                "sha256": checkpoint.sha256_file(weights)},
+        **usage,
+    )
+
+
+def _ncsnpp(config_path: str):
+    try:
+        return importlib.import_module("sdedit_jax.models.ncsnpp")
+    except ImportError as err:
+        raise ValueError(
+            f"{config_path}: an NCSN++ network, but sdedit_jax.models.ncsnpp is not available "
+            f"({err})"
+        ) from None

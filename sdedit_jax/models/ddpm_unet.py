@@ -1,0 +1,586 @@
+"""The DDPM U-Net of SDEdit/DDIM (Ho et al., 2020), in Flax NNX, for published weights.
+
+This is the network of ermongroup/ddim ``models/diffusion.py`` (the one SDEdit
+runs), which is numerically the same as diffusers' ``UNet2DModel`` built from
+``DownBlock2D``/``AttnDownBlock2D``/``UpBlock2D``/``AttnUpBlock2D`` blocks. The
+module tree mirrors diffusers' names (``down_blocks[i].resnets[j].conv1`` ...)
+so an importer only renames leaves and transposes kernels. Layout is NHWC.
+
+Inference only: dropout is recorded in the config but never applied. With
+``compute_dtype="bfloat16"`` weights and activations run in bfloat16 (group
+norm statistics and softmax in float32); inputs and outputs stay float32. In
+float32, convolutions and matmuls ask for full precision (no TF32 on GPUs), so the
+port matches the reference on accelerators as on CPU.
+
+``net(x, timesteps)`` takes DDPM's own timestep input (0..T-1, float allowed)
+and returns the predicted noise, like ``UNet2DModel(x, t).sample``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdedit_jax.importers import state_dict
+from sdedit_jax.models import layers
+
+Array = jax.Array
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# UNet2DModel's defaults, used for fields a diffusers config.json leaves out.
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "num_train_timesteps": None,
+}
+# Fields this port implements only at one value (anything else is a different network).
+_DIFFUSERS_FIXED: dict[str, tuple[Any, ...]] = {
+    "center_input_sample": (False,),
+    "time_embedding_type": ("positional",),
+    "mid_block_type": ("UNetMidBlock2D",),
+    "mid_block_scale_factor": (1, 1.0),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "act_fn": ("silu", "swish"),
+    "attn_norm_num_groups": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+}
+_DOWN_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}
+_UP_TYPES = {"UpBlock2D": False, "AttnUpBlock2D": True}
+# Keys of ddim's ``model:`` section that do not change the network.
+_DDIM_IGNORED = ("var_type", "ema_rate", "ema")
+
+
+class UnsupportedConfig(ValueError):
+    """A checkpoint config asks for a network this port does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPMUNetConfig:
+    """Hyper-parameters of :class:`DDPMUNet` (frozen: hashable and static under jit).
+
+    Attributes:
+        image_size: side length the network was trained at (it is fully convolutional).
+        in_channels, out_channels: image channels in and out.
+        block_out_channels: channels per resolution level (level 0 = full size).
+        layers_per_block: residual blocks per level on the way down (one more going up).
+        down_attention, up_attention: per level, whether its blocks have self-attention.
+        mid_attention: self-attention between the two middle residual blocks.
+        attention_head_dim: channels per attention head; ``None`` = one head (DDPM).
+        norm_num_groups, norm_eps: GroupNorm settings.
+        flip_sin_to_cos, freq_shift: timestep embedding variant (DDPM: False, 1).
+        downsample_padding: 0 = pad right/bottom by one before a stride-2 conv (DDPM),
+            1 = symmetric padding.
+        resamp_with_conv: convolutions in down/upsampling (False: average pool / nearest only).
+        dropout: recorded for completeness; inference never applies it.
+        compute_dtype: "float32" or "bfloat16" (activations and weights).
+    """
+
+    image_size: int = 256
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 128, 256, 256, 512, 512)
+    layers_per_block: int = 2
+    down_attention: tuple[bool, ...] = (False, False, False, False, True, False)
+    up_attention: tuple[bool, ...] = (False, False, False, False, True, False)
+    mid_attention: bool = True
+    attention_head_dim: int | None = None
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
+    downsample_padding: int = 0
+    resamp_with_conv: bool = True
+    dropout: float = 0.0
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        for name in ("down_attention", "up_attention"):
+            if len(getattr(self, name)) != levels:
+                raise UnsupportedConfig(
+                    f"{name}: {len(getattr(self, name))} levels, block_out_channels has {levels}"
+                )
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise UnsupportedConfig(
+                f"compute_dtype: must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}"
+            )
+        if self.downsample_padding not in (0, 1):
+            raise UnsupportedConfig(
+                f"downsample_padding: must be 0 or 1, got {self.downsample_padding!r}"
+            )
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise UnsupportedConfig(
+                    f"block_out_channels: {c} is not divisible by norm_num_groups="
+                    f"{self.norm_num_groups}"
+                )
+            if self.attention_head_dim is not None and c % self.attention_head_dim:
+                raise UnsupportedConfig(
+                    f"attention_head_dim: {self.attention_head_dim} does not divide {c} channels"
+                )
+        if self.image_size % 2 ** (levels - 1):
+            raise UnsupportedConfig(
+                f"image_size: {self.image_size} is not divisible by 2**{levels - 1}"
+            )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | DDPMUNetConfig) -> DDPMUNetConfig:
+        """From this class's own fields (as written to ``model_info.json``); strict."""
+        if isinstance(config, cls):
+            return config
+        values = dict(config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UnsupportedConfig(f"unknown ddpm_unet config field(s) {unknown}")
+        for name in ("block_out_channels", "down_attention", "up_attention"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def to_config(self) -> dict[str, Any]:
+        """JSON-ready fields (:meth:`from_config` inverts it)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any]) -> DDPMUNetConfig:
+        """From a diffusers ``UNet2DModel`` config.json; unsupported settings are errors."""
+        class_name = config.get("_class_name", "UNet2DModel")
+        if class_name != "UNet2DModel":
+            raise UnsupportedConfig(f"_class_name: {class_name!r} is not supported")
+        unknown = sorted(
+            k for k in config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS
+        )
+        if unknown:
+            raise UnsupportedConfig(f"{unknown[0]}: unknown UNet2DModel field")
+        cfg = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+        for field, allowed in _DIFFUSERS_FIXED.items():
+            if cfg[field] not in allowed:
+                raise UnsupportedConfig(f"{field}: {cfg[field]!r} is not supported")
+        channels = tuple(int(c) for c in cfg["block_out_channels"])
+        if cfg["time_embedding_dim"] not in (None, 4 * channels[0]):
+            raise UnsupportedConfig(
+                f"time_embedding_dim: {cfg['time_embedding_dim']!r} is not supported"
+            )
+        down = tuple(_block_attention("down_block_types", b, _DOWN_TYPES)
+                     for b in cfg["down_block_types"])
+        up = tuple(_block_attention("up_block_types", b, _UP_TYPES)
+                   for b in cfg["up_block_types"])
+        if not (len(down) == len(up) == len(channels)):
+            raise UnsupportedConfig(
+                f"block_out_channels: {len(channels)} levels but {len(down)} down and "
+                f"{len(up)} up blocks"
+            )
+        size = cfg["sample_size"]
+        if isinstance(size, (list, tuple)):
+            if len(size) != 2 or size[0] != size[1]:
+                raise UnsupportedConfig(f"sample_size: {size!r} is not square")
+            size = size[0]
+        if not isinstance(size, int):
+            raise UnsupportedConfig(f"sample_size: {size!r} is not an int")
+        return cls(
+            image_size=size,
+            in_channels=int(cfg["in_channels"]),
+            out_channels=int(cfg["out_channels"]),
+            block_out_channels=channels,
+            layers_per_block=int(cfg["layers_per_block"]),
+            down_attention=down,
+            up_attention=tuple(reversed(up)),  # diffusers lists up blocks lowest level first
+            mid_attention=bool(cfg["add_attention"]),
+            attention_head_dim=cfg["attention_head_dim"],
+            norm_num_groups=int(cfg["norm_num_groups"]),
+            norm_eps=float(cfg["norm_eps"]),
+            flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
+            freq_shift=float(cfg["freq_shift"]),
+            downsample_padding=int(cfg["downsample_padding"]),
+            resamp_with_conv=True,
+            dropout=float(cfg["dropout"]),
+        )
+
+    @classmethod
+    def from_ddim_config(cls, model: Mapping[str, Any], image_size: int | None = None
+                         ) -> DDPMUNetConfig:
+        """From the ``model:`` section of a ddim/SDEdit yaml config and ``data.image_size``
+        (or a ``resolution`` entry in ``model``)."""
+        required = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions")
+        optional = ("type", "in_channels", "out_ch", "dropout", "resamp_with_conv", "resolution")
+        unknown = sorted(set(model) - set(required) - set(optional) - set(_DDIM_IGNORED))
+        if unknown:
+            raise UnsupportedConfig(f"{unknown[0]}: unknown ddim model field")
+        missing = [k for k in required if k not in model]
+        if missing:
+            raise UnsupportedConfig(f"{missing[0]}: missing from the ddim model config")
+        if model.get("type", "simple") != "simple":
+            raise UnsupportedConfig(f"type: {model['type']!r} is not supported (only 'simple')")
+        image_size = model.get("resolution") if image_size is None else image_size
+        if not isinstance(image_size, int):
+            raise UnsupportedConfig(f"resolution: {image_size!r} is not an int image size")
+        ch, mult = int(model["ch"]), tuple(int(m) for m in model["ch_mult"])
+        sizes = [image_size // 2**level for level in range(len(mult))]
+        attention = tuple(s in set(model["attn_resolutions"]) for s in sizes)
+        return cls(
+            image_size=int(image_size),
+            in_channels=int(model.get("in_channels", 3)),
+            out_channels=int(model.get("out_ch", 3)),
+            block_out_channels=tuple(ch * m for m in mult),
+            layers_per_block=int(model["num_res_blocks"]),
+            down_attention=attention,
+            up_attention=attention,
+            resamp_with_conv=bool(model.get("resamp_with_conv", True)),
+            dropout=float(model.get("dropout", 0.0)),
+        )
+
+
+def _block_attention(field: str, block_type: Any, types: dict[str, bool]) -> bool:
+    if block_type not in types:
+        raise UnsupportedConfig(f"{field}: block type {block_type!r} is not supported")
+    return types[block_type]
+
+
+# --- layers (weights cast to the activation dtype) ------------------------------------------
+
+
+def _bcast(v: Array, ndim: int) -> Array:
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+def _precision(dtype: Any) -> jax.lax.Precision:
+    """float32 means float32 on accelerators too (no TF32), so parity holds everywhere;
+    bfloat16 runs at the hardware's native precision."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+class Conv(nnx.Module):
+    """NHWC conv with bias; ``stride=2`` uses DDPM's padding (see ``downsample_padding``)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, *, stride: int = 1,
+                 padding: int | None = None, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(layers.default_init()(rngs.params(), (kernel, kernel, c_in, c_out)))
+        self.bias = nnx.Param(jnp.zeros((c_out,)))
+        self.stride = stride
+        half = kernel // 2
+        # padding=0 with stride 2: DDPM pads only right/bottom by one.
+        self.pads = ((half, half),) * 2 if padding is None else ((padding, 1),) * 2
+
+    def __call__(self, x: Array) -> Array:
+        y = jax.lax.conv_general_dilated(
+            x, self.kernel[...].astype(x.dtype), (self.stride,) * 2, self.pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_precision(x.dtype),
+        )
+        return y + _bcast(self.bias[...].astype(x.dtype), y.ndim)
+
+
+class Linear(nnx.Module):
+    def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(layers.default_init()(rngs.params(), (c_in, c_out)))
+        self.bias = nnx.Param(jnp.zeros((c_out,)))
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.matmul(x, self.kernel[...].astype(x.dtype), precision=_precision(x.dtype))
+        return y + _bcast(self.bias[...].astype(x.dtype), x.ndim)
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm over NHWC; statistics in float32 whatever the activation dtype."""
+
+    def __init__(self, channels: int, groups: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((channels,)))
+        self.bias = nnx.Param(jnp.zeros((channels,)))
+        self.groups, self.eps = groups, eps
+
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        g = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+        mean = g.mean(axis=(1, 2, 4), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        y = y * _bcast(self.scale[...], 4) + _bcast(self.bias[...], 4)
+        return y.astype(x.dtype)
+
+
+class ResnetBlock(nnx.Module):
+    """GN-SiLU-conv, plus projected time embedding, GN-SiLU-conv, plus (1x1-conv) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, cfg: DDPMUNetConfig, *,
+                 rngs: nnx.Rngs):
+        self.norm1 = GroupNorm(c_in, cfg.norm_num_groups, cfg.norm_eps)
+        self.conv1 = Conv(c_in, c_out, rngs=rngs)
+        self.time_emb_proj = Linear(temb_dim, c_out, rngs=rngs)
+        self.norm2 = GroupNorm(c_out, cfg.norm_num_groups, cfg.norm_eps)
+        self.conv2 = Conv(c_out, c_out, rngs=rngs)
+        self.conv_shortcut = Conv(c_in, c_out, 1, rngs=rngs) if c_in != c_out else None
+
+    def __call__(self, x: Array, temb: Array) -> Array:
+        h = self.conv1(nnx.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, :]
+        h = self.conv2(nnx.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nnx.Module):
+    """Self-attention over all pixels with a residual (diffusers' ``Attention`` of UNet2D)."""
+
+    def __init__(self, channels: int, cfg: DDPMUNetConfig, *, rngs: nnx.Rngs):
+        self.group_norm = GroupNorm(channels, cfg.norm_num_groups, cfg.norm_eps)
+        self.to_q = Linear(channels, channels, rngs=rngs)
+        self.to_k = Linear(channels, channels, rngs=rngs)
+        self.to_v = Linear(channels, channels, rngs=rngs)
+        self.to_out = Linear(channels, channels, rngs=rngs)
+        self.heads = 1 if cfg.attention_head_dim is None else channels // cfg.attention_head_dim
+
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        d = c // self.heads
+        y = self.group_norm(x).reshape(b, h * w, c)
+        q, k, v = (proj(y).reshape(b, h * w, self.heads, d)
+                   for proj in (self.to_q, self.to_k, self.to_v))
+        precision = _precision(x.dtype)
+        logits = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=jnp.float32,
+                            precision=precision)
+        weights = jax.nn.softmax(logits * (1.0 / math.sqrt(d)), axis=-1).astype(x.dtype)
+        out = jnp.einsum("bhij,bjhd->bihd", weights, v, precision=precision)
+        out = out.reshape(b, h * w, c)
+        return x + self.to_out(out).reshape(b, h, w, c)
+
+
+class Downsample(nnx.Module):
+    def __init__(self, channels: int, cfg: DDPMUNetConfig, *, rngs: nnx.Rngs):
+        self.conv = (Conv(channels, channels, stride=2, padding=cfg.downsample_padding, rngs=rngs)
+                     if cfg.resamp_with_conv else None)
+
+    def __call__(self, x: Array) -> Array:
+        return layers.avg_pool2(x) if self.conv is None else self.conv(x)
+
+
+class Upsample(nnx.Module):
+    def __init__(self, channels: int, cfg: DDPMUNetConfig, *, rngs: nnx.Rngs):
+        self.conv = Conv(channels, channels, rngs=rngs) if cfg.resamp_with_conv else None
+
+    def __call__(self, x: Array) -> Array:
+        x = layers.upsample_nearest2(x)
+        return x if self.conv is None else self.conv(x)
+
+
+class Block(nnx.Module):
+    """One resolution level: residual blocks, optional attention after each, resampler."""
+
+    def __init__(self, c_ins: list[int], c_out: int, temb_dim: int, attention: bool,
+                 resample: type[Downsample] | type[Upsample] | None, cfg: DDPMUNetConfig, *,
+                 rngs: nnx.Rngs):
+        self.resnets = nnx.List([ResnetBlock(c, c_out, temb_dim, cfg, rngs=rngs) for c in c_ins])
+        self.attentions = nnx.List(
+            [Attention(c_out, cfg, rngs=rngs) for _ in c_ins] if attention else []
+        )
+        self.resampler = None if resample is None else resample(c_out, cfg, rngs=rngs)
+
+
+class MidBlock(nnx.Module):
+    def __init__(self, channels: int, temb_dim: int, cfg: DDPMUNetConfig, *, rngs: nnx.Rngs):
+        self.resnets = nnx.List(
+            [ResnetBlock(channels, channels, temb_dim, cfg, rngs=rngs) for _ in range(2)]
+        )
+        self.attentions = nnx.List(
+            [Attention(channels, cfg, rngs=rngs)] if cfg.mid_attention else []
+        )
+
+    def __call__(self, x: Array, temb: Array) -> Array:
+        x = self.resnets[0](x, temb)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x, temb)
+
+
+class TimestepEmbedding(nnx.Module):
+    def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
+        self.linear_1 = Linear(c_in, c_out, rngs=rngs)
+        self.linear_2 = Linear(c_out, c_out, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.linear_2(nnx.silu(self.linear_1(x)))
+
+
+def timestep_features(t: Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> Array:
+    """DDPM's sinusoidal features of a ``[B]`` timestep (float32, ``[B, dim]``)."""
+    half = dim // 2
+    exponent = -math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    angles = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    parts = [jnp.sin(angles), jnp.cos(angles)]
+    features = jnp.concatenate(parts[::-1] if flip_sin_to_cos else parts, axis=1)
+    return jnp.pad(features, ((0, 0), (0, dim % 2)))
+
+
+class DDPMUNet(nnx.Module):
+    """``net(x[B,H,W,C], timesteps[B]) -> eps[B,H,W,C]``, diffusers' module names."""
+
+    def __init__(self, config: Mapping[str, Any] | DDPMUNetConfig, *, rngs: nnx.Rngs):
+        cfg = DDPMUNetConfig.from_config(config)
+        self.cfg = cfg
+        chans = cfg.block_out_channels
+        temb_dim = 4 * chans[0]
+        self.time_embedding = TimestepEmbedding(chans[0], temb_dim, rngs=rngs)
+        self.conv_in = Conv(cfg.in_channels, chans[0], rngs=rngs)
+        last = len(chans) - 1
+        skips, c = [chans[0]], chans[0]
+        down = []
+        for level, c_out in enumerate(chans):
+            c_ins = [c] + [c_out] * (cfg.layers_per_block - 1)
+            resample = Downsample if level != last else None
+            down.append(Block(c_ins, c_out, temb_dim, cfg.down_attention[level], resample, cfg,
+                              rngs=rngs))
+            c = c_out
+            skips += [c_out] * (cfg.layers_per_block + (level != last))
+        self.down_blocks = nnx.List(down)
+        self.mid_block = MidBlock(c, temb_dim, cfg, rngs=rngs)
+        up = []
+        for level in reversed(range(len(chans))):
+            c_out, c_ins = chans[level], []
+            for _ in range(cfg.layers_per_block + 1):
+                c_ins.append(c + skips.pop())
+                c = c_out
+            resample = Upsample if level != 0 else None
+            up.append(Block(c_ins, c_out, temb_dim, cfg.up_attention[level], resample, cfg,
+                            rngs=rngs))
+        self.up_blocks = nnx.List(up)  # lowest resolution first, as in diffusers
+        self.conv_norm_out = GroupNorm(c, cfg.norm_num_groups, cfg.norm_eps)
+        self.conv_out = Conv(c, cfg.out_channels, rngs=rngs)
+
+    def __call__(self, x: Array, timesteps: Array) -> Array:
+        """Predicted noise, float32. ``timesteps`` is ``[B]`` (or a scalar for all)."""
+        cfg = self.cfg
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), x.shape[:1])
+        dtype = jnp.dtype(cfg.compute_dtype)
+        features = timestep_features(
+            timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift
+        )
+        temb = self.time_embedding(features.astype(dtype))
+        h = self.conv_in(x.astype(dtype))
+        skips = [h]
+        for block in self.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                h = resnet(h, temb)
+                if block.attentions:
+                    h = block.attentions[i](h)
+                skips.append(h)
+            if block.resampler is not None:
+                h = block.resampler(h)
+                skips.append(h)
+        h = self.mid_block(h, temb)
+        for block in self.up_blocks:
+            for i, resnet in enumerate(block.resnets):
+                h = resnet(jnp.concatenate([h, skips.pop()], axis=-1), temb)
+                if block.attentions:
+                    h = block.attentions[i](h)
+            if block.resampler is not None:
+                h = block.resampler(h)
+        h = self.conv_out(nnx.silu(self.conv_norm_out(h)))
+        return h.astype(jnp.float32)
+
+
+def count_params(state: nnx.State | nnx.Module) -> int:
+    """Number of weights (scalars)."""
+    state = nnx.state(state) if isinstance(state, nnx.Module) else state
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state))
+
+
+def build(config: Mapping[str, Any] | DDPMUNetConfig, seed: int) -> DDPMUNet:
+    """A randomly initialised :class:`DDPMUNet` (one jitted initialiser per config)."""
+    cfg = DDPMUNetConfig.from_config(config)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DDPMUNet(cfg, rngs=nnx.Rngs(params=0))))
+    return nnx.merge(graphdef, _init_state(cfg, jnp.asarray(seed, jnp.uint32)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_state(cfg: DDPMUNetConfig, seed: Array) -> nnx.State:
+    key = jax.random.key(seed, impl="rbg")
+    return nnx.split(DDPMUNet(cfg, rngs=nnx.Rngs(params=key)))[1]
+
+
+# --- weights from diffusers' state dict ----------------------------------------------------
+
+
+def _torch_key(path: tuple[Any, ...]) -> str:
+    """diffusers' name of one leaf of :class:`DDPMUNet`'s state."""
+    names = []
+    for part in path[:-1]:
+        if part == "resampler":
+            names.append("downsamplers.0" if path[0] == "down_blocks" else "upsamplers.0")
+        elif part == "to_out":
+            names.append("to_out.0")
+        else:
+            names.append(str(part))
+    return ".".join([*names, "bias" if path[-1] == "bias" else "weight"])
+
+
+def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) == 4:  # HWIO -> OIHW
+        return (shape[3], shape[2], shape[0], shape[1])
+    return tuple(reversed(shape))  # (in, out) -> (out, in); vectors unchanged
+
+
+def _from_torch(value: Any) -> Any:
+    value = np.asarray(value, np.float32)
+    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+
+
+@functools.lru_cache(maxsize=16)
+def abstract(config: DDPMUNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and shape-only state of the network of ``config`` (no weights computed)."""
+    return nnx.split(nnx.eval_shape(lambda: DDPMUNet(config, rngs=nnx.Rngs(params=0))))
+
+
+def expected_diffusers_tensors(config: DDPMUNetConfig) -> dict[str, tuple[int, ...]]:
+    """The diffusers state-dict key and torch shape of every weight, from the config alone."""
+    _, abstract_state = abstract(config)
+    shapes = dict(zip(state_dict.flat_paths(abstract_state),
+                      (leaf.shape for leaf in jax.tree.leaves(nnx.to_pure_dict(abstract_state))),
+                      strict=True))
+    return {_torch_key(p): _torch_shape(s) for p, s in shapes.items()}
+
+
+def params_from_diffusers(tensors: Mapping[str, Any], config: DDPMUNetConfig) -> nnx.State:
+    """The state of :class:`DDPMUNet` from a diffusers ``UNet2DModel`` state dict.
+
+    ``tensors`` must use the current attention names (``to_q``/``to_k``/``to_v``/
+    ``to_out.0``); every key is checked (see :func:`state_dict.check_tensors`).
+    """
+    state_dict.check_tensors("", tensors, expected_diffusers_tensors(config))
+    return state_dict.fill_state(
+        abstract(config)[1], lambda path, _: _from_torch(tensors[_torch_key(path)])
+    )

@@ -1,0 +1,143 @@
+"""DiscreteVPSDE: DDPM's discrete schedule inside the continuous-time engine.
+
+The truth is DDPM/SDEdit's own arithmetic in float64 numpy: ``betas =
+linspace(1e-4, 0.02, 1000)``, ``alphas_cumprod = (1 - betas).cumprod()``, the
+ancestral step with ``beta`` and ``beta_tilde``, and ermongroup/SDEdit's
+editing loop (start from ``a[K-1]``, model timesteps ``K-1 .. 0``).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sdedit_jax import edit, engine, rng
+from sdedit_jax.sampling import predictors
+from sdedit_jax.sampling.integrate import Sampler
+from sdedit_jax.score import make_network_score_fn
+from sdedit_jax.sde import SDES, VPSDE, DiscreteVPSDE, sde_from_config
+
+T = 1000
+BETAS = np.linspace(1e-4, 0.02, T, dtype=np.float64)
+ALPHAS_CUMPROD = np.cumprod(1.0 - BETAS)
+ALPHAS_CUMPROD_PREV = np.append(1.0, ALPHAS_CUMPROD[:-1])
+BETA_TILDE = BETAS * (1.0 - ALPHAS_CUMPROD_PREV) / (1.0 - ALPHAS_CUMPROD)
+
+
+def test_grid_marginals_are_ddpms_alphas_cumprod():
+    sde = DiscreteVPSDE()
+    n = np.arange(T)
+    t = jnp.asarray((n + 1) / T, jnp.float32)
+    alpha_bar = np.exp(2.0 * np.asarray(sde.log_mean_coeff(t), np.float64))
+    np.testing.assert_allclose(alpha_bar, ALPHAS_CUMPROD, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(sde.marginal_var(t)), 1.0 - ALPHAS_CUMPROD, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(sde.timestep(t)), n.astype(np.float32))
+    assert float(sde.marginal_var(jnp.zeros(1))[0]) == 0.0 and sde.eps == 0.0
+
+
+def test_continuous_between_grid_times_with_consistent_drift_and_diffusion():
+    sde = DiscreteVPSDE()
+    # log alpha_bar is linear inside a step: the midpoint is the mean of the ends.
+    n = np.arange(1, T - 1)
+    ends = [np.asarray(sde.log_mean_coeff(jnp.asarray((n + d) / T, jnp.float32)))
+            for d in (0.0, 0.5, 1.0)]
+    np.testing.assert_allclose(ends[1], 0.5 * (ends[0] + ends[2]), rtol=1e-5, atol=1e-7)
+    # Drift is d log m / dt of the marginal mean, and for VP (var = 1 - m^2) the diffusion
+    # must be g^2 = -2 f; together they give d var/dt = 2 f var + g^2.
+    t = jnp.asarray((n + 0.3) / T, jnp.float32)
+    h = 0.2 / T
+    dlogm = (np.asarray(sde.log_mean_coeff(t + h), np.float64)
+             - np.asarray(sde.log_mean_coeff(t - h), np.float64)) / (2 * h)
+    np.testing.assert_allclose(dlogm, np.asarray(sde.drift_coeff(t)), rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(sde.diffusion(t)) ** 2,
+                               -2.0 * np.asarray(sde.drift_coeff(t)), rtol=1e-6)
+    # The step's diffusion is DDPM's beta in the small-step sense: g^2 / T = -log(1 - beta).
+    np.testing.assert_allclose(np.asarray(sde.diffusion(t)) ** 2 / T, -np.log1p(-BETAS[n]),
+                               rtol=1e-5)
+
+
+def test_ancestral_step_of_one_over_T_is_ddpms_step():
+    sde = DiscreteVPSDE()
+    n = np.array([0, 1, 7, 250, 500, 998, 999])
+    t = jnp.asarray((n + 1) / T, jnp.float32)
+    dt = jnp.full(t.shape, 1.0 / T, jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (len(n), 4, 4, 3))
+    eps_hat = jax.random.normal(jax.random.key(1), x.shape)  # a fixed "network output"
+    def score_fn(x_, t_):
+        return -eps_hat / jnp.sqrt(sde.marginal_var(t_))[:, None, None, None]
+    keys = jax.random.split(jax.random.key(2), len(n))
+    x_next, x_mean = predictors.ancestral(sde, score_fn, keys, x, t, dt)
+
+    xb, eb = np.asarray(x, np.float64), np.asarray(eps_hat, np.float64)
+    b = BETAS[n][:, None, None, None]
+    mean = (xb - b / np.sqrt(1 - ALPHAS_CUMPROD[n])[:, None, None, None] * eb) / np.sqrt(1 - b)
+    noise = np.asarray(rng.example_noise(keys, x), np.float64)
+    expected = mean + np.sqrt(BETA_TILDE[n])[:, None, None, None] * noise
+    np.testing.assert_allclose(np.asarray(x_mean), mean, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(x_next), expected, rtol=1e-5, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(x_next)[0], np.asarray(x_mean)[0])  # n=0: no noise
+
+    a, v = sde.transition(t, t - dt)
+    np.testing.assert_allclose(np.asarray(a), np.sqrt(1 - BETAS[n]), rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(v), BETAS[n], rtol=2e-6)
+
+
+class _FakeEps(nnx.Module):
+    """A stand-in noise network whose output depends on x and on the timestep input."""
+
+    def __init__(self):
+        self.w = nnx.Param(jnp.asarray(0.3))
+
+    def __call__(self, x, timesteps):
+        return self.w[...] * jnp.tanh(x) + 1e-3 * timesteps.reshape(-1, 1, 1, 1) * jnp.cos(x)
+
+
+def _fake_eps_np(x, n):
+    return 0.3 * np.tanh(x) + 1e-3 * n * np.cos(x)
+
+
+@pytest.mark.parametrize("total_noise_levels", [1, 7, 400])
+def test_engine_runs_sdedits_ddpm_loop(total_noise_levels):
+    """ermongroup/SDEdit with ``--t K``: x = sqrt(a[K-1]) x0 + sqrt(1-a[K-1]) e, then DDPM
+    steps at timesteps K-1..0. The engine with t0 = K/T and its paper step count does that."""
+    k = total_noise_levels
+    sde = DiscreteVPSDE()
+    t0 = k / T
+    steps = int(engine.paper_steps(T, np.float32(t0)))
+    assert steps == k
+    model = _FakeEps()
+    graphdef, state = nnx.split(model)
+    score_fn = make_network_score_fn(graphdef, state, sde, "noise", "timestep")
+    guides = jax.random.uniform(jax.random.key(3), (2, 4, 4, 3), minval=-1, maxval=1)
+    keys = jax.random.split(jax.random.key(4), 2)
+    sampler = Sampler(predictor="ancestral", max_steps=engine.step_bucket(k))
+    out = edit.sdedit_batch(score_fn, sde, sampler, guides, keys,
+                            jnp.full((2,), t0, jnp.float32), jnp.full((2,), k, jnp.int32))
+
+    # The reference loop, in float64, with the engine's noise draws.
+    repeat_keys = rng.fold_in(keys, 0)
+    e = np.asarray(rng.example_noise(rng.fold_in(repeat_keys, 0), guides), np.float64)
+    step_keys = rng.fold_in(repeat_keys, 1)
+    a = ALPHAS_CUMPROD
+    x0 = np.asarray(guides, np.float64)
+    x = x0 * np.sqrt(a[k - 1]) + e * np.sqrt(1.0 - a[k - 1])
+    for j, i in enumerate(reversed(range(k))):
+        mean = (x - BETAS[i] / np.sqrt(1 - a[i]) * _fake_eps_np(x, i)) / np.sqrt(1 - BETAS[i])
+        z = np.asarray(rng.example_noise(rng.fold_in(rng.fold_in(step_keys, j), 1), guides))
+        x = mean + (i > 0) * np.sqrt(BETA_TILDE[i]) * z
+    np.testing.assert_allclose(np.asarray(out), x, atol=5e-5)
+
+
+def test_registered_and_configurable_and_others_unchanged():
+    assert SDES["discrete_vp"] is DiscreteVPSDE
+    sde = sde_from_config({"name": "discrete_vp", "beta_start": 1e-4, "beta_end": 0.02,
+                           "num_timesteps": 1000})
+    assert sde == DiscreteVPSDE() and hash(sde) == hash(DiscreteVPSDE())
+    assert dataclasses.asdict(VPSDE()) == {"beta_min": 0.1, "beta_max": 20.0, "eps": 1e-3}
+    with pytest.raises(ValueError, match="num_timesteps: must be an int >= 2, got 0"):
+        DiscreteVPSDE(num_timesteps=0)
+    with pytest.raises(ValueError, match=r"beta_start, beta_end: need 0 < beta_start <= beta_end"):
+        DiscreteVPSDE(beta_start=0.1, beta_end=0.01)
