@@ -30,6 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "snr": 0.16,
         "corrector_steps": 1,
         "denoise": True,
+        "eta": 0.0,  # DDIM's noise level (ddim only)
+        "time_grid": "",  # uniform | logsnr | karras; "" = the predictor's default
     })
     config.repeats = 1
     config.seed = 0

@@ -111,7 +111,7 @@ def bench_sampler(model: pretrained.LoadedModel) -> dict:
     editor.run_global(placed, batch).block_until_ready()
     run_s = min(_timed(lambda: editor.run_global(placed, batch).block_until_ready())
                 for _ in range(_REPEATS.value))
-    evals = _STEPS.value * sampler.score_evals_per_step
+    evals = _STEPS.value * sampler.nfe_per_step
     flops_per_eval = score_flops(model, editor.global_batch)
     peak = matmul_peak_flops()
     achieved = flops_per_eval * evals / run_s

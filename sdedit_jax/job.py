@@ -53,6 +53,8 @@ def sampler_from_config(
         snr=config.snr,
         corrector_steps=config.corrector_steps,
         denoise=config.denoise,
+        eta=config.get("eta", 0.0),
+        time_grid=config.get("time_grid", ""),
     )
 
     def steps_for(t0: np.ndarray) -> np.ndarray:
@@ -122,6 +124,12 @@ def run_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         job_fields = {"sde": type(model.sde).__name__, "predictor": sampler.predictor,
                       "corrector": sampler.corrector, "max_steps": sampler.max_steps,
+                      "eta": sampler.eta, "time_grid": sampler.grid_name,
+                      # Network calls per example (a row with its own t0 under the paper's
+                      # rule: nfe_per_step * ceil(steps_per_unit_time * t0) * repeats).
+                      "nfe_per_step": sampler.nfe_per_step,
+                      "nfe": int(steps_for(np.float64(t0))) * sampler.nfe_per_step
+                      * config.repeats,
                       "steps_per_unit_time": config.sampler.steps_per_unit_time,
                       "n_steps": config.sampler.n_steps, "repeats": config.repeats,
                       "model_sha256": model.checksum}
