@@ -73,8 +73,8 @@ REFERENCE_CACHE = "reference_features.npz"
 # evaluate.py sets these input fields itself (from the model and the tasks).
 _MANAGED_INPUT_FIELDS = ("generator", "generator_kwargs", "image_size", "channels", "seed", "t0")
 _LOAD_BATCH = 64
-COLUMNS = ("task", "variant", "t0", "n_steps", "nfe", "examples", "l2", "l2_std", "mse", "psnr", "ssim",
-           "l2_inside", "l2_outside", "kid", "kid_std", "kid_stderr", "fid", "seconds",
+COLUMNS = ("task", "variant", "t0", "n_steps", "nfe", "examples", "l2", "l2_std", "mse", "psnr",
+           "ssim", "l2_inside", "l2_outside", "kid", "kid_std", "kid_stderr", "fid", "seconds",
            "images_per_s")
 
 
@@ -556,7 +556,8 @@ def sweep(model: pretrained.LoadedModel, variants: list[Variant], task_guides: l
             for t0 in t0s:
                 # The config's float64 t0: float32(0.8) * 200 rounds up to 161 steps.
                 n_steps = int(variant.steps_for(np.float64(t0)))
-                def edit(guides=guides, t0=t0, n_steps=n_steps):
+
+                def edit(editor=editor, placed=placed, guides=guides, t0=t0, n_steps=n_steps):
                     return edit_guides(editor, placed, guides, t0, n_steps, config.seed, on_chunk)
 
                 if cache_dir is None:
@@ -634,7 +635,8 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str,
         "model": {"path": model.path, "sha256": model.checksum, "sde": type(model.sde).__name__},
         "feature_extractor": extractor.name, "reference_images": len(reference.ids),
         "reference_cache_hit": cache_hit, "kid_subset_size": scorer.kid_subset_size,
-        "variants": [{"name": v.name, **dataclasses.asdict(v.sampler), "repeats": v.repeats}
+        "variants": [{"name": v.name, **dataclasses.asdict(v.sampler), "repeats": v.repeats,
+                      "grid_used": v.sampler.grid_name, "nfe_per_step": v.sampler.nfe_per_step}
                      for v in variants],
         "rows": baselines + rows, "seconds": round(time.perf_counter() - started, 2),
     }

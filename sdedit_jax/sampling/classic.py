@@ -56,7 +56,7 @@ def predictor_solver(name: str) -> PredictorSolver:
 
 @dataclasses.dataclass(frozen=True)
 class Corrected:
-    """``corrector_steps`` corrector moves at ``t``, then ``solver``'s step (predictor-corrector)."""
+    """``corrector_steps`` corrector moves at ``t``, then ``solver``'s step (PC sampling)."""
 
     solver: Solver
     corrector: str

@@ -29,7 +29,9 @@ class DDIM:
     eta: float = 0.0
     nfe_per_step: int = 1
     order: int = 1
-    default_grid: str = "logsnr"
+    # Measured (tools/solver_table.py): Karras' grid gives DDIM 10-15 % smaller ODE
+    # errors than the log-SNR grid on VP and VE.
+    default_grid: str = "karras"
 
     def __post_init__(self):
         if not 0.0 <= self.eta <= 1.0:

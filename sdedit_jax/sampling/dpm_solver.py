@@ -72,6 +72,8 @@ class DPMSolverPP2M:
     nfe_per_step: int = 1
     order: int = 2
     stochastic: bool = False
+    # Measured (tools/solver_table.py): 14x smaller error than uniform-t at 10 steps on VP,
+    # 2x smaller than Karras'.
     default_grid: str = "logsnr"
 
     def init(self, x):
@@ -92,6 +94,8 @@ class SDEDPMSolverPP2M:
     nfe_per_step: int = 1
     order: int = 1  # strong order; second order in the drift
     stochastic: bool = True
+    # Measured (tools/solver_table.py): output variance within 2 % at 20 steps on VP
+    # (uniform-t: +52 %, Karras: +3 %).
     default_grid: str = "logsnr"
 
     def init(self, x):

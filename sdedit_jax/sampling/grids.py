@@ -3,7 +3,10 @@
 A grid maps step index ``i`` of ``n_steps`` to a time, per example (all ``[B]``
 and traced, so start times and step counts never recompile). Every grid starts
 exactly at the example's continuous ``t_start`` (SDEdit's ``t0``, no discrete
-rounding) and ends exactly at ``t_end`` (``eps``):
+rounding) and ends at ``t_end`` (``eps``): exactly for the log-SNR and Karras
+grids; the uniform grid keeps the engine's original formula
+``t_start + (t_end - t_start) * i / n`` (so earlier outputs stay bit-identical),
+whose last point is ``eps`` up to one float32 rounding of ``t_start`` (~6e-8).
 
 * ``uniform``: uniform in ``t`` (the score-SDE papers' and SDEdit's grid);
 * ``logsnr``: uniform in the log-SNR ``lambda_t = log(alpha_t / sigma_t)``

@@ -65,8 +65,8 @@ class Sampler:
             "noise removal"); the state at ``t_end`` otherwise.
         eta: DDIM's noise level in [0, 1] (0 = deterministic).
         time_grid: "uniform", "logsnr" or "karras" (see :mod:`grids`); ""
-            takes the solver's default (uniform for Song et al.'s predictors,
-            logsnr for DDIM and DPM-Solver++).
+            takes the solver's measured default (uniform for Song et al.'s
+            predictors, karras for DDIM, logsnr for DPM-Solver++).
     """
 
     predictor: str = "euler_maruyama"

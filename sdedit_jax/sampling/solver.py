@@ -66,7 +66,7 @@ class Solver(Protocol):
 
 
 def alpha_sigma_lambda(sde: SDE, t: Array) -> tuple[Array, Array, Array]:
-    """``alpha_t``, ``sigma_t`` and the log-SNR ``lambda_t = log(alpha_t / sigma_t)``, all ``[B]``."""
+    """``alpha_t``, ``sigma_t`` and the log-SNR ``lambda_t = log(alpha_t / sigma_t)`` (``[B]``)."""
     log_alpha = sde.log_mean_coeff(t)
     sigma = sde.marginal_std(t)
     return jnp.exp(log_alpha), sigma, log_alpha - jnp.log(sigma)
