@@ -11,8 +11,8 @@
         --batch=16 --steps=20 --timing_repeats=2
     # Images/s at equal quality: a few-step solver in JAX vs the paper's recipe
     # (N = 1000 at t0 = 0.5: 500 steps) in the PyTorch baseline.
-    python -m sdedit_jax.bench --what=few_step --predictor=dpm_solver_2m --steps=20 \
-        --batch=16 --timing_repeats=1
+    python -m sdedit_jax.bench --what=few_step --batch=16 --timing_repeats=1 \
+        --settings=dpm_solver_2m:10,sde_dpm_solver_2m:20
 
 ``--model_dir`` picks a model folder (default: the shipped model); with
 ``--random_arch=configs/train_emoji.py`` a randomly initialised network of that
@@ -50,6 +50,9 @@ _BATCH = flags.DEFINE_integer("batch", 64, "global batch (sampler mode)")
 _STEPS = flags.DEFINE_integer("steps", 100, "reverse steps per edit")
 _PREDICTOR = flags.DEFINE_string("predictor", "euler_maruyama", "predictor")
 _TIME_GRID = flags.DEFINE_string("time_grid", "", "time grid ('' = the predictor's default)")
+_SETTINGS = flags.DEFINE_list(
+    "settings", ["dpm_solver_2m:10", "sde_dpm_solver_2m:20"],
+    "few_step mode: JAX settings predictor:steps")
 _RECIPE_STEPS = flags.DEFINE_integer(
     "recipe_steps", 500, "few_step mode: PyTorch steps of the paper's recipe (N=1000, t0=0.5)")
 _CORRECTOR = flags.DEFINE_string("corrector", "none", "corrector")
@@ -279,15 +282,16 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
 
 
 def bench_few_step(model: pretrained.LoadedModel) -> dict:
-    """Images/s at equal quality: a few-step JAX solver vs the paper's recipe in PyTorch.
+    """Images/s at equal quality: few-step JAX solvers vs the paper's recipe in PyTorch.
 
-    The JAX program runs ``--predictor`` for ``--steps`` steps; the eager
-    PyTorch baseline runs ``--recipe_steps`` uniform reverse-SDE steps (the
-    paper's N = 1000 at t0 = 0.5: 500 steps). The port has Euler-Maruyama
-    steps; the recipe's ancestral steps make the same network call per step
-    and differ only by a few elementwise operations, so the time is the
-    recipe's. Same weights, guides, batch and t0; runs are interleaved, best
-    of ``--timing_repeats``, PyTorch in its faster memory format.
+    Each ``--settings`` entry (``predictor:steps``) runs as a compiled JAX
+    program; the eager PyTorch baseline runs ``--recipe_steps`` uniform
+    reverse-SDE steps (the paper's N = 1000 at t0 = 0.5: 500 steps), and so
+    does JAX's ancestral sampler (the recipe itself). The PyTorch port has
+    Euler-Maruyama steps; the recipe's ancestral steps make the same one
+    network call per step and differ by a few elementwise operations, so its
+    time is the recipe's. Same weights, guides, batch and t0; runs are
+    interleaved, best of ``--timing_repeats``, PyTorch in its faster memory format.
     """
     import torch
 
@@ -295,13 +299,14 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
 
     devices = jax.device_count()
     per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
-    sampler = Sampler(_PREDICTOR.value, max_steps=engine.step_bucket(_STEPS.value),
-                      time_grid=_TIME_GRID.value)
-    editor = engine.Editor(model.sde, sampler, per_device_batch=per_device)
-    placed = editor.place_score(model.score_fn)
-    host_batch = dataclasses.replace(
-        _random_batch(model, editor, editor.global_batch, _STEPS.value), mask=None)
-    batch = editor.shard(host_batch)
+    settings = [(p, int(n)) for p, n in (item.split(":") for item in _SETTINGS.value)]
+    settings.append(("ancestral", _RECIPE_STEPS.value))
+    editors = {f"jax_{p}@{n}": (engine.Editor(model.sde, Sampler(
+        p, max_steps=engine.step_bucket(n), time_grid=_TIME_GRID.value),
+        per_device_batch=per_device), n) for p, n in settings}
+    some_editor = next(iter(editors.values()))[0]
+    rows = some_editor.global_batch
+    host_batch = dataclasses.replace(_random_batch(model, some_editor, rows, 1), mask=None)
     score_apply, state = model.score_fn.func, model.score_fn.args[0]
     flax_model = nnx.merge(score_apply.graphdef, state)
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -309,39 +314,44 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
             for name, fmt in formats.items()}
     guides = torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2)
 
-    def run_torch(format_name):
+    def run_torch(format_name, steps=_RECIPE_STEPS.value):
         schedule = torch_baseline.edit_schedule(
-            model.sde, flax_model.cfg.time_embedding, host_batch.t0, _RECIPE_STEPS.value)
+            model.sde, flax_model.cfg.time_embedding, host_batch.t0, steps)
         return torch_baseline.sdedit(
             nets[format_name], score_apply.parameterization, schedule,
             guides.contiguous(memory_format=formats[format_name]),
             torch.Generator().manual_seed(0))
 
-    runs = {"jax": lambda: editor.run_global(placed, batch).block_until_ready()}
+    for name in formats:  # warm-up (oneDNN primitive creation), untimed
+        run_torch(name, 2)
+
+    def jax_run(editor, steps):
+        placed = editor.place_score(model.score_fn)
+        batch = editor.shard(dataclasses.replace(
+            host_batch, n_steps=np.full(rows, steps, np.int32)))
+        editor.run_global(placed, batch).block_until_ready()  # compiles
+        return lambda: editor.run_global(placed, batch).block_until_ready()
+
+    runs = {name: jax_run(editor, steps) for name, (editor, steps) in editors.items()}
     runs.update({f"torch_{name}": functools.partial(run_torch, name) for name in formats})
-    first_call_s = {name: _timed(run) for name, run in runs.items()}
-    best_s = dict(first_call_s)
-    best_s["jax"] = float("inf")  # its first call compiles
+    best_s = {name: float("inf") for name in runs}
     for _ in range(_REPEATS.value):
         for name, run in runs.items():
             best_s[name] = min(best_s[name], _timed(run))
-    rows = editor.global_batch
     torch_name = min((f"torch_{name}" for name in formats), key=best_s.get)
-    jax_nfe = _STEPS.value * sampler.nfe_per_step
-    return {
+    result = {
         "devices": devices, "platform": jax.devices()[0].platform, "global_batch": rows,
         "t0": float(host_batch.t0[0]), "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "jax_setting": f"{sampler.predictor} on {sampler.grid_name}, {_STEPS.value} steps",
-        "jax_nfe_per_image": jax_nfe,
-        "torch_setting": f"recipe: {_RECIPE_STEPS.value} uniform reverse-SDE steps ({torch_name})",
-        "torch_nfe_per_image": _RECIPE_STEPS.value,
-        "jax_run_s": round(best_s["jax"], 3), "torch_run_s": round(best_s[torch_name], 3),
-        "jax_images_per_s": round(rows / best_s["jax"], 2),
-        "torch_images_per_s": round(rows / best_s[torch_name], 2),
-        "jax_over_torch_images_per_s": round(best_s[torch_name] / best_s["jax"], 1),
-        "nfe_ratio": round(_RECIPE_STEPS.value / jax_nfe, 1),
+        "torch_recipe": f"{_RECIPE_STEPS.value} uniform reverse-SDE steps ({torch_name})",
+        "torch_recipe_images_per_s": round(rows / best_s[torch_name], 3),
     }
+    for name, (editor, steps) in editors.items():
+        nfe = steps * editor.sampler.nfe_per_step
+        result[name] = {"grid": editor.sampler.grid_name, "nfe_per_image": nfe,
+                        "images_per_s": round(rows / best_s[name], 3),
+                        "over_torch_recipe": round(best_s[torch_name] / best_s[name], 2)}
+    return result
 
 
 def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[float, float]:
