@@ -13,7 +13,7 @@ count (10, 20, 50), on VP and VE, from t0 = 0.5 down to eps:
   ``p(x_eps | x_t0)`` for stochastic solvers, the flow map's push-forward for
   deterministic ones (standard error of the ratio: 0.7 %).
 
-Prints a markdown table and writes JSON. About two minutes on an idle 2-core CPU.
+Prints a markdown table and writes JSON. 332 s on the shared 2-core CPU (docs/solvers).
 """
 
 from __future__ import annotations
