@@ -194,3 +194,19 @@ def test_ddim_eta_one_is_the_ancestral_sampler(sde_name):
     ancestral = np.asarray(sj.sdedit(score, sde, guides, predictor="ancestral", **kw))
     scale = np.max(np.abs(ancestral))
     np.testing.assert_allclose(ddim, ancestral, rtol=0, atol=2e-5 * scale)
+
+
+def test_configs_and_command_line_name_solvers_grids_and_eta():
+    """configs/default.py's sampler fields (what --config.sampler.* overrides) reach the Sampler."""
+    from sdedit_jax import job
+
+    config = job.load_config("configs/default.py")
+    config.sampler.update(predictor="ddim", eta=0.5, time_grid="logsnr")
+    sampler, _ = job.sampler_from_config(config.sampler)
+    assert (sampler.predictor, sampler.eta, sampler.grid_name) == ("ddim", 0.5, "logsnr")
+    config.sampler.update(predictor="dpm_solver_2m", eta=0.0, time_grid="")
+    sampler, _ = job.sampler_from_config(config.sampler)
+    assert sampler.grid_name == "logsnr" and sampler.nfe_per_step == 1
+    config.sampler.time_grid = "cosine"
+    with pytest.raises(ValueError, match="time_grid: unknown name 'cosine'"):
+        job.sampler_from_config(config.sampler)
