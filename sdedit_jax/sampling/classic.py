@@ -17,11 +17,6 @@ from sdedit_jax import rng
 from sdedit_jax.sampling import correctors, predictors
 from sdedit_jax.sampling.solver import Solver, SolverState
 
-# Score-model calls per step of each predictor (Heun evaluates twice).
-_PREDICTOR_NFE = {"ode_heun": 2, "none": 0}
-_PREDICTOR_ORDER = {"ode_heun": 2, "none": 0}
-_DETERMINISTIC = ("ode_euler", "ode_heun", "none")
-
 
 @dataclasses.dataclass(frozen=True)
 class PredictorSolver:
@@ -43,15 +38,6 @@ class PredictorSolver:
     def step(self, sde, score_fn, keys, state, t, t_next):
         x, x_mean = self.predictor(sde, score_fn, rng.fold_in(keys, 1), state.x, t, t - t_next)
         return SolverState(x, x_mean, state.history)
-
-
-def predictor_solver(name: str) -> PredictorSolver:
-    return PredictorSolver(
-        name,
-        nfe_per_step=_PREDICTOR_NFE.get(name, 1),
-        order=_PREDICTOR_ORDER.get(name, 1),
-        stochastic=name not in _DETERMINISTIC,
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +76,14 @@ class Corrected:
         return self.solver.step(sde, score_fn, keys, state._replace(x=x), t, t_next)
 
 
+# Each predictor with what it declares: network calls per step, order, stochasticity.
 SOLVERS: dict[str, Callable[..., Solver]] = {
-    name: functools.partial(predictor_solver, name) for name in predictors.PREDICTORS
+    "euler_maruyama": functools.partial(PredictorSolver, "euler_maruyama"),
+    "reverse_diffusion": functools.partial(PredictorSolver, "reverse_diffusion"),
+    "ancestral": functools.partial(PredictorSolver, "ancestral"),
+    "ode_euler": functools.partial(PredictorSolver, "ode_euler", stochastic=False),
+    "ode_heun": functools.partial(PredictorSolver, "ode_heun", nfe_per_step=2, order=2,
+                                  stochastic=False),
+    "none": functools.partial(PredictorSolver, "none", nfe_per_step=0, order=0,
+                              stochastic=False),
 }
