@@ -17,6 +17,10 @@
         --batch=1 --timing_repeats=3 --results=runs/bench_networks.jsonl
     # The compiled edit program under each XLA:CPU option set, side by side.
     python -m sdedit_jax.bench --what=sampler_xla --batch=64 --steps=20
+    # Images/s at equal quality: a few-step solver in JAX vs the paper's recipe
+    # (N = 1000 at t0 = 0.5: 500 steps) in the PyTorch baseline.
+    python -m sdedit_jax.bench --what=few_step --batch=16 --timing_repeats=1 \
+        --settings=dpm_solver_2m:10,sde_dpm_solver_2m:20
 
 ``--model_dir`` picks a model folder (default: the shipped model); with
 ``--random_arch=configs/train_emoji.py`` a randomly initialised network of that
@@ -48,13 +52,19 @@ from sdedit_jax.models import unet  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
 
 _WHAT = flags.DEFINE_enum("what", "sampler",
-                          ["sampler", "job", "torch", "networks", "sampler_xla"],
+                          ["sampler", "job", "torch", "networks", "sampler_xla", "few_step"],
                           "what to measure")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
 _RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch (sampler mode)")
 _STEPS = flags.DEFINE_integer("steps", 100, "reverse steps per edit")
 _PREDICTOR = flags.DEFINE_string("predictor", "euler_maruyama", "predictor")
+_TIME_GRID = flags.DEFINE_string("time_grid", "", "time grid ('' = the predictor's default)")
+_SETTINGS = flags.DEFINE_list(
+    "settings", ["dpm_solver_2m:10", "sde_dpm_solver_2m:20"],
+    "few_step mode: JAX settings predictor:steps")
+_RECIPE_STEPS = flags.DEFINE_integer(
+    "recipe_steps", 500, "few_step mode: PyTorch steps of the paper's recipe (N=1000, t0=0.5)")
 _CORRECTOR = flags.DEFINE_string("corrector", "none", "corrector")
 _REPEATS = flags.DEFINE_integer("timing_repeats", 3, "timed runs (best is reported)")
 _NUM_GUIDES = flags.DEFINE_integer("num_guides", 256, "guides in the job benchmark")
@@ -120,7 +130,8 @@ def _random_batch(model, editor, rows, steps, seed=0) -> engine.EditBatch:
 def bench_sampler(model: pretrained.LoadedModel) -> dict:
     devices = jax.device_count()
     per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
-    sampler = Sampler(_PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value)
+    sampler = Sampler(_PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value,
+                      time_grid=_TIME_GRID.value)
     editor = engine.Editor(model.sde, sampler, per_device_batch=per_device)
     placed = editor.place_score(model.score_fn)
     batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
@@ -128,7 +139,7 @@ def bench_sampler(model: pretrained.LoadedModel) -> dict:
     editor.run_global(placed, batch).block_until_ready()
     run_s = min(_timed(lambda: editor.run_global(placed, batch).block_until_ready())
                 for _ in range(_REPEATS.value))
-    evals = _STEPS.value * sampler.score_evals_per_step
+    evals = _STEPS.value * sampler.nfe_per_step
     flops_per_eval = score_flops(model, editor.global_batch)
     peak = matmul_peak_flops()
     achieved = flops_per_eval * evals / run_s
@@ -136,6 +147,7 @@ def bench_sampler(model: pretrained.LoadedModel) -> dict:
         "devices": devices, "platform": jax.devices()[0].platform,
         "global_batch": editor.global_batch, "steps": _STEPS.value,
         "predictor": sampler.predictor, "corrector": sampler.corrector,
+        "time_grid": sampler.grid_name, "nfe_per_example": evals,
         "compile_s (trace+lower+compile)": round(compile_s, 2), "run_s": round(run_s, 3),
         "steps_per_s": round(_STEPS.value / run_s, 2),
         "images_per_s": round(editor.global_batch / run_s, 2),
@@ -317,6 +329,79 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
         "jax_over_torch_ratio": round(best_s[baseline] / best_s["jax"], 2),
         "jax_over_fastest_torch_ratio": round(best_s[fastest_torch] / best_s["jax"], 2),
     }
+
+
+def bench_few_step(model: pretrained.LoadedModel) -> dict:
+    """Images/s at equal quality: few-step JAX solvers vs the paper's recipe in PyTorch.
+
+    Each ``--settings`` entry (``predictor:steps``) runs as a compiled JAX
+    program; the eager PyTorch baseline runs ``--recipe_steps`` uniform
+    reverse-SDE steps (the paper's N = 1000 at t0 = 0.5: 500 steps), and so
+    does JAX's ancestral sampler (the recipe itself). The PyTorch port has
+    Euler-Maruyama steps; the recipe's ancestral steps make the same one
+    network call per step and differ by a few elementwise operations, so its
+    time is the recipe's. Same weights, guides, batch and t0; runs are
+    interleaved, best of ``--timing_repeats``, PyTorch in its faster memory format.
+    """
+    import torch
+
+    from sdedit_jax import torch_baseline
+
+    devices = jax.device_count()
+    per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
+    settings = [(p, int(n)) for p, n in (item.split(":") for item in _SETTINGS.value)]
+    settings.append(("ancestral", _RECIPE_STEPS.value))
+    editors = {f"jax_{p}@{n}": (engine.Editor(model.sde, Sampler(
+        p, max_steps=engine.step_bucket(n), time_grid=_TIME_GRID.value),
+        per_device_batch=per_device), n) for p, n in settings}
+    some_editor = next(iter(editors.values()))[0]
+    rows = some_editor.global_batch
+    host_batch = dataclasses.replace(_random_batch(model, some_editor, rows, 1), mask=None)
+    score_apply, state = model.score_fn.func, model.score_fn.args[0]
+    flax_model = nnx.merge(score_apply.graphdef, state)
+    formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    nets = {name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
+            for name, fmt in formats.items()}
+    guides = torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2)
+
+    def run_torch(format_name, steps=_RECIPE_STEPS.value):
+        schedule = torch_baseline.edit_schedule(
+            model.sde, flax_model.cfg.time_embedding, host_batch.t0, steps)
+        return torch_baseline.sdedit(
+            nets[format_name], score_apply.parameterization, schedule,
+            guides.contiguous(memory_format=formats[format_name]),
+            torch.Generator().manual_seed(0))
+
+    for name in formats:  # warm-up (oneDNN primitive creation), untimed
+        run_torch(name, 2)
+
+    def jax_run(editor, steps):
+        placed = editor.place_score(model.score_fn)
+        batch = editor.shard(dataclasses.replace(
+            host_batch, n_steps=np.full(rows, steps, np.int32)))
+        editor.run_global(placed, batch).block_until_ready()  # compiles
+        return lambda: editor.run_global(placed, batch).block_until_ready()
+
+    runs = {name: jax_run(editor, steps) for name, (editor, steps) in editors.items()}
+    runs.update({f"torch_{name}": functools.partial(run_torch, name) for name in formats})
+    best_s = {name: float("inf") for name in runs}
+    for _ in range(_REPEATS.value):
+        for name, run in runs.items():
+            best_s[name] = min(best_s[name], _timed(run))
+    torch_name = min((f"torch_{name}" for name in formats), key=best_s.get)
+    result = {
+        "devices": devices, "platform": jax.devices()[0].platform, "global_batch": rows,
+        "t0": float(host_batch.t0[0]), "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_recipe": f"{_RECIPE_STEPS.value} uniform reverse-SDE steps ({torch_name})",
+        "torch_recipe_images_per_s": round(rows / best_s[torch_name], 3),
+    }
+    for name, (editor, steps) in editors.items():
+        nfe = steps * editor.sampler.nfe_per_step
+        result[name] = {"grid": editor.sampler.grid_name, "nfe_per_image": nfe,
+                        "images_per_s": round(rows / best_s[name], 3),
+                        "over_torch_recipe": round(best_s[torch_name] / best_s[name], 2)}
+    return result
 
 
 def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[float, float]:
@@ -527,6 +612,8 @@ def main(argv):
             result = bench_torch(model)
         elif _WHAT.value == "sampler_xla":
             result = bench_sampler_xla(model)
+        elif _WHAT.value == "few_step":
+            result = bench_few_step(model)
         else:
             result = (bench_sampler(model) if _WHAT.value == "sampler"
                       else bench_job(model, model_dir))

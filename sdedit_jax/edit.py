@@ -8,10 +8,15 @@ Masked editing (mask = 1 marks the editable region, as in the paper): after
 every step, pixels outside the mask are replaced by the original perturbed to
 the current time with fresh noise, and the final output equals the original
 exactly outside the mask. Compositing is masked editing of a pasted composite.
+The reset applies to every solver, multistep ones included: their history
+(the network's previous data prediction) is kept as the network produced it
+at the projected state; as the updates are elementwise, its known pixels
+only reach known pixels, which the reset overwrites (see
+:mod:`sdedit_jax.sampling.dpm_solver`).
 
 Step count versus the paper: the paper discretises [0, 1] into ``N`` steps and
 starts at ``t0``, i.e. runs ``N * t0`` steps (N=500, t0=0.5 -> 250). Here each
-example takes ``n_steps`` uniform steps from its own ``t0`` down to ``eps``;
+example takes ``n_steps`` steps (on the sampler's time grid) from its own ``t0`` down to ``eps``;
 ``n_steps`` is a per-example traced value (like ``t0``), so the paper's rule
 ``n_steps = ceil(N * t0)`` can differ across a batch inside one compiled
 program. Only ``Sampler.max_steps``, the bucket bounding ``n_steps``, is static.

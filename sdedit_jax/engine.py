@@ -298,6 +298,8 @@ def sdedit(
     repeats: int = 1,
     predictor: str = "euler_maruyama",
     corrector: str | None = None,
+    eta: float = 0.0,
+    time_grid: str = "",
     snr: float = 0.16,
     corrector_steps: int = 1,
     denoise: bool = True,
@@ -322,7 +324,9 @@ def sdedit(
             to ``paper_steps(N, t0)`` (N=500, t0=0.5 -> 250).
         max_steps: the compiled step bucket (default: ``step_bucket(max(n_steps))``).
         repeats: SDEdit's K, sequential perturb-and-denoise cycles.
-        predictor, corrector, snr, corrector_steps, denoise: see ``Sampler``.
+        predictor, corrector, snr, corrector_steps, denoise, eta, time_grid: see
+            ``Sampler`` (e.g. ``predictor="dpm_solver_2m"``, ``time_grid="logsnr"``;
+            "" = the solver's default grid).
         mesh: device mesh (default: all devices on a ``data`` axis).
         per_device_batch: rows each device edits per compiled step; results
             are bit-identical across batch sizes and device counts at a fixed value.
@@ -343,6 +347,8 @@ def sdedit(
         snr=snr,
         corrector_steps=corrector_steps,
         denoise=denoise,
+        eta=eta,
+        time_grid=time_grid,
     )
     ids = np.arange(batch) if example_ids is None else np.asarray(example_ids)
     if len(ids) != batch:
@@ -508,12 +514,15 @@ def run_stream(
         seeds = batch["seed"]
         if np.any((seeds < 0) | (seeds >= 2**31)):
             raise ValueError(f"seed: per-example seeds must lie in [0, 2^31), got {seeds}")
+        n_steps = steps_for(batch["t0"])
+        nfe = n_steps.astype(np.int64) * editor.sampler.nfe_per_step * editor.repeats
+        batch = {**batch, "steps": n_steps, "nfe": nfe}
         global_batch = EditBatch(
             guides=to_global(batch["guide"]),
             seeds=to_global(seeds.astype(np.int32)),
             id_words=to_global(id_words(batch["id"])),
             t0=to_global(batch["t0"]),
-            n_steps=to_global(steps_for(batch["t0"])),
+            n_steps=to_global(n_steps),
             mask=to_global(batch["mask"]),
         )
         outputs = editor.run_global(placed_score, global_batch)

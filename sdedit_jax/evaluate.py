@@ -73,8 +73,8 @@ REFERENCE_CACHE = "reference_features.npz"
 # evaluate.py sets these input fields itself (from the model and the tasks).
 _MANAGED_INPUT_FIELDS = ("generator", "generator_kwargs", "image_size", "channels", "seed", "t0")
 _LOAD_BATCH = 64
-COLUMNS = ("task", "variant", "t0", "n_steps", "examples", "l2", "l2_std", "mse", "psnr", "ssim",
-           "l2_inside", "l2_outside", "kid", "kid_std", "kid_stderr", "fid", "seconds",
+COLUMNS = ("task", "variant", "t0", "n_steps", "nfe", "examples", "l2", "l2_std", "mse", "psnr",
+           "ssim", "l2_inside", "l2_outside", "kid", "kid_std", "kid_stderr", "fid", "seconds",
            "images_per_s")
 
 
@@ -173,6 +173,19 @@ def load_guides(config: ml_collections.ConfigDict, task: str, image_size: int,
         image_size=(image_size, image_size), channels=channels, seed=config.seed)
     return load_image_set(mapping, task, f"config.input (guides of task {task!r})",
                           config.max_guides)
+
+
+def with_samples(guides: ImageSet, samples: int) -> ImageSet:
+    """Each guide ``samples`` times; copy ``k > 0`` of id ``i`` is ``i#k`` (its own noise).
+
+    Copy 0 keeps the plain id, so a run with more samples per guide extends
+    (and reproduces) the run with one.
+    """
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"config.samples_per_guide: must be a positive int, got {samples!r}")
+    ids = [i if k == 0 else f"{i}#{k}" for k in range(samples) for i in guides.ids]
+    return ImageSet(guides.name, ids, np.tile(guides.images, (samples, 1, 1, 1)),
+                    np.tile(guides.masks, (samples, 1, 1, 1)))
 
 
 def load_reference(config: ml_collections.ConfigDict, image_size: int,
@@ -452,9 +465,10 @@ def _figure_png(figure: Figure) -> bytes:
 
 
 def _row(task: str, variant: str, t0: float, n_steps: int, count: int, scores: dict,
-         seconds: float | None) -> dict:
+         seconds: float | None, nfe: int = 0) -> dict:
     rate = None if not seconds else round(count / seconds, 3)
-    return {"task": task, "variant": variant, "t0": t0, "n_steps": n_steps, "examples": count,
+    return {"task": task, "variant": variant, "t0": t0, "n_steps": n_steps, "nfe": nfe,
+            "examples": count,
             **scores, "seconds": None if seconds is None else round(seconds, 3),
             "images_per_s": rate}
 
@@ -481,10 +495,47 @@ class Scorer:
                               self.kid_key, self.kid_subset_size, self.kid_subsets)
 
 
+def _setting_key(model: pretrained.LoadedModel, variant: Variant, guides: ImageSet, t0: float,
+                 n_steps: int, seed: int) -> str:
+    """A digest of everything one setting's outputs depend on (the resume cache's key)."""
+    spec = {"model": model.checksum, "sampler": dataclasses.asdict(variant.sampler),
+            "repeats": variant.repeats, "task": guides.name, "t0": t0, "n_steps": n_steps,
+            "seed": seed, "ids": guides.ids}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(guides.images).tobytes())
+    digest.update(np.ascontiguousarray(guides.masks).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_edit(cache_dir: str, key: str, edit: Callable[[], np.ndarray]
+                ) -> tuple[np.ndarray, float]:
+    """(outputs, editing seconds) of one setting, from ``cache_dir`` when an earlier run made them.
+
+    A long sweep that is stopped resumes where it stopped: finished settings
+    are read back (bit-identical, as editing is deterministic), not recomputed.
+    """
+    path = os.path.join(cache_dir, f"{key}.npz")
+    if os.path.exists(path):
+        with np.load(path) as cached:
+            return cached["outputs"], float(cached["seconds"])
+    start = time.perf_counter()
+    outputs = edit()
+    seconds = time.perf_counter() - start
+    buffer = io.BytesIO()
+    np.savez(buffer, outputs=outputs, seconds=np.float64(seconds))
+    sinks.atomic_write_bytes(path, buffer.getvalue())
+    return outputs, seconds
+
+
 def sweep(model: pretrained.LoadedModel, variants: list[Variant], task_guides: list[ImageSet],
           t0s: tuple[float, ...], config: ml_collections.ConfigDict, scorer: Scorer,
-          throughput_log: str) -> tuple[list[dict], dict]:
-    """Edits and scores every (variant, task, t0); returns (rows, contact-sheet cells per curve)."""
+          throughput_log: str, cache_dir: str | None = None,
+          on_row: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], dict]:
+    """Edits and scores every (variant, task, t0); returns (rows, contact-sheet cells per curve).
+
+    With ``cache_dir``, each setting's outputs are kept there and reused by a
+    rerun; ``on_row(rows so far)`` is called after each setting.
+    """
     editors = [engine.Editor(model.sde, v.sampler, v.repeats,
                              per_device_batch=config.per_device_batch) for v in variants]
     total_rows = len(variants) * len(t0s) * sum(len(g.ids) for g in task_guides)
@@ -504,11 +555,22 @@ def sweep(model: pretrained.LoadedModel, variants: list[Variant], task_guides: l
             for t0 in t0s:
                 # The config's float64 t0: float32(0.8) * 200 rounds up to 161 steps.
                 n_steps = int(variant.steps_for(np.float64(t0)))
-                start = time.perf_counter()
-                outputs = edit_guides(editor, placed, guides, t0, n_steps, config.seed, on_chunk)
-                seconds = time.perf_counter() - start
+
+                def edit(editor=editor, placed=placed, guides=guides, t0=t0, n_steps=n_steps):
+                    return edit_guides(editor, placed, guides, t0, n_steps, config.seed, on_chunk)
+
+                if cache_dir is None:
+                    start = time.perf_counter()
+                    outputs = edit()
+                    seconds = time.perf_counter() - start
+                else:
+                    key = _setting_key(model, variant, guides, t0, n_steps, config.seed)
+                    outputs, seconds = cached_edit(cache_dir, key, edit)
+                nfe = n_steps * variant.sampler.nfe_per_step * variant.repeats
                 rows.append(_row(guides.name, variant.name, t0, n_steps, len(guides.ids),
-                                 scorer(outputs, guides), seconds))
+                                 scorer(outputs, guides), seconds, nfe))
+                if on_row is not None:
+                    on_row(rows)
                 kept[t0] = outputs[:config.contact_sheet_examples]
                 _log(f"[{guides.name} {variant.name} t0={t0:g}] {len(guides.ids)} images, "
                      f"{n_steps} steps, {seconds:.1f}s ({len(guides.ids) / seconds:.2f} img/s)")
@@ -539,8 +601,9 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str,
     variants = variants_from_config(config)
     if not config.tasks:
         raise ValueError("config.tasks: give at least one guide generator")
-    task_guides = [load_guides(config, task, model.image_size, model.num_channels)
-                   for task in config.tasks]
+    samples = config.get("samples_per_guide", 1)
+    task_guides = [with_samples(load_guides(config, task, model.image_size, model.num_channels),
+                                samples) for task in config.tasks]
     reference = load_reference(config, model.image_size, model.num_channels)
     if extractor is None:
         extractor = realism.load_feature_extractor(
@@ -557,14 +620,22 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str,
                     config.kid.num_subsets, config.feature_batch_size)
     baselines = [_row(g.name, BASELINE_VARIANT, 0.0, 0, len(g.ids), scorer(g.images, g), None)
                  for g in task_guides]
+    cache_dir = os.path.join(workdir, "outputs")
+    os.makedirs(cache_dir, exist_ok=True)
+
+    def write_partial(rows):
+        sinks.atomic_write_bytes(os.path.join(workdir, "results.partial.csv"),
+                                 csv_text(baselines + rows).encode())
+
     rows, sheets = sweep(model, variants, task_guides, t0s, config, scorer,
-                         os.path.join(workdir, "throughput.jsonl"))
+                         os.path.join(workdir, "throughput.jsonl"), cache_dir, write_partial)
     results = {
         "workdir": workdir, "config": config.to_dict(),
         "model": {"path": model.path, "sha256": model.checksum, "sde": type(model.sde).__name__},
         "feature_extractor": extractor.name, "reference_images": len(reference.ids),
         "reference_cache_hit": cache_hit, "kid_subset_size": scorer.kid_subset_size,
-        "variants": [{"name": v.name, **dataclasses.asdict(v.sampler), "repeats": v.repeats}
+        "variants": [{"name": v.name, **dataclasses.asdict(v.sampler), "repeats": v.repeats,
+                      "grid_used": v.sampler.grid_name, "nfe_per_step": v.sampler.nfe_per_step}
                      for v in variants],
         "rows": baselines + rows, "seconds": round(time.perf_counter() - started, 2),
     }

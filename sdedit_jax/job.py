@@ -74,6 +74,8 @@ def sampler_from_config(
         snr=config.snr,
         corrector_steps=config.corrector_steps,
         denoise=config.denoise,
+        eta=config.get("eta", 0.0),
+        time_grid=config.get("time_grid", ""),
     )
 
     def steps_for(t0: np.ndarray) -> np.ndarray:
@@ -304,7 +306,8 @@ def job_fingerprint(config: ml_collections.ConfigDict, model: pretrained.LoadedM
         sde={"type": type(model.sde).__name__, **_scalar_fields(model.sde)},
         sampler={"predictor": sampler.predictor, "corrector": sampler.corrector,
                  "snr": sampler.snr, "corrector_steps": sampler.corrector_steps,
-                 "denoise": sampler.denoise, "max_steps": sampler.max_steps},
+                 "denoise": sampler.denoise, "max_steps": sampler.max_steps,
+                 "eta": sampler.eta, "time_grid": sampler.grid_name},
         step_rule=step_rule, repeats=config.repeats, seed=config.seed, t0s=t0s,
         t0_rule=("inputs naming their own t0 are edited once at it, in "
                  f"{PER_EXAMPLE_FOLDER}/; others at each of t0s"),
@@ -406,8 +409,12 @@ def _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for
                            per_device_batch=config.per_device_batch)
     placed = editor.place_score(model.score_fn)
     subdirs, this_run, totals = {}, [], []
+    # Each manifest row also gets its own reverse "steps" and network calls "nfe"
+    # (nfe_per_step * steps * repeats), from the engine.
     job_fields = {"sde": type(model.sde).__name__, "predictor": sampler.predictor,
                   "corrector": sampler.corrector, "max_steps": sampler.max_steps,
+                  "eta": sampler.eta, "time_grid": sampler.grid_name,
+                  "nfe_per_step": sampler.nfe_per_step,
                   "steps_per_unit_time": config.sampler.steps_per_unit_time,
                   "n_steps": config.sampler.n_steps, "repeats": config.repeats,
                   "model_sha256": model.checksum}

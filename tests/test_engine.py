@@ -43,11 +43,20 @@ def _inputs(n=64, seed=0):
     return guides, t0, mask, ids
 
 
+SAMPLER_KWARGS = {
+    "reverse_diffusion+langevin": dict(predictor="reverse_diffusion", corrector="langevin"),
+    "ddim_eta0.5": dict(predictor="ddim", eta=0.5),
+    "dpm_solver_2m": dict(predictor="dpm_solver_2m"),
+    "sde_dpm_solver_2m_karras": dict(predictor="sde_dpm_solver_2m", time_grid="karras"),
+}
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLER_KWARGS)
 @pytest.mark.parametrize("score_name", SCORES)
-def test_output_independent_of_batch_size_position_and_devices(score_name):
+def test_output_independent_of_batch_size_position_and_devices(score_name, sampler_name):
     score = SCORES[score_name]
     guides, t0, mask, ids = _inputs()
-    kw = dict(seed=5, n_steps=12, predictor="reverse_diffusion", corrector="langevin")
+    kw = dict(seed=5, n_steps=12, **SAMPLER_KWARGS[sampler_name])
     full = np.asarray(sj.sdedit(score, SDE, guides, example_ids=ids, t0=t0, mask=mask, **kw))
     single = np.asarray(sj.sdedit(score, SDE, guides[3:4], example_ids=ids[3:4], t0=t0[3:4],
                                   mask=mask[3:4], **kw))
@@ -131,11 +140,15 @@ def test_non_finite_guides_are_named():
         sj.sdedit(SCORES["gaussian"], SDE, guides, t0=0.5, n_steps=3)
 
 
-def test_mixed_step_counts_equal_separate_runs():
-    """Per-example step counts: extra loop iterations leave finished examples untouched."""
+@pytest.mark.parametrize("sampler_kwargs", [
+    dict(corrector="langevin"), dict(predictor="sde_dpm_solver_2m"),
+], ids=["em+langevin", "sde_dpm_solver_2m"])
+def test_mixed_step_counts_equal_separate_runs(sampler_kwargs):
+    """Per-example step counts: extra loop iterations leave finished examples (and a
+    multistep solver's history) untouched."""
     guides, t0, mask, ids = _inputs(16)
     steps = np.where(np.arange(16) % 2 == 0, 3, 7).astype(np.int32)
-    kw = dict(example_ids=ids, t0=t0, mask=mask, max_steps=8, corrector="langevin")
+    kw = dict(example_ids=ids, t0=t0, mask=mask, max_steps=8, **sampler_kwargs)
     mixed = np.asarray(sj.sdedit(SCORES["convnet"], SDE, guides, n_steps=steps, **kw))
     for n in (3, 7):
         alone = np.asarray(sj.sdedit(SCORES["convnet"], SDE, guides, n_steps=n, **kw))

@@ -10,6 +10,7 @@ tasks keep the guide exactly outside the mask; one program serves every t0.
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -190,11 +191,31 @@ def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, 
     assert rows[0]["l2"] < rows[1]["l2"]
     assert not results["reference_cache_hit"]
 
+    # Recomputed from scratch (no cached outputs): the same rows.
+    cached = os.path.join(workdir, "outputs")
+    assert len(os.listdir(cached)) == len(GAUSSIAN_T0S)
+    shutil.rmtree(cached)
     again = evaluate.run_evaluation(config, workdir, model, PooledPixels())
     assert again["reference_cache_hit"]
     timing = ("seconds", "images_per_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(again["rows"]) == strip(results["rows"])
+    # A resumed run reads finished settings back instead of editing them again.
+    stamps = {f: os.stat(os.path.join(cached, f)).st_mtime_ns for f in os.listdir(cached)}
+    resumed = evaluate.run_evaluation(config, workdir, model, PooledPixels())
+    assert resumed["rows"] == again["rows"]
+    assert stamps == {f: os.stat(os.path.join(cached, f)).st_mtime_ns
+                      for f in os.listdir(cached)}
+
+
+def test_samples_per_guide_gives_each_copy_its_own_id():
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
+    guides = evaluate.ImageSet("task", ["a.png", "b.png"], images, np.ones((2, 4, 4, 1)))
+    tiled = evaluate.with_samples(guides, 3)
+    assert tiled.ids == ["a.png", "b.png", "a.png#1", "b.png#1", "a.png#2", "b.png#2"]
+    np.testing.assert_array_equal(tiled.images[4], images[0])
+    with pytest.raises(ValueError, match="config.samples_per_guide: must be a positive int"):
+        evaluate.with_samples(guides, 0)
 
 
 @pytest.mark.parametrize("count", [6, 40, 41, 60])
@@ -247,7 +268,7 @@ def test_a_named_task_runs_its_generator_with_its_own_settings(reference_dir):
         evaluate.load_guides(config, "typo", SIZE, 3)
 
 
-@pytest.mark.parametrize("variant", [None, "quick", "samplers", "tasks"])
+@pytest.mark.parametrize("variant", [None, "quick", "samplers", "tasks", "few_step"])
 def test_emoji_eval_configs_resolve(variant):
     """Every variant of configs/eval_emoji.py names known samplers, generators and t0s."""
     config = job.load_config(os.path.join(REPO, "configs", f"eval_emoji.py:{variant or ''}"))

@@ -74,6 +74,11 @@ RESERVED_FIELDS = ("id", "source", "output", "npz", "npz_index", "t0", "seed", "
 NPZ_MODES = ("none", "per_example", "shards")
 
 
+# Optional per-row integer columns a batch may carry into its manifest rows: the
+# example's reverse steps per repeat and its network calls (NFE) in total.
+PER_ROW_COUNTS = ("steps", "nfe")
+
+
 class SinkError(RuntimeError):
     """One or more background writes failed."""
 
@@ -548,7 +553,8 @@ class Sink:
 
         Args:
             batch: a batch of the guide stream as numpy (``id``, ``source``,
-                ``t0``, ``seed``, ``valid``, ``ok``, ``error``); padding rows
+                ``t0``, ``seed``, ``valid``, ``ok``, ``error``, and optionally the
+                per-row counts ``steps`` and ``nfe`` of :data:`PER_ROW_COUNTS`); padding rows
                 (``valid`` False) are skipped.
             outputs: ``[B, H, W, C]`` outputs aligned with the batch; converted
                 to numpy on the writer thread, so a jax.Array does not block
@@ -556,7 +562,7 @@ class Sink:
             fields: extra manifest fields for every row of the batch.
         """
         columns = {k: np.asarray(batch[k]) for k in ("id", "source", "t0", "seed", "valid", "ok",
-                                                     "error")}
+                                                     "error") + PER_ROW_COUNTS if k in batch}
         self._submit(self._write_batch, columns, outputs, self._fields(fields))
 
     def close(self) -> None:
@@ -653,7 +659,8 @@ class Sink:
                 continue
             finite.append(i)
             manifest.append({**base, "t0": np.float32(columns["t0"][i]),
-                             "seed": int(columns["seed"][i])})
+                             "seed": int(columns["seed"][i]),
+                             **{k: int(columns[k][i]) for k in PER_ROW_COUNTS if k in columns}})
         ids = [_text(columns["id"][i]) for i in finite]
         written = list(self._images.map(self._write_image, ids, [images[i] for i in finite]))
         sequence = next(self._sequence)

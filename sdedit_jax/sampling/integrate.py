@@ -1,13 +1,15 @@
 """The reverse-time integrator: one loop over per-example time grids.
 
 What the equation is lives in :mod:`sdedit_jax.sde`, how one step is taken in
-:mod:`predictors` / :mod:`correctors`, and *when* to step here: each example
-runs its own number of uniform steps from its own ``t_start`` to ``t_end``.
-Start times and step counts are traced arrays, so a batch can mix them and
-changing them never recompiles; the compiled program is fixed by the static
-``Sampler`` (whose ``max_steps`` is the step-count bucket). The loop runs as
-many iterations as the largest step count in the batch; an example that has
-finished is left untouched by the remaining iterations.
+the solvers (:mod:`classic` adapts the predictors and correctors, :mod:`ddim`,
+:mod:`dpm_solver`), where the steps fall in :mod:`grids`, and *when* to step
+here: each example runs its own number of steps from its own ``t_start`` to
+``t_end``. Start times and step counts are traced arrays, so a batch can mix
+them and changing them never recompiles; the compiled program is fixed by the
+static ``Sampler`` (whose ``max_steps`` is the step-count bucket). The loop
+carries the solver's state (:class:`solver.SolverState`) and runs as many
+iterations as the largest step count in the batch; an example that has
+finished keeps its whole state (sample and history) untouched.
 """
 
 from __future__ import annotations
@@ -19,13 +21,30 @@ import jax
 import jax.numpy as jnp
 
 from sdedit_jax import rng
-from sdedit_jax.sampling.correctors import CORRECTORS
-from sdedit_jax.sampling.predictors import PREDICTORS
+from sdedit_jax.sampling import classic, correctors, ddim, dpm_solver, grids
+from sdedit_jax.sampling.solver import Solver
 from sdedit_jax.sde import SDE, Array, ScoreFn, batch_bcast
 
 # ``project(keys, x, t)`` maps the state after a step at time ``t`` back onto a
 # constraint (e.g. the known pixels of a masked edit).
 Projection = Callable[[Array, Array, Array], Array]
+
+# Predictor name -> solver factory, one table per solver family (module).
+SOLVERS: dict[str, Callable[..., Solver]] = {
+    **classic.SOLVERS, **ddim.SOLVERS, **dpm_solver.SOLVERS,
+}
+
+
+def make_solver(name: str, eta: float = 0.0) -> Solver:
+    """The solver called ``name``; ``eta`` goes only to solvers that take it (DDIM)."""
+    if name not in SOLVERS:
+        raise ValueError(f"predictor: unknown name {name!r}; choose from {sorted(SOLVERS)}")
+    if eta == 0:
+        return SOLVERS[name]()
+    try:
+        return SOLVERS[name](eta=eta)
+    except TypeError:
+        raise ValueError(f"eta: predictor {name!r} takes no eta (only ddim), got {eta!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +52,21 @@ class Sampler:
     """The static description of a sampler; one compiled program per value.
 
     Attributes:
-        predictor: a key of ``PREDICTORS`` ("euler_maruyama", "reverse_diffusion",
-            "ancestral", "ode_euler", "ode_heun", "none").
-        corrector: a key of ``CORRECTORS`` ("langevin" or "none").
+        predictor: a key of ``SOLVERS``: Song et al.'s predictors
+            ("euler_maruyama", "reverse_diffusion", "ancestral", "ode_euler",
+            "ode_heun", "none") or the few-step solvers "ddim",
+            "dpm_solver_2m", "sde_dpm_solver_2m".
+        corrector: a key of ``correctors.CORRECTORS`` ("langevin" or "none").
         max_steps: the largest step count a program accepts (its bucket);
             per-example step counts are traced values in ``[1, max_steps]``.
         snr: Langevin signal-to-noise ratio.
         corrector_steps: Langevin moves per time step.
         denoise: return the noise-free mean of the last step (Song et al.'s
             "noise removal"); the state at ``t_end`` otherwise.
+        eta: DDIM's noise level in [0, 1] (0 = deterministic).
+        time_grid: "uniform", "logsnr" or "karras" (see :mod:`grids`); ""
+            takes the solver's measured default (uniform for Song et al.'s
+            predictors, karras for DDIM, logsnr for DPM-Solver++).
     """
 
     predictor: str = "euler_maruyama"
@@ -50,15 +75,15 @@ class Sampler:
     snr: float = 0.16
     corrector_steps: int = 1
     denoise: bool = True
+    eta: float = 0.0
+    time_grid: str = ""
 
     def __post_init__(self):
-        if self.predictor not in PREDICTORS:
+        make_solver(self.predictor, self.eta)  # validates predictor and eta
+        if self.corrector not in correctors.CORRECTORS:
             raise ValueError(
-                f"predictor: unknown name {self.predictor!r}; choose from {sorted(PREDICTORS)}"
-            )
-        if self.corrector not in CORRECTORS:
-            raise ValueError(
-                f"corrector: unknown name {self.corrector!r}; choose from {sorted(CORRECTORS)}"
+                f"corrector: unknown name {self.corrector!r}; "
+                f"choose from {sorted(correctors.CORRECTORS)}"
             )
         if not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise ValueError(f"max_steps: must be a positive int, got {self.max_steps!r}")
@@ -68,19 +93,34 @@ class Sampler:
             )
         if not self.snr > 0:
             raise ValueError(f"snr: must be > 0, got {self.snr!r}")
+        if self.time_grid:
+            grids.grid_from_name(self.time_grid)
 
     @property
-    def score_evals_per_step(self) -> int:
-        """Score-model calls per time step (for throughput accounting)."""
-        predictor_evals = {"ode_heun": 2, "none": 0}.get(self.predictor, 1)
-        corrector_evals = self.corrector_steps if self.corrector != "none" else 0
-        return predictor_evals + corrector_evals
+    def solver(self) -> Solver:
+        """The predictor's solver, wrapped with the corrector when there is one."""
+        solver = make_solver(self.predictor, self.eta)
+        if self.corrector == "none":
+            return solver
+        return classic.Corrected(solver, self.corrector, self.snr, self.corrector_steps)
+
+    @property
+    def grid(self) -> grids.UniformGrid | grids.LogSNRGrid | grids.KarrasGrid:
+        return grids.grid_from_name(self.time_grid or self.solver.default_grid)
+
+    @property
+    def grid_name(self) -> str:
+        return self.time_grid or self.solver.default_grid
+
+    @property
+    def nfe_per_step(self) -> int:
+        """Score-model calls per time step, as the solver declares them."""
+        return self.solver.nfe_per_step
 
 
 def grid_time(t_start: Array, t_end: Array, n_steps: Array, i: Array) -> Array:
     """Time after ``i`` of ``n_steps`` uniform steps from ``t_start`` to ``t_end`` (all ``[B]``)."""
-    frac = jnp.minimum(i, n_steps).astype(t_start.dtype) / n_steps.astype(t_start.dtype)
-    return t_start + (t_end - t_start) * frac
+    return grids.UniformGrid().time(None, t_start, t_end, n_steps, i)
 
 
 def integrate(
@@ -100,43 +140,33 @@ def integrate(
         keys: one PRNG key per example; step ``i`` uses ``fold_in(key, i)``.
         x: state at ``t_start``, ``[B, ...]``.
         n_steps: ``[B]`` int steps per example (default ``sampler.max_steps``).
-        project: optional constraint applied after every step.
+        project: optional constraint applied to the sample and its mean after
+            every step (the solver's history is left as the solver made it).
 
     Returns:
         The sample at ``t_end`` (the last step's mean if ``sampler.denoise``).
     """
-    predictor = PREDICTORS[sampler.predictor]
-    corrector = CORRECTORS[sampler.corrector]
+    solver, grid = sampler.solver, sampler.grid
     if n_steps is None:
         n_steps = jnp.full(t_start.shape, sampler.max_steps, jnp.int32)
     n_steps = jnp.clip(n_steps, 1, sampler.max_steps)
 
-    def step(i, carry):
-        x_prev, x_mean_prev = carry
-        t = grid_time(t_start, t_end, n_steps, i)
-        t_next = grid_time(t_start, t_end, n_steps, i + 1)
-        dt = t - t_next
+    def step(i, state):
+        t = grid.time(sde, t_start, t_end, n_steps, i)
+        t_next = grid.time(sde, t_start, t_end, n_steps, i + 1)
         step_keys = rng.fold_in(keys, i)
-        x, x_mean = corrector(
-            sde,
-            score_fn,
-            rng.fold_in(step_keys, 0),
-            x_prev,
-            t,
-            dt,
-            snr=sampler.snr,
-            n_steps=sampler.corrector_steps,
-        )
-        x, x_mean = predictor(sde, score_fn, rng.fold_in(step_keys, 1), x, t, dt)
+        new = solver.step(sde, score_fn, step_keys, state, t, t_next)
         if project is not None:
             project_keys = rng.fold_in(step_keys, 2)
-            x = project(project_keys, x, t_next)
-            x_mean = project(project_keys, x_mean, t_next)
-        active = batch_bcast(i < n_steps, x)
-        return jnp.where(active, x, x_prev), jnp.where(active, x_mean, x_mean_prev)
+            new = new._replace(x=project(project_keys, new.x, t_next),
+                               x_mean=project(project_keys, new.x_mean, t_next))
+        active = i < n_steps
+        return jax.tree_util.tree_map(
+            lambda a, b: jnp.where(batch_bcast(active, a), a, b), new, state
+        )
 
-    x, x_mean = jax.lax.fori_loop(0, jnp.max(n_steps), step, (x, x))
-    return x_mean if sampler.denoise else x
+    state = jax.lax.fori_loop(0, jnp.max(n_steps), step, solver.init(x))
+    return state.x_mean if sampler.denoise else state.x
 
 
 def sample_prior(
