@@ -22,21 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from sdedit_jax import importers, pretrained  # noqa: E402
+from sdedit_jax import files, importers, pretrained  # noqa: E402
 from sdedit_jax.sde import sde_from_config  # noqa: E402
-
-_SOURCE = flags.DEFINE_string("source", None, "checkpoint file or folder to convert")
-_OUT = flags.DEFINE_string("out", None, "model folder to write")
-_FORMAT = flags.DEFINE_enum("format", None, ["diffusers", "ddim", "score_sde"],
-                            "source format (default: detected)")
-_SDE = flags.DEFINE_string(
-    "sde", None, 'training SDE as JSON, e.g. \'{"name": "ve", "sigma_min": 0.01, '
-    '"sigma_max": 380}\' (default: from the checkpoint)')
-_IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)")
-_CONFIG = flags.DEFINE_string(
-    "config", None, "score_sde network config: a preset name or a JSON file")
-_BF16 = flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
 
 
 def parse_sde(text: str | None) -> dict | None:
@@ -63,27 +50,43 @@ def convert(source: str, out: str, *, format: str | None = None, sde: dict | Non
     imported = importers.load(source, format=format, image_size=image_size, config=config)
     pretrained.save_imported(out, imported, sde=sde, with_bf16=with_bf16)
     pretrained.load_model(out)  # proves the folder loads before reporting success
-    with open(os.path.join(out, pretrained.INFO_FILE)) as f:
-        return json.load(f)
+    return json.loads(files.read_text(files.join(out, pretrained.INFO_FILE)))
+
+
+def _define_flags() -> None:
+    """Flags exist only when run as a command (importing the module defines none)."""
+    flags.DEFINE_string("source", None, "checkpoint file or folder to convert")
+    flags.DEFINE_string("out", None, "model folder to write")
+    flags.DEFINE_enum("format", None, ["diffusers", "ddim", "score_sde"],
+                      "source format (default: detected)")
+    flags.DEFINE_string(
+        "sde", None, 'training SDE as JSON, e.g. \'{"name": "ve", "sigma_min": 0.01, '
+        '"sigma_max": 380}\' (default: from the checkpoint)')
+    flags.DEFINE_integer(
+        "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)")
+    flags.DEFINE_string(
+        "config", None, "score_sde network config: a preset name or a JSON file")
+    flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for flag in (_SOURCE, _OUT):
-        if not flag.value:
-            raise app.UsageError(f"--{flag.name} is required")
+    args = flags.FLAGS
+    for name in ("source", "out"):
+        if not args[name].value:
+            raise app.UsageError(f"--{name} is required")
     try:
-        info = convert(_SOURCE.value, _OUT.value, format=_FORMAT.value, sde=parse_sde(_SDE.value),
-                       image_size=_IMAGE_SIZE.value, config=_CONFIG.value,
-                       with_bf16=_BF16.value)
+        info = convert(args.source, args.out, format=args.format, sde=parse_sde(args.sde),
+                       image_size=args.image_size, config=args.config, with_bf16=args.bf16)
     except (ValueError, OSError) as err:
         print(f"convert: {err}", file=sys.stderr)
         sys.exit(1)
     summary = {k: info[k] for k in ("architecture", "sde", "parameterization", "condition",
                                     "data_range", "source")}
-    print(json.dumps({"out": _OUT.value, **summary}, indent=1))
+    print(json.dumps({"out": args.out, **summary}, indent=1))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -87,14 +87,14 @@ def build_photo_guides(out_dir: str) -> list[str]:
     return sorted(examples)
 
 
-_OUT = flags.DEFINE_string("out", "sdedit_jax/assets/photos_256", "output folder")
-
-
 def main(argv):
     del argv
-    names = build_photo_guides(_OUT.value)
-    print(f"wrote {len(names)} photo guides to {_OUT.value}")
+    out = flags.FLAGS.out
+    names = build_photo_guides(out)
+    print(f"wrote {len(names)} photo guides to {out}")
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: tests import this module beside other commands.
+    flags.DEFINE_string("out", "sdedit_jax/assets/photos_256", "output folder")
     app.run(main)
