@@ -210,3 +210,17 @@ def test_configs_and_command_line_name_solvers_grids_and_eta():
     config.sampler.time_grid = "cosine"
     with pytest.raises(ValueError, match="time_grid: unknown name 'cosine'"):
         job.sampler_from_config(config.sampler)
+
+
+def test_new_t0_and_step_counts_reuse_the_program():
+    """Grids and multistep history are traced per example: one program per (solver, bucket)."""
+    from sdedit_jax import engine
+
+    sde = SDES["vp"]
+    guides = np.zeros((4, 8, 8, 3), np.float32)
+    kw = dict(predictor="sde_dpm_solver_2m", max_steps=16)
+    sj.sdedit(GaussianScore(sde, MU, S), sde, guides, t0=0.5, n_steps=5, **kw)
+    before = engine.compiled_program_count()
+    sj.sdedit(GaussianScore(sde, MU, S), sde, guides, t0=np.asarray([0.2, 0.4, 0.6, 0.9]),
+              n_steps=np.asarray([1, 7, 12, 16]), **kw)
+    assert engine.compiled_program_count() == before
