@@ -252,3 +252,27 @@ def test_format_override_and_unknown_format(truth, tmp_path):
     with pytest.raises(importers.UnknownFormat, match="format: must be one of"):
         importers.load(str(root / "safetensors"), format="onnx")
     assert importers.detect_format(str(root / "safetensors")) == "diffusers"
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_checkpoints_on_object_storage_import_like_local_ones(truth, tmp_path, legacy):
+    """A diffusers folder and a ddim .ckpt read from ram:// give the local weights."""
+    import uuid
+
+    import tensorflow as tf
+
+    model, root, imported = truth
+    remote = f"ram://importers-{uuid.uuid4().hex}"
+    ckpt = tmp_path / "model.ckpt"
+    torch.save(_ddim_tensors(model), ckpt, _use_new_zipfile_serialization=not legacy)
+    tf.io.gfile.makedirs(f"{remote}/unet")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        tf.io.gfile.copy(str(root / "safetensors" / name), f"{remote}/unet/{name}")
+    tf.io.gfile.copy(str(ckpt), f"{remote}/model.ckpt")
+
+    from_folder = importers.load(f"{remote}/unet")
+    from_ckpt = importers.load(f"{remote}/model.ckpt", image_size=32)
+    assert _same_state(from_folder.state, imported.state)
+    assert _same_state(from_ckpt.state, imported.state)
+    assert importers.detect_format(f"{remote}/model.ckpt") == "ddim"
+    assert from_ckpt.source["sha256"] == importers.load(str(ckpt), image_size=32).source["sha256"]

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
 from typing import Any
 
 import numpy as np
 
-from sdedit_jax import checkpoint
+from sdedit_jax import checkpoint, files
 from sdedit_jax.importers import Imported, torch_checkpoint
 from sdedit_jax.models import ddpm_unet
 
@@ -36,16 +35,15 @@ _NEW_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": 
 
 def model_folder(path: str) -> str:
     """The folder holding ``config.json``: ``path`` itself or a pipeline's ``unet/``."""
-    for folder in (path, os.path.join(path, "unet")):
-        if os.path.exists(os.path.join(folder, CONFIG_FILE)):
+    for folder in (path, files.join(path, "unet")):
+        if files.exists(files.join(folder, CONFIG_FILE)):
             return folder
     raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is it a diffusers model folder?)")
 
 
 def read_json(path: str) -> dict:
     try:
-        with open(path) as f:
-            value = json.load(f)
+        value = json.loads(files.read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(value, dict):
@@ -55,8 +53,8 @@ def read_json(path: str) -> dict:
 
 def weight_file(folder: str) -> str:
     for name in WEIGHT_FILES:
-        if os.path.exists(os.path.join(folder, name)):
-            return os.path.join(folder, name)
+        if files.exists(files.join(folder, name)):
+            return files.join(folder, name)
     raise FileNotFoundError(f"{folder}: none of the weight files {WEIGHT_FILES}")
 
 
@@ -66,7 +64,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
         import safetensors.numpy
 
         try:
-            return dict(safetensors.numpy.load_file(path))
+            return dict(safetensors.numpy.load(files.read_bytes(path)))
         except Exception as err:  # safetensors raises its own error types for bad files
             raise torch_checkpoint.CheckpointError(
                 f"{path}: not a readable safetensors file ({err})"
@@ -92,9 +90,9 @@ def is_ncsnpp(config: dict) -> bool:
 
 
 def _scheduler_config(folder: str) -> tuple[str | None, dict]:
-    for path in (os.path.join(folder, SCHEDULER_FILE),
-                 os.path.join(os.path.dirname(folder.rstrip("/")), "scheduler", SCHEDULER_FILE)):
-        if os.path.exists(path):
+    for path in (files.join(folder, SCHEDULER_FILE),
+                 files.join(files.dirname(folder.rstrip("/")), "scheduler", SCHEDULER_FILE)):
+        if files.exists(path):
             return path, read_json(path)
     return None, {}
 
@@ -132,7 +130,7 @@ def ve_sde(folder: str) -> dict | None:
 def load(path: str) -> Imported:
     """Imports a diffusers ``UNet2DModel`` folder (see the module docstring)."""
     folder = model_folder(path)
-    config_path = os.path.join(folder, CONFIG_FILE)
+    config_path = files.join(folder, CONFIG_FILE)
     config = read_json(config_path)
     try:
         if is_ncsnpp(config):
@@ -161,7 +159,7 @@ def load(path: str) -> Imported:
         architecture=architecture,
         config=net_config,
         state=state,
-        source={"path": os.path.abspath(weights), "format": "diffusers",
+        source={"path": files.abspath(weights), "format": "diffusers",
                 "sha256": checkpoint.sha256_file(weights)},
         **usage,
     )

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from flax import nnx, serialization
 
+from sdedit_jax import files
 from sdedit_jax.importers.diffusers_ncsnpp import check_keys
 from sdedit_jax.models import ncsnpp
 from sdedit_jax.models.ncsnpp import NCSNppConfig
@@ -153,14 +154,13 @@ def load_config(name_or_path: str) -> dict[str, Any]:
     with ``"model"`` (and optionally ``"data"``, ``"sampling"``) sections."""
     if name_or_path in PRESETS:
         return copy.deepcopy(PRESETS[name_or_path])
-    if not os.path.isfile(name_or_path):
+    if not files.isfile(name_or_path):
         raise ValueError(f"score_sde config {name_or_path!r}: neither a preset "
                          f"{sorted(PRESETS)} nor a file")
     if name_or_path.endswith(".py"):
         return read_py_config(name_or_path)
     try:
-        with open(name_or_path) as f:
-            cfg = json.load(f)
+        cfg = json.loads(files.read_text(name_or_path))
     except json.JSONDecodeError as e:
         raise ValueError(
             f"{name_or_path}: not a JSON score_sde config ({e.msg}, line {e.lineno})"
@@ -211,8 +211,7 @@ def read_py_config(path: str) -> dict[str, Any]:
     order, directly or through section aliases (``model = config.model``,
     ``config.data = data = ConfigDict()``).
     """
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
+    tree = ast.parse(files.read_text(path), path)
     config: dict[str, Any] = {}
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("configs."):
@@ -259,7 +258,7 @@ def read_py_config(path: str) -> dict[str, Any]:
 
 def read_score_sde_checkpoint(path: str) -> dict[str, Any]:
     """The EMA parameters (``params_ema``) of a score_sde ``checkpoint_<n>`` file."""
-    with open(path, "rb") as f:
+    with files.open_file(path, "rb") as f:
         data = f.read()
     try:
         state = serialization.msgpack_restore(data)
@@ -379,20 +378,21 @@ CONFIG_FILES = ("score_sde_config.json", "config.json")
 
 def checkpoint_file(path: str) -> str:
     """``path`` itself, or the newest ``checkpoint_<n>`` in the folder ``path``."""
-    if not os.path.isdir(path):
+    if not files.isdir(path):
         return path
-    steps = [int(m[1]) for name in os.listdir(path) if (m := _CHECKPOINT.match(name))]
+    steps = [int(m[1]) for name in files.listdir(path)
+             if (m := _CHECKPOINT.match(name.rstrip("/")))]
     if not steps:
         raise FileNotFoundError(f"{path}: no checkpoint_<n> file in the folder")
-    return os.path.join(path, f"checkpoint_{max(steps)}")
+    return files.join(path, f"checkpoint_{max(steps)}")
 
 
 def _find_config(ckpt: str) -> str:
-    folder = os.path.dirname(os.path.abspath(ckpt))
-    for base in (folder, os.path.dirname(folder)):  # score_sde keeps them in <workdir>/checkpoints
+    folder = files.dirname(files.abspath(ckpt))
+    for base in (folder, files.dirname(folder)):  # score_sde keeps them in <workdir>/checkpoints
         for name in CONFIG_FILES:
-            if os.path.isfile(os.path.join(base, name)):
-                return os.path.join(base, name)
+            if files.isfile(files.join(base, name)):
+                return files.join(base, name)
     raise ValueError(
         f"{ckpt}: the score_sde config is not in the checkpoint; name a preset "
         f"{sorted(PRESETS)} or put a JSON config ({' or '.join(CONFIG_FILES)}) beside it"

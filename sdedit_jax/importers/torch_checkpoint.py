@@ -15,7 +15,6 @@ The weights do not record the training resolution; it only sets ``image_size``
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import zipfile
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sdedit_jax import checkpoint
+from sdedit_jax import checkpoint, files
 from sdedit_jax.importers import Imported
 from sdedit_jax.metrics import torch_pickle
 from sdedit_jax.models import ddpm_unet
@@ -47,9 +46,11 @@ _MID_BLOCK_KEY = re.compile(r"^mid\.block_([12])\.(\w+)\.(weight|bias)$")
 
 def read_checkpoint(path: str) -> Any:
     """Unpickles a torch file safely; any malformation is one :class:`CheckpointError`."""
-    with open(path, "rb") as f:
+    with files.open_file(path, "rb") as f:
         is_zip_entry = f.read(4) == b"PK\x03\x04"
-    if is_zip_entry and not zipfile.is_zipfile(path):
+        f.seek(0)
+        is_zip = zipfile.is_zipfile(f)
+    if is_zip_entry and not is_zip:
         raise CheckpointError(f"{path}: truncated or corrupt torch zip file (no central directory)")
     try:
         return torch_pickle.load_checkpoint(path)
@@ -183,6 +184,6 @@ def load(path: str, image_size: int | None = None) -> Imported:
         parameterization="noise",
         data_range="-1_1",
         sde=dict(DDPM_SDE),
-        source={"path": os.path.abspath(path), "format": "ddim", "entry": entry,
+        source={"path": files.abspath(path), "format": "ddim", "entry": entry,
                 "sha256": checkpoint.sha256_file(path)},
     )

@@ -35,6 +35,8 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from sdedit_jax import files
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
@@ -202,8 +204,8 @@ def _resolve(obj: Any, storages: dict[str, np.ndarray], source: str) -> Any:
     return obj
 
 
-def _load_zip(path: str) -> Any:
-    with zipfile.ZipFile(path) as archive:
+def _load_zip(path: str, file: BinaryIO) -> Any:
+    with zipfile.ZipFile(file) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: expected one data.pkl in the zip, found {pickles}")
@@ -224,29 +226,28 @@ def _load_zip(path: str) -> Any:
     return _resolve(obj, storages, path)
 
 
-def _load_legacy(path: str) -> Any:
-    with open(path, "rb") as f:
-        magic, _ = _unpickle(f, path)
-        if magic != LEGACY_MAGIC:
-            raise CheckpointError(f"{path}: not a torch checkpoint (bad magic number)")
-        protocol, _ = _unpickle(f, path)
-        if protocol != LEGACY_PROTOCOL:
-            raise CheckpointError(f"{path}: legacy protocol {protocol} is not supported")
-        sys_info, _ = _unpickle(f, path)
-        if not (isinstance(sys_info, dict) and sys_info.get("little_endian", False)):
-            raise CheckpointError(f"{path}: only little-endian checkpoints are supported")
-        obj, refs = _unpickle(f, path)
-        keys, _ = _unpickle(f, path)
-        storages = {}
-        for key in keys:
-            if key not in refs:
-                raise CheckpointError(f"{path}: storage {key} is stored but never referenced")
-            dtype = refs[key].dtype.newbyteorder("<")
-            numel = int.from_bytes(f.read(8), "little", signed=True)
-            raw = f.read(numel * dtype.itemsize)
-            if numel != refs[key].numel or len(raw) != numel * dtype.itemsize:
-                raise CheckpointError(f"{path}: storage {key} is truncated or mis-sized")
-            storages[key] = np.frombuffer(raw, dtype=dtype)
+def _load_legacy(path: str, f: BinaryIO) -> Any:
+    magic, _ = _unpickle(f, path)
+    if magic != LEGACY_MAGIC:
+        raise CheckpointError(f"{path}: not a torch checkpoint (bad magic number)")
+    protocol, _ = _unpickle(f, path)
+    if protocol != LEGACY_PROTOCOL:
+        raise CheckpointError(f"{path}: legacy protocol {protocol} is not supported")
+    sys_info, _ = _unpickle(f, path)
+    if not (isinstance(sys_info, dict) and sys_info.get("little_endian", False)):
+        raise CheckpointError(f"{path}: only little-endian checkpoints are supported")
+    obj, refs = _unpickle(f, path)
+    keys, _ = _unpickle(f, path)
+    storages = {}
+    for key in keys:
+        if key not in refs:
+            raise CheckpointError(f"{path}: storage {key} is stored but never referenced")
+        dtype = refs[key].dtype.newbyteorder("<")
+        numel = int.from_bytes(f.read(8), "little", signed=True)
+        raw = f.read(numel * dtype.itemsize)
+        if numel != refs[key].numel or len(raw) != numel * dtype.itemsize:
+            raise CheckpointError(f"{path}: storage {key} is truncated or mis-sized")
+        storages[key] = np.frombuffer(raw, dtype=dtype)
     return _resolve(obj, storages, path)
 
 
@@ -257,9 +258,10 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         CheckpointError: the file is malformed or references a non-allow-listed global.
     """
     path = os.fspath(path)
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    return _load_legacy(path)
+    with files.open_file(path, "rb") as f:
+        is_zip = zipfile.is_zipfile(f)
+        f.seek(0)
+        return _load_zip(path, f) if is_zip else _load_legacy(path, f)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
