@@ -25,18 +25,20 @@ from absl import app, flags  # noqa: E402
 from sdedit_jax import importers, pretrained  # noqa: E402
 from sdedit_jax.sde import sde_from_config  # noqa: E402
 
-_SOURCE = flags.DEFINE_string("source", None, "checkpoint file or folder to convert")
-_OUT = flags.DEFINE_string("out", None, "model folder to write")
-_FORMAT = flags.DEFINE_enum("format", None, ["diffusers", "ddim", "score_sde"],
-                            "source format (default: detected)")
-_SDE = flags.DEFINE_string(
-    "sde", None, 'training SDE as JSON, e.g. \'{"name": "ve", "sigma_min": 0.01, '
-    '"sigma_max": 380}\' (default: from the checkpoint)')
-_IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)")
-_CONFIG = flags.DEFINE_string(
-    "config", None, "score_sde network config: a preset name or a JSON file")
-_BF16 = flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
+def _define_flags() -> None:
+    """Flags exist only when run as a program: importing ``convert`` (tests, tools) must
+    not claim names such as ``--out`` and ``--config`` that other programs define."""
+    flags.DEFINE_string("source", None, "checkpoint file or folder to convert")
+    flags.DEFINE_string("out", None, "model folder to write")
+    flags.DEFINE_enum("format", None, ["diffusers", "ddim", "score_sde"],
+                      "source format (default: detected)")
+    flags.DEFINE_string(
+        "sde", None, 'training SDE as JSON, e.g. \'{"name": "ve", "sigma_min": 0.01, '
+        '"sigma_max": 380}\' (default: from the checkpoint)')
+    flags.DEFINE_integer(
+        "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)")
+    flags.DEFINE_string("config", None, "score_sde network config: a preset name or a JSON file")
+    flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
 
 
 def parse_sde(text: str | None) -> dict | None:
@@ -70,20 +72,21 @@ def convert(source: str, out: str, *, format: str | None = None, sde: dict | Non
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for flag in (_SOURCE, _OUT):
-        if not flag.value:
-            raise app.UsageError(f"--{flag.name} is required")
+    f = flags.FLAGS
+    for name in ("source", "out"):
+        if not f[name].value:
+            raise app.UsageError(f"--{name} is required")
     try:
-        info = convert(_SOURCE.value, _OUT.value, format=_FORMAT.value, sde=parse_sde(_SDE.value),
-                       image_size=_IMAGE_SIZE.value, config=_CONFIG.value,
-                       with_bf16=_BF16.value)
+        info = convert(f.source, f.out, format=f.format, sde=parse_sde(f.sde),
+                       image_size=f.image_size, config=f.config, with_bf16=f.bf16)
     except (ValueError, OSError) as err:
         print(f"convert: {err}", file=sys.stderr)
         sys.exit(1)
     summary = {k: info[k] for k in ("architecture", "sde", "parameterization", "condition",
                                     "data_range", "source")}
-    print(json.dumps({"out": _OUT.value, **summary}, indent=1))
+    print(json.dumps({"out": f.out, **summary}, indent=1))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
