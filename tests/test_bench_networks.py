@@ -2,7 +2,7 @@
 
 import pytest
 
-from sdedit_jax import bench
+from sdedit_jax.tools import bench
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")

@@ -15,7 +15,7 @@ from sdedit_jax.sampling import predictors
 from sdedit_jax.sde import VPSDE
 
 torch = pytest.importorskip("torch")
-torch_baseline = pytest.importorskip("sdedit_jax.torch_baseline")
+torch_baseline = pytest.importorskip("sdedit_jax.tools.torch_baseline")
 
 TINY = unet.UNetConfig(
     image_size=16, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)

@@ -2,9 +2,9 @@
 
     # 1,000,000-example manifest on one host, trivial score function: startup,
     # resume with 99 % done, peak memory; the per-id string set side by side.
-    python -m sdedit_jax.bench_host --what=scale --examples=1000000
+    python -m sdedit_jax.tools.bench_host --what=scale --examples=1000000
     # Decode + PNG encode + write at 256x256 (no model), by writer threads and PNG level.
-    python -m sdedit_jax.bench_host --what=pipeline --size=256 --images=384
+    python -m sdedit_jax.tools.bench_host --what=pipeline --size=256 --images=384
 
 Each measured phase runs in a fresh subprocess, so its peak memory (the
 ``ru_maxrss`` high-water mark above the process's footprint after its imports)
@@ -165,7 +165,7 @@ def run_phase(phase: str, data: dict) -> dict:
 
 
 def _subprocess_phase(phase: str, data: dict) -> dict:
-    cmd = [sys.executable, "-m", "sdedit_jax.bench_host", "--what=phase", f"--phase={phase}",
+    cmd = [sys.executable, "-m", "sdedit_jax.tools.bench_host", "--what=phase", f"--phase={phase}",
            f"--scratch={json.dumps(data)}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)

@@ -1,6 +1,6 @@
 """Packages a training run as a shippable model folder with its evidence.
 
-    python -m sdedit_jax.model_card --train_workdir runs/emoji_default \
+    python -m sdedit_jax.tools.model_card --train_workdir runs/emoji_default \
         --out sdedit_jax/assets/default_model
 
 Copies the EMA weights (fp32) and ``model_info.json``, keeps the training log

@@ -1,25 +1,25 @@
 """Benchmarks, each printing ratios measured in one run (not tests).
 
     # The compiled edit program: compile time, steps/s, images/s, FLOP/s vs matmul peak.
-    python -m sdedit_jax.bench --what=sampler --batch=64 --steps=100
+    python -m sdedit_jax.tools.bench --what=sampler --batch=64 --steps=100
     # End-to-end job (tf.data input, sharded steps, PNG/manifest writes) vs the
     # pure compiled program on the same batches.
-    python -m sdedit_jax.bench --what=job --num_guides=256 --steps=50
+    python -m sdedit_jax.tools.bench --what=job --num_guides=256 --steps=50
     # The compiled edit program vs an eager PyTorch port (same weights, batch,
     # steps and t0; needs torch installed): images/s of both and their ratio.
-    python -m sdedit_jax.bench --what=torch --random_arch=configs/train_emoji.py \
+    python -m sdedit_jax.tools.bench --what=torch --random_arch=configs/train_emoji.py \
         --batch=16 --steps=20 --timing_repeats=2
     # One network call of the published architectures (random weights saved by
     # diffusers, loaded by sdedit_jax): sdedit_jax under several XLA:CPU option
     # sets vs diffusers' UNet2DModel in PyTorch (eager, channels_last), FLOPs from
     # XLA's cost analysis. Results go to --results as they finish (rerun resumes).
-    python -m sdedit_jax.bench --what=networks --networks=ddpm_church_256,ddpm_cifar10_32 \
+    python -m sdedit_jax.tools.bench --what=networks --networks=ddpm_church_256,ddpm_cifar10_32 \
         --batch=1 --timing_repeats=3 --results=runs/bench_networks.jsonl
     # The compiled edit program under each XLA:CPU option set, side by side.
-    python -m sdedit_jax.bench --what=sampler_xla --batch=64 --steps=20
+    python -m sdedit_jax.tools.bench --what=sampler_xla --batch=64 --steps=20
     # Images/s at equal quality: a few-step solver in JAX vs the paper's recipe
     # (N = 1000 at t0 = 0.5: 500 steps) in the PyTorch baseline.
-    python -m sdedit_jax.bench --what=few_step --batch=16 --timing_repeats=1 \
+    python -m sdedit_jax.tools.bench --what=few_step --batch=16 --timing_repeats=1 \
         --settings=dpm_solver_2m:10,sde_dpm_solver_2m:20
 
 ``--model_dir`` picks a model folder (default: the shipped model); with
@@ -264,7 +264,7 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
     # torch is an optional dependency: only this mode imports it.
     import torch
 
-    from sdedit_jax import torch_baseline
+    from sdedit_jax.tools import torch_baseline
 
     if (_PREDICTOR.value, _CORRECTOR.value) != ("euler_maruyama", "none"):
         raise ValueError("--what=torch: the PyTorch port has only --predictor=euler_maruyama "
@@ -345,7 +345,7 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
     """
     import torch
 
-    from sdedit_jax import torch_baseline
+    from sdedit_jax.tools import torch_baseline
 
     devices = jax.device_count()
     per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
@@ -408,7 +408,7 @@ def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[f
     """Max |score_jax - score_torch| on the benchmark guides, and max |score_jax| for scale."""
     import torch
 
-    from sdedit_jax import torch_baseline
+    from sdedit_jax.tools import torch_baseline
 
     jax_score = np.asarray(jax.jit(lambda s, x, t: s(x, t))(
         model.score_fn, jnp.asarray(host_batch.guides), jnp.asarray(host_batch.t0)
