@@ -107,7 +107,7 @@ def test_dropout_needs_a_key_in_training_and_is_off_in_eval(tiny_models):
     model = tiny_models["sinusoidal"]
     x, t = jnp.ones((2, 8, 8, 3)), jnp.array([0.5, 0.5])
     np.testing.assert_array_equal(_forward(model, x, t), _forward(model, x, t))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no `rngs` argument was provided to Dropout"):
         model(x, t, train=True)
 
 
