@@ -66,7 +66,10 @@ from sdedit_jax import engine, files, pretrained, report  # noqa: E402
 from sdedit_jax.data import guide_inputs, sinks  # noqa: E402
 from sdedit_jax.job import sampler_from_config  # noqa: E402
 from sdedit_jax.metrics import faithfulness, realism  # noqa: E402
+from sdedit_jax.rng import string_id_words  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
+from sdedit_jax.sampling.steps import StepRule  # noqa: E402
+from sdedit_jax.stream import Progress  # noqa: E402
 
 BASELINE_VARIANT = "guides"
 REFERENCE_CACHE = "reference_features.npz"
@@ -99,7 +102,7 @@ class Variant:
 
     name: str
     sampler: Sampler
-    steps_for: Callable[[np.ndarray], np.ndarray]
+    step_rule: StepRule
     repeats: int
 
 
@@ -230,11 +233,11 @@ def variants_from_config(config: ml_collections.ConfigDict) -> list[Variant]:
         names.add(name)
         repeats = overrides.pop("repeats", config.repeats)
         try:
-            sampler, steps_for = sampler_from_config(ml_collections.ConfigDict({**base,
+            sampler, step_rule = sampler_from_config(ml_collections.ConfigDict({**base,
                                                                                 **overrides}))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        variants.append(Variant(name, sampler, steps_for, repeats))
+        variants.append(Variant(name, sampler, step_rule, repeats))
     return variants
 
 
@@ -320,7 +323,7 @@ def fid_to_reference(features: np.ndarray, reference: realism.GaussianStats) -> 
 def edit_guides(editor: engine.Editor, placed, guides: ImageSet, t0: float, n_steps: int,
                 seed: int, on_chunk: Callable[[int], None]) -> np.ndarray:
     """Edits every guide at one ``t0``, ``editor.global_batch`` rows at a time."""
-    words = engine.id_words([f"{guides.name}/{i}" for i in guides.ids])
+    words = string_id_words([f"{guides.name}/{i}" for i in guides.ids])
     outputs = []
     for start in range(0, len(guides.ids), editor.global_batch):
         rows = slice(start, start + editor.global_batch)
@@ -539,7 +542,7 @@ def sweep(model: pretrained.LoadedModel, variants: list[Variant], task_guides: l
     editors = [engine.Editor(model.sde, v.sampler, v.repeats,
                              per_device_batch=config.per_device_batch) for v in variants]
     total_rows = len(variants) * len(t0s) * sum(len(g.ids) for g in task_guides)
-    progress = engine.Progress(total_rows, throughput_log, label="evaluate")
+    progress = Progress(total_rows, throughput_log, label="evaluate")
     done = {"chunks": 0, "rows": 0}
 
     def on_chunk(count):
@@ -554,7 +557,7 @@ def sweep(model: pretrained.LoadedModel, variants: list[Variant], task_guides: l
             kept = {}
             for t0 in t0s:
                 # The config's float64 t0: float32(0.8) * 200 rounds up to 161 steps.
-                n_steps = int(variant.steps_for(np.float64(t0)))
+                n_steps = int(variant.step_rule.steps_for(np.float64(t0)))
 
                 def edit(editor=editor, placed=placed, guides=guides, t0=t0, n_steps=n_steps):
                     return edit_guides(editor, placed, guides, t0, n_steps, config.seed, on_chunk)

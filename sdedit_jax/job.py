@@ -12,7 +12,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import jax
 import ml_collections
@@ -23,6 +23,8 @@ from PIL import Image
 from sdedit_jax import engine, files, fingerprint, pretrained, report, workdir_lock
 from sdedit_jax.data import guide_inputs, sinks
 from sdedit_jax.sampling.integrate import Sampler
+from sdedit_jax.sampling.steps import StepRule
+from sdedit_jax.stream import run_stream
 
 
 def resolve_config_path(spec: str) -> str:
@@ -55,37 +57,21 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
-def sampler_from_config(
-    config: ml_collections.ConfigDict,
-) -> tuple[Sampler, Callable[[np.ndarray], np.ndarray]]:
-    """The static sampler and the per-example step rule ``steps_for(t0)``."""
-    per_unit, fixed = config.steps_per_unit_time, config.n_steps
-    if (per_unit > 0) == (fixed > 0):
-        raise ValueError(
-            "sampler: set exactly one of steps_per_unit_time (the paper's N) and n_steps, "
-            f"got steps_per_unit_time={per_unit}, n_steps={fixed}"
-        )
-    most = per_unit if per_unit > 0 else fixed
-    max_steps = config.max_steps or engine.step_bucket(most)
+def sampler_from_config(config: ml_collections.ConfigDict) -> tuple[Sampler, StepRule]:
+    """The static sampler and the per-example step rule."""
+    rule = StepRule(steps_per_unit_time=config.steps_per_unit_time, n_steps=config.n_steps,
+                    max_steps=config.max_steps)
     sampler = Sampler(
         predictor=config.predictor,
         corrector=config.corrector,
-        max_steps=max_steps,
+        max_steps=rule.max_steps,
         snr=config.snr,
         corrector_steps=config.corrector_steps,
         denoise=config.denoise,
         eta=config.get("eta", 0.0),
         time_grid=config.get("time_grid", ""),
     )
-
-    def steps_for(t0: np.ndarray) -> np.ndarray:
-        if per_unit > 0:
-            return np.minimum(engine.paper_steps(per_unit, t0), max_steps)
-        return np.full(np.shape(t0), fixed, np.int32)
-
-    if fixed > max_steps:
-        raise ValueError(f"sampler: n_steps={fixed} exceeds max_steps={max_steps}")
-    return sampler, steps_for
+    return sampler, rule
 
 
 class ConfigError(ValueError):
@@ -346,7 +332,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, *,
         _require(not os.path.isfile(workdir), "workdir", workdir, "a folder (this is a file)")
     t0s = [float(t0) for t0 in config.t0s]
     inputs = {t0: input_config(config, t0) for t0 in t0s}
-    sampler, steps_for = sampler_from_config(config.sampler)
+    sampler, step_rule = sampler_from_config(config.sampler)
     model = _load_model(config.model_dir)
     check_model(model, inputs[t0s[0]], t0s)
     catalog = _build_catalog(inputs[t0s[0]])
@@ -368,7 +354,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, *,
         if process == 0:
             fingerprint.check_or_record(workdir, job_print, overwrite=config.overwrite)
         multihost_utils.sync_global_devices("workdir fingerprint")
-        return _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for,
+        return _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, step_rule,
                            retry_failed, process, n_processes)
 
 
@@ -403,7 +389,7 @@ def plan_job(config, workdir, t0s, inputs, catalog, retry_failed) -> dict:
     return {"workdir": workdir, "dry_run": True, "plan": plan, "failures": 0}
 
 
-def _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for,
+def _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, step_rule,
                 retry_failed, process, n_processes) -> dict:
     editor = engine.Editor(model.sde, sampler, config.repeats,
                            per_device_batch=config.per_device_batch)
@@ -435,9 +421,9 @@ def _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for
                         png=config.output.png, npz=config.output.npz,
                         png_compression=config.output.png_compression,
                         num_threads=config.output.writer_threads) as sink:
-            summary = engine.run_stream(
+            summary = run_stream(
                 editor, placed, stream.dataset.as_numpy_iterator(), sink,
-                num_steps=stream.num_steps, steps_for=steps_for,
+                num_steps=stream.num_steps, step_rule=step_rule,
                 log_path=files.join(sub, f"throughput.p{process:05d}.jsonl"),
                 progress_label=job.label, total_rows=stream.local_examples,
             )

@@ -49,7 +49,9 @@ from PIL import Image  # noqa: E402
 
 from sdedit_jax import engine, job, pretrained  # noqa: E402
 from sdedit_jax.models import unet  # noqa: E402
+from sdedit_jax.rng import string_id_words  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
+from sdedit_jax.sampling.steps import step_bucket  # noqa: E402
 
 _WHAT = flags.DEFINE_enum("what", "sampler",
                           ["sampler", "job", "torch", "networks", "sampler_xla", "few_step"],
@@ -120,7 +122,7 @@ def _random_batch(model, editor, rows, steps, seed=0) -> engine.EditBatch:
     return engine.EditBatch(
         guides=rng.uniform(-1, 1, shape).astype(np.float32),
         seeds=np.zeros(rows, np.int32),
-        id_words=engine.id_words([str(i) for i in range(rows)]),
+        id_words=string_id_words([str(i) for i in range(rows)]),
         t0=np.full(rows, 0.5, np.float32),
         n_steps=np.full(rows, steps, np.int32),
         mask=np.ones(shape[:3] + (1,), np.float32),
@@ -231,9 +233,9 @@ def bench_job(model: pretrained.LoadedModel, model_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         guides = os.path.join(tmp, "guides")
         os.makedirs(guides)
-        rng = np.random.default_rng(0)
+        pixel_rng = np.random.default_rng(0)
         for i in range(_NUM_GUIDES.value):
-            pixels = rng.integers(0, 256, (model.image_size, model.image_size, 3), np.uint8)
+            pixels = pixel_rng.integers(0, 256, (model.image_size, model.image_size, 3), np.uint8)
             Image.fromarray(pixels).save(os.path.join(guides, f"{i:06d}.png"))
         config.input.path = guides
         config.input.image_size = (model.image_size, model.image_size)
@@ -352,7 +354,7 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
     settings = [(p, int(n)) for p, n in (item.split(":") for item in _SETTINGS.value)]
     settings.append(("ancestral", _RECIPE_STEPS.value))
     editors = {f"jax_{p}@{n}": (engine.Editor(model.sde, Sampler(
-        p, max_steps=engine.step_bucket(n), time_grid=_TIME_GRID.value),
+        p, max_steps=step_bucket(n), time_grid=_TIME_GRID.value),
         per_device_batch=per_device), n) for p, n in settings}
     some_editor = next(iter(editors.values()))[0]
     rows = some_editor.global_batch

@@ -145,7 +145,8 @@ def run_phase(phase: str, data: dict) -> dict:
         out["startup_s"] = time.perf_counter() - start
         out.update(to_edit=stream.num_examples, skipped=stream.num_skipped)
         if phase == "resume":  # finish the remaining examples through the trivial model
-            from sdedit_jax import engine
+            from sdedit_jax.sampling.steps import StepRule
+            from sdedit_jax.stream import run_stream
 
             mark = time.perf_counter()
             with tempfile.TemporaryDirectory() as scratch:
@@ -155,9 +156,8 @@ def run_phase(phase: str, data: dict) -> dict:
                     yield first
                     yield from iterator
 
-                summary = engine.run_stream(editor, placed, batches(), sink,
-                                            num_steps=stream.num_steps,
-                                            steps_for=lambda t0: np.ones(np.shape(t0), np.int32))
+                summary = run_stream(editor, placed, batches(), sink,
+                                     num_steps=stream.num_steps, step_rule=StepRule(n_steps=1))
             out["finish_rest_s"] = time.perf_counter() - mark
             out["finished_rows"] = summary.rows_done
     out["peak_mb_above_imports"] = round(_peak_mb() - base, 1)
