@@ -25,11 +25,6 @@ from tests.job_cli import SIZE
 NFC, NFD = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return job_cli.make_model(str(tmp_path_factory.mktemp("model")))
-
-
 def _png16(path: str, pixels: np.ndarray) -> None:
     """A 16-bit RGB PNG, written by hand (PIL cannot write one; it reads it as 8-bit)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -83,7 +78,7 @@ def _check_outputs(workdir: str, good: set[str], bad: dict[str, list[str]], t0_f
             assert Image.open(os.path.join(sub, out)).size == (SIZE, SIZE)
 
 
-def test_bad_folder_corpus_through_the_cli(model_dir, tmp_path):
+def test_bad_folder_corpus_through_the_cli(tiny_model_dir, tmp_path):
     guides, outside = str(tmp_path / "guides"), str(tmp_path / "outside")
     for i, name in enumerate(["g000.png", "g001.png", "Case.png", "case.png", NFC, NFD, "a.png",
                               "a.png.png/b.png"]):
@@ -111,7 +106,7 @@ def test_bad_folder_corpus_through_the_cli(model_dir, tmp_path):
 
     workdir, tmpdir = str(tmp_path / "out"), str(tmp_path / "tmp")
     os.mkdir(tmpdir)
-    proc = job_cli.run(job_cli.command(model_dir, guides, workdir), tmpdir=tmpdir, timeout=240)
+    proc = job_cli.run(job_cli.command(tiny_model_dir, guides, workdir), tmpdir=tmpdir, timeout=240)
     assert proc.returncode == 3, proc.stderr[-3000:]
     _check_outputs(workdir, good, bad, ["t0_0.40", "t0_0.60"])
     _assert_clean(tmpdir, workdir)
@@ -124,7 +119,7 @@ def _jsonl(path: str, rows: list) -> None:
             f.write("\n")
 
 
-def test_bad_manifest_corpus_through_the_cli(model_dir, tmp_path):
+def test_bad_manifest_corpus_through_the_cli(tiny_model_dir, tmp_path):
     images = tmp_path / "m" / "img"
     for i in range(3):
         job_cli.save_png(str(images / f"g{i}.png"), job_cli.random_guide(i))
@@ -160,7 +155,7 @@ def test_bad_manifest_corpus_through_the_cli(model_dir, tmp_path):
 
     workdir, tmpdir = str(tmp_path / "out"), str(tmp_path / "tmp")
     os.mkdir(tmpdir)
-    cmd = job_cli.command(model_dir, manifest, workdir, t0s="(0.501,0.504)")
+    cmd = job_cli.command(tiny_model_dir, manifest, workdir, t0s="(0.501,0.504)")
     proc = job_cli.run(cmd, tmpdir=tmpdir, timeout=240)
     assert proc.returncode == 3, proc.stderr[-3000:]
     _check_outputs(workdir, good, bad, ["t0_0.501", "t0_0.504"])  # 2 decimals would collide
@@ -181,13 +176,13 @@ def test_bad_manifest_corpus_through_the_cli(model_dir, tmp_path):
     assert os.path.isfile(os.path.join(sub, manifest_rows[temp_like]["output"]))
 
 
-def test_csv_with_a_repeated_column_fails_its_rows(model_dir, tmp_path):
+def test_csv_with_a_repeated_column_fails_its_rows(tiny_model_dir, tmp_path):
     folder = tmp_path / "m"
     job_cli.save_png(str(folder / "g0.png"), job_cli.random_guide(0))
     manifest = folder / "manifest.csv"
     manifest.write_text("path,id,path\ng0.png,a,other.png\ng0.png,b,g0.png\n")
     workdir = str(tmp_path / "out")
-    proc = job_cli.run(job_cli.command(model_dir, str(manifest), workdir, t0s="(0.5,)"))
+    proc = job_cli.run(job_cli.command(tiny_model_dir, str(manifest), workdir, t0s="(0.5,)"))
     assert proc.returncode == 3, proc.stderr[-3000:]
     failures = job_cli.rows(os.path.join(workdir, "t0_0.50", "failures.jsonl"))
     assert sorted(failures) == ["manifest.csv:2", "manifest.csv:3"]  # rows named by line
@@ -210,14 +205,14 @@ CLI_CONFIG_ERRORS = [  # (setting, the start of the one-line error)
 
 
 @pytest.mark.parametrize("setting, message", CLI_CONFIG_ERRORS)
-def test_config_errors_are_one_line_before_any_work(model_dir, tmp_path, setting, message):
+def test_config_errors_are_one_line_before_any_work(tiny_model_dir, tmp_path, setting, message):
     guides = str(tmp_path / "guides")
     job_cli.save_png(os.path.join(guides, "g.png"), job_cli.random_guide(0))
     workdir = str(tmp_path / "out")
     if isinstance(setting, dict):
-        cmd = job_cli.command(model_dir, guides, workdir, **setting)
+        cmd = job_cli.command(tiny_model_dir, guides, workdir, **setting)
     else:
-        cmd = job_cli.command(model_dir, guides, workdir, setting)
+        cmd = job_cli.command(tiny_model_dir, guides, workdir, setting)
     proc = job_cli.run(cmd, timeout=120)
     lines = job_cli.error_lines(proc.stderr)
     assert proc.returncode == 2, proc.stderr[-3000:]

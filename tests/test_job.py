@@ -14,25 +14,12 @@ import time
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
-from sdedit_jax import pretrained
-from sdedit_jax.models import unet
+from tests import job_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 16
-TINY_MODEL = dict(image_size=SIZE, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(), dropout=0.0, time_embedding="sinusoidal",
-                  fourier_scale=16.0, skip_rescale=True, fast_conv=True)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("model"))
-    _, state = nnx.split(unet.build(unet.UNetConfig.from_config(TINY_MODEL), seed=1))
-    pretrained.save_model(path, state, TINY_MODEL, {"name": "vp"}, "noise")
-    return path
+SIZE = job_cli.SIZE
 
 
 def _write_guides(folder, n, seed=0):
@@ -50,9 +37,9 @@ def _write_guides(folder, n, seed=0):
             os.path.join(folder, "masks", f"g{i:03d}.png"))
 
 
-def _job_command(model_dir, guides, workdir, *extra):
+def _job_command(tiny_model_dir, guides, workdir, *extra):
     return [sys.executable, "-m", "sdedit_jax.main", "--config", "configs/default.py",
-            f"--config.model_dir={model_dir}", f"--config.input.path={guides}",
+            f"--config.model_dir={tiny_model_dir}", f"--config.input.path={guides}",
             f"--config.input.image_size=({SIZE},{SIZE})", "--config.t0s=(0.4,0.6)",
             "--config.sampler.steps_per_unit_time=20", "--config.per_device_batch=2",
             f"--workdir={workdir}", *extra]
@@ -96,35 +83,35 @@ def guides_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, guides_dir, tmp_path_factory):
+def reference(tiny_model_dir, guides_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ref8"))
-    _run(_job_command(model_dir, guides_dir, workdir), devices=8)
+    _run(_job_command(tiny_model_dir, guides_dir, workdir), devices=8)
     return _outputs(workdir)
 
 
 def test_job_is_identical_on_1_and_8_devices_and_2_processes(
-        model_dir, guides_dir, reference, tmp_path):
+        tiny_model_dir, guides_dir, reference, tmp_path):
     assert len([k for k in reference if k.startswith("t0_") and k.endswith(".png")]) == 80
     assert "contact_sheet.png" in reference and json.loads(reference["summary.json"])["complete"]
     rows = reference["t0_0.40/manifest.jsonl"].decode().splitlines()
     assert len(rows) == 40 and json.loads(rows[0])["model_sha256"]
 
     one = str(tmp_path / "one")
-    _run(_job_command(model_dir, guides_dir, one), devices=1)
+    _run(_job_command(tiny_model_dir, guides_dir, one), devices=1)
     assert _outputs(one) == reference
 
     two = str(tmp_path / "two")
     cmd = ["bash", "launch/local_multiprocess.sh", "2", "configs/default.py", two,
-           *_job_command(model_dir, guides_dir, two)[5:-1]]
+           *_job_command(tiny_model_dir, guides_dir, two)[5:-1]]
     env = {**_env(4), "PY": sys.executable, "DEVICES_PER_PROCESS": "4"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _outputs(two) == reference
 
 
-def test_kill_9_and_restart_equals_uninterrupted(model_dir, guides_dir, reference, tmp_path):
+def test_kill_9_and_restart_equals_uninterrupted(tiny_model_dir, guides_dir, reference, tmp_path):
     workdir = str(tmp_path / "killed")
-    cmd = _job_command(model_dir, guides_dir, workdir)
+    cmd = _job_command(tiny_model_dir, guides_dir, workdir)
     rng = np.random.default_rng(0)
     interrupted = 0
     tmpdir = str(tmp_path / "tmp")  # TensorFlow's temp folder: a kill must leave nothing there
@@ -154,7 +141,7 @@ def test_kill_9_and_restart_equals_uninterrupted(model_dir, guides_dir, referenc
     assert os.listdir(tmpdir) == []
 
 
-def test_bad_inputs_are_listed_and_the_rest_completes(model_dir, tmp_path):
+def test_bad_inputs_are_listed_and_the_rest_completes(tiny_model_dir, tmp_path):
     guides = str(tmp_path / "guides")
     _write_guides(guides, 4)
     with open(os.path.join(guides, "g000.png"), "rb") as f:
@@ -177,7 +164,7 @@ def test_bad_inputs_are_listed_and_the_rest_completes(model_dir, tmp_path):
         os.path.join(guides, "masks", "nan.png"))
 
     workdir = str(tmp_path / "out")
-    proc = _run(_job_command(model_dir, guides, workdir), devices=2, check=False)
+    proc = _run(_job_command(tiny_model_dir, guides, workdir), devices=2, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["failures"] == 2 * 5

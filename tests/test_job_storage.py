@@ -20,11 +20,9 @@ from PIL import Image
 from sdedit_jax import files, job, pretrained
 from sdedit_jax.data import sinks
 from sdedit_jax.models import unet
+from tests import job_cli
 
-SIZE = 16
-TINY_MODEL = dict(image_size=SIZE, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(), dropout=0.0, time_embedding="sinusoidal",
-                  fourier_scale=16.0, skip_rescale=True, fast_conv=True)
+SIZE, TINY_MODEL = job_cli.SIZE, job_cli.TINY_MODEL
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
 
 
