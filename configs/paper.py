@@ -64,7 +64,17 @@ BENCHMARKS.md for the per-call time. Lower ``--config.t0s`` for more
 faithful, raise it for more realistic results.
 """
 
+import importlib.util
+import os
+
 import ml_collections
+
+# Configs load by path, not as a package: configs/common.py is loaded next to this file.
+_spec = importlib.util.spec_from_file_location(
+    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 # variant: (model folder, SDE family)
 VARIANTS = {
@@ -100,14 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     config.t0s = (0.5,)
     config.repeats = sampler.pop("repeats")
-    config.sampler = ml_collections.ConfigDict({
-        **sampler,
-        "n_steps": 0,
-        "max_steps": 0,  # step bucket; 0 -> derived from N
-        "snr": 0.075,
-        "corrector_steps": 1,
-        "denoise": True,
-    })
+    config.sampler = common.sampler(**sampler, snr=0.075)
     config.seed = 0
     config.per_device_batch = 4
     config.save_npz = False
