@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdedit_jax import checkpoint, losses, train
+from sdedit_jax import checkpoint, engine, losses, train
+from sdedit_jax.data import train_data
 from sdedit_jax.models import unet
 from sdedit_jax.sde import sde_from_config
 
@@ -113,7 +114,7 @@ def single_device_step(tiny_config):
         train.make_train_step(
             graphdef, sde_from_config(tiny_config.sde), tx, train.step_config(tiny_config)
         ),
-        train.make_mesh(jax.devices()[:1]),
+        engine.data_mesh(jax.devices()[:1]),
     )
 
     def step(state, images, key):
@@ -125,7 +126,7 @@ def single_device_step(tiny_config):
 
 def test_checkpoint_restore_gives_identical_next_step(single_device_step, tmp_path):
     _, state, step = single_device_step
-    images = jnp.asarray(train.load_train_images(_load_config("train_tiny").data, 0)[:16])
+    images = jnp.asarray(train_data.load_train_images(_load_config("train_tiny").data, 0)[:16])
     state, _ = step(state, images, jax.random.key(1))
     manager = checkpoint.make_manager(str(tmp_path))
     checkpoint.save(manager, 1, state, {"step": 1, "seed": 0})
@@ -144,7 +145,7 @@ def test_checkpoint_restore_gives_identical_next_step(single_device_step, tmp_pa
 
 def test_loss_falls_on_a_fixed_batch(single_device_step, tiny_config):
     graphdef, state, step = single_device_step
-    images = jnp.asarray(train.load_train_images(tiny_config.data, 0)[:16])
+    images = jnp.asarray(train_data.load_train_images(tiny_config.data, 0)[:16])
     sde = sde_from_config(tiny_config.sde)
 
     @jax.jit
@@ -172,7 +173,7 @@ def test_batches_are_epoch_permutations():
     num_examples, batch_size = 10, 4
     samples = np.concatenate(
         [
-            np.asarray(train.batch_indices(key, jnp.int32(step), batch_size, num_examples))
+            np.asarray(train_data.batch_indices(key, jnp.int32(step), batch_size, num_examples))
             for step in range(5)
         ]
     )
@@ -184,8 +185,8 @@ def test_batches_are_epoch_permutations():
 def test_flips_are_horizontal_mirrors():
     # Rows 0, 1, 2 of every image differ, so a mirror is never the image itself.
     images = jnp.arange(16 * 2 * 3 * 1, dtype=jnp.float32).reshape(16, 2, 3, 1)
-    batch = train.make_batch(images, jax.random.key(3), jnp.int32(0), 16, random_flip=True)
-    plain = train.make_batch(images, jax.random.key(3), jnp.int32(0), 16, random_flip=False)
+    batch = train_data.make_batch(images, jax.random.key(3), jnp.int32(0), 16, random_flip=True)
+    plain = train_data.make_batch(images, jax.random.key(3), jnp.int32(0), 16, random_flip=False)
     flipped = []
     for got, original in zip(np.asarray(batch), np.asarray(plain), strict=True):
         mirrored = np.array_equal(got, original[:, ::-1])
@@ -204,7 +205,7 @@ def test_config_errors_name_the_field(tiny_config, tmp_path):
         train.train(bad, str(tmp_path))
     bad.data.source = "cifar"
     with pytest.raises(ValueError, match="config.data.source"):
-        train.load_train_images(bad.data, 0)
+        train_data.load_train_images(bad.data, 0)
 
 
 def test_emoji_config_builds_the_default_model():
