@@ -50,3 +50,14 @@ def test_tiny_configs_are_the_full_ones_cut_down():
     assert set(tiny.keys()) == set(full.keys())
     assert set(tiny.sampler.keys()) == set(full.sampler.keys())
     assert (tiny.sampler.predictor, tiny.max_guides) == ("euler_maruyama", 8)
+
+
+def test_config_blocks_become_frozen_dataclasses_and_unknown_keys_are_named():
+    from sdedit_jax.config import frozen
+    from sdedit_jax.models import unet
+
+    cfg = frozen(unet.UNetConfig, {"nf": 8, "ch_mult": [1, 2]}, "model")
+    assert cfg.ch_mult == (1, 2) and cfg.nf == 8 and hash(cfg)
+    assert frozen(unet.UNetConfig, cfg, "model") is cfg
+    with pytest.raises(ValueError, match=r"^config\.model: unknown field nf_=8 \(known: image_size"):
+        frozen(unet.UNetConfig, {"nf_": 8}, "config.model")

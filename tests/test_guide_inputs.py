@@ -401,7 +401,7 @@ def test_unusable_sources_and_configs_raise(tmp_path):
         guide_inputs.build_catalog({"source": "folder", "path": str(tmp_path / "nope")})
     with pytest.raises(ValueError, match="no TFRecord files"):
         guide_inputs.build_catalog({"source": "tfrecord", "path": str(tmp_path / "*.rec")})
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="guide input config: unknown field sise=3"):
         guide_inputs.GuideInputConfig.from_mapping({"source": "folder", "path": "x", "sise": 3})
     with pytest.raises(ValueError, match="t0"):
         guide_inputs.GuideInputConfig(source="folder", path="x", t0=0.0)

@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sdedit_jax.config import frozen
 from sdedit_jax.data import emoji, fashion_mnist, images
 
 SOURCES = ("folder", "tfrecord", "tfds", "emoji", "fashion_mnist")
@@ -76,11 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def parse_config(config: ml_collections.ConfigDict) -> DataSettings:
     """Fills defaults and rejects unknown or invalid fields, naming them."""
-    known = {field.name for field in dataclasses.fields(DataSettings)}
-    unknown = sorted(set(config.keys()) - known)
-    if unknown:
-        raise ValueError(f"Unknown data config field(s) {unknown}; known fields: {sorted(known)}.")
-    settings = DataSettings(**{key: config[key] for key in config.keys()})
+    settings = frozen(DataSettings, config, "config.data")
     checks = {
         "source": settings.source in SOURCES,
         "value_range": settings.value_range in VALUE_RANGES,

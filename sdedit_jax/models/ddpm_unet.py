@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdedit_jax.config import frozen
 from sdedit_jax.importers import state_dict
 from sdedit_jax.models import layers
 
@@ -163,17 +164,7 @@ class DDPMUNetConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | DDPMUNetConfig) -> DDPMUNetConfig:
         """From this class's own fields (as written to ``model_info.json``); strict."""
-        if isinstance(config, cls):
-            return config
-        values = dict(config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UnsupportedConfig(f"unknown ddpm_unet config field(s) {unknown}")
-        for name in ("block_out_channels", "down_attention", "up_attention"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
+        return frozen(cls, config, "ddpm_unet model", error=UnsupportedConfig)
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready fields (:meth:`from_config` inverts it)."""

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdedit_jax.config import frozen
 from sdedit_jax.models import fir
 from sdedit_jax.models.layers import default_init
 
@@ -163,17 +164,7 @@ class NCSNppConfig:
 
         Unknown fields are errors, never ignored.
         """
-        if isinstance(config, cls):
-            return config
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
-        for name in ("ch_mult", "attn_resolutions", "fir_kernel", "data_range"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
+        return frozen(cls, config, "model")
 
     @classmethod
     def from_diffusers_config(

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from sdedit_jax.config import frozen
 from sdedit_jax.data import guides
 
 SOURCES = ("folder", "tfrecord", "tfds", "manifest")
@@ -129,12 +130,7 @@ class GuideInputConfig:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> GuideInputConfig:
         """Builds a config from a dict or ``ml_collections.ConfigDict`` (unknown keys fail)."""
-        values = mapping.to_dict() if hasattr(mapping, "to_dict") else dict(mapping)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"guide input config: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return frozen(cls, mapping, "guide input config")
 
 
 def _as_config(config) -> GuideInputConfig:
