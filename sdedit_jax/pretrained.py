@@ -73,6 +73,16 @@ class LoadedModel:
     checksum: str  # sha256 of the weight file: recorded with every output
     path: str
     architecture: str = "unet"
+    # The network behind ``score_fn`` (``None`` for a score that is not a network, e.g. a
+    # closed form): tools that run or export the network use these, not ``score_fn``'s parts.
+    graphdef: nnx.GraphDef | None = None
+    state: nnx.State | None = None
+
+    def network(self) -> nnx.Module:
+        """The network as an ``nnx.Module`` (a new object sharing this model's arrays)."""
+        if self.graphdef is None:
+            raise ValueError(f"{self.path}: this model has no network")
+        return nnx.merge(self.graphdef, self.state)
 
 
 def save_model(
@@ -154,8 +164,8 @@ def _is_model_folder(path: str, format: str | None) -> bool:
 
 
 def _score_model(name: str, config: Any, state: nnx.State, sde: SDE, usage: dict,
-                 where: str) -> tuple[ScoreFn, SDE]:
-    """Score function and SDE (both in [-1, 1] units) of an imported architecture."""
+                 where: str) -> tuple[ScoreFn, SDE, nnx.GraphDef]:
+    """Score function, SDE (both in [-1, 1] units) and graph of an imported architecture."""
     graphdef, _ = _abstract(name, config)
     data_range = usage.get("data_range", "-1_1")
     try:
@@ -165,7 +175,7 @@ def _score_model(name: str, config: Any, state: nnx.State, sde: SDE, usage: dict
         raise ValueError(f"{where}: {err}") from None
     score_fn = make_network_score_fn(graphdef, state, sde, usage["parameterization"],
                                      usage["condition"], data_range)
-    return score_fn, user_sde
+    return score_fn, user_sde, graphdef
 
 
 def load_model(
@@ -203,8 +213,8 @@ def load_model(
     else:
         if "condition" not in info:
             raise ValueError(f"{folder.info_path}: missing field 'condition'")
-        score_fn, user_sde = _score_model(folder.architecture, config, state, model_sde, info,
-                                          folder.info_path)
+        score_fn, user_sde, _ = _score_model(folder.architecture, config, state, model_sde,
+                                             info, folder.info_path)
     return LoadedModel(
         score_fn=score_fn,
         sde=user_sde,
@@ -213,6 +223,8 @@ def load_model(
         checksum=checkpoint.sha256_file(path),
         path=path,
         architecture=folder.architecture,
+        graphdef=graphdef,
+        state=state,
     )
 
 
@@ -244,8 +256,8 @@ def _load_imported(path: str, sde: dict | None, format: str | None, image_size: 
     model_sde = sde_from_config(_imported_sde(imported, sde, path))
     usage = {"condition": imported.condition, "parameterization": imported.parameterization,
              "data_range": imported.data_range}
-    score_fn, user_sde = _score_model(imported.architecture, imported.config, imported.state,
-                                      model_sde, usage, path)
+    score_fn, user_sde, graphdef = _score_model(imported.architecture, imported.config,
+                                                imported.state, model_sde, usage, path)
     return LoadedModel(
         score_fn=score_fn,
         sde=user_sde,
@@ -254,6 +266,8 @@ def _load_imported(path: str, sde: dict | None, format: str | None, image_size: 
         checksum=imported.source["sha256"],
         path=imported.source["path"],
         architecture=imported.architecture,
+        graphdef=graphdef,
+        state=imported.state,
     )
 
 
@@ -286,6 +300,7 @@ def save_imported(model_dir: str, imported: importers.Imported, sde: dict | None
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, t: jax.Array) -> jax.Array:
+    """One jitted call of a bare network (graph static, weights traced): tools and parity tests."""
     model = nnx.merge(graphdef, state)
     if isinstance(model, unet.UNet):
         return model(x, t, train=False)
