@@ -77,6 +77,7 @@ class LoadedModel:
     # closed form): tools that run or export the network use these, not ``score_fn``'s parts.
     graphdef: nnx.GraphDef | None = None
     state: nnx.State | None = None
+    parameterization: str | None = None  # what the network predicts (score.PARAMETERIZATIONS)
 
     def network(self) -> nnx.Module:
         """The network as an ``nnx.Module`` (a new object sharing this model's arrays)."""
@@ -225,6 +226,7 @@ def load_model(
         architecture=folder.architecture,
         graphdef=graphdef,
         state=state,
+        parameterization=info["parameterization"],
     )
 
 
@@ -268,6 +270,7 @@ def _load_imported(path: str, sde: dict | None, format: str | None, image_size: 
         architecture=imported.architecture,
         graphdef=graphdef,
         state=imported.state,
+        parameterization=imported.parameterization,
     )
 
 

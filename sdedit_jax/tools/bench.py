@@ -280,8 +280,7 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
     )
     batch = editor.shard(host_batch)
 
-    score_apply, state = model.score_fn.func, model.score_fn.args[0]
-    flax_model = nnx.merge(score_apply.graphdef, state)
+    flax_model = model.network()
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
     nets = {name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
             for name, fmt in formats.items()}
@@ -295,7 +294,7 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
             model.sde, flax_model.cfg.time_embedding, host_batch.t0, _STEPS.value
         )
         return torch_baseline.sdedit(
-            nets[format_name], score_apply.parameterization, schedule,
+            nets[format_name], model.parameterization, schedule,
             guides.contiguous(memory_format=formats[format_name]),
             torch.Generator().manual_seed(0),
         )
@@ -314,7 +313,7 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
     baseline = min((f"torch_{name}" for name in formats), key=best_s.get)
     fastest_torch = min((name for name in runs if name != "jax"), key=best_s.get)
     score_diff, score_scale = _torch_score_difference(
-        model, nets["nchw"], score_apply.parameterization, host_batch
+        model, nets["nchw"], model.parameterization, host_batch
     )
     return {
         "devices": devices, "platform": jax.devices()[0].platform, "global_batch": rows,
@@ -359,8 +358,7 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
     some_editor = next(iter(editors.values()))[0]
     rows = some_editor.global_batch
     host_batch = dataclasses.replace(_random_batch(model, some_editor, rows, 1), mask=None)
-    score_apply, state = model.score_fn.func, model.score_fn.args[0]
-    flax_model = nnx.merge(score_apply.graphdef, state)
+    flax_model = model.network()
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
     nets = {name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
             for name, fmt in formats.items()}
@@ -370,7 +368,7 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
         schedule = torch_baseline.edit_schedule(
             model.sde, flax_model.cfg.time_embedding, host_batch.t0, steps)
         return torch_baseline.sdedit(
-            nets[format_name], score_apply.parameterization, schedule,
+            nets[format_name], model.parameterization, schedule,
             guides.contiguous(memory_format=formats[format_name]),
             torch.Generator().manual_seed(0))
 
