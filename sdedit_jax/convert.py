@@ -25,6 +25,7 @@ from absl import app, flags  # noqa: E402
 from sdedit_jax import importers, pretrained  # noqa: E402
 from sdedit_jax.sde import sde_from_config  # noqa: E402
 
+
 def _define_flags() -> None:
     """Flags exist only when run as a program: importing ``convert`` (tests, tools) must
     not claim names such as ``--out`` and ``--config`` that other programs define."""

@@ -101,7 +101,9 @@ def test_an_error_mid_stream_ends_the_process_at_once(tiny_model_dir, tmp_path):
 def test_ctrl_c_and_sigterm_end_the_job_at_once_and_it_resumes(tiny_model_dir, tmp_path, signum):
     guides = _guides(str(tmp_path / "guides"), 16)
     workdir = str(tmp_path / "out")
-    cmd = job_cli.command(tiny_model_dir, guides, workdir, "--config.sampler.steps_per_unit_time=200")
+    cmd = job_cli.command(
+        tiny_model_dir, guides, workdir, "--config.sampler.steps_per_unit_time=200"
+    )
     err = str(tmp_path / "err")
     proc = _popen(cmd, err)
     try:
