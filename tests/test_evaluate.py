@@ -16,20 +16,16 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 from gaussian import GaussianScore, sdedit_moments
 from PIL import Image
 
 from sdedit_jax import engine, evaluation, job, pretrained
 from sdedit_jax.metrics import realism
-from sdedit_jax.models import unet
 from sdedit_jax.sde import VPSDE
+from tests import job_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 16
-TINY_MODEL = dict(image_size=SIZE, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(), dropout=0.0, time_embedding="sinusoidal",
-                  fourier_scale=16.0, skip_rescale=True, fast_conv=True)
+SIZE = job_cli.SIZE
 # Gaussian data N(MU, S^2) per pixel; guides in [-0.4, 0.4] keep outputs far from the
 # [-1, 1] clip, so clipping (done before scoring) cannot bias the closed form.
 MU, S = 0.0, 0.2
@@ -58,14 +54,6 @@ def _write_flat_guides(folder, count, seed):
         pixels = rng.integers(77, 180, (SIZE, SIZE, 3)).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f"g{i:03d}.png"))
     return folder
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("model"))
-    _, state = nnx.split(unet.build(unet.UNetConfig.from_config(TINY_MODEL), seed=1))
-    pretrained.save_model(path, state, TINY_MODEL, {"name": "vp"}, "noise")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +86,7 @@ def _finite(value):
     return value not in ("", None) and np.isfinite(float(value))
 
 
-def test_cli_sweep_writes_every_output(model_dir, reference_dir, tmp_path):
+def test_cli_sweep_writes_every_output(tiny_model_dir, reference_dir, tmp_path):
     guides = _write_pictures(str(tmp_path / "guides"), 8, seed=0)
     workdir = str(tmp_path / "eval")
     cache = os.environ.get("SDEDIT_JAX_CACHE", os.path.join(REPO, ".jax_cache"))
@@ -106,7 +94,7 @@ def test_cli_sweep_writes_every_output(model_dir, reference_dir, tmp_path):
                JAX_COMPILATION_CACHE_DIR=cache)
     proc = subprocess.run(
         [sys.executable, "-m", "sdedit_jax.evaluate", "--config", "configs/eval_tiny.py",
-         f"--config.model_dir={model_dir}", f"--config.input.path={guides}",
+         f"--config.model_dir={tiny_model_dir}", f"--config.input.path={guides}",
          f"--config.reference.paths=('{reference_dir}',)", f"--workdir={workdir}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
