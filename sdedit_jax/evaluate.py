@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
-import os
+from sdedit_jax import quiet
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tf = quiet.import_tensorflow()  # before anything else imports it
 
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -32,6 +31,7 @@ def _define_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
 def main(argv: list[str], config_flag: flags.FlagHolder, workdir_flag: flags.FlagHolder) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet.quiet_logs()
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to jax
     run_evaluation(config_flag.value, workdir_flag.value)
 

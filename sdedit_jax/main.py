@@ -46,10 +46,11 @@ import sys
 import threading
 import traceback
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from sdedit_jax import quiet
+
+tf = quiet.import_tensorflow()  # before anything else imports it
 
 import jax  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -135,6 +136,7 @@ def _run(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> None:
+    quiet.quiet_logs()
     _exit_promptly_on_signals()
     try:
         status = _run(argv)
