@@ -2,12 +2,12 @@
 
 import pytest
 
-from sdedit_jax.tools import bench
+from sdedit_jax.tools import bench_networks
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-TINY = {**bench.PUBLISHED_UNETS["ddpm_cifar10_32"], "sample_size": 16,
+TINY = {**bench_networks.PUBLISHED_UNETS["ddpm_cifar10_32"], "sample_size": 16,
         "block_out_channels": (32, 64, 64, 64)}
 
 
@@ -46,8 +46,8 @@ def _conv_and_dense_macs(model, x, t) -> int:
 def test_tiny_network_matches_diffusers_and_counts_its_flops(tmp_path, monkeypatch):
     from diffusers import UNet2DModel
 
-    monkeypatch.setitem(bench.PUBLISHED_UNETS, "tiny", TINY)
-    result = bench.bench_network("tiny", 2, str(tmp_path), ["default"], 1)
+    monkeypatch.setitem(bench_networks.PUBLISHED_UNETS, "tiny", TINY)
+    result = bench_networks.bench_network("tiny", 2, str(tmp_path), ["default"], 1)
     assert result["max_abs_diff_jax_vs_torch"]["jax_default"] <= (
         1e-4 * result["torch_output_max_abs"])
     torch.manual_seed(0)

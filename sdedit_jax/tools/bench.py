@@ -12,7 +12,8 @@
     # One network call of the published architectures (random weights saved by
     # diffusers, loaded by sdedit_jax): sdedit_jax under several XLA:CPU option
     # sets vs diffusers' UNet2DModel in PyTorch (eager, channels_last), FLOPs from
-    # XLA's cost analysis. Results go to --results as they finish (rerun resumes).
+    # XLA's cost analysis. Results go to --results as they finish (rerun resumes);
+    # the family lives in sdedit_jax.tools.bench_networks.
     python -m sdedit_jax.tools.bench --what=networks --networks=ddpm_church_256,ddpm_cifar10_32 \
         --batch=1 --timing_repeats=3 --results=runs/bench_networks.jsonl
     # The compiled edit program under each XLA:CPU option set, side by side.
@@ -29,7 +30,6 @@ config's architecture is timed instead (same cost, no weights needed).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -52,6 +52,13 @@ from sdedit_jax.models import unet  # noqa: E402
 from sdedit_jax.rng import string_id_words  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
 from sdedit_jax.sampling.steps import step_bucket  # noqa: E402
+from sdedit_jax.tools.bench_networks import bench_networks  # noqa: E402
+from sdedit_jax.tools.timing import (  # noqa: E402
+    XLA_CPU_OPTIONS,
+    cpu_model_name,
+    matmul_peak_flops,
+    timed,
+)
 
 _WHAT = flags.DEFINE_enum("what", "sampler",
                           ["sampler", "job", "torch", "networks", "sampler_xla", "few_step"],
@@ -91,21 +98,6 @@ def benchmark_model_dir(scratch: str) -> str:
     return scratch
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large float32 matmul on device 0: the machine's practical peak."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
-    return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def score_flops(model: pretrained.LoadedModel, rows: int) -> float:
     """FLOPs of one score evaluation of ``rows`` images, from XLA's cost analysis."""
     x = jnp.zeros((rows, model.image_size, model.image_size, model.num_channels))
@@ -137,9 +129,9 @@ def bench_sampler(model: pretrained.LoadedModel) -> dict:
     editor = engine.Editor(model.sde, sampler, per_device_batch=per_device)
     placed = editor.place_score(model.score_fn)
     batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
-    compile_s = _timed(lambda: editor.lower(placed, batch).compile())
+    compile_s = timed(lambda: editor.lower(placed, batch).compile())
     editor.run_global(placed, batch).block_until_ready()
-    run_s = min(_timed(lambda: editor.run_global(placed, batch).block_until_ready())
+    run_s = min(timed(lambda: editor.run_global(placed, batch).block_until_ready())
                 for _ in range(_REPEATS.value))
     evals = _STEPS.value * sampler.nfe_per_step
     flops_per_eval = score_flops(model, editor.global_batch)
@@ -184,7 +176,7 @@ def bench_sampler_xla(model: pretrained.LoadedModel) -> dict:
     best = {o: float("inf") for o in compiled}
     for _ in range(_REPEATS.value):
         for o, c in compiled.items():
-            best[o] = min(best[o], _timed(lambda c=c: c(*args).block_until_ready()))
+            best[o] = min(best[o], timed(lambda c=c: c(*args).block_until_ready()))
     rows = editor.global_batch
     return {
         "cpu": cpu_model_name(), "devices": jax.device_count(), "global_batch": rows,
@@ -303,11 +295,11 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
     runs.update({f"torch_{name}": functools.partial(run_torch, name, threads) for name in formats})
     if threads > 1:
         runs["torch_channels_last_1thread"] = functools.partial(run_torch, "channels_last", 1)
-    first_call_s = {name: _timed(run) for name, run in runs.items()}
+    first_call_s = {name: timed(run) for name, run in runs.items()}
     best_s = {name: float("inf") for name in runs}
     for _ in range(_REPEATS.value):
         for name, run in runs.items():
-            best_s[name] = min(best_s[name], _timed(run))
+            best_s[name] = min(best_s[name], timed(run))
     torch.set_num_threads(threads)
     rows = editor.global_batch
     baseline = min((f"torch_{name}" for name in formats), key=best_s.get)
@@ -387,7 +379,7 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
     best_s = {name: float("inf") for name in runs}
     for _ in range(_REPEATS.value):
         for name, run in runs.items():
-            best_s[name] = min(best_s[name], _timed(run))
+            best_s[name] = min(best_s[name], timed(run))
     torch_name = min((f"torch_{name}" for name in formats), key=best_s.get)
     result = {
         "devices": devices, "platform": jax.devices()[0].platform, "global_batch": rows,
@@ -422,188 +414,11 @@ def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[f
 
 
 # diffusers UNet2DModel configs of published checkpoints (the hub folders' config.json).
-_DDPM_COMMON = {"in_channels": 3, "out_channels": 3, "layers_per_block": 2,
-                "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6,
-                "downsample_padding": 0, "attention_head_dim": None}
-PUBLISHED_UNETS = {
-    # google/ddpm-ema-{church,bedroom,celebahq}-256: 113.7M parameters.
-    "ddpm_church_256": {
-        **_DDPM_COMMON, "sample_size": 256, "block_out_channels": (128, 128, 256, 256, 512, 512),
-        "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-    },
-    # google/ddpm-cifar10-32: 35.7M parameters, at the shipped model's 32 px.
-    "ddpm_cifar10_32": {
-        **_DDPM_COMMON, "sample_size": 32, "block_out_channels": (128, 256, 256, 256),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    },
-    # google/ncsnpp-church-256 (score_sde's VE church run); its input is sigma.
-    "ncsnpp_church_256": {
-        "sample_size": 256, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
-        "block_out_channels": (128, 128, 256, 256, 256, 256, 256),
-        "down_block_types": ("SkipDownBlock2D",) * 4 + ("AttnSkipDownBlock2D",)
-        + ("SkipDownBlock2D",) * 2,
-        "up_block_types": ("SkipUpBlock2D",) * 2 + ("AttnSkipUpBlock2D",)
-        + ("SkipUpBlock2D",) * 4,
-        "time_embedding_type": "fourier", "center_input_sample": True, "flip_sin_to_cos": True,
-        "freq_shift": 0, "mid_block_scale_factor": 1.41421356237, "norm_eps": 1e-6,
-        "norm_num_groups": None, "downsample_padding": 1, "attention_head_dim": None,
-    },
-}
-# XLA:CPU compile options (DebugOptions), compared side by side in one process. In jax
-# 0.10.2 XLA:CPU already hands convolutions, matmuls and their elementwise neighbours to
-# YNNPACK ("__ynn_fusion" in the compiled HLO). Checked there and left out: the XNNPACK
-# flags (xla_cpu_use_xnnpack, xla_cpu_experimental_xnn_fusion_type) compile to the same
-# program, xla_cpu_use_onednn alone changes nothing, and oneDNN convolution fusions
-# (xla_cpu_experimental_onednn_fusion_type=..._CONVOLUTION) die with SIGILL on AMD EPYC.
-XLA_CPU_OPTIONS: dict[str, dict[str, object]] = {
-    "default": {},
-    "no_ynnpack": {"xla_cpu_experimental_ynn_fusion_type": ""},  # Eigen everywhere
-    "onednn_dot": {"xla_cpu_use_onednn": True,  # oneDNN matmuls, YNNPACK convolutions
-                   "xla_cpu_experimental_onednn_fusion_type":
-                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-}
-
-
-def cpu_model_name() -> str:
-    """``lscpu``'s model name (where figures came from), or the platform's processor string."""
-    import platform
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines()
-             if line.startswith("Model name")]
-    return names[0] if names else "unknown"
-
-
-def _jax_network_fn(folder: str):
-    """``(apply, state)``: sdedit_jax's network of a diffusers folder as a pure function."""
-    net = pretrained.load_network(folder)
-    return (lambda state, x, t: nnx.merge(net.graphdef, state)(x, t)), net.state
-
-
-def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
-                  repeats: int) -> dict:
-    """One call of a published architecture: sdedit_jax (per XLA option set) vs diffusers.
-
-    A randomly initialised diffusers ``UNet2DModel`` is saved with
-    ``save_pretrained`` and loaded by ``pretrained.load_network``, so both sides
-    hold the same weights; the outputs are compared on the timed batch. Calls
-    are interleaved and the best of ``--timing_repeats`` counts, so load from
-    other processes hits every contestant alike.
-    """
-    import torch
-    from diffusers import UNet2DModel
-
-    config = PUBLISHED_UNETS[name]
-    load = [os.getloadavg()[0]]
-    torch.manual_seed(0)
-    reference = UNet2DModel(**config).eval()
-    folder = os.path.join(scratch, name)
-    reference.save_pretrained(folder)
-    apply, state = _jax_network_fn(folder)
-    size = config["sample_size"]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((rows, size, size, 3)).astype(np.float32)
-    if config.get("time_embedding_type") == "fourier":  # sigma input
-        t = np.geomspace(0.5, 300.0, rows).astype(np.float32)
-    else:  # DDPM timestep input
-        t = np.linspace(50.0, 950.0, rows).astype(np.float32)
-    jx, jt = jnp.asarray(x), jnp.asarray(t)
-    lowered = jax.jit(apply).lower(state, jx, jt)
-    compile_s, compiled = {}, {}
-    for option in xla_options:
-        start = time.perf_counter()
-        compiled[option] = lowered.compile(compiler_options=XLA_CPU_OPTIONS[option])
-        compile_s[option] = time.perf_counter() - start
-    analysis = compiled[xla_options[0]].cost_analysis()
-    flops = float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
-
-    channels_last = copy.deepcopy(reference).to(memory_format=torch.channels_last)
-    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    tx_last = tx.contiguous(memory_format=torch.channels_last)
-    tt = torch.from_numpy(t)
-
-    threads = torch.get_num_threads()
-
-    def torch_call(model, inputs, num_threads):
-        torch.set_num_threads(num_threads)
-        with torch.inference_mode():
-            return model(inputs, tt).sample
-
-    runs = {f"jax_{o}": functools.partial(lambda c: c(state, jx, jt).block_until_ready(), c)
-            for o, c in compiled.items()}
-    runs["torch_eager"] = functools.partial(torch_call, reference, tx, threads)
-    runs["torch_channels_last"] = functools.partial(torch_call, channels_last, tx_last, threads)
-    if threads > 1:  # OpenMP threads contend badly when other processes load the CPU
-        runs["torch_channels_last_1thread"] = functools.partial(
-            torch_call, channels_last, tx_last, 1)
-    outputs = {k: np.asarray(run()) for k, run in runs.items()}  # also warms up
-    torch_out = outputs["torch_eager"].transpose(0, 2, 3, 1)
-    scale = float(np.max(np.abs(torch_out)))
-    diffs = {k: float(np.max(np.abs(v - torch_out))) for k, v in outputs.items()
-             if k.startswith("jax_")}
-    best_s = {k: float("inf") for k in runs}
-    for _ in range(repeats):
-        for k, run in runs.items():
-            best_s[k] = min(best_s[k], _timed(run))
-    torch.set_num_threads(threads)
-    load.append(os.getloadavg()[0])
-    fastest_torch = min((k for k in runs if k.startswith("torch")), key=best_s.get)
-    return {
-        "network": name, "params_M": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
-        "image_size": size, "batch": rows, "cpu": cpu_model_name(),
-        "platform": jax.devices()[0].platform, "torch_version": torch.__version__,
-        "torch_threads": threads, "timing_repeats": repeats,
-        "load_average_1min (start, end)": load,
-        "gflop_per_call (XLA cost analysis)": round(flops / 1e9, 2),
-        "max_abs_diff_jax_vs_torch": diffs, "torch_output_max_abs": scale,
-        "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
-        "seconds_per_call": {k: round(v, 4) for k, v in best_s.items()},
-        "images_per_s": {k: round(rows / v, 3) for k, v in best_s.items()},
-        "gflop_per_s": {k: round(flops / v / 1e9, 1) for k, v in best_s.items()},
-        "speedup_over_fastest_torch": {k: round(best_s[fastest_torch] / v, 2)
-                                       for k, v in best_s.items() if k.startswith("jax_")},
-    }
-
-
-def bench_networks() -> list[dict]:
-    """``bench_network`` for every ``--networks`` entry, appended to ``--results`` as it ends."""
-    unknown = sorted(set(_NETWORKS.value) - set(PUBLISHED_UNETS))
-    if unknown:
-        raise ValueError(f"--networks: unknown {unknown}; known {sorted(PUBLISHED_UNETS)}")
-    unknown = sorted(set(_XLA_OPTIONS.value) - set(XLA_CPU_OPTIONS))
-    if unknown:
-        raise ValueError(f"--xla_options: unknown {unknown}; known {sorted(XLA_CPU_OPTIONS)}")
-    done = []
-    if _RESULTS.value and os.path.exists(_RESULTS.value):
-        with open(_RESULTS.value) as f:
-            done = [json.loads(line) for line in f if line.strip()]
-    finished = {(r["network"], r["batch"]) for r in done}
-    results = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in _NETWORKS.value:
-            if (name, _BATCH.value) in finished:
-                continue
-            result = bench_network(name, _BATCH.value, scratch, _XLA_OPTIONS.value,
-                                   _REPEATS.value)
-            print(json.dumps(result), flush=True)
-            results.append(result)
-            if _RESULTS.value:
-                os.makedirs(os.path.dirname(os.path.abspath(_RESULTS.value)), exist_ok=True)
-                with open(_RESULTS.value, "a") as f:
-                    f.write(json.dumps(result) + "\n")
-    return done + results
-
-
 def main(argv):
     del argv
     if _WHAT.value == "networks":
-        bench_networks()
+        bench_networks(_NETWORKS.value, _BATCH.value, _XLA_OPTIONS.value, _REPEATS.value,
+                       _RESULTS.value)
         return
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = benchmark_model_dir(scratch)
