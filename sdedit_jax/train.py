@@ -25,7 +25,6 @@ XLA inserts the gradient all-reduce. In-memory data also jits its batch gather
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
 
@@ -40,7 +39,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sdedit_jax import checkpoint, engine, files, losses, pretrained
+from sdedit_jax import checkpoint, engine, files, losses, metric_log, pretrained
 from sdedit_jax.data.train_data import (
     STREAMING_SOURCES,
     load_train_images,
@@ -191,16 +190,15 @@ def full_ema_state(state: TrainState) -> nnx.State:
 # --- loop ----------------------------------------------------------------------------
 
 
-def _log(path: str, step: int, losses_in_window: list[float], grad_norm: float, secs: float):
-    """Appends one record to the JSONL file and prints it."""
+def _log(writer, step: int, losses_in_window: list[float], grad_norm: float, secs: float):
+    """Writes one record (TensorBoard and ``metrics.jsonl``) and prints it."""
     record = {
-        "step": step,
         "loss": float(np.mean(losses_in_window)),
         "grad_norm": grad_norm,
         "steps_per_sec": len(losses_in_window) / secs,
     }
-    files.append_bytes(path, (json.dumps(record | {"time": time.time()}) + "\n").encode())
-    print(" ".join(f"{k}={v:.5g}" for k, v in record.items()), flush=True)
+    writer.write_scalars(step, record)
+    print(" ".join(f"{k}={v:.5g}" for k, v in {"step": step, **record}.items()), flush=True)
 
 
 def _write_final_weights(
@@ -262,7 +260,8 @@ def train(
 
     Args:
         config: full training config (see ``configs/train_emoji.py``).
-        workdir: checkpoints, ``metrics.jsonl`` and final weights go here.
+        workdir: checkpoints, ``metrics.jsonl``, TensorBoard summaries (``tensorboard/``)
+            and final weights go here.
         devices: devices of the data mesh (default: all).
         stop_at: stop (with a checkpoint) after this step, as if interrupted.
 
@@ -315,6 +314,7 @@ def train(
     last_step = training.num_steps if stop_at is None else min(stop_at, training.num_steps)
     window: list[float] = []
     window_start = last_save = time.perf_counter()
+    writer = metric_log.training_writer(workdir)
     while step < last_step:
         batch = get_batch(step)
         state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
@@ -325,7 +325,7 @@ def train(
         if step % training.log_every == 0 or step == last_step:
             now = time.perf_counter()
             _log(
-                files.join(workdir, "metrics.jsonl"),
+                writer,
                 step,
                 window,
                 float(metrics["grad_norm"]),
@@ -340,6 +340,7 @@ def train(
             meta = {"step": step, "seed": config.seed, "data_position": step * training.batch_size}
             checkpoint.save(manager, step, state, meta)
             last_save = time.perf_counter()
+    writer.close()
     if step == training.num_steps:
         _write_final_weights(workdir, config, state)
     manager.close()
