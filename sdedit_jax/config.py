@@ -28,7 +28,8 @@ def frozen(cls: type[T], block: Mapping[str, Any] | T, where: str, *,
     Args:
         cls: a dataclass (frozen, so that it can be a static argument).
         block: a dict or ``ConfigDict`` of field values; missing fields take defaults.
-        where: the block's name in messages, e.g. ``"model"`` or ``"config.input"``.
+        where: the block's name in messages, e.g. ``"model"`` or ``"config.input"``
+            (``""``: messages start with the key, for callers that add their own prefix).
         error: the exception type raised for an unknown key.
     """
     if isinstance(block, cls):
@@ -38,7 +39,8 @@ def frozen(cls: type[T], block: Mapping[str, Any] | T, where: str, *,
     unknown = sorted(set(values) - set(known))
     if unknown:
         key = unknown[0]
-        raise error(f"{where}: unknown field {key}={values[key]!r} (known: {', '.join(known)})")
+        name = f"{where}.{key}" if where else key
+        raise error(f"{name}: unknown field, got {values[key]!r} (known: {', '.join(known)})")
     for name in _tuple_fields(cls) & set(values):
         if isinstance(values[name], list):
             values[name] = tuple(values[name])

@@ -114,7 +114,7 @@ def test_dropout_needs_a_key_in_training_and_is_off_in_eval(tiny_models):
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="time_embedding"):
         unet.UNetConfig(time_embedding="positional")
-    with pytest.raises(ValueError, match="model: unknown field n_filters=8"):
+    with pytest.raises(ValueError, match="model.n_filters: unknown field, got 8"):
         unet.UNetConfig.from_config({"nf": 8, "n_filters": 8})
     with pytest.raises(ValueError, match="image_size"):
         unet.UNetConfig(image_size=10, ch_mult=(1, 2, 2))

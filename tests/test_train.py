@@ -197,7 +197,7 @@ def test_flips_are_horizontal_mirrors():
 
 
 def test_config_errors_name_the_field(tiny_config, tmp_path):
-    with pytest.raises(ValueError, match="sde: unknown field sigma=1.0"):
+    with pytest.raises(ValueError, match="sde.sigma: unknown field, got 1.0"):
         sde_from_config(ml_collections.ConfigDict(tiny_config.sde.to_dict() | {"sigma": 1.0}))
     bad = tiny_config.copy_and_resolve_references()
     bad.training.batch_size = 12

@@ -164,7 +164,7 @@ class DDPMUNetConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | DDPMUNetConfig) -> DDPMUNetConfig:
         """From this class's own fields (as written to ``model_info.json``); strict."""
-        return frozen(cls, config, "ddpm_unet model", error=UnsupportedConfig)
+        return frozen(cls, config, "model", error=UnsupportedConfig)
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready fields (:meth:`from_config` inverts it)."""
