@@ -42,7 +42,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "channels": 3,
         "resize": False,
         "mask_dir": "masks",  # "" = no masks
-        "t0_min": 1e-3,
         "tfds_name": "",
         "tfds_split": "test",
         "tfds_data_dir": config_dict.placeholder(str),

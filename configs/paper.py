@@ -99,20 +99,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/paper.py: variant {arg!r} unknown (known: {sorted(VARIANTS)})")
     model_dir, family = VARIANTS[arg]
     sampler = dict(SAMPLERS[family])
-    config = ml_collections.ConfigDict()
+    # The demo job's config (every field the job reads, e.g. output) with the paper's settings.
+    config = common.load("default").get_config()
     config.model_dir = model_dir
-    config.input = ml_collections.ConfigDict({
-        "source": "folder",
-        "path": "sdedit_jax/assets/photos_256",
-        "image_size": (256, 256),
-        "channels": 3,
-        "resize": False,
-    })
+    config.input.path = "sdedit_jax/assets/photos_256"
+    config.input.image_size = (256, 256)
     config.t0s = (0.5,)
     config.repeats = sampler.pop("repeats")
     config.sampler = common.sampler(**sampler, snr=0.075)
-    config.seed = 0
     config.per_device_batch = 4
-    config.save_npz = False
-    config.contact_sheet = True
     return config

@@ -24,6 +24,7 @@ from sdedit_jax import engine, files, fingerprint, pretrained, report, workdir_l
 from sdedit_jax.data import guide_inputs, sinks
 from sdedit_jax.sampling.integrate import Sampler
 from sdedit_jax.sampling.steps import StepRule
+from sdedit_jax.sde import SDE
 from sdedit_jax.stream import run_stream
 
 
@@ -149,11 +150,16 @@ def check_output_config(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(config.overwrite, bool), "overwrite", config.overwrite, "True or False")
 
 
-def input_config(config: ml_collections.ConfigDict, t0: float) -> guide_inputs.GuideInputConfig:
-    """The guide input config of the sub-job at ``t0`` (raises :class:`ConfigError`)."""
+def input_config(config: ml_collections.ConfigDict, t0: float,
+                 sde: SDE | None = None) -> guide_inputs.GuideInputConfig:
+    """The guide input config of the sub-job at ``t0`` (raises :class:`ConfigError`).
+
+    With the model's ``sde``, per-example t0s must lie in its ``(eps, T]``.
+    """
+    domain = {} if sde is None else {"time_domain": (float(sde.eps), float(sde.T))}
     try:
         return guide_inputs.GuideInputConfig.from_mapping(
-            dict(config.input.to_dict(), t0=float(t0), seed=config.seed))
+            dict(config.input.to_dict(), t0=float(t0), seed=config.seed, **domain))
     except (ValueError, TypeError) as e:
         raise _prefixed(e, "input") from None
 
@@ -331,10 +337,10 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, *,
     if files.is_local(workdir):
         _require(not os.path.isfile(workdir), "workdir", workdir, "a folder (this is a file)")
     t0s = [float(t0) for t0 in config.t0s]
-    inputs = {t0: input_config(config, t0) for t0 in t0s}
     sampler, step_rule = sampler_from_config(config.sampler)
     model = _load_model(config.model_dir)
-    check_model(model, inputs[t0s[0]], t0s)
+    check_model(model, input_config(config, t0s[0]), t0s)
+    inputs = {t0: input_config(config, t0, model.sde) for t0 in t0s}
     catalog = _build_catalog(inputs[t0s[0]])
     if not dry_run:
         # After the checks above, so a configuration error leaves no workdir behind;

@@ -321,7 +321,7 @@ def test_bad_manifest_rows_become_failures(tmp_path):
     expected = {
         "m.jsonl:2": f"{where} 2: invalid JSON",
         "img/b.png": f"{where} 3: unknown field 'tO'",
-        "late": f"{where} 4: t0: 2 is not in (0.001, 1]",
+        "late": f"{where} 4: t0: 2 is not in (0, 1]",
         "seedy": f"{where} 5: seed: expected an integer, got 1.5",
         "img/missing.png": f"guide ({root}/img/missing.png): file not found",
         "nomask": f"mask ({root}/img/none.png): file not found",
@@ -401,7 +401,25 @@ def test_unusable_sources_and_configs_raise(tmp_path):
         guide_inputs.build_catalog({"source": "folder", "path": str(tmp_path / "nope")})
     with pytest.raises(ValueError, match="no TFRecord files"):
         guide_inputs.build_catalog({"source": "tfrecord", "path": str(tmp_path / "*.rec")})
-    with pytest.raises(ValueError, match="guide input config: unknown field sise=3"):
+    with pytest.raises(ValueError, match="sise: unknown field, got 3"):
         guide_inputs.GuideInputConfig.from_mapping({"source": "folder", "path": "x", "sise": 3})
     with pytest.raises(ValueError, match="t0"):
         guide_inputs.GuideInputConfig(source="folder", path="x", t0=0.0)
+
+
+def test_per_example_t0_is_checked_against_the_models_time_domain(tmp_path):
+    """The data layer holds no SDE constant: (eps, T] comes from the model (the job sets it)."""
+    root = str(tmp_path)
+    save(root, "img/a.png", random_rgb())
+    manifest = os.path.join(root, "m.jsonl")
+    with open(manifest, "w") as f:
+        for i, t0 in enumerate((0.0005, 0.002, 1.0)):
+            f.write(json.dumps({"path": "img/a.png", "id": f"r{i}", "t0": t0}) + "\n")
+    base = {"source": "manifest", "path": manifest, "image_size": SIZE}
+    unit, _, _ = collect(base)
+    assert all(unit[i]["ok"] for i in ("r0", "r1", "r2"))
+    vp, _, _ = collect({**base, "time_domain": (1e-3, 1.0)})  # VPSDE: eps = 1e-3, T = 1
+    assert not vp["r0"]["ok"] and vp["r1"]["ok"] and vp["r2"]["ok"]
+    assert vp["r0"]["error"].endswith("t0: 0.0005 is not in (0.001, 1]"), vp["r0"]["error"]
+    with pytest.raises(ValueError, match=r"time_domain: expected \(eps, T\) with 0 <= eps < T"):
+        guide_inputs.GuideInputConfig.from_mapping({**base, "time_domain": (0.5, 0.1)})

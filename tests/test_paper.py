@@ -130,7 +130,8 @@ def test_paper_job_with_converted_networks(tmp_path, network):
     assert summary["failures"] == 0
     assert summary["model_sha256"] in info["sha256"].values()
     [sub_job] = summary["sub_jobs"]
-    assert (sub_job["t0"], sub_job["edited"], sub_job["manifest_rows"]) == (0.5, 2, 2)
+    assert (sub_job["t0"], sub_job["edited"], sub_job["failed"], sub_job["remaining"]) == (
+        0.5, 2, 0, 0)
     rows = [json.loads(line) for line in (workdir / "t0_0.50" / "manifest.jsonl").open()]
     assert sorted(r["id"] for r in rows) == sorted(n + ".png" for n in E2E_GUIDES)
     outputs = {r["id"]: _pixels(workdir / "t0_0.50" / r["output"]) for r in rows}
@@ -144,4 +145,4 @@ def test_paper_job_with_converted_networks(tmp_path, network):
                                   _pixels(guides / "edit_coffee.png")[keep])
     # guide | mask | output, one row per guide.
     layout = report.contact_sheet([[None] * 3] * 2, ["guide", "mask", "t0=0.5"], ["a", "b"])
-    assert Image.open(summary["contact_sheet"]).size == layout.size
+    assert Image.open(workdir / summary["contact_sheet"]).size == layout.size

@@ -68,7 +68,7 @@ Every id's output name (:mod:`sdedit_jax.data.names`) must be distinct; a
 clash fails the later id. A mask whose size differs from its guide
 always fails; a guide whose size differs from ``image_size`` fails unless
 ``resize`` is set. Images over ``max_pixels``, non-finite or out-of-range
-``.npy`` values, and ``t0`` outside ``(t0_min, 1]`` fail.
+``.npy`` values, and ``t0`` outside the model's ``(eps, T]`` (``time_domain``) fail.
 
 Batches: every host yields exactly :attr:`GuideStream.num_steps` batches of
 ``batch_size_per_host`` rows; rows past a host's last example are padding

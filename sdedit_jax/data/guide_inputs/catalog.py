@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -264,8 +263,8 @@ def _parse_t0(value: Any, config: GuideInputConfig) -> float:
         t0 = float(value)
     except ValueError:
         raise ValueError(f"expected a number, got {value!r}") from None
-    if not (math.isfinite(t0) and config.t0_min < t0 <= 1.0):
-        raise ValueError(f"{value!r} is not in ({config.t0_min}, 1]")
+    if not config.in_time_domain(t0):
+        raise ValueError(f"{value!r} is not in {config.time_domain_text()}")
     return t0
 
 

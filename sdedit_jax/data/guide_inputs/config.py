@@ -51,7 +51,9 @@ class GuideInputConfig:
         resize: resize guides (bicubic) and masks (nearest) of another size to
             ``image_size``; otherwise such guides fail.
         t0: default SDEdit start time.
-        t0_min: per-example ``t0`` must lie in ``(t0_min, 1]`` (the SDE's eps).
+        time_domain: ``(eps, T)`` of the model's SDE: every ``t0`` must lie in
+            ``(eps, T]``. The job sets it from the loaded model; the data layer
+            restates no SDE constant (the default is the unit interval).
         seed: job seed, the default per-example seed.
         mask_dir: the masks folder inside a guide folder ("" = no masks).
         tfds_name, tfds_split, tfds_data_dir: the TFDS data set.
@@ -69,7 +71,7 @@ class GuideInputConfig:
     channels: int = 3
     resize: bool = False
     t0: float = 0.5
-    t0_min: float = 1e-3
+    time_domain: tuple[float, float] = (0.0, 1.0)
     seed: int = 0
     mask_dir: str = "masks"
     tfds_name: str = ""
@@ -99,10 +101,13 @@ class GuideInputConfig:
             raise ValueError(f"source: expected one of {SOURCES}, got {self.source!r}")
         if self.channels not in (1, 3) or not _is_int(self.channels):
             raise ValueError(f"channels: expected 1 or 3, got {self.channels!r}")
-        if not (_is_number(self.t0_min) and 0 <= self.t0_min < 1):
-            raise ValueError(f"t0_min: expected a number in [0, 1), got {self.t0_min!r}")
-        if not (_is_number(self.t0) and self.t0_min < self.t0 <= 1.0):
-            raise ValueError(f"t0: expected a number in ({self.t0_min}, 1], got {self.t0!r}")
+        domain = self.time_domain
+        if not (isinstance(domain, (tuple, list)) and len(domain) == 2
+                and all(_is_number(d) for d in domain) and 0 <= domain[0] < domain[1]):
+            raise ValueError(f"time_domain: expected (eps, T) with 0 <= eps < T, got {domain!r}")
+        if not (_is_number(self.t0) and self.in_time_domain(self.t0)):
+            raise ValueError(f"t0: expected a number in {self.time_domain_text()}, "
+                             f"got {self.t0!r}")
         if not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
             raise ValueError(f"seed: expected an integer in [0, 2^31), got {self.seed!r}")
         for name in ("max_pixels", "prefetch_batches"):
@@ -127,10 +132,17 @@ class GuideInputConfig:
         if self.source != "tfds" and not self.path:
             raise ValueError(f"path: required when source is {self.source!r}")
 
+    def in_time_domain(self, t0: float) -> bool:
+        """Whether ``t0`` lies in ``(eps, T]``."""
+        return math.isfinite(t0) and self.time_domain[0] < t0 <= self.time_domain[1]
+
+    def time_domain_text(self) -> str:
+        return f"({self.time_domain[0]:g}, {self.time_domain[1]:g}]"
+
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> GuideInputConfig:
         """Builds a config from a dict or ``ml_collections.ConfigDict`` (unknown keys fail)."""
-        return frozen(cls, mapping, "guide input config")
+        return frozen(cls, mapping, "")
 
 
 def _as_config(config) -> GuideInputConfig:
