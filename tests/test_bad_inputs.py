@@ -78,6 +78,7 @@ def _check_outputs(workdir: str, good: set[str], bad: dict[str, list[str]], t0_f
             assert Image.open(os.path.join(sub, out)).size == (SIZE, SIZE)
 
 
+@pytest.mark.slow
 def test_bad_folder_corpus_through_the_cli(tiny_model_dir, tmp_path):
     guides, outside = str(tmp_path / "guides"), str(tmp_path / "outside")
     for i, name in enumerate(["g000.png", "g001.png", "Case.png", "case.png", NFC, NFD, "a.png",
@@ -119,6 +120,7 @@ def _jsonl(path: str, rows: list) -> None:
             f.write("\n")
 
 
+@pytest.mark.slow
 def test_bad_manifest_corpus_through_the_cli(tiny_model_dir, tmp_path):
     images = tmp_path / "m" / "img"
     for i in range(3):
@@ -176,6 +178,7 @@ def test_bad_manifest_corpus_through_the_cli(tiny_model_dir, tmp_path):
     assert os.path.isfile(os.path.join(sub, manifest_rows[temp_like]["output"]))
 
 
+@pytest.mark.slow
 def test_csv_with_a_repeated_column_fails_its_rows(tiny_model_dir, tmp_path):
     folder = tmp_path / "m"
     job_cli.save_png(str(folder / "g0.png"), job_cli.random_guide(0))
@@ -205,6 +208,7 @@ CLI_CONFIG_ERRORS = [  # (setting, the start of the one-line error)
 
 
 @pytest.mark.parametrize("setting, message", CLI_CONFIG_ERRORS)
+@pytest.mark.slow
 def test_config_errors_are_one_line_before_any_work(tiny_model_dir, tmp_path, setting, message):
     guides = str(tmp_path / "guides")
     job_cli.save_png(os.path.join(guides, "g.png"), job_cli.random_guide(0))

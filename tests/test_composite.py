@@ -142,6 +142,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_command_writes_the_job_layout_and_fails_in_one_line(tmp_path):
     source, target = _ramp(6, 8), np.full((10, 12, 3), 30, np.uint8)
     Image.fromarray(source).save(tmp_path / "a.png")

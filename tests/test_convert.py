@@ -59,6 +59,7 @@ def test_model_info_schema(tiny):
         str(root / "model" / "ema_params_fp32.msgpack"))
 
 
+@pytest.mark.slow
 def test_folder_checkpoint_and_converted_folder_are_one_network(tiny):
     model, root, _ = tiny
     x = np.random.default_rng(0).standard_normal((2, 16, 16, 3), np.float32)
@@ -71,6 +72,7 @@ def test_folder_checkpoint_and_converted_folder_are_one_network(tiny):
     assert np.abs(outs[0] - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+@pytest.mark.slow
 def test_score_function_is_the_ddpm_noise_prediction_rescaled(tiny):
     _, root, _ = tiny
     loaded = pretrained.load_model(str(root / "model"))
@@ -142,6 +144,7 @@ def test_networks_on_0_1_data_are_used_in_minus1_1_units():
         sde_for_range(DiscreteVPSDE(), "0_1")
 
 
+@pytest.mark.slow
 def test_ncsnpp_diffusers_folder_through_load_model(tmp_path):
     """Dispatch to the NCSN++ port, and its [0, 1] data and sigma input seen from [-1, 1]."""
     pytest.importorskip("sdedit_jax.models.ncsnpp")
@@ -177,6 +180,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line(tiny, tmp_path):
     _, root, _ = tiny
     ok = _cli("--source", str(root / "tiny.ckpt"), "--out", str(tmp_path / "m"),

@@ -40,6 +40,7 @@ def _rel_err(out, expected):
     [np.array([0.0]), np.array([999.0, 17.5, 500.0])],
     ids=["batch1_t0", "batch3_mixed_float"],
 )
+@pytest.mark.slow
 def test_matches_diffusers(church_small, timesteps):
     model, folder = church_small
     net = pretrained.load_network(folder)
@@ -56,6 +57,7 @@ def test_scalar_timestep_is_broadcast_like_diffusers(church_small):
     assert _rel_err(net(x, 250), expected) <= TOL
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_close_and_returns_float32(church_small):
     model, folder = church_small
     net = pretrained.load_network(folder, compute_dtype="bfloat16")
@@ -113,6 +115,7 @@ def test_diffusers_defaults_apply_to_missing_fields():
     assert (config.flip_sin_to_cos, config.freq_shift) == (True, 0.0)
 
 
+@pytest.mark.slow
 def test_flipped_embedding_and_multihead_variant_match_diffusers(tmp_path):
     cfg = {**ref.church_config(sample_size=16, channels=(32, 64, 64)),
            "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],

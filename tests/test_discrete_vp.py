@@ -27,6 +27,7 @@ ALPHAS_CUMPROD_PREV = np.append(1.0, ALPHAS_CUMPROD[:-1])
 BETA_TILDE = BETAS * (1.0 - ALPHAS_CUMPROD_PREV) / (1.0 - ALPHAS_CUMPROD)
 
 
+@pytest.mark.slow
 def test_grid_marginals_are_ddpms_alphas_cumprod():
     sde = DiscreteVPSDE()
     n = np.arange(T)
@@ -59,6 +60,7 @@ def test_continuous_between_grid_times_with_consistent_drift_and_diffusion():
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ancestral_step_of_one_over_T_is_ddpms_step():
     sde = DiscreteVPSDE()
     n = np.array([0, 1, 7, 250, 500, 998, 999])
@@ -100,6 +102,7 @@ def _fake_eps_np(x, n):
 
 
 @pytest.mark.parametrize("total_noise_levels", [1, 7, 400])
+@pytest.mark.slow
 def test_engine_runs_sdedits_ddpm_loop(total_noise_levels):
     """ermongroup/SDEdit with ``--t K``: x = sqrt(a[K-1]) x0 + sqrt(1-a[K-1]) e, then DDPM
     steps at timesteps K-1..0. The engine with t0 = K/T and its paper step count does that."""

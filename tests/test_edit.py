@@ -36,6 +36,7 @@ def _check_moments(sde, out, t0, g, guide_var_fn=lambda t0, g: 0.0, repeats=1):
 
 
 @pytest.mark.parametrize("sde", [sj.VPSDE(), sj.VESDE(sigma_max=20.0)], ids=["vp", "ve"])
+@pytest.mark.slow
 def test_output_distribution_matches_closed_form(sde):
     t0, g, guides = _settings()
     out = np.asarray(

@@ -53,6 +53,7 @@ SAMPLER_KWARGS = {
 
 @pytest.mark.parametrize("sampler_name", SAMPLER_KWARGS)
 @pytest.mark.parametrize("score_name", SCORES)
+@pytest.mark.slow
 def test_output_independent_of_batch_size_position_and_devices(score_name, sampler_name):
     score = SCORES[score_name]
     guides, t0, mask, ids = _inputs()
@@ -81,6 +82,7 @@ def test_seed_and_id_change_the_noise():
     assert not np.allclose(a, b) and not np.allclose(a, c)
 
 
+@pytest.mark.slow
 def test_changing_t0_steps_mask_or_weights_does_not_recompile():
     traces = []
 
@@ -143,6 +145,7 @@ def test_non_finite_guides_are_named():
 @pytest.mark.parametrize("sampler_kwargs", [
     dict(corrector="langevin"), dict(predictor="sde_dpm_solver_2m"),
 ], ids=["em+langevin", "sde_dpm_solver_2m"])
+@pytest.mark.slow
 def test_mixed_step_counts_equal_separate_runs(sampler_kwargs):
     """Per-example step counts: extra loop iterations leave finished examples (and a
     multistep solver's history) untouched."""

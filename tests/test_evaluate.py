@@ -86,6 +86,7 @@ def _finite(value):
     return value not in ("", None) and np.isfinite(float(value))
 
 
+@pytest.mark.slow
 def test_cli_sweep_writes_every_output(tiny_model_dir, reference_dir, tmp_path):
     guides = _write_pictures(str(tmp_path / "guides"), 8, seed=0)
     workdir = str(tmp_path / "eval")
@@ -157,6 +158,7 @@ def _expected_mse(sde, guides, t0):
     return float(squared.mean()), float(np.sqrt(per_pixel_var.sum()) / guides.size)
 
 
+@pytest.mark.slow
 def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, tmp_path):
     sde = VPSDE()
     guides_dir = _write_flat_guides(str(tmp_path / "guides"), 16, seed=5)

@@ -348,6 +348,7 @@ def write_tfds_dataset(data_dir, images) -> None:
         split_infos=[tfds.core.SplitInfo(name="test", shard_lengths=[len(images)], num_bytes=0)])
 
 
+@pytest.mark.slow
 def test_tfds_source_with_generators(tmp_path):
     images = [random_rgb() for _ in range(5)]
     data_dir = str(tmp_path / "tfds")

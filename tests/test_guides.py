@@ -36,6 +36,7 @@ def run_eager_and_in_dataset(fn, *inputs):
 
 
 @pytest.mark.parametrize("name", ["stroke_painting", "stroke_edit", "composite"])
+@pytest.mark.slow
 def test_eager_equals_tf_data(name):
     image, donor = smooth_image(0), smooth_image(1)
     seed = np.array([3, 11], np.int64)

@@ -78,6 +78,7 @@ def test_old_attention_key_spelling(truth, tmp_path):
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 @pytest.mark.parametrize("container", ["plain", "module_prefix", "training_list",
                                        "training_list_without_ema"])
+@pytest.mark.slow
 def test_ddim_checkpoints_import_the_same_weights(truth, tmp_path, container, legacy):
     model, _, imported = truth
     weights = _ddim_tensors(model)
@@ -108,6 +109,7 @@ def test_ddim_checkpoints_import_the_same_weights(truth, tmp_path, container, le
     assert got.source["entry"] == entry and got.source["format"] == "ddim"
 
 
+@pytest.mark.slow
 def test_ddim_checkpoint_runs_like_the_torch_model(truth, tmp_path):
     model, _, _ = truth
     path = tmp_path / "church_outdoor.ckpt"

@@ -89,6 +89,7 @@ def reference(tiny_model_dir, guides_dir, tmp_path_factory):
     return _outputs(workdir)
 
 
+@pytest.mark.slow
 def test_job_is_identical_on_1_and_8_devices_and_2_processes(
         tiny_model_dir, guides_dir, reference, tmp_path):
     assert len([k for k in reference if k.startswith("t0_") and k.endswith(".png")]) == 80
@@ -109,6 +110,7 @@ def test_job_is_identical_on_1_and_8_devices_and_2_processes(
     assert _outputs(two) == reference
 
 
+@pytest.mark.slow
 def test_kill_9_and_restart_equals_uninterrupted(tiny_model_dir, guides_dir, reference, tmp_path):
     workdir = str(tmp_path / "killed")
     cmd = _job_command(tiny_model_dir, guides_dir, workdir)
@@ -141,6 +143,7 @@ def test_kill_9_and_restart_equals_uninterrupted(tiny_model_dir, guides_dir, ref
     assert os.listdir(tmpdir) == []
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_listed_and_the_rest_completes(tiny_model_dir, tmp_path):
     guides = str(tmp_path / "guides")
     _write_guides(guides, 4)

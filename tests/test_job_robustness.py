@@ -41,6 +41,7 @@ def _text(path):
     return open(path, errors="replace").read() if os.path.exists(path) else ""
 
 
+@pytest.mark.slow
 def test_double_launch_is_refused_naming_the_other_process(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 24)
     workdir = str(tmp_path / "out")
@@ -129,6 +130,7 @@ _FULL_DISK = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, s
               "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 4)
     workdir = str(tmp_path / "out")
@@ -143,6 +145,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tiny_model_dir, tmp_path):
                and os.path.join(workdir, "t0_0.40", "images") in line for line in lines), lines
 
 
+@pytest.mark.slow
 def test_retry_failed_from_the_command_line(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 3)
     good = open(os.path.join(guides, "g000.png"), "rb").read()
@@ -163,6 +166,7 @@ def test_retry_failed_from_the_command_line(tiny_model_dir, tmp_path):
     assert os.path.getsize(os.path.join(workdir, "t0_0.40", "failures.jsonl")) == 0
 
 
+@pytest.mark.slow
 def test_resume_repairs_sheet_summary_empty_outputs_and_temp_files(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 5)
     workdir = str(tmp_path / "out")
@@ -186,6 +190,7 @@ def test_resume_repairs_sheet_summary_empty_outputs_and_temp_files(tiny_model_di
     assert json.loads(before[summary])["complete"]
 
 
+@pytest.mark.slow
 def test_summary_describes_the_whole_workdir_across_invocations(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 4)
     workdir = str(tmp_path / "out")

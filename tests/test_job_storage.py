@@ -87,6 +87,7 @@ def _tree(root: str) -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.slow
 def test_model_loading_from_ram_equals_local(store, tmp_path, monkeypatch):
     local = str(tmp_path / "model")
     pretrained.save_model(local, _state(1), TINY_MODEL, {"name": "vp"}, "noise")
@@ -219,6 +220,7 @@ def test_t0_rule_edits_inputs_with_their_own_t0_once_and_dry_run_writes_nothing(
     assert "skip  guides/g04.png  (done" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_from_another_folder_takes_every_setting_and_dry_run_writes_nothing(tmp_path):
     """``configs/default.py`` and its demo inputs resolve from any folder; optional keys
     (None or empty in the file) are settable on the command line."""

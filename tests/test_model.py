@@ -69,6 +69,7 @@ def tiny_models():
 
 
 @pytest.mark.parametrize("embedding", unet.TIME_EMBEDDINGS)
+@pytest.mark.slow
 def test_model_output_shape_and_time_dependence(tiny_models, embedding):
     model = tiny_models[embedding]
     x = _normal(1, (3, 8, 8, 3))
@@ -85,6 +86,7 @@ def test_model_output_shape_and_time_dependence(tiny_models, embedding):
     assert not np.allclose(out[0], other_time[0])
 
 
+@pytest.mark.slow
 def test_fast_and_lax_conv_models_have_equal_gradients(tiny_models):
     x = _normal(3, (2, 8, 8, 3))
     t = jnp.array([0.2, 0.7])
@@ -152,6 +154,7 @@ class _OracleModel(nnx.Module):
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
 @pytest.mark.parametrize("parameterization", score_lib.PARAMETERIZATIONS)
 @pytest.mark.parametrize("likelihood_weighting", [False, True])
+@pytest.mark.slow
 def test_dsm_loss_vanishes_at_the_true_score(sde, parameterization, likelihood_weighting):
     images = jnp.zeros((4, 4, 4, 3))
     kwargs = dict(parameterization=parameterization, likelihood_weighting=likelihood_weighting)

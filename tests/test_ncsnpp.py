@@ -260,6 +260,7 @@ def tiny():
     return model, ncsnpp.NCSNppConfig.from_diffusers_config(TINY), _numpy_state_dict(model)
 
 
+@pytest.mark.slow
 def test_tiny_parity_and_old_attention_names(tiny):
     model, cfg, sd = tiny
     old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value")
@@ -273,6 +274,7 @@ def test_tiny_parity_and_old_attention_names(tiny):
             _assert_close(_forward(net, jnp.asarray(x), jnp.asarray(sigma)), ref)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close(tiny):
     _, cfg, sd = tiny
     x, sigma = _inputs(9, 2, 16, [0.1, 10.0])
@@ -324,6 +326,7 @@ def test_score_sde_bad_keys_are_all_reported(tiny):
         ncsnpp.params_from_score_sde(tree, cfg)
 
 
+@pytest.mark.slow
 def test_full_church_key_layout_matches_diffusers():
     """Every tensor of the real church-256 network maps, with its shape (no forward)."""
     with torch.device("meta"):
@@ -343,6 +346,7 @@ def test_full_church_key_layout_matches_diffusers():
 
 @pytest.mark.parametrize("kernel", [(1, 3, 3, 1), (1, 2, 1), (2, 5, 1, 3)])
 @pytest.mark.parametrize("size", [(8, 8), (6, 10)])
+@pytest.mark.slow
 def test_fir_resampling_matches_diffusers(kernel, size):
     from diffusers.models.downsampling import downsample_2d
     from diffusers.models.upsampling import upsample_2d

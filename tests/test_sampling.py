@@ -35,6 +35,7 @@ def _sample(sde, sampler, shape, keys):
 
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
 @pytest.mark.parametrize("sde_name", SDES)
+@pytest.mark.slow
 def test_prior_samples_match_data_distribution(sde_name, sampler_name):
     """32768 pixels: mean s.e. 0.003, std s.e. 0.4%; tolerances add discretisation bias."""
     keys = jax.random.split(jax.random.key(7), 128)
@@ -76,6 +77,7 @@ def test_ode_solvers_converge_at_their_order(sde_name):
         assert all(abs(r - order) < 0.3 for r in rates), (predictor, errors, rates)
 
 
+@pytest.mark.slow
 def test_langevin_keeps_the_marginal_and_ignores_batch_mates():
     """Started at p_t, Langevin with the exact score stays at p_t (bias ~ snr^2 / 2)."""
     sde = SDES["vp"]

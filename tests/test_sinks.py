@@ -140,6 +140,7 @@ with sinks.Sink(workdir, job_fields={"n_steps": 10}, num_threads=2) as sink:
 """
 
 
+@pytest.mark.slow
 def test_repeated_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     count = 80
     script = [sys.executable, "-c", KILLED_WRITER, sinks.__file__]

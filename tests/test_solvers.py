@@ -134,6 +134,7 @@ def test_masked_edit_keeps_the_guide_outside_the_mask(predictor, eta):
 
 @pytest.mark.parametrize("name", sorted(grids.GRIDS))
 @pytest.mark.parametrize("sde_name", SDES)
+@pytest.mark.slow
 def test_grids_start_at_t0_end_at_eps_and_decrease(sde_name, name):
     """Exactly at t0 and eps; the uniform grid's end is eps up to one float32 rounding
     (it keeps the original formula so that earlier outputs stay bit-identical)."""

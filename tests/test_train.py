@@ -56,6 +56,7 @@ def runs(tiny_config, tmp_path_factory):
     return dirs, states
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_bit_for_bit(runs):
     dirs, states = runs
     assert int(states["full"].step) == int(states["resumed"].step) == 6
@@ -143,6 +144,7 @@ def test_checkpoint_restore_gives_identical_next_step(single_device_step, tmp_pa
     )
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(single_device_step, tiny_config):
     graphdef, state, step = single_device_step
     images = jnp.asarray(train_data.load_train_images(tiny_config.data, 0)[:16])
@@ -229,6 +231,7 @@ def test_shipped_model_is_what_the_continued_config_trains():
     assert _load_config("train_emoji").training.num_steps < config.training.num_steps
 
 
+@pytest.mark.slow
 def test_streaming_tfdata_source_resumes_exactly(tiny_config, tmp_path):
     """Folder source through tf.data: interrupted + resumed == uninterrupted, bit for bit."""
     from PIL import Image
