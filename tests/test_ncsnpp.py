@@ -374,7 +374,8 @@ def test_config_round_trips_through_json():
     ("norm_num_groups", 32,
      r"norm_num_groups=32 .*32 GroupNorm groups over 32 channels where NCSN\+\+ uses 8"),
     ("block_out_channels", [32, 32, 64, 64, 64, 64, 64],
-     r"block_out_channels=\[32, 32, 64, 64, 64, 64, 64\] .*64 channels where NCSN\+\+ uses 16"),
+     r"block_out_channels=\[32, 32, 64, 64, 64, 64, 64\] "
+     r".*64 channels where NCSN\+\+ uses 16"),
     ("some_new_option", 1, r"some_new_option=1 .*unknown UNet2DModel field"),
 ])
 def test_unsupported_diffusers_configs_name_field_and_value(field, value, pattern):

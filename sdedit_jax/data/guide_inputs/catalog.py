@@ -94,8 +94,9 @@ def _catalog(rows: list[_Row], payload=None) -> Catalog:
     unique = [_encodable(row) for row in unique]
     clashes = names.find_clashes(row.id for row in unique)
     unique = [row if row.id not in clashes else dataclasses.replace(row, error=row.error or (
-        f"id ({row.source}): output name {names.output_name(row.id)!r} clashes with that of id "
-        f"{clashes[row.id]!r}; give the examples other ids")) for row in unique]
+        f"id ({row.source}): output name {names.output_name(row.id)!r} "
+        f"clashes with that of id {clashes[row.id]!r}; give the examples other ids"))
+        for row in unique]
     # Ids as a numpy str array (hashed and compared in bulk); the other text columns as
     # object arrays: a fixed-width column costs 4 bytes x the longest value per row, so
     # one long error message would cost gigabytes over a million rows.
