@@ -35,24 +35,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = common.parse_arg(arg, "configs/default.py", quick=False)
     config = ml_collections.ConfigDict()
     config.model_dir = "default"  # the shipped model in sdedit_jax/assets/default_model
-    config.input = ml_collections.ConfigDict({
-        "source": "folder",  # folder | manifest | tfrecord | tfds (see data/guide_inputs.py)
-        "path": os.path.join(_PACKAGE, "assets", "demo"),
-        "image_size": (32, 32),
-        "channels": 3,
-        "resize": False,
-        "mask_dir": "masks",  # "" = no masks
-        "tfds_name": "",
-        "tfds_split": "test",
-        "tfds_data_dir": config_dict.placeholder(str),
-        "tfds_image_key": "image",
-        "tfds_mask_key": "",
-        "generator": "none",  # none | stroke_painting | stroke_edit | composite
-        "generator_kwargs": ml_collections.ConfigDict(),  # e.g. '{"num_strokes": 8}'
-        "max_pixels": 1 << 26,
-        "num_parallel_calls": -1,  # -1 = autotune
-        "prefetch_batches": 2,
-    })
+    config.input = ml_collections.ConfigDict(
+        {
+            "source": "folder",  # folder | manifest | tfrecord | tfds (see data/guide_inputs.py)
+            "path": os.path.join(_PACKAGE, "assets", "demo"),
+            "image_size": (32, 32),
+            "channels": 3,
+            "resize": False,
+            "mask_dir": "masks",  # "" = no masks
+            "tfds_name": "",
+            "tfds_split": "test",
+            "tfds_data_dir": config_dict.placeholder(str),
+            "tfds_image_key": "image",
+            "tfds_mask_key": "",
+            "generator": "none",  # none | stroke_painting | stroke_edit | composite
+            "generator_kwargs": ml_collections.ConfigDict(),  # e.g. '{"num_strokes": 8}'
+            "max_pixels": 1 << 26,
+            "num_parallel_calls": -1,  # -1 = autotune
+            "prefetch_batches": 2,
+        }
+    )
     config.t0s = (0.3, 0.5, 0.7)
     # SDE-DPM-Solver++(2M) with ceil(100 t0) steps: 50 network calls at t0 = 0.5, a
     # tenth of the paper's recipe (ancestral, N = 1000) at its quality (EVALUATION.md,
@@ -61,12 +63,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.repeats = 1
     config.seed = 0
     config.per_device_batch = 12
-    config.output = ml_collections.ConfigDict({
-        "png": True,  # images/<name>.png
-        "npz": "none",  # none | per_example (arrays/<name>.npz) | shards (one npz per batch)
-        "png_compression": 1,  # zlib level 0..9: 1 is fast (large jobs), 9 smallest
-        "writer_threads": config_dict.placeholder(int),  # None = one per CPU core
-    })
+    config.output = ml_collections.ConfigDict(
+        {
+            "png": True,  # images/<name>.png
+            "npz": "none",  # none | per_example (arrays/<name>.npz) | shards (one npz per batch)
+            "png_compression": 1,  # zlib level 0..9: 1 is fast (large jobs), 9 smallest
+            "writer_threads": config_dict.placeholder(int),  # None = one per CPU core
+        }
+    )
     config.overwrite = False  # True: delete a workdir's outputs of another configuration
     config.contact_sheet = True
     if variant.quick:

@@ -39,36 +39,46 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     # Held-out images the guides are made from (guide_inputs fields; the image
     # size, channels, generator and seed come from the model and the fields below).
-    config.input = ml_collections.ConfigDict({
-        "source": "folder",
-        "path": "data/emoji32/test",
-        "resize": False,
-        "mask_dir": "",
-    })
+    config.input = ml_collections.ConfigDict(
+        {
+            "source": "folder",
+            "path": "data/emoji32/test",
+            "resize": False,
+            "mask_dir": "",
+        }
+    )
     config.max_guides = 0  # 0 = every held-out image
     config.samples_per_guide = 1  # outputs per guide, each with its own noise
     # Guide generators (see sdedit_jax.data.guides), each one task of the sweep.
     config.tasks = ("stroke_painting", "crude_stroke_painting", "stroke_edit")
     # A task is a generator name, or a name whose entry names its "generator".
-    config.generator_kwargs = ml_collections.ConfigDict({
-        "stroke_painting": {},  # the paper's simulation: median filter, 6 flat colours
-        # Emoji are flat-coloured already, so 6-colour paintings stay emoji-like;
-        # 3 colours over a 9-pixel median (no blur) is closer to a crude hand painting.
-        "crude_stroke_painting": {"generator": "stroke_painting", "num_colors": 3,
-                                  "median_size": 9, "blur_sigma": 0.0},
-        "stroke_edit": {},
-        "composite": {},
-    })
+    config.generator_kwargs = ml_collections.ConfigDict(
+        {
+            "stroke_painting": {},  # the paper's simulation: median filter, 6 flat colours
+            # Emoji are flat-coloured already, so 6-colour paintings stay emoji-like;
+            # 3 colours over a 9-pixel median (no blur) is closer to a crude hand painting.
+            "crude_stroke_painting": {
+                "generator": "stroke_painting",
+                "num_colors": 3,
+                "median_size": 9,
+                "blur_sigma": 0.0,
+            },
+            "stroke_edit": {},
+            "composite": {},
+        }
+    )
     # Real images that define "realistic"; paths are read in order and concatenated.
-    config.reference = ml_collections.ConfigDict({
-        "source": "folder",
-        # Training emoji only: the held-out originals of the guides must not be
-        # in the reference, or the guides would be scored against their own sources.
-        "paths": ("data/emoji32/train",),
-        "resize": False,
-        "mask_dir": "",
-        "max_images": 0,  # 0 = all
-    })
+    config.reference = ml_collections.ConfigDict(
+        {
+            "source": "folder",
+            # Training emoji only: the held-out originals of the guides must not be
+            # in the reference, or the guides would be scored against their own sources.
+            "paths": ("data/emoji32/train",),
+            "resize": False,
+            "mask_dir": "",
+            "max_images": 0,  # 0 = all
+        }
+    )
     config.t0s = (0.2, 0.35, 0.5, 0.65, 0.8)
     # DDPM's sampler, as the paper uses for VP models, with the paper's N = 200.
     config.sampler = common.sampler(predictor="ancestral", steps_per_unit_time=200)
@@ -103,11 +113,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.sampler.steps_per_unit_time = 1000
         # One compiled program per solver (max_steps 64): n_steps is traced.
         config.variants = tuple(
-            {"name": f"{solver}@{nfe}", "predictor": solver, "steps_per_unit_time": 0,
-             "n_steps": nfe, "max_steps": 64}
-            for solver, nfes in (("dpm_solver_2m", (5, 10, 20, 50)),
-                                 ("sde_dpm_solver_2m", (5, 10, 20, 50)), ("ddim", (10, 20)))
-            for nfe in nfes)
+            {
+                "name": f"{solver}@{nfe}",
+                "predictor": solver,
+                "steps_per_unit_time": 0,
+                "n_steps": nfe,
+                "max_steps": 64,
+            }
+            for solver, nfes in (
+                ("dpm_solver_2m", (5, 10, 20, 50)),
+                ("sde_dpm_solver_2m", (5, 10, 20, 50)),
+                ("ddim", (10, 20)),
+            )
+            for nfe in nfes
+        )
     if variant.tasks:
         config.tasks = ("stroke_painting", "crude_stroke_painting", "stroke_edit", "composite")
     return config

@@ -87,10 +87,18 @@ VARIANTS = {
     "ffhq_ncsnpp": ("models/ncsnpp-ffhq-256", "ncsnpp"),
 }
 SAMPLERS = {
-    "ddpm": {"predictor": "ancestral", "corrector": "none", "steps_per_unit_time": 1000,
-             "repeats": 3},
-    "ncsnpp": {"predictor": "reverse_diffusion", "corrector": "langevin",
-               "steps_per_unit_time": 2000, "repeats": 1},
+    "ddpm": {
+        "predictor": "ancestral",
+        "corrector": "none",
+        "steps_per_unit_time": 1000,
+        "repeats": 3,
+    },
+    "ncsnpp": {
+        "predictor": "reverse_diffusion",
+        "corrector": "langevin",
+        "steps_per_unit_time": 2000,
+        "repeats": 1,
+    },
 }
 
 

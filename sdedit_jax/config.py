@@ -21,8 +21,9 @@ def _tuple_fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if "tuple" in str(f.type)}
 
 
-def frozen(cls: type[T], block: Mapping[str, Any] | T, where: str, *,
-           error: type[ValueError] = ValueError) -> T:
+def frozen(
+    cls: type[T], block: Mapping[str, Any] | T, where: str, *, error: type[ValueError] = ValueError
+) -> T:
     """``cls(**block)``, refusing keys ``cls`` does not declare; ``block`` may be a ``cls``.
 
     Args:

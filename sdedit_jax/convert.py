@@ -31,13 +31,18 @@ def _define_flags() -> None:
     not claim names such as ``--out`` and ``--config`` that other programs define."""
     flags.DEFINE_string("source", None, "checkpoint file or folder to convert")
     flags.DEFINE_string("out", None, "model folder to write")
-    flags.DEFINE_enum("format", None, ["diffusers", "ddim", "score_sde"],
-                      "source format (default: detected)")
+    flags.DEFINE_enum(
+        "format", None, ["diffusers", "ddim", "score_sde"], "source format (default: detected)"
+    )
     flags.DEFINE_string(
-        "sde", None, 'training SDE as JSON, e.g. \'{"name": "ve", "sigma_min": 0.01, '
-        '"sigma_max": 380}\' (default: from the checkpoint)')
+        "sde",
+        None,
+        'training SDE as JSON, e.g. \'{"name": "ve", "sigma_min": 0.01, '
+        '"sigma_max": 380}\' (default: from the checkpoint)',
+    )
     flags.DEFINE_integer(
-        "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)")
+        "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)"
+    )
     flags.DEFINE_string("config", None, "score_sde network config: a preset name or a JSON file")
     flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
 
@@ -59,9 +64,16 @@ def parse_sde(text: str | None) -> dict | None:
     return value
 
 
-def convert(source: str, out: str, *, format: str | None = None, sde: dict | None = None,
-            image_size: int | None = None, config: str | None = None,
-            with_bf16: bool = False) -> dict:
+def convert(
+    source: str,
+    out: str,
+    *,
+    format: str | None = None,
+    sde: dict | None = None,
+    image_size: int | None = None,
+    config: str | None = None,
+    with_bf16: bool = False,
+) -> dict:
     """Imports ``source`` and writes the model folder ``out``; returns its model_info."""
     imported = importers.load(source, format=format, image_size=image_size, config=config)
     pretrained.save_imported(out, imported, sde=sde, with_bf16=with_bf16)
@@ -78,13 +90,22 @@ def main(argv: list[str]) -> None:
         if not f[name].value:
             raise app.UsageError(f"--{name} is required")
     try:
-        info = convert(f.source, f.out, format=f.format, sde=parse_sde(f.sde),
-                       image_size=f.image_size, config=f.config, with_bf16=f.bf16)
+        info = convert(
+            f.source,
+            f.out,
+            format=f.format,
+            sde=parse_sde(f.sde),
+            image_size=f.image_size,
+            config=f.config,
+            with_bf16=f.bf16,
+        )
     except (ValueError, OSError) as err:
         print(f"convert: {err}", file=sys.stderr)
         sys.exit(1)
-    summary = {k: info[k] for k in ("architecture", "sde", "parameterization", "condition",
-                                    "data_range", "source")}
+    summary = {
+        k: info[k]
+        for k in ("architecture", "sde", "parameterization", "condition", "data_range", "source")
+    }
     print(json.dumps({"out": f.out, **summary}, indent=1))
 
 

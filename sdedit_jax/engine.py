@@ -43,9 +43,7 @@ DATA_AXIS = "data"
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over ``devices`` (default: every device of every host)."""
     devices = jax.devices() if devices is None else devices
-    return Mesh(
-        np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _is_array(leaf: Any) -> bool:
@@ -76,19 +74,28 @@ def _merge_score_fn(static: _StaticScore, arrays: list) -> ScoreFn:
     return jax.tree_util.tree_unflatten(static.treedef, leaves)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats", "mesh")
-)
-def _edit_program(score_arrays, guides, seeds, id_words, t0, n_steps, mask, *,
-                  static_score, sde, sampler, repeats, mesh):
+@functools.partial(jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats", "mesh"))
+def _edit_program(
+    score_arrays,
+    guides,
+    seeds,
+    id_words,
+    t0,
+    n_steps,
+    mask,
+    *,
+    static_score,
+    sde,
+    sampler,
+    repeats,
+    mesh,
+):
     def edit_local(score_arrays, *rows):
         score_fn = _merge_score_fn(static_score, score_arrays)
 
         def edit_rows(guides, seeds, id_words, t0, n_steps, mask):
             keys = rng.example_keys(seeds, id_words)
-            return sdedit_batch(
-                score_fn, sde, sampler, guides, keys, t0, n_steps, mask, repeats
-            )
+            return sdedit_batch(score_fn, sde, sampler, guides, keys, t0, n_steps, mask, repeats)
 
         return edit_rows(*rows)
 
@@ -141,9 +148,7 @@ class Editor:
         if not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats: must be a positive int, got {repeats!r}")
         if not isinstance(per_device_batch, int) or per_device_batch < 1:
-            raise ValueError(
-                f"per_device_batch: must be a positive int, got {per_device_batch!r}"
-            )
+            raise ValueError(f"per_device_batch: must be a positive int, got {per_device_batch!r}")
         self.sde, self.sampler, self.repeats = sde, sampler, repeats
         self.per_device_batch = per_device_batch
         self.mesh = data_mesh() if mesh is None else mesh

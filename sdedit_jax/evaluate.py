@@ -1,7 +1,7 @@
 """Command line of the realism-versus-faithfulness evaluation (see :mod:`sdedit_jax.evaluation`).
 
-    python -m sdedit_jax.evaluate --config configs/eval_emoji.py --workdir runs/eval_emoji
-    python -m sdedit_jax.evaluate --config configs/eval_tiny.py --config.model_dir=/m --workdir /w
+python -m sdedit_jax.evaluate --config configs/eval_emoji.py --workdir runs/eval_emoji
+python -m sdedit_jax.evaluate --config configs/eval_tiny.py --config.model_dir=/m --workdir /w
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ def _define_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
     Importing the module (tests, notebooks, other tools such as
     ``sdedit_jax.main`` with its own ``--config``) must not claim flag names.
     """
-    config = config_flags.DEFINE_config_file("config", "configs/eval_emoji.py",
-                                             "evaluation config file")
+    config = config_flags.DEFINE_config_file(
+        "config", "configs/eval_emoji.py", "evaluation config file"
+    )
     workdir = flags.DEFINE_string("workdir", "runs/eval_emoji", "output folder")
     return config, workdir
 

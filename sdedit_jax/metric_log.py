@@ -26,8 +26,11 @@ class JsonlWriter(metric_writers.MetricWriter):
         self.path = path
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()},
-                  "time": time.time()}
+        record = {
+            "step": int(step),
+            **{k: float(v) for k, v in scalars.items()},
+            "time": time.time(),
+        }
         files.append_bytes(self.path, (json.dumps(record) + "\n").encode())
 
     def write_summaries(self, step, values, metadata=None) -> None:

@@ -289,7 +289,10 @@ class DiscreteVPSDE(SDE):
 
 
 SDES: dict[str, type[SDE]] = {
-    "vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "discrete_vp": DiscreteVPSDE
+    "vp": VPSDE,
+    "subvp": SubVPSDE,
+    "ve": VESDE,
+    "discrete_vp": DiscreteVPSDE,
 }
 
 

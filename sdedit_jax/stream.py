@@ -62,8 +62,9 @@ class Progress:
     count the examples whose outputs (or failure rows) are published.
     """
 
-    def __init__(self, total_rows: int, log_path: str | None, every_seconds: float = 5.0,
-                 label: str = "edit"):
+    def __init__(
+        self, total_rows: int, log_path: str | None, every_seconds: float = 5.0, label: str = "edit"
+    ):
         self.total_rows, self.log_path = total_rows, log_path
         self.every, self.label = every_seconds, label
         self.start = self.last = self.last_publish = time.perf_counter()
@@ -81,15 +82,30 @@ class Progress:
         rate = written / elapsed if elapsed > 0 else 0.0
         left = max(0, self.total_rows - written)
         eta = f"{left / rate:.0f}s" if rate > 0 else "-"
-        line = (f"[{self.label}] {written}/{self.total_rows} images written  step {step}  "
-                f"{rate:.2f} img/s  elapsed {elapsed:.0f}s  ETA {eta}")
-        print(("\r" if self.tty else "") + line, end="" if self.tty and not force else "\n",
-              file=sys.stderr, flush=True)
+        line = (
+            f"[{self.label}] {written}/{self.total_rows} images written  step {step}  "
+            f"{rate:.2f} img/s  elapsed {elapsed:.0f}s  ETA {eta}"
+        )
+        print(
+            ("\r" if self.tty else "") + line,
+            end="" if self.tty and not force else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.log_path:
-            self.records.append(json.dumps({
-                "step": step, "images_written": written, "total_images": self.total_rows,
-                "elapsed_s": round(elapsed, 3), "images_per_s": round(rate, 4),
-                "unix_time": round(time.time(), 3)}) + "\n")
+            self.records.append(
+                json.dumps(
+                    {
+                        "step": step,
+                        "images_written": written,
+                        "total_images": self.total_rows,
+                        "elapsed_s": round(elapsed, 3),
+                        "images_per_s": round(rate, 4),
+                        "unix_time": round(time.time(), 3),
+                    }
+                )
+                + "\n"
+            )
             # Object stores cannot append: the whole log is republished, at most once a minute.
             if force or files.is_local(self.log_path) or now - self.last_publish > 60:
                 self._publish()
@@ -130,8 +146,11 @@ def run_stream(
     per-example reverse step counts. Closes ``sink`` at the end, so the
     reported time includes the last computations and writes.
     """
-    total = num_steps * editor.global_batch // jax.process_count() if total_rows is None else (
-        total_rows)
+    total = (
+        num_steps * editor.global_batch // jax.process_count()
+        if total_rows is None
+        else (total_rows)
+    )
     progress = Progress(total, log_path, label=progress_label)
 
     def written() -> int:  # sinks without a count: dispatched rows
@@ -176,5 +195,6 @@ def run_stream(
         progress.update(steps, written())
     sink.close()
     progress.update(steps, written(), force=True)
-    return JobSummary(steps, rows_done, rows_failed, time.perf_counter() - start,
-                      first_step_seconds)
+    return JobSummary(
+        steps, rows_done, rows_failed, time.perf_counter() - start, first_step_seconds
+    )

@@ -206,9 +206,13 @@ def _write_final_weights(
 ) -> None:
     """EMA weights (fp32 + bf16) and ``model_info.json``: a model folder in ``workdir``."""
     sums = pretrained.save_model(
-        workdir, jax.device_get(full_ema_state(state)), config.model.to_dict(),
-        config.sde.to_dict(), config.training.parameterization,
-        extra={"step": int(state.step)}, with_bf16=True,
+        workdir,
+        jax.device_get(full_ema_state(state)),
+        config.model.to_dict(),
+        config.sde.to_dict(),
+        config.training.parameterization,
+        extra={"step": int(state.step)},
+        with_bf16=True,
     )
     print(f"wrote EMA weights: {sums}", flush=True)
 
@@ -282,9 +286,7 @@ def train(
     graphdef, state = init_state(config, tx)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"model: {num_params:,} params; devices: {mesh.devices.size}", flush=True)
-    manager = checkpoint.make_manager(
-        files.join(workdir, "checkpoints"), training.keep_checkpoints
-    )
+    manager = checkpoint.make_manager(files.join(workdir, "checkpoints"), training.keep_checkpoints)
     state = _restore(manager, jax.device_put(state, replicated), replicated, config.seed, workdir)
 
     root = jax.random.key(config.seed)

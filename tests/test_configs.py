@@ -44,7 +44,10 @@ def test_tiny_configs_are_the_full_ones_cut_down():
     full, tiny = job.load_config("configs/train_emoji.py"), job.load_config("configs/train_tiny.py")
     assert set(tiny.keys()) == set(full.keys())
     assert (tiny.sde, tiny.optim.b2, tiny.training.parameterization) == (
-        full.sde, full.optim.b2, full.training.parameterization)
+        full.sde,
+        full.optim.b2,
+        full.training.parameterization,
+    )
     assert (tiny.model.image_size, tiny.model.nf, tiny.data.source) == (8, 8, "synthetic")
     full, tiny = job.load_config("configs/eval_emoji.py"), job.load_config("configs/eval_tiny.py")
     assert set(tiny.keys()) == set(full.keys())

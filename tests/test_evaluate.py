@@ -41,7 +41,7 @@ def _write_pictures(folder, count, seed):
         pixels = np.full((SIZE, SIZE, 3), 255, np.uint8)
         for _ in range(3):
             y, x = rng.integers(0, SIZE - 5, 2)
-            pixels[y:y + 6, x:x + 6] = rng.integers(0, 256, 3)
+            pixels[y : y + 6, x : x + 6] = rng.integers(0, 256, 3)
         Image.fromarray(pixels).save(os.path.join(folder, f"p{i:03d}.png"))
     return folder
 
@@ -91,13 +91,29 @@ def test_cli_sweep_writes_every_output(tiny_model_dir, reference_dir, tmp_path):
     guides = _write_pictures(str(tmp_path / "guides"), 8, seed=0)
     workdir = str(tmp_path / "eval")
     cache = os.environ.get("SDEDIT_JAX_CACHE", os.path.join(REPO, ".jax_cache"))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_COMPILATION_CACHE_DIR=cache)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_COMPILATION_CACHE_DIR=cache,
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "sdedit_jax.evaluate", "--config", "configs/eval_tiny.py",
-         f"--config.model_dir={tiny_model_dir}", f"--config.input.path={guides}",
-         f"--config.reference.paths=('{reference_dir}',)", f"--workdir={workdir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "sdedit_jax.evaluate",
+            "--config",
+            "configs/eval_tiny.py",
+            f"--config.model_dir={tiny_model_dir}",
+            f"--config.input.path={guides}",
+            f"--config.reference.paths=('{reference_dir}',)",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "img/s" in proc.stderr and "KID" in proc.stdout
 
@@ -106,9 +122,14 @@ def test_cli_sweep_writes_every_output(tiny_model_dir, reference_dir, tmp_path):
         assert tuple(reader.fieldnames) == evaluation.COLUMNS
         rows = list(reader)
     settings = [(r["task"], r["variant"], float(r["t0"])) for r in rows]
-    assert settings == [("stroke_painting", "guides", 0.0), ("stroke_edit", "guides", 0.0),
-                        ("stroke_painting", "base", 0.3), ("stroke_painting", "base", 0.7),
-                        ("stroke_edit", "base", 0.3), ("stroke_edit", "base", 0.7)]
+    assert settings == [
+        ("stroke_painting", "guides", 0.0),
+        ("stroke_edit", "guides", 0.0),
+        ("stroke_painting", "base", 0.3),
+        ("stroke_painting", "base", 0.7),
+        ("stroke_edit", "base", 0.3),
+        ("stroke_edit", "base", 0.7),
+    ]
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     assert [r["task"] for r in results["rows"]] == [r["task"] for r in rows]
@@ -129,8 +150,11 @@ def test_cli_sweep_writes_every_output(tiny_model_dir, reference_dir, tmp_path):
         l2 = [float(r["l2"]) for r in rows if r["task"] == task]
         assert l2 == sorted(l2) and len(set(l2)) == 3, (task, l2)
     assert [r["n_steps"] for r in rows[2:4]] == ["6", "14"]  # ceil(20 * t0)
-    for name in ("realism_faithfulness.png", "contact_stroke_painting_base.png",
-                 "contact_stroke_edit_base.png"):
+    for name in (
+        "realism_faithfulness.png",
+        "contact_stroke_painting_base.png",
+        "contact_stroke_edit_base.png",
+    ):
         with Image.open(os.path.join(workdir, name)) as image:
             assert min(image.size) > 100
 
@@ -169,8 +193,13 @@ def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, 
     results = evaluation.run_evaluation(config, workdir, model, PooledPixels())
     assert engine.compiled_program_count() - before == 1  # one program for every t0
 
-    guides = np.stack([np.asarray(Image.open(os.path.join(guides_dir, f"g{i:03d}.png")),
-                                  np.float64) / 127.5 - 1 for i in range(16)])
+    guides = np.stack(
+        [
+            np.asarray(Image.open(os.path.join(guides_dir, f"g{i:03d}.png")), np.float64) / 127.5
+            - 1
+            for i in range(16)
+        ]
+    )
     baseline, *rows = results["rows"]
     assert baseline["t0"] == 0.0 and baseline["l2"] == 0.0 and baseline["mse"] == 0.0
     for row, t0 in zip(rows, GAUSSIAN_T0S, strict=True):
@@ -194,8 +223,7 @@ def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, 
     stamps = {f: os.stat(os.path.join(cached, f)).st_mtime_ns for f in os.listdir(cached)}
     resumed = evaluation.run_evaluation(config, workdir, model, PooledPixels())
     assert resumed["rows"] == again["rows"]
-    assert stamps == {f: os.stat(os.path.join(cached, f)).st_mtime_ns
-                      for f in os.listdir(cached)}
+    assert stamps == {f: os.stat(os.path.join(cached, f)).st_mtime_ns for f in os.listdir(cached)}
 
 
 def test_samples_per_guide_gives_each_copy_its_own_id():

@@ -24,8 +24,14 @@ def _guides(folder: str, n: int) -> str:
 
 
 def _popen(cmd, stderr_path, devices=2, **kwargs):
-    return subprocess.Popen(cmd, cwd=job_cli.REPO, env=job_cli.env(devices),
-                            stdout=subprocess.DEVNULL, stderr=open(stderr_path, "w"), **kwargs)
+    return subprocess.Popen(
+        cmd,
+        cwd=job_cli.REPO,
+        env=job_cli.env(devices),
+        stdout=subprocess.DEVNULL,
+        stderr=open(stderr_path, "w"),
+        **kwargs,
+    )
 
 
 def _wait_for(predicate, timeout=120.0):
@@ -125,9 +131,11 @@ def test_ctrl_c_and_sigterm_end_the_job_at_once_and_it_resumes(tiny_model_dir, t
 
 # Files may not grow past 300 bytes (EFBIG instead of SIGXFSZ): a full disk, for this process
 # only. Set in a small launcher that then execs the job (no fork hooks in the test process).
-_FULL_DISK = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300)); "
-              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+_FULL_DISK = (
+    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300)); "
+    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+)
 
 
 @pytest.mark.slow
@@ -141,8 +149,12 @@ def test_a_full_disk_is_one_line_naming_the_file(tiny_model_dir, tmp_path):
     proc = job_cli.run([cmd[0], "-c", _FULL_DISK, *cmd[1:]])
     lines = job_cli.error_lines(proc.stderr)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert any("File too large" in line and "(writing " in line
-               and os.path.join(workdir, "t0_0.40", "images") in line for line in lines), lines
+    assert any(
+        "File too large" in line
+        and "(writing " in line
+        and os.path.join(workdir, "t0_0.40", "images") in line
+        for line in lines
+    ), lines
 
 
 @pytest.mark.slow
@@ -172,8 +184,10 @@ def test_resume_repairs_sheet_summary_empty_outputs_and_temp_files(tiny_model_di
     workdir = str(tmp_path / "out")
     cmd = job_cli.command(tiny_model_dir, guides, workdir)
     assert job_cli.run(cmd).returncode == 0
-    sheet, summary = os.path.join(workdir, "contact_sheet.png"), os.path.join(workdir,
-                                                                              "summary.json")
+    sheet, summary = (
+        os.path.join(workdir, "contact_sheet.png"),
+        os.path.join(workdir, "summary.json"),
+    )
     output = os.path.join(workdir, "t0_0.60", "images", "g002.png")
     before = {p: open(p, "rb").read() for p in (sheet, summary, output)}
     with open(sheet, "r+b") as f:

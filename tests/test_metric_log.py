@@ -25,9 +25,15 @@ def test_one_write_lands_in_jsonl_and_tensorboard(tmp_path):
     writer.close()
     with open(tmp_path / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    assert [(r["step"], r["loss"], r["grad_norm"]) for r in rows] == [(3, 0.25, 1.5),
-                                                                      (6, 0.125, 0.75)]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in rows] == [
+        (3, 0.25, 1.5),
+        (6, 0.125, 0.75),
+    ]
     assert all(isinstance(r["time"], float) for r in rows)
     board = _tensorboard_scalars(str(tmp_path / "tensorboard"))
-    assert board == {(3, "loss"): 0.25, (3, "grad_norm"): 1.5,
-                     (6, "loss"): 0.125, (6, "grad_norm"): 0.75}
+    assert board == {
+        (3, "loss"): 0.25,
+        (3, "grad_norm"): 1.5,
+        (6, "loss"): 0.125,
+        (6, "grad_norm"): 0.75,
+    }

@@ -15,8 +15,18 @@ from sdedit_jax.sampling import correctors, grids, integrate
 
 
 def test_the_readme_names_are_exported():
-    for name in ("load_model", "load_network", "paper_steps", "sdedit", "Sampler", "VPSDE",
-                 "SubVPSDE", "VESDE", "Editor", "LoadedModel"):
+    for name in (
+        "load_model",
+        "load_network",
+        "paper_steps",
+        "sdedit",
+        "Sampler",
+        "VPSDE",
+        "SubVPSDE",
+        "VESDE",
+        "Editor",
+        "LoadedModel",
+    ):
         assert hasattr(sj, name) and name in sj.__all__, name
     assert set(sj.PREDICTORS) == set(integrate.SOLVERS)
     assert {"sde_dpm_solver_2m", "dpm_solver_2m", "ddim", "ancestral"} <= set(sj.PREDICTORS)

@@ -84,8 +84,9 @@ def test_langevin_keeps_the_marginal_and_ignores_batch_mates():
     score = GaussianScore(sde, MU, S)
     t = jnp.full((64,), 0.5)
     mean = np.exp(float(sde.log_mean_coeff(t)[0])) * MU
-    std = np.sqrt(np.exp(2 * float(sde.log_mean_coeff(t)[0])) * S**2
-                  + float(sde.marginal_std(t)[0]) ** 2)
+    std = np.sqrt(
+        np.exp(2 * float(sde.log_mean_coeff(t)[0])) * S**2 + float(sde.marginal_std(t)[0]) ** 2
+    )
     keys = jax.random.split(jax.random.key(3), 64)
     x = mean + std * jax.random.normal(jax.random.key(4), (64, 16, 16, 1))
     run = jax.jit(functools.partial(langevin, snr=0.05, n_steps=40), static_argnums=(0, 1))

@@ -14,8 +14,9 @@ def test_paper_rule_is_ceil_of_n_t0_capped_at_the_bucket():
     expected = [min(math.ceil(round(100 * float(t), 3)), rule.max_steps) for t in t0]
     np.testing.assert_array_equal(rule.steps_for(t0), expected)
     assert rule.max_steps == 128 and rule.steps_for(t0).dtype == np.int32
-    np.testing.assert_array_equal(StepRule(steps_per_unit_time=100, max_steps=40).steps_for(t0),
-                                  [1, 30, 40, 40, 40])
+    np.testing.assert_array_equal(
+        StepRule(steps_per_unit_time=100, max_steps=40).steps_for(t0), [1, 30, 40, 40, 40]
+    )
 
 
 def test_fixed_rule_ignores_t0_and_buckets_are_powers_of_two():
@@ -26,11 +27,14 @@ def test_fixed_rule_ignores_t0_and_buckets_are_powers_of_two():
     assert int(paper_steps(500, np.float32(0.8))) == 400  # float32 0.8 adds no step
 
 
-@pytest.mark.parametrize("fields, match", [
-    ({}, "set exactly one of steps_per_unit_time"),
-    ({"steps_per_unit_time": 10, "n_steps": 10}, "set exactly one of steps_per_unit_time"),
-    ({"n_steps": 20, "max_steps": 16}, "n_steps=20 exceeds max_steps=16"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({}, "set exactly one of steps_per_unit_time"),
+        ({"steps_per_unit_time": 10, "n_steps": 10}, "set exactly one of steps_per_unit_time"),
+        ({"n_steps": 20, "max_steps": 16}, "n_steps=20 exceeds max_steps=16"),
+    ],
+)
 def test_bad_rules_are_rejected(fields, match):
     with pytest.raises(ValueError, match=match):
         StepRule(**fields)

@@ -221,8 +221,9 @@ def test_emoji_config_builds_the_default_model():
 def test_shipped_model_is_what_the_continued_config_trains():
     """The shipped weights' info matches configs/train_emoji.py:continued (model, SDE, steps)."""
     config = _load_config("train_emoji", "continued")
-    with open(os.path.join(os.path.dirname(train.__file__), "assets", "default_model",
-                           "model_info.json")) as f:
+    with open(
+        os.path.join(os.path.dirname(train.__file__), "assets", "default_model", "model_info.json")
+    ) as f:
         info = json.load(f)
     assert info["step"] == config.training.num_steps
     assert info["model"] == json.loads(json.dumps(config.model.to_dict()))
@@ -243,8 +244,13 @@ def test_streaming_tfdata_source_resumes_exactly(tiny_config, tmp_path):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(folder / f"{i:02d}.png")
     config = tiny_config.copy_and_resolve_references()
     config.data = ml_collections.ConfigDict(
-        {"source": "folder", "path": str(folder), "image_size": 8, "num_channels": 3,
-         "random_flip": True}
+        {
+            "source": "folder",
+            "path": str(folder),
+            "image_size": 8,
+            "num_channels": 3,
+            "random_flip": True,
+        }
     )
     config.training.num_steps = 4
     full = train.train(config, str(tmp_path / "full"), devices=jax.devices()[:2])

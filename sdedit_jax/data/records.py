@@ -16,8 +16,14 @@ import tensorflow as tf
 from sdedit_jax.data import images
 
 
-def tf_example(image: bytes, *, id: str | None = None, mask: bytes | None = None,
-               t0: float | None = None, seed: int | None = None) -> bytes:
+def tf_example(
+    image: bytes,
+    *,
+    id: str | None = None,
+    mask: bytes | None = None,
+    t0: float | None = None,
+    seed: int | None = None,
+) -> bytes:
     """A serialized ``tf.train.Example`` in the layout the ``"tfrecord"`` source reads."""
     feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image]))}
     if id is not None:
@@ -31,8 +37,13 @@ def tf_example(image: bytes, *, id: str | None = None, mask: bytes | None = None
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-_RECORD_KINDS = {"image": "bytes_list", "mask": "bytes_list", "id": "bytes_list",
-                 "t0": "float_list", "seed": "int64_list"}
+_RECORD_KINDS = {
+    "image": "bytes_list",
+    "mask": "bytes_list",
+    "id": "bytes_list",
+    "t0": "float_list",
+    "seed": "int64_list",
+}
 
 
 def record_fields(record: bytes) -> dict[str, Any]:

@@ -60,8 +60,24 @@ from sdedit_jax.evaluation.scoring import Scorer, reference_features, setting_sc
 from sdedit_jax.evaluation.sweep import REFERENCE_CACHE, cached_edit, run_evaluation, sweep
 
 __all__ = [
-    "BASELINE_VARIANT", "COLUMNS", "REFERENCE_CACHE", "ImageSet", "Scorer", "Variant",
-    "cached_edit", "check_t0s", "csv_text", "load_guides", "load_reference",
-    "reference_features", "run_evaluation", "setting_scores", "sweep", "table_text",
-    "task_generator", "variants_from_config", "with_samples", "write_outputs",
+    "BASELINE_VARIANT",
+    "COLUMNS",
+    "REFERENCE_CACHE",
+    "ImageSet",
+    "Scorer",
+    "Variant",
+    "cached_edit",
+    "check_t0s",
+    "csv_text",
+    "load_guides",
+    "load_reference",
+    "reference_features",
+    "run_evaluation",
+    "setting_scores",
+    "sweep",
+    "table_text",
+    "task_generator",
+    "variants_from_config",
+    "with_samples",
+    "write_outputs",
 ]

@@ -53,8 +53,10 @@ def _input_mapping(base: Mapping, field: str, **managed) -> dict:
     values = dict(base)
     clash = sorted(set(values) & set(_MANAGED_INPUT_FIELDS))
     if clash:
-        raise ValueError(f"{field}: do not set {clash}; evaluation derives them from the model, "
-                         "tasks, generator_kwargs and seed")
+        raise ValueError(
+            f"{field}: do not set {clash}; evaluation derives them from the model, "
+            "tasks, generator_kwargs and seed"
+        )
     return {**values, **managed}
 
 
@@ -66,8 +68,9 @@ def load_image_set(input_config: Mapping, name: str, what: str, limit: int = 0) 
     Raises:
         ValueError: some examples failed to decode (listing them), or none exist.
     """
-    stream = guide_inputs.make_guide_dataset(input_config, batch_size_per_host=_LOAD_BATCH,
-                                             process_index=0, process_count=1)
+    stream = guide_inputs.make_guide_dataset(
+        input_config, batch_size_per_host=_LOAD_BATCH, process_index=0, process_count=1
+    )
     ids, images, masks, errors = [], [], [], []
     for batch in stream.dataset.as_numpy_iterator():
         for row in np.nonzero(batch["valid"])[0]:
@@ -99,22 +102,31 @@ def task_generator(config: ml_collections.ConfigDict, task: str) -> tuple[str, d
     kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
     generator = kwargs.pop("generator", task)
     if generator not in guide_inputs.GENERATOR_NAMES:
-        raise ValueError(f"config.tasks: task {task!r} uses generator {generator!r}; known: "
-                         f"{', '.join(guide_inputs.GENERATOR_NAMES)} (or name one in "
-                         f"config.generator_kwargs.{task}.generator)")
+        raise ValueError(
+            f"config.tasks: task {task!r} uses generator {generator!r}; known: "
+            f"{', '.join(guide_inputs.GENERATOR_NAMES)} (or name one in "
+            f"config.generator_kwargs.{task}.generator)"
+        )
     return generator, kwargs
 
 
-def load_guides(config: ml_collections.ConfigDict, task: str, image_size: int,
-                channels: int) -> ImageSet:
+def load_guides(
+    config: ml_collections.ConfigDict, task: str, image_size: int, channels: int
+) -> ImageSet:
     """The guides of one task (see :func:`task_generator`), made from ``config.input``'s images."""
     generator, kwargs = task_generator(config, task)
     mapping = _input_mapping(
-        config.input.to_dict(), "config.input", generator=generator,
+        config.input.to_dict(),
+        "config.input",
+        generator=generator,
         generator_kwargs=kwargs,
-        image_size=(image_size, image_size), channels=channels, seed=config.seed)
-    return load_image_set(mapping, task, f"config.input (guides of task {task!r})",
-                          config.max_guides)
+        image_size=(image_size, image_size),
+        channels=channels,
+        seed=config.seed,
+    )
+    return load_image_set(
+        mapping, task, f"config.input (guides of task {task!r})", config.max_guides
+    )
 
 
 def with_samples(guides: ImageSet, samples: int) -> ImageSet:
@@ -126,12 +138,15 @@ def with_samples(guides: ImageSet, samples: int) -> ImageSet:
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"config.samples_per_guide: must be a positive int, got {samples!r}")
     ids = [i if k == 0 else f"{i}#{k}" for k in range(samples) for i in guides.ids]
-    return ImageSet(guides.name, ids, np.tile(guides.images, (samples, 1, 1, 1)),
-                    np.tile(guides.masks, (samples, 1, 1, 1)))
+    return ImageSet(
+        guides.name,
+        ids,
+        np.tile(guides.images, (samples, 1, 1, 1)),
+        np.tile(guides.masks, (samples, 1, 1, 1)),
+    )
 
 
-def load_reference(config: ml_collections.ConfigDict, image_size: int,
-                   channels: int) -> ImageSet:
+def load_reference(config: ml_collections.ConfigDict, image_size: int, channels: int) -> ImageSet:
     """The real images realism is measured against, all paths concatenated in order."""
     reference = config.reference.to_dict()
     paths = reference.pop("paths")
@@ -140,8 +155,12 @@ def load_reference(config: ml_collections.ConfigDict, image_size: int,
         raise ValueError("config.reference.paths: give at least one source of real images")
     parts = []
     for path in paths:
-        mapping = _input_mapping(dict(reference, path=path), "config.reference",
-                                 image_size=(image_size, image_size), channels=channels)
+        mapping = _input_mapping(
+            dict(reference, path=path),
+            "config.reference",
+            image_size=(image_size, image_size),
+            channels=channels,
+        )
         parts.append(load_image_set(mapping, "reference", f"config.reference.paths ({path!r})"))
     ids = [f"{path}/{i}" for path, part in zip(paths, parts, strict=True) for i in part.ids]
     images = np.concatenate([p.images for p in parts])
@@ -163,8 +182,10 @@ def variants_from_config(config: ml_collections.ConfigDict) -> list[Variant]:
         where = "config.sampler" if index == 0 else f"config.variants[{index - 1}]"
         unknown = sorted(set(spec) - set(base) - {"name", "repeats"})
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: name, repeats, "
-                             f"{', '.join(sorted(base))}")
+            raise ValueError(
+                f"{where}: unknown key(s) {unknown}; known: name, repeats, "
+                f"{', '.join(sorted(base))}"
+            )
         overrides = {k: v for k, v in spec.items() if k != "name"}
         name = str(spec.get("name") or ",".join(f"{k}={v}" for k, v in sorted(overrides.items())))
         if name in names or name == BASELINE_VARIANT:
@@ -172,8 +193,9 @@ def variants_from_config(config: ml_collections.ConfigDict) -> list[Variant]:
         names.add(name)
         repeats = overrides.pop("repeats", config.repeats)
         try:
-            sampler, step_rule = sampler_from_config(ml_collections.ConfigDict({**base,
-                                                                                **overrides}))
+            sampler, step_rule = sampler_from_config(
+                ml_collections.ConfigDict({**base, **overrides})
+            )
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         variants.append(Variant(name, sampler, step_rule, repeats))

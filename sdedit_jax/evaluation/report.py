@@ -18,9 +18,27 @@ from sdedit_jax.evaluation.inputs import (
     ImageSet,
 )
 
-COLUMNS = ("task", "variant", "t0", "n_steps", "nfe", "examples", "l2", "l2_std", "mse", "psnr",
-           "ssim", "l2_inside", "l2_outside", "kid", "kid_std", "kid_stderr", "fid", "seconds",
-           "images_per_s")
+COLUMNS = (
+    "task",
+    "variant",
+    "t0",
+    "n_steps",
+    "nfe",
+    "examples",
+    "l2",
+    "l2_std",
+    "mse",
+    "psnr",
+    "ssim",
+    "l2_inside",
+    "l2_outside",
+    "kid",
+    "kid_std",
+    "kid_stderr",
+    "fid",
+    "seconds",
+    "images_per_s",
+)
 
 
 def _strict_json(value):
@@ -45,18 +63,22 @@ def csv_text(rows: list[dict]) -> str:
 
 def table_text(rows: list[dict]) -> str:
     """A fixed-width table of the rows, for the terminal."""
+
     def number(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"{'task':<16}{'variant':<14}{'t0':>6}{'steps':>6}{'n':>5}{'L2':>8}{'PSNR':>7}"
-             f"{'SSIM':>7}{'L2 out':>8}{'KID x1e3':>17}{'FID':>9}{'img/s':>8}"]
+    lines = [
+        f"{'task':<16}{'variant':<14}{'t0':>6}{'steps':>6}{'n':>5}{'L2':>8}{'PSNR':>7}"
+        f"{'SSIM':>7}{'L2 out':>8}{'KID x1e3':>17}{'FID':>9}{'img/s':>8}"
+    ]
     for row in rows:
         kid = f"{row['kid'] * 1e3:.2f} ± {row['kid_std'] * 1e3:.2f}"
         lines.append(
             f"{row['task'][:15]:<16}{row['variant'][:13]:<14}{row['t0']:>6.2f}{row['n_steps']:>6}"
             f"{row['examples']:>5}{row['l2']:>8.3f}{number(row['psnr'], 2):>7}"
             f"{number(row['ssim'], 3):>7}{number(row['l2_outside'], 3):>8}{kid:>17}"
-            f"{row['fid']:>9.2f}{number(row['images_per_s'], 1):>8}")
+            f"{row['fid']:>9.2f}{number(row['images_per_s'], 1):>8}"
+        )
     return "\n".join(lines)
 
 
@@ -77,15 +99,31 @@ def plot_tradeoff(rows: list[dict], title: str) -> Figure:
     for (task, variant), points in _curves(rows).items():
         l2 = [p["l2"] for p in points]
         label = f"{task} / {variant}"
-        kid_axis.errorbar(l2, [p["kid"] for p in points], yerr=[p["kid_std"] for p in points],
-                          marker="o", capsize=3, label=label)
+        kid_axis.errorbar(
+            l2,
+            [p["kid"] for p in points],
+            yerr=[p["kid_std"] for p in points],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
         fid_axis.plot(l2, [p["fid"] for p in points], marker="o", label=label)
         for point in points:
             text = f"{point['t0']:g}"
-            kid_axis.annotate(text, (point["l2"], point["kid"]), textcoords="offset points",
-                              xytext=(4, 4), fontsize=8)
-            fid_axis.annotate(text, (point["l2"], point["fid"]), textcoords="offset points",
-                              xytext=(4, 4), fontsize=8)
+            kid_axis.annotate(
+                text,
+                (point["l2"], point["kid"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+            fid_axis.annotate(
+                text,
+                (point["l2"], point["fid"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
     for axis, metric in ((kid_axis, "KID"), (fid_axis, "FID")):
         axis.set_xlabel("L2 to guide (faithfulness; lower = more faithful)")
         axis.set_ylabel(f"{metric} to real images (lower = more realistic)")
@@ -95,8 +133,9 @@ def plot_tradeoff(rows: list[dict], title: str) -> Figure:
     return figure
 
 
-def contact_rows(guides: ImageSet, outputs: dict[float, np.ndarray], count: int
-                 ) -> tuple[list[list[np.ndarray]], list[str], list[str]]:
+def contact_rows(
+    guides: ImageSet, outputs: dict[float, np.ndarray], count: int
+) -> tuple[list[list[np.ndarray]], list[str], list[str]]:
     """(rows, column labels, row labels): guide | mask (masked tasks) | output per t0."""
     t0s = sorted(outputs)
     labels = ["guide"] + (["mask"] if guides.masked else []) + [f"t0={t:g}" for t in t0s]
@@ -106,7 +145,7 @@ def contact_rows(guides: ImageSet, outputs: dict[float, np.ndarray], count: int
         if guides.masked:
             cells.append(guides.masks[index] * 2.0 - 1.0)
         rows.append(cells + [outputs[t][index] for t in t0s])
-    names = [os.path.splitext(i)[0] for i in guides.ids[:len(rows)]]
+    names = [os.path.splitext(i)[0] for i in guides.ids[: len(rows)]]
     return rows, labels, names
 
 
@@ -125,14 +164,18 @@ def _figure_png(figure: Figure) -> bytes:
 def write_outputs(workdir: str, results: dict, sheets: dict) -> None:
     """results.json, results.csv, the trade-off plot and the contact sheets."""
     rows = results["rows"]
-    sinks.atomic_write_bytes(os.path.join(workdir, "results.json"),
-                             json.dumps(_strict_json(results), indent=1,
-                                        allow_nan=False).encode())
+    sinks.atomic_write_bytes(
+        os.path.join(workdir, "results.json"),
+        json.dumps(_strict_json(results), indent=1, allow_nan=False).encode(),
+    )
     sinks.atomic_write_bytes(os.path.join(workdir, "results.csv"), csv_text(rows).encode())
-    title = (f"model {results['model']['sha256'][:12]}, {results['feature_extractor']} features, "
-             f"{results['reference_images']} reference images")
-    sinks.atomic_write_bytes(os.path.join(workdir, "realism_faithfulness.png"),
-                             _figure_png(plot_tradeoff(rows, title)))
+    title = (
+        f"model {results['model']['sha256'][:12]}, {results['feature_extractor']} features, "
+        f"{results['reference_images']} reference images"
+    )
+    sinks.atomic_write_bytes(
+        os.path.join(workdir, "realism_faithfulness.png"), _figure_png(plot_tradeoff(rows, title))
+    )
     for (task, variant), (cells, labels, names) in sheets.items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{task}_{variant}")
         sheet = report.contact_sheet(cells, labels, names)

@@ -25,8 +25,9 @@ def _reference_key(extractor, reference: ImageSet) -> str:
     return digest.hexdigest()
 
 
-def reference_features(extractor, reference: ImageSet, cache_path: str,
-                       batch_size: int) -> tuple[np.ndarray, bool]:
+def reference_features(
+    extractor, reference: ImageSet, cache_path: str, batch_size: int
+) -> tuple[np.ndarray, bool]:
     """Reference features, from ``cache_path`` when it holds these exact images; (features, hit)."""
     key = _reference_key(extractor, reference)
     if files.exists(cache_path):
@@ -46,22 +47,37 @@ def _mean(values) -> float | None:
     return None if np.all(np.isnan(values)) else float(np.mean(values))
 
 
-def setting_scores(outputs: np.ndarray, guides: ImageSet, features: np.ndarray,
-                   reference: np.ndarray, reference_stats: realism.GaussianStats,
-                   kid_key: jax.Array, kid_subset_size: int, kid_subsets: int) -> dict:
+def setting_scores(
+    outputs: np.ndarray,
+    guides: ImageSet,
+    features: np.ndarray,
+    reference: np.ndarray,
+    reference_stats: realism.GaussianStats,
+    kid_key: jax.Array,
+    kid_subset_size: int,
+    kid_subsets: int,
+) -> dict:
     """Faithfulness (means over examples) and realism of one setting's outputs."""
     scores = faithfulness.faithfulness_scores(
-        jnp.asarray(to_unit_rgb(outputs)), jnp.asarray(to_unit_rgb(guides.images)),
-        jnp.asarray(guides.masks) if guides.masked else None)
+        jnp.asarray(to_unit_rgb(outputs)),
+        jnp.asarray(to_unit_rgb(guides.images)),
+        jnp.asarray(guides.masks) if guides.masked else None,
+    )
     kid = realism.kid(features, reference, kid_key, kid_subset_size, kid_subsets)
     fid = fid_to_reference(features, reference_stats)
     l2 = np.asarray(scores["l2"], np.float64)
     return {
-        "l2": float(l2.mean()), "l2_std": float(l2.std(ddof=1)) if len(l2) > 1 else 0.0,
-        "mse": _mean(scores["mse"]), "psnr": _mean(scores["psnr"]), "ssim": _mean(scores["ssim"]),
+        "l2": float(l2.mean()),
+        "l2_std": float(l2.std(ddof=1)) if len(l2) > 1 else 0.0,
+        "mse": _mean(scores["mse"]),
+        "psnr": _mean(scores["psnr"]),
+        "ssim": _mean(scores["ssim"]),
         "l2_inside": _mean(scores["l2_inside"]) if guides.masked else None,
         "l2_outside": _mean(scores["l2_outside"]) if guides.masked else None,
-        "kid": kid.mean, "kid_std": kid.std, "kid_stderr": kid.stderr, "fid": fid,
+        "kid": kid.mean,
+        "kid_std": kid.std,
+        "kid_stderr": kid.stderr,
+        "fid": fid,
     }
 
 
@@ -79,5 +95,13 @@ class Scorer:
 
     def __call__(self, outputs: np.ndarray, guides: ImageSet) -> dict:
         features = image_features(self.extractor, outputs, self.feature_batch_size)
-        return setting_scores(outputs, guides, features, self.reference, self.reference_stats,
-                              self.kid_key, self.kid_subset_size, self.kid_subsets)
+        return setting_scores(
+            outputs,
+            guides,
+            features,
+            self.reference,
+            self.reference_stats,
+            self.kid_key,
+            self.kid_subset_size,
+            self.kid_subsets,
+        )

@@ -262,10 +262,11 @@ def to_unit_rgb(images: np.ndarray) -> np.ndarray:
 def image_features(extractor, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Features of ``[-1, 1]`` images in fixed-size (padded) batches: one compile for any count."""
     unit = to_unit_rgb(images)
-    padded = np.concatenate([unit, np.zeros((-len(unit) % batch_size,) + unit.shape[1:],
-                                            np.float32)])
-    batches = (padded[i:i + batch_size] for i in range(0, len(padded), batch_size))
-    return extract_features(extractor, batches)[:len(unit)]
+    padded = np.concatenate(
+        [unit, np.zeros((-len(unit) % batch_size,) + unit.shape[1:], np.float32)]
+    )
+    batches = (padded[i : i + batch_size] for i in range(0, len(padded), batch_size))
+    return extract_features(extractor, batches)[: len(unit)]
 
 
 def fid_to_reference(features: np.ndarray, reference: GaussianStats) -> float:
@@ -287,6 +288,10 @@ def fid_to_reference(features: np.ndarray, reference: GaussianStats) -> float:
     eigenvalues = np.linalg.eigvalsh(0.5 * (small + small.T))
     trace_sqrt = np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None)))
     difference = stats.mean - reference.mean
-    value = (difference @ difference + np.sum(centred**2) / (count - 1)
-             + np.trace(reference.covariance) - 2.0 * trace_sqrt)
+    value = (
+        difference @ difference
+        + np.sum(centred**2) / (count - 1)
+        + np.trace(reference.covariance)
+        - 2.0 * trace_sqrt
+    )
     return float(max(value, 0.0))  # rounding can dip below 0 for equal sets, as in realism

@@ -60,9 +60,12 @@ from sdedit_jax.tools.timing import (  # noqa: E402
     timed,
 )
 
-_WHAT = flags.DEFINE_enum("what", "sampler",
-                          ["sampler", "job", "torch", "networks", "sampler_xla", "few_step"],
-                          "what to measure")
+_WHAT = flags.DEFINE_enum(
+    "what",
+    "sampler",
+    ["sampler", "job", "torch", "networks", "sampler_xla", "few_step"],
+    "what to measure",
+)
 _MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
 _RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch (sampler mode)")
@@ -70,20 +73,28 @@ _STEPS = flags.DEFINE_integer("steps", 100, "reverse steps per edit")
 _PREDICTOR = flags.DEFINE_string("predictor", "euler_maruyama", "predictor")
 _TIME_GRID = flags.DEFINE_string("time_grid", "", "time grid ('' = the predictor's default)")
 _SETTINGS = flags.DEFINE_list(
-    "settings", ["dpm_solver_2m:10", "sde_dpm_solver_2m:20"],
-    "few_step mode: JAX settings predictor:steps")
+    "settings",
+    ["dpm_solver_2m:10", "sde_dpm_solver_2m:20"],
+    "few_step mode: JAX settings predictor:steps",
+)
 _RECIPE_STEPS = flags.DEFINE_integer(
-    "recipe_steps", 500, "few_step mode: PyTorch steps of the paper's recipe (N=1000, t0=0.5)")
+    "recipe_steps", 500, "few_step mode: PyTorch steps of the paper's recipe (N=1000, t0=0.5)"
+)
 _CORRECTOR = flags.DEFINE_string("corrector", "none", "corrector")
 _REPEATS = flags.DEFINE_integer("timing_repeats", 3, "timed runs (best is reported)")
 _NUM_GUIDES = flags.DEFINE_integer("num_guides", 256, "guides in the job benchmark")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 0, "0 -> batch / devices")
-_NETWORKS = flags.DEFINE_list("networks", ["ddpm_church_256", "ddpm_cifar10_32"],
-                              "networks mode: keys of PUBLISHED_UNETS")
-_XLA_OPTIONS = flags.DEFINE_list("xla_options", ["default", "no_ynnpack", "onednn_dot"],
-                                 "networks mode: keys of XLA_CPU_OPTIONS, timed side by side")
-_RESULTS = flags.DEFINE_string("results", "", "networks mode: JSONL file; finished networks "
-                               "are skipped on a rerun")
+_NETWORKS = flags.DEFINE_list(
+    "networks", ["ddpm_church_256", "ddpm_cifar10_32"], "networks mode: keys of PUBLISHED_UNETS"
+)
+_XLA_OPTIONS = flags.DEFINE_list(
+    "xla_options",
+    ["default", "no_ynnpack", "onednn_dot"],
+    "networks mode: keys of XLA_CPU_OPTIONS, timed side by side",
+)
+_RESULTS = flags.DEFINE_string(
+    "results", "", "networks mode: JSONL file; finished networks are skipped on a rerun"
+)
 
 
 def benchmark_model_dir(scratch: str) -> str:
@@ -93,8 +104,13 @@ def benchmark_model_dir(scratch: str) -> str:
     config = job.load_config(_RANDOM_ARCH.value)
     model_config = unet.UNetConfig.from_config(config.model)
     _, state = nnx.split(unet.build(model_config, 0))
-    pretrained.save_model(scratch, state, config.model.to_dict(), config.sde.to_dict(),
-                          config.training.parameterization)
+    pretrained.save_model(
+        scratch,
+        state,
+        config.model.to_dict(),
+        config.sde.to_dict(),
+        config.training.parameterization,
+    )
     return scratch
 
 
@@ -124,25 +140,33 @@ def _random_batch(model, editor, rows, steps, seed=0) -> engine.EditBatch:
 def bench_sampler(model: pretrained.LoadedModel) -> dict:
     devices = jax.device_count()
     per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
-    sampler = Sampler(_PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value,
-                      time_grid=_TIME_GRID.value)
+    sampler = Sampler(
+        _PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value, time_grid=_TIME_GRID.value
+    )
     editor = engine.Editor(model.sde, sampler, per_device_batch=per_device)
     placed = editor.place_score(model.score_fn)
     batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
     compile_s = timed(lambda: editor.lower(placed, batch).compile())
     editor.run_global(placed, batch).block_until_ready()
-    run_s = min(timed(lambda: editor.run_global(placed, batch).block_until_ready())
-                for _ in range(_REPEATS.value))
+    run_s = min(
+        timed(lambda: editor.run_global(placed, batch).block_until_ready())
+        for _ in range(_REPEATS.value)
+    )
     evals = _STEPS.value * sampler.nfe_per_step
     flops_per_eval = score_flops(model, editor.global_batch)
     peak = matmul_peak_flops()
     achieved = flops_per_eval * evals / run_s
     return {
-        "devices": devices, "platform": jax.devices()[0].platform,
-        "global_batch": editor.global_batch, "steps": _STEPS.value,
-        "predictor": sampler.predictor, "corrector": sampler.corrector,
-        "time_grid": sampler.grid_name, "nfe_per_example": evals,
-        "compile_s (trace+lower+compile)": round(compile_s, 2), "run_s": round(run_s, 3),
+        "devices": devices,
+        "platform": jax.devices()[0].platform,
+        "global_batch": editor.global_batch,
+        "steps": _STEPS.value,
+        "predictor": sampler.predictor,
+        "corrector": sampler.corrector,
+        "time_grid": sampler.grid_name,
+        "nfe_per_example": evals,
+        "compile_s (trace+lower+compile)": round(compile_s, 2),
+        "run_s": round(run_s, 3),
         "steps_per_s": round(_STEPS.value / run_s, 2),
         "images_per_s": round(editor.global_batch / run_s, 2),
         "model_calls_per_s (batched)": round(evals / run_s, 2),
@@ -167,10 +191,8 @@ def bench_sampler_xla(model: pretrained.LoadedModel) -> dict:
     batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
     lowered = editor.lower(placed, batch)
     _, arrays = placed
-    args = (arrays, batch.guides, batch.seeds, batch.id_words, batch.t0, batch.n_steps,
-            batch.mask)
-    compiled = {o: lowered.compile(compiler_options=XLA_CPU_OPTIONS[o])
-                for o in _XLA_OPTIONS.value}
+    args = (arrays, batch.guides, batch.seeds, batch.id_words, batch.t0, batch.n_steps, batch.mask)
+    compiled = {o: lowered.compile(compiler_options=XLA_CPU_OPTIONS[o]) for o in _XLA_OPTIONS.value}
     outputs = {o: np.asarray(c(*args)) for o, c in compiled.items()}  # also warms up
     first = _XLA_OPTIONS.value[0]
     best = {o: float("inf") for o in compiled}
@@ -179,10 +201,14 @@ def bench_sampler_xla(model: pretrained.LoadedModel) -> dict:
             best[o] = min(best[o], timed(lambda c=c: c(*args).block_until_ready()))
     rows = editor.global_batch
     return {
-        "cpu": cpu_model_name(), "devices": jax.device_count(), "global_batch": rows,
-        "steps": _STEPS.value, "predictor": sampler.predictor,
-        "max_abs_diff_vs_first": {o: float(np.max(np.abs(v - outputs[first])))
-                                  for o, v in outputs.items()},
+        "cpu": cpu_model_name(),
+        "devices": jax.device_count(),
+        "global_batch": rows,
+        "steps": _STEPS.value,
+        "predictor": sampler.predictor,
+        "max_abs_diff_vs_first": {
+            o: float(np.max(np.abs(v - outputs[first]))) for o, v in outputs.items()
+        },
         "images_per_s": {o: round(rows / b, 2) for o, b in best.items()},
         f"speedup_over_{first}": {o: round(best[first] / b, 3) for o, b in best.items()},
     }
@@ -237,8 +263,11 @@ def bench_job(model: pretrained.LoadedModel, model_dir: str) -> dict:
     job_rate = timed_steps * global_batch / job_s
     pure_rate = timed_steps * global_batch / pure_s
     return {
-        "devices": jax.device_count(), "global_batch": global_batch, "steps": _STEPS.value,
-        "guides": _NUM_GUIDES.value, "timed_batches": timed_steps,
+        "devices": jax.device_count(),
+        "global_batch": global_batch,
+        "steps": _STEPS.value,
+        "guides": _NUM_GUIDES.value,
+        "timed_batches": timed_steps,
         "job_images_per_s (after first step)": round(job_rate, 2),
         "pure_program_images_per_s": round(pure_rate, 2),
         "job_over_pure_ratio": round(job_rate / pure_rate, 3),
@@ -261,8 +290,9 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
     from sdedit_jax.tools import torch_baseline
 
     if (_PREDICTOR.value, _CORRECTOR.value) != ("euler_maruyama", "none"):
-        raise ValueError("--what=torch: the PyTorch port has only --predictor=euler_maruyama "
-                         "--corrector=none")
+        raise ValueError(
+            "--what=torch: the PyTorch port has only --predictor=euler_maruyama --corrector=none"
+        )
     devices = jax.device_count()
     per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
     editor = engine.Editor(model.sde, Sampler(max_steps=_STEPS.value), per_device_batch=per_device)
@@ -274,8 +304,10 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
 
     flax_model = model.network()
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-    nets = {name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
-            for name, fmt in formats.items()}
+    nets = {
+        name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
+        for name, fmt in formats.items()
+    }
     guides = torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2)
     threads = torch.get_num_threads()
 
@@ -286,7 +318,9 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
             model.sde, flax_model.cfg.time_embedding, host_batch.t0, _STEPS.value
         )
         return torch_baseline.sdedit(
-            nets[format_name], model.parameterization, schedule,
+            nets[format_name],
+            model.parameterization,
+            schedule,
             guides.contiguous(memory_format=formats[format_name]),
             torch.Generator().manual_seed(0),
         )
@@ -308,9 +342,14 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
         model, nets["nchw"], model.parameterization, host_batch
     )
     return {
-        "devices": devices, "platform": jax.devices()[0].platform, "global_batch": rows,
-        "steps": _STEPS.value, "t0": float(host_batch.t0[0]), "predictor": "euler_maruyama",
-        "torch_version": torch.__version__, "torch_threads": threads,
+        "devices": devices,
+        "platform": jax.devices()[0].platform,
+        "global_batch": rows,
+        "steps": _STEPS.value,
+        "t0": float(host_batch.t0[0]),
+        "predictor": "euler_maruyama",
+        "torch_version": torch.__version__,
+        "torch_threads": threads,
         # XLA:CPU sizes its intra-op thread pool to the schedulable cores; no flag changes it here.
         "schedulable_cpus": len(os.sched_getaffinity(0)),
         "score_max_abs (jax, t=t0)": score_scale,
@@ -344,33 +383,48 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
     per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
     settings = [(p, int(n)) for p, n in (item.split(":") for item in _SETTINGS.value)]
     settings.append(("ancestral", _RECIPE_STEPS.value))
-    editors = {f"jax_{p}@{n}": (engine.Editor(model.sde, Sampler(
-        p, max_steps=step_bucket(n), time_grid=_TIME_GRID.value),
-        per_device_batch=per_device), n) for p, n in settings}
+    editors = {
+        f"jax_{p}@{n}": (
+            engine.Editor(
+                model.sde,
+                Sampler(p, max_steps=step_bucket(n), time_grid=_TIME_GRID.value),
+                per_device_batch=per_device,
+            ),
+            n,
+        )
+        for p, n in settings
+    }
     some_editor = next(iter(editors.values()))[0]
     rows = some_editor.global_batch
     host_batch = dataclasses.replace(_random_batch(model, some_editor, rows, 1), mask=None)
     flax_model = model.network()
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-    nets = {name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
-            for name, fmt in formats.items()}
+    nets = {
+        name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
+        for name, fmt in formats.items()
+    }
     guides = torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2)
 
     def run_torch(format_name, steps=_RECIPE_STEPS.value):
         schedule = torch_baseline.edit_schedule(
-            model.sde, flax_model.cfg.time_embedding, host_batch.t0, steps)
+            model.sde, flax_model.cfg.time_embedding, host_batch.t0, steps
+        )
         return torch_baseline.sdedit(
-            nets[format_name], model.parameterization, schedule,
+            nets[format_name],
+            model.parameterization,
+            schedule,
             guides.contiguous(memory_format=formats[format_name]),
-            torch.Generator().manual_seed(0))
+            torch.Generator().manual_seed(0),
+        )
 
     for name in formats:  # warm-up (oneDNN primitive creation), untimed
         run_torch(name, 2)
 
     def jax_run(editor, steps):
         placed = editor.place_score(model.score_fn)
-        batch = editor.shard(dataclasses.replace(
-            host_batch, n_steps=np.full(rows, steps, np.int32)))
+        batch = editor.shard(
+            dataclasses.replace(host_batch, n_steps=np.full(rows, steps, np.int32))
+        )
         editor.run_global(placed, batch).block_until_ready()  # compiles
         return lambda: editor.run_global(placed, batch).block_until_ready()
 
@@ -382,17 +436,23 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
             best_s[name] = min(best_s[name], timed(run))
     torch_name = min((f"torch_{name}" for name in formats), key=best_s.get)
     result = {
-        "devices": devices, "platform": jax.devices()[0].platform, "global_batch": rows,
-        "t0": float(host_batch.t0[0]), "torch_version": torch.__version__,
+        "devices": devices,
+        "platform": jax.devices()[0].platform,
+        "global_batch": rows,
+        "t0": float(host_batch.t0[0]),
+        "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_recipe": f"{_RECIPE_STEPS.value} uniform reverse-SDE steps ({torch_name})",
         "torch_recipe_images_per_s": round(rows / best_s[torch_name], 3),
     }
     for name, (editor, steps) in editors.items():
         nfe = steps * editor.sampler.nfe_per_step
-        result[name] = {"grid": editor.sampler.grid_name, "nfe_per_image": nfe,
-                        "images_per_s": round(rows / best_s[name], 3),
-                        "over_torch_recipe": round(best_s[torch_name] / best_s[name], 2)}
+        result[name] = {
+            "grid": editor.sampler.grid_name,
+            "nfe_per_image": nfe,
+            "images_per_s": round(rows / best_s[name], 3),
+            "over_torch_recipe": round(best_s[torch_name] / best_s[name], 2),
+        }
     return result
 
 
@@ -402,9 +462,11 @@ def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[f
 
     from sdedit_jax.tools import torch_baseline
 
-    jax_score = np.asarray(jax.jit(lambda s, x, t: s(x, t))(
-        model.score_fn, jnp.asarray(host_batch.guides), jnp.asarray(host_batch.t0)
-    ))
+    jax_score = np.asarray(
+        jax.jit(lambda s, x, t: s(x, t))(
+            model.score_fn, jnp.asarray(host_batch.guides), jnp.asarray(host_batch.t0)
+        )
+    )
     schedule = torch_baseline.edit_schedule(model.sde, net.cfg.time_embedding, host_batch.t0, 1)
     with torch.no_grad():
         out = net(torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2), schedule.cond[0])
@@ -417,8 +479,9 @@ def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[f
 def main(argv):
     del argv
     if _WHAT.value == "networks":
-        bench_networks(_NETWORKS.value, _BATCH.value, _XLA_OPTIONS.value, _REPEATS.value,
-                       _RESULTS.value)
+        bench_networks(
+            _NETWORKS.value, _BATCH.value, _XLA_OPTIONS.value, _REPEATS.value, _RESULTS.value
+        )
         return
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = benchmark_model_dir(scratch)
@@ -430,8 +493,9 @@ def main(argv):
         elif _WHAT.value == "few_step":
             result = bench_few_step(model)
         else:
-            result = (bench_sampler(model) if _WHAT.value == "sampler"
-                      else bench_job(model, model_dir))
+            result = (
+                bench_sampler(model) if _WHAT.value == "sampler" else bench_job(model, model_dir)
+            )
     print(json.dumps(result, indent=1))
 
 

@@ -24,33 +24,53 @@ from flax import nnx
 from sdedit_jax import pretrained
 from sdedit_jax.tools.timing import XLA_CPU_OPTIONS, cpu_model_name, timed
 
-_DDPM_COMMON = {"in_channels": 3, "out_channels": 3, "layers_per_block": 2,
-                "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6,
-                "downsample_padding": 0, "attention_head_dim": None}
+_DDPM_COMMON = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "norm_eps": 1e-6,
+    "downsample_padding": 0,
+    "attention_head_dim": None,
+}
 PUBLISHED_UNETS = {
     # google/ddpm-ema-{church,bedroom,celebahq}-256: 113.7M parameters.
     "ddpm_church_256": {
-        **_DDPM_COMMON, "sample_size": 256, "block_out_channels": (128, 128, 256, 256, 512, 512),
+        **_DDPM_COMMON,
+        "sample_size": 256,
+        "block_out_channels": (128, 128, 256, 256, 512, 512),
         "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
     },
     # google/ddpm-cifar10-32: 35.7M parameters, at the shipped model's 32 px.
     "ddpm_cifar10_32": {
-        **_DDPM_COMMON, "sample_size": 32, "block_out_channels": (128, 256, 256, 256),
+        **_DDPM_COMMON,
+        "sample_size": 32,
+        "block_out_channels": (128, 256, 256, 256),
         "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     },
     # google/ncsnpp-church-256 (score_sde's VE church run); its input is sigma.
     "ncsnpp_church_256": {
-        "sample_size": 256, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+        "sample_size": 256,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 2,
         "block_out_channels": (128, 128, 256, 256, 256, 256, 256),
-        "down_block_types": ("SkipDownBlock2D",) * 4 + ("AttnSkipDownBlock2D",)
+        "down_block_types": ("SkipDownBlock2D",) * 4
+        + ("AttnSkipDownBlock2D",)
         + ("SkipDownBlock2D",) * 2,
-        "up_block_types": ("SkipUpBlock2D",) * 2 + ("AttnSkipUpBlock2D",)
-        + ("SkipUpBlock2D",) * 4,
-        "time_embedding_type": "fourier", "center_input_sample": True, "flip_sin_to_cos": True,
-        "freq_shift": 0, "mid_block_scale_factor": 1.41421356237, "norm_eps": 1e-6,
-        "norm_num_groups": None, "downsample_padding": 1, "attention_head_dim": None,
+        "up_block_types": ("SkipUpBlock2D",) * 2 + ("AttnSkipUpBlock2D",) + ("SkipUpBlock2D",) * 4,
+        "time_embedding_type": "fourier",
+        "center_input_sample": True,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "mid_block_scale_factor": 1.41421356237,
+        "norm_eps": 1e-6,
+        "norm_num_groups": None,
+        "downsample_padding": 1,
+        "attention_head_dim": None,
     },
 }
 
@@ -61,8 +81,7 @@ def _jax_network_fn(folder: str):
     return (lambda state, x, t: nnx.merge(net.graphdef, state)(x, t)), net.state
 
 
-def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
-                  repeats: int) -> dict:
+def bench_network(name: str, rows: int, scratch: str, xla_options: list[str], repeats: int) -> dict:
     """One call of a published architecture: sdedit_jax (per XLA option set) vs diffusers.
 
     A randomly initialised diffusers ``UNet2DModel`` is saved with
@@ -110,18 +129,22 @@ def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
         with torch.inference_mode():
             return model(inputs, tt).sample
 
-    runs = {f"jax_{o}": functools.partial(lambda c: c(state, jx, jt).block_until_ready(), c)
-            for o, c in compiled.items()}
+    runs = {
+        f"jax_{o}": functools.partial(lambda c: c(state, jx, jt).block_until_ready(), c)
+        for o, c in compiled.items()
+    }
     runs["torch_eager"] = functools.partial(torch_call, reference, tx, threads)
     runs["torch_channels_last"] = functools.partial(torch_call, channels_last, tx_last, threads)
     if threads > 1:  # OpenMP threads contend badly when other processes load the CPU
         runs["torch_channels_last_1thread"] = functools.partial(
-            torch_call, channels_last, tx_last, 1)
+            torch_call, channels_last, tx_last, 1
+        )
     outputs = {k: np.asarray(run()) for k, run in runs.items()}  # also warms up
     torch_out = outputs["torch_eager"].transpose(0, 2, 3, 1)
     scale = float(np.max(np.abs(torch_out)))
-    diffs = {k: float(np.max(np.abs(v - torch_out))) for k, v in outputs.items()
-             if k.startswith("jax_")}
+    diffs = {
+        k: float(np.max(np.abs(v - torch_out))) for k, v in outputs.items() if k.startswith("jax_")
+    }
     best_s = {k: float("inf") for k in runs}
     for _ in range(repeats):
         for k, run in runs.items():
@@ -130,24 +153,34 @@ def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
     load.append(os.getloadavg()[0])
     fastest_torch = min((k for k in runs if k.startswith("torch")), key=best_s.get)
     return {
-        "network": name, "params_M": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
-        "image_size": size, "batch": rows, "cpu": cpu_model_name(),
-        "platform": jax.devices()[0].platform, "torch_version": torch.__version__,
-        "torch_threads": threads, "timing_repeats": repeats,
+        "network": name,
+        "params_M": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
+        "image_size": size,
+        "batch": rows,
+        "cpu": cpu_model_name(),
+        "platform": jax.devices()[0].platform,
+        "torch_version": torch.__version__,
+        "torch_threads": threads,
+        "timing_repeats": repeats,
         "load_average_1min (start, end)": load,
         "gflop_per_call (XLA cost analysis)": round(flops / 1e9, 2),
-        "max_abs_diff_jax_vs_torch": diffs, "torch_output_max_abs": scale,
+        "max_abs_diff_jax_vs_torch": diffs,
+        "torch_output_max_abs": scale,
         "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
         "seconds_per_call": {k: round(v, 4) for k, v in best_s.items()},
         "images_per_s": {k: round(rows / v, 3) for k, v in best_s.items()},
         "gflop_per_s": {k: round(flops / v / 1e9, 1) for k, v in best_s.items()},
-        "speedup_over_fastest_torch": {k: round(best_s[fastest_torch] / v, 2)
-                                       for k, v in best_s.items() if k.startswith("jax_")},
+        "speedup_over_fastest_torch": {
+            k: round(best_s[fastest_torch] / v, 2)
+            for k, v in best_s.items()
+            if k.startswith("jax_")
+        },
     }
 
 
-def bench_networks(names: list[str], rows: int, xla_options: list[str], repeats: int,
-                   results_path: str = "") -> list[dict]:
+def bench_networks(
+    names: list[str], rows: int, xla_options: list[str], repeats: int, results_path: str = ""
+) -> list[dict]:
     """``bench_network`` for every name, appended to ``results_path`` (JSONL) as it ends;
     names already there (at this batch) are skipped, so a rerun resumes."""
     unknown = sorted(set(names) - set(PUBLISHED_UNETS))
@@ -166,8 +199,7 @@ def bench_networks(names: list[str], rows: int, xla_options: list[str], repeats:
         for name in names:
             if (name, rows) in finished:
                 continue
-            result = bench_network(name, rows, scratch, xla_options,
-                                   repeats)
+            result = bench_network(name, rows, scratch, xla_options, repeats)
             print(json.dumps(result), flush=True)
             results.append(result)
             if results_path:

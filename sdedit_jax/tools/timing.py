@@ -33,9 +33,10 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
 XLA_CPU_OPTIONS: dict[str, dict[str, object]] = {
     "default": {},
     "no_ynnpack": {"xla_cpu_experimental_ynn_fusion_type": ""},  # Eigen everywhere
-    "onednn_dot": {"xla_cpu_use_onednn": True,  # oneDNN matmuls, YNNPACK convolutions
-                   "xla_cpu_experimental_onednn_fusion_type":
-                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "onednn_dot": {
+        "xla_cpu_use_onednn": True,  # oneDNN matmuls, YNNPACK convolutions
+        "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    },
 }
 
 
@@ -48,6 +49,7 @@ def cpu_model_name() -> str:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return platform.processor() or "unknown"
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines()
-             if line.startswith("Model name")]
+    names = [
+        line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
+    ]
     return names[0] if names else "unknown"

@@ -103,8 +103,21 @@ from sdedit_jax.data.guide_inputs.stream import (
 from sdedit_jax.data.records import tf_example
 
 __all__ = [
-    "GENERATOR_NAMES", "GUIDE_EXTENSIONS", "MANIFEST_FIELDS", "MASK_EXTENSIONS", "SEED_RANGE",
-    "SOURCES", "T0_ROWS", "BadInput", "Catalog", "GuideInputConfig", "GuideStream",
-    "build_catalog", "decode_example", "global_num_steps", "make_guide_dataset",
-    "preview_examples", "tf_example",
+    "GENERATOR_NAMES",
+    "GUIDE_EXTENSIONS",
+    "MANIFEST_FIELDS",
+    "MASK_EXTENSIONS",
+    "SEED_RANGE",
+    "SOURCES",
+    "T0_ROWS",
+    "BadInput",
+    "Catalog",
+    "GuideInputConfig",
+    "GuideStream",
+    "build_catalog",
+    "decode_example",
+    "global_num_steps",
+    "make_guide_dataset",
+    "preview_examples",
+    "tf_example",
 ]

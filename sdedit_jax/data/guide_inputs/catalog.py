@@ -89,14 +89,26 @@ def _catalog(rows: list[_Row], payload=None) -> Catalog:
             f"id ({row.source}): {row.id!r} is already used by {first_source[row.id]}; "
             "give every example a distinct id"
         )
-        unique.append(dataclasses.replace(row, id=f"{row.id}#duplicate{repeats[row.id]}",
-                                          error=row.error or reason))
+        unique.append(
+            dataclasses.replace(
+                row, id=f"{row.id}#duplicate{repeats[row.id]}", error=row.error or reason
+            )
+        )
     unique = [_encodable(row) for row in unique]
     clashes = names.find_clashes(row.id for row in unique)
-    unique = [row if row.id not in clashes else dataclasses.replace(row, error=row.error or (
-        f"id ({row.source}): output name {names.output_name(row.id)!r} "
-        f"clashes with that of id {clashes[row.id]!r}; give the examples other ids"))
-        for row in unique]
+    unique = [
+        row
+        if row.id not in clashes
+        else dataclasses.replace(
+            row,
+            error=row.error
+            or (
+                f"id ({row.source}): output name {names.output_name(row.id)!r} "
+                f"clashes with that of id {clashes[row.id]!r}; give the examples other ids"
+            ),
+        )
+        for row in unique
+    ]
     # Ids as a numpy str array (hashed and compared in bulk); the other text columns as
     # object arrays: a fixed-width column costs 4 bytes x the longest value per row, so
     # one long error message would cost gigabytes over a million rows.
@@ -130,8 +142,13 @@ def _encodable(row: _Row) -> _Row:
         return row
     shown = {f: _printable(getattr(row, f)) for f in ("id", "source")}
     field = {"id": "id", "mask_path": "mask"}.get(bad[0], "guide")
-    return dataclasses.replace(row, **shown, guide_path="", mask_path="", error=(
-        f"{field} ({shown['source']}): name is not valid UTF-8; rename the file"))
+    return dataclasses.replace(
+        row,
+        **shown,
+        guide_path="",
+        mask_path="",
+        error=(f"{field} ({shown['source']}): name is not valid UTF-8; rename the file"),
+    )
 
 
 def _file_problem(path: str) -> str:
@@ -144,8 +161,12 @@ def _file_problem(path: str) -> str:
         return f"cannot read ({e.strerror})"
     if stat.S_ISREG(mode):
         return ""
-    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device",
-             stat.S_ISBLK: "a device"}
+    kinds = {
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a device",
+        stat.S_ISBLK: "a device",
+    }
     kind = next((name for test, name in kinds.items() if test(mode)), "not a file")
     return f"{kind}, not a regular file"
 
@@ -190,11 +211,13 @@ def _walk_store(root: str, skip: str) -> list[tuple[str, str]]:
     """``_walk_files`` on an object store (``gs://``, ``ram://``): objects are regular files."""
     found = []
     for folder, subfolders, entries in files.walk(root):
-        subfolders[:] = [f for f in subfolders
-                         if not f.startswith(".") and files.join(folder, f) != skip]
+        subfolders[:] = [
+            f for f in subfolders if not f.startswith(".") and files.join(folder, f) != skip
+        ]
         rel_folder = "" if folder == root else files.relpath(folder, root)
-        found += [(f"{rel_folder}/{n}" if rel_folder else n, "") for n in entries
-                  if not n.startswith(".")]
+        found += [
+            (f"{rel_folder}/{n}" if rel_folder else n, "") for n in entries if not n.startswith(".")
+        ]
     return sorted(found)
 
 
@@ -212,8 +235,15 @@ def _folder_catalog(config: GuideInputConfig) -> Catalog:
     for rel, problem in _walk_files(mask_root) if with_masks else []:
         if problem:
             path = files.join(mask_root, rel)
-            rows.append(_Row(id=f"{config.mask_dir}/{rel}", source=path, t0=config.t0,
-                             seed=config.seed, error=f"mask ({path}): {problem}"))
+            rows.append(
+                _Row(
+                    id=f"{config.mask_dir}/{rel}",
+                    source=path,
+                    t0=config.t0,
+                    seed=config.seed,
+                    error=f"mask ({path}): {problem}",
+                )
+            )
         else:
             masks_by_stem.setdefault(os.path.splitext(rel)[0], []).append(rel)
     for rel, problem in _walk_files(root, skip=mask_root):
@@ -224,9 +254,13 @@ def _folder_catalog(config: GuideInputConfig) -> Catalog:
             continue
         stem, ext = os.path.splitext(rel)
         if ext.lower() not in GUIDE_EXTENSIONS:
-            rows.append(dataclasses.replace(
-                row, error=f"guide ({path}): unsupported extension {ext!r}; expected one of "
-                           f"{GUIDE_EXTENSIONS}"))
+            rows.append(
+                dataclasses.replace(
+                    row,
+                    error=f"guide ({path}): unsupported extension {ext!r}; expected one of "
+                    f"{GUIDE_EXTENSIONS}",
+                )
+            )
             continue
         guide_stems.add(stem)
         if with_masks:
@@ -236,9 +270,15 @@ def _folder_catalog(config: GuideInputConfig) -> Catalog:
         if stem not in guide_stems:
             for rel in mask_files:
                 path = files.join(mask_root, rel)
-                rows.append(_Row(id=f"{config.mask_dir}/{rel}", source=path, t0=config.t0,
-                                 seed=config.seed,
-                                 error=f"mask ({path}): no guide image named {stem}.*"))
+                rows.append(
+                    _Row(
+                        id=f"{config.mask_dir}/{rel}",
+                        source=path,
+                        t0=config.t0,
+                        seed=config.seed,
+                        error=f"mask ({path}): no guide image named {stem}.*",
+                    )
+                )
     if not rows:
         raise ValueError(f"path: guide folder {config.path!r} holds no files")
     return _catalog(sorted(rows, key=lambda r: r.id))
@@ -305,8 +345,9 @@ def _manifest_records(path: str) -> list[tuple[int, dict | None, str]]:
             for fields in reader:
                 if repeated:
                     # DictReader would silently keep the last of the repeated columns.
-                    records.append((reader.line_num, None,
-                                    f"the header repeats column(s) {repeated}"))
+                    records.append(
+                        (reader.line_num, None, f"the header repeats column(s) {repeated}")
+                    )
                     continue
                 if "\0extra" in fields:
                     records.append((reader.line_num, None, "more values than header columns"))
@@ -333,8 +374,9 @@ def _manifest_records(path: str) -> list[tuple[int, dict | None, str]]:
         return records
 
 
-def _manifest_row(number: int, fields: dict | None, error: str, manifest: str,
-                  config: GuideInputConfig) -> _Row:
+def _manifest_row(
+    number: int, fields: dict | None, error: str, manifest: str, config: GuideInputConfig
+) -> _Row:
     base = files.dirname(manifest)
     where = f"manifest ({manifest}) line {number}"
     fields = fields or {}
@@ -346,8 +388,11 @@ def _manifest_row(number: int, fields: dict | None, error: str, manifest: str,
     row = _Row(id=row_id, source=path, t0=config.t0, seed=config.seed, guide_path=path)
     if error:
         return dataclasses.replace(row, error=f"{where}: {error}")
-    problems = [f"unknown field {k!r} (known: {', '.join(MANIFEST_FIELDS)})"
-                for k in sorted(fields, key=str) if k not in MANIFEST_FIELDS]
+    problems = [
+        f"unknown field {k!r} (known: {', '.join(MANIFEST_FIELDS)})"
+        for k in sorted(fields, key=str)
+        if k not in MANIFEST_FIELDS
+    ]
     if not (isinstance(raw_path, str) and raw_path):
         problems.append(f"path: expected a non-empty string, got {raw_path!r}")
     for name in ("mask", "id"):
@@ -364,9 +409,15 @@ def _manifest_row(number: int, fields: dict | None, error: str, manifest: str,
         return dataclasses.replace(row, error=f"{where}: " + "; ".join(problems))
     mask = fields.get("mask")
     # Built once (not via dataclasses.replace): this runs for every row of a manifest.
-    return _Row(id=row_id, source=path, t0=values.get("t0", config.t0),
-                seed=values.get("seed", config.seed), guide_path=path,
-                mask_path=files.join(base, mask) if mask else "", t0_given="t0" in values)
+    return _Row(
+        id=row_id,
+        source=path,
+        t0=values.get("t0", config.t0),
+        seed=values.get("seed", config.seed),
+        guide_path=path,
+        mask_path=files.join(base, mask) if mask else "",
+        t0_given="t0" in values,
+    )
 
 
 def _manifest_catalog(config: GuideInputConfig) -> Catalog:
@@ -378,8 +429,9 @@ def _manifest_catalog(config: GuideInputConfig) -> Catalog:
     try:
         records = _manifest_records(manifest)
     except UnicodeDecodeError as e:
-        raise ValueError(f"path: manifest {config.path!r} is not UTF-8 text (byte {e.start}: "
-                         f"{e.reason})") from None
+        raise ValueError(
+            f"path: manifest {config.path!r} is not UTF-8 text (byte {e.start}: {e.reason})"
+        ) from None
     except csv.Error as e:
         raise ValueError(f"path: manifest {config.path!r} is not a readable CSV ({e})") from None
     rows = [_manifest_row(n, fields, error, manifest, config) for n, fields, error in records]
@@ -390,8 +442,9 @@ def _manifest_catalog(config: GuideInputConfig) -> Catalog:
 
 def _record_row(record: bytes, shard: str, index: int, config: GuideInputConfig) -> _Row:
     source = f"{shard}#{index}"
-    row = _Row(id=f"{os.path.basename(shard)}:{index}", source=source, t0=config.t0,
-               seed=config.seed)
+    row = _Row(
+        id=f"{os.path.basename(shard)}:{index}", source=source, t0=config.t0, seed=config.seed
+    )
     try:
         fields = record_fields(record)
         raw_id = fields.get("id", row.id.encode())
@@ -427,18 +480,28 @@ def _tfrecord_catalog(config: GuideInputConfig) -> Catalog:
             # A corrupt record ends what can be read of a shard; the rest is
             # reported as one failure rather than dropped without a trace.
             broken = True
-            rows.append(_Row(
-                id=f"{os.path.basename(shard)}:{count}", source=f"{shard}#{count}",
-                t0=config.t0, seed=config.seed,
-                error=f"tfrecord ({shard}): record {count} and all later records of this shard "
-                      f"are unreadable ({type(e).__name__}: {e.message})"))
+            rows.append(
+                _Row(
+                    id=f"{os.path.basename(shard)}:{count}",
+                    source=f"{shard}#{count}",
+                    t0=config.t0,
+                    seed=config.seed,
+                    error=f"tfrecord ({shard}): record {count} and all later records of this shard "
+                    f"are unreadable ({type(e).__name__}: {e.message})",
+                )
+            )
         readable.append(count)
         corrupt.append(broken)
 
     def payload() -> tf.data.Dataset:
         def shard_records(path, count, broken):
-            return tf.data.TFRecordDataset(path).take(count).concatenate(
-                tf.data.Dataset.from_tensors(tf.constant(b"")).repeat(tf.cast(broken, tf.int64)))
+            return (
+                tf.data.TFRecordDataset(path)
+                .take(count)
+                .concatenate(
+                    tf.data.Dataset.from_tensors(tf.constant(b"")).repeat(tf.cast(broken, tf.int64))
+                )
+            )
 
         records = tf.data.Dataset.from_tensor_slices(
             (shards, np.array(readable, np.int64), np.array(corrupt))
@@ -461,7 +524,8 @@ def _tfds_catalog(config: GuideInputConfig) -> Catalog:
     def examples() -> tf.data.Dataset:
         # One file at a time keeps the order identical on every pass and host.
         return builder.as_dataset(
-            split=config.tfds_split, shuffle_files=False,
+            split=config.tfds_split,
+            shuffle_files=False,
             decoders={k: tfds.decode.SkipDecoding() for k in keys},
             read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1),
         )
@@ -472,10 +536,15 @@ def _tfds_catalog(config: GuideInputConfig) -> Catalog:
 
     def payload() -> tf.data.Dataset:
         mask_key = config.tfds_mask_key
-        return examples().map(_plain(lambda e: {
-            "record": "", "guide_bytes": e[config.tfds_image_key],
-            "mask_bytes": e[mask_key] if mask_key else tf.constant(b""),
-        }))
+        return examples().map(
+            _plain(
+                lambda e: {
+                    "record": "",
+                    "guide_bytes": e[config.tfds_image_key],
+                    "mask_bytes": e[mask_key] if mask_key else tf.constant(b""),
+                }
+            )
+        )
 
     return _catalog(rows, payload)
 
@@ -489,6 +558,8 @@ def build_catalog(config: GuideInputConfig | Mapping[str, Any]) -> Catalog:
     """
     config = _as_config(config)
     return {
-        "folder": _folder_catalog, "manifest": _manifest_catalog,
-        "tfrecord": _tfrecord_catalog, "tfds": _tfds_catalog,
+        "folder": _folder_catalog,
+        "manifest": _manifest_catalog,
+        "tfrecord": _tfrecord_catalog,
+        "tfds": _tfds_catalog,
     }[config.source](config)

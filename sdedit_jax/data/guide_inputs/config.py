@@ -35,8 +35,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return (
+        isinstance(value, (int, float, np.number))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +91,14 @@ class GuideInputConfig:
     def __post_init__(self):
         size = self.image_size
         size = (size, size) if _is_int(size) else size
-        if not (isinstance(size, (tuple, list)) and len(size) == 2
-                and all(_is_int(s) and s >= 1 for s in size)):
-            raise ValueError(f"image_size: expected (height, width) of positive ints, "
-                             f"got {self.image_size!r}")
+        if not (
+            isinstance(size, (tuple, list))
+            and len(size) == 2
+            and all(_is_int(s) and s >= 1 for s in size)
+        ):
+            raise ValueError(
+                f"image_size: expected (height, width) of positive ints, got {self.image_size!r}"
+            )
         object.__setattr__(self, "image_size", tuple(int(s) for s in size))
         object.__setattr__(self, "generator", self.generator or "none")
         if not isinstance(self.generator_kwargs, Mapping):
@@ -102,23 +109,37 @@ class GuideInputConfig:
         if self.channels not in (1, 3) or not _is_int(self.channels):
             raise ValueError(f"channels: expected 1 or 3, got {self.channels!r}")
         domain = self.time_domain
-        if not (isinstance(domain, (tuple, list)) and len(domain) == 2
-                and all(_is_number(d) for d in domain) and 0 <= domain[0] < domain[1]):
+        if not (
+            isinstance(domain, (tuple, list))
+            and len(domain) == 2
+            and all(_is_number(d) for d in domain)
+            and 0 <= domain[0] < domain[1]
+        ):
             raise ValueError(f"time_domain: expected (eps, T) with 0 <= eps < T, got {domain!r}")
         if not (_is_number(self.t0) and self.in_time_domain(self.t0)):
-            raise ValueError(f"t0: expected a number in {self.time_domain_text()}, "
-                             f"got {self.t0!r}")
+            raise ValueError(f"t0: expected a number in {self.time_domain_text()}, got {self.t0!r}")
         if not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
             raise ValueError(f"seed: expected an integer in [0, 2^31), got {self.seed!r}")
         for name in ("max_pixels", "prefetch_batches"):
             if not (_is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
-        if not (_is_int(self.num_parallel_calls)
-                and (self.num_parallel_calls >= 1 or self.num_parallel_calls == tf.data.AUTOTUNE)):
-            raise ValueError(f"num_parallel_calls: expected a positive int or -1 (autotune), "
-                             f"got {self.num_parallel_calls!r}")
-        for name in ("path", "mask_dir", "tfds_name", "tfds_split", "tfds_image_key",
-                     "tfds_mask_key", "generator"):
+        if not (
+            _is_int(self.num_parallel_calls)
+            and (self.num_parallel_calls >= 1 or self.num_parallel_calls == tf.data.AUTOTUNE)
+        ):
+            raise ValueError(
+                f"num_parallel_calls: expected a positive int or -1 (autotune), "
+                f"got {self.num_parallel_calls!r}"
+            )
+        for name in (
+            "path",
+            "mask_dir",
+            "tfds_name",
+            "tfds_split",
+            "tfds_image_key",
+            "tfds_mask_key",
+            "generator",
+        ):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}: expected a string, got {getattr(self, name)!r}")
         if not isinstance(self.resize, bool):

@@ -57,8 +57,10 @@ def _open(path: str, data: bytes, label: str):
 
 def _read_npy(stream, label: str, max_pixels: int) -> np.ndarray:
     version = np.lib.format.read_magic(stream)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0,
-               (2, 0): np.lib.format.read_array_header_2_0}
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
     if version not in readers:
         raise BadInput(f"{label}: unsupported npy format version {version}")
     try:
@@ -75,8 +77,10 @@ def _read_npy(stream, label: str, max_pixels: int) -> np.ndarray:
     stored = stream.seek(0, io.SEEK_END) - header_end
     stream.seek(0)
     if stored < expected:
-        raise BadInput(f"{label}: npy header promises {expected} bytes of {dtype} {shape}, "
-                       f"the file holds {max(stored, 0)}")
+        raise BadInput(
+            f"{label}: npy header promises {expected} bytes of {dtype} {shape}, "
+            f"the file holds {max(stored, 0)}"
+        )
     return np.load(stream, allow_pickle=False)
 
 
@@ -101,15 +105,17 @@ def _read_pil(stream, label: str, max_pixels: int) -> np.ndarray:
         raise BadInput(f"{label}: not a decodable image ({type(e).__name__}: {e})") from None
     with image:
         if image.width * image.height > max_pixels:
-            raise BadInput(f"{label}: size {image.height}x{image.width} exceeds "
-                           f"max_pixels={max_pixels}")
+            raise BadInput(
+                f"{label}: size {image.height}x{image.width} exceeds max_pixels={max_pixels}"
+            )
         try:
             image.load()
             # Cameras store portrait photos sideways plus an orientation tag; viewers obey it.
             image = ImageOps.exif_transpose(image)
         except Exception as e:
-            raise BadInput(f"{label}: corrupt or truncated image data "
-                           f"({type(e).__name__}: {e})") from None
+            raise BadInput(
+                f"{label}: corrupt or truncated image data ({type(e).__name__}: {e})"
+            ) from None
         if image.mode == "P":
             image = image.convert("RGBA")
         if image.mode in ("1", "L"):
@@ -123,8 +129,10 @@ def _read_pil(stream, label: str, max_pixels: int) -> np.ndarray:
             return pixels[..., :3]
         if image.mode in ("LA", "La", "PA"):
             raise BadInput(f"{label}: 2 channels (mode {image.mode}); expected grayscale or RGB")
-        raise BadInput(f"{label}: unsupported pixel format (PIL mode {image.mode}); "
-                       "expected 8-bit grayscale or RGB")
+        raise BadInput(
+            f"{label}: unsupported pixel format (PIL mode {image.mode}); "
+            "expected 8-bit grayscale or RGB"
+        )
 
 
 def _read_array(path: str, data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray, bool]:
@@ -149,8 +157,10 @@ def _check_float_range(values: np.ndarray, label: str, low: float, high: float) 
         raise BadInput(f"{label}: {bad} non-finite values")
     tolerance = _RANGE_TOLERANCE
     if values.size and (values.min() < low - tolerance or values.max() > high + tolerance):
-        raise BadInput(f"{label}: values span [{values.min():.4g}, {values.max():.4g}], "
-                       f"expected [{low:g}, {high:g}]")
+        raise BadInput(
+            f"{label}: values span [{values.min():.4g}, {values.max():.4g}], "
+            f"expected [{low:g}, {high:g}]"
+        )
     return np.clip(values, low, high).astype(np.float32)
 
 
@@ -174,8 +184,10 @@ def _decode_guide(path: str, data: bytes, label: str, config: GuideInputConfig) 
         return np.repeat(pixels, config.channels, axis=-1)
     if channels == 3 and config.channels == 1 and np.all(pixels == pixels[..., :1]):
         return pixels[..., :1]
-    raise BadInput(f"{label}: {channels} channels; expected {config.channels}"
-                   + (" or 1 (grayscale)" if config.channels == 3 else ""))
+    raise BadInput(
+        f"{label}: {channels} channels; expected {config.channels}"
+        + (" or 1 (grayscale)" if config.channels == 3 else "")
+    )
 
 
 def _decode_mask(path: str, data: bytes, label: str, config: GuideInputConfig) -> np.ndarray:
@@ -205,19 +217,28 @@ def _fit(pixels: np.ndarray, label: str, config: GuideInputConfig, resample) -> 
     if pixels.shape[:2] == (height, width):
         return pixels
     if not config.resize:
-        raise BadInput(f"{label}: size {pixels.shape[0]}x{pixels.shape[1]} does not match "
-                       f"image_size {height}x{width} (set resize=True to resize)")
+        raise BadInput(
+            f"{label}: size {pixels.shape[0]}x{pixels.shape[1]} does not match "
+            f"image_size {height}x{width} (set resize=True to resize)"
+        )
     planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., c])).resize((width, height),
-                                                                                resample))
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(pixels[..., c])).resize((width, height), resample)
+        )
         for c in range(pixels.shape[-1])
     ]
     return np.stack(planes, axis=-1)
 
 
-def decode_example(config: GuideInputConfig, source: str, guide_path: str, mask_path: str,
-                   guide_bytes: bytes, mask_bytes: bytes, record: bytes
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+def decode_example(
+    config: GuideInputConfig,
+    source: str,
+    guide_path: str,
+    mask_path: str,
+    guide_bytes: bytes,
+    mask_bytes: bytes,
+    record: bytes,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Decodes and validates one example: guide ``[H, W, C]``, mask ``[H, W, 1]`` or None.
 
     Raises:
@@ -233,8 +254,10 @@ def decode_example(config: GuideInputConfig, source: str, guide_path: str, mask_
     if mask_path or mask_bytes:
         mask = _decode_mask(mask_path, mask_bytes, mask_label, config)
         if mask.shape != guide.shape[:2]:
-            raise BadInput(f"{mask_label}: size {mask.shape[0]}x{mask.shape[1]} does not match "
-                           f"guide {guide.shape[0]}x{guide.shape[1]}")
+            raise BadInput(
+                f"{mask_label}: size {mask.shape[0]}x{mask.shape[1]} does not match "
+                f"guide {guide.shape[0]}x{guide.shape[1]}"
+            )
     guide = np.clip(_fit(guide, guide_label, config, Image.Resampling.BICUBIC), -1.0, 1.0)
     if mask is not None:
         mask = _fit(mask[..., None], mask_label, config, Image.Resampling.NEAREST)
@@ -252,8 +275,15 @@ def _decode_or_reason(config: GuideInputConfig):
             return blank_guide, blank_mask, False, error
         source = source.decode()
         try:
-            guide, mask = decode_example(config, source, guide_path.decode(), mask_path.decode(),
-                                         guide_bytes, mask_bytes, record)
+            guide, mask = decode_example(
+                config,
+                source,
+                guide_path.decode(),
+                mask_path.decode(),
+                guide_bytes,
+                mask_bytes,
+                record,
+            )
         except BadInput as e:
             return blank_guide, blank_mask, False, str(e).encode()
         except Exception as e:

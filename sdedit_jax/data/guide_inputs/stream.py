@@ -30,8 +30,18 @@ def _decode_in_graph(element: dict, config: GuideInputConfig) -> dict:
     height, width = config.image_size
     guide, mask, has_mask, error = tf.numpy_function(
         _decode_or_reason(config),
-        [element[k] for k in ("source", "guide_path", "mask_path", "guide_bytes", "mask_bytes",
-                              "record", "error")],
+        [
+            element[k]
+            for k in (
+                "source",
+                "guide_path",
+                "mask_path",
+                "guide_bytes",
+                "mask_bytes",
+                "record",
+                "error",
+            )
+        ],
         [tf.float32, tf.float32, tf.bool, tf.string],
     )
     guide.set_shape([height, width, config.channels])
@@ -60,8 +70,11 @@ def _process(element: dict, config: GuideInputConfig) -> dict:
     elif config.generator == "composite":
         donor = _decode_in_graph(element["donor"], config)
         donor_failed = tf.strings.length(donor["error"]) > 0
-        error = tf.where((tf.strings.length(error) == 0) & donor_failed,
-                         "composite donor: " + donor["error"], error)
+        error = tf.where(
+            (tf.strings.length(error) == 0) & donor_failed,
+            "composite donor: " + donor["error"],
+            error,
+        )
         guide, mask = generator(guide, donor["guide"], _example_seed(element), **kwargs)
     guide = tf.ensure_shape(guide, [*config.image_size, config.channels])
     mask = tf.ensure_shape(mask, [*config.image_size, 1])
@@ -83,12 +96,15 @@ def _process(element: dict, config: GuideInputConfig) -> dict:
 def _padding_row(config: GuideInputConfig) -> dict:
     height, width = config.image_size
     return {
-        "id": tf.constant(""), "source": tf.constant(""),
+        "id": tf.constant(""),
+        "source": tf.constant(""),
         "guide": tf.zeros([height, width, config.channels]),
         "mask": tf.zeros([height, width, 1]),
         "t0": tf.constant(config.t0, tf.float32),
         "seed": tf.constant(config.seed, tf.int64),
-        "valid": tf.constant(False), "ok": tf.constant(False), "error": tf.constant(""),
+        "valid": tf.constant(False),
+        "ok": tf.constant(False),
+        "error": tf.constant(""),
         "index": tf.constant(-1, tf.int64),
     }
 
@@ -101,13 +117,19 @@ def _rows_dataset(catalog: Catalog, indices: np.ndarray | None = None) -> tf.dat
     if indices is None:
         indices = np.arange(len(catalog), dtype=np.int64)
     columns = {k: v[indices] for k, v in catalog.columns.items()}
-    columns = {k: tf.constant(v.tolist(), tf.string) if v.dtype == object else v
-               for k, v in columns.items()}
+    columns = {
+        k: tf.constant(v.tolist(), tf.string) if v.dtype == object else v
+        for k, v in columns.items()
+    }
     rows = tf.data.Dataset.from_tensor_slices(dict(columns, index=indices.astype(np.int64)))
     if catalog.payload is None:
         payload = tf.data.Dataset.from_tensors(
-            {"record": tf.constant(b""), "guide_bytes": tf.constant(b""),
-             "mask_bytes": tf.constant(b"")}).repeat()
+            {
+                "record": tf.constant(b""),
+                "guide_bytes": tf.constant(b""),
+                "mask_bytes": tf.constant(b""),
+            }
+        ).repeat()
     else:
         payload = catalog.payload()
     return tf.data.Dataset.zip(rows, payload).map(_plain(lambda row, data: {**row, **data}))
@@ -211,8 +233,11 @@ def make_guide_dataset(
     catalog = build_catalog(config) if catalog is None else catalog
     if t0_rows not in T0_ROWS:
         raise ValueError(f"t0_rows: expected one of {T0_ROWS}, got {t0_rows!r}")
-    selected = {"all": np.ones(len(catalog), bool), "configured": ~catalog.columns["t0_given"],
-                "own": catalog.columns["t0_given"]}[t0_rows]
+    selected = {
+        "all": np.ones(len(catalog), bool),
+        "configured": ~catalog.columns["t0_given"],
+        "own": catalog.columns["t0_given"],
+    }[t0_rows]
     # Rows outside the selection count as neither to do nor done.
     done = _done_mask(catalog.columns["id"], completed) & selected
     left = ~done & selected
@@ -233,18 +258,23 @@ def make_guide_dataset(
         if config.generator == "composite":
             donors = _rows_dataset(catalog, (indices + 1) % len(catalog))
             rows = tf.data.Dataset.zip(rows, donors).map(
-                _plain(lambda row, donor: {**row, "donor": donor}))
+                _plain(lambda row, donor: {**row, "donor": donor})
+            )
     else:
         keep = tf.constant(mine)
         rows = _rows_dataset(catalog)
         if config.generator == "composite":
             donors = rows.skip(1).concatenate(rows.take(1))
             rows = tf.data.Dataset.zip(rows, donors).map(
-                _plain(lambda row, donor: {**row, "donor": donor}))
+                _plain(lambda row, donor: {**row, "donor": donor})
+            )
         rows = rows.filter(_plain(lambda row: tf.gather(keep, row["index"])))
     dataset = (
-        rows.map(_plain(lambda row: _process(row, config)),
-             num_parallel_calls=config.num_parallel_calls, deterministic=True)
+        rows.map(
+            _plain(lambda row: _process(row, config)),
+            num_parallel_calls=config.num_parallel_calls,
+            deterministic=True,
+        )
         .concatenate(tf.data.Dataset.from_tensors(_padding_row(config)).repeat())
         .batch(batch_size_per_host, drop_remainder=True)
         .take(num_steps)
@@ -263,8 +293,9 @@ def make_guide_dataset(
     )
 
 
-def preview_examples(config: GuideInputConfig | Mapping[str, Any], catalog: Catalog,
-                     ids: Collection[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def preview_examples(
+    config: GuideInputConfig | Mapping[str, Any], catalog: Catalog, ids: Collection[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{id: (guide, mask)}`` of the good examples among ``ids``, exactly as a job sees them.
 
     Runs the job's own pipeline (generators included) on just these rows, so
@@ -272,8 +303,13 @@ def preview_examples(config: GuideInputConfig | Mapping[str, Any], catalog: Cata
     """
     wanted = frozenset(ids)
     stream = make_guide_dataset(
-        config, batch_size_per_host=max(1, len(wanted)), process_index=0, process_count=1,
-        completed=frozenset(catalog.ids) - wanted, catalog=catalog)
+        config,
+        batch_size_per_host=max(1, len(wanted)),
+        process_index=0,
+        process_count=1,
+        completed=frozenset(catalog.ids) - wanted,
+        catalog=catalog,
+    )
     found = {}
     for batch in stream.dataset.as_numpy_iterator():
         for row, example_id in enumerate(batch["id"]):
