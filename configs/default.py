@@ -23,58 +23,56 @@ from ml_collections import config_dict
 # The package folder, found without importing it (a config must load fast).
 _PACKAGE = importlib.util.find_spec("sdedit_jax").submodule_search_locations[0]
 
+# Configs load by path, not as a package: configs/common.py is loaded next to this file.
+_spec = importlib.util.spec_from_file_location(
+    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = common.parse_arg(arg, "configs/default.py", quick=False)
     config = ml_collections.ConfigDict()
     config.model_dir = "default"  # the shipped model in sdedit_jax/assets/default_model
-    config.input = ml_collections.ConfigDict({
-        "source": "folder",  # folder | manifest | tfrecord | tfds (see data/guide_inputs.py)
-        "path": os.path.join(_PACKAGE, "assets", "demo"),
-        "image_size": (32, 32),
-        "channels": 3,
-        "resize": False,
-        "mask_dir": "masks",  # "" = no masks
-        "t0_min": 1e-3,
-        "tfds_name": "",
-        "tfds_split": "test",
-        "tfds_data_dir": config_dict.placeholder(str),
-        "tfds_image_key": "image",
-        "tfds_mask_key": "",
-        "generator": "none",  # none | stroke_painting | stroke_edit | composite
-        "generator_kwargs": ml_collections.ConfigDict(),  # e.g. '{"num_strokes": 8}'
-        "max_pixels": 1 << 26,
-        "num_parallel_calls": -1,  # -1 = autotune
-        "prefetch_batches": 2,
-    })
+    config.input = ml_collections.ConfigDict(
+        {
+            "source": "folder",  # folder | manifest | tfrecord | tfds (see data/guide_inputs.py)
+            "path": os.path.join(_PACKAGE, "assets", "demo"),
+            "image_size": (32, 32),
+            "channels": 3,
+            "resize": False,
+            "mask_dir": "masks",  # "" = no masks
+            "tfds_name": "",
+            "tfds_split": "test",
+            "tfds_data_dir": config_dict.placeholder(str),
+            "tfds_image_key": "image",
+            "tfds_mask_key": "",
+            "generator": "none",  # none | stroke_painting | stroke_edit | composite
+            "generator_kwargs": ml_collections.ConfigDict(),  # e.g. '{"num_strokes": 8}'
+            "max_pixels": 1 << 26,
+            "num_parallel_calls": -1,  # -1 = autotune
+            "prefetch_batches": 2,
+        }
+    )
     config.t0s = (0.3, 0.5, 0.7)
-    config.sampler = ml_collections.ConfigDict({
-        # SDE-DPM-Solver++(2M) with ceil(100 t0) steps: 50 network calls at t0 = 0.5, a
-        # tenth of the paper's recipe (ancestral, N = 1000) at its quality (EVALUATION.md,
-        # "Few-step solvers"). The paper's sampler: predictor="ancestral", N = 1000.
-        "predictor": "sde_dpm_solver_2m",
-        "corrector": "none",
-        "steps_per_unit_time": 100,  # steps = ceil(N t0); 0 -> use n_steps for every t0
-        "n_steps": 0,
-        "max_steps": 0,  # step bucket; 0 -> derived from the step counts
-        "snr": 0.16,
-        "corrector_steps": 1,
-        "denoise": True,
-        "eta": 0.0,  # DDIM's noise level (ddim only)
-        "time_grid": "",  # uniform | logsnr | karras; "" = the predictor's default
-    })
+    # SDE-DPM-Solver++(2M) with ceil(100 t0) steps: 50 network calls at t0 = 0.5, a
+    # tenth of the paper's recipe (ancestral, N = 1000) at its quality (EVALUATION.md,
+    # "Few-step solvers"). The paper's sampler: predictor="ancestral", N = 1000.
+    config.sampler = common.sampler(predictor="sde_dpm_solver_2m", steps_per_unit_time=100)
     config.repeats = 1
     config.seed = 0
     config.per_device_batch = 12
-    config.output = ml_collections.ConfigDict({
-        "png": True,  # images/<name>.png
-        "npz": "none",  # none | per_example (arrays/<name>.npz) | shards (one npz per batch)
-        "png_compression": 1,  # zlib level 0..9: 1 is fast (large jobs), 9 smallest
-        "writer_threads": config_dict.placeholder(int),  # None = one per CPU core
-    })
+    config.output = ml_collections.ConfigDict(
+        {
+            "png": True,  # images/<name>.png
+            "npz": "none",  # none | per_example (arrays/<name>.npz) | shards (one npz per batch)
+            "png_compression": 1,  # zlib level 0..9: 1 is fast (large jobs), 9 smallest
+            "writer_threads": config_dict.placeholder(int),  # None = one per CPU core
+        }
+    )
     config.overwrite = False  # True: delete a workdir's outputs of another configuration
     config.contact_sheet = True
-    if arg == "quick":
+    if variant.quick:
         config.sampler.steps_per_unit_time = 20
-    elif arg not in (None, ""):
-        raise ValueError(f"configs/default.py: unknown variant {arg!r} (known: quick)")
     return config

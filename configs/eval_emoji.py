@@ -17,58 +17,71 @@ and a predictor-corrector variant), ``configs/eval_emoji.py:tasks`` (adds compos
 and SDE-DPM-Solver++(2M) at 5-50 network calls; see EVALUATION.md).
 """
 
+import importlib.util
+import os
+
 import ml_collections
+
+# Configs load by path, not as a package: configs/common.py is loaded next to this file.
+_spec = importlib.util.spec_from_file_location(
+    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = common.parse_arg(
+        arg, "configs/eval_emoji.py", quick=False, samplers=False, tasks=False, few_step=False
+    )
     config = ml_collections.ConfigDict()
     config.model_dir = "default"  # the shipped model in sdedit_jax/assets/default_model
     config.seed = 0
     # Held-out images the guides are made from (guide_inputs fields; the image
     # size, channels, generator and seed come from the model and the fields below).
-    config.input = ml_collections.ConfigDict({
-        "source": "folder",
-        "path": "data/emoji32/test",
-        "resize": False,
-        "mask_dir": "",
-    })
+    config.input = ml_collections.ConfigDict(
+        {
+            "source": "folder",
+            "path": "data/emoji32/test",
+            "resize": False,
+            "mask_dir": "",
+        }
+    )
     config.max_guides = 0  # 0 = every held-out image
     config.samples_per_guide = 1  # outputs per guide, each with its own noise
     # Guide generators (see sdedit_jax.data.guides), each one task of the sweep.
     config.tasks = ("stroke_painting", "crude_stroke_painting", "stroke_edit")
     # A task is a generator name, or a name whose entry names its "generator".
-    config.generator_kwargs = ml_collections.ConfigDict({
-        "stroke_painting": {},  # the paper's simulation: median filter, 6 flat colours
-        # Emoji are flat-coloured already, so 6-colour paintings stay emoji-like;
-        # 3 colours over a 9-pixel median (no blur) is closer to a crude hand painting.
-        "crude_stroke_painting": {"generator": "stroke_painting", "num_colors": 3,
-                                  "median_size": 9, "blur_sigma": 0.0},
-        "stroke_edit": {},
-        "composite": {},
-    })
+    config.generator_kwargs = ml_collections.ConfigDict(
+        {
+            "stroke_painting": {},  # the paper's simulation: median filter, 6 flat colours
+            # Emoji are flat-coloured already, so 6-colour paintings stay emoji-like;
+            # 3 colours over a 9-pixel median (no blur) is closer to a crude hand painting.
+            "crude_stroke_painting": {
+                "generator": "stroke_painting",
+                "num_colors": 3,
+                "median_size": 9,
+                "blur_sigma": 0.0,
+            },
+            "stroke_edit": {},
+            "composite": {},
+        }
+    )
     # Real images that define "realistic"; paths are read in order and concatenated.
-    config.reference = ml_collections.ConfigDict({
-        "source": "folder",
-        # Training emoji only: the held-out originals of the guides must not be
-        # in the reference, or the guides would be scored against their own sources.
-        "paths": ("data/emoji32/train",),
-        "resize": False,
-        "mask_dir": "",
-        "max_images": 0,  # 0 = all
-    })
+    config.reference = ml_collections.ConfigDict(
+        {
+            "source": "folder",
+            # Training emoji only: the held-out originals of the guides must not be
+            # in the reference, or the guides would be scored against their own sources.
+            "paths": ("data/emoji32/train",),
+            "resize": False,
+            "mask_dir": "",
+            "max_images": 0,  # 0 = all
+        }
+    )
     config.t0s = (0.2, 0.35, 0.5, 0.65, 0.8)
-    config.sampler = ml_collections.ConfigDict({
-        "predictor": "ancestral",  # DDPM's sampler, as the paper uses for VP models
-        "corrector": "none",
-        "steps_per_unit_time": 200,  # the paper's N; 0 -> n_steps for every t0
-        "n_steps": 0,
-        "max_steps": 0,  # step bucket; 0 -> derived from N
-        "snr": 0.16,
-        "corrector_steps": 1,
-        "denoise": True,
-        "eta": 0.0,  # DDIM's noise level (ddim only)
-        "time_grid": "",  # uniform | logsnr | karras; "" = the predictor's default
-    })
+    # DDPM's sampler, as the paper uses for VP models, with the paper's N = 200.
+    config.sampler = common.sampler(predictor="ancestral", steps_per_unit_time=200)
     config.repeats = 1
     # Further sampler settings, each a dict of sampler fields and/or repeats
     # (plus an optional name), run after the base sampler above.
@@ -79,16 +92,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.feature_batch_size = 32
     config.kid = ml_collections.ConfigDict({"subset_size": 100, "num_subsets": 100})
     config.contact_sheet_examples = 12
-    if arg == "quick":
+    if variant.quick:
         config.sampler.steps_per_unit_time = 50
         config.max_guides = 32
-    elif arg == "samplers":
+    if variant.samplers:
         config.variants = (
             {"name": "euler_maruyama", "predictor": "euler_maruyama"},
             {"name": "ode_heun", "predictor": "ode_heun"},
             {"name": "em+langevin", "predictor": "euler_maruyama", "corrector": "langevin"},
         )
-    elif arg == "few_step":
+    if variant.few_step:
         # The paper's recipe (VP ancestral, N = 1000: 500 calls at t0 = 0.5) against
         # the few-step solvers at 5..50 calls, on the first 64 held-out guides per task
         # (sized to a shared 2-core CPU: the recipe alone is 64k network calls; raise
@@ -100,15 +113,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.sampler.steps_per_unit_time = 1000
         # One compiled program per solver (max_steps 64): n_steps is traced.
         config.variants = tuple(
-            {"name": f"{solver}@{nfe}", "predictor": solver, "steps_per_unit_time": 0,
-             "n_steps": nfe, "max_steps": 64}
-            for solver, nfes in (("dpm_solver_2m", (5, 10, 20, 50)),
-                                 ("sde_dpm_solver_2m", (5, 10, 20, 50)), ("ddim", (10, 20)))
-            for nfe in nfes)
-    elif arg == "tasks":
+            {
+                "name": f"{solver}@{nfe}",
+                "predictor": solver,
+                "steps_per_unit_time": 0,
+                "n_steps": nfe,
+                "max_steps": 64,
+            }
+            for solver, nfes in (
+                ("dpm_solver_2m", (5, 10, 20, 50)),
+                ("sde_dpm_solver_2m", (5, 10, 20, 50)),
+                ("ddim", (10, 20)),
+            )
+            for nfe in nfes
+        )
+    if variant.tasks:
         config.tasks = ("stroke_painting", "crude_stroke_painting", "stroke_edit", "composite")
-    elif arg not in (None, ""):
-        raise ValueError(
-            f"configs/eval_emoji.py: unknown variant {arg!r} (known: quick, samplers, tasks, "
-            "few_step)")
     return config

@@ -3,57 +3,39 @@
     python -m sdedit_jax.evaluate --config configs/eval_tiny.py \
         --config.model_dir=/path/to/model --workdir /tmp/eval_tiny
 
-Same fields as ``configs/eval_emoji.py``: 8 held-out emoji as stroke paintings
-and stroke edits, two t0 values, N = 20 steps per unit time, 16 reference
-images and small KID subsets. Point ``input.path`` and ``reference.paths`` at
-other folders to run without ``data/emoji32``; with a model of another size
-set ``input.resize`` and ``reference.resize``.
+``configs/eval_emoji.py`` cut down: 8 held-out emoji as stroke paintings and stroke
+edits, two t0 values, Euler-Maruyama with N = 20 steps per unit time, 16 reference
+images and small KID subsets. Point ``input.path`` and ``reference.paths`` at other
+folders to run without ``data/emoji32``; with a model of another size set
+``input.resize`` and ``reference.resize``.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
+# Configs load by path, not as a package: configs/common.py is loaded next to this file.
+_spec = importlib.util.spec_from_file_location(
+    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg  # no variants
-    config = ml_collections.ConfigDict()
-    config.model_dir = "default"
-    config.seed = 0
-    config.input = ml_collections.ConfigDict({
-        "source": "folder",
-        "path": "data/emoji32/test",
-        "resize": False,
-        "mask_dir": "",
-    })
+    common.parse_arg(arg, "configs/eval_tiny.py")  # no variants
+    config = common.load("eval_emoji").get_config()
     config.max_guides = 8
     config.tasks = ("stroke_painting", "stroke_edit")
-    config.generator_kwargs = ml_collections.ConfigDict({
-        "stroke_painting": {"num_colors": 4, "median_size": 3},
-        "stroke_edit": {},
-    })
-    config.reference = ml_collections.ConfigDict({
-        "source": "folder",
-        "paths": ("data/emoji32/train",),
-        "resize": False,
-        "mask_dir": "",
-        "max_images": 16,
-    })
+    config.generator_kwargs = ml_collections.ConfigDict(
+        {"stroke_painting": {"num_colors": 4, "median_size": 3}, "stroke_edit": {}}
+    )
+    config.reference.max_images = 16
     config.t0s = (0.3, 0.7)
-    config.sampler = ml_collections.ConfigDict({
-        "predictor": "euler_maruyama",
-        "corrector": "none",
-        "steps_per_unit_time": 20,
-        "n_steps": 0,
-        "max_steps": 0,
-        "snr": 0.16,
-        "corrector_steps": 1,
-        "denoise": True,
-    })
-    config.repeats = 1
-    config.variants = ()
+    config.sampler.update(predictor="euler_maruyama", steps_per_unit_time=20)
     config.per_device_batch = 1
-    config.feature_extractor = "efficientnet_lite0"  # or "inception_v3" (needs weights)
-    config.feature_weights_path = ""  # local FID Inception weights (.pth / .npz)
     config.feature_batch_size = 8
-    config.kid = ml_collections.ConfigDict({"subset_size": 8, "num_subsets": 10})
+    config.kid.update(subset_size=8, num_subsets=10)
     config.contact_sheet_examples = 4
     return config

@@ -64,7 +64,17 @@ BENCHMARKS.md for the per-call time. Lower ``--config.t0s`` for more
 faithful, raise it for more realistic results.
 """
 
+import importlib.util
+import os
+
 import ml_collections
+
+# Configs load by path, not as a package: configs/common.py is loaded next to this file.
+_spec = importlib.util.spec_from_file_location(
+    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 # variant: (model folder, SDE family)
 VARIANTS = {
@@ -77,10 +87,18 @@ VARIANTS = {
     "ffhq_ncsnpp": ("models/ncsnpp-ffhq-256", "ncsnpp"),
 }
 SAMPLERS = {
-    "ddpm": {"predictor": "ancestral", "corrector": "none", "steps_per_unit_time": 1000,
-             "repeats": 3},
-    "ncsnpp": {"predictor": "reverse_diffusion", "corrector": "langevin",
-               "steps_per_unit_time": 2000, "repeats": 1},
+    "ddpm": {
+        "predictor": "ancestral",
+        "corrector": "none",
+        "steps_per_unit_time": 1000,
+        "repeats": 3,
+    },
+    "ncsnpp": {
+        "predictor": "reverse_diffusion",
+        "corrector": "langevin",
+        "steps_per_unit_time": 2000,
+        "repeats": 1,
+    },
 }
 
 
@@ -89,27 +107,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/paper.py: variant {arg!r} unknown (known: {sorted(VARIANTS)})")
     model_dir, family = VARIANTS[arg]
     sampler = dict(SAMPLERS[family])
-    config = ml_collections.ConfigDict()
+    # The demo job's config (every field the job reads, e.g. output) with the paper's settings.
+    config = common.load("default").get_config()
     config.model_dir = model_dir
-    config.input = ml_collections.ConfigDict({
-        "source": "folder",
-        "path": "sdedit_jax/assets/photos_256",
-        "image_size": (256, 256),
-        "channels": 3,
-        "resize": False,
-    })
+    config.input.path = "sdedit_jax/assets/photos_256"
+    config.input.image_size = (256, 256)
     config.t0s = (0.5,)
     config.repeats = sampler.pop("repeats")
-    config.sampler = ml_collections.ConfigDict({
-        **sampler,
-        "n_steps": 0,
-        "max_steps": 0,  # step bucket; 0 -> derived from N
-        "snr": 0.075,
-        "corrector_steps": 1,
-        "denoise": True,
-    })
-    config.seed = 0
+    config.sampler = common.sampler(**sampler, snr=0.075)
     config.per_device_batch = 4
-    config.save_npz = False
-    config.contact_sheet = True
     return config

@@ -3,71 +3,28 @@
 Launch:
 
     python -m sdedit_jax.train --config configs/train_tiny.py --workdir /tmp/tiny_run
+
+``configs/train_emoji.py`` with a tiny network, synthetic data and a 20-step schedule.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
+# Configs load by path, not as a package: configs/common.py is loaded next to this file.
+_spec = importlib.util.spec_from_file_location(
+    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
-def get_config(arg=None) -> ml_collections.ConfigDict:
-    del arg  # no variants
-    config = ml_collections.ConfigDict()
-    config.seed = 0
 
-    config.data = ml_collections.ConfigDict(
-        {
-            "source": "synthetic",
-            "path": "",
-            "image_size": 8,
-            "num_channels": 3,
-            "num_examples": 64,
-            "random_flip": True,
-        }
-    )
-
-    config.model = ml_collections.ConfigDict(
-        {
-            "image_size": 8,
-            "num_channels": 3,
-            "nf": 8,
-            "ch_mult": (1, 2),
-            "num_res_blocks": 1,
-            "attn_resolutions": (4,),
-            "dropout": 0.1,
-            "time_embedding": "sinusoidal",
-            "fourier_scale": 16.0,
-            "skip_rescale": True,
-            "fast_conv": True,
-        }
-    )
-
-    config.sde = ml_collections.ConfigDict({"name": "vp", "beta_min": 0.1, "beta_max": 20.0})
-
-    config.training = ml_collections.ConfigDict(
-        {
-            "batch_size": 16,
-            "num_steps": 20,
-            "parameterization": "noise",
-            "likelihood_weighting": False,
-            "log_every": 5,
-            "ckpt_every_steps": 10,
-            "ckpt_every_secs": 600.0,
-            "keep_checkpoints": 3,
-        }
-    )
-
-    config.optim = ml_collections.ConfigDict(
-        {
-            "lr": 2e-3,
-            "warmup_steps": 5,
-            "schedule": "cosine",
-            "decay_steps": 20,
-            "final_lr_fraction": 0.1,
-            "b1": 0.9,
-            "b2": 0.999,
-            "eps": 1e-8,
-            "weight_decay": 0.0,
-            "grad_clip": 1.0,
-            "ema_rate": 0.9,
-        }
-    )
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    common.parse_arg(arg, "configs/train_tiny.py")  # no variants
+    config = common.load("train_emoji").get_config()
+    config.data.update(source="synthetic", path="", image_size=8, num_examples=64)
+    config.model = common.tiny_unet(image_size=8)
+    config.training.update(batch_size=16, num_steps=20, log_every=5, ckpt_every_steps=10)
+    config.optim.update(lr=2e-3, warmup_steps=5, decay_steps=20, ema_rate=0.9)
     return config

@@ -63,8 +63,11 @@ def _int(env: Mapping[str, str], name: str) -> int:
 
 def tasks_per_node(env: Mapping[str, str]) -> int:
     """Tasks on this node (``SLURM_NTASKS_PER_NODE`` such as ``8(x2)``, else ntasks / nodes)."""
-    value = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or env.get(
-        "SLURM_NTASKS_PER_NODE")
+    value = (
+        env.get("SLURM_STEP_TASKS_PER_NODE")
+        or env.get("SLURM_TASKS_PER_NODE")
+        or env.get("SLURM_NTASKS_PER_NODE")
+    )
     if value:
         expanded: list[int] = []
         for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", value):
@@ -81,7 +84,8 @@ def slurm_settings(env: Mapping[str, str]) -> ProcessSettings:
     if not nodelist:
         raise ValueError("SLURM_JOB_NODELIST: not set (is this process started by srun?)")
     port = env.get("SDEDIT_COORDINATOR_PORT") or str(
-        20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    )
     explicit = env.get("SDEDIT_LOCAL_DEVICE_IDS")
     if explicit:
         local = [int(d) for d in explicit.split(",")]
@@ -93,9 +97,12 @@ def slurm_settings(env: Mapping[str, str]) -> ProcessSettings:
     return ProcessSettings(f"{first_host(nodelist)}:{port}", num_processes, process_id, local)
 
 
-def process_settings(env: Mapping[str, str], coordinator_address: str | None = None,
-                     num_processes: int | None = None, process_id: int | None = None
-                     ) -> ProcessSettings:
+def process_settings(
+    env: Mapping[str, str],
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> ProcessSettings:
     """Explicit flags win; else SLURM's variables; else jax's own detection (TPU pods)."""
     if coordinator_address or num_processes is not None or process_id is not None:
         explicit = env.get("SDEDIT_LOCAL_DEVICE_IDS")

@@ -26,6 +26,27 @@ from sdedit_jax import files, importers, pretrained  # noqa: E402
 from sdedit_jax.sde import sde_from_config  # noqa: E402
 
 
+def _define_flags() -> None:
+    """Flags exist only when run as a program: importing ``convert`` (tests, tools) must
+    not claim names such as ``--out`` and ``--config`` that other programs define."""
+    flags.DEFINE_string("source", None, "checkpoint file or folder to convert")
+    flags.DEFINE_string("out", None, "model folder to write")
+    flags.DEFINE_enum(
+        "format", None, ["diffusers", "ddim", "score_sde"], "source format (default: detected)"
+    )
+    flags.DEFINE_string(
+        "sde",
+        None,
+        'training SDE as JSON, e.g. \'{"name": "ve", "sigma_min": 0.01, '
+        '"sigma_max": 380}\' (default: from the checkpoint)',
+    )
+    flags.DEFINE_integer(
+        "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)"
+    )
+    flags.DEFINE_string("config", None, "score_sde network config: a preset name or a JSON file")
+    flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
+
+
 def parse_sde(text: str | None) -> dict | None:
     """The ``--sde`` JSON object, checked by building the SDE once."""
     if text is None:
@@ -43,9 +64,16 @@ def parse_sde(text: str | None) -> dict | None:
     return value
 
 
-def convert(source: str, out: str, *, format: str | None = None, sde: dict | None = None,
-            image_size: int | None = None, config: str | None = None,
-            with_bf16: bool = False) -> dict:
+def convert(
+    source: str,
+    out: str,
+    *,
+    format: str | None = None,
+    sde: dict | None = None,
+    image_size: int | None = None,
+    config: str | None = None,
+    with_bf16: bool = False,
+) -> dict:
     """Imports ``source`` and writes the model folder ``out``; returns its model_info."""
     imported = importers.load(source, format=format, image_size=image_size, config=config)
     pretrained.save_imported(out, imported, sde=sde, with_bf16=with_bf16)
@@ -53,38 +81,31 @@ def convert(source: str, out: str, *, format: str | None = None, sde: dict | Non
     return json.loads(files.read_text(files.join(out, pretrained.INFO_FILE)))
 
 
-def _define_flags() -> None:
-    """Flags exist only when run as a command (importing the module defines none)."""
-    flags.DEFINE_string("source", None, "checkpoint file or folder to convert")
-    flags.DEFINE_string("out", None, "model folder to write")
-    flags.DEFINE_enum("format", None, ["diffusers", "ddim", "score_sde"],
-                      "source format (default: detected)")
-    flags.DEFINE_string(
-        "sde", None, 'training SDE as JSON, e.g. \'{"name": "ve", "sigma_min": 0.01, '
-        '"sigma_max": 380}\' (default: from the checkpoint)')
-    flags.DEFINE_integer(
-        "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)")
-    flags.DEFINE_string(
-        "config", None, "score_sde network config: a preset name or a JSON file")
-    flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    args = flags.FLAGS
+    f = flags.FLAGS
     for name in ("source", "out"):
-        if not args[name].value:
+        if not f[name].value:
             raise app.UsageError(f"--{name} is required")
     try:
-        info = convert(args.source, args.out, format=args.format, sde=parse_sde(args.sde),
-                       image_size=args.image_size, config=args.config, with_bf16=args.bf16)
+        info = convert(
+            f.source,
+            f.out,
+            format=f.format,
+            sde=parse_sde(f.sde),
+            image_size=f.image_size,
+            config=f.config,
+            with_bf16=f.bf16,
+        )
     except (ValueError, OSError) as err:
         print(f"convert: {err}", file=sys.stderr)
         sys.exit(1)
-    summary = {k: info[k] for k in ("architecture", "sde", "parameterization", "condition",
-                                    "data_range", "source")}
-    print(json.dumps({"out": args.out, **summary}, indent=1))
+    summary = {
+        k: info[k]
+        for k in ("architecture", "sde", "parameterization", "condition", "data_range", "source")
+    }
+    print(json.dumps({"out": f.out, **summary}, indent=1))
 
 
 if __name__ == "__main__":

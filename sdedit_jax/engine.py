@@ -1,6 +1,8 @@
-"""Device-parallel execution: the one place that builds meshes and jits.
+"""Device-parallel editing: the ``data`` mesh, the one compiled edit program, ``Editor``.
 
-The whole edit (all repeats and steps) is one ``jax.jit`` program. Batch
+The whole edit (all repeats and steps) is one ``jax.jit`` program (the only jit
+on the edit path; :mod:`sdedit_jax.stream` feeds it batches, training jits its
+own step in :mod:`sdedit_jax.train`). Batch
 arrays are sharded over a 1-D ``data`` mesh axis; the score model's weights are
 replicated. Editing is purely data-parallel, so the program has no collectives.
 
@@ -22,20 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
-import sys
-import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sdedit_jax import files, rng
+from sdedit_jax import rng
 from sdedit_jax.edit import sdedit_batch
 from sdedit_jax.sampling.integrate import Sampler
+from sdedit_jax.sampling.steps import paper_steps as paper_steps  # re-exported: engine.paper_steps
+from sdedit_jax.sampling.steps import step_bucket
 from sdedit_jax.sde import SDE, ScoreFn
 
 DATA_AXIS = "data"
@@ -44,9 +43,7 @@ DATA_AXIS = "data"
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over ``devices`` (default: every device of every host)."""
     devices = jax.devices() if devices is None else devices
-    return Mesh(
-        np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _is_array(leaf: Any) -> bool:
@@ -77,19 +74,28 @@ def _merge_score_fn(static: _StaticScore, arrays: list) -> ScoreFn:
     return jax.tree_util.tree_unflatten(static.treedef, leaves)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats", "mesh")
-)
-def _edit_program(score_arrays, guides, seeds, id_words, t0, n_steps, mask, *,
-                  static_score, sde, sampler, repeats, mesh):
+@functools.partial(jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats", "mesh"))
+def _edit_program(
+    score_arrays,
+    guides,
+    seeds,
+    id_words,
+    t0,
+    n_steps,
+    mask,
+    *,
+    static_score,
+    sde,
+    sampler,
+    repeats,
+    mesh,
+):
     def edit_local(score_arrays, *rows):
         score_fn = _merge_score_fn(static_score, score_arrays)
 
         def edit_rows(guides, seeds, id_words, t0, n_steps, mask):
             keys = rng.example_keys(seeds, id_words)
-            return sdedit_batch(
-                score_fn, sde, sampler, guides, keys, t0, n_steps, mask, repeats
-            )
+            return sdedit_batch(score_fn, sde, sampler, guides, keys, t0, n_steps, mask, repeats)
 
         return edit_rows(*rows)
 
@@ -142,9 +148,7 @@ class Editor:
         if not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats: must be a positive int, got {repeats!r}")
         if not isinstance(per_device_batch, int) or per_device_batch < 1:
-            raise ValueError(
-                f"per_device_batch: must be a positive int, got {per_device_batch!r}"
-            )
+            raise ValueError(f"per_device_batch: must be a positive int, got {per_device_batch!r}")
         self.sde, self.sampler, self.repeats = sde, sampler, repeats
         self.per_device_batch = per_device_batch
         self.mesh = data_mesh() if mesh is None else mesh
@@ -231,21 +235,6 @@ def _pad_batch(batch: EditBatch, pad: int) -> EditBatch:
         n_steps=pad_rows(batch.n_steps, 1),
         mask=None if batch.mask is None else pad_rows(batch.mask, 1.0),
     )
-
-
-def step_bucket(n_steps: int) -> int:
-    """The default ``max_steps`` for a step count: the next power of two.
-
-    Step counts inside one bucket share a compiled program.
-    """
-    return 1 << max(0, int(n_steps) - 1).bit_length()
-
-
-def paper_steps(total_steps: int, t0) -> np.ndarray:
-    """SDEdit's step count for start time ``t0`` when [0, 1] has ``total_steps`` steps."""
-    # Round first: float32 t0 (0.8 -> 0.80000001) must not add a step.
-    exact = np.round(total_steps * np.asarray(t0, np.float64), 3)
-    return np.maximum(1, np.ceil(exact)).astype(np.int32)
 
 
 def _per_example(value, batch: int, dtype, field: str) -> np.ndarray:
@@ -367,175 +356,3 @@ def sdedit(
         mask=mask,
     )
     return editor.run(editor.place_score(score_fn), batch_in)
-
-
-# --- Streaming jobs -------------------------------------------------------------
-
-
-def id_words(ids) -> np.ndarray:
-    """Two uint32 words per string id (its SHA-256 prefix): the example's noise identity.
-
-    64 bits keep accidental noise sharing between distinct ids negligible
-    (~3e-8 for a billion examples); the words depend on the id alone.
-    """
-    words = np.empty((len(ids), 2), np.uint32)
-    for row, example_id in enumerate(ids):
-        raw = example_id if isinstance(example_id, bytes) else str(example_id).encode()
-        words[row] = np.frombuffer(hashlib.sha256(raw).digest()[:8], np.uint32)
-    return words
-
-
-class _LocalRows:
-    """This process's rows of a global output, fetched only when numpy asks.
-
-    Handing this (not the array) to the writer thread keeps the device-to-host
-    copy off the dispatch loop.
-    """
-
-    def __init__(self, array: jax.Array):
-        self._shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-
-    def __array__(self, dtype=None, copy=None):
-        rows = np.concatenate([np.asarray(s.data) for s in self._shards])
-        return rows if dtype is None else rows.astype(dtype)
-
-
-@dataclasses.dataclass
-class JobSummary:
-    """What one process did in a job."""
-
-    steps: int
-    rows_done: int
-    rows_failed: int
-    seconds: float
-    first_step_seconds: float
-
-    @property
-    def images_per_second(self) -> float:
-        return self.rows_done / self.seconds if self.seconds > 0 else 0.0
-
-
-class Progress:
-    """A progress line with images/s and ETA from *written* images, plus a JSONL log.
-
-    Why written: steps are dispatched asynchronously and outputs queue for the
-    writers, so dispatched batches run ahead of what is on disk; rate and ETA
-    count the examples whose outputs (or failure rows) are published.
-    """
-
-    def __init__(self, total_rows: int, log_path: str | None, every_seconds: float = 5.0,
-                 label: str = "edit"):
-        self.total_rows, self.log_path = total_rows, log_path
-        self.every, self.label = every_seconds, label
-        self.start = self.last = self.last_publish = time.perf_counter()
-        self.last_rows = -1
-        self.tty = sys.stderr.isatty()
-        self.records: list[str] = []  # not yet published
-        self._published: list[str] = []  # object stores: the whole log so far
-
-    def update(self, step: int, written: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and (now - self.last < self.every or written == self.last_rows):
-            return
-        self.last, self.last_rows = now, written
-        elapsed = now - self.start
-        rate = written / elapsed if elapsed > 0 else 0.0
-        left = max(0, self.total_rows - written)
-        eta = f"{left / rate:.0f}s" if rate > 0 else "-"
-        line = (f"[{self.label}] {written}/{self.total_rows} images written  step {step}  "
-                f"{rate:.2f} img/s  elapsed {elapsed:.0f}s  ETA {eta}")
-        print(("\r" if self.tty else "") + line, end="" if self.tty and not force else "\n",
-              file=sys.stderr, flush=True)
-        if self.log_path:
-            self.records.append(json.dumps({
-                "step": step, "images_written": written, "total_images": self.total_rows,
-                "elapsed_s": round(elapsed, 3), "images_per_s": round(rate, 4),
-                "unix_time": round(time.time(), 3)}) + "\n")
-            # Object stores cannot append: the whole log is republished, at most once a minute.
-            if force or files.is_local(self.log_path) or now - self.last_publish > 60:
-                self._publish()
-                self.last_publish = now
-
-    def _publish(self) -> None:
-        if files.is_local(self.log_path):
-            with open(self.log_path, "a") as f:
-                f.writelines(self.records)
-            self.records = []
-            return
-        self._published += self.records
-        self.records = []
-        files.publish_bytes(self.log_path, "".join(self._published).encode())
-
-
-def run_stream(
-    editor: Editor,
-    placed_score,
-    batches: Iterable[dict[str, np.ndarray]],
-    sink,
-    *,
-    num_steps: int,
-    steps_for: Callable[[np.ndarray], np.ndarray],
-    manifest_fields: dict[str, Any] | None = None,
-    log_path: str | None = None,
-    progress_label: str = "edit",
-    total_rows: int | None = None,
-) -> JobSummary:
-    """Edits a stream of host-local guide batches and hands outputs to ``sink``.
-
-    Each batch (the schema of :mod:`sdedit_jax.data.guide_inputs`: ``id``,
-    ``guide``, ``mask``, ``t0``, ``seed``, ``valid``, ``ok``) becomes global
-    sharded arrays with ``jax.make_array_from_process_local_data``; the step
-    is dispatched asynchronously and its outputs are fetched by the sink's
-    writer threads, so input prefetch (tf.data), compute and writes overlap.
-    Every process must run the same number of steps; ``steps_for(t0)`` gives
-    the per-example reverse step counts. Closes ``sink`` at the end, so the
-    reported time includes the last computations and writes.
-    """
-    total = num_steps * editor.global_batch // jax.process_count() if total_rows is None else (
-        total_rows)
-    progress = Progress(total, log_path, label=progress_label)
-
-    def written() -> int:  # sinks without a count: dispatched rows
-        return getattr(sink, "rows_written", rows_done + rows_failed)
-
-    rows_done = rows_failed = steps = 0
-    start = time.perf_counter()
-    first_step_seconds = 0.0
-
-    def to_global(local):
-        return jax.make_array_from_process_local_data(editor.batch_sharding, local)
-
-    for batch in batches:
-        if batch["guide"].shape[0] * jax.process_count() != editor.global_batch:
-            raise ValueError(
-                f"batch: {batch['guide'].shape[0]} rows per host, but the mesh needs "
-                f"{editor.global_batch // jax.process_count()} (per_device_batch x local devices)"
-            )
-        seeds = batch["seed"]
-        if np.any((seeds < 0) | (seeds >= 2**31)):
-            raise ValueError(f"seed: per-example seeds must lie in [0, 2^31), got {seeds}")
-        n_steps = steps_for(batch["t0"])
-        nfe = n_steps.astype(np.int64) * editor.sampler.nfe_per_step * editor.repeats
-        batch = {**batch, "steps": n_steps, "nfe": nfe}
-        global_batch = EditBatch(
-            guides=to_global(batch["guide"]),
-            seeds=to_global(seeds.astype(np.int32)),
-            id_words=to_global(id_words(batch["id"])),
-            t0=to_global(batch["t0"]),
-            n_steps=to_global(n_steps),
-            mask=to_global(batch["mask"]),
-        )
-        outputs = editor.run_global(placed_score, global_batch)
-        if steps == 0:
-            outputs.block_until_ready()
-            first_step_seconds = time.perf_counter() - start
-        sink.write_batch(batch, _LocalRows(outputs), fields=manifest_fields)
-        steps += 1
-        valid = np.asarray(batch["valid"])
-        rows_done += int(np.sum(valid & np.asarray(batch["ok"])))
-        rows_failed += int(np.sum(valid & ~np.asarray(batch["ok"])))
-        progress.update(steps, written())
-    sink.close()
-    progress.update(steps, written(), force=True)
-    return JobSummary(steps, rows_done, rows_failed, time.perf_counter() - start,
-                      first_step_seconds)

@@ -82,7 +82,7 @@ def is_local(path: str) -> bool:
 
 def _local(path: str) -> str:
     path = os.fspath(path)
-    return path[len("file://"):] if path.lower().startswith("file://") else path
+    return path[len("file://") :] if path.lower().startswith("file://") else path
 
 
 def join(base: str, *parts: str) -> str:
@@ -95,7 +95,7 @@ def join(base: str, *parts: str) -> str:
         return os.path.join(base, *parts)
     for i in range(len(parts) - 1, -1, -1):
         if not is_local(parts[i]):
-            return join(parts[i], *parts[i + 1:])
+            return join(parts[i], *parts[i + 1 :])
     if is_local(base):
         return os.path.join(_local(base), *parts)
     return posixpath.join(base, *parts)
@@ -108,7 +108,7 @@ def dirname(path: str) -> str:
     if is_local(path):
         return os.path.dirname(_local(path))
     prefix = _SCHEME.match(path).group(0)
-    rest = path[len(prefix):].rstrip("/")
+    rest = path[len(prefix) :].rstrip("/")
     return prefix + posixpath.dirname(rest) if "/" in rest else prefix + rest
 
 
@@ -129,7 +129,7 @@ def relpath(path: str, start: str) -> str:
     prefix = start.rstrip("/") + "/"
     if not path.startswith(prefix):
         raise ValueError(f"{path} is not under {start}")
-    return path[len(prefix):]
+    return path[len(prefix) :]
 
 
 # --- backend plumbing --------------------------------------------------------------------------
@@ -409,7 +409,9 @@ def check_writable(folder: str) -> None:
     except OSError as e:
         hint = ""
         if scheme(folder) == "gs":
-            hint = (" (Google Cloud Storage needs credentials: run `gcloud auth "
-                    "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS, and "
-                    "check that the bucket exists and you may write to it)")
+            hint = (
+                " (Google Cloud Storage needs credentials: run `gcloud auth "
+                "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS, and "
+                "check that the bucket exists and you may write to it)"
+            )
         raise StorageError(f"{folder}: cannot write here: {_one_line(str(e))}{hint}") from None

@@ -33,10 +33,21 @@ class FingerprintMismatch(ValueError):
     """The workdir holds outputs of a different configuration (one-line message)."""
 
 
-def job_fingerprint(*, model_sha256: str, sde: Mapping[str, Any], sampler: Mapping[str, Any],
-                    step_rule: Mapping[str, Any], repeats: int, seed: int,
-                    t0s: list[float], t0_rule: str, image_size: tuple[int, int], channels: int,
-                    guides: Mapping[str, Any], output: Mapping[str, Any]) -> dict[str, Any]:
+def job_fingerprint(
+    *,
+    model_sha256: str,
+    sde: Mapping[str, Any],
+    sampler: Mapping[str, Any],
+    step_rule: Mapping[str, Any],
+    repeats: int,
+    seed: int,
+    t0s: list[float],
+    t0_rule: str,
+    image_size: tuple[int, int],
+    channels: int,
+    guides: Mapping[str, Any],
+    output: Mapping[str, Any],
+) -> dict[str, Any]:
     """The fingerprint as a JSON-ready dict (field names are what mismatch messages show)."""
     return {
         "model_sha256": model_sha256,
@@ -44,8 +55,10 @@ def job_fingerprint(*, model_sha256: str, sde: Mapping[str, Any], sampler: Mappi
         "sampler": dict(sampler),
         "step_rule": dict(step_rule),
         "repeats": int(repeats),
-        "seed_rule": {"seed": int(seed), "per_example": "fold_in(seed, sha256(id)); "
-                                                        "an input's own seed replaces seed"},
+        "seed_rule": {
+            "seed": int(seed),
+            "per_example": "fold_in(seed, sha256(id)); an input's own seed replaces seed",
+        },
         "t0s": [float(t) for t in t0s],
         "t0_rule": t0_rule,
         "image_size": [int(s) for s in image_size],
@@ -66,25 +79,32 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 24 else text[:20] + "...\""
+    return text if len(text) <= 24 else text[:20] + '..."'
 
 
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"field old -> new"`` for every (dotted) field that differs, sorted."""
     old, new = _flat(json.loads(json.dumps(recorded))), _flat(json.loads(json.dumps(current)))
-    return [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        f"{k} {_short(old.get(k))} -> {_short(new.get(k))}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 def _job_outputs(workdir: str) -> list[str]:
     if not files.isdir(workdir):
         return []
-    return [files.join(workdir, n) for n in files.listdir(workdir)
-            if n.startswith("t0_") or n in _JOB_FILES]
+    return [
+        files.join(workdir, n)
+        for n in files.listdir(workdir)
+        if n.startswith("t0_") or n in _JOB_FILES
+    ]
 
 
-def check_or_record(workdir: str, fingerprint: Mapping[str, Any], *, overwrite: bool = False,
-                    record: bool = True) -> None:
+def check_or_record(
+    workdir: str, fingerprint: Mapping[str, Any], *, overwrite: bool = False, record: bool = True
+) -> None:
     """Refuses a workdir made by another configuration; records the fingerprint of a new one.
 
     Call on every process before any output is written; only one process
@@ -110,12 +130,16 @@ def check_or_record(workdir: str, fingerprint: Mapping[str, Any], *, overwrite: 
             files.publish_bytes(path, json.dumps(current, indent=1, sort_keys=True).encode())
         return
     if not overwrite:
-        what = ("its outputs have no fingerprint (made by an older version)" if recorded is None
-                else "its configuration differs: " + "; ".join(differences(recorded, current)))
+        what = (
+            "its outputs have no fingerprint (made by an older version)"
+            if recorded is None
+            else "its configuration differs: " + "; ".join(differences(recorded, current))
+        )
         raise FingerprintMismatch(
             f"workdir {workdir} holds outputs of another configuration ({what}); resume it with "
             "its own configuration, use a new --workdir, or pass --config.overwrite=True to "
-            "delete its outputs and start over")
+            "delete its outputs and start over"
+        )
     if record:
         for output in outputs:
             if files.isdir(output):

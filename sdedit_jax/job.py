@@ -12,7 +12,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import jax
 import ml_collections
@@ -23,6 +23,9 @@ from PIL import Image
 from sdedit_jax import engine, files, fingerprint, pretrained, report, workdir_lock
 from sdedit_jax.data import guide_inputs, sinks
 from sdedit_jax.sampling.integrate import Sampler
+from sdedit_jax.sampling.steps import StepRule
+from sdedit_jax.sde import SDE
+from sdedit_jax.stream import run_stream
 
 
 def resolve_config_path(spec: str) -> str:
@@ -55,37 +58,24 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
-def sampler_from_config(
-    config: ml_collections.ConfigDict,
-) -> tuple[Sampler, Callable[[np.ndarray], np.ndarray]]:
-    """The static sampler and the per-example step rule ``steps_for(t0)``."""
-    per_unit, fixed = config.steps_per_unit_time, config.n_steps
-    if (per_unit > 0) == (fixed > 0):
-        raise ValueError(
-            "sampler: set exactly one of steps_per_unit_time (the paper's N) and n_steps, "
-            f"got steps_per_unit_time={per_unit}, n_steps={fixed}"
-        )
-    most = per_unit if per_unit > 0 else fixed
-    max_steps = config.max_steps or engine.step_bucket(most)
+def sampler_from_config(config: ml_collections.ConfigDict) -> tuple[Sampler, StepRule]:
+    """The static sampler and the per-example step rule."""
+    rule = StepRule(
+        steps_per_unit_time=config.steps_per_unit_time,
+        n_steps=config.n_steps,
+        max_steps=config.max_steps,
+    )
     sampler = Sampler(
         predictor=config.predictor,
         corrector=config.corrector,
-        max_steps=max_steps,
+        max_steps=rule.max_steps,
         snr=config.snr,
         corrector_steps=config.corrector_steps,
         denoise=config.denoise,
         eta=config.get("eta", 0.0),
         time_grid=config.get("time_grid", ""),
     )
-
-    def steps_for(t0: np.ndarray) -> np.ndarray:
-        if per_unit > 0:
-            return np.minimum(engine.paper_steps(per_unit, t0), max_steps)
-        return np.full(np.shape(t0), fixed, np.int32)
-
-    if fixed > max_steps:
-        raise ValueError(f"sampler: n_steps={fixed} exceeds max_steps={max_steps}")
-    return sampler, steps_for
+    return sampler, rule
 
 
 class ConfigError(ValueError):
@@ -97,8 +87,11 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    return (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-            and bool(np.isfinite(value)))
+    return (
+        isinstance(value, (int, float, np.number))
+        and not isinstance(value, bool)
+        and bool(np.isfinite(value))
+    )
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
@@ -125,18 +118,42 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _require(len(as_float32) == len(t0s), "t0s", t0s, allowed_t0s + " (distinct as float32)")
     sampler = config.sampler
     for name in ("steps_per_unit_time", "n_steps", "max_steps"):
-        _require(_is_int(sampler[name]) and sampler[name] >= 0, f"sampler.{name}",
-                 sampler[name], "an int >= 0 (0 = unset)")
-    _require(_is_int(config.repeats) and config.repeats >= 1, "repeats", config.repeats,
-             "an int >= 1 (SDEdit's K)")
-    _require(_is_int(config.seed) and 0 <= config.seed < 2**31, "seed", config.seed,
-             "an int in [0, 2^31)")
-    _require(_is_int(config.per_device_batch) and config.per_device_batch >= 1,
-             "per_device_batch", config.per_device_batch, "an int >= 1")
-    _require(isinstance(config.contact_sheet, bool), "contact_sheet", config.contact_sheet,
-             "True or False")
-    _require(isinstance(config.model_dir, str) and bool(config.model_dir), "model_dir",
-             config.model_dir, "a model folder, or 'default' for the shipped model")
+        _require(
+            _is_int(sampler[name]) and sampler[name] >= 0,
+            f"sampler.{name}",
+            sampler[name],
+            "an int >= 0 (0 = unset)",
+        )
+    _require(
+        _is_int(config.repeats) and config.repeats >= 1,
+        "repeats",
+        config.repeats,
+        "an int >= 1 (SDEdit's K)",
+    )
+    _require(
+        _is_int(config.seed) and 0 <= config.seed < 2**31,
+        "seed",
+        config.seed,
+        "an int in [0, 2^31)",
+    )
+    _require(
+        _is_int(config.per_device_batch) and config.per_device_batch >= 1,
+        "per_device_batch",
+        config.per_device_batch,
+        "an int >= 1",
+    )
+    _require(
+        isinstance(config.contact_sheet, bool),
+        "contact_sheet",
+        config.contact_sheet,
+        "True or False",
+    )
+    _require(
+        isinstance(config.model_dir, str) and bool(config.model_dir),
+        "model_dir",
+        config.model_dir,
+        "a model folder, or 'default' for the shipped model",
+    )
     try:
         sampler_from_config(sampler)
     except ValueError as e:
@@ -150,39 +167,69 @@ def check_output_config(config: ml_collections.ConfigDict) -> None:
     """Validates ``config.output`` and ``config.overwrite`` (raises :class:`ConfigError`)."""
     output = config.output
     _require(isinstance(output.png, bool), "output.png", output.png, "True or False")
-    _require(output.npz in sinks.NPZ_MODES, "output.npz", output.npz,
-             f"one of {sinks.NPZ_MODES}")
-    _require(output.png or output.npz != "none", "output.png", output.png,
-             "True, unless output.npz is 'per_example' or 'shards' (a job needs an output)")
-    _require(_is_int(output.png_compression) and 0 <= output.png_compression <= 9,
-             "output.png_compression", output.png_compression,
-             "an int in 0..9 (zlib level: 1 is fast, 9 is smallest)")
+    _require(output.npz in sinks.NPZ_MODES, "output.npz", output.npz, f"one of {sinks.NPZ_MODES}")
+    _require(
+        output.png or output.npz != "none",
+        "output.png",
+        output.png,
+        "True, unless output.npz is 'per_example' or 'shards' (a job needs an output)",
+    )
+    _require(
+        _is_int(output.png_compression) and 0 <= output.png_compression <= 9,
+        "output.png_compression",
+        output.png_compression,
+        "an int in 0..9 (zlib level: 1 is fast, 9 is smallest)",
+    )
     threads = output.writer_threads
-    _require(threads is None or (_is_int(threads) and threads >= 1), "output.writer_threads",
-             threads, "None (one per CPU core) or an int >= 1")
+    _require(
+        threads is None or (_is_int(threads) and threads >= 1),
+        "output.writer_threads",
+        threads,
+        "None (one per CPU core) or an int >= 1",
+    )
     _require(isinstance(config.overwrite, bool), "overwrite", config.overwrite, "True or False")
 
 
-def input_config(config: ml_collections.ConfigDict, t0: float) -> guide_inputs.GuideInputConfig:
-    """The guide input config of the sub-job at ``t0`` (raises :class:`ConfigError`)."""
+def input_config(
+    config: ml_collections.ConfigDict, t0: float, sde: SDE | None = None
+) -> guide_inputs.GuideInputConfig:
+    """The guide input config of the sub-job at ``t0`` (raises :class:`ConfigError`).
+
+    With the model's ``sde``, per-example t0s must lie in its ``(eps, T]``.
+    """
+    domain = {} if sde is None else {"time_domain": (float(sde.eps), float(sde.T))}
     try:
         return guide_inputs.GuideInputConfig.from_mapping(
-            dict(config.input.to_dict(), t0=float(t0), seed=config.seed))
+            dict(config.input.to_dict(), t0=float(t0), seed=config.seed, **domain)
+        )
     except (ValueError, TypeError) as e:
         raise _prefixed(e, "input") from None
 
 
-def check_model(model: pretrained.LoadedModel, inputs: guide_inputs.GuideInputConfig,
-                t0s: Iterable[float]) -> None:
+def check_model(
+    model: pretrained.LoadedModel, inputs: guide_inputs.GuideInputConfig, t0s: Iterable[float]
+) -> None:
     """The inputs must have the model's size and channels, t0s must lie above the SDE's eps."""
     size = (model.image_size, model.image_size)
-    _require(tuple(inputs.image_size) == size, "input.image_size", inputs.image_size,
-             f"{size}, the size of the model in {model.path}")
-    _require(inputs.channels == model.num_channels, "input.channels", inputs.channels,
-             f"{model.num_channels}, the channels of the model in {model.path}")
+    _require(
+        tuple(inputs.image_size) == size,
+        "input.image_size",
+        inputs.image_size,
+        f"{size}, the size of the model in {model.path}",
+    )
+    _require(
+        inputs.channels == model.num_channels,
+        "input.channels",
+        inputs.channels,
+        f"{model.num_channels}, the channels of the model in {model.path}",
+    )
     for t0 in t0s:
-        _require(t0 > model.sde.eps, "t0s", tuple(t0s),
-                 f"values above the model SDE's eps={model.sde.eps}")
+        _require(
+            t0 > model.sde.eps,
+            "t0s",
+            tuple(t0s),
+            f"values above the model SDE's eps={model.sde.eps}",
+        )
 
 
 def t0_folder(t0: float) -> str:
@@ -199,8 +246,9 @@ def _load_model(model_dir: str) -> pretrained.LoadedModel:
     try:
         return pretrained.load_model(model_dir)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"config.model_dir: cannot load {model_dir!r}: "
-                          f"{' '.join(str(e).split())}") from None
+        raise ConfigError(
+            f"config.model_dir: cannot load {model_dir!r}: {' '.join(str(e).split())}"
+        ) from None
 
 
 def _build_catalog(inputs: guide_inputs.GuideInputConfig) -> guide_inputs.Catalog:
@@ -220,9 +268,12 @@ SUMMARY = "summary.json"
 CONTACT_ROWS = 16
 
 
-def write_contact_sheet(workdir: str, subdirs: dict[str, str],
-                        inputs: guide_inputs.GuideInputConfig,
-                        catalog: guide_inputs.Catalog) -> str | None:
+def write_contact_sheet(
+    workdir: str,
+    subdirs: dict[str, str],
+    inputs: guide_inputs.GuideInputConfig,
+    catalog: guide_inputs.Catalog,
+) -> str | None:
     """guide | mask | output per sub-job for the first ids (canonical order) with a PNG output.
 
     ``subdirs`` maps column labels (``"t0=0.3"``) to sub-job folders.
@@ -280,8 +331,7 @@ def sub_jobs(t0s: list[float], catalog: guide_inputs.Catalog) -> list[SubJob]:
     sub-job without rows (every input names its t0) is left out.
     """
     given = catalog.columns["t0_given"]
-    jobs = [SubJob(f"t0={t0:g}", t0_folder(t0), t0, "configured") for t0 in t0s
-            if not given.all()]
+    jobs = [SubJob(f"t0={t0:g}", t0_folder(t0), t0, "configured") for t0 in t0s if not given.all()]
     if given.any():
         jobs.append(SubJob("own t0", PER_EXAMPLE_FOLDER, t0s[0], "own"))
     return jobs
@@ -294,27 +344,50 @@ def _catalog_at(catalog: guide_inputs.Catalog, t0: float) -> guide_inputs.Catalo
     return dataclasses.replace(catalog, columns=columns)
 
 
-def job_fingerprint(config: ml_collections.ConfigDict, model: pretrained.LoadedModel,
-                    sampler: Sampler, t0s: list[float],
-                    inputs: guide_inputs.GuideInputConfig) -> dict:
+def job_fingerprint(
+    config: ml_collections.ConfigDict,
+    model: pretrained.LoadedModel,
+    sampler: Sampler,
+    t0s: list[float],
+    inputs: guide_inputs.GuideInputConfig,
+) -> dict:
     """Everything that determines this job's outputs (see :mod:`sdedit_jax.fingerprint`)."""
     steps = config.sampler
-    step_rule = ({"steps_per_unit_time": steps.steps_per_unit_time} if steps.steps_per_unit_time
-                 else {"n_steps": steps.n_steps})
+    step_rule = (
+        {"steps_per_unit_time": steps.steps_per_unit_time}
+        if steps.steps_per_unit_time
+        else {"n_steps": steps.n_steps}
+    )
     return fingerprint.job_fingerprint(
         model_sha256=model.checksum,
         sde={"type": type(model.sde).__name__, **_scalar_fields(model.sde)},
-        sampler={"predictor": sampler.predictor, "corrector": sampler.corrector,
-                 "snr": sampler.snr, "corrector_steps": sampler.corrector_steps,
-                 "denoise": sampler.denoise, "max_steps": sampler.max_steps,
-                 "eta": sampler.eta, "time_grid": sampler.grid_name},
-        step_rule=step_rule, repeats=config.repeats, seed=config.seed, t0s=t0s,
-        t0_rule=("inputs naming their own t0 are edited once at it, in "
-                 f"{PER_EXAMPLE_FOLDER}/; others at each of t0s"),
-        image_size=inputs.image_size, channels=inputs.channels,
-        guides={"resize": inputs.resize, "generator": inputs.generator,
-                "generator_kwargs": json.loads(json.dumps(inputs.generator_kwargs,
-                                                          sort_keys=True, default=str))},
+        sampler={
+            "predictor": sampler.predictor,
+            "corrector": sampler.corrector,
+            "snr": sampler.snr,
+            "corrector_steps": sampler.corrector_steps,
+            "denoise": sampler.denoise,
+            "max_steps": sampler.max_steps,
+            "eta": sampler.eta,
+            "time_grid": sampler.grid_name,
+        },
+        step_rule=step_rule,
+        repeats=config.repeats,
+        seed=config.seed,
+        t0s=t0s,
+        t0_rule=(
+            "inputs naming their own t0 are edited once at it, in "
+            f"{PER_EXAMPLE_FOLDER}/; others at each of t0s"
+        ),
+        image_size=inputs.image_size,
+        channels=inputs.channels,
+        guides={
+            "resize": inputs.resize,
+            "generator": inputs.generator,
+            "generator_kwargs": json.loads(
+                json.dumps(inputs.generator_kwargs, sort_keys=True, default=str)
+            ),
+        },
         output={"png": config.output.png, "npz": config.output.npz},
     )
 
@@ -324,8 +397,13 @@ def _scalar_fields(value) -> dict:
     return {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool))}
 
 
-def run_job(config: ml_collections.ConfigDict, workdir: str, *,
-            retry_failed: bool = False, dry_run: bool = False) -> dict:
+def run_job(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    retry_failed: bool = False,
+    dry_run: bool = False,
+) -> dict:
     """Runs every sub-job of ``config``; returns the job summary (also in summary.json).
 
     The whole configuration, the model against the inputs, the input source
@@ -345,10 +423,10 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, *,
     if files.is_local(workdir):
         _require(not os.path.isfile(workdir), "workdir", workdir, "a folder (this is a file)")
     t0s = [float(t0) for t0 in config.t0s]
-    inputs = {t0: input_config(config, t0) for t0 in t0s}
-    sampler, steps_for = sampler_from_config(config.sampler)
+    sampler, step_rule = sampler_from_config(config.sampler)
     model = _load_model(config.model_dir)
-    check_model(model, inputs[t0s[0]], t0s)
+    check_model(model, input_config(config, t0s[0]), t0s)
+    inputs = {t0: input_config(config, t0, model.sde) for t0 in t0s}
     catalog = _build_catalog(inputs[t0s[0]])
     if not dry_run:
         # After the checks above, so a configuration error leaves no workdir behind;
@@ -357,8 +435,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, *,
     process, n_processes = jax.process_index(), jax.process_count()
     job_print = job_fingerprint(config, model, sampler, t0s, inputs[t0s[0]])
     try:
-        fingerprint.check_or_record(workdir, job_print, overwrite=config.overwrite,
-                                    record=False)
+        fingerprint.check_or_record(workdir, job_print, overwrite=config.overwrite, record=False)
     except fingerprint.FingerprintMismatch as e:
         raise ConfigError(str(e)) from None
     if dry_run:
@@ -368,8 +445,19 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, *,
         if process == 0:
             fingerprint.check_or_record(workdir, job_print, overwrite=config.overwrite)
         multihost_utils.sync_global_devices("workdir fingerprint")
-        return _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for,
-                           retry_failed, process, n_processes)
+        return _run_locked(
+            config,
+            workdir,
+            t0s,
+            inputs,
+            catalog,
+            model,
+            sampler,
+            step_rule,
+            retry_failed,
+            process,
+            n_processes,
+        )
 
 
 def plan_job(config, workdir, t0s, inputs, catalog, retry_failed) -> dict:
@@ -380,8 +468,9 @@ def plan_job(config, workdir, t0s, inputs, catalog, retry_failed) -> dict:
         sub = files.join(workdir, job.folder)
         done = sinks.completed_index(sub, retry_failed=True)
         failed = sinks.completed_index(sub) if not retry_failed else sinks.CompletedIds([])
-        mine = {"configured": ~catalog.columns["t0_given"],
-                "own": catalog.columns["t0_given"]}[job.t0_rows]
+        mine = {"configured": ~catalog.columns["t0_given"], "own": catalog.columns["t0_given"]}[
+            job.t0_rows
+        ]
         is_done = done.contains(catalog.columns["id"])
         is_failed = failed.contains(catalog.columns["id"]) & ~is_done
         counts = {"edit": 0, "skip": 0}
@@ -395,29 +484,51 @@ def plan_job(config, workdir, t0s, inputs, catalog, retry_failed) -> dict:
             elif errors[i]:
                 action, why = "fail", str(errors[i])
             else:
-                action, why = "edit", f"t0={float(catalog.columns['t0'][i]):g}" if (
-                    job.t0_rows == "own") else f"t0={job.t0:g}"
+                action, why = (
+                    "edit",
+                    f"t0={float(catalog.columns['t0'][i]):g}"
+                    if (job.t0_rows == "own")
+                    else f"t0={job.t0:g}",
+                )
             counts[action] = counts.get(action, 0) + 1
             print(f"  {action}  {example_id}  ({why})")
         plan.append({"folder": job.folder, **counts})
     return {"workdir": workdir, "dry_run": True, "plan": plan, "failures": 0}
 
 
-def _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for,
-                retry_failed, process, n_processes) -> dict:
-    editor = engine.Editor(model.sde, sampler, config.repeats,
-                           per_device_batch=config.per_device_batch)
+def _run_locked(
+    config,
+    workdir,
+    t0s,
+    inputs,
+    catalog,
+    model,
+    sampler,
+    step_rule,
+    retry_failed,
+    process,
+    n_processes,
+) -> dict:
+    editor = engine.Editor(
+        model.sde, sampler, config.repeats, per_device_batch=config.per_device_batch
+    )
     placed = editor.place_score(model.score_fn)
     subdirs, this_run, totals = {}, [], []
     # Each manifest row also gets its own reverse "steps" and network calls "nfe"
     # (nfe_per_step * steps * repeats), from the engine.
-    job_fields = {"sde": type(model.sde).__name__, "predictor": sampler.predictor,
-                  "corrector": sampler.corrector, "max_steps": sampler.max_steps,
-                  "eta": sampler.eta, "time_grid": sampler.grid_name,
-                  "nfe_per_step": sampler.nfe_per_step,
-                  "steps_per_unit_time": config.sampler.steps_per_unit_time,
-                  "n_steps": config.sampler.n_steps, "repeats": config.repeats,
-                  "model_sha256": model.checksum}
+    job_fields = {
+        "sde": type(model.sde).__name__,
+        "predictor": sampler.predictor,
+        "corrector": sampler.corrector,
+        "max_steps": sampler.max_steps,
+        "eta": sampler.eta,
+        "time_grid": sampler.grid_name,
+        "nfe_per_step": sampler.nfe_per_step,
+        "steps_per_unit_time": config.sampler.steps_per_unit_time,
+        "n_steps": config.sampler.n_steps,
+        "repeats": config.repeats,
+        "model_sha256": model.checksum,
+    }
     for job in sub_jobs(t0s, catalog):
         sub = files.join(workdir, job.folder)
         completed = sinks.completed_index(sub, retry_failed=retry_failed)
@@ -426,45 +537,74 @@ def _run_locked(config, workdir, t0s, inputs, catalog, model, sampler, steps_for
         stream = guide_inputs.make_guide_dataset(
             inputs.get(job.t0, inputs[t0s[0]]),
             batch_size_per_host=editor.global_batch // n_processes,
-            completed=completed, catalog=_catalog_at(catalog, job.t0), t0_rows=job.t0_rows,
+            completed=completed,
+            catalog=_catalog_at(catalog, job.t0),
+            t0_rows=job.t0_rows,
         )
-        print(f"[{job.folder}] {stream.num_examples} to edit, {stream.num_skipped} already "
-              f"done, {stream.num_steps} steps of {editor.global_batch}", file=sys.stderr,
-              flush=True)
-        with sinks.Sink(sub, process_index=process, job_fields=job_fields,
-                        png=config.output.png, npz=config.output.npz,
-                        png_compression=config.output.png_compression,
-                        num_threads=config.output.writer_threads) as sink:
-            summary = engine.run_stream(
-                editor, placed, stream.dataset.as_numpy_iterator(), sink,
-                num_steps=stream.num_steps, steps_for=steps_for,
+        print(
+            f"[{job.folder}] {stream.num_examples} to edit, {stream.num_skipped} already "
+            f"done, {stream.num_steps} steps of {editor.global_batch}",
+            file=sys.stderr,
+            flush=True,
+        )
+        with sinks.Sink(
+            sub,
+            process_index=process,
+            job_fields=job_fields,
+            png=config.output.png,
+            npz=config.output.npz,
+            png_compression=config.output.png_compression,
+            num_threads=config.output.writer_threads,
+        ) as sink:
+            summary = run_stream(
+                editor,
+                placed,
+                stream.dataset.as_numpy_iterator(),
+                sink,
+                num_steps=stream.num_steps,
+                step_rule=step_rule,
                 log_path=files.join(sub, f"throughput.p{process:05d}.jsonl"),
-                progress_label=job.label, total_rows=stream.local_examples,
+                progress_label=job.label,
+                total_rows=stream.local_examples,
             )
         multihost_utils.sync_global_devices(f"wrote {sub}")
         subdirs[job.label] = sub
         if process == 0:
             final = sinks.finalize(sub)
-            totals.append({"t0": job.t0 if job.t0_rows == "configured" else None,
-                           "folder": job.folder, "edited": final.manifest_rows,
-                           "failed": final.failure_rows,
-                           "remaining": stream.total_examples - final.manifest_rows
-                           - final.failure_rows})
-        this_run.append({"folder": job.folder, "steps": summary.steps,
-                         "edited": summary.rows_done, "seconds": round(summary.seconds, 2),
-                         "first_step_seconds": round(summary.first_step_seconds, 2),
-                         "images_per_s": round(summary.images_per_second, 3),
-                         "skipped_done": stream.num_skipped})
+            totals.append(
+                {
+                    "t0": job.t0 if job.t0_rows == "configured" else None,
+                    "folder": job.folder,
+                    "edited": final.manifest_rows,
+                    "failed": final.failure_rows,
+                    "remaining": stream.total_examples - final.manifest_rows - final.failure_rows,
+                }
+            )
+        this_run.append(
+            {
+                "folder": job.folder,
+                "steps": summary.steps,
+                "edited": summary.rows_done,
+                "seconds": round(summary.seconds, 2),
+                "first_step_seconds": round(summary.first_step_seconds, 2),
+                "images_per_s": round(summary.images_per_second, 3),
+                "skipped_done": stream.num_skipped,
+            }
+        )
     run = {"devices": jax.device_count(), "processes": n_processes, "sub_jobs": this_run}
     if process != 0:
         return {"workdir": workdir, "failures": None, "this_run": run}
-    result = {"model_sha256": model.checksum, "inputs": len(catalog), "sub_jobs": totals,
-              "edited": sum(s["edited"] for s in totals),
-              "failures": sum(s["failed"] for s in totals),
-              "complete": all(s["remaining"] == 0 for s in totals), "contact_sheet": None}
+    result = {
+        "model_sha256": model.checksum,
+        "inputs": len(catalog),
+        "sub_jobs": totals,
+        "edited": sum(s["edited"] for s in totals),
+        "failures": sum(s["failed"] for s in totals),
+        "complete": all(s["remaining"] == 0 for s in totals),
+        "contact_sheet": None,
+    }
     if config.contact_sheet:
         sheet = write_contact_sheet(workdir, subdirs, inputs[t0s[0]], catalog)
         result["contact_sheet"] = None if sheet is None else CONTACT_SHEET
-    sinks.atomic_write_bytes(files.join(workdir, SUMMARY),
-                             json.dumps(result, indent=1).encode())
+    sinks.atomic_write_bytes(files.join(workdir, SUMMARY), json.dumps(result, indent=1).encode())
     return {"workdir": workdir, **result, "this_run": run}

@@ -46,10 +46,11 @@ import sys
 import threading
 import traceback
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from sdedit_jax import quiet
+
+tf = quiet.import_tensorflow()  # before anything else imports it
 
 import jax  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -59,17 +60,21 @@ from sdedit_jax.job import ConfigError, resolve_config_path, run_job  # noqa: E4
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SOME_FAILED = 0, 1, 2, 3
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", resolve_config_path("configs/default.py"),
-    "job config file (path[:variant]; configs/<name>.py works from any folder)")
+    "config",
+    resolve_config_path("configs/default.py"),
+    "job config file (path[:variant]; configs/<name>.py works from any folder)",
+)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "output folder (resumable)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
-_RETRY_FAILED = flags.DEFINE_bool("retry_failed", False,
-                                  "also retry the inputs listed in failures.jsonl")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False,
-                             "write nothing; list what each sub-job would edit or skip, and why")
+_RETRY_FAILED = flags.DEFINE_bool(
+    "retry_failed", False, "also retry the inputs listed in failures.jsonl"
+)
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "write nothing; list what each sub-job would edit or skip, and why"
+)
 
 
 def _resolve_config_argv(argv: list[str]) -> list[str]:
@@ -77,7 +82,7 @@ def _resolve_config_argv(argv: list[str]) -> list[str]:
     out = list(argv)
     for i, arg in enumerate(out):
         if arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config_path(arg[len("--config="):])
+            out[i] = "--config=" + resolve_config_path(arg[len("--config=") :])
         elif arg == "--config" and i + 1 < len(out):
             out[i + 1] = resolve_config_path(out[i + 1])
     return out
@@ -106,8 +111,11 @@ def _exit_promptly_on_signals() -> None:
 
     def watch() -> None:
         signum = os.read(read_fd, 1)[0]
-        print(f"\nsdedit_jax: stopped by {signal.Signals(signum).name}; finished outputs are "
-              "kept: run the same command to resume", file=sys.stderr)
+        print(
+            f"\nsdedit_jax: stopped by {signal.Signals(signum).name}; finished outputs are "
+            "kept: run the same command to resume",
+            file=sys.stderr,
+        )
         _exit(128 + signum)
 
     threading.Thread(target=watch, name="exit-on-signal", daemon=True).start()
@@ -118,23 +126,28 @@ def _run(argv: list[str]) -> int:
         raise ConfigError(f"unexpected arguments: {argv[1:]} (settings are --config.<field>=...)")
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to jax
     if _DISTRIBUTED.value:
-        settings = cluster.process_settings(os.environ, _COORDINATOR.value,
-                                            _NUM_PROCESSES.value, _PROCESS_ID.value)
+        settings = cluster.process_settings(
+            os.environ, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+        )
         jax.distributed.initialize(**dataclasses.asdict(settings))
-    result = run_job(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value,
-                     dry_run=_DRY_RUN.value)
+    result = run_job(
+        _CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value, dry_run=_DRY_RUN.value
+    )
     if jax.process_index() == 0:
         print(json.dumps(result, indent=1))
     if _DISTRIBUTED.value:
         jax.distributed.shutdown()  # os._exit skips the atexit hook that would do it
     if result["failures"]:
-        print(f"{result['failures']} input(s) failed: see {_WORKDIR.value}/t0_*/failures.jsonl",
-              file=sys.stderr)
+        print(
+            f"{result['failures']} input(s) failed: see {_WORKDIR.value}/t0_*/failures.jsonl",
+            file=sys.stderr,
+        )
         return EXIT_SOME_FAILED
     return EXIT_OK
 
 
 def main(argv: list[str]) -> None:
+    quiet.quiet_logs()
     _exit_promptly_on_signals()
     try:
         status = _run(argv)

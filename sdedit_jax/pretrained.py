@@ -73,6 +73,17 @@ class LoadedModel:
     checksum: str  # sha256 of the weight file: recorded with every output
     path: str
     architecture: str = "unet"
+    # The network behind ``score_fn`` (``None`` for a score that is not a network, e.g. a
+    # closed form): tools that run or export the network use these, not ``score_fn``'s parts.
+    graphdef: nnx.GraphDef | None = None
+    state: nnx.State | None = None
+    parameterization: str | None = None  # what the network predicts (score.PARAMETERIZATIONS)
+
+    def network(self) -> nnx.Module:
+        """The network as an ``nnx.Module`` (a new object sharing this model's arrays)."""
+        if self.graphdef is None:
+            raise ValueError(f"{self.path}: this model has no network")
+        return nnx.merge(self.graphdef, self.state)
 
 
 def save_model(
@@ -93,10 +104,16 @@ def save_model(
     if with_bf16:
         writers[WEIGHT_FILES[1]] = checkpoint.save_params_bf16
     sums = {name: write(files.join(model_dir, name), state) for name, write in writers.items()}
-    info = {**(extra or {}), "model": model_config, "sde": sde_config,
-            "parameterization": parameterization, "sha256": sums}
-    files.publish_bytes(files.join(model_dir, INFO_FILE),
-                        json.dumps(info, indent=1, default=list).encode())
+    info = {
+        **(extra or {}),
+        "model": model_config,
+        "sde": sde_config,
+        "parameterization": parameterization,
+        "sha256": sums,
+    }
+    files.publish_bytes(
+        files.join(model_dir, INFO_FILE), json.dumps(info, indent=1, default=list).encode()
+    )
     return sums
 
 
@@ -153,9 +170,10 @@ def _is_model_folder(path: str, format: str | None) -> bool:
     return format in (None, "model_folder") and importers.detect_format(path) == "model_folder"
 
 
-def _score_model(name: str, config: Any, state: nnx.State, sde: SDE, usage: dict,
-                 where: str) -> tuple[ScoreFn, SDE]:
-    """Score function and SDE (both in [-1, 1] units) of an imported architecture."""
+def _score_model(
+    name: str, config: Any, state: nnx.State, sde: SDE, usage: dict, where: str
+) -> tuple[ScoreFn, SDE, nnx.GraphDef]:
+    """Score function, SDE (both in [-1, 1] units) and graph of an imported architecture."""
     graphdef, _ = _abstract(name, config)
     data_range = usage.get("data_range", "-1_1")
     try:
@@ -163,9 +181,10 @@ def _score_model(name: str, config: Any, state: nnx.State, sde: SDE, usage: dict
         user_sde = sde_for_range(sde, data_range)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    score_fn = make_network_score_fn(graphdef, state, sde, usage["parameterization"],
-                                     usage["condition"], data_range)
-    return score_fn, user_sde
+    score_fn = make_network_score_fn(
+        graphdef, state, sde, usage["parameterization"], usage["condition"], data_range
+    )
+    return score_fn, user_sde, graphdef
 
 
 def load_model(
@@ -198,13 +217,16 @@ def load_model(
     )
     model_sde = sde_from_config(sde if sde is not None else info["sde"])
     if folder.architecture == "unet":
-        score_fn, user_sde = make_score_fn(graphdef, state, model_sde,
-                                           info["parameterization"]), model_sde
+        score_fn, user_sde = (
+            make_score_fn(graphdef, state, model_sde, info["parameterization"]),
+            model_sde,
+        )
     else:
         if "condition" not in info:
             raise ValueError(f"{folder.info_path}: missing field 'condition'")
-        score_fn, user_sde = _score_model(folder.architecture, config, state, model_sde, info,
-                                          folder.info_path)
+        score_fn, user_sde, _ = _score_model(
+            folder.architecture, config, state, model_sde, info, folder.info_path
+        )
     return LoadedModel(
         score_fn=score_fn,
         sde=user_sde,
@@ -213,6 +235,9 @@ def load_model(
         checksum=checkpoint.sha256_file(path),
         path=path,
         architecture=folder.architecture,
+        graphdef=graphdef,
+        state=state,
+        parameterization=info["parameterization"],
     )
 
 
@@ -223,8 +248,9 @@ def _num_channels(config: Any) -> int:
     raise ValueError(f"{type(config).__name__} has no channel count")
 
 
-def _import(path: str, format: str | None, image_size: int | None,
-            score_sde_config: str | None) -> importers.Imported:
+def _import(
+    path: str, format: str | None, image_size: int | None, score_sde_config: str | None
+) -> importers.Imported:
     return importers.load(path, format=format, image_size=image_size, config=score_sde_config)
 
 
@@ -238,14 +264,23 @@ def _imported_sde(imported: importers.Imported, sde: dict | None, path: str) -> 
     return dict(chosen)
 
 
-def _load_imported(path: str, sde: dict | None, format: str | None, image_size: int | None,
-                   score_sde_config: str | None) -> LoadedModel:
+def _load_imported(
+    path: str,
+    sde: dict | None,
+    format: str | None,
+    image_size: int | None,
+    score_sde_config: str | None,
+) -> LoadedModel:
     imported = _import(path, format, image_size, score_sde_config)
     model_sde = sde_from_config(_imported_sde(imported, sde, path))
-    usage = {"condition": imported.condition, "parameterization": imported.parameterization,
-             "data_range": imported.data_range}
-    score_fn, user_sde = _score_model(imported.architecture, imported.config, imported.state,
-                                      model_sde, usage, path)
+    usage = {
+        "condition": imported.condition,
+        "parameterization": imported.parameterization,
+        "data_range": imported.data_range,
+    }
+    score_fn, user_sde, graphdef = _score_model(
+        imported.architecture, imported.config, imported.state, model_sde, usage, path
+    )
     return LoadedModel(
         score_fn=score_fn,
         sde=user_sde,
@@ -254,11 +289,15 @@ def _load_imported(path: str, sde: dict | None, format: str | None, image_size: 
         checksum=imported.source["sha256"],
         path=imported.source["path"],
         architecture=imported.architecture,
+        graphdef=graphdef,
+        state=imported.state,
+        parameterization=imported.parameterization,
     )
 
 
-def save_imported(model_dir: str, imported: importers.Imported, sde: dict | None = None,
-                  with_bf16: bool = False) -> dict[str, str]:
+def save_imported(
+    model_dir: str, imported: importers.Imported, sde: dict | None = None, with_bf16: bool = False
+) -> dict[str, str]:
     """Writes an imported checkpoint as a model folder (see the module docstring).
 
     Everything is checked (SDE, conditioning input, data range) before a file is written.
@@ -277,8 +316,15 @@ def save_imported(model_dir: str, imported: importers.Imported, sde: dict | None
         "data_range": imported.data_range,
         "source": imported.source,
     }
-    return save_model(model_dir, imported.state, dataclasses.asdict(imported.config), sde,
-                      imported.parameterization, extra=extra, with_bf16=with_bf16)
+    return save_model(
+        model_dir,
+        imported.state,
+        dataclasses.asdict(imported.config),
+        sde,
+        imported.parameterization,
+        extra=extra,
+        with_bf16=with_bf16,
+    )
 
 
 # --- the bare network -------------------------------------------------------------------
@@ -286,6 +332,7 @@ def save_imported(model_dir: str, imported: importers.Imported, sde: dict | None
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, t: jax.Array) -> jax.Array:
+    """One jitted call of a bare network (graph static, weights traced): tools and parity tests."""
     model = nnx.merge(graphdef, state)
     if isinstance(model, unet.UNet):
         return model(x, t, train=False)
@@ -333,7 +380,8 @@ def load_network(
         name, config = folder.architecture, folder.config
         _, abstract_state = _abstract(name, config)
         state = checkpoint.load_params(
-            folder.weights, abstract_state,
+            folder.weights,
+            abstract_state,
             sha256=folder.info["sha256"].get(files.basename(folder.weights)),
         )
     else:

@@ -145,8 +145,7 @@ def sde_for_range(sde: SDE, data_range: str) -> SDE:
     if (scale, shift) == (1.0, 0.0):
         return sde
     if isinstance(sde, VESDE):
-        return VESDE(sigma_min=sde.sigma_min / scale, sigma_max=sde.sigma_max / scale,
-                     eps=sde.eps)
+        return VESDE(sigma_min=sde.sigma_min / scale, sigma_max=sde.sigma_max / scale, eps=sde.eps)
     raise ValueError(
         f"data_range {data_range!r} needs a VE SDE; {type(sde).__name__} models must use -1_1"
     )

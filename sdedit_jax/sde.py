@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdedit_jax.config import frozen
 from sdedit_jax.rng import example_noise
 
 Array = jax.Array
@@ -288,7 +289,10 @@ class DiscreteVPSDE(SDE):
 
 
 SDES: dict[str, type[SDE]] = {
-    "vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "discrete_vp": DiscreteVPSDE
+    "vp": VPSDE,
+    "subvp": SubVPSDE,
+    "ve": VESDE,
+    "discrete_vp": DiscreteVPSDE,
 }
 
 
@@ -298,8 +302,4 @@ def sde_from_config(config) -> SDE:
     name = fields.pop("name", None)
     if name not in SDES:
         raise ValueError(f"sde.name: must be one of {sorted(SDES)}, got {name!r}")
-    known = {f.name for f in dataclasses.fields(SDES[name])}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"sde: unknown field(s) {unknown} for {name!r}; known {sorted(known)}")
-    return SDES[name](**fields)
+    return frozen(SDES[name], fields, "sde")

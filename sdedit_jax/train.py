@@ -15,18 +15,18 @@ come from keys folded with ``k``. Nothing but the checkpointed train state
 carries over between steps, so a resumed run repeats the uninterrupted one
 bit for bit.
 
-Parallelism: one ``jax.jit`` program over a 1-D ``data`` mesh of all devices;
-the batch is sharded along it and the train state is replicated, so XLA
-inserts the gradient all-reduce.
+Parallelism: the train step is one ``jax.jit`` program (:func:`shard_train_step`)
+over the engine's 1-D ``data`` mesh (:func:`sdedit_jax.engine.data_mesh`) of all
+devices; the batch is sharded along it and the train state is replicated, so
+XLA inserts the gradient all-reduce. In-memory data also jits its batch gather
+(:func:`sdedit_jax.data.train_data.make_batch`), sharded on the same mesh.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -39,9 +39,13 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sdedit_jax import checkpoint, files, losses, pretrained
-from sdedit_jax.data import input_pipeline
-from sdedit_jax.data.images import load_image_folder
+from sdedit_jax import checkpoint, engine, files, losses, metric_log, pretrained
+from sdedit_jax.data.train_data import (
+    STREAMING_SOURCES,
+    load_train_images,
+    make_batch,
+    streaming_batches,
+)
 from sdedit_jax.models import unet
 from sdedit_jax.sde import SDE, sde_from_config
 
@@ -93,105 +97,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
             schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
         ),
     )
-
-
-# --- data --------------------------------------------------------------------------
-
-
-def _load_emoji_folder(config: ml_collections.ConfigDict) -> np.ndarray:
-    folder = os.path.join(config.path, "train")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(
-            f"config.data.path={config.path!r}: no train/ folder; build it with "
-            "`python -m sdedit_jax.data.emoji --out <path>`"
-        )
-    images = load_image_folder(folder)
-    if images.shape[1:] != (config.image_size, config.image_size, 3):
-        raise ValueError(
-            f"{folder}: images of shape {images.shape[1:]} do not match "
-            f"config.data.image_size={config.image_size} with 3 channels"
-        )
-    return images
-
-
-def _synthetic_images(config: ml_collections.ConfigDict, seed: int) -> np.ndarray:
-    """Smooth random colour fields: a cheap, learnable data set for tests."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 255, (config.num_examples, 2, 2, config.num_channels))
-    factor = config.image_size // 2
-    fine = np.repeat(np.repeat(coarse, factor, axis=1), factor, axis=2)
-    return fine.astype(np.uint8)
-
-
-IN_MEMORY_SOURCES = ("emoji", "fashion_mnist", "synthetic")
-STREAMING_SOURCES = ("folder", "tfrecord", "tfds")
-
-
-def load_train_images(config: ml_collections.ConfigDict, seed: int) -> np.ndarray:
-    """The whole training split as float32 ``[N, H, W, C]`` in [-1, 1].
-
-    In-memory sources: ``"emoji"`` (folder ``config.path``), ``"fashion_mnist"``
-    (first ``config.num_examples`` images, or all when it is None) and
-    ``"synthetic"``. Larger data sets stream through tf.data instead
-    (:data:`STREAMING_SOURCES`, see :func:`streaming_batches`).
-    """
-    if config.source == "emoji":
-        images = _load_emoji_folder(config)
-    elif config.source == "fashion_mnist":
-        from sdedit_jax.data import fashion_mnist
-
-        images = fashion_mnist.load_images("train", config.image_size, config.num_channels)
-        images = images[: config.num_examples]
-    elif config.source == "synthetic":
-        images = _synthetic_images(config, seed)
-    else:
-        raise ValueError(
-            f"config.data.source must be one of {IN_MEMORY_SOURCES + STREAMING_SOURCES}, "
-            f"got {config.source!r}"
-        )
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
-def batch_indices(data_key: Array, step: Array, batch_size: int, num_examples: int) -> Array:
-    """Dataset indices of step ``step``'s batch: epoch-wise permutations, no repeats
-    within an epoch. A batch may straddle two epochs, so both permutations are built."""
-    first = step * batch_size
-    epoch = first // num_examples
-    sample = first + jnp.arange(batch_size)
-    perm_now = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
-    perm_next = jax.random.permutation(jax.random.fold_in(data_key, epoch + 1), num_examples)
-    position = sample % num_examples
-    return jnp.where(sample // num_examples == epoch, perm_now[position], perm_next[position])
-
-
-def make_batch(
-    images: Array, data_key: Array, step: Array, batch_size: int, random_flip: bool
-) -> Array:
-    """Step ``step``'s batch ``[B, H, W, C]``, with optional per-example horizontal flips."""
-    order_key, flip_key = jax.random.split(data_key)
-    batch = images[batch_indices(order_key, step, batch_size, images.shape[0])]
-    if not random_flip:
-        return batch
-    flip_key = jax.random.fold_in(flip_key, step)
-    flip = jax.random.bernoulli(flip_key, 0.5, (batch_size,)).reshape(batch_size, 1, 1, 1)
-    return jnp.where(flip, batch[:, :, ::-1, :], batch)
-
-
-def streaming_batches(
-    config: ml_collections.ConfigDict, batch_size: int, seed: int, start_step: int
-) -> Iterator[np.ndarray]:
-    """Per-host batches from the tf.data pipeline, positioned at ``start_step``.
-
-    The pipeline is deterministic for a seed, so skipping the batches already
-    consumed resumes the exact stream (skip still reads them: a cost paid once
-    per restart).
-    """
-    data_config = ml_collections.ConfigDict(
-        {k: v for k, v in config.to_dict().items() if k != "num_examples"}
-    )
-    per_host = batch_size // jax.process_count()
-    dataset = input_pipeline.train_dataset(data_config, per_host, seed).skip(start_step)
-    return input_pipeline.numpy_batches(dataset)
 
 
 # --- model and step ----------------------------------------------------------------
@@ -265,18 +170,10 @@ def step_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """1-D ``data`` mesh (Auto axis) over ``devices`` (default: all)."""
-    devices = jax.devices() if devices is None else devices
-    return jax.sharding.Mesh(
-        np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
-
-
 def shard_train_step(train_step: TrainStep, mesh: jax.sharding.Mesh) -> TrainStep:
     """Jits ``train_step`` over ``mesh``: state replicated (and donated), batch sharded."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(engine.DATA_AXIS))
     return jax.jit(
         train_step,
         in_shardings=(replicated, batch_sharding, replicated),
@@ -293,16 +190,15 @@ def full_ema_state(state: TrainState) -> nnx.State:
 # --- loop ----------------------------------------------------------------------------
 
 
-def _log(path: str, step: int, losses_in_window: list[float], grad_norm: float, secs: float):
-    """Appends one record to the JSONL file and prints it."""
+def _log(writer, step: int, losses_in_window: list[float], grad_norm: float, secs: float):
+    """Writes one record (TensorBoard and ``metrics.jsonl``) and prints it."""
     record = {
-        "step": step,
         "loss": float(np.mean(losses_in_window)),
         "grad_norm": grad_norm,
         "steps_per_sec": len(losses_in_window) / secs,
     }
-    files.append_bytes(path, (json.dumps(record | {"time": time.time()}) + "\n").encode())
-    print(" ".join(f"{k}={v:.5g}" for k, v in record.items()), flush=True)
+    writer.write_scalars(step, record)
+    print(" ".join(f"{k}={v:.5g}" for k, v in {"step": step, **record}.items()), flush=True)
 
 
 def _write_final_weights(
@@ -310,9 +206,13 @@ def _write_final_weights(
 ) -> None:
     """EMA weights (fp32 + bf16) and ``model_info.json``: a model folder in ``workdir``."""
     sums = pretrained.save_model(
-        workdir, jax.device_get(full_ema_state(state)), config.model.to_dict(),
-        config.sde.to_dict(), config.training.parameterization,
-        extra={"step": int(state.step)}, with_bf16=True,
+        workdir,
+        jax.device_get(full_ema_state(state)),
+        config.model.to_dict(),
+        config.sde.to_dict(),
+        config.training.parameterization,
+        extra={"step": int(state.step)},
+        with_bf16=True,
     )
     print(f"wrote EMA weights: {sums}", flush=True)
 
@@ -364,7 +264,8 @@ def train(
 
     Args:
         config: full training config (see ``configs/train_emoji.py``).
-        workdir: checkpoints, ``metrics.jsonl`` and final weights go here.
+        workdir: checkpoints, ``metrics.jsonl``, TensorBoard summaries (``tensorboard/``)
+            and final weights go here.
         devices: devices of the data mesh (default: all).
         stop_at: stop (with a checkpoint) after this step, as if interrupted.
 
@@ -372,12 +273,12 @@ def train(
         The final train state (replicated on the mesh).
     """
     training = config.training
-    mesh = make_mesh(devices)
+    mesh = engine.data_mesh(devices)
     streaming = config.data.source in STREAMING_SOURCES
     images_np = None if streaming else load_train_images(config.data, config.seed)
     _check_batch(config, mesh.devices.size, None if streaming else images_np.shape[0])
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(engine.DATA_AXIS))
     files.makedirs(workdir)
 
     sde = sde_from_config(config.sde)
@@ -385,9 +286,7 @@ def train(
     graphdef, state = init_state(config, tx)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"model: {num_params:,} params; devices: {mesh.devices.size}", flush=True)
-    manager = checkpoint.make_manager(
-        files.join(workdir, "checkpoints"), training.keep_checkpoints
-    )
+    manager = checkpoint.make_manager(files.join(workdir, "checkpoints"), training.keep_checkpoints)
     state = _restore(manager, jax.device_put(state, replicated), replicated, config.seed, workdir)
 
     root = jax.random.key(config.seed)
@@ -417,6 +316,7 @@ def train(
     last_step = training.num_steps if stop_at is None else min(stop_at, training.num_steps)
     window: list[float] = []
     window_start = last_save = time.perf_counter()
+    writer = metric_log.training_writer(workdir)
     while step < last_step:
         batch = get_batch(step)
         state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
@@ -427,7 +327,7 @@ def train(
         if step % training.log_every == 0 or step == last_step:
             now = time.perf_counter()
             _log(
-                files.join(workdir, "metrics.jsonl"),
+                writer,
                 step,
                 window,
                 float(metrics["grad_norm"]),
@@ -442,6 +342,7 @@ def train(
             meta = {"step": step, "seed": config.seed, "data_position": step * training.batch_size}
             checkpoint.save(manager, step, state, meta)
             last_save = time.perf_counter()
+    writer.close()
     if step == training.num_steps:
         _write_final_weights(workdir, config, state)
     manager.close()

@@ -70,8 +70,10 @@ def lock_path(workdir: str, process_index: int) -> str:
 def _holder_text(fd: int) -> str:
     try:
         holder = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
-        return (f"pid {holder['pid']} on host {holder['host']} (started {holder['started']}: "
-                f"{holder['command']})")
+        return (
+            f"pid {holder['pid']} on host {holder['host']} (started {holder['started']}: "
+            f"{holder['command']})"
+        )
     except (ValueError, KeyError, TypeError, OSError):
         return "another process"
 
@@ -105,8 +107,10 @@ def acquire(workdir: str, process_index: int = 0) -> WorkdirLock:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        message = (f"workdir {workdir} is in use by {_holder_text(fd)}; wait for that job to "
-                   f"end or stop it (lock file {path})")
+        message = (
+            f"workdir {workdir} is in use by {_holder_text(fd)}; wait for that job to "
+            f"end or stop it (lock file {path})"
+        )
         os.close(fd)
         raise WorkdirBusy(message) from None
     except OSError as e:
@@ -114,13 +118,18 @@ def acquire(workdir: str, process_index: int = 0) -> WorkdirLock:
             os.close(fd)
             raise
         if _holder_alive(fd):
-            message = (f"workdir {workdir} may be in use by {_holder_text(fd)} (this file system "
-                       f"has no locks); if that process is gone, delete {path}")
+            message = (
+                f"workdir {workdir} may be in use by {_holder_text(fd)} (this file system "
+                f"has no locks); if that process is gone, delete {path}"
+            )
             os.close(fd)
             raise WorkdirBusy(message) from None
-    holder = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv)}
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     return WorkdirLock(path, fd)

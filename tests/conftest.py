@@ -17,3 +17,18 @@ jax.config.update(
     os.environ.get("SDEDIT_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """One random tiny model folder (16 px RGB U-Net, VP, noise prediction) for the session.
+
+    Tests only read it, so the job, evaluation and bad-input tests share one folder
+    instead of each building and saving its own.
+    """
+    from tests import job_cli
+
+    return job_cli.make_model(str(tmp_path_factory.mktemp("tiny_model")))

@@ -21,8 +21,14 @@ CHURCH_256 = {
     "attention_head_dim": None,
     "block_out_channels": [128, 128, 256, 256, 512, 512],
     "center_input_sample": False,
-    "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D",
-                         "AttnDownBlock2D", "DownBlock2D"],
+    "down_block_types": [
+        "DownBlock2D",
+        "DownBlock2D",
+        "DownBlock2D",
+        "DownBlock2D",
+        "AttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "downsample_padding": 0,
     "flip_sin_to_cos": False,
     "freq_shift": 1,
@@ -34,8 +40,14 @@ CHURCH_256 = {
     "out_channels": 3,
     "sample_size": 256,
     "time_embedding_type": "positional",
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D",
-                       "UpBlock2D"],
+    "up_block_types": [
+        "UpBlock2D",
+        "AttnUpBlock2D",
+        "UpBlock2D",
+        "UpBlock2D",
+        "UpBlock2D",
+        "UpBlock2D",
+    ],
 }
 
 
@@ -67,10 +79,15 @@ def reference(model, x_nhwc: np.ndarray, timesteps) -> np.ndarray:
     return out.sample.numpy().transpose(0, 2, 3, 1)
 
 
-_RESNET = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "temb_proj", "norm2": "norm2",
-           "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
-_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
-              "to_out.0": "proj_out"}
+_RESNET = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "time_emb_proj": "temb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 def ddim_state_dict(diffusers_state: dict, levels: int) -> dict:
@@ -92,8 +109,8 @@ def ddim_state_dict(diffusers_state: dict, levels: int) -> dict:
         for names in (_RESNET, _ATTENTION):
             for old, repl in names.items():
                 tail = old.split(".")
-                if parts[-1 - len(tail):-1] == tail:
-                    parts = parts[:-1 - len(tail)] + [repl, parts[-1]]
+                if parts[-1 - len(tail) : -1] == tail:
+                    parts = parts[: -1 - len(tail)] + [repl, parts[-1]]
         new = ".".join(parts)
         if re.search(r"(attn(\.\d+|_1))\.(q|k|v|proj_out)\.weight$", new):
             value = value[:, :, None, None]  # ddim's attention projections are 1x1 convs

@@ -28,8 +28,9 @@ class GaussianScore:
         return -(x - m * self.mu) * precision
 
 
-def sdedit_moments(sde: SDE, mu: float, s: float, guide, t0: float, t_end: float,
-                   guide_var: float = 0.0):
+def sdedit_moments(
+    sde: SDE, mu: float, s: float, guide, t0: float, t_end: float, guide_var: float = 0.0
+):
     """Mean and variance of SDEdit's output at ``t_end`` given a guide, exactly.
 
     The reverse SDE started at ``x_t0 ~ p(x_t0 | x_0 = guide)`` with the exact

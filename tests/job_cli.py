@@ -16,9 +16,19 @@ from sdedit_jax.models import unet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
-TINY_MODEL = dict(image_size=SIZE, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(), dropout=0.0, time_embedding="sinusoidal",
-                  fourier_scale=16.0, skip_rescale=True, fast_conv=True)
+TINY_MODEL = dict(
+    image_size=SIZE,
+    num_channels=3,
+    nf=8,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    dropout=0.0,
+    time_embedding="sinusoidal",
+    fourier_scale=16.0,
+    skip_rescale=True,
+    fast_conv=True,
+)
 
 
 def make_model(path: str) -> str:
@@ -37,19 +47,36 @@ def random_guide(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3)).astype(np.uint8)
 
 
-def command(model_dir: str, source: str, workdir: str, *extra: str,
-            t0s: str = "(0.4,0.6)", image_size: str = f"({SIZE},{SIZE})") -> list[str]:
+def command(
+    model_dir: str,
+    source: str,
+    workdir: str,
+    *extra: str,
+    t0s: str = "(0.4,0.6)",
+    image_size: str = f"({SIZE},{SIZE})",
+) -> list[str]:
     """The job's command line for ``source`` (a folder, or a .jsonl/.csv manifest).
 
     Tuple settings are parameters: given twice on a command line, ml_collections
     concatenates them instead of replacing the first.
     """
     kind = "manifest" if source.endswith((".jsonl", ".csv")) else "folder"
-    return [sys.executable, "-m", "sdedit_jax.main", "--config", "configs/default.py",
-            f"--config.model_dir={model_dir}", f"--config.input.source={kind}",
-            f"--config.input.path={source}", f"--config.input.image_size={image_size}",
-            f"--config.t0s={t0s}", "--config.sampler.steps_per_unit_time=10",
-            "--config.per_device_batch=2", f"--workdir={workdir}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "sdedit_jax.main",
+        "--config",
+        "configs/default.py",
+        f"--config.model_dir={model_dir}",
+        f"--config.input.source={kind}",
+        f"--config.input.path={source}",
+        f"--config.input.image_size={image_size}",
+        f"--config.t0s={t0s}",
+        "--config.sampler.steps_per_unit_time=10",
+        "--config.per_device_batch=2",
+        f"--workdir={workdir}",
+        *extra,
+    ]
 
 
 def env(devices: int = 2, tmpdir: str | None = None) -> dict[str, str]:
@@ -62,11 +89,19 @@ def env(devices: int = 2, tmpdir: str | None = None) -> dict[str, str]:
     return out
 
 
-def run(cmd: list[str], *, devices: int = 2, tmpdir: str | None = None, timeout: float = 300,
-        **kwargs) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], *, devices: int = 2, tmpdir: str | None = None, timeout: float = 300, **kwargs
+) -> subprocess.CompletedProcess:
     """Runs the command under a timeout (a hang fails the test with TimeoutExpired)."""
-    return subprocess.run(cmd, cwd=REPO, env=env(devices, tmpdir), capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env(devices, tmpdir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def rows(path: str) -> dict[str, dict]:
@@ -77,7 +112,14 @@ def rows(path: str) -> dict[str, dict]:
 
 def error_lines(stderr: str) -> list[str]:
     """The job's own messages (TensorFlow/XLA start-up chatter removed)."""
-    noise = ("oneDNN", "absl::InitializeLog", "libtpu", "xla_bridge", "cpu_feature_guard",
-             "To enable the following instructions")
-    return [line for line in stderr.splitlines() if line.strip()
-            and not any(n in line for n in noise)]
+    noise = (
+        "oneDNN",
+        "absl::InitializeLog",
+        "libtpu",
+        "xla_bridge",
+        "cpu_feature_guard",
+        "To enable the following instructions",
+    )
+    return [
+        line for line in stderr.splitlines() if line.strip() and not any(n in line for n in noise)
+    ]

@@ -138,10 +138,16 @@ def test_unreadable_files_are_named(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "sdedit_jax.composite", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "sdedit_jax.composite", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
+@pytest.mark.slow
 def test_command_writes_the_job_layout_and_fails_in_one_line(tmp_path):
     source, target = _ramp(6, 8), np.full((10, 12, 3), 30, np.uint8)
     Image.fromarray(source).save(tmp_path / "a.png")
@@ -150,9 +156,22 @@ def test_command_writes_the_job_layout_and_fails_in_one_line(tmp_path):
     mask[2:5, 1:4] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
     out = tmp_path / "guides"
-    done = _cli("--source", str(tmp_path / "a.png"), "--target", str(tmp_path / "b.png"),
-                "--source_mask", str(tmp_path / "m.png"), "--at", "5,3", "--dilate", "1",
-                "--out", str(out), "--name", "foo")
+    done = _cli(
+        "--source",
+        str(tmp_path / "a.png"),
+        "--target",
+        str(tmp_path / "b.png"),
+        "--source_mask",
+        str(tmp_path / "m.png"),
+        "--at",
+        "5,3",
+        "--dilate",
+        "1",
+        "--out",
+        str(out),
+        "--name",
+        "foo",
+    )
     assert done.returncode == 0, done.stderr
     guide = np.asarray(Image.open(out / "foo.png"))
     written_mask = np.asarray(Image.open(out / "masks" / "foo.png"))
@@ -164,15 +183,46 @@ def test_command_writes_the_job_layout_and_fails_in_one_line(tmp_path):
     np.testing.assert_array_equal(written_mask, composite.disk_dilate(pasted, 1) * 255)
     assert written_mask.sum() // 255 == 9 + 4 * 3  # the 3x3 square plus one ring of 4 sides
 
-    bad = _cli("--source", str(tmp_path / "a.png"), "--target", str(tmp_path / "b.png"),
-               "--box", "1,2,4", "--out", str(tmp_path / "none"), "--name", "bar")
+    bad = _cli(
+        "--source",
+        str(tmp_path / "a.png"),
+        "--target",
+        str(tmp_path / "b.png"),
+        "--box",
+        "1,2,4",
+        "--out",
+        str(tmp_path / "none"),
+        "--name",
+        "bar",
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: --box: expected 4 comma-separated integers, got '1,2,4'"
     assert not (tmp_path / "none").exists()
-    again = _cli("--source", str(tmp_path / "a.png"), "--target", str(tmp_path / "b.png"),
-                 "--box", "1,2,4,5", "--out", str(out), "--name", "foo")
+    again = _cli(
+        "--source",
+        str(tmp_path / "a.png"),
+        "--target",
+        str(tmp_path / "b.png"),
+        "--box",
+        "1,2,4,5",
+        "--out",
+        str(out),
+        "--name",
+        "foo",
+    )
     assert again.returncode == 2 and "--name: " in again.stderr and "exists" in again.stderr
-    both = _cli("--source", str(tmp_path / "a.png"), "--target", str(tmp_path / "b.png"),
-                "--box", "1,2,4,5", "--source_mask", str(tmp_path / "m.png"),
-                "--out", str(out), "--name", "x")
+    both = _cli(
+        "--source",
+        str(tmp_path / "a.png"),
+        "--target",
+        str(tmp_path / "b.png"),
+        "--box",
+        "1,2,4,5",
+        "--source_mask",
+        str(tmp_path / "m.png"),
+        "--out",
+        str(out),
+        "--name",
+        "x",
+    )
     assert both.stderr.strip() == "error: --source_mask / --box: give exactly one of them"

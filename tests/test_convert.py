@@ -28,9 +28,11 @@ from sdedit_jax.score import make_network_score_fn, sde_for_range  # noqa: E402
 from sdedit_jax.sde import VESDE, DiscreteVPSDE  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {**ref.church_config(channels=(32, 64), sample_size=16),
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+TINY = {
+    **ref.church_config(channels=(32, 64), sample_size=16),
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +52,39 @@ def test_model_info_schema(tiny):
     assert info["condition"] == "timestep"
     assert info["parameterization"] == "noise"
     assert info["data_range"] == "-1_1"
-    assert info["sde"] == {"name": "discrete_vp", "beta_start": 1e-4, "beta_end": 0.02,
-                           "num_timesteps": 1000}
-    assert info["source"] == {"path": str(weights), "format": "diffusers",
-                              "sha256": checkpoint.sha256_file(str(weights))}
+    assert info["sde"] == {
+        "name": "discrete_vp",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "num_timesteps": 1000,
+    }
+    assert info["source"] == {
+        "path": str(weights),
+        "format": "diffusers",
+        "sha256": checkpoint.sha256_file(str(weights)),
+    }
     assert info["model"]["block_out_channels"] == [32, 64]
     assert info["sha256"]["ema_params_fp32.msgpack"] == checkpoint.sha256_file(
-        str(root / "model" / "ema_params_fp32.msgpack"))
+        str(root / "model" / "ema_params_fp32.msgpack")
+    )
 
 
+@pytest.mark.slow
 def test_folder_checkpoint_and_converted_folder_are_one_network(tiny):
     model, root, _ = tiny
     x = np.random.default_rng(0).standard_normal((2, 16, 16, 3), np.float32)
     t = np.array([5.0, 640.0], np.float32)
-    outs = [np.asarray(pretrained.load_network(str(p), image_size=16)(x, t))
-            for p in (root / "hub", root / "tiny.ckpt", root / "model")]
+    outs = [
+        np.asarray(pretrained.load_network(str(p), image_size=16)(x, t))
+        for p in (root / "hub", root / "tiny.ckpt", root / "model")
+    ]
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
     expected = ref.reference(model, x, t)
     assert np.abs(outs[0] - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+@pytest.mark.slow
 def test_score_function_is_the_ddpm_noise_prediction_rescaled(tiny):
     _, root, _ = tiny
     loaded = pretrained.load_model(str(root / "model"))
@@ -85,8 +99,12 @@ def test_score_function_is_the_ddpm_noise_prediction_rescaled(tiny):
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[n]
     expected = -np.asarray(net(x, n.astype(np.float32))) / np.sqrt(1 - abar)[:, None, None, None]
     for m in (loaded, direct):
-        np.testing.assert_allclose(np.asarray(jax.jit(m.score_fn)(x, t)), expected, rtol=1e-4,
-                                   atol=1e-4 * np.abs(expected).max())
+        np.testing.assert_allclose(
+            np.asarray(jax.jit(m.score_fn)(x, t)),
+            expected,
+            rtol=1e-4,
+            atol=1e-4 * np.abs(expected).max(),
+        )
 
 
 def test_scheduler_config_sets_the_schedule(tiny, tmp_path):
@@ -95,12 +113,24 @@ def test_scheduler_config_sets_the_schedule(tiny, tmp_path):
     os.makedirs(hub)
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         (hub / name).write_bytes((root / "hub" / name).read_bytes())
-    (hub / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "DDPMScheduler", "beta_start": 0.0002, "beta_end": 0.01,
-         "beta_schedule": "linear", "num_train_timesteps": 500}))
+    (hub / "scheduler_config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMScheduler",
+                "beta_start": 0.0002,
+                "beta_end": 0.01,
+                "beta_schedule": "linear",
+                "num_train_timesteps": 500,
+            }
+        )
+    )
     info = convert.convert(str(hub), str(tmp_path / "model"))
-    assert info["sde"] == {"name": "discrete_vp", "beta_start": 0.0002, "beta_end": 0.01,
-                           "num_timesteps": 500}
+    assert info["sde"] == {
+        "name": "discrete_vp",
+        "beta_start": 0.0002,
+        "beta_end": 0.01,
+        "num_timesteps": 500,
+    }
     (hub / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "squaredcos_cap_v2"}))
     with pytest.raises(ValueError, match="beta_schedule: 'squaredcos_cap_v2' is not supported"):
         convert.convert(str(hub), str(tmp_path / "model2"))
@@ -136,29 +166,45 @@ def test_networks_on_0_1_data_are_used_in_minus1_1_units():
     # In [-1, 1] units the data is N(2 mu - 1, (2 s)^2) and the noise std is sde's.
     var = (2 * s) ** 2 + sde.marginal_std(t)[:, None, None, None] ** 2
     expected = -(y - (2 * mu - 1)) / var
-    np.testing.assert_allclose(np.asarray(score_fn(y, t)), np.asarray(expected), rtol=1e-5,
-                               atol=1e-6 * float(jnp.abs(expected).max()))
+    np.testing.assert_allclose(
+        np.asarray(score_fn(y, t)),
+        np.asarray(expected),
+        rtol=1e-5,
+        atol=1e-6 * float(jnp.abs(expected).max()),
+    )
     with pytest.raises(ValueError, match="data_range '0_1' needs a VE SDE"):
         sde_for_range(DiscreteVPSDE(), "0_1")
 
 
+@pytest.mark.slow
 def test_ncsnpp_diffusers_folder_through_load_model(tmp_path):
     """Dispatch to the NCSN++ port, and its [0, 1] data and sigma input seen from [-1, 1]."""
     pytest.importorskip("sdedit_jax.models.ncsnpp")
     from diffusers import UNet2DModel
 
-    config = {"sample_size": 16, "block_out_channels": [32, 128], "layers_per_block": 1,
-              "down_block_types": ["SkipDownBlock2D", "AttnSkipDownBlock2D"],
-              "up_block_types": ["AttnSkipUpBlock2D", "SkipUpBlock2D"],
-              "time_embedding_type": "fourier", "center_input_sample": True,
-              "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
-              "mid_block_scale_factor": 1.41421356237, "norm_eps": 1e-6,
-              "norm_num_groups": None, "attention_head_dim": None, "act_fn": "silu"}
+    config = {
+        "sample_size": 16,
+        "block_out_channels": [32, 128],
+        "layers_per_block": 1,
+        "down_block_types": ["SkipDownBlock2D", "AttnSkipDownBlock2D"],
+        "up_block_types": ["AttnSkipUpBlock2D", "SkipUpBlock2D"],
+        "time_embedding_type": "fourier",
+        "center_input_sample": True,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1.41421356237,
+        "norm_eps": 1e-6,
+        "norm_num_groups": None,
+        "attention_head_dim": None,
+        "act_fn": "silu",
+    }
     torch.manual_seed(0)
     model = UNet2DModel(**config).eval()
     model.save_pretrained(tmp_path)
-    (tmp_path / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01, "sigma_max": 380.0}))
+    (tmp_path / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01, "sigma_max": 380.0})
+    )
     loaded = pretrained.load_model(str(tmp_path))
     assert loaded.architecture == "ncsnpp"
     assert loaded.sde == VESDE(sigma_min=0.02, sigma_max=760.0)
@@ -166,21 +212,38 @@ def test_ncsnpp_diffusers_folder_through_load_model(tmp_path):
     t = np.array([0.2, 0.8], np.float32)
     sigma = 0.01 * (380.0 / 0.01) ** t  # the network's own sigma, in [0, 1] units
     with torch.no_grad():
-        out = model(torch.from_numpy(((y + 1) / 2).transpose(0, 3, 1, 2)),
-                    torch.from_numpy(sigma)).sample.numpy().transpose(0, 2, 3, 1)
+        out = (
+            model(torch.from_numpy(((y + 1) / 2).transpose(0, 3, 1, 2)), torch.from_numpy(sigma))
+            .sample.numpy()
+            .transpose(0, 2, 3, 1)
+        )
     got = np.asarray(loaded.score_fn(jnp.asarray(y), jnp.asarray(t)))
     np.testing.assert_allclose(got, 0.5 * out, rtol=1e-3, atol=1e-4 * np.abs(out).max())
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "sdedit_jax.convert", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sdedit_jax.convert", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
+@pytest.mark.slow
 def test_command_line(tiny, tmp_path):
     _, root, _ = tiny
-    ok = _cli("--source", str(root / "tiny.ckpt"), "--out", str(tmp_path / "m"),
-              "--image_size", "16", "--format", "ddim")
+    ok = _cli(
+        "--source",
+        str(root / "tiny.ckpt"),
+        "--out",
+        str(tmp_path / "m"),
+        "--image_size",
+        "16",
+        "--format",
+        "ddim",
+    )
     assert ok.returncode == 0, ok.stderr
     summary = json.loads(ok.stdout)
     assert summary["architecture"] == "ddpm_unet" and summary["source"]["format"] == "ddim"
@@ -190,8 +253,10 @@ def test_command_line(tiny, tmp_path):
     for args, message in [
         (("--source", str(tmp_path / "notes.txt")), "notes.txt: not a checkpoint"),
         (("--source", str(root / "tiny.ckpt"), "--sde", "{oops"), "--sde: not valid JSON"),
-        (("--source", str(root / "tiny.ckpt"), "--sde", '{"name": "cosine"}'),
-         "--sde: sde.name: must be one of"),
+        (
+            ("--source", str(root / "tiny.ckpt"), "--sde", '{"name": "cosine"}'),
+            "--sde: sde.name: must be one of",
+        ),
     ]:
         bad = _cli(*args, "--out", str(tmp_path / "never"))
         assert bad.returncode == 1

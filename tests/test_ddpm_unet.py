@@ -40,6 +40,7 @@ def _rel_err(out, expected):
     [np.array([0.0]), np.array([999.0, 17.5, 500.0])],
     ids=["batch1_t0", "batch3_mixed_float"],
 )
+@pytest.mark.slow
 def test_matches_diffusers(church_small, timesteps):
     model, folder = church_small
     net = pretrained.load_network(folder)
@@ -56,6 +57,7 @@ def test_scalar_timestep_is_broadcast_like_diffusers(church_small):
     assert _rel_err(net(x, 250), expected) <= TOL
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_close_and_returns_float32(church_small):
     model, folder = church_small
     net = pretrained.load_network(folder, compute_dtype="bfloat16")
@@ -69,10 +71,20 @@ def test_bfloat16_compute_is_close_and_returns_float32(church_small):
 
 def test_church_config_from_diffusers_and_from_ddim_yaml_agree():
     # SDEdit's configs/church.yml model section with data.image_size 256.
-    ddim_model = {"type": "simple", "in_channels": 3, "out_ch": 3, "ch": 128,
-                  "ch_mult": [1, 1, 2, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [16],
-                  "dropout": 0.0, "var_type": "fixedsmall", "ema_rate": 0.999, "ema": True,
-                  "resamp_with_conv": True}
+    ddim_model = {
+        "type": "simple",
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 1, 2, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [16],
+        "dropout": 0.0,
+        "var_type": "fixedsmall",
+        "ema_rate": 0.999,
+        "ema": True,
+        "resamp_with_conv": True,
+    }
     from_ddim = DDPMUNetConfig.from_ddim_config(ddim_model, image_size=256)
     from_diffusers = DDPMUNetConfig.from_diffusers_config(ref.CHURCH_256)
     assert from_ddim == from_diffusers
@@ -84,19 +96,27 @@ def test_church_config_from_diffusers_and_from_ddim_yaml_agree():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"down_block_types": ["DownBlock2D"] * 5 + ["CrossAttnDownBlock2D"]},
-         "down_block_types: block type 'CrossAttnDownBlock2D' is not supported"),
-        ({"up_block_types": ["UpBlock2D"] * 5 + ["SomeUpBlock"]},
-         "up_block_types: block type 'SomeUpBlock' is not supported"),
+        (
+            {"down_block_types": ["DownBlock2D"] * 5 + ["CrossAttnDownBlock2D"]},
+            "down_block_types: block type 'CrossAttnDownBlock2D' is not supported",
+        ),
+        (
+            {"up_block_types": ["UpBlock2D"] * 5 + ["SomeUpBlock"]},
+            "up_block_types: block type 'SomeUpBlock' is not supported",
+        ),
         ({"act_fn": "gelu"}, "act_fn: 'gelu' is not supported"),
-        ({"resnet_time_scale_shift": "scale_shift"},
-         "resnet_time_scale_shift: 'scale_shift' is not supported"),
+        (
+            {"resnet_time_scale_shift": "scale_shift"},
+            "resnet_time_scale_shift: 'scale_shift' is not supported",
+        ),
         ({"class_embed_type": "timestep"}, "class_embed_type: 'timestep' is not supported"),
         ({"new_field": 1}, "new_field: unknown UNet2DModel field"),
         ({"_class_name": "UNet2DConditionModel"}, "_class_name: 'UNet2DConditionModel'"),
         ({"block_out_channels": [128, 128, 256]}, "block_out_channels: 3 levels but 6 down"),
-        ({"block_out_channels": [128, 128, 256, 256, 512, 500]},
-         "block_out_channels: 500 is not divisible by norm_num_groups=32"),
+        (
+            {"block_out_channels": [128, 128, 256, 256, 512, 500]},
+            "block_out_channels: 500 is not divisible by norm_num_groups=32",
+        ),
         ({"sample_size": [256, 128]}, r"sample_size: \[256, 128\] is not square"),
     ],
 )
@@ -113,12 +133,17 @@ def test_diffusers_defaults_apply_to_missing_fields():
     assert (config.flip_sin_to_cos, config.freq_shift) == (True, 0.0)
 
 
+@pytest.mark.slow
 def test_flipped_embedding_and_multihead_variant_match_diffusers(tmp_path):
-    cfg = {**ref.church_config(sample_size=16, channels=(32, 64, 64)),
-           "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-           "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-           "flip_sin_to_cos": True, "freq_shift": 0, "attention_head_dim": 16,
-           "downsample_padding": 1}
+    cfg = {
+        **ref.church_config(sample_size=16, channels=(32, 64, 64)),
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "attention_head_dim": 16,
+        "downsample_padding": 1,
+    }
     model = ref.diffusers_model(cfg, seed=5)
     model.save_pretrained(tmp_path)
     net = pretrained.load_network(str(tmp_path))
@@ -130,8 +155,15 @@ def test_flipped_embedding_and_multihead_variant_match_diffusers(tmp_path):
 def test_ddim_config_rejects_other_model_types():
     with pytest.raises(UnsupportedConfig, match="type: 'bayesian' is not supported"):
         DDPMUNetConfig.from_ddim_config(
-            {"type": "bayesian", "ch": 128, "ch_mult": [1, 2], "num_res_blocks": 2,
-             "attn_resolutions": [16]}, image_size=32)
+            {
+                "type": "bayesian",
+                "ch": 128,
+                "ch_mult": [1, 2],
+                "num_res_blocks": 2,
+                "attn_resolutions": [16],
+            },
+            image_size=32,
+        )
     with pytest.raises(UnsupportedConfig, match="compute_dtype: must be one of"):
         dataclasses.replace(DDPMUNetConfig(), compute_dtype="float16")
 

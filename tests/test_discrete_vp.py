@@ -27,6 +27,7 @@ ALPHAS_CUMPROD_PREV = np.append(1.0, ALPHAS_CUMPROD[:-1])
 BETA_TILDE = BETAS * (1.0 - ALPHAS_CUMPROD_PREV) / (1.0 - ALPHAS_CUMPROD)
 
 
+@pytest.mark.slow
 def test_grid_marginals_are_ddpms_alphas_cumprod():
     sde = DiscreteVPSDE()
     n = np.arange(T)
@@ -42,23 +43,30 @@ def test_continuous_between_grid_times_with_consistent_drift_and_diffusion():
     sde = DiscreteVPSDE()
     # log alpha_bar is linear inside a step: the midpoint is the mean of the ends.
     n = np.arange(1, T - 1)
-    ends = [np.asarray(sde.log_mean_coeff(jnp.asarray((n + d) / T, jnp.float32)))
-            for d in (0.0, 0.5, 1.0)]
+    ends = [
+        np.asarray(sde.log_mean_coeff(jnp.asarray((n + d) / T, jnp.float32)))
+        for d in (0.0, 0.5, 1.0)
+    ]
     np.testing.assert_allclose(ends[1], 0.5 * (ends[0] + ends[2]), rtol=1e-5, atol=1e-7)
     # Drift is d log m / dt of the marginal mean, and for VP (var = 1 - m^2) the diffusion
     # must be g^2 = -2 f; together they give d var/dt = 2 f var + g^2.
     t = jnp.asarray((n + 0.3) / T, jnp.float32)
     h = 0.2 / T
-    dlogm = (np.asarray(sde.log_mean_coeff(t + h), np.float64)
-             - np.asarray(sde.log_mean_coeff(t - h), np.float64)) / (2 * h)
+    dlogm = (
+        np.asarray(sde.log_mean_coeff(t + h), np.float64)
+        - np.asarray(sde.log_mean_coeff(t - h), np.float64)
+    ) / (2 * h)
     np.testing.assert_allclose(dlogm, np.asarray(sde.drift_coeff(t)), rtol=2e-3)
-    np.testing.assert_allclose(np.asarray(sde.diffusion(t)) ** 2,
-                               -2.0 * np.asarray(sde.drift_coeff(t)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(sde.diffusion(t)) ** 2, -2.0 * np.asarray(sde.drift_coeff(t)), rtol=1e-6
+    )
     # The step's diffusion is DDPM's beta in the small-step sense: g^2 / T = -log(1 - beta).
-    np.testing.assert_allclose(np.asarray(sde.diffusion(t)) ** 2 / T, -np.log1p(-BETAS[n]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(sde.diffusion(t)) ** 2 / T, -np.log1p(-BETAS[n]), rtol=1e-5
+    )
 
 
+@pytest.mark.slow
 def test_ancestral_step_of_one_over_T_is_ddpms_step():
     sde = DiscreteVPSDE()
     n = np.array([0, 1, 7, 250, 500, 998, 999])
@@ -66,8 +74,10 @@ def test_ancestral_step_of_one_over_T_is_ddpms_step():
     dt = jnp.full(t.shape, 1.0 / T, jnp.float32)
     x = jax.random.normal(jax.random.key(0), (len(n), 4, 4, 3))
     eps_hat = jax.random.normal(jax.random.key(1), x.shape)  # a fixed "network output"
+
     def score_fn(x_, t_):
         return -eps_hat / jnp.sqrt(sde.marginal_var(t_))[:, None, None, None]
+
     keys = jax.random.split(jax.random.key(2), len(n))
     x_next, x_mean = predictors.ancestral(sde, score_fn, keys, x, t, dt)
 
@@ -100,6 +110,7 @@ def _fake_eps_np(x, n):
 
 
 @pytest.mark.parametrize("total_noise_levels", [1, 7, 400])
+@pytest.mark.slow
 def test_engine_runs_sdedits_ddpm_loop(total_noise_levels):
     """ermongroup/SDEdit with ``--t K``: x = sqrt(a[K-1]) x0 + sqrt(1-a[K-1]) e, then DDPM
     steps at timesteps K-1..0. The engine with t0 = K/T and its paper step count does that."""
@@ -114,8 +125,15 @@ def test_engine_runs_sdedits_ddpm_loop(total_noise_levels):
     guides = jax.random.uniform(jax.random.key(3), (2, 4, 4, 3), minval=-1, maxval=1)
     keys = jax.random.split(jax.random.key(4), 2)
     sampler = Sampler(predictor="ancestral", max_steps=engine.step_bucket(k))
-    out = edit.sdedit_batch(score_fn, sde, sampler, guides, keys,
-                            jnp.full((2,), t0, jnp.float32), jnp.full((2,), k, jnp.int32))
+    out = edit.sdedit_batch(
+        score_fn,
+        sde,
+        sampler,
+        guides,
+        keys,
+        jnp.full((2,), t0, jnp.float32),
+        jnp.full((2,), k, jnp.int32),
+    )
 
     # The reference loop, in float64, with the engine's noise draws.
     repeat_keys = rng.fold_in(keys, 0)
@@ -133,8 +151,9 @@ def test_engine_runs_sdedits_ddpm_loop(total_noise_levels):
 
 def test_registered_and_configurable_and_others_unchanged():
     assert SDES["discrete_vp"] is DiscreteVPSDE
-    sde = sde_from_config({"name": "discrete_vp", "beta_start": 1e-4, "beta_end": 0.02,
-                           "num_timesteps": 1000})
+    sde = sde_from_config(
+        {"name": "discrete_vp", "beta_start": 1e-4, "beta_end": 0.02, "num_timesteps": 1000}
+    )
     assert sde == DiscreteVPSDE() and hash(sde) == hash(DiscreteVPSDE())
     assert dataclasses.asdict(VPSDE()) == {"beta_min": 0.1, "beta_max": 20.0, "eps": 1e-3}
     with pytest.raises(ValueError, match="num_timesteps: must be an int >= 2, got 0"):

@@ -36,11 +36,11 @@ def _check_moments(sde, out, t0, g, guide_var_fn=lambda t0, g: 0.0, repeats=1):
 
 
 @pytest.mark.parametrize("sde", [sj.VPSDE(), sj.VESDE(sigma_max=20.0)], ids=["vp", "ve"])
+@pytest.mark.slow
 def test_output_distribution_matches_closed_form(sde):
     t0, g, guides = _settings()
     out = np.asarray(
-        sj.sdedit(GaussianScore(sde, MU, S), sde, guides, seed=1, t0=t0, n_steps=500,
-                  denoise=False)
+        sj.sdedit(GaussianScore(sde, MU, S), sde, guides, seed=1, t0=t0, n_steps=500, denoise=False)
     )
     _check_moments(sde, out, t0, g)
 
@@ -49,8 +49,9 @@ def test_faithfulness_grows_with_t0_as_predicted():
     """E||x - guide||^2 per pixel = var + (mean - guide)^2, increasing in t0."""
     sde = sj.VPSDE()
     t0, g, guides = _settings()
-    out = np.asarray(sj.sdedit(GaussianScore(sde, MU, S), sde, guides, seed=2, t0=t0,
-                               n_steps=500, denoise=False))
+    out = np.asarray(
+        sj.sdedit(GaussianScore(sde, MU, S), sde, guides, seed=2, t0=t0, n_steps=500, denoise=False)
+    )
     value = GUIDE_VALUES[2]
     measured, predicted = [], []
     for t in T0S:
@@ -67,8 +68,18 @@ def test_masked_edit_keeps_outside_and_edits_inside():
     t0, g, guides = _settings()
     rng = np.random.default_rng(0)
     mask = (rng.random(guides.shape) < 0.5).astype(np.float32)
-    out = np.asarray(sj.sdedit(GaussianScore(sde, MU, S), sde, guides, seed=3, t0=t0,
-                               mask=mask, n_steps=500, denoise=False))
+    out = np.asarray(
+        sj.sdedit(
+            GaussianScore(sde, MU, S),
+            sde,
+            guides,
+            seed=3,
+            t0=t0,
+            mask=mask,
+            n_steps=500,
+            denoise=False,
+        )
+    )
     np.testing.assert_array_equal(out[mask == 0], guides[mask == 0])
     # Inside, pixels are independent under this elementwise score: unmasked closed form.
     inside = np.where(mask == 1, out, np.nan)
@@ -86,6 +97,16 @@ def test_repeats_chain_perturb_and_denoise_cycles():
     """K = 2: the second cycle starts from the first's (random) output."""
     sde = sj.VPSDE()
     t0, g, guides = _settings()
-    out = np.asarray(sj.sdedit(GaussianScore(sde, MU, S), sde, guides, seed=4, t0=t0,
-                               n_steps=300, repeats=2, denoise=False))
+    out = np.asarray(
+        sj.sdedit(
+            GaussianScore(sde, MU, S),
+            sde,
+            guides,
+            seed=4,
+            t0=t0,
+            n_steps=300,
+            repeats=2,
+            denoise=False,
+        )
+    )
     _check_moments(sde, out, t0, g, repeats=2)

@@ -213,6 +213,7 @@ def _softmax(logits):
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_photos_get_the_right_imagenet_classes(extractor):
     photos = np.stack(
         [_center_square(skimage.data.chelsea()), _center_square(skimage.data.coffee())]

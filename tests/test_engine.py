@@ -14,11 +14,13 @@ SDE = sj.VPSDE()
 
 def _conv_score(params, x, t):
     """A small random conv net: exercises weights as traced pytree leaves."""
-    h = jax.lax.conv_general_dilated(x, params["w1"], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.lax.conv_general_dilated(
+        x, params["w1"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     h = jnp.tanh(h + t.reshape(-1, 1, 1, 1) * params["b"].reshape(1, 1, 1, -1))
-    return jax.lax.conv_general_dilated(h, params["w2"], (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        h, params["w2"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def _conv_score_fn(seed=0):
@@ -53,21 +55,27 @@ SAMPLER_KWARGS = {
 
 @pytest.mark.parametrize("sampler_name", SAMPLER_KWARGS)
 @pytest.mark.parametrize("score_name", SCORES)
+@pytest.mark.slow
 def test_output_independent_of_batch_size_position_and_devices(score_name, sampler_name):
     score = SCORES[score_name]
     guides, t0, mask, ids = _inputs()
     kw = dict(seed=5, n_steps=12, **SAMPLER_KWARGS[sampler_name])
     full = np.asarray(sj.sdedit(score, SDE, guides, example_ids=ids, t0=t0, mask=mask, **kw))
-    single = np.asarray(sj.sdedit(score, SDE, guides[3:4], example_ids=ids[3:4], t0=t0[3:4],
-                                  mask=mask[3:4], **kw))
+    single = np.asarray(
+        sj.sdedit(score, SDE, guides[3:4], example_ids=ids[3:4], t0=t0[3:4], mask=mask[3:4], **kw)
+    )
     np.testing.assert_array_equal(single[0], full[3])
     order = np.random.default_rng(1).permutation(64)[:7]
-    seven = np.asarray(sj.sdedit(score, SDE, guides[order], example_ids=ids[order],
-                                 t0=t0[order], mask=mask[order], **kw))
+    seven = np.asarray(
+        sj.sdedit(
+            score, SDE, guides[order], example_ids=ids[order], t0=t0[order], mask=mask[order], **kw
+        )
+    )
     np.testing.assert_array_equal(seven, full[order])
     one_device = engine.data_mesh(jax.devices()[:1])
-    alone = np.asarray(sj.sdedit(score, SDE, guides, example_ids=ids, t0=t0, mask=mask,
-                                 mesh=one_device, **kw))
+    alone = np.asarray(
+        sj.sdedit(score, SDE, guides, example_ids=ids, t0=t0, mask=mask, mesh=one_device, **kw)
+    )
     np.testing.assert_array_equal(alone, full)
     assert len(jax.devices()) == 8
 
@@ -81,6 +89,7 @@ def test_seed_and_id_change_the_noise():
     assert not np.allclose(a, b) and not np.allclose(a, c)
 
 
+@pytest.mark.slow
 def test_changing_t0_steps_mask_or_weights_does_not_recompile():
     traces = []
 
@@ -140,9 +149,15 @@ def test_non_finite_guides_are_named():
         sj.sdedit(SCORES["gaussian"], SDE, guides, t0=0.5, n_steps=3)
 
 
-@pytest.mark.parametrize("sampler_kwargs", [
-    dict(corrector="langevin"), dict(predictor="sde_dpm_solver_2m"),
-], ids=["em+langevin", "sde_dpm_solver_2m"])
+@pytest.mark.parametrize(
+    "sampler_kwargs",
+    [
+        dict(corrector="langevin"),
+        dict(predictor="sde_dpm_solver_2m"),
+    ],
+    ids=["em+langevin", "sde_dpm_solver_2m"],
+)
+@pytest.mark.slow
 def test_mixed_step_counts_equal_separate_runs(sampler_kwargs):
     """Per-example step counts: extra loop iterations leave finished examples (and a
     multistep solver's history) untouched."""
@@ -153,5 +168,7 @@ def test_mixed_step_counts_equal_separate_runs(sampler_kwargs):
     for n in (3, 7):
         alone = np.asarray(sj.sdedit(SCORES["convnet"], SDE, guides, n_steps=n, **kw))
         np.testing.assert_array_equal(mixed[steps == n], alone[steps == n])
-    assert not np.allclose(mixed[steps == 3], np.asarray(
-        sj.sdedit(SCORES["convnet"], SDE, guides, n_steps=7, **kw))[steps == 3])
+    assert not np.allclose(
+        mixed[steps == 3],
+        np.asarray(sj.sdedit(SCORES["convnet"], SDE, guides, n_steps=7, **kw))[steps == 3],
+    )

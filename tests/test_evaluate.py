@@ -16,20 +16,16 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 from gaussian import GaussianScore, sdedit_moments
 from PIL import Image
 
-from sdedit_jax import engine, evaluate, job, pretrained
+from sdedit_jax import engine, evaluation, job, pretrained
 from sdedit_jax.metrics import realism
-from sdedit_jax.models import unet
 from sdedit_jax.sde import VPSDE
+from tests import job_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 16
-TINY_MODEL = dict(image_size=SIZE, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(), dropout=0.0, time_embedding="sinusoidal",
-                  fourier_scale=16.0, skip_rescale=True, fast_conv=True)
+SIZE = job_cli.SIZE
 # Gaussian data N(MU, S^2) per pixel; guides in [-0.4, 0.4] keep outputs far from the
 # [-1, 1] clip, so clipping (done before scoring) cannot bias the closed form.
 MU, S = 0.0, 0.2
@@ -45,7 +41,7 @@ def _write_pictures(folder, count, seed):
         pixels = np.full((SIZE, SIZE, 3), 255, np.uint8)
         for _ in range(3):
             y, x = rng.integers(0, SIZE - 5, 2)
-            pixels[y:y + 6, x:x + 6] = rng.integers(0, 256, 3)
+            pixels[y : y + 6, x : x + 6] = rng.integers(0, 256, 3)
         Image.fromarray(pixels).save(os.path.join(folder, f"p{i:03d}.png"))
     return folder
 
@@ -58,14 +54,6 @@ def _write_flat_guides(folder, count, seed):
         pixels = rng.integers(77, 180, (SIZE, SIZE, 3)).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f"g{i:03d}.png"))
     return folder
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("model"))
-    _, state = nnx.split(unet.build(unet.UNetConfig.from_config(TINY_MODEL), seed=1))
-    pretrained.save_model(path, state, TINY_MODEL, {"name": "vp"}, "noise")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -98,28 +86,50 @@ def _finite(value):
     return value not in ("", None) and np.isfinite(float(value))
 
 
-def test_cli_sweep_writes_every_output(model_dir, reference_dir, tmp_path):
+@pytest.mark.slow
+def test_cli_sweep_writes_every_output(tiny_model_dir, reference_dir, tmp_path):
     guides = _write_pictures(str(tmp_path / "guides"), 8, seed=0)
     workdir = str(tmp_path / "eval")
     cache = os.environ.get("SDEDIT_JAX_CACHE", os.path.join(REPO, ".jax_cache"))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_COMPILATION_CACHE_DIR=cache)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_COMPILATION_CACHE_DIR=cache,
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "sdedit_jax.evaluate", "--config", "configs/eval_tiny.py",
-         f"--config.model_dir={model_dir}", f"--config.input.path={guides}",
-         f"--config.reference.paths=('{reference_dir}',)", f"--workdir={workdir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "sdedit_jax.evaluate",
+            "--config",
+            "configs/eval_tiny.py",
+            f"--config.model_dir={tiny_model_dir}",
+            f"--config.input.path={guides}",
+            f"--config.reference.paths=('{reference_dir}',)",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "img/s" in proc.stderr and "KID" in proc.stdout
 
     with open(os.path.join(workdir, "results.csv")) as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == evaluate.COLUMNS
+        assert tuple(reader.fieldnames) == evaluation.COLUMNS
         rows = list(reader)
     settings = [(r["task"], r["variant"], float(r["t0"])) for r in rows]
-    assert settings == [("stroke_painting", "guides", 0.0), ("stroke_edit", "guides", 0.0),
-                        ("stroke_painting", "base", 0.3), ("stroke_painting", "base", 0.7),
-                        ("stroke_edit", "base", 0.3), ("stroke_edit", "base", 0.7)]
+    assert settings == [
+        ("stroke_painting", "guides", 0.0),
+        ("stroke_edit", "guides", 0.0),
+        ("stroke_painting", "base", 0.3),
+        ("stroke_painting", "base", 0.7),
+        ("stroke_edit", "base", 0.3),
+        ("stroke_edit", "base", 0.7),
+    ]
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     assert [r["task"] for r in results["rows"]] == [r["task"] for r in rows]
@@ -140,8 +150,11 @@ def test_cli_sweep_writes_every_output(model_dir, reference_dir, tmp_path):
         l2 = [float(r["l2"]) for r in rows if r["task"] == task]
         assert l2 == sorted(l2) and len(set(l2)) == 3, (task, l2)
     assert [r["n_steps"] for r in rows[2:4]] == ["6", "14"]  # ceil(20 * t0)
-    for name in ("realism_faithfulness.png", "contact_stroke_painting_base.png",
-                 "contact_stroke_edit_base.png"):
+    for name in (
+        "realism_faithfulness.png",
+        "contact_stroke_painting_base.png",
+        "contact_stroke_edit_base.png",
+    ):
         with Image.open(os.path.join(workdir, name)) as image:
             assert min(image.size) > 100
 
@@ -169,6 +182,7 @@ def _expected_mse(sde, guides, t0):
     return float(squared.mean()), float(np.sqrt(per_pixel_var.sum()) / guides.size)
 
 
+@pytest.mark.slow
 def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, tmp_path):
     sde = VPSDE()
     guides_dir = _write_flat_guides(str(tmp_path / "guides"), 16, seed=5)
@@ -176,11 +190,16 @@ def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, 
     config = _gaussian_config(guides_dir, reference_dir)
     workdir = str(tmp_path / "eval")
     before = engine.compiled_program_count()
-    results = evaluate.run_evaluation(config, workdir, model, PooledPixels())
+    results = evaluation.run_evaluation(config, workdir, model, PooledPixels())
     assert engine.compiled_program_count() - before == 1  # one program for every t0
 
-    guides = np.stack([np.asarray(Image.open(os.path.join(guides_dir, f"g{i:03d}.png")),
-                                  np.float64) / 127.5 - 1 for i in range(16)])
+    guides = np.stack(
+        [
+            np.asarray(Image.open(os.path.join(guides_dir, f"g{i:03d}.png")), np.float64) / 127.5
+            - 1
+            for i in range(16)
+        ]
+    )
     baseline, *rows = results["rows"]
     assert baseline["t0"] == 0.0 and baseline["l2"] == 0.0 and baseline["mse"] == 0.0
     for row, t0 in zip(rows, GAUSSIAN_T0S, strict=True):
@@ -195,27 +214,26 @@ def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, 
     cached = os.path.join(workdir, "outputs")
     assert len(os.listdir(cached)) == len(GAUSSIAN_T0S)
     shutil.rmtree(cached)
-    again = evaluate.run_evaluation(config, workdir, model, PooledPixels())
+    again = evaluation.run_evaluation(config, workdir, model, PooledPixels())
     assert again["reference_cache_hit"]
     timing = ("seconds", "images_per_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(again["rows"]) == strip(results["rows"])
     # A resumed run reads finished settings back instead of editing them again.
     stamps = {f: os.stat(os.path.join(cached, f)).st_mtime_ns for f in os.listdir(cached)}
-    resumed = evaluate.run_evaluation(config, workdir, model, PooledPixels())
+    resumed = evaluation.run_evaluation(config, workdir, model, PooledPixels())
     assert resumed["rows"] == again["rows"]
-    assert stamps == {f: os.stat(os.path.join(cached, f)).st_mtime_ns
-                      for f in os.listdir(cached)}
+    assert stamps == {f: os.stat(os.path.join(cached, f)).st_mtime_ns for f in os.listdir(cached)}
 
 
 def test_samples_per_guide_gives_each_copy_its_own_id():
     images = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
-    guides = evaluate.ImageSet("task", ["a.png", "b.png"], images, np.ones((2, 4, 4, 1)))
-    tiled = evaluate.with_samples(guides, 3)
+    guides = evaluation.ImageSet("task", ["a.png", "b.png"], images, np.ones((2, 4, 4, 1)))
+    tiled = evaluation.with_samples(guides, 3)
     assert tiled.ids == ["a.png", "b.png", "a.png#1", "b.png#1", "a.png#2", "b.png#2"]
     np.testing.assert_array_equal(tiled.images[4], images[0])
     with pytest.raises(ValueError, match="config.samples_per_guide: must be a positive int"):
-        evaluate.with_samples(guides, 0)
+        evaluation.with_samples(guides, 0)
 
 
 @pytest.mark.parametrize("count", [6, 40, 41, 60])
@@ -224,7 +242,7 @@ def test_fid_to_reference_equals_the_metric_module(count):
     rng = np.random.default_rng(count)
     reference = rng.standard_normal((200, 40)) @ rng.standard_normal((40, 40)) * 0.3 + 1.0
     features = rng.standard_normal((count, 40)) @ rng.standard_normal((40, 40)) * 0.2 + 0.5
-    value = evaluate.fid_to_reference(features, realism.stats_from_features(reference))
+    value = realism.fid_to_reference(features, realism.stats_from_features(reference))
     assert value == pytest.approx(realism.fid(features, reference), rel=1e-6)
 
 
@@ -233,23 +251,23 @@ def test_config_errors_name_the_field(reference_dir, tmp_path):
     config = _tiny_config()
     config.variants = ({"predicter": "ode_euler"},)
     with pytest.raises(ValueError, match=r"config.variants\[0\]: unknown key.*predicter"):
-        evaluate.variants_from_config(config)
+        evaluation.variants_from_config(config)
     config.variants = ({"name": "a", "n_steps": 5, "steps_per_unit_time": 5},)
     with pytest.raises(ValueError, match=r"config.variants\[0\]: sampler: set exactly one"):
-        evaluate.variants_from_config(config)
+        evaluation.variants_from_config(config)
     with pytest.raises(ValueError, match=r"config.t0s: \[1.5\] outside"):
-        evaluate.check_t0s((0.5, 1.5), sde)
+        evaluation.check_t0s((0.5, 1.5), sde)
     config = _tiny_config()
     config.input.generator = "composite"
     with pytest.raises(ValueError, match=r"config.input: do not set \['generator'\]"):
-        evaluate.load_guides(config, "stroke_painting", SIZE, 3)
+        evaluation.load_guides(config, "stroke_painting", SIZE, 3)
     bad = tmp_path / "bad"
     _write_pictures(str(bad), 2, seed=0)
     Image.new("RGB", (SIZE + 1, SIZE)).save(bad / "wide.png")
     config = _tiny_config()
     config.input.path = str(bad)
     with pytest.raises(ValueError, match=r"(?s)1 input\(s\) failed.*wide.png"):
-        evaluate.load_guides(config, "stroke_painting", SIZE, 3)
+        evaluation.load_guides(config, "stroke_painting", SIZE, 3)
 
 
 def test_a_named_task_runs_its_generator_with_its_own_settings(reference_dir):
@@ -257,22 +275,22 @@ def test_a_named_task_runs_its_generator_with_its_own_settings(reference_dir):
     config = _tiny_config()
     config.input.path = reference_dir
     config.generator_kwargs.two_colours = {"generator": "stroke_painting", "num_colors": 2}
-    default = evaluate.load_guides(config, "stroke_painting", SIZE, 3)
-    named = evaluate.load_guides(config, "two_colours", SIZE, 3)
+    default = evaluation.load_guides(config, "stroke_painting", SIZE, 3)
+    named = evaluation.load_guides(config, "two_colours", SIZE, 3)
     assert named.name == "two_colours" and named.ids == default.ids
     for image in named.images:
         assert len(np.unique(image.reshape(-1, 3), axis=0)) <= 2
     assert max(len(np.unique(image.reshape(-1, 3), axis=0)) for image in default.images) > 2
     config.generator_kwargs.typo = {"generator": "stroke_paintng"}
     with pytest.raises(ValueError, match="task 'typo' uses generator 'stroke_paintng'"):
-        evaluate.load_guides(config, "typo", SIZE, 3)
+        evaluation.load_guides(config, "typo", SIZE, 3)
 
 
 @pytest.mark.parametrize("variant", [None, "quick", "samplers", "tasks", "few_step"])
 def test_emoji_eval_configs_resolve(variant):
     """Every variant of configs/eval_emoji.py names known samplers, generators and t0s."""
     config = job.load_config(os.path.join(REPO, "configs", f"eval_emoji.py:{variant or ''}"))
-    assert [v.name for v in evaluate.variants_from_config(config)][0] == "base"
+    assert [v.name for v in evaluation.variants_from_config(config)][0] == "base"
     for task in config.tasks:
-        evaluate.task_generator(config, task)
-    evaluate.check_t0s(config.t0s, VPSDE())
+        evaluation.task_generator(config, task)
+    evaluation.check_t0s(config.t0s, VPSDE())

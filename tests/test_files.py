@@ -26,10 +26,15 @@ def test_publish_read_list_walk_glob_remove(root):
     assert files.isdir(files.join(root, "a", "b"))
     assert not files.isdir(files.join(root, "a", "x.txt"))
     assert files.isfile(files.join(root, "a", "x.txt"))
-    walked = [(files.relpath(d, root) if d != root else ".", sorted(s), sorted(f))
-              for d, s, f in files.walk(root)]
+    walked = [
+        (files.relpath(d, root) if d != root else ".", sorted(s), sorted(f))
+        for d, s, f in files.walk(root)
+    ]
     assert [(d.replace(os.sep, "/"), s, f) for d, s, f in walked] == [
-        (".", ["a"], []), ("a", ["b"], ["x.txt"]), ("a/b", [], ["y.bin"])]
+        (".", ["a"], []),
+        ("a", ["b"], ["x.txt"]),
+        ("a/b", [], ["y.bin"]),
+    ]
     assert files.glob(files.join(root, "a", "*.txt")) == [files.join(root, "a", "x.txt")]
     with files.open_file(files.join(root, "a", "x.txt")) as f:
         assert f.read() == b"two"
@@ -75,8 +80,11 @@ def test_paths_of_urls_and_local_paths():
 def test_gs_without_credentials_fails_at_once_and_creates_nothing_locally(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
-    with pytest.raises(files.StorageError, match=r"gs://sdedit-no-such-bucket/run: cannot write "
-                                                 r"here: .*GOOGLE_APPLICATION_CREDENTIALS"):
+    with pytest.raises(
+        files.StorageError,
+        match=r"gs://sdedit-no-such-bucket/run: cannot write "
+        r"here: .*GOOGLE_APPLICATION_CREDENTIALS",
+    ):
         files.check_writable("gs://sdedit-no-such-bucket/run")
     assert os.listdir(tmp_path) == []
 
@@ -105,6 +113,8 @@ def test_image_folders_list_and_load_on_any_file_system(root):
         Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buffer, format="PNG")
         files.publish_bytes(files.join(root, "imgs", name), buffer.getvalue())
     folder = files.join(root, "imgs")
-    assert images.list_image_files(folder) == [files.join(folder, "a.png"),
-                                                files.join(folder, "b", "two.png")]
+    assert images.list_image_files(folder) == [
+        files.join(folder, "a.png"),
+        files.join(folder, "b", "two.png"),
+    ]
     assert images.load_image_folder(folder)[:, 0, 0, 0].tolist() == [100, 200]

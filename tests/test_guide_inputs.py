@@ -36,8 +36,12 @@ def save(root, rel, pixels, **kwargs) -> str:
 def collect(config, *, batch_size=3, process_index=0, process_count=1, **kwargs):
     """All rows of one host's stream as a dict id -> row, plus the stream and raw batches."""
     stream = guide_inputs.make_guide_dataset(
-        config, batch_size_per_host=batch_size, process_index=process_index,
-        process_count=process_count, **kwargs)
+        config,
+        batch_size_per_host=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        **kwargs,
+    )
     batches = list(stream.dataset.as_numpy_iterator())
     rows = {}
     for batch in batches:
@@ -71,10 +75,14 @@ def good_folder(tmp_path):
     files = {
         "a.png": (save(root, "a.png", random_rgb()), save(root, "masks/a.png", random_mask())),
         "b.jpg": (save(root, "b.jpg", random_rgb()), save(root, "masks/b.png", random_mask())),
-        "c.png": (save(root, "c.png", random_rgb()[..., 0], mode="L"),
-                  save(root, "masks/c.npy", rng.uniform(0, 1, (SIZE, SIZE)).astype(np.float32))),
-        "sub/d.npy": (save(root, "sub/d.npy", npy_guide),
-                      save(root, "masks/sub/d.png", random_mask())),
+        "c.png": (
+            save(root, "c.png", random_rgb()[..., 0], mode="L"),
+            save(root, "masks/c.npy", rng.uniform(0, 1, (SIZE, SIZE)).astype(np.float32)),
+        ),
+        "sub/d.npy": (
+            save(root, "sub/d.npy", npy_guide),
+            save(root, "masks/sub/d.png", random_mask()),
+        ),
     }
     return root, files
 
@@ -95,8 +103,10 @@ def test_folder_tfrecord_and_manifests_give_the_same_guides(good_folder, tmp_pat
     root, files = good_folder
     base = {"image_size": SIZE}
     # Manifests live beside the folder; their relative paths resolve against it.
-    entries = [(i, os.path.relpath(g, tmp_path), os.path.relpath(m, tmp_path))
-               for i, (g, m) in files.items()]
+    entries = [
+        (i, os.path.relpath(g, tmp_path), os.path.relpath(m, tmp_path))
+        for i, (g, m) in files.items()
+    ]
     jsonl, csv_path = str(tmp_path / "list.jsonl"), str(tmp_path / "list.csv")
     with open(jsonl, "w") as f:
         f.writelines(json.dumps({"id": i, "path": g, "mask": m}) + "\n" for i, g, m in entries)
@@ -104,8 +114,9 @@ def test_folder_tfrecord_and_manifests_give_the_same_guides(good_folder, tmp_pat
         f.write("id,path,mask\n" + "".join(f"{i},{g},{m}\n" for i, g, m in entries))
     sources = {
         "folder": dict(base, source="folder", path=root),
-        "tfrecord": dict(base, source="tfrecord",
-                         path=tfrecord_from_files(str(tmp_path / "records"), files)),
+        "tfrecord": dict(
+            base, source="tfrecord", path=tfrecord_from_files(str(tmp_path / "records"), files)
+        ),
         "jsonl": dict(base, source="manifest", path=jsonl, mask_dir=""),
         "csv": dict(base, source="manifest", path=csv_path, mask_dir=""),
     }
@@ -161,9 +172,14 @@ def test_host_sharding_partitions_and_pads(tmp_path):
     def run(completed=frozenset(), num_steps=None):
         per_host, steps = [], set()
         for host in range(3):
-            rows, stream, batches = collect(config, batch_size=2, process_index=host,
-                                            process_count=3, completed=completed,
-                                            num_steps=num_steps)
+            rows, stream, batches = collect(
+                config,
+                batch_size=2,
+                process_index=host,
+                process_count=3,
+                completed=completed,
+                num_steps=num_steps,
+            )
             assert len(batches) == stream.num_steps
             steps.add(stream.num_steps)
             for batch in batches:
@@ -292,7 +308,8 @@ def test_bad_tfrecords_become_failures(tmp_path):
     assert failures["bad_t0"].startswith(f"tfrecord ({shard}#2): feature 't0': nan is not in")
     assert failures["a.tfrecord:3"].startswith(f"tfrecord ({shard}#3): not a tf.train.Example")
     assert failures["b.tfrecord:1"].startswith(
-        f"tfrecord ({cut}): record 1 and all later records of this shard are unreadable")
+        f"tfrecord ({cut}): record 1 and all later records of this shard are unreadable"
+    )
 
 
 def test_bad_manifest_rows_become_failures(tmp_path):
@@ -321,7 +338,7 @@ def test_bad_manifest_rows_become_failures(tmp_path):
     expected = {
         "m.jsonl:2": f"{where} 2: invalid JSON",
         "img/b.png": f"{where} 3: unknown field 'tO'",
-        "late": f"{where} 4: t0: 2 is not in (0.001, 1]",
+        "late": f"{where} 4: t0: 2 is not in (0, 1]",
         "seedy": f"{where} 5: seed: expected an integer, got 1.5",
         "img/missing.png": f"guide ({root}/img/missing.png): file not found",
         "nomask": f"mask ({root}/img/none.png): file not found",
@@ -339,24 +356,34 @@ def write_tfds_dataset(data_dir, images) -> None:
     features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(SIZE, SIZE, 3))})
     folder = os.path.join(data_dir, "tiny_guides", "1.0.0")
     os.makedirs(folder)
-    with tf.io.TFRecordWriter(os.path.join(folder,
-                                           "tiny_guides-test.tfrecord-00000-of-00001")) as w:
+    with tf.io.TFRecordWriter(
+        os.path.join(folder, "tiny_guides-test.tfrecord-00000-of-00001")
+    ) as w:
         for image in images:
             w.write(features.serialize_example({"image": image}))
     tfds.folder_dataset.write_metadata(
-        data_dir=folder, features=features,
-        split_infos=[tfds.core.SplitInfo(name="test", shard_lengths=[len(images)], num_bytes=0)])
+        data_dir=folder,
+        features=features,
+        split_infos=[tfds.core.SplitInfo(name="test", shard_lengths=[len(images)], num_bytes=0)],
+    )
 
 
+@pytest.mark.slow
 def test_tfds_source_with_generators(tmp_path):
     images = [random_rgb() for _ in range(5)]
     data_dir = str(tmp_path / "tfds")
     write_tfds_dataset(data_dir, images)
-    base = {"source": "tfds", "tfds_name": "tiny_guides", "tfds_data_dir": data_dir,
-            "image_size": SIZE, "seed": 3}
+    base = {
+        "source": "tfds",
+        "tfds_name": "tiny_guides",
+        "tfds_data_dir": data_dir,
+        "image_size": SIZE,
+        "seed": 3,
+    }
 
-    rows, stream, _ = collect(dict(base, generator="composite",
-                                   generator_kwargs={"size_range": (0.4, 0.7)}))
+    rows, stream, _ = collect(
+        dict(base, generator="composite", generator_kwargs={"size_range": (0.4, 0.7)})
+    )
     assert stream.total_examples == 5
     by_index = {int(r["index"]): r for r in rows.values()}
     for index, row in by_index.items():
@@ -368,8 +395,7 @@ def test_tfds_source_with_generators(tmp_path):
         np.testing.assert_allclose(row["guide"][~inside], image[~inside], atol=1e-6)
 
     painting_kwargs = {"num_colors": 3, "median_size": 3}
-    rows, _, _ = collect(dict(base, generator="stroke_painting",
-                              generator_kwargs=painting_kwargs))
+    rows, _, _ = collect(dict(base, generator="stroke_painting", generator_kwargs=painting_kwargs))
     for example_id, row in rows.items():
         image = images[int(row["index"])].astype(np.float32) / 127.5 - 1.0
         seed = [3, tf.strings.to_hash_bucket_fast(example_id, 2**63 - 1).numpy()]
@@ -401,7 +427,25 @@ def test_unusable_sources_and_configs_raise(tmp_path):
         guide_inputs.build_catalog({"source": "folder", "path": str(tmp_path / "nope")})
     with pytest.raises(ValueError, match="no TFRecord files"):
         guide_inputs.build_catalog({"source": "tfrecord", "path": str(tmp_path / "*.rec")})
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="sise: unknown field, got 3"):
         guide_inputs.GuideInputConfig.from_mapping({"source": "folder", "path": "x", "sise": 3})
     with pytest.raises(ValueError, match="t0"):
         guide_inputs.GuideInputConfig(source="folder", path="x", t0=0.0)
+
+
+def test_per_example_t0_is_checked_against_the_models_time_domain(tmp_path):
+    """The data layer holds no SDE constant: (eps, T] comes from the model (the job sets it)."""
+    root = str(tmp_path)
+    save(root, "img/a.png", random_rgb())
+    manifest = os.path.join(root, "m.jsonl")
+    with open(manifest, "w") as f:
+        for i, t0 in enumerate((0.0005, 0.002, 1.0)):
+            f.write(json.dumps({"path": "img/a.png", "id": f"r{i}", "t0": t0}) + "\n")
+    base = {"source": "manifest", "path": manifest, "image_size": SIZE}
+    unit, _, _ = collect(base)
+    assert all(unit[i]["ok"] for i in ("r0", "r1", "r2"))
+    vp, _, _ = collect({**base, "time_domain": (1e-3, 1.0)})  # VPSDE: eps = 1e-3, T = 1
+    assert not vp["r0"]["ok"] and vp["r1"]["ok"] and vp["r2"]["ok"]
+    assert vp["r0"]["error"].endswith("t0: 0.0005 is not in (0.001, 1]"), vp["r0"]["error"]
+    with pytest.raises(ValueError, match=r"time_domain: expected \(eps, T\) with 0 <= eps < T"):
+        guide_inputs.GuideInputConfig.from_mapping({**base, "time_domain": (0.5, 0.1)})

@@ -36,6 +36,7 @@ def run_eager_and_in_dataset(fn, *inputs):
 
 
 @pytest.mark.parametrize("name", ["stroke_painting", "stroke_edit", "composite"])
+@pytest.mark.slow
 def test_eager_equals_tf_data(name):
     image, donor = smooth_image(0), smooth_image(1)
     seed = np.array([3, 11], np.int64)
@@ -99,16 +100,16 @@ def test_stroke_painting_is_a_function_of_the_seed():
 
 def test_stroke_edit_changes_only_the_masked_strokes():
     image = smooth_image(5)
-    guide, mask = (x.numpy() for x in guides.stroke_edit(image, 9, num_strokes=3,
-                                                         mask_dilation=0.0))
+    guide, mask = (
+        x.numpy() for x in guides.stroke_edit(image, 9, num_strokes=3, mask_dilation=0.0)
+    )
     changed = np.any(guide != image, axis=-1)
     # With no dilation the mask is exactly the painted region (random stroke
     # colours never equal the image pixel they cover).
     np.testing.assert_array_equal(mask[..., 0] == 1.0, changed)
     assert 0 < changed.mean() < 1
     assert len(np.unique(guide[changed], axis=0)) <= 3
-    _, dilated = (x.numpy() for x in guides.stroke_edit(image, 9, num_strokes=3,
-                                                        mask_dilation=3.0))
+    _, dilated = (x.numpy() for x in guides.stroke_edit(image, 9, num_strokes=3, mask_dilation=3.0))
     assert np.all(dilated >= mask) and dilated.sum() > mask.sum()
     other, _ = guides.stroke_edit(image, 10, num_strokes=3)
     assert not np.array_equal(other.numpy(), guide)
@@ -117,8 +118,9 @@ def test_stroke_edit_changes_only_the_masked_strokes():
 @pytest.mark.parametrize("shape", ["ellipse", "rectangle"])
 def test_composite_pastes_donor_inside_mask(shape):
     image, donor = smooth_image(6), smooth_image(7)
-    guide, mask = (x.numpy() for x in guides.composite(image, donor, 4, shape=shape,
-                                                       size_range=(0.4, 0.6)))
+    guide, mask = (
+        x.numpy() for x in guides.composite(image, donor, 4, shape=shape, size_range=(0.4, 0.6))
+    )
     inside = mask[..., 0] == 1.0
     assert set(np.unique(mask)) == {0.0, 1.0}
     np.testing.assert_array_equal(guide[inside], donor[inside])

@@ -54,10 +54,18 @@ def test_bin_folder_imports_the_same_weights(truth):
     from_bin = importers.load(str(root / "bin"))
     assert os.path.exists(root / "bin" / "diffusion_pytorch_model.bin")
     assert _same_state(from_bin.state, imported.state)
-    assert (from_bin.architecture, from_bin.condition, from_bin.parameterization,
-            from_bin.data_range) == ("ddpm_unet", "timestep", "noise", "-1_1")
-    assert from_bin.sde == {"name": "discrete_vp", "beta_start": 1e-4, "beta_end": 0.02,
-                            "num_timesteps": 1000}
+    assert (
+        from_bin.architecture,
+        from_bin.condition,
+        from_bin.parameterization,
+        from_bin.data_range,
+    ) == ("ddpm_unet", "timestep", "noise", "-1_1")
+    assert from_bin.sde == {
+        "name": "discrete_vp",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "num_timesteps": 1000,
+    }
 
 
 def test_old_attention_key_spelling(truth, tmp_path):
@@ -65,7 +73,8 @@ def test_old_attention_key_spelling(truth, tmp_path):
     old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     tensors = {}
     for key, value in safetensors_numpy.load_file(
-            root / "safetensors" / "diffusion_pytorch_model.safetensors").items():
+        root / "safetensors" / "diffusion_pytorch_model.safetensors"
+    ).items():
         for new, old in old_names.items():
             key = key.replace(f".{new}.", f".{old}.")
         tensors[key] = value
@@ -76,8 +85,10 @@ def test_old_attention_key_spelling(truth, tmp_path):
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-@pytest.mark.parametrize("container", ["plain", "module_prefix", "training_list",
-                                       "training_list_without_ema"])
+@pytest.mark.parametrize(
+    "container", ["plain", "module_prefix", "training_list", "training_list_without_ema"]
+)
+@pytest.mark.slow
 def test_ddim_checkpoints_import_the_same_weights(truth, tmp_path, container, legacy):
     model, _, imported = truth
     weights = _ddim_tensors(model)
@@ -108,6 +119,7 @@ def test_ddim_checkpoints_import_the_same_weights(truth, tmp_path, container, le
     assert got.source["entry"] == entry and got.source["format"] == "ddim"
 
 
+@pytest.mark.slow
 def test_ddim_checkpoint_runs_like_the_torch_model(truth, tmp_path):
     model, _, _ = truth
     path = tmp_path / "church_outdoor.ckpt"
@@ -180,42 +192,54 @@ def test_mismatched_tensors_in_a_diffusers_folder_are_all_reported(truth, tmp_pa
     _, root, _ = truth
     src = root / "safetensors"
     tensors = safetensors_numpy.load_file(src / "diffusion_pytorch_model.safetensors")
-    damaged = _damage(tensors, "mid_block.attentions.0.to_k.bias",
-                      "up_blocks.0.resnets.2.conv1.weight", lambda s: np.zeros(s, np.float32))
+    damaged = _damage(
+        tensors,
+        "mid_block.attentions.0.to_k.bias",
+        "up_blocks.0.resnets.2.conv1.weight",
+        lambda s: np.zeros(s, np.float32),
+    )
     safetensors_numpy.save_file(damaged, tmp_path / "diffusion_pytorch_model.safetensors")
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
-    with pytest.raises(state_dict.StateDictError) as err:
+    with pytest.raises(state_dict.StateDictError, match="tensors do not match the network") as err:
         importers.load(str(tmp_path))
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(str(tmp_path / "diffusion_pytorch_model.safetensors"))
     assert "1 missing: mid_block.attentions.0.to_k.bias (64)" in message
     assert "1 unexpected: extra.weight (2,3)" in message
-    assert ("1 mis-shaped: up_blocks.0.resnets.2.conv1.weight expected (64,128,3,3) "
-            "found (64,16,3,3)") in message
+    assert (
+        "1 mis-shaped: up_blocks.0.resnets.2.conv1.weight expected (64,128,3,3) found (64,16,3,3)"
+    ) in message
 
 
 def test_mismatched_tensors_in_a_ddim_checkpoint_are_all_reported(truth, tmp_path):
     model, _, _ = truth
-    damaged = _damage(_ddim_tensors(model), "mid.attn_1.k.bias", "up.5.block.2.conv1.weight",
-                      torch.zeros)
+    damaged = _damage(
+        _ddim_tensors(model), "mid.attn_1.k.bias", "up.5.block.2.conv1.weight", torch.zeros
+    )
     path = tmp_path / "bad.ckpt"
     torch.save(damaged, path)
-    with pytest.raises(state_dict.StateDictError,
-                       match=r"bad\.ckpt: tensors do not match the network: 1 missing: "
-                             r"mid_block\.attentions\.0\.to_k\.bias \(64\); 1 unexpected: "
-                             r"extra\.weight \(2,3\); 1 mis-shaped: up_blocks\.0\.resnets\.2\."
-                             r"conv1\.weight expected \(64,128,3,3\) found \(64,16,3,3\)"):
+    with pytest.raises(
+        state_dict.StateDictError,
+        match=r"bad\.ckpt: tensors do not match the network: 1 missing: "
+        r"mid_block\.attentions\.0\.to_k\.bias \(64\); 1 unexpected: "
+        r"extra\.weight \(2,3\); 1 mis-shaped: up_blocks\.0\.resnets\.2\."
+        r"conv1\.weight expected \(64,128,3,3\) found \(64,16,3,3\)",
+    ):
         importers.load(str(path))
 
 
 def test_unsupported_config_in_a_folder_names_file_field_and_value(truth, tmp_path):
     _, root, _ = truth
     config = (root / "safetensors" / "config.json").read_text()
-    (tmp_path / "config.json").write_text(config.replace('"AttnDownBlock2D"',
-                                                         '"CrossAttnDownBlock2D"'))
-    with pytest.raises(ValueError, match=r"config\.json: down_block_types: block type "
-                                         r"'CrossAttnDownBlock2D' is not supported"):
+    (tmp_path / "config.json").write_text(
+        config.replace('"AttnDownBlock2D"', '"CrossAttnDownBlock2D"')
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"config\.json: down_block_types: block type "
+        r"'CrossAttnDownBlock2D' is not supported",
+    ):
         importers.load(str(tmp_path))
 
 

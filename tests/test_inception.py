@@ -207,6 +207,7 @@ def numpy_state(reference):
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_features_match_torch_reference(reference):
     model, path = reference
     rng = np.random.default_rng(1)
@@ -242,6 +243,7 @@ def test_preprocess_matches_pytorch_fid_resize(size):
     np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=2e-6)
 
 
+@pytest.mark.slow
 def test_npz_and_pth_give_the_same_weights(reference, numpy_state, tmp_path):
     _, path = reference
     npz_path = tmp_path / "fid_inception.npz"
@@ -288,6 +290,7 @@ def test_npz_and_pth_give_the_same_weights(reference, numpy_state, tmp_path):
     ],
     ids=["missing", "shape", "unexpected", "dtype"],
 )
+@pytest.mark.slow
 def test_bad_npz_weights_name_file_and_key(numpy_state, tmp_path, edit, message):
     state = dict(numpy_state)
     edit(state)

@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from sdedit_jax.data import emoji, fashion_mnist, images, input_pipeline
+from sdedit_jax.data import emoji, fashion_mnist, images, input_pipeline, records
 
 NUM_NOISE_IMAGES = 24
 NOISE_SIZE = 16
@@ -61,7 +61,7 @@ def noise_folder(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tfrecord_glob(noise_folder, tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("records") / "noise")
-    input_pipeline.write_tfrecords(noise_folder, prefix, num_shards=3)
+    records.write_tfrecords(noise_folder, prefix, num_shards=3)
     return prefix + "-*"
 
 

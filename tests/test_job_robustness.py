@@ -17,11 +17,6 @@ from sdedit_jax import files
 from tests import job_cli
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return job_cli.make_model(str(tmp_path_factory.mktemp("model")))
-
-
 def _guides(folder: str, n: int) -> str:
     for i in range(n):
         job_cli.save_png(os.path.join(folder, f"g{i:03d}.png"), job_cli.random_guide(i))
@@ -29,8 +24,14 @@ def _guides(folder: str, n: int) -> str:
 
 
 def _popen(cmd, stderr_path, devices=2, **kwargs):
-    return subprocess.Popen(cmd, cwd=job_cli.REPO, env=job_cli.env(devices),
-                            stdout=subprocess.DEVNULL, stderr=open(stderr_path, "w"), **kwargs)
+    return subprocess.Popen(
+        cmd,
+        cwd=job_cli.REPO,
+        env=job_cli.env(devices),
+        stdout=subprocess.DEVNULL,
+        stderr=open(stderr_path, "w"),
+        **kwargs,
+    )
 
 
 def _wait_for(predicate, timeout=120.0):
@@ -46,10 +47,11 @@ def _text(path):
     return open(path, errors="replace").read() if os.path.exists(path) else ""
 
 
-def test_double_launch_is_refused_naming_the_other_process(model_dir, tmp_path):
+@pytest.mark.slow
+def test_double_launch_is_refused_naming_the_other_process(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 24)
     workdir = str(tmp_path / "out")
-    cmd = job_cli.command(model_dir, guides, workdir)
+    cmd = job_cli.command(tiny_model_dir, guides, workdir)
     first = _popen(cmd, str(tmp_path / "first.err"))
     try:
         lock = os.path.join(workdir, "job.p00000.lock")
@@ -71,10 +73,10 @@ def test_double_launch_is_refused_naming_the_other_process(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_error_mid_stream_ends_the_process_at_once(model_dir, tmp_path):
+def test_an_error_mid_stream_ends_the_process_at_once(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 12)
     workdir = str(tmp_path / "out")
-    cmd = job_cli.command(model_dir, guides, workdir, t0s="(0.4,)")
+    cmd = job_cli.command(tiny_model_dir, guides, workdir, t0s="(0.4,)")
     assert job_cli.run(cmd, devices=1).returncode == 0
     images = os.path.join(workdir, "t0_0.40", "images")
     for i in range(4, 12):
@@ -103,10 +105,12 @@ def test_an_error_mid_stream_ends_the_process_at_once(model_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_end_the_job_at_once_and_it_resumes(model_dir, tmp_path, signum):
+def test_ctrl_c_and_sigterm_end_the_job_at_once_and_it_resumes(tiny_model_dir, tmp_path, signum):
     guides = _guides(str(tmp_path / "guides"), 16)
     workdir = str(tmp_path / "out")
-    cmd = job_cli.command(model_dir, guides, workdir, "--config.sampler.steps_per_unit_time=200")
+    cmd = job_cli.command(
+        tiny_model_dir, guides, workdir, "--config.sampler.steps_per_unit_time=200"
+    )
     err = str(tmp_path / "err")
     proc = _popen(cmd, err)
     try:
@@ -127,32 +131,40 @@ def test_ctrl_c_and_sigterm_end_the_job_at_once_and_it_resumes(model_dir, tmp_pa
 
 # Files may not grow past 300 bytes (EFBIG instead of SIGXFSZ): a full disk, for this process
 # only. Set in a small launcher that then execs the job (no fork hooks in the test process).
-_FULL_DISK = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300)); "
-              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+_FULL_DISK = (
+    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300)); "
+    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+)
 
 
-def test_a_full_disk_is_one_line_naming_the_file(model_dir, tmp_path):
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_file(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 4)
     workdir = str(tmp_path / "out")
-    cmd = job_cli.command(model_dir, guides, workdir, t0s="(0.4,)")
+    cmd = job_cli.command(tiny_model_dir, guides, workdir, t0s="(0.4,)")
     assert job_cli.run(cmd).returncode == 0
     for name in os.listdir(os.path.join(workdir, "t0_0.40", "images")):
         os.remove(os.path.join(workdir, "t0_0.40", "images", name))
     proc = job_cli.run([cmd[0], "-c", _FULL_DISK, *cmd[1:]])
     lines = job_cli.error_lines(proc.stderr)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert any("File too large" in line and "(writing " in line
-               and os.path.join(workdir, "t0_0.40", "images") in line for line in lines), lines
+    assert any(
+        "File too large" in line
+        and "(writing " in line
+        and os.path.join(workdir, "t0_0.40", "images") in line
+        for line in lines
+    ), lines
 
 
-def test_retry_failed_from_the_command_line(model_dir, tmp_path):
+@pytest.mark.slow
+def test_retry_failed_from_the_command_line(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 3)
     good = open(os.path.join(guides, "g000.png"), "rb").read()
     with open(os.path.join(guides, "broken.png"), "wb") as f:
         f.write(good[: len(good) // 2])
     workdir = str(tmp_path / "out")
-    cmd = job_cli.command(model_dir, guides, workdir, t0s="(0.4,)")
+    cmd = job_cli.command(tiny_model_dir, guides, workdir, t0s="(0.4,)")
     assert job_cli.run(cmd).returncode == 3
     with open(os.path.join(guides, "broken.png"), "wb") as f:  # the user fixes the file
         f.write(good)
@@ -166,13 +178,16 @@ def test_retry_failed_from_the_command_line(model_dir, tmp_path):
     assert os.path.getsize(os.path.join(workdir, "t0_0.40", "failures.jsonl")) == 0
 
 
-def test_resume_repairs_sheet_summary_empty_outputs_and_temp_files(model_dir, tmp_path):
+@pytest.mark.slow
+def test_resume_repairs_sheet_summary_empty_outputs_and_temp_files(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 5)
     workdir = str(tmp_path / "out")
-    cmd = job_cli.command(model_dir, guides, workdir)
+    cmd = job_cli.command(tiny_model_dir, guides, workdir)
     assert job_cli.run(cmd).returncode == 0
-    sheet, summary = os.path.join(workdir, "contact_sheet.png"), os.path.join(workdir,
-                                                                              "summary.json")
+    sheet, summary = (
+        os.path.join(workdir, "contact_sheet.png"),
+        os.path.join(workdir, "summary.json"),
+    )
     output = os.path.join(workdir, "t0_0.60", "images", "g002.png")
     before = {p: open(p, "rb").read() for p in (sheet, summary, output)}
     with open(sheet, "r+b") as f:
@@ -189,10 +204,11 @@ def test_resume_repairs_sheet_summary_empty_outputs_and_temp_files(model_dir, tm
     assert json.loads(before[summary])["complete"]
 
 
-def test_summary_describes_the_whole_workdir_across_invocations(model_dir, tmp_path):
+@pytest.mark.slow
+def test_summary_describes_the_whole_workdir_across_invocations(tiny_model_dir, tmp_path):
     guides = _guides(str(tmp_path / "guides"), 4)
     workdir = str(tmp_path / "out")
-    cmd = job_cli.command(model_dir, guides, workdir, t0s="(0.4,)")
+    cmd = job_cli.command(tiny_model_dir, guides, workdir, t0s="(0.4,)")
     assert job_cli.run(cmd).returncode == 0
     for i in (4, 5):
         job_cli.save_png(os.path.join(guides, f"g{i:03d}.png"), job_cli.random_guide(i))

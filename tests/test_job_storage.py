@@ -20,11 +20,9 @@ from PIL import Image
 from sdedit_jax import files, job, pretrained
 from sdedit_jax.data import sinks
 from sdedit_jax.models import unet
+from tests import job_cli
 
-SIZE = 16
-TINY_MODEL = dict(image_size=SIZE, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(), dropout=0.0, time_embedding="sinusoidal",
-                  fourier_scale=16.0, skip_rescale=True, fast_conv=True)
+SIZE, TINY_MODEL = job_cli.SIZE, job_cli.TINY_MODEL
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
 
 
@@ -52,8 +50,7 @@ def _write_guides(folder: str, n: int) -> None:
 def store():
     """A fresh ram:// root with a tiny model and 10 guides (with masks)."""
     root = f"ram://sdedit-test-{uuid.uuid4().hex}"
-    pretrained.save_model(files.join(root, "model"), _state(1), TINY_MODEL, {"name": "vp"},
-                          "noise")
+    pretrained.save_model(files.join(root, "model"), _state(1), TINY_MODEL, {"name": "vp"}, "noise")
     _write_guides(files.join(root, "guides"), 10)
     return root
 
@@ -89,6 +86,7 @@ def _tree(root: str) -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.slow
 def test_model_loading_from_ram_equals_local(store, tmp_path, monkeypatch):
     local = str(tmp_path / "model")
     pretrained.save_model(local, _state(1), TINY_MODEL, {"name": "vp"}, "noise")
@@ -108,8 +106,10 @@ def test_job_and_resume_after_a_crash_on_ram_write_nothing_locally(store, tmp_pa
     reference = files.join(store, "reference")
     result = job.run_job(_config(store), reference)
     assert result["edited"] == 10 and result["failures"] == 0 and result["complete"]
-    rows = [json.loads(line) for line in files.read_lines(
-        files.join(reference, "t0_0.40", "manifest.jsonl"))]
+    rows = [
+        json.loads(line)
+        for line in files.read_lines(files.join(reference, "t0_0.40", "manifest.jsonl"))
+    ]
     assert [r["id"] for r in rows] == [f"g{i:02d}.png" for i in range(10)]
 
     # Crash: the writer dies after its first batch; what it published stays, the rest is lost.
@@ -150,8 +150,9 @@ def test_fingerprint_refuses_each_changed_field_and_resumes_the_same(store, tmp_
     other_model = files.join(store, "other_model")
     pretrained.save_model(other_model, _state(2), TINY_MODEL, {"name": "vp"}, "noise")
     other_sde = files.join(store, "other_sde")
-    pretrained.save_model(other_sde, _state(1), TINY_MODEL, {"name": "vp", "beta_max": 10.0},
-                          "noise")
+    pretrained.save_model(
+        other_sde, _state(1), TINY_MODEL, {"name": "vp", "beta_max": 10.0}, "noise"
+    )
     workdir = str(tmp_path / "work")
     first = job.run_job(_config(store), workdir)
     assert first["edited"] == 10
@@ -169,12 +170,14 @@ def test_fingerprint_refuses_each_changed_field_and_resumes_the_same(store, tmp_
         "output.npz": {"output.npz": "per_example"},
     }
     for field, change in changes.items():
-        with pytest.raises(job.ConfigError, match=rf"another configuration \(its configuration "
-                                                  rf"differs: .*{field} .*--config.overwrite=True"):
+        with pytest.raises(
+            job.ConfigError,
+            match=rf"another configuration \(its configuration "
+            rf"differs: .*{field} .*--config.overwrite=True",
+        ):
             job.run_job(_config(store, **change), workdir)
     # Settings that do not change an output may differ.
-    same = job.run_job(_config(store, per_device_batch=2, **{"output.png_compression": 6}),
-                       workdir)
+    same = job.run_job(_config(store, per_device_batch=2, **{"output.png_compression": 6}), workdir)
     assert same["this_run"]["sub_jobs"][0]["skipped_done"] == 10
     assert same["this_run"]["sub_jobs"][0]["edited"] == 0
 
@@ -189,19 +192,24 @@ def test_fingerprint_refuses_each_changed_field_and_resumes_the_same(store, tmp_
 
 @pytest.mark.slow
 def test_t0_rule_edits_inputs_with_their_own_t0_once_and_dry_run_writes_nothing(store, capsys):
-    rows = [{"path": f"guides/g{i:02d}.png", "mask": f"guides/masks/g{i:02d}.png"}
-            for i in range(7)]
+    rows = [
+        {"path": f"guides/g{i:02d}.png", "mask": f"guides/masks/g{i:02d}.png"} for i in range(7)
+    ]
     for i, t0 in ((4, 0.3), (5, 0.5), (6, 0.5)):
         rows[i]["t0"] = t0
     manifest = files.join(store, "rows.jsonl")
     files.publish_bytes(manifest, "".join(json.dumps(r) + "\n" for r in rows).encode())
-    config = _config(store, **{"input.source": "manifest", "input.path": manifest,
-                               "t0s": (0.4, 0.6)})
+    config = _config(
+        store, **{"input.source": "manifest", "input.path": manifest, "t0s": (0.4, 0.6)}
+    )
     workdir = files.join(store, "t0_rule")
 
     plan = job.run_job(config, workdir, dry_run=True)
     assert [(p["folder"], p["edit"], p["skip"]) for p in plan["plan"]] == [
-        ("t0_0.40", 4, 0), ("t0_0.60", 4, 0), ("t0_per_example", 3, 0)]
+        ("t0_0.40", 4, 0),
+        ("t0_0.60", 4, 0),
+        ("t0_per_example", 3, 0),
+    ]
     assert "edit  guides/g05.png  (t0=0.5)" in capsys.readouterr().out
     assert not files.exists(workdir)  # a dry run writes nothing
 
@@ -213,14 +221,18 @@ def test_t0_rule_edits_inputs_with_their_own_t0_once_and_dry_run_writes_nothing(
     plain = {f"guides/g{i:02d}.png" for i in range(4)}
     assert edited["t0_0.40"] == dict.fromkeys(plain, 0.4)
     assert edited["t0_0.60"] == dict.fromkeys(plain, 0.6)
-    assert edited["t0_per_example"] == {"guides/g04.png": 0.3, "guides/g05.png": 0.5,
-                                        "guides/g06.png": 0.5}
+    assert edited["t0_per_example"] == {
+        "guides/g04.png": 0.3,
+        "guides/g05.png": 0.5,
+        "guides/g06.png": 0.5,
+    }
 
     plan = job.run_job(config, workdir, dry_run=True)
     assert [(p["edit"], p["skip"]) for p in plan["plan"]] == [(0, 4), (0, 4), (0, 3)]
     assert "skip  guides/g04.png  (done" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_from_another_folder_takes_every_setting_and_dry_run_writes_nothing(tmp_path):
     """``configs/default.py`` and its demo inputs resolve from any folder; optional keys
     (None or empty in the file) are settable on the command line."""
@@ -229,12 +241,22 @@ def test_cli_from_another_folder_takes_every_setting_and_dry_run_writes_nothing(
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "sdedit_jax.main", "--config", "configs/default.py:quick",
-           "--workdir", "out", "--dry_run", "--config.output.writer_threads=3",
-           "--config.input.tfds_data_dir=/nowhere", "--config.input.tfds_name=unused",
-           '--config.input.generator_kwargs={"num_colors": 4}', "--config.output.npz=shards"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdedit_jax.main",
+        "--config",
+        "configs/default.py:quick",
+        "--workdir",
+        "out",
+        "--dry_run",
+        "--config.output.writer_threads=3",
+        "--config.input.tfds_data_dir=/nowhere",
+        "--config.input.tfds_name=unused",
+        '--config.input.generator_kwargs={"num_colors": 4}',
+        "--config.output.npz=shards",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "edit  edit_u1f34a.png  (t0=0.3)" in proc.stdout
     assert os.listdir(tmp_path) == []  # a dry run writes nothing

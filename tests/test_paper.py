@@ -22,22 +22,26 @@ NCSNPP = ("church_ncsnpp", "bedroom_ncsnpp", "celebahq_ncsnpp", "ffhq_ncsnpp")
 @pytest.mark.parametrize("variant", DDPM + NCSNPP)
 def test_every_variant_builds_its_sampler_and_input(variant):
     config = job.load_config(f"{PAPER}:{variant}")
-    sampler, steps_for = job.sampler_from_config(config.sampler)
+    sampler, step_rule = job.sampler_from_config(config.sampler)
     dataset, network = variant.split("_")
     assert config.model_dir == f"models/{network}-{dataset}-256"
     if network == "ddpm":
         # SDEdit's command: --t 500 of the 1000 discrete steps, --sample_step 3.
         assert (sampler.predictor, sampler.corrector, config.repeats) == ("ancestral", "none", 3)
-        assert sampler.score_evals_per_step == 1
-        np.testing.assert_array_equal(steps_for(np.array(config.t0s)), [500])
+        assert sampler.nfe_per_step == 1
+        np.testing.assert_array_equal(step_rule.steps_for(np.array(config.t0s)), [500])
     else:
         assert (sampler.predictor, sampler.corrector, config.repeats) == (
-            "reverse_diffusion", "langevin", 1)
+            "reverse_diffusion",
+            "langevin",
+            1,
+        )
         assert (sampler.snr, sampler.corrector_steps) == (0.075, 1)
-        np.testing.assert_array_equal(steps_for(np.array(config.t0s)), [1000])
-    assert sampler.max_steps >= int(steps_for(np.array([1.0]))[0])
+        np.testing.assert_array_equal(step_rule.steps_for(np.array(config.t0s)), [1000])
+    assert sampler.max_steps >= int(step_rule.steps_for(np.array([1.0]))[0])
     input_config = guide_inputs.GuideInputConfig.from_mapping(
-        dict(config.input.to_dict(), path=os.path.join(REPO, config.input.path)))
+        dict(config.input.to_dict(), path=os.path.join(REPO, config.input.path))
+    )
     assert input_config.image_size == (256, 256)
     assert len(guide_inputs.build_catalog(input_config)) == 10
 
@@ -53,23 +57,39 @@ def test_unknown_variant_is_named():
 
 # google/ddpm-ema-church-256's block structure, narrower (the widths only change the cost).
 DDPM_CHURCH_NARROW = {
-    "sample_size": 256, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+    "sample_size": 256,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
     "block_out_channels": (32, 32, 64, 64, 64, 64),
     "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-    "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6, "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "norm_eps": 1e-6,
+    "downsample_padding": 0,
     "attention_head_dim": None,
 }
 # google/ncsnpp-church-256's block structure, narrower.
 NCSNPP_CHURCH_NARROW = {
-    "sample_size": 256, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+    "sample_size": 256,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
     "block_out_channels": (32, 32, 64, 64, 128, 128, 128),
-    "down_block_types": ("SkipDownBlock2D",) * 4 + ("AttnSkipDownBlock2D",)
+    "down_block_types": ("SkipDownBlock2D",) * 4
+    + ("AttnSkipDownBlock2D",)
     + ("SkipDownBlock2D",) * 2,
     "up_block_types": ("SkipUpBlock2D",) * 2 + ("AttnSkipUpBlock2D",) + ("SkipUpBlock2D",) * 4,
-    "time_embedding_type": "fourier", "center_input_sample": True, "flip_sin_to_cos": True,
-    "freq_shift": 0, "mid_block_scale_factor": 1.41421356237, "norm_eps": 1e-6,
-    "norm_num_groups": None, "downsample_padding": 1, "attention_head_dim": None,
+    "time_embedding_type": "fourier",
+    "center_input_sample": True,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1.41421356237,
+    "norm_eps": 1e-6,
+    "norm_num_groups": None,
+    "downsample_padding": 1,
+    "attention_head_dim": None,
     "act_fn": "silu",
 }
 E2E_GUIDES = ("edit_coffee", "paint_astronaut")
@@ -77,8 +97,14 @@ E2E_GUIDES = ("edit_coffee", "paint_astronaut")
 
 def _run(*args, devices=1):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -102,12 +128,14 @@ def test_paper_job_with_converted_networks(tmp_path, network):
     diffusers = pytest.importorskip("diffusers")
     if network == "ddpm":
         config, variant = DDPM_CHURCH_NARROW, "church_ddpm"
-        scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4,
-                                            beta_end=0.02, beta_schedule="linear")
+        scheduler = diffusers.DDPMScheduler(
+            num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
+        )
     else:
         config, variant = NCSNPP_CHURCH_NARROW, "church_ncsnpp"
-        scheduler = diffusers.ScoreSdeVeScheduler(num_train_timesteps=2000, snr=0.075,
-                                                  sigma_min=0.01, sigma_max=380.0)
+        scheduler = diffusers.ScoreSdeVeScheduler(
+            num_train_timesteps=2000, snr=0.075, sigma_min=0.01, sigma_max=380.0
+        )
     source = tmp_path / "hub"
     _random_diffusers_folder(source, config, scheduler)
     model_dir = tmp_path / "model"
@@ -120,17 +148,29 @@ def test_paper_job_with_converted_networks(tmp_path, network):
         shutil.copy(os.path.join(bundled, "masks", name + ".png"), guides / "masks")
     workdir = tmp_path / "run"
     # The paper's variant, with 2 steps instead of N * t0 (the point is the path).
-    _run("sdedit_jax.main", "--config", f"configs/paper.py:{variant}",
-         f"--config.model_dir={model_dir}", f"--config.input.path={guides}",
-         "--config.sampler.steps_per_unit_time=0", "--config.sampler.n_steps=2",
-         "--config.per_device_batch=2", f"--workdir={workdir}")
+    _run(
+        "sdedit_jax.main",
+        "--config",
+        f"configs/paper.py:{variant}",
+        f"--config.model_dir={model_dir}",
+        f"--config.input.path={guides}",
+        "--config.sampler.steps_per_unit_time=0",
+        "--config.sampler.n_steps=2",
+        "--config.per_device_batch=2",
+        f"--workdir={workdir}",
+    )
 
     summary = json.loads((workdir / "summary.json").read_text())
     info = json.loads((model_dir / "model_info.json").read_text())
     assert summary["failures"] == 0
     assert summary["model_sha256"] in info["sha256"].values()
     [sub_job] = summary["sub_jobs"]
-    assert (sub_job["t0"], sub_job["edited"], sub_job["manifest_rows"]) == (0.5, 2, 2)
+    assert (sub_job["t0"], sub_job["edited"], sub_job["failed"], sub_job["remaining"]) == (
+        0.5,
+        2,
+        0,
+        0,
+    )
     rows = [json.loads(line) for line in (workdir / "t0_0.50" / "manifest.jsonl").open()]
     assert sorted(r["id"] for r in rows) == sorted(n + ".png" for n in E2E_GUIDES)
     outputs = {r["id"]: _pixels(workdir / "t0_0.50" / r["output"]) for r in rows}
@@ -140,8 +180,9 @@ def test_paper_job_with_converted_networks(tmp_path, network):
         assert np.any(out != guide)
     # Masked editing keeps every pixel outside the stroke mask exactly.
     keep = _pixels(guides / "masks" / "edit_coffee.png")[..., 0] < 128
-    np.testing.assert_array_equal(outputs["edit_coffee.png"][keep],
-                                  _pixels(guides / "edit_coffee.png")[keep])
+    np.testing.assert_array_equal(
+        outputs["edit_coffee.png"][keep], _pixels(guides / "edit_coffee.png")[keep]
+    )
     # guide | mask | output, one row per guide.
     layout = report.contact_sheet([[None] * 3] * 2, ["guide", "mask", "t0=0.5"], ["a", "b"])
-    assert Image.open(summary["contact_sheet"]).size == layout.size
+    assert Image.open(workdir / summary["contact_sheet"]).size == layout.size

@@ -56,8 +56,9 @@ def test_the_job_pipeline_reads_every_guide_with_its_mask():
     catalog = guide_inputs.build_catalog(config)
     assert len(catalog) == 10
     assert not any(catalog.columns["error"]), catalog.columns["error"]
-    stream = guide_inputs.make_guide_dataset(config, batch_size_per_host=10, process_index=0,
-                                             process_count=1)
+    stream = guide_inputs.make_guide_dataset(
+        config, batch_size_per_host=10, process_index=0, process_count=1
+    )
     batch = next(stream.dataset.as_numpy_iterator())
     assert batch["ok"].all(), batch["error"]
     assert batch["guide"].shape == (10, 256, 256, 3)

@@ -3,14 +3,14 @@
 import json
 import uuid
 
-from sdedit_jax import engine, files
+from sdedit_jax import files, stream
 
 
 def test_eta_comes_from_written_images_and_the_log_is_published(monkeypatch, capsys):
     clock = {"now": 100.0}
-    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(stream.time, "perf_counter", lambda: clock["now"])
     log = f"ram://test-progress-{uuid.uuid4().hex}/throughput.p00000.jsonl"
-    progress = engine.Progress(total_rows=100, log_path=log, every_seconds=5.0, label="t0=0.5")
+    progress = stream.Progress(total_rows=100, log_path=log, every_seconds=5.0, label="t0=0.5")
     clock["now"] = 110.0
     # 8 steps dispatched (say 64 rows) but only 20 images written in 10 s: 2 images/s, 40 s left.
     progress.update(step=8, written=20)

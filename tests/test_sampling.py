@@ -35,6 +35,7 @@ def _sample(sde, sampler, shape, keys):
 
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
 @pytest.mark.parametrize("sde_name", SDES)
+@pytest.mark.slow
 def test_prior_samples_match_data_distribution(sde_name, sampler_name):
     """32768 pixels: mean s.e. 0.003, std s.e. 0.4%; tolerances add discretisation bias."""
     keys = jax.random.split(jax.random.key(7), 128)
@@ -76,14 +77,16 @@ def test_ode_solvers_converge_at_their_order(sde_name):
         assert all(abs(r - order) < 0.3 for r in rates), (predictor, errors, rates)
 
 
+@pytest.mark.slow
 def test_langevin_keeps_the_marginal_and_ignores_batch_mates():
     """Started at p_t, Langevin with the exact score stays at p_t (bias ~ snr^2 / 2)."""
     sde = SDES["vp"]
     score = GaussianScore(sde, MU, S)
     t = jnp.full((64,), 0.5)
     mean = np.exp(float(sde.log_mean_coeff(t)[0])) * MU
-    std = np.sqrt(np.exp(2 * float(sde.log_mean_coeff(t)[0])) * S**2
-                  + float(sde.marginal_std(t)[0]) ** 2)
+    std = np.sqrt(
+        np.exp(2 * float(sde.log_mean_coeff(t)[0])) * S**2 + float(sde.marginal_std(t)[0]) ** 2
+    )
     keys = jax.random.split(jax.random.key(3), 64)
     x = mean + std * jax.random.normal(jax.random.key(4), (64, 16, 16, 1))
     run = jax.jit(functools.partial(langevin, snr=0.05, n_steps=40), static_argnums=(0, 1))

@@ -62,8 +62,9 @@ def test_vp_discretisation_is_ddpm():
     t, dt = jnp.array([0.5]), jnp.array([1e-3])
     x = jnp.ones((1, 2, 2, 1))
     f, big_g = sde.discretize(x, t, dt)
-    beta = 1 - np.exp(-(sde.beta_min * dt + 0.5 * (sde.beta_max - sde.beta_min)
-                        * (t**2 - (t - dt) ** 2)))
+    beta = 1 - np.exp(
+        -(sde.beta_min * dt + 0.5 * (sde.beta_max - sde.beta_min) * (t**2 - (t - dt) ** 2))
+    )
     np.testing.assert_allclose(f[0, 0, 0, 0], np.sqrt(1 - beta[0]) - 1, rtol=1e-4)
     np.testing.assert_allclose(big_g[0, 0, 0, 0], np.sqrt(beta[0]), rtol=1e-4)
 

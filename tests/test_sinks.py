@@ -26,16 +26,21 @@ def output_for(index: int) -> np.ndarray:
 
 
 def example(index: int) -> dict:
-    return {"id": f"dir/ex{index:03d}.png", "source": f"/data/dir/ex{index:03d}.png",
-            "t0": np.float32(0.3), "seed": 7}
+    return {
+        "id": f"dir/ex{index:03d}.png",
+        "source": f"/data/dir/ex{index:03d}.png",
+        "t0": np.float32(0.3),
+        "seed": 7,
+    }
 
 
 def run_job(workdir, indices, *, process_index=0, **kwargs) -> None:
     with sinks.Sink(workdir, process_index=process_index, job_fields=JOB, **kwargs) as sink:
         for i in indices:
             if i % 5 == 4:  # every fifth example is a bad input
-                sink.write_failure(id=example(i)["id"], source=example(i)["source"],
-                                   reason="guide (x): corrupt")
+                sink.write_failure(
+                    id=example(i)["id"], source=example(i)["source"], reason="guide (x): corrupt"
+                )
             else:
                 sink.write(**example(i), image=output_for(i))
 
@@ -59,18 +64,26 @@ def test_outputs_rows_and_round_trip(tmp_path):
     run_job(workdir, range(3), npz="per_example")
     summary = sinks.finalize(workdir)
     rows = read_jsonl(os.path.join(workdir, "manifest.jsonl"))
-    assert summary.manifest_rows == 3 and [r["id"] for r in rows] == [example(i)["id"]
-                                                                      for i in range(3)]
+    assert summary.manifest_rows == 3 and [r["id"] for r in rows] == [
+        example(i)["id"] for i in range(3)
+    ]
     for i, row in enumerate(rows):
         stem = sinks.output_stem(example(i)["id"])
-        assert row == {**JOB, "id": example(i)["id"], "source": example(i)["source"],
-                       "output": "images/" + sinks.output_name(example(i)["id"]),
-                       "npz": f"arrays/{stem}.npz", "t0": 0.3, "seed": 7}
+        assert row == {
+            **JOB,
+            "id": example(i)["id"],
+            "source": example(i)["source"],
+            "output": "images/" + sinks.output_name(example(i)["id"]),
+            "npz": f"arrays/{stem}.npz",
+            "t0": 0.3,
+            "seed": 7,
+        }
         png = np.asarray(Image.open(os.path.join(workdir, row["output"])))
         expected = np.clip(np.round((output_for(i) + 1) * 127.5), 0, 255).astype(np.uint8)
         np.testing.assert_array_equal(png, expected)
-        np.testing.assert_array_equal(np.load(os.path.join(workdir, row["npz"]))["image"],
-                                      output_for(i))
+        np.testing.assert_array_equal(
+            np.load(os.path.join(workdir, row["npz"]))["image"], output_for(i)
+        )
     assert leftover_temps(workdir) == []
 
 
@@ -107,20 +120,24 @@ def test_resume_after_simulated_crash_gives_the_uninterrupted_result(tmp_path):
 
     done = sinks.completed_ids(crashed)
     assert done == {example(i)["id"] for i in range(6)}
-    assert done == {i for i in (example(j)["id"] for j in range(12))
-                    if i in sinks.completed_index(crashed)}
+    assert done == {
+        i for i in (example(j)["id"] for j in range(12)) if i in sinks.completed_index(crashed)
+    }
     run_job(crashed, [i for i in range(12) if example(i)["id"] not in done])
     assert not os.path.exists(orphan)
     summary = sinks.finalize(crashed)
     assert summary.ignored_lines == 0
     assert records(crashed) == [] and records(crashed, "failures") == []  # merged, then deleted
     for name in ("manifest.jsonl", "failures.jsonl"):
-        assert open(os.path.join(crashed, name)).read() == open(
-            os.path.join(reference, name)).read()
+        assert (
+            open(os.path.join(crashed, name)).read() == open(os.path.join(reference, name)).read()
+        )
     for i in range(12):
         if i % 5 != 4:
-            assert open(os.path.join(crashed, image_path(i)), "rb").read() == open(
-                os.path.join(reference, image_path(i)), "rb").read()
+            assert (
+                open(os.path.join(crashed, image_path(i)), "rb").read()
+                == open(os.path.join(reference, image_path(i)), "rb").read()
+            )
 
 
 KILLED_WRITER = """
@@ -140,11 +157,16 @@ with sinks.Sink(workdir, job_fields={"n_steps": 10}, num_threads=2) as sink:
 """
 
 
+@pytest.mark.slow
 def test_repeated_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     count = 80
     script = [sys.executable, "-c", KILLED_WRITER, sinks.__file__]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(sinks.__file__))))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.path.dirname(
+            os.path.dirname(os.path.dirname(os.path.abspath(sinks.__file__)))
+        ),
+    }
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     subprocess.run(script + [reference, str(count)], check=True, timeout=60, env=env)
     sinks.finalize(reference)
@@ -163,8 +185,10 @@ def test_repeated_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     subprocess.run(script + [killed, str(count)], check=True, timeout=60, env=env)
     assert kills >= 1
     sinks.finalize(killed)
-    assert open(os.path.join(killed, "manifest.jsonl")).read() == open(
-        os.path.join(reference, "manifest.jsonl")).read()
+    assert (
+        open(os.path.join(killed, "manifest.jsonl")).read()
+        == open(os.path.join(reference, "manifest.jsonl")).read()
+    )
     assert len(read_jsonl(os.path.join(killed, "manifest.jsonl"))) == count
 
 
@@ -186,9 +210,12 @@ def test_write_batch_skips_padding_and_records_failures(tmp_path):
     outputs = np.stack([output_for(i) for i in range(4)])
     outputs[2, 0, 0, 0] = np.nan
     batch = {
-        "id": np.array([b"a", b"b", b"c", b""]), "source": np.array([b"sa", b"sb", b"sc", b""]),
-        "t0": np.full([4], 0.5, np.float32), "seed": np.arange(4, dtype=np.int64),
-        "valid": np.array([True, True, True, False]), "ok": np.array([True, False, True, False]),
+        "id": np.array([b"a", b"b", b"c", b""]),
+        "source": np.array([b"sa", b"sb", b"sc", b""]),
+        "t0": np.full([4], 0.5, np.float32),
+        "seed": np.arange(4, dtype=np.int64),
+        "valid": np.array([True, True, True, False]),
+        "ok": np.array([True, False, True, False]),
         "error": np.array([b"", b"mask (m.png): size 7x8 does not match guide 8x8", b"", b""]),
     }
     with sinks.Sink(workdir) as sink:
@@ -198,8 +225,12 @@ def test_write_batch_skips_padding_and_records_failures(tmp_path):
     failures = read_jsonl(os.path.join(workdir, "failures.jsonl"))
     assert [r["id"] for r in manifest] == ["a"] and manifest[0]["step"] == 3
     assert failures == [
-        {"id": "b", "source": "sb", "reason": "mask (m.png): size 7x8 does not match guide 8x8",
-         "step": 3},
+        {
+            "id": "b",
+            "source": "sb",
+            "reason": "mask (m.png): size 7x8 does not match guide 8x8",
+            "step": 3,
+        },
         {"id": "c", "source": "sc", "reason": "output: 1 non-finite values", "step": 3},
     ]
     assert sinks.completed_ids(workdir) == {"a", "b", "c"}
@@ -248,9 +279,12 @@ def test_npz_shards_png_levels_and_progress_count_on_a_non_local_file_system():
     workdir = f"ram://test-sinks-{uuid.uuid4().hex}/out"
     outputs = np.stack([output_for(i) for i in range(4)])
     batch = {
-        "id": np.array([b"a", b"b", b"c", b""]), "source": np.array([b"sa", b"sb", b"sc", b""]),
-        "t0": np.full([4], 0.5, np.float32), "seed": np.arange(4, dtype=np.int64),
-        "valid": np.array([True, True, True, False]), "ok": np.array([True, False, True, False]),
+        "id": np.array([b"a", b"b", b"c", b""]),
+        "source": np.array([b"sa", b"sb", b"sc", b""]),
+        "t0": np.full([4], 0.5, np.float32),
+        "seed": np.arange(4, dtype=np.int64),
+        "valid": np.array([True, True, True, False]),
+        "ok": np.array([True, False, True, False]),
         "error": np.array([b"", b"guide (b): corrupt", b"", b""]),
     }
     sizes = {}
@@ -267,16 +301,18 @@ def test_npz_shards_png_levels_and_progress_count_on_a_non_local_file_system():
         assert shard["id"].tolist() == ["a", "c"]
         np.testing.assert_array_equal(shard["image"], outputs[[0, 2]])
         for row, i in zip(rows, (0, 2), strict=True):
-            png = np.asarray(Image.open(io.BytesIO(files.read_bytes(files.join(sub,
-                                                                               row["output"])))))
+            png = np.asarray(
+                Image.open(io.BytesIO(files.read_bytes(files.join(sub, row["output"]))))
+            )
             np.testing.assert_array_equal(png, sinks.to_uint8(output_for(i)))
         sizes[level] = files.size(files.join(sub, rows[0]["output"]))
     assert sizes[0] >= sizes[9]
     smooth = np.tile(np.linspace(-1, 1, 64, dtype=np.float32)[:, None, None], (1, 64, 3))
     stored, packed = sinks.png_bytes(smooth, 0), sinks.png_bytes(smooth, 9)
     assert len(stored) > 4 * len(packed)  # the level reaches the encoder; pixels are the same
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored))),
-                                  np.asarray(Image.open(io.BytesIO(packed))))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(stored))), np.asarray(Image.open(io.BytesIO(packed)))
+    )
 
 
 def test_sink_options_are_checked():
@@ -307,8 +343,12 @@ def test_completed_index_matches_the_string_set_and_hashes_ignore_array_width():
 def test_hand_edited_records_keep_their_good_rows(tmp_path):
     path = tmp_path / "manifest.p00000.r1.000000.jsonl"
     good = [json.dumps({"id": f"x{i}", "output": "o"}) for i in range(3)]
-    path.write_bytes("\n".join([good[0], '{"id": "trunc', "1, 2", "", good[1], "[3,",
-                                "4]", '"no id"', good[2]]).encode() + b"\n\xff\n")
+    path.write_bytes(
+        "\n".join(
+            [good[0], '{"id": "trunc', "1, 2", "", good[1], "[3,", "4]", '"no id"', good[2]]
+        ).encode()
+        + b"\n\xff\n"
+    )
     for block in (1, 4, 4096):
         rows = [(r, line) for r, line in sinks._iter_rows(str(path), block=block)]
         assert [r["id"] for r, _ in rows if r] == ["x0", "x1", "x2"]

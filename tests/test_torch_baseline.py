@@ -15,7 +15,7 @@ from sdedit_jax.sampling import predictors
 from sdedit_jax.sde import VPSDE
 
 torch = pytest.importorskip("torch")
-torch_baseline = pytest.importorskip("sdedit_jax.torch_baseline")
+torch_baseline = pytest.importorskip("sdedit_jax.tools.torch_baseline")
 
 TINY = unet.UNetConfig(
     image_size=16, num_channels=3, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)
@@ -93,12 +93,14 @@ def test_schedule_matches_closed_form_vp():
     beta = SDE.beta_min + t * (SDE.beta_max - SDE.beta_min)
     integral = SDE.beta_min * t + 0.5 * (SDE.beta_max - SDE.beta_min) * t**2
     np.testing.assert_allclose(schedule.cond.numpy(), t, rtol=1e-6)
-    np.testing.assert_allclose(schedule.dt.numpy(), np.broadcast_to((t0 - SDE.eps) / n, (n, 2)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        schedule.dt.numpy(), np.broadcast_to((t0 - SDE.eps) / n, (n, 2)), rtol=1e-5
+    )
     np.testing.assert_allclose(schedule.g2.numpy(), beta, rtol=1e-5)
     np.testing.assert_allclose(schedule.drift_coeff.numpy(), -0.5 * beta, rtol=1e-5)
-    np.testing.assert_allclose(schedule.inv_std.numpy(), 1 / np.sqrt(1 - np.exp(-integral)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        schedule.inv_std.numpy(), 1 / np.sqrt(1 - np.exp(-integral)), rtol=1e-5
+    )
     np.testing.assert_allclose(schedule.mean0.numpy(), np.exp(-0.5 * integral[0]), rtol=1e-6)
 
 
@@ -139,8 +141,9 @@ def test_sdedit_keeps_shape_format_and_is_seeded(flax_model):
     schedule = torch_baseline.edit_schedule(SDE, "sinusoidal", np.full(2, 0.4, np.float32), 3)
 
     def edit(seed):
-        return torch_baseline.sdedit(net, "noise", schedule, guides,
-                                     torch.Generator().manual_seed(seed))
+        return torch_baseline.sdedit(
+            net, "noise", schedule, guides, torch.Generator().manual_seed(seed)
+        )
 
     out = edit(0)
     assert out.shape == guides.shape and out.is_contiguous(memory_format=torch.channels_last)

@@ -69,8 +69,16 @@ def ode_error(sde, sampler) -> list[float]:
     x = jnp.broadcast_to(jnp.asarray(x0)[None, :, None, None], (batch, 16, 1, 1))
     keys = rng.example_keys(jnp.zeros(batch, jnp.int32), jnp.zeros((batch, 2), jnp.uint32))
     run = jax.jit(sj.integrate, static_argnums=(0, 1, 2))
-    out = run(sde, GaussianScore(sde, MU, S), sampler, keys, x, jnp.full((batch,), T0),
-              jnp.full((batch,), sde.eps), jnp.asarray(STEPS, jnp.int32))
+    out = run(
+        sde,
+        GaussianScore(sde, MU, S),
+        sampler,
+        keys,
+        x,
+        jnp.full((batch,), T0),
+        jnp.full((batch,), sde.eps),
+        jnp.asarray(STEPS, jnp.int32),
+    )
     return [float(np.max(np.abs(np.asarray(out[i]).ravel() - exact))) for i in range(batch)]
 
 
@@ -78,10 +86,22 @@ def variance_ratio(sde, sampler) -> list[float]:
     """Output variance / closed form for each step count (40,000 pixels per count)."""
     batch, side = len(STEPS), 200
     guides = np.full((batch, side, side, 1), GUIDE, np.float32)
-    out = np.asarray(sj.sdedit(GaussianScore(sde, MU, S), sde, guides, seed=11, t0=T0,
-                               n_steps=np.asarray(STEPS), predictor=sampler.predictor,
-                               eta=sampler.eta, time_grid=sampler.time_grid,
-                               max_steps=sampler.max_steps, denoise=False, per_device_batch=batch))
+    out = np.asarray(
+        sj.sdedit(
+            GaussianScore(sde, MU, S),
+            sde,
+            guides,
+            seed=11,
+            t0=T0,
+            n_steps=np.asarray(STEPS),
+            predictor=sampler.predictor,
+            eta=sampler.eta,
+            time_grid=sampler.time_grid,
+            max_steps=sampler.max_steps,
+            denoise=False,
+            per_device_batch=batch,
+        )
+    )
     if sampler.solver.stochastic:
         _, var = sdedit_moments(sde, MU, S, GUIDE, T0, sde.eps)
     else:  # push-forward of x_t0 ~ N(alpha_0 g, sigma_0^2) through the flow map
@@ -99,31 +119,64 @@ def main() -> None:
     for sde_name, sde in SDES.items():
         for label, (predictor, eta) in SOLVERS.items():
             for grid in GRIDS:
-                sampler = sj.Sampler(predictor, max_steps=64, eta=eta, time_grid=grid,
-                                     denoise=False)
+                sampler = sj.Sampler(
+                    predictor, max_steps=64, eta=eta, time_grid=grid, denoise=False
+                )
                 errors = ode_error(sde, sampler) if not sampler.solver.stochastic else None
                 ratios = variance_ratio(sde, sampler)
-                rows.append({"sde": sde_name, "solver": label, "grid": grid,
-                             "nfe_per_step": sampler.nfe_per_step, "steps": list(STEPS),
-                             "ode_error": errors, "variance_ratio": ratios})
-    lines = ["| SDE | solver | grid | " + " | ".join(f"ODE err {n}" for n in STEPS) + " | "
-             + " | ".join(f"var ratio {n}" for n in STEPS) + " |",
-             "|---|---|---|" + "---|" * (2 * len(STEPS))]
+                rows.append(
+                    {
+                        "sde": sde_name,
+                        "solver": label,
+                        "grid": grid,
+                        "nfe_per_step": sampler.nfe_per_step,
+                        "steps": list(STEPS),
+                        "ode_error": errors,
+                        "variance_ratio": ratios,
+                    }
+                )
+    lines = [
+        "| SDE | solver | grid | "
+        + " | ".join(f"ODE err {n}" for n in STEPS)
+        + " | "
+        + " | ".join(f"var ratio {n}" for n in STEPS)
+        + " |",
+        "|---|---|---|" + "---|" * (2 * len(STEPS)),
+    ]
     for row in rows:
         errors = row["ode_error"] or [None] * len(STEPS)
         cells = ["-" if e is None else f"{e:.1e}" for e in errors]
         cells += [f"{r:.3f}" for r in row["variance_ratio"]]
-        lines.append(f"| {row['sde']} | {row['solver']} | {row['grid']} | " + " | ".join(cells)
-                     + " |")
+        lines.append(
+            f"| {row['sde']} | {row['solver']} | {row['grid']} | " + " | ".join(cells) + " |"
+        )
     print("\n".join(lines))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "unknown")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"mu": MU, "s": S, "guide": GUIDE, "t0": T0, "cpu": cpu, "rows": rows,
-                   "seconds": round(time.perf_counter() - started, 1)}, f, indent=1)
-    print(f"\n{len(rows)} settings in {time.perf_counter() - started:.0f}s on {cpu}; "
-          f"wrote {args.out}")
+        json.dump(
+            {
+                "mu": MU,
+                "s": S,
+                "guide": GUIDE,
+                "t0": T0,
+                "cpu": cpu,
+                "rows": rows,
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+            f,
+            indent=1,
+        )
+    print(
+        f"\n{len(rows)} settings in {time.perf_counter() - started:.0f}s on {cpu}; wrote {args.out}"
+    )
 
 
 if __name__ == "__main__":

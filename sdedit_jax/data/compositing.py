@@ -40,8 +40,10 @@ def read_rgb(path: str, field: str) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
         if alpha.min() < 255:
-            raise CompositeError(f"{field} ({path}): has transparent pixels; give the region "
-                                 "with --source_mask or --box on an opaque image")
+            raise CompositeError(
+                f"{field} ({path}): has transparent pixels; give the region "
+                "with --source_mask or --box on an opaque image"
+            )
     if image.mode not in ("1", "L", "P", "RGB", "RGBA", "LA", "PA"):
         raise CompositeError(f"{field} ({path}): unsupported mode {image.mode} (need 8-bit)")
     return np.asarray(image.convert("RGB"))
@@ -67,9 +69,11 @@ def box_region(shape: tuple[int, ...], box: tuple[int, int, int, int]) -> np.nda
     height, width = shape[:2]
     x0, y0, x1, y1 = box
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise CompositeError(f"--box: {x0},{y0},{x1},{y1} is empty or outside the source "
-                             f"({width}x{height}); need 0 <= x0 < x1 <= {width}, "
-                             f"0 <= y0 < y1 <= {height}")
+        raise CompositeError(
+            f"--box: {x0},{y0},{x1},{y1} is empty or outside the source "
+            f"({width}x{height}); need 0 <= x0 < x1 <= {width}, "
+            f"0 <= y0 < y1 <= {height}"
+        )
     region = np.zeros((height, width), bool)
     region[y0:y1, x0:x1] = True
     return region
@@ -83,8 +87,10 @@ def _bounding_box(region: np.ndarray) -> tuple[int, int, int, int]:
 def _resize(pixels: np.ndarray, size: tuple[int, int], upscale: bool) -> np.ndarray:
     """Resizes float ``[h, w, C]`` to ``size = (w, h)``: area average down, bicubic up."""
     method = Image.Resampling.BICUBIC if upscale else Image.Resampling.BOX
-    channels = [Image.fromarray(pixels[..., c].astype(np.float32), mode="F").resize(size, method)
-                for c in range(pixels.shape[-1])]
+    channels = [
+        Image.fromarray(pixels[..., c].astype(np.float32), mode="F").resize(size, method)
+        for c in range(pixels.shape[-1])
+    ]
     return np.stack([np.asarray(c) for c in channels], axis=-1)
 
 
@@ -121,8 +127,10 @@ def paste(
         and ``mask`` bool ``[Ht, Wt]`` (pasted region grown by ``dilate``).
     """
     if region.shape != source.shape[:2]:
-        raise CompositeError(f"--source_mask: size {region.shape[1]}x{region.shape[0]} differs "
-                             f"from the source {source.shape[1]}x{source.shape[0]}")
+        raise CompositeError(
+            f"--source_mask: size {region.shape[1]}x{region.shape[0]} differs "
+            f"from the source {source.shape[1]}x{source.shape[0]}"
+        )
     if not region.any():
         raise CompositeError("--source_mask: the region is empty (no pixel >= 128)")
     if not (np.isfinite(scale) and scale > 0):
@@ -142,8 +150,10 @@ def paste(
     x, y = at
     target_h, target_w = target.shape[:2]
     if not (0 <= x and 0 <= y and x + width <= target_w and y + height <= target_h):
-        raise CompositeError(f"--at: the {width}x{height} region at {x},{y} does not fit in the "
-                             f"target ({target_w}x{target_h})")
+        raise CompositeError(
+            f"--at: the {width}x{height} region at {x},{y} does not fit in the "
+            f"target ({target_w}x{target_h})"
+        )
     guide = target.copy()
     window = guide[y : y + height, x : x + width]
     window[pasted] = np.clip(np.round(patch[pasted]), 0, 255).astype(np.uint8)
@@ -155,8 +165,9 @@ def paste(
 def write_guide(out_dir: str, name: str, guide: np.ndarray, mask: np.ndarray) -> tuple[str, str]:
     """Writes ``<out_dir>/<name>.png`` and ``<out_dir>/masks/<name>.png``; returns both paths."""
     if not name or os.sep in name or "/" in name or name.startswith("."):
-        raise CompositeError(f"--name: {name!r} must be a plain file name (no folders, no "
-                             "leading dot)")
+        raise CompositeError(
+            f"--name: {name!r} must be a plain file name (no folders, no leading dot)"
+        )
     guide_path = os.path.join(out_dir, name + ".png")
     mask_path = os.path.join(out_dir, "masks", name + ".png")
     os.makedirs(os.path.dirname(mask_path), exist_ok=True)

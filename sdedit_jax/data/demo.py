@@ -110,12 +110,12 @@ def build_demo(emoji_root: str, out_dir: str) -> list[str]:
         name: (_to_unit(draw()), full) for name, draw in HAND_DRAWN.items()
     }
     for i, name in enumerate(PAINT_SOURCES):
-        painted = guides.stroke_painting(load(name), i, num_colors=5, median_size=3,
-                                         blur_sigma=0.5)
+        painted = guides.stroke_painting(load(name), i, num_colors=5, median_size=3, blur_sigma=0.5)
         examples[f"strokes_{name}"] = (np.asarray(painted), full)
     for i, name in enumerate(EDIT_SOURCES):
-        edited, mask = guides.stroke_edit(load(name), 10 + i, num_strokes=2,
-                                          width_range=(0.08, 0.12), mask_dilation=1.0)
+        edited, mask = guides.stroke_edit(
+            load(name), 10 + i, num_strokes=2, width_range=(0.08, 0.12), mask_dilation=1.0
+        )
         examples[f"edit_{name}"] = (np.asarray(edited), np.asarray(mask))
     for i, (base, donor) in enumerate(COMPOSITE_PAIRS):
         pasted, mask = guides.composite(load(base), load(donor), 20 + i, size_range=(0.4, 0.55))

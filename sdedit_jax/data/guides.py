@@ -75,7 +75,10 @@ def median_filter(image: tf.Tensor, size: int) -> tf.Tensor:
     radius = size // 2
     padded = tf.pad(image, [[radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
     patches = tf.image.extract_patches(
-        padded[None], sizes=[1, size, size, 1], strides=[1, 1, 1, 1], rates=[1, 1, 1, 1],
+        padded[None],
+        sizes=[1, size, size, 1],
+        strides=[1, 1, 1, 1],
+        rates=[1, 1, 1, 1],
         padding="VALID",
     )[0]
     shape = tf.shape(image)

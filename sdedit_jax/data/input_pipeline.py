@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sdedit_jax.config import frozen
 from sdedit_jax.data import emoji, fashion_mnist, images
 
 SOURCES = ("folder", "tfrecord", "tfds", "emoji", "fashion_mnist")
@@ -76,11 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def parse_config(config: ml_collections.ConfigDict) -> DataSettings:
     """Fills defaults and rejects unknown or invalid fields, naming them."""
-    known = {field.name for field in dataclasses.fields(DataSettings)}
-    unknown = sorted(set(config.keys()) - known)
-    if unknown:
-        raise ValueError(f"Unknown data config field(s) {unknown}; known fields: {sorted(known)}.")
-    settings = DataSettings(**{key: config[key] for key in config.keys()})
+    settings = frozen(DataSettings, config, "config.data")
     checks = {
         "source": settings.source in SOURCES,
         "value_range": settings.value_range in VALUE_RANGES,
@@ -371,34 +368,3 @@ def numpy_batches(ds: tf.data.Dataset) -> Iterator[np.ndarray]:
     """Image batches of `train_dataset` as numpy arrays, ready for `jax.device_put`."""
     for batch in ds.as_numpy_iterator():
         yield batch["image"]
-
-
-def write_tfrecords(folder: str, out_prefix: str, num_shards: int) -> list[str]:
-    """Copies the encoded images of `folder` into TFRecord shards, without re-encoding.
-
-    Files are dealt round-robin in `list_image_files` order. Each record holds the
-    bytes feature `image` (read by the "tfrecord" source) and `filename` (the path
-    relative to `folder`). Shards are named `<out_prefix>-00000-of-0000N`, so
-    `config.path = out_prefix + "-*"` reads them all.
-
-    Returns:
-      The shard paths.
-    """
-    paths = images.list_image_files(folder)
-    if not 1 <= num_shards <= len(paths):
-        raise ValueError(f"num_shards={num_shards} must lie in [1, {len(paths)}] for {folder}.")
-    tf.io.gfile.makedirs(os.path.dirname(os.path.abspath(out_prefix)))
-    shard_paths = [f"{out_prefix}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
-    for shard, shard_path in enumerate(shard_paths):
-        with tf.io.TFRecordWriter(shard_path) as writer:
-            for path in paths[shard::num_shards]:
-                with open(path, "rb") as f:
-                    encoded = f.read()
-                name = os.path.relpath(path, folder).encode("utf-8")
-                feature = {
-                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-                    "filename": tf.train.Feature(bytes_list=tf.train.BytesList(value=[name])),
-                }
-                example = tf.train.Example(features=tf.train.Features(feature=feature))
-                writer.write(example.SerializeToString())
-    return shard_paths

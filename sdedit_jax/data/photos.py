@@ -80,8 +80,9 @@ def build_photo_guides(out_dir: str) -> list[str]:
         examples[f"edit_{name}"] = (_to_uint8(edited), np.asarray(mask)[..., 0] > 0.5)
     for name, source, ellipse, target, at, scale in COMPOSITES:
         region = ellipse_region(SIZE, *ellipse)
-        examples[name] = compositing.paste(photos[source], region, photos[target], at, scale,
-                                         COMPOSITE_DILATION)
+        examples[name] = compositing.paste(
+            photos[source], region, photos[target], at, scale, COMPOSITE_DILATION
+        )
     for name, (guide, mask) in examples.items():
         compositing.write_guide(out_dir, name, guide, mask)
     return sorted(examples)

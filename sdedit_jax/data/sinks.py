@@ -133,8 +133,10 @@ def _json_value(value: Any) -> Any:
 
 
 def _jsonl_line(row: Mapping[str, Any]) -> str:
-    return json.dumps({k: _json_value(v) for k, v in row.items()}, sort_keys=True,
-                      allow_nan=False) + "\n"
+    return (
+        json.dumps({k: _json_value(v) for k, v in row.items()}, sort_keys=True, allow_nan=False)
+        + "\n"
+    )
 
 
 def _process_files(workdir: str, kind: str) -> list[str]:
@@ -176,9 +178,10 @@ def _row_blocks(path: str, block: int = 4096) -> Iterator[list[tuple[dict | None
     pending: list[bytes] = []
 
     def parsed() -> list[tuple[dict | None, bytes]]:
-        rows = [(value if isinstance(value, dict) and isinstance(value.get("id"), str)
-                 else None, line) for value, line in zip(_parse_block(pending), pending,
-                                                         strict=True)]
+        rows = [
+            (value if isinstance(value, dict) and isinstance(value.get("id"), str) else None, line)
+            for value, line in zip(_parse_block(pending), pending, strict=True)
+        ]
         pending.clear()
         return rows
 
@@ -216,8 +219,9 @@ def _output_paths(row: Mapping[str, Any]) -> list[Any]:
     return [row[k] for k in ("output", "npz") if k in row] or [None]
 
 
-def _output_exists(workdir: str, row: Mapping[str, Any], checked: dict | None = None,
-                   local: bool | None = None) -> bool:
+def _output_exists(
+    workdir: str, row: Mapping[str, Any], checked: dict | None = None, local: bool | None = None
+) -> bool:
     """Whether a row's outputs are in place (``checked`` caches results of shared shards)."""
     paths = _output_paths(row)
     if not all(isinstance(p, str) for p in paths):
@@ -255,8 +259,11 @@ def _completed_stream(workdir: str, retry_failed: bool) -> Iterator[list[str]]:
     local = files.is_local(workdir)
     for path in _record_files(workdir, MANIFEST):
         for rows in _row_blocks(path):
-            yield [row["id"] for row, _ in rows
-                   if row is not None and _output_exists(workdir, row, checked, local)]
+            yield [
+                row["id"]
+                for row, _ in rows
+                if row is not None and _output_exists(workdir, row, checked, local)
+            ]
     if not retry_failed:
         for path in _record_files(workdir, FAILURES):
             for rows in _row_blocks(path):
@@ -268,8 +275,9 @@ def _utf8(ids: Iterable[str | bytes] | np.ndarray) -> np.ndarray:
     if isinstance(ids, np.ndarray) and ids.dtype.kind == "S":
         return ids
     if not isinstance(ids, np.ndarray):
-        ids = np.array([i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in ids],
-                       dtype=str)
+        ids = np.array(
+            [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in ids], dtype=str
+        )
     try:
         return ids.astype("S")  # ASCII ids: a fast C conversion
     except UnicodeEncodeError:
@@ -318,8 +326,9 @@ class CompletedIds:
 
     def __init__(self, hashes: np.ndarray):
         hashes = np.sort(np.asarray(hashes, np.uint64))
-        self._hashes = hashes[np.concatenate(([True], hashes[1:] != hashes[:-1]))] if len(
-            hashes) else hashes
+        self._hashes = (
+            hashes[np.concatenate(([True], hashes[1:] != hashes[:-1]))] if len(hashes) else hashes
+        )
 
     @classmethod
     def from_ids(cls, ids: Iterable[str], chunk: int = 1 << 16) -> CompletedIds:
@@ -362,8 +371,12 @@ def completed_ids(workdir: str, *, retry_failed: bool = False) -> set[str]:
 
 def completed_index(workdir: str, *, retry_failed: bool = False) -> CompletedIds:
     """The ids of :func:`completed_ids` as a compact :class:`CompletedIds`."""
-    return CompletedIds(np.concatenate([np.zeros(0, np.uint64)] + [
-        id_hashes(ids) for ids in _completed_stream(workdir, retry_failed)]))
+    return CompletedIds(
+        np.concatenate(
+            [np.zeros(0, np.uint64)]
+            + [id_hashes(ids) for ids in _completed_stream(workdir, retry_failed)]
+        )
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -514,8 +527,7 @@ class Sink:
         self._slots = threading.BoundedSemaphore(max_pending or 2)
         # Batches are coordinated on one pool and their images encoded on another, so
         # a batch's record can wait for its images without starving the encoders.
-        self._batches = concurrent.futures.ThreadPoolExecutor(
-            max_pending or 2, "sink-batch")
+        self._batches = concurrent.futures.ThreadPoolExecutor(max_pending or 2, "sink-batch")
         self._images = concurrent.futures.ThreadPoolExecutor(num_threads, "sink-writer")
         self._closed = False
 
@@ -527,25 +539,46 @@ class Sink:
         with self._count_lock:
             return self._written
 
-    def write(self, *, id: str, source: str, image: Any, t0: float, seed: int,
-              fields: Mapping[str, Any] | None = None) -> None:
+    def write(
+        self,
+        *,
+        id: str,
+        source: str,
+        image: Any,
+        t0: float,
+        seed: int,
+        fields: Mapping[str, Any] | None = None,
+    ) -> None:
         """Queues one output ``image [H, W, C]`` in ``[-1, 1]`` (any array, e.g. a jax.Array)."""
-        columns = {"id": np.array([id]), "source": np.array([source]),
-                   "t0": np.array([t0], np.float32), "seed": np.array([seed]),
-                   "valid": np.array([True]), "ok": np.array([True]), "error": np.array([""])}
+        columns = {
+            "id": np.array([id]),
+            "source": np.array([source]),
+            "t0": np.array([t0], np.float32),
+            "seed": np.array([seed]),
+            "valid": np.array([True]),
+            "ok": np.array([True]),
+            "error": np.array([""]),
+        }
         self._submit(self._write_batch, columns, _Stacked(image), self._fields(fields))
 
-    def write_failure(self, *, id: str, source: str, reason: str,
-                      fields: Mapping[str, Any] | None = None) -> None:
+    def write_failure(
+        self, *, id: str, source: str, reason: str, fields: Mapping[str, Any] | None = None
+    ) -> None:
         """Queues a failure row ``{id, source, reason}`` (plus ``fields``)."""
-        columns = {"id": np.array([id]), "source": np.array([source]),
-                   "t0": np.zeros([1], np.float32), "seed": np.zeros([1], np.int64),
-                   "valid": np.array([True]), "ok": np.array([False]),
-                   "error": np.array([reason])}
+        columns = {
+            "id": np.array([id]),
+            "source": np.array([source]),
+            "t0": np.zeros([1], np.float32),
+            "seed": np.zeros([1], np.int64),
+            "valid": np.array([True]),
+            "ok": np.array([False]),
+            "error": np.array([reason]),
+        }
         self._submit(self._write_batch, columns, None, self._fields(fields))
 
-    def write_batch(self, batch: Mapping[str, Any], outputs: Any,
-                    fields: Mapping[str, Any] | None = None) -> None:
+    def write_batch(
+        self, batch: Mapping[str, Any], outputs: Any, fields: Mapping[str, Any] | None = None
+    ) -> None:
         """Queues a batch from ``guide_inputs``: outputs for ok rows, failures for bad rows.
 
         The batch's rows are published as one completion record after all its
@@ -561,8 +594,11 @@ class Sink:
                 the caller.
             fields: extra manifest fields for every row of the batch.
         """
-        columns = {k: np.asarray(batch[k]) for k in ("id", "source", "t0", "seed", "valid", "ok",
-                                                     "error") + PER_ROW_COUNTS if k in batch}
+        columns = {
+            k: np.asarray(batch[k])
+            for k in ("id", "source", "t0", "seed", "valid", "ok", "error") + PER_ROW_COUNTS
+            if k in batch
+        }
         self._submit(self._write_batch, columns, outputs, self._fields(fields))
 
     def close(self) -> None:
@@ -618,8 +654,9 @@ class Sink:
         return files.join(self.workdir, name)
 
     def _publish(self, relative: str, data: bytes) -> None:
-        atomic_write_bytes(files.join(self.workdir, relative), data,
-                           process_index=self.process_index)
+        atomic_write_bytes(
+            files.join(self.workdir, relative), data, process_index=self.process_index
+        )
 
     def _write_image(self, example_id: str, image: np.ndarray) -> dict[str, Any]:
         """Publishes one example's per-example files; returns their row fields."""
@@ -634,14 +671,14 @@ class Sink:
             self._publish(row["npz"], buffer.getvalue())
         return row
 
-    def _write_batch(self, columns: dict[str, np.ndarray], outputs: Any,
-                     fields: dict[str, Any]) -> None:
+    def _write_batch(
+        self, columns: dict[str, np.ndarray], outputs: Any, fields: dict[str, Any]
+    ) -> None:
         rows = np.flatnonzero(columns["valid"])
         good = [i for i in rows if columns["ok"][i]]
         images = np.asarray(outputs, np.float32) if good else None
         if images is not None and images.shape[0] != len(columns["id"]):
-            raise ValueError(f"outputs: {images.shape[0]} rows for a batch of "
-                             f"{len(columns['id'])}")
+            raise ValueError(f"outputs: {images.shape[0]} rows for a batch of {len(columns['id'])}")
         manifest, failures, finite = [], [], []
         for i in rows:
             example_id, source = _text(columns["id"][i]), _text(columns["source"][i])
@@ -651,16 +688,22 @@ class Sink:
                 continue
             image = images[i]
             if image.ndim != 3 or image.shape[-1] not in (1, 3):
-                raise ValueError(f"output of {example_id!r}: expected [H, W, 1 or 3], "
-                                 f"got shape {image.shape}")
+                raise ValueError(
+                    f"output of {example_id!r}: expected [H, W, 1 or 3], got shape {image.shape}"
+                )
             bad = int(np.count_nonzero(~np.isfinite(image)))
             if bad:
                 failures.append({**base, "reason": f"output: {bad} non-finite values"})
                 continue
             finite.append(i)
-            manifest.append({**base, "t0": np.float32(columns["t0"][i]),
-                             "seed": int(columns["seed"][i]),
-                             **{k: int(columns[k][i]) for k in PER_ROW_COUNTS if k in columns}})
+            manifest.append(
+                {
+                    **base,
+                    "t0": np.float32(columns["t0"][i]),
+                    "seed": int(columns["seed"][i]),
+                    **{k: int(columns[k][i]) for k in PER_ROW_COUNTS if k in columns},
+                }
+            )
         ids = [_text(columns["id"][i]) for i in finite]
         written = list(self._images.map(self._write_image, ids, [images[i] for i in finite]))
         sequence = next(self._sequence)
@@ -672,13 +715,17 @@ class Sink:
             relative = files.relpath(shard, self.workdir).replace(os.sep, "/")
             for index, fields_written in enumerate(written):
                 fields_written.update(npz=relative, npz_index=index)
-        for kind, records in ((MANIFEST, [{**row, **extra} for row, extra
-                                          in zip(manifest, written, strict=True)]),
-                              (FAILURES, failures)):
+        for kind, records in (
+            (MANIFEST, [{**row, **extra} for row, extra in zip(manifest, written, strict=True)]),
+            (FAILURES, failures),
+        ):
             if records:
                 path = self._record_path(kind, sequence)
-                atomic_write_bytes(path, "".join(_jsonl_line(r) for r in records).encode(),
-                                   process_index=self.process_index)
+                atomic_write_bytes(
+                    path,
+                    "".join(_jsonl_line(r) for r in records).encode(),
+                    process_index=self.process_index,
+                )
         with self._count_lock:
             self._written += len(rows)
 

@@ -88,8 +88,10 @@ def detect_format(path: str) -> str:
         is_zip = zipfile.is_zipfile(f)
     if head in (_ZIP_HEAD, _LEGACY_TORCH_HEAD) or is_zip:
         return "ddim"
-    if _SCORE_SDE_NAME.match(files.basename(path)) or head[:1] in (b"\xde", b"\xdf") or (
-        head and 0x81 <= head[0] <= 0x8F
+    if (
+        _SCORE_SDE_NAME.match(files.basename(path))
+        or head[:1] in (b"\xde", b"\xdf")
+        or (head and 0x81 <= head[0] <= 0x8F)
     ):
         return "score_sde"
     raise UnknownFormat(
@@ -98,8 +100,9 @@ def detect_format(path: str) -> str:
     )
 
 
-def load(path: str, format: str | None = None, image_size: int | None = None,
-         config: str | None = None) -> Imported:
+def load(
+    path: str, format: str | None = None, image_size: int | None = None, config: str | None = None
+) -> Imported:
     """Imports the checkpoint at ``path`` (format auto-detected unless given).
 
     Args:

@@ -90,8 +90,10 @@ def is_ncsnpp(config: dict) -> bool:
 
 
 def _scheduler_config(folder: str) -> tuple[str | None, dict]:
-    for path in (files.join(folder, SCHEDULER_FILE),
-                 files.join(files.dirname(folder.rstrip("/")), "scheduler", SCHEDULER_FILE)):
+    for path in (
+        files.join(folder, SCHEDULER_FILE),
+        files.join(files.dirname(folder.rstrip("/")), "scheduler", SCHEDULER_FILE),
+    ):
         if files.exists(path):
             return path, read_json(path)
     return None, {}
@@ -102,8 +104,11 @@ def ddpm_sde(folder: str) -> dict:
     path, sched = _scheduler_config(folder)
     if path is None:
         return dict(DDPM_SDE)
-    for field, allowed in (("beta_schedule", ("linear",)), ("trained_betas", (None,)),
-                           ("prediction_type", ("epsilon",))):
+    for field, allowed in (
+        ("beta_schedule", ("linear",)),
+        ("trained_betas", (None,)),
+        ("prediction_type", ("epsilon",)),
+    ):
         if sched.get(field, allowed[0]) not in allowed:
             raise ValueError(f"{path}: {field}: {sched[field]!r} is not supported")
     return {
@@ -123,8 +128,11 @@ def ve_sde(folder: str) -> dict | None:
     path, sched = _scheduler_config(folder)
     if path is None or "sigma_max" not in sched:
         return None
-    return {"name": "ve", "sigma_min": float(sched.get("sigma_min", 0.01)),
-            "sigma_max": float(sched["sigma_max"])}
+    return {
+        "name": "ve",
+        "sigma_min": float(sched.get("sigma_min", 0.01)),
+        "sigma_max": float(sched["sigma_max"]),
+    }
 
 
 def load(path: str) -> Imported:
@@ -150,17 +158,28 @@ def load(path: str) -> Imported:
         raise type(err)(message if weights in message else f"{weights}: {message}") from None
     if architecture == "ncsnpp":
         data_range = "0_1" if tuple(net_config.data_range) == (0.0, 1.0) else "-1_1"
-        usage = {"condition": "sigma", "parameterization": "score", "data_range": data_range,
-                 "sde": ve_sde(folder)}
+        usage = {
+            "condition": "sigma",
+            "parameterization": "score",
+            "data_range": data_range,
+            "sde": ve_sde(folder),
+        }
     else:
-        usage = {"condition": "timestep", "parameterization": "noise", "data_range": "-1_1",
-                 "sde": ddpm_sde(folder)}
+        usage = {
+            "condition": "timestep",
+            "parameterization": "noise",
+            "data_range": "-1_1",
+            "sde": ddpm_sde(folder),
+        }
     return Imported(
         architecture=architecture,
         config=net_config,
         state=state,
-        source={"path": files.abspath(weights), "format": "diffusers",
-                "sha256": checkpoint.sha256_file(weights)},
+        source={
+            "path": files.abspath(weights),
+            "format": "diffusers",
+            "sha256": checkpoint.sha256_file(weights),
+        },
         **usage,
     )
 

@@ -28,20 +28,43 @@ _UP = ("SkipUpBlock2D", "AttnSkipUpBlock2D")
 # UNet2DModel arguments that the Skip-block network never reads (positional-embedding
 # and plain-block options) or that only name the saved file.
 _IRRELEVANT = {
-    "flip_sin_to_cos", "freq_shift", "downsample_padding", "downsample_type",
-    "upsample_type", "num_train_timesteps",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "downsample_padding",
+    "downsample_type",
+    "upsample_type",
+    "num_train_timesteps",
 }
 _EXPECTED = {
-    "time_embedding_type": "fourier", "mid_block_type": "UNetMidBlock2D",
-    "resnet_time_scale_shift": "default", "add_attention": True,
-    "class_embed_type": None, "num_class_embeds": None,
+    "time_embedding_type": "fourier",
+    "mid_block_type": "UNetMidBlock2D",
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
 }
-_KNOWN = _IRRELEVANT | set(_EXPECTED) | {
-    "sample_size", "in_channels", "out_channels", "center_input_sample", "down_block_types",
-    "up_block_types", "block_out_channels", "layers_per_block", "mid_block_scale_factor",
-    "dropout", "act_fn", "attention_head_dim", "norm_num_groups", "attn_norm_num_groups",
-    "norm_eps", "time_embedding_dim",
-}
+_KNOWN = (
+    _IRRELEVANT
+    | set(_EXPECTED)
+    | {
+        "sample_size",
+        "in_channels",
+        "out_channels",
+        "center_input_sample",
+        "down_block_types",
+        "up_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "mid_block_scale_factor",
+        "dropout",
+        "act_fn",
+        "attention_head_dim",
+        "norm_num_groups",
+        "attn_norm_num_groups",
+        "norm_eps",
+        "time_embedding_dim",
+    }
+)
 
 
 def _unsupported(field: str, value: Any, why: str) -> ValueError:
@@ -139,8 +162,12 @@ def _check_group_counts(cfg: Mapping[str, Any], config: NCSNppConfig) -> None:
             h = widths[level]
     for field, got, channels in checks:
         if got is not None and got != groups(channels):
-            raise _unsupported(field, cfg.get(field), f"diffusers would use {got} GroupNorm groups "
-                               f"over {channels} channels where NCSN++ uses {groups(channels)}")
+            raise _unsupported(
+                field,
+                cfg.get(field),
+                f"diffusers would use {got} GroupNorm groups "
+                f"over {channels} channels where NCSN++ uses {groups(channels)}",
+            )
 
 
 def _conv(w: np.ndarray) -> np.ndarray:
@@ -165,9 +192,14 @@ def _source_shape(kind, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _resnet(src: str, dst: str) -> dict[str, tuple[str, Any]]:
     out = {}
-    for s, d, kind in (("norm1", "norm1", None), ("conv1", "conv1", _conv),
-                       ("time_emb_proj", "temb_proj", _linear), ("norm2", "norm2", None),
-                       ("conv2", "conv2", _conv), ("conv_shortcut", "shortcut", _conv)):
+    for s, d, kind in (
+        ("norm1", "norm1", None),
+        ("conv1", "conv1", _conv),
+        ("time_emb_proj", "temb_proj", _linear),
+        ("norm2", "norm2", None),
+        ("conv2", "conv2", _conv),
+        ("conv_shortcut", "shortcut", _conv),
+    ):
         out.update(_layer(f"{src}.{s}", f"{dst}/{d}", kind))
     return out
 
@@ -244,14 +276,20 @@ def check_keys(
     """Raises one error listing every missing, unexpected and mis-shaped key."""
     missing = sorted(expected.keys() - got.keys())
     extra = sorted(got.keys() - expected.keys())
-    wrong = [f"{k}: expected {expected[k]}, found {tuple(got[k])}"
-             for k in sorted(expected.keys() & got.keys()) if tuple(got[k]) != expected[k]]
+    wrong = [
+        f"{k}: expected {expected[k]}, found {tuple(got[k])}"
+        for k in sorted(expected.keys() & got.keys())
+        if tuple(got[k]) != expected[k]
+    ]
     if missing or extra or wrong:
-        parts = [f"{len(missing)} missing {missing}" if missing else "",
-                 f"{len(extra)} unexpected {extra}" if extra else "",
-                 f"{len(wrong)} mis-shaped [{'; '.join(wrong)}]" if wrong else ""]
-        raise ValueError(f"{source}: does not match the NCSN++ config: "
-                         + ", ".join(p for p in parts if p))
+        parts = [
+            f"{len(missing)} missing {missing}" if missing else "",
+            f"{len(extra)} unexpected {extra}" if extra else "",
+            f"{len(wrong)} mis-shaped [{'; '.join(wrong)}]" if wrong else "",
+        ]
+        raise ValueError(
+            f"{source}: does not match the NCSN++ config: " + ", ".join(p for p in parts if p)
+        )
 
 
 def params_from_diffusers(

@@ -39,20 +39,41 @@ STATE_FIELDS = ("step", "optimizer", "lr", "model_state", "ema_rate", "params_em
 
 # score_sde model fields with one supported value in this port.
 _REQUIRED = {
-    "name": "ncsnpp", "conditional": True, "fir": True, "resblock_type": "biggan",
-    "progressive": "output_skip", "progressive_input": "input_skip",
-    "progressive_combine": "sum", "attention_type": "ddpm", "embedding_type": "fourier",
-    "nonlinearity": "swish", "normalization": "GroupNorm", "conv_size": 3,
+    "name": "ncsnpp",
+    "conditional": True,
+    "fir": True,
+    "resblock_type": "biggan",
+    "progressive": "output_skip",
+    "progressive_input": "input_skip",
+    "progressive_combine": "sum",
+    "attention_type": "ddpm",
+    "embedding_type": "fourier",
+    "nonlinearity": "swish",
+    "normalization": "GroupNorm",
+    "conv_size": 3,
 }
 # Fields that do not change the network: SDE/training settings, and resamp_with_conv,
 # which BigGAN blocks never read (their resampling is FIR without a conv).
 _NOT_NETWORK = {
-    "sigma_min", "sigma_max", "num_scales", "beta_min", "beta_max", "ema_rate",
+    "sigma_min",
+    "sigma_max",
+    "num_scales",
+    "beta_min",
+    "beta_max",
+    "ema_rate",
     "resamp_with_conv",
 }
 _NETWORK = {
-    "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "fir_kernel",
-    "skip_rescale", "fourier_scale", "init_scale", "scale_by_sigma",
+    "nf",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "dropout",
+    "fir_kernel",
+    "skip_rescale",
+    "fourier_scale",
+    "init_scale",
+    "scale_by_sigma",
 }
 _DATA = ("image_size", "num_channels", "centered")  # the rest of "data" is about the dataset
 
@@ -61,19 +82,44 @@ def _lsun_256(**model: Any) -> dict[str, dict[str, Any]]:
     """score_sde's ``configs/ve/*_ncsnpp_continuous.py`` for the 256 px runs."""
     return {
         "model": {
-            "name": "ncsnpp", "sigma_min": 0.01, "sigma_max": 378.0, "num_scales": 2000,
-            "scale_by_sigma": True, "ema_rate": 0.999, "normalization": "GroupNorm",
-            "nonlinearity": "swish", "nf": 128, "ch_mult": [1, 1, 2, 2, 2, 2, 2],
-            "num_res_blocks": 2, "attn_resolutions": [16], "resamp_with_conv": True,
-            "conditional": True, "fir": True, "fir_kernel": [1, 3, 3, 1], "skip_rescale": True,
-            "resblock_type": "biggan", "progressive": "output_skip",
-            "progressive_input": "input_skip", "progressive_combine": "sum",
-            "attention_type": "ddpm", "init_scale": 0.0, "fourier_scale": 16,
-            "conv_size": 3, "dropout": 0.0, "embedding_type": "fourier", **model,
+            "name": "ncsnpp",
+            "sigma_min": 0.01,
+            "sigma_max": 378.0,
+            "num_scales": 2000,
+            "scale_by_sigma": True,
+            "ema_rate": 0.999,
+            "normalization": "GroupNorm",
+            "nonlinearity": "swish",
+            "nf": 128,
+            "ch_mult": [1, 1, 2, 2, 2, 2, 2],
+            "num_res_blocks": 2,
+            "attn_resolutions": [16],
+            "resamp_with_conv": True,
+            "conditional": True,
+            "fir": True,
+            "fir_kernel": [1, 3, 3, 1],
+            "skip_rescale": True,
+            "resblock_type": "biggan",
+            "progressive": "output_skip",
+            "progressive_input": "input_skip",
+            "progressive_combine": "sum",
+            "attention_type": "ddpm",
+            "init_scale": 0.0,
+            "fourier_scale": 16,
+            "conv_size": 3,
+            "dropout": 0.0,
+            "embedding_type": "fourier",
+            **model,
         },
         "data": {"image_size": 256, "num_channels": 3, "centered": False},
-        "sampling": {"method": "pc", "predictor": "reverse_diffusion", "corrector": "langevin",
-                     "snr": 0.075, "n_steps_each": 1, "noise_removal": True},
+        "sampling": {
+            "method": "pc",
+            "predictor": "reverse_diffusion",
+            "corrector": "langevin",
+            "snr": 0.075,
+            "n_steps_each": 1,
+            "noise_removal": True,
+        },
     }
 
 
@@ -102,8 +148,9 @@ def config_from_score_sde(cfg: Mapping[str, Any]) -> NCSNppConfig:
     model, data = _sections(cfg)
     unknown = sorted(set(model) - (set(_REQUIRED) | _NOT_NETWORK | _NETWORK))
     if unknown:
-        raise ValueError(f"score_sde config: unknown field model.{unknown[0]}="
-                         f"{model[unknown[0]]!r}")
+        raise ValueError(
+            f"score_sde config: unknown field model.{unknown[0]}={model[unknown[0]]!r}"
+        )
     for field, expected in _REQUIRED.items():
         if field not in model:
             raise ValueError(f"score_sde config: missing field model.{field} (needs {expected!r})")
@@ -111,8 +158,10 @@ def config_from_score_sde(cfg: Mapping[str, Any]) -> NCSNppConfig:
         if (value.lower() if isinstance(value, str) else value) != (
             expected.lower() if isinstance(expected, str) else expected
         ):
-            raise ValueError(f"score_sde config: model.{field}={value!r} is not supported "
-                             f"by the NCSN++ port (needs {expected!r})")
+            raise ValueError(
+                f"score_sde config: model.{field}={value!r} is not supported "
+                f"by the NCSN++ port (needs {expected!r})"
+            )
     missing = sorted((_NETWORK - {"init_scale", "dropout"}) - set(model))
     if missing:
         raise ValueError(f"score_sde config: missing field model.{missing[0]}")
@@ -144,8 +193,11 @@ def sde_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for field in ("sigma_min", "sigma_max"):
         if field not in model:
             raise ValueError(f"score_sde config: missing field model.{field}")
-    return {"name": "ve", "sigma_min": float(model["sigma_min"]),
-            "sigma_max": float(model["sigma_max"])}
+    return {
+        "name": "ve",
+        "sigma_min": float(model["sigma_min"]),
+        "sigma_max": float(model["sigma_max"]),
+    }
 
 
 def load_config(name_or_path: str) -> dict[str, Any]:
@@ -155,8 +207,9 @@ def load_config(name_or_path: str) -> dict[str, Any]:
     if name_or_path in PRESETS:
         return copy.deepcopy(PRESETS[name_or_path])
     if not files.isfile(name_or_path):
-        raise ValueError(f"score_sde config {name_or_path!r}: neither a preset "
-                         f"{sorted(PRESETS)} nor a file")
+        raise ValueError(
+            f"score_sde config {name_or_path!r}: neither a preset {sorted(PRESETS)} nor a file"
+        )
     if name_or_path.endswith(".py"):
         return read_py_config(name_or_path)
     try:
@@ -268,8 +321,10 @@ def read_score_sde_checkpoint(path: str) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or "params_ema" not in state:
         fields = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path}: not a score_sde checkpoint: no 'params_ema' among {fields}; "
-                         f"expected the State fields {STATE_FIELDS}")
+        raise ValueError(
+            f"{path}: not a score_sde checkpoint: no 'params_ema' among {fields}; "
+            f"expected the State fields {STATE_FIELDS}"
+        )
     params = state["params_ema"]
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
@@ -290,8 +345,14 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]
 
 
 def _resnet(src: str, dst: str) -> dict[str, str]:
-    names = {"GroupNorm_0": "norm1", "Conv_0": "conv1", "Dense_0": "temb_proj",
-             "GroupNorm_1": "norm2", "Conv_1": "conv2", "Conv_2": "shortcut"}
+    names = {
+        "GroupNorm_0": "norm1",
+        "Conv_0": "conv1",
+        "Dense_0": "temb_proj",
+        "GroupNorm_1": "norm2",
+        "Conv_1": "conv2",
+        "Conv_2": "shortcut",
+    }
     return _layers(src, dst, names)
 
 
@@ -341,8 +402,16 @@ def key_map(config: NCSNppConfig) -> dict[str, str]:
             m.update(_resnet(f"ResnetBlockBigGANpp_{next_id('res')}", f"up/{i}/resnets/{j}"))
         if level in attn_levels:
             m.update(_attn(f"AttnBlockpp_{next_id('attn')}", f"up/{i}/attn"))
-        m.update(_layers("", f"up/{i}", {f"GroupNorm_{next_id('norm')}": "skip_norm",
-                                          f"Conv_{next_id('conv')}": "skip_conv"}))
+        m.update(
+            _layers(
+                "",
+                f"up/{i}",
+                {
+                    f"GroupNorm_{next_id('norm')}": "skip_norm",
+                    f"Conv_{next_id('conv')}": "skip_conv",
+                },
+            )
+        )
         if level != 0:
             m.update(_resnet(f"ResnetBlockBigGANpp_{next_id('res')}", f"up/{i}/up"))
     m = {k.lstrip("/"): v.lstrip("/") for k, v in m.items()}
@@ -368,8 +437,9 @@ def params_from_score_sde(
             shape = shape[3:]
         got[k] = shape
     check_keys(got, {k: shapes[dst] for k, dst in mapping.items()}, source)
-    values = {dst: np.asarray(flat[k], np.float32).reshape(shapes[dst])
-              for k, dst in mapping.items()}
+    values = {
+        dst: np.asarray(flat[k], np.float32).reshape(shapes[dst]) for k, dst in mapping.items()
+    }
     return ncsnpp.state_from_flat(config, values)
 
 
@@ -380,8 +450,9 @@ def checkpoint_file(path: str) -> str:
     """``path`` itself, or the newest ``checkpoint_<n>`` in the folder ``path``."""
     if not files.isdir(path):
         return path
-    steps = [int(m[1]) for name in files.listdir(path)
-             if (m := _CHECKPOINT.match(name.rstrip("/")))]
+    steps = [
+        int(m[1]) for name in files.listdir(path) if (m := _CHECKPOINT.match(name.rstrip("/")))
+    ]
     if not steps:
         raise FileNotFoundError(f"{path}: no checkpoint_<n> file in the folder")
     return files.join(path, f"checkpoint_{max(steps)}")
@@ -431,6 +502,9 @@ def load(path: str, config: str | Mapping[str, Any] | None = None):
         parameterization="score",  # score_sde reads a VE network's output as the score
         data_range="0_1" if net_config.data_range == (0.0, 1.0) else "-1_1",
         sde=sde,
-        source={"path": os.path.abspath(ckpt), "format": "score_sde",
-                "sha256": checkpoint.sha256_file(ckpt)},
+        source={
+            "path": os.path.abspath(ckpt),
+            "format": "score_sde",
+            "sha256": checkpoint.sha256_file(ckpt),
+        },
     )

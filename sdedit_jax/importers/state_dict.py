@@ -55,8 +55,11 @@ def check_tensors(source: str, found: Mapping[str, Any], expected: Mapping[str, 
                 for k in wrong
             )
         )
-    not_float = [k for k in expected if k in found and not np.issubdtype(
-        np.asarray(found[k]).dtype, np.floating)]
+    not_float = [
+        k
+        for k in expected
+        if k in found and not np.issubdtype(np.asarray(found[k]).dtype, np.floating)
+    ]
     if not_float:
         problems.append(f"{len(not_float)} not floating point: " + ", ".join(not_float))
     if problems:

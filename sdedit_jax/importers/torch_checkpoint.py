@@ -32,12 +32,22 @@ CheckpointError = torch_pickle.CheckpointError
 DEFAULT_IMAGE_SIZE = 256
 DDPM_SDE = {"name": "discrete_vp", "beta_start": 1e-4, "beta_end": 0.02, "num_timesteps": 1000}
 
-_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj",
-                 "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
-_ATTN_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
-               "proj_out": "to_out.0"}
-_FIXED = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
-          "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+_RESNET_PARTS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "temb_proj": "time_emb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "nin_shortcut": "conv_shortcut",
+}
+_ATTN_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_FIXED = {
+    "temb.dense.0": "time_embedding.linear_1",
+    "temb.dense.1": "time_embedding.linear_2",
+    "conv_in": "conv_in",
+    "norm_out": "conv_norm_out",
+    "conv_out": "conv_out",
+}
 _LEVEL_KEY = re.compile(r"^(down|up)\.(\d+)\.(block|attn)\.(\d+)\.(\w+)\.(weight|bias)$")
 _RESAMPLE_KEY = re.compile(r"^(down|up)\.(\d+)\.(downsample|upsample)\.conv\.(weight|bias)$")
 _MID_ATTN_KEY = re.compile(r"^mid\.attn_1\.(\w+)\.(weight|bias)$")
@@ -56,8 +66,16 @@ def read_checkpoint(path: str) -> Any:
         return torch_pickle.load_checkpoint(path)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, struct.error, OSError, KeyError,
-            ValueError, IndexError) as err:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        struct.error,
+        OSError,
+        KeyError,
+        ValueError,
+        IndexError,
+    ) as err:
         raise CheckpointError(f"{path}: truncated or corrupt torch file ({err})") from None
 
 
@@ -84,16 +102,19 @@ def select_weights(obj: Any, path: str) -> tuple[dict[str, np.ndarray], str]:
         entry, weights = "state_dict", obj
     weights = state_dict_from(weights, path)
     if all(k.startswith("module.") for k in weights):
-        weights = {k[len("module."):]: v for k, v in weights.items()}
+        weights = {k[len("module.") :]: v for k, v in weights.items()}
     return weights, entry
 
 
-def infer_config(tensors: dict[str, np.ndarray], image_size: int, path: str
-                 ) -> ddpm_unet.DDPMUNetConfig:
+def infer_config(
+    tensors: dict[str, np.ndarray], image_size: int, path: str
+) -> ddpm_unet.DDPMUNetConfig:
     """The network's hyper-parameters, read off the shapes of ddim's tensors."""
     if any(k.startswith("down_blocks.") for k in tensors):
-        raise CheckpointError(f"{path}: holds diffusers' key names; convert the diffusers folder "
-                              "(with its config.json) instead of the weight file")
+        raise CheckpointError(
+            f"{path}: holds diffusers' key names; convert the diffusers folder "
+            "(with its config.json) instead of the weight file"
+        )
     for key in ("conv_in.weight", "conv_out.weight", "down.0.block.0.conv1.weight"):
         if key not in tensors or np.ndim(tensors[key]) != 4:
             raise CheckpointError(f"{path}: no 4-d {key}; not a ddim/SDEdit DDPM checkpoint")
@@ -130,8 +151,13 @@ def to_diffusers_names(tensors: dict[str, np.ndarray], levels: int) -> dict[str,
     renamed = {}
     for key, value in tensors.items():
         new = _rename(key, levels)
-        if new is not None and ".to_" in new and new.endswith("weight") and value.ndim == 4 \
-                and value.shape[2:] == (1, 1):
+        if (
+            new is not None
+            and ".to_" in new
+            and new.endswith("weight")
+            and value.ndim == 4
+            and value.shape[2:] == (1, 1)
+        ):
             value = value[:, :, 0, 0]
         renamed[key if new is None else new] = value
     return renamed
@@ -184,6 +210,10 @@ def load(path: str, image_size: int | None = None) -> Imported:
         parameterization="noise",
         data_range="-1_1",
         sde=dict(DDPM_SDE),
-        source={"path": files.abspath(path), "format": "ddim", "entry": entry,
-                "sha256": checkpoint.sha256_file(path)},
+        source={
+            "path": files.abspath(path),
+            "format": "ddim",
+            "entry": entry,
+            "sha256": checkpoint.sha256_file(path),
+        },
     )

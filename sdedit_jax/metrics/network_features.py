@@ -20,8 +20,9 @@ def check_images(images: jax.Array) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _apply(graphdef: nnx.GraphDef, preprocess: Callable, head: str, state: nnx.State,
-           images: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _apply(
+    graphdef: nnx.GraphDef, preprocess: Callable, head: str, state: nnx.State, images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, state)
     features = model.features(preprocess(images.astype(jnp.float32)))
     return features, getattr(model, head)(features)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdedit_jax.config import frozen
 from sdedit_jax.importers import state_dict
 from sdedit_jax.models import layers
 
@@ -163,17 +164,7 @@ class DDPMUNetConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | DDPMUNetConfig) -> DDPMUNetConfig:
         """From this class's own fields (as written to ``model_info.json``); strict."""
-        if isinstance(config, cls):
-            return config
-        values = dict(config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UnsupportedConfig(f"unknown ddpm_unet config field(s) {unknown}")
-        for name in ("block_out_channels", "down_attention", "up_attention"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
+        return frozen(cls, config, "model", error=UnsupportedConfig)
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready fields (:meth:`from_config` inverts it)."""
@@ -199,10 +190,10 @@ class DDPMUNetConfig:
             raise UnsupportedConfig(
                 f"time_embedding_dim: {cfg['time_embedding_dim']!r} is not supported"
             )
-        down = tuple(_block_attention("down_block_types", b, _DOWN_TYPES)
-                     for b in cfg["down_block_types"])
-        up = tuple(_block_attention("up_block_types", b, _UP_TYPES)
-                   for b in cfg["up_block_types"])
+        down = tuple(
+            _block_attention("down_block_types", b, _DOWN_TYPES) for b in cfg["down_block_types"]
+        )
+        up = tuple(_block_attention("up_block_types", b, _UP_TYPES) for b in cfg["up_block_types"])
         if not (len(down) == len(up) == len(channels)):
             raise UnsupportedConfig(
                 f"block_out_channels: {len(channels)} levels but {len(down)} down and "
@@ -235,8 +226,9 @@ class DDPMUNetConfig:
         )
 
     @classmethod
-    def from_ddim_config(cls, model: Mapping[str, Any], image_size: int | None = None
-                         ) -> DDPMUNetConfig:
+    def from_ddim_config(
+        cls, model: Mapping[str, Any], image_size: int | None = None
+    ) -> DDPMUNetConfig:
         """From the ``model:`` section of a ddim/SDEdit yaml config and ``data.image_size``
         (or a ``resolution`` entry in ``model``)."""
         required = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions")
@@ -290,8 +282,16 @@ def _precision(dtype: Any) -> jax.lax.Precision:
 class Conv(nnx.Module):
     """NHWC conv with bias; ``stride=2`` uses DDPM's padding (see ``downsample_padding``)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int = 3, *, stride: int = 1,
-                 padding: int | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: int = 3,
+        *,
+        stride: int = 1,
+        padding: int | None = None,
+        rngs: nnx.Rngs,
+    ):
         self.kernel = nnx.Param(layers.default_init()(rngs.params(), (kernel, kernel, c_in, c_out)))
         self.bias = nnx.Param(jnp.zeros((c_out,)))
         self.stride = stride
@@ -301,8 +301,12 @@ class Conv(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         y = jax.lax.conv_general_dilated(
-            x, self.kernel[...].astype(x.dtype), (self.stride,) * 2, self.pads,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_precision(x.dtype),
+            x,
+            self.kernel[...].astype(x.dtype),
+            (self.stride,) * 2,
+            self.pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=_precision(x.dtype),
         )
         return y + _bcast(self.bias[...].astype(x.dtype), y.ndim)
 
@@ -338,8 +342,9 @@ class GroupNorm(nnx.Module):
 class ResnetBlock(nnx.Module):
     """GN-SiLU-conv, plus projected time embedding, GN-SiLU-conv, plus (1x1-conv) shortcut."""
 
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, cfg: DDPMUNetConfig, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, c_in: int, c_out: int, temb_dim: int, cfg: DDPMUNetConfig, *, rngs: nnx.Rngs
+    ):
         self.norm1 = GroupNorm(c_in, cfg.norm_num_groups, cfg.norm_eps)
         self.conv1 = Conv(c_in, c_out, rngs=rngs)
         self.time_emb_proj = Linear(temb_dim, c_out, rngs=rngs)
@@ -369,11 +374,13 @@ class Attention(nnx.Module):
         b, h, w, c = x.shape
         d = c // self.heads
         y = self.group_norm(x).reshape(b, h * w, c)
-        q, k, v = (proj(y).reshape(b, h * w, self.heads, d)
-                   for proj in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (
+            proj(y).reshape(b, h * w, self.heads, d) for proj in (self.to_q, self.to_k, self.to_v)
+        )
         precision = _precision(x.dtype)
-        logits = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=jnp.float32,
-                            precision=precision)
+        logits = jnp.einsum(
+            "bihd,bjhd->bhij", q, k, preferred_element_type=jnp.float32, precision=precision
+        )
         weights = jax.nn.softmax(logits * (1.0 / math.sqrt(d)), axis=-1).astype(x.dtype)
         out = jnp.einsum("bhij,bjhd->bihd", weights, v, precision=precision)
         out = out.reshape(b, h * w, c)
@@ -382,8 +389,11 @@ class Attention(nnx.Module):
 
 class Downsample(nnx.Module):
     def __init__(self, channels: int, cfg: DDPMUNetConfig, *, rngs: nnx.Rngs):
-        self.conv = (Conv(channels, channels, stride=2, padding=cfg.downsample_padding, rngs=rngs)
-                     if cfg.resamp_with_conv else None)
+        self.conv = (
+            Conv(channels, channels, stride=2, padding=cfg.downsample_padding, rngs=rngs)
+            if cfg.resamp_with_conv
+            else None
+        )
 
     def __call__(self, x: Array) -> Array:
         return layers.avg_pool2(x) if self.conv is None else self.conv(x)
@@ -401,9 +411,17 @@ class Upsample(nnx.Module):
 class Block(nnx.Module):
     """One resolution level: residual blocks, optional attention after each, resampler."""
 
-    def __init__(self, c_ins: list[int], c_out: int, temb_dim: int, attention: bool,
-                 resample: type[Downsample] | type[Upsample] | None, cfg: DDPMUNetConfig, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        c_ins: list[int],
+        c_out: int,
+        temb_dim: int,
+        attention: bool,
+        resample: type[Downsample] | type[Upsample] | None,
+        cfg: DDPMUNetConfig,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.resnets = nnx.List([ResnetBlock(c, c_out, temb_dim, cfg, rngs=rngs) for c in c_ins])
         self.attentions = nnx.List(
             [Attention(c_out, cfg, rngs=rngs) for _ in c_ins] if attention else []
@@ -462,8 +480,9 @@ class DDPMUNet(nnx.Module):
         for level, c_out in enumerate(chans):
             c_ins = [c] + [c_out] * (cfg.layers_per_block - 1)
             resample = Downsample if level != last else None
-            down.append(Block(c_ins, c_out, temb_dim, cfg.down_attention[level], resample, cfg,
-                              rngs=rngs))
+            down.append(
+                Block(c_ins, c_out, temb_dim, cfg.down_attention[level], resample, cfg, rngs=rngs)
+            )
             c = c_out
             skips += [c_out] * (cfg.layers_per_block + (level != last))
         self.down_blocks = nnx.List(down)
@@ -475,8 +494,9 @@ class DDPMUNet(nnx.Module):
                 c_ins.append(c + skips.pop())
                 c = c_out
             resample = Upsample if level != 0 else None
-            up.append(Block(c_ins, c_out, temb_dim, cfg.up_attention[level], resample, cfg,
-                            rngs=rngs))
+            up.append(
+                Block(c_ins, c_out, temb_dim, cfg.up_attention[level], resample, cfg, rngs=rngs)
+            )
         self.up_blocks = nnx.List(up)  # lowest resolution first, as in diffusers
         self.conv_norm_out = GroupNorm(c, cfg.norm_num_groups, cfg.norm_eps)
         self.conv_out = Conv(c, cfg.out_channels, rngs=rngs)
@@ -568,9 +588,13 @@ def abstract(config: DDPMUNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
 def expected_diffusers_tensors(config: DDPMUNetConfig) -> dict[str, tuple[int, ...]]:
     """The diffusers state-dict key and torch shape of every weight, from the config alone."""
     _, abstract_state = abstract(config)
-    shapes = dict(zip(state_dict.flat_paths(abstract_state),
-                      (leaf.shape for leaf in jax.tree.leaves(nnx.to_pure_dict(abstract_state))),
-                      strict=True))
+    shapes = dict(
+        zip(
+            state_dict.flat_paths(abstract_state),
+            (leaf.shape for leaf in jax.tree.leaves(nnx.to_pure_dict(abstract_state))),
+            strict=True,
+        )
+    )
     return {_torch_key(p): _torch_shape(s) for p, s in shapes.items()}
 
 

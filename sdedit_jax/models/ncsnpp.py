@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdedit_jax.config import frozen
 from sdedit_jax.models import fir
 from sdedit_jax.models.layers import default_init
 
@@ -114,13 +115,20 @@ class NCSNppConfig:
             raise bad("fir_kernel", self.fir_kernel, "needs a 1-D nonzero-sum kernel") from None
         for channels in self.norm_channels():
             if channels < 4 or channels % _groups(channels):
-                raise bad("nf", self.nf, f"GroupNorm over {channels} channels needs "
-                          f"{_groups(channels)} groups that divide it")
+                raise bad(
+                    "nf",
+                    self.nf,
+                    f"GroupNorm over {channels} channels needs "
+                    f"{_groups(channels)} groups that divide it",
+                )
         for level in (*self.attn_levels(), self.num_levels - 1):  # the middle has attention
             width = self.nf * self.ch_mult[level]
             if self.attention_head_dim is not None and width % self.attention_head_dim:
-                raise bad("attention_head_dim", self.attention_head_dim,
-                          f"does not divide the {width} channels at level {level}")
+                raise bad(
+                    "attention_head_dim",
+                    self.attention_head_dim,
+                    f"does not divide the {width} channels at level {level}",
+                )
 
     @property
     def time_embedding(self) -> str:
@@ -163,17 +171,7 @@ class NCSNppConfig:
 
         Unknown fields are errors, never ignored.
         """
-        if isinstance(config, cls):
-            return config
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
-        for name in ("ch_mult", "attn_resolutions", "fir_kernel", "data_range"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
+        return frozen(cls, config, "model")
 
     @classmethod
     def from_diffusers_config(
@@ -199,8 +197,16 @@ class NCSNppConfig:
 class Conv(nnx.Module):
     """Stride-1 SAME convolution (odd kernel, HWIO) with bias, in the compute dtype."""
 
-    def __init__(self, c_in: int, c_out: int, size: int, dtype: Any, *,
-                 init_scale: float = 1.0, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        size: int,
+        dtype: Any,
+        *,
+        init_scale: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
         shape = (size, size, c_in, c_out)
         self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), shape))
         self.bias = nnx.Param(jnp.zeros((c_out,)))
@@ -221,8 +227,9 @@ class Conv(nnx.Module):
 class Dense(nnx.Module):
     """Linear map over the last axis, in the compute dtype."""
 
-    def __init__(self, c_in: int, c_out: int, dtype: Any, *, init_scale: float = 1.0,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, c_in: int, c_out: int, dtype: Any, *, init_scale: float = 1.0, rngs: nnx.Rngs
+    ):
         self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), (c_in, c_out)))
         self.bias = nnx.Param(jnp.zeros((c_out,)))
         self.dtype = dtype
@@ -259,8 +266,16 @@ def _residual(a: Array, b: Array, rescale: bool) -> Array:
 class ResnetBlock(nnx.Module):
     """BigGAN residual block; ``resample`` "up"/"down" FIR-resamples inside the block."""
 
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, cfg: NCSNppConfig, *,
-                 resample: str | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        temb_dim: int,
+        cfg: NCSNppConfig,
+        *,
+        resample: str | None = None,
+        rngs: nnx.Rngs,
+    ):
         dt = COMPUTE_DTYPES[cfg.compute_dtype]
         self.norm1 = GroupNorm(c_in, cfg.norm_eps, dt)
         self.conv1 = Conv(c_in, c_out, 3, dt, rngs=rngs)
@@ -337,22 +352,24 @@ class DownLevel(nnx.Module):
     """One resolution on the way down; all but the coarsest end with a downsampling block
     and the 1x1 conv that adds the downsampled input image ("combine")."""
 
-    def __init__(self, level: int, c_in: int, temb_dim: int, cfg: NCSNppConfig, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, level: int, c_in: int, temb_dim: int, cfg: NCSNppConfig, *, rngs: nnx.Rngs):
         width = cfg.nf * cfg.ch_mult[level]
         dt = COMPUTE_DTYPES[cfg.compute_dtype]
-        self.resnets = nnx.List([
-            ResnetBlock(c_in if j == 0 else width, width, temb_dim, cfg, rngs=rngs)
-            for j in range(cfg.num_res_blocks)
-        ])
+        self.resnets = nnx.List(
+            [
+                ResnetBlock(c_in if j == 0 else width, width, temb_dim, cfg, rngs=rngs)
+                for j in range(cfg.num_res_blocks)
+            ]
+        )
         with_attn = level in cfg.attn_levels()
         self.attns = nnx.List(
             [AttnBlock(width, cfg, rngs=rngs) for _ in range(cfg.num_res_blocks)]
-            if with_attn else []
+            if with_attn
+            else []
         )
         last = level == cfg.num_levels - 1
-        self.down = None if last else ResnetBlock(
-            width, width, temb_dim, cfg, resample="down", rngs=rngs
+        self.down = (
+            None if last else ResnetBlock(width, width, temb_dim, cfg, resample="down", rngs=rngs)
         )
         self.combine = None if last else Conv(cfg.num_channels, width, 1, dt, rngs=rngs)
 
@@ -362,8 +379,16 @@ class UpLevel(nnx.Module):
     the level's 3x3 conv into the output pyramid, then (but at full size) an
     upsampling block."""
 
-    def __init__(self, level: int, c_in: int, skips: list[int], temb_dim: int,
-                 cfg: NCSNppConfig, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        level: int,
+        c_in: int,
+        skips: list[int],
+        temb_dim: int,
+        cfg: NCSNppConfig,
+        *,
+        rngs: nnx.Rngs,
+    ):
         width = cfg.nf * cfg.ch_mult[level]
         dt = COMPUTE_DTYPES[cfg.compute_dtype]
         resnets = []
@@ -373,10 +398,11 @@ class UpLevel(nnx.Module):
         self.resnets = nnx.List(resnets)
         self.attn = AttnBlock(width, cfg, rngs=rngs) if level in cfg.attn_levels() else None
         self.skip_norm = GroupNorm(width, cfg.norm_eps, dt)
-        self.skip_conv = Conv(width, cfg.num_channels, 3, dt, init_scale=cfg.init_scale,
-                              rngs=rngs)
-        self.up = None if level == 0 else ResnetBlock(
-            width, width, temb_dim, cfg, resample="up", rngs=rngs
+        self.skip_conv = Conv(width, cfg.num_channels, 3, dt, init_scale=cfg.init_scale, rngs=rngs)
+        self.up = (
+            None
+            if level == 0
+            else ResnetBlock(width, width, temb_dim, cfg, resample="up", rngs=rngs)
         )
 
 
@@ -406,8 +432,9 @@ class NCSNpp(nnx.Module):
             c = nf * cfg.ch_mult[level]
         self.up = nnx.List(up)
 
-    def __call__(self, x: Array, sigma: Array, *, train: bool = False,
-                 rngs: nnx.Rngs | None = None) -> Array:
+    def __call__(
+        self, x: Array, sigma: Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> Array:
         """Score (or raw output without ``scale_by_sigma``) at ``x [B,H,W,C]``, ``sigma [B]``.
 
         ``train`` enables dropout, drawing from ``rngs``'s ``dropout`` stream.

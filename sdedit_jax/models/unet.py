@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from sdedit_jax.config import frozen
 from sdedit_jax.models import layers
 
 Array = jax.Array
@@ -77,17 +78,7 @@ class UNetConfig:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | UNetConfig) -> UNetConfig:
         """Builds from a ConfigDict, naming any unknown field instead of ignoring it."""
-        if isinstance(config, cls):
-            return config
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
-        for name in ("ch_mult", "attn_resolutions"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
+        return frozen(cls, config, "model")
 
 
 def _residual_sum(a: Array, b: Array, rescale: bool) -> Array:

@@ -70,8 +70,14 @@ class Corrected:
 
     def step(self, sde, score_fn, keys, state, t, t_next):
         x, _ = correctors.CORRECTORS[self.corrector](
-            sde, score_fn, rng.fold_in(keys, 0), state.x, t, t - t_next,
-            snr=self.snr, n_steps=self.corrector_steps,
+            sde,
+            score_fn,
+            rng.fold_in(keys, 0),
+            state.x,
+            t,
+            t - t_next,
+            snr=self.snr,
+            n_steps=self.corrector_steps,
         )
         return self.solver.step(sde, score_fn, keys, state._replace(x=x), t, t_next)
 
@@ -82,8 +88,8 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "reverse_diffusion": functools.partial(PredictorSolver, "reverse_diffusion"),
     "ancestral": functools.partial(PredictorSolver, "ancestral"),
     "ode_euler": functools.partial(PredictorSolver, "ode_euler", stochastic=False),
-    "ode_heun": functools.partial(PredictorSolver, "ode_heun", nfe_per_step=2, order=2,
-                                  stochastic=False),
-    "none": functools.partial(PredictorSolver, "none", nfe_per_step=0, order=0,
-                              stochastic=False),
+    "ode_heun": functools.partial(
+        PredictorSolver, "ode_heun", nfe_per_step=2, order=2, stochastic=False
+    ),
+    "none": functools.partial(PredictorSolver, "none", nfe_per_step=0, order=0, stochastic=False),
 }

@@ -103,11 +103,11 @@ class SDEDPMSolverPP2M:
 
     def step(self, sde, score_fn, keys, state, t, t_next):
         alpha_next, sigma_next, ratio, h, data, history = _multistep_data(
-            sde, score_fn, state, t, t_next)
+            sde, score_fn, state, t, t_next
+        )
         x = state.x
         fresh = -jnp.expm1(-2.0 * h)
-        x_mean = (batch_bcast(ratio * jnp.exp(-h), x) * x
-                  + batch_bcast(alpha_next * fresh, x) * data)
+        x_mean = batch_bcast(ratio * jnp.exp(-h), x) * x + batch_bcast(alpha_next * fresh, x) * data
         noise = example_noise(rng.fold_in(keys, 1), x)
         x = x_mean + batch_bcast(sigma_next * jnp.sqrt(fresh), x) * noise
         return SolverState(x, x_mean, history)

@@ -31,7 +31,9 @@ Projection = Callable[[Array, Array, Array], Array]
 
 # Predictor name -> solver factory, one table per solver family (module).
 SOLVERS: dict[str, Callable[..., Solver]] = {
-    **classic.SOLVERS, **ddim.SOLVERS, **dpm_solver.SOLVERS,
+    **classic.SOLVERS,
+    **ddim.SOLVERS,
+    **dpm_solver.SOLVERS,
 }
 
 
@@ -158,8 +160,10 @@ def integrate(
         new = solver.step(sde, score_fn, step_keys, state, t, t_next)
         if project is not None:
             project_keys = rng.fold_in(step_keys, 2)
-            new = new._replace(x=project(project_keys, new.x, t_next),
-                               x_mean=project(project_keys, new.x_mean, t_next))
+            new = new._replace(
+                x=project(project_keys, new.x, t_next),
+                x_mean=project(project_keys, new.x_mean, t_next),
+            )
         active = i < n_steps
         return jax.tree_util.tree_map(
             lambda a, b: jnp.where(batch_bcast(active, a), a, b), new, state

@@ -2,9 +2,9 @@
 
     # 1,000,000-example manifest on one host, trivial score function: startup,
     # resume with 99 % done, peak memory; the per-id string set side by side.
-    python -m sdedit_jax.bench_host --what=scale --examples=1000000
+    python -m sdedit_jax.tools.bench_host --what=scale --examples=1000000
     # Decode + PNG encode + write at 256x256 (no model), by writer threads and PNG level.
-    python -m sdedit_jax.bench_host --what=pipeline --size=256 --images=384
+    python -m sdedit_jax.tools.bench_host --what=pipeline --size=256 --images=384
 
 Each measured phase runs in a fresh subprocess, so its peak memory (the
 ``ru_maxrss`` high-water mark above the process's footprint after its imports)
@@ -45,8 +45,11 @@ ROWS_PER_RECORD = 1000  # rows per completion record (one written batch)
 def _cpu() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
+        name = next(
+            line.split(":", 1)[1].strip()
+            for line in out.splitlines()
+            if line.startswith("Model name")
+        )
     except (OSError, subprocess.CalledProcessError, StopIteration):
         name = platform.processor() or "unknown"
     return f"{name}, {len(os.sched_getaffinity(0))} cores usable"
@@ -60,8 +63,16 @@ def _peak_mb() -> float:
 
 
 def _job_fields() -> dict:
-    return {"sde": "VPSDE", "predictor": "euler_maruyama", "corrector": "none", "max_steps": 1,
-            "steps_per_unit_time": 0, "n_steps": 1, "repeats": 1, "model_sha256": "0" * 64}
+    return {
+        "sde": "VPSDE",
+        "predictor": "euler_maruyama",
+        "corrector": "none",
+        "max_steps": 1,
+        "steps_per_unit_time": 0,
+        "n_steps": 1,
+        "repeats": 1,
+        "model_sha256": "0" * 64,
+    }
 
 
 def make_scale_data(root: str, examples: int, done: float) -> dict:
@@ -82,9 +93,18 @@ def make_scale_data(root: str, examples: int, done: float) -> dict:
         shard = f"arrays/part.p00000.r0.{start // ROWS_PER_RECORD:06d}.npz"
         with open(os.path.join(workdir, shard), "wb") as f:
             f.write(b"npz")  # only its existence is checked on resume
-        rows = [{**fields, "id": f"images/{i:08d}.png", "source": guide, "npz": shard,
-                 "npz_index": i - start, "t0": np.float32(0.5), "seed": 0}
-                for i in range(start, min(start + ROWS_PER_RECORD, finished))]
+        rows = [
+            {
+                **fields,
+                "id": f"images/{i:08d}.png",
+                "source": guide,
+                "npz": shard,
+                "npz_index": i - start,
+                "t0": np.float32(0.5),
+                "seed": 0,
+            }
+            for i in range(start, min(start + ROWS_PER_RECORD, finished))
+        ]
         name = f"manifest.p00000.r0.{start // ROWS_PER_RECORD:06d}.jsonl"
         with open(os.path.join(workdir, name), "w") as f:
             f.writelines(sinks._jsonl_line(r) for r in rows)
@@ -125,9 +145,13 @@ def run_phase(phase: str, data: dict) -> dict:
         ids = sinks.completed_ids(data["workdir"])
         out.update(seconds=time.perf_counter() - start, ids=len(ids))
     else:  # "fresh" or "resume": what a job does before and during its first batch
-        config = guide_inputs.GuideInputConfig(source="manifest", path=data["manifest"],
-                                               image_size=(GUIDE_SIDE, GUIDE_SIDE), t0=0.5,
-                                               mask_dir="")
+        config = guide_inputs.GuideInputConfig(
+            source="manifest",
+            path=data["manifest"],
+            image_size=(GUIDE_SIDE, GUIDE_SIDE),
+            t0=0.5,
+            mask_dir="",
+        )
         catalog = guide_inputs.build_catalog(config)
         out["catalog_s"] = time.perf_counter() - start
         workdir = data["workdir"] if phase == "resume" else data["workdir"] + "_fresh"
@@ -137,15 +161,21 @@ def run_phase(phase: str, data: dict) -> dict:
         editor, placed = _trivial_editor()
         mark = time.perf_counter()
         stream = guide_inputs.make_guide_dataset(
-            config, batch_size_per_host=editor.global_batch, completed=completed,
-            catalog=catalog, process_index=0, process_count=1)
+            config,
+            batch_size_per_host=editor.global_batch,
+            completed=completed,
+            catalog=catalog,
+            process_index=0,
+            process_count=1,
+        )
         iterator = stream.dataset.as_numpy_iterator()
         first = next(iterator)
         out["stream_and_first_batch_s"] = time.perf_counter() - mark
         out["startup_s"] = time.perf_counter() - start
         out.update(to_edit=stream.num_examples, skipped=stream.num_skipped)
         if phase == "resume":  # finish the remaining examples through the trivial model
-            from sdedit_jax import engine
+            from sdedit_jax.sampling.steps import StepRule
+            from sdedit_jax.stream import run_stream
 
             mark = time.perf_counter()
             with tempfile.TemporaryDirectory() as scratch:
@@ -155,9 +185,14 @@ def run_phase(phase: str, data: dict) -> dict:
                     yield first
                     yield from iterator
 
-                summary = engine.run_stream(editor, placed, batches(), sink,
-                                            num_steps=stream.num_steps,
-                                            steps_for=lambda t0: np.ones(np.shape(t0), np.int32))
+                summary = run_stream(
+                    editor,
+                    placed,
+                    batches(),
+                    sink,
+                    num_steps=stream.num_steps,
+                    step_rule=StepRule(n_steps=1),
+                )
             out["finish_rest_s"] = time.perf_counter() - mark
             out["finished_rows"] = summary.rows_done
     out["peak_mb_above_imports"] = round(_peak_mb() - base, 1)
@@ -165,8 +200,14 @@ def run_phase(phase: str, data: dict) -> dict:
 
 
 def _subprocess_phase(phase: str, data: dict) -> dict:
-    cmd = [sys.executable, "-m", "sdedit_jax.bench_host", "--what=phase", f"--phase={phase}",
-           f"--scratch={json.dumps(data)}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdedit_jax.tools.bench_host",
+        "--what=phase",
+        f"--phase={phase}",
+        f"--scratch={json.dumps(data)}",
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -177,8 +218,17 @@ def _subprocess_phase(phase: str, data: dict) -> dict:
 def bench_scale(root: str) -> None:
     mark = time.perf_counter()
     data = make_scale_data(root, _EXAMPLES.value, _DONE.value)
-    print(json.dumps({"cpu": _cpu(), "examples": _EXAMPLES.value, "finished": data["finished"],
-                      "generate_s": round(time.perf_counter() - mark, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "cpu": _cpu(),
+                "examples": _EXAMPLES.value,
+                "finished": data["finished"],
+                "generate_s": round(time.perf_counter() - mark, 1),
+            }
+        ),
+        flush=True,
+    )
     for phase in ("fresh", "resume", "index", "string_set"):
         print(json.dumps(_subprocess_phase(phase, data)), flush=True)
 
@@ -196,17 +246,23 @@ def _timed(label: dict, run) -> dict:
     cpu, start = _cpu_seconds(), time.perf_counter()
     images = run()
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-    return {**label, "images": images, "images_per_s": round(images / seconds, 1),
-            "cpu_ms_per_image": round(cpu / images * 1e3, 1)}
+    return {
+        **label,
+        "images": images,
+        "images_per_s": round(images / seconds, 1),
+        "cpu_ms_per_image": round(cpu / images * 1e3, 1),
+    }
 
 
 def _stream(guides: str):
     from sdedit_jax.data import guide_inputs
 
-    config = guide_inputs.GuideInputConfig(source="folder", path=guides, mask_dir="",
-                                           image_size=(_SIZE.value, _SIZE.value))
-    return guide_inputs.make_guide_dataset(config, batch_size_per_host=32, process_index=0,
-                                           process_count=1).dataset.as_numpy_iterator()
+    config = guide_inputs.GuideInputConfig(
+        source="folder", path=guides, mask_dir="", image_size=(_SIZE.value, _SIZE.value)
+    )
+    return guide_inputs.make_guide_dataset(
+        config, batch_size_per_host=32, process_index=0, process_count=1
+    ).dataset.as_numpy_iterator()
 
 
 def _write(batches, out: str, threads: int, level: int) -> int:
@@ -226,13 +282,14 @@ def _guide_images(folder: str, count: int) -> None:
     from sdedit_jax.data import images as image_files
 
     demo = os.path.join(os.path.dirname(__file__), "assets", "demo")
-    sources = [Image.open(p).convert("RGB") for p in image_files.list_image_files(demo)
-               if "masks" not in p]
+    sources = [
+        Image.open(p).convert("RGB") for p in image_files.list_image_files(demo) if "masks" not in p
+    ]
     side = _SIZE.value
     for i in range(count):
         big = sources[i % len(sources)].resize((side + 16, side + 16), Image.Resampling.BICUBIC)
         shift = i // len(sources) % 16
-        pixels = np.asarray(big)[shift:shift + side, shift:shift + side].astype(np.int16)
+        pixels = np.asarray(big)[shift : shift + side, shift : shift + side].astype(np.int16)
         pixels = np.clip(pixels + (i * 7) % 23 - 11, 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.png"))
 
@@ -246,39 +303,55 @@ def bench_pipeline(root: str) -> None:
     side = _SIZE.value
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:side, 0:side] / side
-    smooth = (np.stack([np.sin(6 * xx), np.cos(5 * yy), np.sin(4 * (xx + yy))], -1) * 0.9)
-    kinds = {"emoji-like": np.asarray(Image.open(os.path.join(guides, "00000.png")),
-                                      np.float32) / 127.5 - 1,
-             "photo-like noise": np.clip(smooth + rng.normal(0, 0.08, smooth.shape), -1, 1)}
+    smooth = np.stack([np.sin(6 * xx), np.cos(5 * yy), np.sin(4 * (xx + yy))], -1) * 0.9
+    kinds = {
+        "emoji-like": np.asarray(Image.open(os.path.join(guides, "00000.png")), np.float32) / 127.5
+        - 1,
+        "photo-like noise": np.clip(smooth + rng.normal(0, 0.08, smooth.shape), -1, 1),
+    }
     encode = {}
     for kind, image in kinds.items():
         for level in (1, 6):
             start = time.perf_counter()
             sizes = [len(sinks.png_bytes(image.astype(np.float32), level)) for _ in range(20)]
             encode[f"{kind}, level {level}"] = {
-                "ms": round((time.perf_counter() - start) / 20 * 1e3, 2), "kB": sizes[0] // 1000}
-    print(json.dumps({"cpu": _cpu(), "size": side, "images": _IMAGES.value,
-                      "png_encode": encode}), flush=True)
+                "ms": round((time.perf_counter() - start) / 20 * 1e3, 2),
+                "kB": sizes[0] // 1000,
+            }
+    print(
+        json.dumps({"cpu": _cpu(), "size": side, "images": _IMAGES.value, "png_encode": encode}),
+        flush=True,
+    )
+
     def decode_all() -> int:
         return sum(int(b["valid"].sum()) for b in _stream(guides))
 
     decode_all()  # warm-up: tracing the tf.data graph, filling the page cache
-    print(json.dumps(_timed({"stage": "decode only (tf.data, autotuned)"}, decode_all)),
-          flush=True)
+    print(json.dumps(_timed({"stage": "decode only (tf.data, autotuned)"}, decode_all)), flush=True)
     decoded = list(_stream(guides))
     for level in (1, 6):
         for threads in (1, 2, 4):
             out = os.path.join(root, f"enc_{level}_{threads}")
-            print(json.dumps(_timed({"stage": "encode + write", "png_level": level,
-                                     "writer_threads": threads},
-                                    functools.partial(_write, decoded, out, threads, level))),
-                  flush=True)
+            print(
+                json.dumps(
+                    _timed(
+                        {"stage": "encode + write", "png_level": level, "writer_threads": threads},
+                        functools.partial(_write, decoded, out, threads, level),
+                    )
+                ),
+                flush=True,
+            )
     for threads in (1, 2, 4):
         out = os.path.join(root, f"all_{threads}")
-        print(json.dumps(_timed({"stage": "decode + encode + write", "png_level": 1,
-                                 "writer_threads": threads},
-                                functools.partial(_write, _stream(guides), out, threads, 1))),
-              flush=True)
+        print(
+            json.dumps(
+                _timed(
+                    {"stage": "decode + encode + write", "png_level": 1, "writer_threads": threads},
+                    functools.partial(_write, _stream(guides), out, threads, 1),
+                )
+            ),
+            flush=True,
+        )
 
 
 def main(argv: list[str]) -> None:

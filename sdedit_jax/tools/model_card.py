@@ -1,6 +1,6 @@
 """Packages a training run as a shippable model folder with its evidence.
 
-    python -m sdedit_jax.model_card --train_workdir runs/emoji_default \
+    python -m sdedit_jax.tools.model_card --train_workdir runs/emoji_default \
         --out sdedit_jax/assets/default_model
 
 Copies the EMA weights (fp32) and ``model_info.json``, keeps the training log
@@ -46,8 +46,9 @@ def copy_model(train_workdir: str, out: str) -> dict:
     info["sha256"] = {weights: digest}
     with open(os.path.join(out, pretrained.INFO_FILE), "w") as f:
         json.dump(info, f, indent=1)
-    shutil.copyfile(os.path.join(train_workdir, "metrics.jsonl"),
-                    os.path.join(out, "training_log.jsonl"))
+    shutil.copyfile(
+        os.path.join(train_workdir, "metrics.jsonl"), os.path.join(out, "training_log.jsonl")
+    )
     return info
 
 
@@ -69,18 +70,26 @@ def plot_loss_curve(log_path: str, out_png: str) -> None:
 def draw_samples(model_dir: str, count: int, steps: int, seed: int = 0) -> np.ndarray:
     model = pretrained.load_model(model_dir)
     shape = (count, model.image_size, model.image_size, model.num_channels)
-    out = engine.sdedit(model.score_fn, model.sde, np.zeros(shape, np.float32), seed=seed,
-                        t0=model.sde.T, n_steps=steps, per_device_batch=count)
+    out = engine.sdedit(
+        model.score_fn,
+        model.sde,
+        np.zeros(shape, np.float32),
+        seed=seed,
+        t0=model.sde.T,
+        n_steps=steps,
+        per_device_batch=count,
+    )
     return np.clip(np.asarray(out), -1.0, 1.0)
 
 
 def main(argv):
     del argv
     info = copy_model(_TRAIN_WORKDIR.value, _OUT.value)
-    plot_loss_curve(os.path.join(_OUT.value, "training_log.jsonl"),
-                    os.path.join(_OUT.value, "loss_curve.png"))
+    plot_loss_curve(
+        os.path.join(_OUT.value, "training_log.jsonl"), os.path.join(_OUT.value, "loss_curve.png")
+    )
     samples = draw_samples(_OUT.value, _NUM_SAMPLES.value, _STEPS.value)
-    rows = [list(samples[i:i + 8]) for i in range(0, len(samples), 8)]
+    rows = [list(samples[i : i + 8]) for i in range(0, len(samples), 8)]
     report.contact_sheet(rows, [""] * 8, cell=64).save(os.path.join(_OUT.value, "samples.png"))
     print(f"wrote {_OUT.value}: step {info.get('step')}, {len(samples)} samples")
 

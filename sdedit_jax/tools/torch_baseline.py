@@ -242,12 +242,16 @@ def load_flax_state(net: TorchUNet, state: nnx.State) -> TorchUNet:
         *prefix, leaf = (str(p) for p in path)
         name = ".".join([*prefix, _LEAF_NAMES.get(leaf, leaf)])
         if name not in targets:
-            raise ValueError(f"flax variable {'/'.join((*prefix, leaf))} has no torch "
-                             f"counterpart {name!r}: the architectures differ")
+            raise ValueError(
+                f"flax variable {'/'.join((*prefix, leaf))} has no torch "
+                f"counterpart {name!r}: the architectures differ"
+            )
         value = _to_torch_layout(np.asarray(variable.get_value(), np.float32))
         if value.shape != tuple(targets[name].shape):
-            raise ValueError(f"{name}: flax shape (torch layout) {value.shape} != torch shape "
-                             f"{tuple(targets[name].shape)}")
+            raise ValueError(
+                f"{name}: flax shape (torch layout) {value.shape} != torch shape "
+                f"{tuple(targets[name].shape)}"
+            )
         with torch.no_grad():
             targets[name].copy_(torch.tensor(value))
         unset.discard(name)

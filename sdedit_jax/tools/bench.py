@@ -1,25 +1,26 @@
 """Benchmarks, each printing ratios measured in one run (not tests).
 
     # The compiled edit program: compile time, steps/s, images/s, FLOP/s vs matmul peak.
-    python -m sdedit_jax.bench --what=sampler --batch=64 --steps=100
+    python -m sdedit_jax.tools.bench --what=sampler --batch=64 --steps=100
     # End-to-end job (tf.data input, sharded steps, PNG/manifest writes) vs the
     # pure compiled program on the same batches.
-    python -m sdedit_jax.bench --what=job --num_guides=256 --steps=50
+    python -m sdedit_jax.tools.bench --what=job --num_guides=256 --steps=50
     # The compiled edit program vs an eager PyTorch port (same weights, batch,
     # steps and t0; needs torch installed): images/s of both and their ratio.
-    python -m sdedit_jax.bench --what=torch --random_arch=configs/train_emoji.py \
+    python -m sdedit_jax.tools.bench --what=torch --random_arch=configs/train_emoji.py \
         --batch=16 --steps=20 --timing_repeats=2
     # One network call of the published architectures (random weights saved by
     # diffusers, loaded by sdedit_jax): sdedit_jax under several XLA:CPU option
     # sets vs diffusers' UNet2DModel in PyTorch (eager, channels_last), FLOPs from
-    # XLA's cost analysis. Results go to --results as they finish (rerun resumes).
-    python -m sdedit_jax.bench --what=networks --networks=ddpm_church_256,ddpm_cifar10_32 \
+    # XLA's cost analysis. Results go to --results as they finish (rerun resumes);
+    # the family lives in sdedit_jax.tools.bench_networks.
+    python -m sdedit_jax.tools.bench --what=networks --networks=ddpm_church_256,ddpm_cifar10_32 \
         --batch=1 --timing_repeats=3 --results=runs/bench_networks.jsonl
     # The compiled edit program under each XLA:CPU option set, side by side.
-    python -m sdedit_jax.bench --what=sampler_xla --batch=64 --steps=20
+    python -m sdedit_jax.tools.bench --what=sampler_xla --batch=64 --steps=20
     # Images/s at equal quality: a few-step solver in JAX vs the paper's recipe
     # (N = 1000 at t0 = 0.5: 500 steps) in the PyTorch baseline.
-    python -m sdedit_jax.bench --what=few_step --batch=16 --timing_repeats=1 \
+    python -m sdedit_jax.tools.bench --what=few_step --batch=16 --timing_repeats=1 \
         --settings=dpm_solver_2m:10,sde_dpm_solver_2m:20
 
 ``--model_dir`` picks a model folder (default: the shipped model); with
@@ -29,7 +30,6 @@ config's architecture is timed instead (same cost, no weights needed).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -49,11 +49,23 @@ from PIL import Image  # noqa: E402
 
 from sdedit_jax import engine, job, pretrained  # noqa: E402
 from sdedit_jax.models import unet  # noqa: E402
+from sdedit_jax.rng import string_id_words  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
+from sdedit_jax.sampling.steps import step_bucket  # noqa: E402
+from sdedit_jax.tools.bench_networks import bench_networks  # noqa: E402
+from sdedit_jax.tools.timing import (  # noqa: E402
+    XLA_CPU_OPTIONS,
+    cpu_model_name,
+    matmul_peak_flops,
+    timed,
+)
 
-_WHAT = flags.DEFINE_enum("what", "sampler",
-                          ["sampler", "job", "torch", "networks", "sampler_xla", "few_step"],
-                          "what to measure")
+_WHAT = flags.DEFINE_enum(
+    "what",
+    "sampler",
+    ["sampler", "job", "torch", "networks", "sampler_xla", "few_step"],
+    "what to measure",
+)
 _MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
 _RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch (sampler mode)")
@@ -61,20 +73,28 @@ _STEPS = flags.DEFINE_integer("steps", 100, "reverse steps per edit")
 _PREDICTOR = flags.DEFINE_string("predictor", "euler_maruyama", "predictor")
 _TIME_GRID = flags.DEFINE_string("time_grid", "", "time grid ('' = the predictor's default)")
 _SETTINGS = flags.DEFINE_list(
-    "settings", ["dpm_solver_2m:10", "sde_dpm_solver_2m:20"],
-    "few_step mode: JAX settings predictor:steps")
+    "settings",
+    ["dpm_solver_2m:10", "sde_dpm_solver_2m:20"],
+    "few_step mode: JAX settings predictor:steps",
+)
 _RECIPE_STEPS = flags.DEFINE_integer(
-    "recipe_steps", 500, "few_step mode: PyTorch steps of the paper's recipe (N=1000, t0=0.5)")
+    "recipe_steps", 500, "few_step mode: PyTorch steps of the paper's recipe (N=1000, t0=0.5)"
+)
 _CORRECTOR = flags.DEFINE_string("corrector", "none", "corrector")
 _REPEATS = flags.DEFINE_integer("timing_repeats", 3, "timed runs (best is reported)")
 _NUM_GUIDES = flags.DEFINE_integer("num_guides", 256, "guides in the job benchmark")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 0, "0 -> batch / devices")
-_NETWORKS = flags.DEFINE_list("networks", ["ddpm_church_256", "ddpm_cifar10_32"],
-                              "networks mode: keys of PUBLISHED_UNETS")
-_XLA_OPTIONS = flags.DEFINE_list("xla_options", ["default", "no_ynnpack", "onednn_dot"],
-                                 "networks mode: keys of XLA_CPU_OPTIONS, timed side by side")
-_RESULTS = flags.DEFINE_string("results", "", "networks mode: JSONL file; finished networks "
-                               "are skipped on a rerun")
+_NETWORKS = flags.DEFINE_list(
+    "networks", ["ddpm_church_256", "ddpm_cifar10_32"], "networks mode: keys of PUBLISHED_UNETS"
+)
+_XLA_OPTIONS = flags.DEFINE_list(
+    "xla_options",
+    ["default", "no_ynnpack", "onednn_dot"],
+    "networks mode: keys of XLA_CPU_OPTIONS, timed side by side",
+)
+_RESULTS = flags.DEFINE_string(
+    "results", "", "networks mode: JSONL file; finished networks are skipped on a rerun"
+)
 
 
 def benchmark_model_dir(scratch: str) -> str:
@@ -84,24 +104,14 @@ def benchmark_model_dir(scratch: str) -> str:
     config = job.load_config(_RANDOM_ARCH.value)
     model_config = unet.UNetConfig.from_config(config.model)
     _, state = nnx.split(unet.build(model_config, 0))
-    pretrained.save_model(scratch, state, config.model.to_dict(), config.sde.to_dict(),
-                          config.training.parameterization)
+    pretrained.save_model(
+        scratch,
+        state,
+        config.model.to_dict(),
+        config.sde.to_dict(),
+        config.training.parameterization,
+    )
     return scratch
-
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large float32 matmul on device 0: the machine's practical peak."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
-    return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def score_flops(model: pretrained.LoadedModel, rows: int) -> float:
@@ -120,7 +130,7 @@ def _random_batch(model, editor, rows, steps, seed=0) -> engine.EditBatch:
     return engine.EditBatch(
         guides=rng.uniform(-1, 1, shape).astype(np.float32),
         seeds=np.zeros(rows, np.int32),
-        id_words=engine.id_words([str(i) for i in range(rows)]),
+        id_words=string_id_words([str(i) for i in range(rows)]),
         t0=np.full(rows, 0.5, np.float32),
         n_steps=np.full(rows, steps, np.int32),
         mask=np.ones(shape[:3] + (1,), np.float32),
@@ -130,25 +140,33 @@ def _random_batch(model, editor, rows, steps, seed=0) -> engine.EditBatch:
 def bench_sampler(model: pretrained.LoadedModel) -> dict:
     devices = jax.device_count()
     per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
-    sampler = Sampler(_PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value,
-                      time_grid=_TIME_GRID.value)
+    sampler = Sampler(
+        _PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value, time_grid=_TIME_GRID.value
+    )
     editor = engine.Editor(model.sde, sampler, per_device_batch=per_device)
     placed = editor.place_score(model.score_fn)
     batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
-    compile_s = _timed(lambda: editor.lower(placed, batch).compile())
+    compile_s = timed(lambda: editor.lower(placed, batch).compile())
     editor.run_global(placed, batch).block_until_ready()
-    run_s = min(_timed(lambda: editor.run_global(placed, batch).block_until_ready())
-                for _ in range(_REPEATS.value))
+    run_s = min(
+        timed(lambda: editor.run_global(placed, batch).block_until_ready())
+        for _ in range(_REPEATS.value)
+    )
     evals = _STEPS.value * sampler.nfe_per_step
     flops_per_eval = score_flops(model, editor.global_batch)
     peak = matmul_peak_flops()
     achieved = flops_per_eval * evals / run_s
     return {
-        "devices": devices, "platform": jax.devices()[0].platform,
-        "global_batch": editor.global_batch, "steps": _STEPS.value,
-        "predictor": sampler.predictor, "corrector": sampler.corrector,
-        "time_grid": sampler.grid_name, "nfe_per_example": evals,
-        "compile_s (trace+lower+compile)": round(compile_s, 2), "run_s": round(run_s, 3),
+        "devices": devices,
+        "platform": jax.devices()[0].platform,
+        "global_batch": editor.global_batch,
+        "steps": _STEPS.value,
+        "predictor": sampler.predictor,
+        "corrector": sampler.corrector,
+        "time_grid": sampler.grid_name,
+        "nfe_per_example": evals,
+        "compile_s (trace+lower+compile)": round(compile_s, 2),
+        "run_s": round(run_s, 3),
         "steps_per_s": round(_STEPS.value / run_s, 2),
         "images_per_s": round(editor.global_batch / run_s, 2),
         "model_calls_per_s (batched)": round(evals / run_s, 2),
@@ -173,22 +191,24 @@ def bench_sampler_xla(model: pretrained.LoadedModel) -> dict:
     batch = editor.shard(_random_batch(model, editor, editor.global_batch, _STEPS.value))
     lowered = editor.lower(placed, batch)
     _, arrays = placed
-    args = (arrays, batch.guides, batch.seeds, batch.id_words, batch.t0, batch.n_steps,
-            batch.mask)
-    compiled = {o: lowered.compile(compiler_options=XLA_CPU_OPTIONS[o])
-                for o in _XLA_OPTIONS.value}
+    args = (arrays, batch.guides, batch.seeds, batch.id_words, batch.t0, batch.n_steps, batch.mask)
+    compiled = {o: lowered.compile(compiler_options=XLA_CPU_OPTIONS[o]) for o in _XLA_OPTIONS.value}
     outputs = {o: np.asarray(c(*args)) for o, c in compiled.items()}  # also warms up
     first = _XLA_OPTIONS.value[0]
     best = {o: float("inf") for o in compiled}
     for _ in range(_REPEATS.value):
         for o, c in compiled.items():
-            best[o] = min(best[o], _timed(lambda c=c: c(*args).block_until_ready()))
+            best[o] = min(best[o], timed(lambda c=c: c(*args).block_until_ready()))
     rows = editor.global_batch
     return {
-        "cpu": cpu_model_name(), "devices": jax.device_count(), "global_batch": rows,
-        "steps": _STEPS.value, "predictor": sampler.predictor,
-        "max_abs_diff_vs_first": {o: float(np.max(np.abs(v - outputs[first])))
-                                  for o, v in outputs.items()},
+        "cpu": cpu_model_name(),
+        "devices": jax.device_count(),
+        "global_batch": rows,
+        "steps": _STEPS.value,
+        "predictor": sampler.predictor,
+        "max_abs_diff_vs_first": {
+            o: float(np.max(np.abs(v - outputs[first]))) for o, v in outputs.items()
+        },
         "images_per_s": {o: round(rows / b, 2) for o, b in best.items()},
         f"speedup_over_{first}": {o: round(best[first] / b, 3) for o, b in best.items()},
     }
@@ -231,9 +251,9 @@ def bench_job(model: pretrained.LoadedModel, model_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         guides = os.path.join(tmp, "guides")
         os.makedirs(guides)
-        rng = np.random.default_rng(0)
+        pixel_rng = np.random.default_rng(0)
         for i in range(_NUM_GUIDES.value):
-            pixels = rng.integers(0, 256, (model.image_size, model.image_size, 3), np.uint8)
+            pixels = pixel_rng.integers(0, 256, (model.image_size, model.image_size, 3), np.uint8)
             Image.fromarray(pixels).save(os.path.join(guides, f"{i:06d}.png"))
         config.input.path = guides
         config.input.image_size = (model.image_size, model.image_size)
@@ -243,8 +263,11 @@ def bench_job(model: pretrained.LoadedModel, model_dir: str) -> dict:
     job_rate = timed_steps * global_batch / job_s
     pure_rate = timed_steps * global_batch / pure_s
     return {
-        "devices": jax.device_count(), "global_batch": global_batch, "steps": _STEPS.value,
-        "guides": _NUM_GUIDES.value, "timed_batches": timed_steps,
+        "devices": jax.device_count(),
+        "global_batch": global_batch,
+        "steps": _STEPS.value,
+        "guides": _NUM_GUIDES.value,
+        "timed_batches": timed_steps,
         "job_images_per_s (after first step)": round(job_rate, 2),
         "pure_program_images_per_s": round(pure_rate, 2),
         "job_over_pure_ratio": round(job_rate / pure_rate, 3),
@@ -264,11 +287,12 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
     # torch is an optional dependency: only this mode imports it.
     import torch
 
-    from sdedit_jax import torch_baseline
+    from sdedit_jax.tools import torch_baseline
 
     if (_PREDICTOR.value, _CORRECTOR.value) != ("euler_maruyama", "none"):
-        raise ValueError("--what=torch: the PyTorch port has only --predictor=euler_maruyama "
-                         "--corrector=none")
+        raise ValueError(
+            "--what=torch: the PyTorch port has only --predictor=euler_maruyama --corrector=none"
+        )
     devices = jax.device_count()
     per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
     editor = engine.Editor(model.sde, Sampler(max_steps=_STEPS.value), per_device_batch=per_device)
@@ -278,11 +302,12 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
     )
     batch = editor.shard(host_batch)
 
-    score_apply, state = model.score_fn.func, model.score_fn.args[0]
-    flax_model = nnx.merge(score_apply.graphdef, state)
+    flax_model = model.network()
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-    nets = {name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
-            for name, fmt in formats.items()}
+    nets = {
+        name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
+        for name, fmt in formats.items()
+    }
     guides = torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2)
     threads = torch.get_num_threads()
 
@@ -293,7 +318,9 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
             model.sde, flax_model.cfg.time_embedding, host_batch.t0, _STEPS.value
         )
         return torch_baseline.sdedit(
-            nets[format_name], score_apply.parameterization, schedule,
+            nets[format_name],
+            model.parameterization,
+            schedule,
             guides.contiguous(memory_format=formats[format_name]),
             torch.Generator().manual_seed(0),
         )
@@ -302,22 +329,27 @@ def bench_torch(model: pretrained.LoadedModel) -> dict:
     runs.update({f"torch_{name}": functools.partial(run_torch, name, threads) for name in formats})
     if threads > 1:
         runs["torch_channels_last_1thread"] = functools.partial(run_torch, "channels_last", 1)
-    first_call_s = {name: _timed(run) for name, run in runs.items()}
+    first_call_s = {name: timed(run) for name, run in runs.items()}
     best_s = {name: float("inf") for name in runs}
     for _ in range(_REPEATS.value):
         for name, run in runs.items():
-            best_s[name] = min(best_s[name], _timed(run))
+            best_s[name] = min(best_s[name], timed(run))
     torch.set_num_threads(threads)
     rows = editor.global_batch
     baseline = min((f"torch_{name}" for name in formats), key=best_s.get)
     fastest_torch = min((name for name in runs if name != "jax"), key=best_s.get)
     score_diff, score_scale = _torch_score_difference(
-        model, nets["nchw"], score_apply.parameterization, host_batch
+        model, nets["nchw"], model.parameterization, host_batch
     )
     return {
-        "devices": devices, "platform": jax.devices()[0].platform, "global_batch": rows,
-        "steps": _STEPS.value, "t0": float(host_batch.t0[0]), "predictor": "euler_maruyama",
-        "torch_version": torch.__version__, "torch_threads": threads,
+        "devices": devices,
+        "platform": jax.devices()[0].platform,
+        "global_batch": rows,
+        "steps": _STEPS.value,
+        "t0": float(host_batch.t0[0]),
+        "predictor": "euler_maruyama",
+        "torch_version": torch.__version__,
+        "torch_threads": threads,
         # XLA:CPU sizes its intra-op thread pool to the schedulable cores; no flag changes it here.
         "schedulable_cpus": len(os.sched_getaffinity(0)),
         "score_max_abs (jax, t=t0)": score_scale,
@@ -345,40 +377,54 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
     """
     import torch
 
-    from sdedit_jax import torch_baseline
+    from sdedit_jax.tools import torch_baseline
 
     devices = jax.device_count()
     per_device = _PER_DEVICE.value or max(1, _BATCH.value // devices)
     settings = [(p, int(n)) for p, n in (item.split(":") for item in _SETTINGS.value)]
     settings.append(("ancestral", _RECIPE_STEPS.value))
-    editors = {f"jax_{p}@{n}": (engine.Editor(model.sde, Sampler(
-        p, max_steps=engine.step_bucket(n), time_grid=_TIME_GRID.value),
-        per_device_batch=per_device), n) for p, n in settings}
+    editors = {
+        f"jax_{p}@{n}": (
+            engine.Editor(
+                model.sde,
+                Sampler(p, max_steps=step_bucket(n), time_grid=_TIME_GRID.value),
+                per_device_batch=per_device,
+            ),
+            n,
+        )
+        for p, n in settings
+    }
     some_editor = next(iter(editors.values()))[0]
     rows = some_editor.global_batch
     host_batch = dataclasses.replace(_random_batch(model, some_editor, rows, 1), mask=None)
-    score_apply, state = model.score_fn.func, model.score_fn.args[0]
-    flax_model = nnx.merge(score_apply.graphdef, state)
+    flax_model = model.network()
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-    nets = {name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
-            for name, fmt in formats.items()}
+    nets = {
+        name: torch_baseline.from_flax(flax_model).to(memory_format=fmt)
+        for name, fmt in formats.items()
+    }
     guides = torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2)
 
     def run_torch(format_name, steps=_RECIPE_STEPS.value):
         schedule = torch_baseline.edit_schedule(
-            model.sde, flax_model.cfg.time_embedding, host_batch.t0, steps)
+            model.sde, flax_model.cfg.time_embedding, host_batch.t0, steps
+        )
         return torch_baseline.sdedit(
-            nets[format_name], score_apply.parameterization, schedule,
+            nets[format_name],
+            model.parameterization,
+            schedule,
             guides.contiguous(memory_format=formats[format_name]),
-            torch.Generator().manual_seed(0))
+            torch.Generator().manual_seed(0),
+        )
 
     for name in formats:  # warm-up (oneDNN primitive creation), untimed
         run_torch(name, 2)
 
     def jax_run(editor, steps):
         placed = editor.place_score(model.score_fn)
-        batch = editor.shard(dataclasses.replace(
-            host_batch, n_steps=np.full(rows, steps, np.int32)))
+        batch = editor.shard(
+            dataclasses.replace(host_batch, n_steps=np.full(rows, steps, np.int32))
+        )
         editor.run_global(placed, batch).block_until_ready()  # compiles
         return lambda: editor.run_global(placed, batch).block_until_ready()
 
@@ -387,20 +433,26 @@ def bench_few_step(model: pretrained.LoadedModel) -> dict:
     best_s = {name: float("inf") for name in runs}
     for _ in range(_REPEATS.value):
         for name, run in runs.items():
-            best_s[name] = min(best_s[name], _timed(run))
+            best_s[name] = min(best_s[name], timed(run))
     torch_name = min((f"torch_{name}" for name in formats), key=best_s.get)
     result = {
-        "devices": devices, "platform": jax.devices()[0].platform, "global_batch": rows,
-        "t0": float(host_batch.t0[0]), "torch_version": torch.__version__,
+        "devices": devices,
+        "platform": jax.devices()[0].platform,
+        "global_batch": rows,
+        "t0": float(host_batch.t0[0]),
+        "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_recipe": f"{_RECIPE_STEPS.value} uniform reverse-SDE steps ({torch_name})",
         "torch_recipe_images_per_s": round(rows / best_s[torch_name], 3),
     }
     for name, (editor, steps) in editors.items():
         nfe = steps * editor.sampler.nfe_per_step
-        result[name] = {"grid": editor.sampler.grid_name, "nfe_per_image": nfe,
-                        "images_per_s": round(rows / best_s[name], 3),
-                        "over_torch_recipe": round(best_s[torch_name] / best_s[name], 2)}
+        result[name] = {
+            "grid": editor.sampler.grid_name,
+            "nfe_per_image": nfe,
+            "images_per_s": round(rows / best_s[name], 3),
+            "over_torch_recipe": round(best_s[torch_name] / best_s[name], 2),
+        }
     return result
 
 
@@ -408,11 +460,13 @@ def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[f
     """Max |score_jax - score_torch| on the benchmark guides, and max |score_jax| for scale."""
     import torch
 
-    from sdedit_jax import torch_baseline
+    from sdedit_jax.tools import torch_baseline
 
-    jax_score = np.asarray(jax.jit(lambda s, x, t: s(x, t))(
-        model.score_fn, jnp.asarray(host_batch.guides), jnp.asarray(host_batch.t0)
-    ))
+    jax_score = np.asarray(
+        jax.jit(lambda s, x, t: s(x, t))(
+            model.score_fn, jnp.asarray(host_batch.guides), jnp.asarray(host_batch.t0)
+        )
+    )
     schedule = torch_baseline.edit_schedule(model.sde, net.cfg.time_embedding, host_batch.t0, 1)
     with torch.no_grad():
         out = net(torch.from_numpy(host_batch.guides).permute(0, 3, 1, 2), schedule.cond[0])
@@ -422,188 +476,12 @@ def _torch_score_difference(model, net, parameterization, host_batch) -> tuple[f
 
 
 # diffusers UNet2DModel configs of published checkpoints (the hub folders' config.json).
-_DDPM_COMMON = {"in_channels": 3, "out_channels": 3, "layers_per_block": 2,
-                "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6,
-                "downsample_padding": 0, "attention_head_dim": None}
-PUBLISHED_UNETS = {
-    # google/ddpm-ema-{church,bedroom,celebahq}-256: 113.7M parameters.
-    "ddpm_church_256": {
-        **_DDPM_COMMON, "sample_size": 256, "block_out_channels": (128, 128, 256, 256, 512, 512),
-        "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-    },
-    # google/ddpm-cifar10-32: 35.7M parameters, at the shipped model's 32 px.
-    "ddpm_cifar10_32": {
-        **_DDPM_COMMON, "sample_size": 32, "block_out_channels": (128, 256, 256, 256),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    },
-    # google/ncsnpp-church-256 (score_sde's VE church run); its input is sigma.
-    "ncsnpp_church_256": {
-        "sample_size": 256, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
-        "block_out_channels": (128, 128, 256, 256, 256, 256, 256),
-        "down_block_types": ("SkipDownBlock2D",) * 4 + ("AttnSkipDownBlock2D",)
-        + ("SkipDownBlock2D",) * 2,
-        "up_block_types": ("SkipUpBlock2D",) * 2 + ("AttnSkipUpBlock2D",)
-        + ("SkipUpBlock2D",) * 4,
-        "time_embedding_type": "fourier", "center_input_sample": True, "flip_sin_to_cos": True,
-        "freq_shift": 0, "mid_block_scale_factor": 1.41421356237, "norm_eps": 1e-6,
-        "norm_num_groups": None, "downsample_padding": 1, "attention_head_dim": None,
-    },
-}
-# XLA:CPU compile options (DebugOptions), compared side by side in one process. In jax
-# 0.10.2 XLA:CPU already hands convolutions, matmuls and their elementwise neighbours to
-# YNNPACK ("__ynn_fusion" in the compiled HLO). Checked there and left out: the XNNPACK
-# flags (xla_cpu_use_xnnpack, xla_cpu_experimental_xnn_fusion_type) compile to the same
-# program, xla_cpu_use_onednn alone changes nothing, and oneDNN convolution fusions
-# (xla_cpu_experimental_onednn_fusion_type=..._CONVOLUTION) die with SIGILL on AMD EPYC.
-XLA_CPU_OPTIONS: dict[str, dict[str, object]] = {
-    "default": {},
-    "no_ynnpack": {"xla_cpu_experimental_ynn_fusion_type": ""},  # Eigen everywhere
-    "onednn_dot": {"xla_cpu_use_onednn": True,  # oneDNN matmuls, YNNPACK convolutions
-                   "xla_cpu_experimental_onednn_fusion_type":
-                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-}
-
-
-def cpu_model_name() -> str:
-    """``lscpu``'s model name (where figures came from), or the platform's processor string."""
-    import platform
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines()
-             if line.startswith("Model name")]
-    return names[0] if names else "unknown"
-
-
-def _jax_network_fn(folder: str):
-    """``(apply, state)``: sdedit_jax's network of a diffusers folder as a pure function."""
-    net = pretrained.load_network(folder)
-    return (lambda state, x, t: nnx.merge(net.graphdef, state)(x, t)), net.state
-
-
-def bench_network(name: str, rows: int, scratch: str, xla_options: list[str],
-                  repeats: int) -> dict:
-    """One call of a published architecture: sdedit_jax (per XLA option set) vs diffusers.
-
-    A randomly initialised diffusers ``UNet2DModel`` is saved with
-    ``save_pretrained`` and loaded by ``pretrained.load_network``, so both sides
-    hold the same weights; the outputs are compared on the timed batch. Calls
-    are interleaved and the best of ``--timing_repeats`` counts, so load from
-    other processes hits every contestant alike.
-    """
-    import torch
-    from diffusers import UNet2DModel
-
-    config = PUBLISHED_UNETS[name]
-    load = [os.getloadavg()[0]]
-    torch.manual_seed(0)
-    reference = UNet2DModel(**config).eval()
-    folder = os.path.join(scratch, name)
-    reference.save_pretrained(folder)
-    apply, state = _jax_network_fn(folder)
-    size = config["sample_size"]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((rows, size, size, 3)).astype(np.float32)
-    if config.get("time_embedding_type") == "fourier":  # sigma input
-        t = np.geomspace(0.5, 300.0, rows).astype(np.float32)
-    else:  # DDPM timestep input
-        t = np.linspace(50.0, 950.0, rows).astype(np.float32)
-    jx, jt = jnp.asarray(x), jnp.asarray(t)
-    lowered = jax.jit(apply).lower(state, jx, jt)
-    compile_s, compiled = {}, {}
-    for option in xla_options:
-        start = time.perf_counter()
-        compiled[option] = lowered.compile(compiler_options=XLA_CPU_OPTIONS[option])
-        compile_s[option] = time.perf_counter() - start
-    analysis = compiled[xla_options[0]].cost_analysis()
-    flops = float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
-
-    channels_last = copy.deepcopy(reference).to(memory_format=torch.channels_last)
-    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    tx_last = tx.contiguous(memory_format=torch.channels_last)
-    tt = torch.from_numpy(t)
-
-    threads = torch.get_num_threads()
-
-    def torch_call(model, inputs, num_threads):
-        torch.set_num_threads(num_threads)
-        with torch.inference_mode():
-            return model(inputs, tt).sample
-
-    runs = {f"jax_{o}": functools.partial(lambda c: c(state, jx, jt).block_until_ready(), c)
-            for o, c in compiled.items()}
-    runs["torch_eager"] = functools.partial(torch_call, reference, tx, threads)
-    runs["torch_channels_last"] = functools.partial(torch_call, channels_last, tx_last, threads)
-    if threads > 1:  # OpenMP threads contend badly when other processes load the CPU
-        runs["torch_channels_last_1thread"] = functools.partial(
-            torch_call, channels_last, tx_last, 1)
-    outputs = {k: np.asarray(run()) for k, run in runs.items()}  # also warms up
-    torch_out = outputs["torch_eager"].transpose(0, 2, 3, 1)
-    scale = float(np.max(np.abs(torch_out)))
-    diffs = {k: float(np.max(np.abs(v - torch_out))) for k, v in outputs.items()
-             if k.startswith("jax_")}
-    best_s = {k: float("inf") for k in runs}
-    for _ in range(repeats):
-        for k, run in runs.items():
-            best_s[k] = min(best_s[k], _timed(run))
-    torch.set_num_threads(threads)
-    load.append(os.getloadavg()[0])
-    fastest_torch = min((k for k in runs if k.startswith("torch")), key=best_s.get)
-    return {
-        "network": name, "params_M": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
-        "image_size": size, "batch": rows, "cpu": cpu_model_name(),
-        "platform": jax.devices()[0].platform, "torch_version": torch.__version__,
-        "torch_threads": threads, "timing_repeats": repeats,
-        "load_average_1min (start, end)": load,
-        "gflop_per_call (XLA cost analysis)": round(flops / 1e9, 2),
-        "max_abs_diff_jax_vs_torch": diffs, "torch_output_max_abs": scale,
-        "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
-        "seconds_per_call": {k: round(v, 4) for k, v in best_s.items()},
-        "images_per_s": {k: round(rows / v, 3) for k, v in best_s.items()},
-        "gflop_per_s": {k: round(flops / v / 1e9, 1) for k, v in best_s.items()},
-        "speedup_over_fastest_torch": {k: round(best_s[fastest_torch] / v, 2)
-                                       for k, v in best_s.items() if k.startswith("jax_")},
-    }
-
-
-def bench_networks() -> list[dict]:
-    """``bench_network`` for every ``--networks`` entry, appended to ``--results`` as it ends."""
-    unknown = sorted(set(_NETWORKS.value) - set(PUBLISHED_UNETS))
-    if unknown:
-        raise ValueError(f"--networks: unknown {unknown}; known {sorted(PUBLISHED_UNETS)}")
-    unknown = sorted(set(_XLA_OPTIONS.value) - set(XLA_CPU_OPTIONS))
-    if unknown:
-        raise ValueError(f"--xla_options: unknown {unknown}; known {sorted(XLA_CPU_OPTIONS)}")
-    done = []
-    if _RESULTS.value and os.path.exists(_RESULTS.value):
-        with open(_RESULTS.value) as f:
-            done = [json.loads(line) for line in f if line.strip()]
-    finished = {(r["network"], r["batch"]) for r in done}
-    results = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in _NETWORKS.value:
-            if (name, _BATCH.value) in finished:
-                continue
-            result = bench_network(name, _BATCH.value, scratch, _XLA_OPTIONS.value,
-                                   _REPEATS.value)
-            print(json.dumps(result), flush=True)
-            results.append(result)
-            if _RESULTS.value:
-                os.makedirs(os.path.dirname(os.path.abspath(_RESULTS.value)), exist_ok=True)
-                with open(_RESULTS.value, "a") as f:
-                    f.write(json.dumps(result) + "\n")
-    return done + results
-
-
 def main(argv):
     del argv
     if _WHAT.value == "networks":
-        bench_networks()
+        bench_networks(
+            _NETWORKS.value, _BATCH.value, _XLA_OPTIONS.value, _REPEATS.value, _RESULTS.value
+        )
         return
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = benchmark_model_dir(scratch)
@@ -615,8 +493,9 @@ def main(argv):
         elif _WHAT.value == "few_step":
             result = bench_few_step(model)
         else:
-            result = (bench_sampler(model) if _WHAT.value == "sampler"
-                      else bench_job(model, model_dir))
+            result = (
+                bench_sampler(model) if _WHAT.value == "sampler" else bench_job(model, model_dir)
+            )
     print(json.dumps(result, indent=1))
 
 

@@ -1,0 +1,83 @@
+"""Realism versus faithfulness over t0: SDEdit's trade-off curve, from a config file.
+
+    python -m sdedit_jax.evaluate --config configs/eval_emoji.py --workdir runs/eval_emoji
+    python -m sdedit_jax.evaluate --config configs/eval_tiny.py --config.model_dir=/m --workdir /w
+
+SDEdit's start time t0 trades faithfulness (how close the output stays to the
+guide) against realism (how much the output looks like real data). This
+module measures the curve: guides are synthesised from held-out real images
+(``tasks``: stroke paintings, stroke edits, composites; see
+:mod:`sdedit_jax.data.guide_inputs`), edited at every ``t0`` of ``t0s`` with
+every sampler variant, and each setting is scored by
+
+* faithfulness to the guide: SDEdit's L2 (Euclidean norm of the pixel
+  difference in ``[0, 1]``), MSE, PSNR, SSIM, and for masked tasks the L2
+  inside and outside the mask (outside must stay ~0);
+* realism: KID (mean and std over random subsets) and FID between
+  EfficientNet-Lite0 features of the outputs and of a reference set of real
+  images (features cached in ``<workdir>/reference_features.npz``).
+
+A ``t0 = 0`` row per task scores the guides themselves (perfectly faithful,
+least realistic): the baseline every curve starts from.
+
+All ``t0`` of a variant run in ONE compiled program: ``t0`` and the paper's
+step count ``ceil(N * t0)`` are traced per-example values, and every task
+always passes a mask (all ones when nothing is masked), so the program's
+signature never changes. Results are deterministic given the config: an
+output depends only on (seed, task, example id, t0, guide, mask), and KID
+draws its subsets from ``seed``; the same subsets serve every setting, so
+settings are compared on paired samples.
+
+Outputs in ``workdir``: ``results.json`` (config, model, rows), ``results.csv``
+(one row per setting), ``realism_faithfulness.png`` (KID and FID against L2,
+points labelled by t0), ``contact_<task>_<variant>.png`` (guide | outputs per
+t0) and ``throughput.jsonl``. In the JSON, non-finite values are ``null``: an
+inapplicable score (``l2_outside`` of an unmasked task) or the guides' own PSNR,
+which is infinite. ``seconds`` and ``images_per_s`` time the editing only; the
+first t0 of each variant includes compiling its program. Evaluation runs in
+one process (on all its local devices).
+
+Modules: :mod:`.inputs` (tasks' guides, reference images, variants, t0s),
+:mod:`.scoring` (faithfulness and realism of one setting; FID/KID helpers live
+in :mod:`sdedit_jax.metrics.realism`), :mod:`.report` (tables, plot, contact
+sheets), :mod:`.sweep` (the resumable sweep and ``run_evaluation``). The
+command line is :mod:`sdedit_jax.evaluate`.
+"""
+
+from sdedit_jax.evaluation.inputs import (
+    BASELINE_VARIANT,
+    ImageSet,
+    Variant,
+    check_t0s,
+    load_guides,
+    load_reference,
+    task_generator,
+    variants_from_config,
+    with_samples,
+)
+from sdedit_jax.evaluation.report import COLUMNS, csv_text, table_text, write_outputs
+from sdedit_jax.evaluation.scoring import Scorer, reference_features, setting_scores
+from sdedit_jax.evaluation.sweep import REFERENCE_CACHE, cached_edit, run_evaluation, sweep
+
+__all__ = [
+    "BASELINE_VARIANT",
+    "COLUMNS",
+    "REFERENCE_CACHE",
+    "ImageSet",
+    "Scorer",
+    "Variant",
+    "cached_edit",
+    "check_t0s",
+    "csv_text",
+    "load_guides",
+    "load_reference",
+    "reference_features",
+    "run_evaluation",
+    "setting_scores",
+    "sweep",
+    "table_text",
+    "task_generator",
+    "variants_from_config",
+    "with_samples",
+    "write_outputs",
+]

@@ -1,0 +1,322 @@
+"""The sweep: edit and score every (variant, task, t0), resumable; ``run_evaluation`` drives it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from sdedit_jax import engine, files, pretrained
+from sdedit_jax.data import sinks
+from sdedit_jax.evaluation.inputs import (
+    BASELINE_VARIANT,
+    ImageSet,
+    Variant,
+    check_t0s,
+    load_guides,
+    load_reference,
+    variants_from_config,
+    with_samples,
+)
+from sdedit_jax.evaluation.report import (
+    contact_rows,
+    csv_text,
+    table_text,
+    write_outputs,
+)
+from sdedit_jax.evaluation.scoring import (
+    Scorer,
+    reference_features,
+)
+from sdedit_jax.metrics import realism
+from sdedit_jax.rng import string_id_words
+from sdedit_jax.stream import Progress
+
+REFERENCE_CACHE = "reference_features.npz"
+
+
+def edit_guides(
+    editor: engine.Editor,
+    placed,
+    guides: ImageSet,
+    t0: float,
+    n_steps: int,
+    seed: int,
+    on_chunk: Callable[[int], None],
+) -> np.ndarray:
+    """Edits every guide at one ``t0``, ``editor.global_batch`` rows at a time."""
+    words = string_id_words([f"{guides.name}/{i}" for i in guides.ids])
+    outputs = []
+    for start in range(0, len(guides.ids), editor.global_batch):
+        rows = slice(start, start + editor.global_batch)
+        count = len(guides.ids[rows])
+        batch = engine.EditBatch(
+            guides=guides.images[rows],
+            seeds=np.full((count,), seed, np.int32),
+            id_words=words[rows],
+            t0=np.full((count,), t0, np.float32),
+            n_steps=np.full((count,), n_steps, np.int32),
+            mask=guides.masks[rows],
+        )
+        outputs.append(np.asarray(editor.run(placed, batch)))
+        on_chunk(count)
+    return np.concatenate(outputs)
+
+
+def _row(
+    task: str,
+    variant: str,
+    t0: float,
+    n_steps: int,
+    count: int,
+    scores: dict,
+    seconds: float | None,
+    nfe: int = 0,
+) -> dict:
+    rate = None if not seconds else round(count / seconds, 3)
+    return {
+        "task": task,
+        "variant": variant,
+        "t0": t0,
+        "n_steps": n_steps,
+        "nfe": nfe,
+        "examples": count,
+        **scores,
+        "seconds": None if seconds is None else round(seconds, 3),
+        "images_per_s": rate,
+    }
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _setting_key(
+    model: pretrained.LoadedModel,
+    variant: Variant,
+    guides: ImageSet,
+    t0: float,
+    n_steps: int,
+    seed: int,
+) -> str:
+    """A digest of everything one setting's outputs depend on (the resume cache's key)."""
+    spec = {
+        "model": model.checksum,
+        "sampler": dataclasses.asdict(variant.sampler),
+        "repeats": variant.repeats,
+        "task": guides.name,
+        "t0": t0,
+        "n_steps": n_steps,
+        "seed": seed,
+        "ids": guides.ids,
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(guides.images).tobytes())
+    digest.update(np.ascontiguousarray(guides.masks).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_edit(
+    cache_dir: str, key: str, edit: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, float]:
+    """(outputs, editing seconds) of one setting, from ``cache_dir`` when an earlier run made them.
+
+    A long sweep that is stopped resumes where it stopped: finished settings
+    are read back (bit-identical, as editing is deterministic), not recomputed.
+    """
+    path = os.path.join(cache_dir, f"{key}.npz")
+    if os.path.exists(path):
+        with np.load(path) as cached:
+            return cached["outputs"], float(cached["seconds"])
+    start = time.perf_counter()
+    outputs = edit()
+    seconds = time.perf_counter() - start
+    buffer = io.BytesIO()
+    np.savez(buffer, outputs=outputs, seconds=np.float64(seconds))
+    sinks.atomic_write_bytes(path, buffer.getvalue())
+    return outputs, seconds
+
+
+def sweep(
+    model: pretrained.LoadedModel,
+    variants: list[Variant],
+    task_guides: list[ImageSet],
+    t0s: tuple[float, ...],
+    config: ml_collections.ConfigDict,
+    scorer: Scorer,
+    throughput_log: str,
+    cache_dir: str | None = None,
+    on_row: Callable[[list[dict]], None] | None = None,
+) -> tuple[list[dict], dict]:
+    """Edits and scores every (variant, task, t0); returns (rows, contact-sheet cells per curve).
+
+    With ``cache_dir``, each setting's outputs are kept there and reused by a
+    rerun; ``on_row(rows so far)`` is called after each setting.
+    """
+    editors = [
+        engine.Editor(model.sde, v.sampler, v.repeats, per_device_batch=config.per_device_batch)
+        for v in variants
+    ]
+    total_rows = len(variants) * len(t0s) * sum(len(g.ids) for g in task_guides)
+    progress = Progress(total_rows, throughput_log, label="evaluate")
+    done = {"chunks": 0, "rows": 0}
+
+    def on_chunk(count):
+        done["chunks"] += 1
+        done["rows"] += count
+        progress.update(done["chunks"], done["rows"])
+
+    rows, sheets = [], {}
+    for variant, editor in zip(variants, editors, strict=True):
+        placed = editor.place_score(model.score_fn)
+        for guides in task_guides:
+            kept = {}
+            for t0 in t0s:
+                # The config's float64 t0: float32(0.8) * 200 rounds up to 161 steps.
+                n_steps = int(variant.step_rule.steps_for(np.float64(t0)))
+
+                def edit(editor=editor, placed=placed, guides=guides, t0=t0, n_steps=n_steps):
+                    return edit_guides(editor, placed, guides, t0, n_steps, config.seed, on_chunk)
+
+                if cache_dir is None:
+                    start = time.perf_counter()
+                    outputs = edit()
+                    seconds = time.perf_counter() - start
+                else:
+                    key = _setting_key(model, variant, guides, t0, n_steps, config.seed)
+                    outputs, seconds = cached_edit(cache_dir, key, edit)
+                nfe = n_steps * variant.sampler.nfe_per_step * variant.repeats
+                rows.append(
+                    _row(
+                        guides.name,
+                        variant.name,
+                        t0,
+                        n_steps,
+                        len(guides.ids),
+                        scorer(outputs, guides),
+                        seconds,
+                        nfe,
+                    )
+                )
+                if on_row is not None:
+                    on_row(rows)
+                kept[t0] = outputs[: config.contact_sheet_examples]
+                _log(
+                    f"[{guides.name} {variant.name} t0={t0:g}] {len(guides.ids)} images, "
+                    f"{n_steps} steps, {seconds:.1f}s ({len(guides.ids) / seconds:.2f} img/s)"
+                )
+            sheets[(guides.name, variant.name)] = contact_rows(
+                guides, kept, config.contact_sheet_examples
+            )
+    progress.update(done["chunks"], done["rows"], force=True)
+    return rows, sheets
+
+
+def run_evaluation(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    model: pretrained.LoadedModel | None = None,
+    extractor: realism.FeatureExtractor | None = None,
+) -> dict:
+    """Runs the whole sweep and writes every output to ``workdir``; returns ``results.json``'s dict.
+
+    Args:
+        config: an evaluation config (see ``configs/eval_emoji.py``).
+        workdir: output folder (created).
+        model: a loaded model to use instead of ``config.model_dir`` (tests pass
+            analytic score functions this way).
+        extractor: realism features to use instead of ``config.feature_extractor``.
+    """
+    if jax.process_count() != 1:
+        raise ValueError("evaluate: runs in a single process; start it without jax.distributed")
+    started = time.perf_counter()
+    files.makedirs(workdir)
+    model = pretrained.load_model(config.model_dir) if model is None else model
+    t0s = check_t0s(config.t0s, model.sde)
+    variants = variants_from_config(config)
+    if not config.tasks:
+        raise ValueError("config.tasks: give at least one guide generator")
+    samples = config.get("samples_per_guide", 1)
+    task_guides = [
+        with_samples(load_guides(config, task, model.image_size, model.num_channels), samples)
+        for task in config.tasks
+    ]
+    reference = load_reference(config, model.image_size, model.num_channels)
+    if extractor is None:
+        extractor = realism.load_feature_extractor(
+            config.feature_extractor, config.feature_weights_path or None
+        )
+    reference_feats, cache_hit = reference_features(
+        extractor, reference, os.path.join(workdir, REFERENCE_CACHE), config.feature_batch_size
+    )
+    _log(
+        f"[evaluate] {len(reference.ids)} reference images "
+        f"({'cached' if cache_hit else 'computed'} features), "
+        f"{', '.join(f'{g.name}: {len(g.ids)}' for g in task_guides)} guides"
+    )
+    smallest = min([len(reference.ids)] + [len(g.ids) for g in task_guides])
+    scorer = Scorer(
+        extractor,
+        reference_feats,
+        realism.stats_from_features(reference_feats),
+        jax.random.key(config.seed),
+        min(config.kid.subset_size, smallest),
+        config.kid.num_subsets,
+        config.feature_batch_size,
+    )
+    baselines = [
+        _row(g.name, BASELINE_VARIANT, 0.0, 0, len(g.ids), scorer(g.images, g), None)
+        for g in task_guides
+    ]
+    cache_dir = os.path.join(workdir, "outputs")
+    os.makedirs(cache_dir, exist_ok=True)
+
+    def write_partial(rows):
+        sinks.atomic_write_bytes(
+            os.path.join(workdir, "results.partial.csv"), csv_text(baselines + rows).encode()
+        )
+
+    rows, sheets = sweep(
+        model,
+        variants,
+        task_guides,
+        t0s,
+        config,
+        scorer,
+        os.path.join(workdir, "throughput.jsonl"),
+        cache_dir,
+        write_partial,
+    )
+    results = {
+        "workdir": workdir,
+        "config": config.to_dict(),
+        "model": {"path": model.path, "sha256": model.checksum, "sde": type(model.sde).__name__},
+        "feature_extractor": extractor.name,
+        "reference_images": len(reference.ids),
+        "reference_cache_hit": cache_hit,
+        "kid_subset_size": scorer.kid_subset_size,
+        "variants": [
+            {
+                "name": v.name,
+                **dataclasses.asdict(v.sampler),
+                "repeats": v.repeats,
+                "grid_used": v.sampler.grid_name,
+                "nfe_per_step": v.sampler.nfe_per_step,
+            }
+            for v in variants
+        ],
+        "rows": baselines + rows,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_outputs(workdir, results, sheets)
+    print(table_text(results["rows"]))
+    return results

@@ -1,0 +1,4 @@
+"""Tools around the library, not part of it: benchmarks, the PyTorch baseline, model cards.
+
+Each runs as ``python -m sdedit_jax.tools.<name>``; nothing in ``sdedit_jax`` imports them.
+"""

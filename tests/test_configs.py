@@ -1,0 +1,67 @@
+"""The shipped configs: shared blocks, variant arguments, tiny configs derived from full ones.
+
+Truth: the values the configs documented before they shared blocks (the demo's sampler,
+the shipped model's network), and big_vision's ``key=value,flag`` variant grammar.
+"""
+
+import os
+
+import pytest
+
+from sdedit_jax import job
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_configs_load_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = job.load_config("configs/default.py")
+    assert config.sampler.predictor == "sde_dpm_solver_2m"
+    assert config.sampler.steps_per_unit_time == 100
+    assert job.load_config("configs/default.py:quick").sampler.steps_per_unit_time == 20
+
+
+def test_variants_combine_and_take_typed_values():
+    config = job.load_config("configs/eval_emoji.py:quick,tasks")
+    assert config.max_guides == 32 and "composite" in config.tasks
+    assert job.load_config("configs/eval_emoji.py:quick=false").max_guides == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("configs/default.py:fast", r"configs/default.py: unknown variant 'fast' \(known: quick\)"),
+        ("configs/train_tiny.py:quick", r"configs/train_tiny.py: unknown variant 'quick'"),
+        ("configs/eval_emoji.py:quick=maybe", r"variant quick='maybe' is not a boolean"),
+    ],
+)
+def test_bad_variants_are_one_line_errors_naming_file_and_variant(spec, message):
+    with pytest.raises(ValueError, match=message):
+        job.load_config(spec)
+
+
+def test_tiny_configs_are_the_full_ones_cut_down():
+    full, tiny = job.load_config("configs/train_emoji.py"), job.load_config("configs/train_tiny.py")
+    assert set(tiny.keys()) == set(full.keys())
+    assert (tiny.sde, tiny.optim.b2, tiny.training.parameterization) == (
+        full.sde,
+        full.optim.b2,
+        full.training.parameterization,
+    )
+    assert (tiny.model.image_size, tiny.model.nf, tiny.data.source) == (8, 8, "synthetic")
+    full, tiny = job.load_config("configs/eval_emoji.py"), job.load_config("configs/eval_tiny.py")
+    assert set(tiny.keys()) == set(full.keys())
+    assert set(tiny.sampler.keys()) == set(full.sampler.keys())
+    assert (tiny.sampler.predictor, tiny.max_guides) == ("euler_maruyama", 8)
+
+
+def test_config_blocks_become_frozen_dataclasses_and_unknown_keys_are_named():
+    from sdedit_jax.config import frozen
+    from sdedit_jax.models import unet
+
+    cfg = frozen(unet.UNetConfig, {"nf": 8, "ch_mult": [1, 2]}, "model")
+    assert cfg.ch_mult == (1, 2) and cfg.nf == 8 and hash(cfg)
+    assert frozen(unet.UNetConfig, cfg, "model") is cfg
+    message = r"^config\.model\.nf_: unknown field, got 8 \(known: image_size"
+    with pytest.raises(ValueError, match=message):
+        frozen(unet.UNetConfig, {"nf_": 8}, "config.model")

@@ -1,0 +1,16 @@
+"""Quiet startup: importing TensorFlow through sdedit_jax.quiet prints nothing on stderr."""
+
+import subprocess
+import sys
+
+
+def test_tensorflow_import_leaves_stderr_empty_and_errors_still_show():
+    code = (
+        "from sdedit_jax import quiet; tf = quiet.import_tensorflow(); "
+        "print(tf.constant(2).numpy()); import sys; print('after', file=sys.stderr)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "2"
+    assert result.stderr.strip() == "after"  # no oneDNN / absl lines, and fd 2 restored
