@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model_dir = "default"  # the shipped model in sdedit_jax/assets/default_model
     config.input = ml_collections.ConfigDict(
         {
-            "source": "folder",  # folder | manifest | tfrecord | tfds (see data/guide_inputs.py)
+            "source": "folder",  # folder | manifest | tfrecord | tfds (see data/guide_inputs/)
             "path": os.path.join(_PACKAGE, "assets", "demo"),
             "image_size": (32, 32),
             "channels": 3,
