@@ -28,8 +28,7 @@ class CompositeError(ValueError):
     """A bad argument or input file; the message names it."""
 
 
-def read_rgb(path: str, field: str) -> np.ndarray:
-    """An 8-bit image file as uint8 ``[H, W, 3]`` (grayscale and palette are expanded)."""
+def _open_image(path: str, field: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
@@ -37,6 +36,12 @@ def read_rgb(path: str, field: str) -> np.ndarray:
         raise CompositeError(f"{field} ({path}): file not found") from None
     except OSError as e:
         raise CompositeError(f"{field} ({path}): not a readable image ({e})") from None
+    return image
+
+
+def read_rgb(path: str, field: str) -> np.ndarray:
+    """An 8-bit image file as uint8 ``[H, W, 3]`` (grayscale and palette are expanded)."""
+    image = _open_image(path, field)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
         if alpha.min() < 255:
@@ -51,13 +56,7 @@ def read_rgb(path: str, field: str) -> np.ndarray:
 
 def read_mask(path: str, field: str) -> np.ndarray:
     """A mask file as bool ``[H, W]``: pixels >= 128 (of 255) are the region."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except FileNotFoundError:
-        raise CompositeError(f"{field} ({path}): file not found") from None
-    except OSError as e:
-        raise CompositeError(f"{field} ({path}): not a readable image ({e})") from None
+    image = _open_image(path, field)
     pixels = np.asarray(image.convert("RGB"))
     if np.any(pixels != pixels[..., :1]):
         raise CompositeError(f"{field} ({path}): colour mask; need grayscale (white = region)")

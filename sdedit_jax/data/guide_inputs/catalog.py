@@ -232,18 +232,20 @@ def _folder_catalog(config: GuideInputConfig) -> Catalog:
     with_masks = bool(mask_root) and files.isdir(mask_root)
     masks_by_stem: dict[str, list[str]] = {}
     rows, guide_stems = [], set()
+
+    def mask_failure(rel: str, reason: str) -> _Row:
+        path = files.join(mask_root, rel)
+        return _Row(
+            id=f"{config.mask_dir}/{rel}",
+            source=path,
+            t0=config.t0,
+            seed=config.seed,
+            error=f"mask ({path}): {reason}",
+        )
+
     for rel, problem in _walk_files(mask_root) if with_masks else []:
         if problem:
-            path = files.join(mask_root, rel)
-            rows.append(
-                _Row(
-                    id=f"{config.mask_dir}/{rel}",
-                    source=path,
-                    t0=config.t0,
-                    seed=config.seed,
-                    error=f"mask ({path}): {problem}",
-                )
-            )
+            rows.append(mask_failure(rel, problem))
         else:
             masks_by_stem.setdefault(os.path.splitext(rel)[0], []).append(rel)
     for rel, problem in _walk_files(root, skip=mask_root):
@@ -268,17 +270,7 @@ def _folder_catalog(config: GuideInputConfig) -> Catalog:
         rows.append(row)
     for stem, mask_files in sorted(masks_by_stem.items()):
         if stem not in guide_stems:
-            for rel in mask_files:
-                path = files.join(mask_root, rel)
-                rows.append(
-                    _Row(
-                        id=f"{config.mask_dir}/{rel}",
-                        source=path,
-                        t0=config.t0,
-                        seed=config.seed,
-                        error=f"mask ({path}): no guide image named {stem}.*",
-                    )
-                )
+            rows.extend(mask_failure(rel, f"no guide image named {stem}.*") for rel in mask_files)
     if not rows:
         raise ValueError(f"path: guide folder {config.path!r} holds no files")
     return _catalog(sorted(rows, key=lambda r: r.id))
