@@ -12,6 +12,7 @@ from PIL import Image
 
 from sdedit_jax import job, report
 from sdedit_jax.data import guide_inputs
+from sdedit_jax.tools.bench_networks import PUBLISHED_UNETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(REPO, "configs", "paper.py")
@@ -55,41 +56,15 @@ def test_unknown_variant_is_named():
 
 # --- end to end: converted random-weight networks of the published structures -------------------
 
-# google/ddpm-ema-church-256's block structure, narrower (the widths only change the cost).
+# The published church block structures (the benchmark's configs), narrower: the widths
+# only change the cost.
 DDPM_CHURCH_NARROW = {
-    "sample_size": 256,
-    "in_channels": 3,
-    "out_channels": 3,
-    "layers_per_block": 2,
+    **PUBLISHED_UNETS["ddpm_church_256"],
     "block_out_channels": (32, 32, 64, 64, 64, 64),
-    "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-    "flip_sin_to_cos": False,
-    "freq_shift": 1,
-    "norm_eps": 1e-6,
-    "downsample_padding": 0,
-    "attention_head_dim": None,
 }
-# google/ncsnpp-church-256's block structure, narrower.
 NCSNPP_CHURCH_NARROW = {
-    "sample_size": 256,
-    "in_channels": 3,
-    "out_channels": 3,
-    "layers_per_block": 2,
+    **PUBLISHED_UNETS["ncsnpp_church_256"],
     "block_out_channels": (32, 32, 64, 64, 128, 128, 128),
-    "down_block_types": ("SkipDownBlock2D",) * 4
-    + ("AttnSkipDownBlock2D",)
-    + ("SkipDownBlock2D",) * 2,
-    "up_block_types": ("SkipUpBlock2D",) * 2 + ("AttnSkipUpBlock2D",) + ("SkipUpBlock2D",) * 4,
-    "time_embedding_type": "fourier",
-    "center_input_sample": True,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "mid_block_scale_factor": 1.41421356237,
-    "norm_eps": 1e-6,
-    "norm_num_groups": None,
-    "downsample_padding": 1,
-    "attention_head_dim": None,
     "act_fn": "silu",
 }
 E2E_GUIDES = ("edit_coffee", "paint_astronaut")
