@@ -26,7 +26,7 @@ from sdedit_jax import files
 
 FILE = "job_fingerprint.json"
 # Outputs of a job in its workdir (what overwrite deletes): t0 folders and job-level files.
-_JOB_FILES = ("summary.json", "contact_sheet.png", FILE)
+_JOB_FILES = ("summary.json", "contact_sheet.png", "tensorboard", FILE)
 
 
 class FingerprintMismatch(ValueError):

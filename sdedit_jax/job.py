@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from sdedit_jax import engine, files, fingerprint, pretrained, report, workdir_lock
+from sdedit_jax import engine, files, fingerprint, metric_log, pretrained, report, workdir_lock
 from sdedit_jax.data import guide_inputs, sinks
 from sdedit_jax.sampling.integrate import Sampler
 from sdedit_jax.sampling.steps import StepRule
@@ -397,6 +397,20 @@ def _scalar_fields(value) -> dict:
     return {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool))}
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedJob:
+    """A job whose configuration, model and inputs passed every check: what running needs."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    t0s: list[float]
+    inputs: dict[float, guide_inputs.GuideInputConfig]
+    catalog: guide_inputs.Catalog
+    model: pretrained.LoadedModel
+    sampler: Sampler
+    step_rule: StepRule
+
+
 def run_job(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -438,34 +452,24 @@ def run_job(
         fingerprint.check_or_record(workdir, job_print, overwrite=config.overwrite, record=False)
     except fingerprint.FingerprintMismatch as e:
         raise ConfigError(str(e)) from None
+    prepared = PreparedJob(config, workdir, t0s, inputs, catalog, model, sampler, step_rule)
     if dry_run:
-        return plan_job(config, workdir, t0s, inputs, catalog, retry_failed)
+        return plan_job(prepared, retry_failed)
     with workdir_lock.acquire(workdir, process):
         sinks.remove_orphan_temps(workdir, process, recursive=False)
         if process == 0:
             fingerprint.check_or_record(workdir, job_print, overwrite=config.overwrite)
         multihost_utils.sync_global_devices("workdir fingerprint")
-        return _run_locked(
-            config,
-            workdir,
-            t0s,
-            inputs,
-            catalog,
-            model,
-            sampler,
-            step_rule,
-            retry_failed,
-            process,
-            n_processes,
-        )
+        return _run_locked(prepared, retry_failed, process, n_processes)
 
 
-def plan_job(config, workdir, t0s, inputs, catalog, retry_failed) -> dict:
+def plan_job(prepared: PreparedJob, retry_failed: bool) -> dict:
     """The dry run: per sub-job, every input with ``edit`` or ``skip`` and the reason."""
     plan = []
+    catalog = prepared.catalog
     errors = catalog.columns["error"]
-    for job in sub_jobs(t0s, catalog):
-        sub = files.join(workdir, job.folder)
+    for job in sub_jobs(prepared.t0s, catalog):
+        sub = files.join(prepared.workdir, job.folder)
         done = sinks.completed_index(sub, retry_failed=True)
         failed = sinks.completed_index(sub) if not retry_failed else sinks.CompletedIds([])
         mine = {"configured": ~catalog.columns["t0_given"], "own": catalog.columns["t0_given"]}[
@@ -493,22 +497,13 @@ def plan_job(config, workdir, t0s, inputs, catalog, retry_failed) -> dict:
             counts[action] = counts.get(action, 0) + 1
             print(f"  {action}  {example_id}  ({why})")
         plan.append({"folder": job.folder, **counts})
-    return {"workdir": workdir, "dry_run": True, "plan": plan, "failures": 0}
+    return {"workdir": prepared.workdir, "dry_run": True, "plan": plan, "failures": 0}
 
 
-def _run_locked(
-    config,
-    workdir,
-    t0s,
-    inputs,
-    catalog,
-    model,
-    sampler,
-    step_rule,
-    retry_failed,
-    process,
-    n_processes,
-) -> dict:
+def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_processes: int) -> dict:
+    config, workdir, t0s = prepared.config, prepared.workdir, prepared.t0s
+    inputs, catalog, model = prepared.inputs, prepared.catalog, prepared.model
+    sampler, step_rule = prepared.sampler, prepared.step_rule
     editor = engine.Editor(
         model.sde, sampler, config.repeats, per_device_batch=config.per_device_batch
     )
@@ -563,7 +558,10 @@ def _run_locked(
                 sink,
                 num_steps=stream.num_steps,
                 step_rule=step_rule,
-                log_path=files.join(sub, f"throughput.p{process:05d}.jsonl"),
+                progress_writer=metric_log.metric_writer(
+                    files.join(sub, f"throughput.p{process:05d}.jsonl"),
+                    files.join(workdir, "tensorboard", job.folder) if process == 0 else None,
+                ),
                 progress_label=job.label,
                 total_rows=stream.local_examples,
             )

@@ -1,9 +1,10 @@
-"""Training metrics through ``clu.metric_writers``: TensorBoard summaries plus ``metrics.jsonl``.
+"""Metrics through ``clu.metric_writers``: TensorBoard summaries plus a JSONL log.
 
-One ``MultiWriter`` feeds both: TensorBoard event files in ``<workdir>/tensorboard``
-(process 0 only; ``tensorboard --logdir <workdir>``) and the JSONL file users and
-``tools/model_card`` already read, one ``{"step": ..., <scalars>, "time": ...}``
-line per call, through the file layer (so ``gs://`` workdirs work).
+One ``MultiWriter`` feeds both: TensorBoard event files (``tensorboard --logdir
+<workdir>``) and the JSONL file users and ``sdedit_jax.tools.model_card`` read,
+one ``{"step": ..., <scalars>, "time": ...}`` line per call, through the file
+layer (so ``gs://`` workdirs work). Training writes ``metrics.jsonl``; jobs and
+evaluations write their progress (images written, images/s) the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ from sdedit_jax import files
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """Scalars as JSON lines; the JSONL log holds scalars only, other kinds are ignored."""
+    """Scalars as JSON lines; the JSONL log holds scalars only, other kinds are ignored.
 
-    def __init__(self, path: str):
-        self.path = path
+    Local files get each line at once. Object stores cannot append (the whole
+    log is published again), so there lines are held and published at most
+    every ``publish_every_s`` seconds and on ``flush``.
+    """
+
+    def __init__(self, path: str, publish_every_s: float = 60.0):
+        self.path, self.publish_every_s = path, publish_every_s
+        self._pending: list[str] = []
+        self._last_publish = time.monotonic()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {
@@ -31,7 +39,10 @@ class JsonlWriter(metric_writers.MetricWriter):
             **{k: float(v) for k, v in scalars.items()},
             "time": time.time(),
         }
-        files.append_bytes(self.path, (json.dumps(record) + "\n").encode())
+        self._pending.append(json.dumps(record) + "\n")
+        due = time.monotonic() - self._last_publish > self.publish_every_s
+        if due or files.is_local(self.path):
+            self.flush()
 
     def write_summaries(self, step, values, metadata=None) -> None:
         del step, values, metadata
@@ -55,15 +66,24 @@ class JsonlWriter(metric_writers.MetricWriter):
         del hparams
 
     def flush(self) -> None:
-        pass
+        if self._pending:
+            files.append_bytes(self.path, "".join(self._pending).encode())
+            self._pending = []
+        self._last_publish = time.monotonic()
 
     def close(self) -> None:
-        pass
+        self.flush()
+
+
+def metric_writer(jsonl_path: str, tensorboard_dir: str | None) -> metric_writers.MetricWriter:
+    """``jsonl_path`` and, unless ``tensorboard_dir`` is None, TensorBoard, as one writer."""
+    writers: list[metric_writers.MetricWriter] = [JsonlWriter(jsonl_path)]
+    if tensorboard_dir is not None:
+        writers.append(metric_writers.SummaryWriter(tensorboard_dir))
+    return metric_writers.MultiWriter(writers)
 
 
 def training_writer(workdir: str) -> metric_writers.MetricWriter:
-    """TensorBoard (process 0) and ``metrics.jsonl`` in ``workdir``, as one writer."""
-    writers: list[metric_writers.MetricWriter] = [JsonlWriter(files.join(workdir, "metrics.jsonl"))]
-    if jax.process_index() == 0:
-        writers.append(metric_writers.SummaryWriter(files.join(workdir, "tensorboard")))
-    return metric_writers.MultiWriter(writers)
+    """``metrics.jsonl`` in ``workdir`` and TensorBoard in ``workdir/tensorboard`` (process 0)."""
+    board = files.join(workdir, "tensorboard") if jax.process_index() == 0 else None
+    return metric_writer(files.join(workdir, "metrics.jsonl"), board)

@@ -3,24 +3,24 @@
 :func:`run_stream` turns each host-local batch into global arrays, dispatches
 the :class:`~sdedit_jax.engine.Editor`'s compiled program asynchronously and
 hands the outputs to the sink's writer threads, so tf.data prefetch, compute
-and writes overlap. :class:`Progress` reports images written (not dispatched).
+and writes overlap; :class:`~sdedit_jax.progress.Progress` reports images written.
 Nothing here jits: the one program is the engine's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import numpy as np
+from clu import metric_writers
 
-from sdedit_jax import files, rng
+from sdedit_jax import rng
 from sdedit_jax.engine import EditBatch, Editor
+from sdedit_jax.progress import Progress
 from sdedit_jax.sampling.steps import StepRule
 
 
@@ -54,74 +54,6 @@ class JobSummary:
         return self.rows_done / self.seconds if self.seconds > 0 else 0.0
 
 
-class Progress:
-    """A progress line with images/s and ETA from *written* images, plus a JSONL log.
-
-    Why written: steps are dispatched asynchronously and outputs queue for the
-    writers, so dispatched batches run ahead of what is on disk; rate and ETA
-    count the examples whose outputs (or failure rows) are published.
-    """
-
-    def __init__(
-        self, total_rows: int, log_path: str | None, every_seconds: float = 5.0, label: str = "edit"
-    ):
-        self.total_rows, self.log_path = total_rows, log_path
-        self.every, self.label = every_seconds, label
-        self.start = self.last = self.last_publish = time.perf_counter()
-        self.last_rows = -1
-        self.tty = sys.stderr.isatty()
-        self.records: list[str] = []  # not yet published
-        self._published: list[str] = []  # object stores: the whole log so far
-
-    def update(self, step: int, written: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and (now - self.last < self.every or written == self.last_rows):
-            return
-        self.last, self.last_rows = now, written
-        elapsed = now - self.start
-        rate = written / elapsed if elapsed > 0 else 0.0
-        left = max(0, self.total_rows - written)
-        eta = f"{left / rate:.0f}s" if rate > 0 else "-"
-        line = (
-            f"[{self.label}] {written}/{self.total_rows} images written  step {step}  "
-            f"{rate:.2f} img/s  elapsed {elapsed:.0f}s  ETA {eta}"
-        )
-        print(
-            ("\r" if self.tty else "") + line,
-            end="" if self.tty and not force else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
-        if self.log_path:
-            self.records.append(
-                json.dumps(
-                    {
-                        "step": step,
-                        "images_written": written,
-                        "total_images": self.total_rows,
-                        "elapsed_s": round(elapsed, 3),
-                        "images_per_s": round(rate, 4),
-                        "unix_time": round(time.time(), 3),
-                    }
-                )
-                + "\n"
-            )
-            # Object stores cannot append: the whole log is republished, at most once a minute.
-            if force or files.is_local(self.log_path) or now - self.last_publish > 60:
-                self._publish()
-                self.last_publish = now
-
-    def _publish(self) -> None:
-        if files.is_local(self.log_path):
-            with open(self.log_path, "a") as f:
-                f.writelines(self.records)
-            self.records = []
-            return
-        self._published += self.records
-        self.records = []
-        files.publish_bytes(self.log_path, "".join(self._published).encode())
-
-
 def run_stream(
     editor: Editor,
     placed_score,
@@ -131,7 +63,7 @@ def run_stream(
     num_steps: int,
     step_rule: StepRule,
     manifest_fields: dict[str, Any] | None = None,
-    log_path: str | None = None,
+    progress_writer: metric_writers.MetricWriter | None = None,
     progress_label: str = "edit",
     total_rows: int | None = None,
 ) -> JobSummary:
@@ -146,12 +78,8 @@ def run_stream(
     per-example reverse step counts. Closes ``sink`` at the end, so the
     reported time includes the last computations and writes.
     """
-    total = (
-        num_steps * editor.global_batch // jax.process_count()
-        if total_rows is None
-        else (total_rows)
-    )
-    progress = Progress(total, log_path, label=progress_label)
+    total = num_steps * editor.global_batch // jax.process_count()
+    total = total if total_rows is None else total_rows
 
     def written() -> int:  # sinks without a count: dispatched rows
         return getattr(sink, "rows_written", rows_done + rows_failed)
@@ -159,42 +87,50 @@ def run_stream(
     rows_done = rows_failed = steps = 0
     start = time.perf_counter()
     first_step_seconds = 0.0
+    with Progress(total, progress_writer, label=progress_label) as progress:
+        for batch in batches:
+            batch, global_batch = _with_step_counts(editor, batch, step_rule)
+            outputs = editor.run_global(placed_score, global_batch)
+            if steps == 0:
+                outputs.block_until_ready()
+                first_step_seconds = time.perf_counter() - start
+            sink.write_batch(batch, _LocalRows(outputs), fields=manifest_fields)
+            steps += 1
+            valid = np.asarray(batch["valid"])
+            rows_done += int(np.sum(valid & np.asarray(batch["ok"])))
+            rows_failed += int(np.sum(valid & ~np.asarray(batch["ok"])))
+            progress.update(steps, written())
+        sink.close()
+        progress.update(steps, written())
+    return JobSummary(
+        steps, rows_done, rows_failed, time.perf_counter() - start, first_step_seconds
+    )
+
+
+def _with_step_counts(
+    editor: Editor, batch: dict[str, np.ndarray], step_rule: StepRule
+) -> tuple[dict[str, np.ndarray], EditBatch]:
+    """The host batch with its per-row ``steps`` and ``nfe``, and its global sharded arrays."""
+    if batch["guide"].shape[0] * jax.process_count() != editor.global_batch:
+        raise ValueError(
+            f"batch: {batch['guide'].shape[0]} rows per host, but the mesh needs "
+            f"{editor.global_batch // jax.process_count()} (per_device_batch x local devices)"
+        )
+    seeds = batch["seed"]
+    if np.any((seeds < 0) | (seeds >= 2**31)):
+        raise ValueError(f"seed: per-example seeds must lie in [0, 2^31), got {seeds}")
+    n_steps = step_rule.steps_for(batch["t0"])
+    nfe = n_steps.astype(np.int64) * editor.sampler.nfe_per_step * editor.repeats
+    batch = {**batch, "steps": n_steps, "nfe": nfe}
 
     def to_global(local):
         return jax.make_array_from_process_local_data(editor.batch_sharding, local)
 
-    for batch in batches:
-        if batch["guide"].shape[0] * jax.process_count() != editor.global_batch:
-            raise ValueError(
-                f"batch: {batch['guide'].shape[0]} rows per host, but the mesh needs "
-                f"{editor.global_batch // jax.process_count()} (per_device_batch x local devices)"
-            )
-        seeds = batch["seed"]
-        if np.any((seeds < 0) | (seeds >= 2**31)):
-            raise ValueError(f"seed: per-example seeds must lie in [0, 2^31), got {seeds}")
-        n_steps = step_rule.steps_for(batch["t0"])
-        nfe = n_steps.astype(np.int64) * editor.sampler.nfe_per_step * editor.repeats
-        batch = {**batch, "steps": n_steps, "nfe": nfe}
-        global_batch = EditBatch(
-            guides=to_global(batch["guide"]),
-            seeds=to_global(seeds.astype(np.int32)),
-            id_words=to_global(rng.string_id_words(batch["id"])),
-            t0=to_global(batch["t0"]),
-            n_steps=to_global(n_steps),
-            mask=to_global(batch["mask"]),
-        )
-        outputs = editor.run_global(placed_score, global_batch)
-        if steps == 0:
-            outputs.block_until_ready()
-            first_step_seconds = time.perf_counter() - start
-        sink.write_batch(batch, _LocalRows(outputs), fields=manifest_fields)
-        steps += 1
-        valid = np.asarray(batch["valid"])
-        rows_done += int(np.sum(valid & np.asarray(batch["ok"])))
-        rows_failed += int(np.sum(valid & ~np.asarray(batch["ok"])))
-        progress.update(steps, written())
-    sink.close()
-    progress.update(steps, written(), force=True)
-    return JobSummary(
-        steps, rows_done, rows_failed, time.perf_counter() - start, first_step_seconds
+    return batch, EditBatch(
+        guides=to_global(batch["guide"]),
+        seeds=to_global(seeds.astype(np.int32)),
+        id_words=to_global(rng.string_id_words(batch["id"])),
+        t0=to_global(batch["t0"]),
+        n_steps=to_global(n_steps),
+        mask=to_global(batch["mask"]),
     )

@@ -39,7 +39,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sdedit_jax import checkpoint, engine, files, losses, metric_log, pretrained
+from sdedit_jax import checkpoint, engine, files, losses, metric_log, pretrained, progress
 from sdedit_jax.data.train_data import (
     STREAMING_SOURCES,
     load_train_images,
@@ -190,15 +190,15 @@ def full_ema_state(state: TrainState) -> nnx.State:
 # --- loop ----------------------------------------------------------------------------
 
 
-def _log(writer, step: int, losses_in_window: list[float], grad_norm: float, secs: float):
-    """Writes one record (TensorBoard and ``metrics.jsonl``) and prints it."""
+def _log(writer, step: int, losses_in_window: list[float], grad_norm: float, secs: float) -> float:
+    """Writes one record (TensorBoard and ``metrics.jsonl``); returns the window's mean loss."""
     record = {
         "loss": float(np.mean(losses_in_window)),
         "grad_norm": grad_norm,
         "steps_per_sec": len(losses_in_window) / secs,
     }
     writer.write_scalars(step, record)
-    print(" ".join(f"{k}={v:.5g}" for k, v in {"step": step, **record}.items()), flush=True)
+    return record["loss"]
 
 
 def _write_final_weights(
@@ -317,22 +317,19 @@ def train(
     window: list[float] = []
     window_start = last_save = time.perf_counter()
     writer = metric_log.training_writer(workdir)
+    steps_bar = progress.bar(last_step, "train", "step", initial=step)
     while step < last_step:
         batch = get_batch(step)
         state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
         # Synchronous steps: simulated CPU devices can deadlock with many programs in flight.
         jax.block_until_ready(state)
         step += 1
+        steps_bar.update(1)
         window.append(float(metrics["loss"]))
         if step % training.log_every == 0 or step == last_step:
             now = time.perf_counter()
-            _log(
-                writer,
-                step,
-                window,
-                float(metrics["grad_norm"]),
-                now - window_start,
-            )
+            loss = _log(writer, step, window, float(metrics["grad_norm"]), now - window_start)
+            steps_bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
             window, window_start = [], now
         if (
             step % training.ckpt_every_steps == 0
@@ -342,6 +339,7 @@ def train(
             meta = {"step": step, "seed": config.seed, "data_position": step * training.batch_size}
             checkpoint.save(manager, step, state, meta)
             last_save = time.perf_counter()
+    steps_bar.close()
     writer.close()
     if step == training.num_steps:
         _write_final_weights(workdir, config, state)

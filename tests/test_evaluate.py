@@ -23,6 +23,7 @@ from sdedit_jax import engine, evaluation, job, pretrained
 from sdedit_jax.metrics import realism
 from sdedit_jax.sde import VPSDE
 from tests import job_cli
+from tests.tensorboard_events import tensorboard_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = job_cli.SIZE
@@ -119,7 +120,7 @@ def test_cli_sweep_writes_every_output(tiny_model_dir, reference_dir, tmp_path):
 
     with open(os.path.join(workdir, "results.csv")) as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == evaluation.COLUMNS
+        assert tuple(reader.fieldnames) == evaluation.report.COLUMNS
         rows = list(reader)
     settings = [(r["task"], r["variant"], float(r["t0"])) for r in rows]
     assert settings == [
@@ -157,6 +158,11 @@ def test_cli_sweep_writes_every_output(tiny_model_dir, reference_dir, tmp_path):
     ):
         with Image.open(os.path.join(workdir, name)) as image:
             assert min(image.size) > 100
+    # Every setting's scores also reach TensorBoard, one curve per task/variant over 1000 * t0.
+    board = tensorboard_scalars(os.path.join(workdir, "tensorboard", "scores"))
+    for row in rows[2:]:
+        tag = f"{row['task']}/{row['variant']}/kid"
+        assert board[(round(1000 * float(row["t0"])), tag)] == pytest.approx(float(row["kid"]))
 
 
 def _gaussian_config(guides, reference):
@@ -228,12 +234,12 @@ def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, 
 
 def test_samples_per_guide_gives_each_copy_its_own_id():
     images = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
-    guides = evaluation.ImageSet("task", ["a.png", "b.png"], images, np.ones((2, 4, 4, 1)))
-    tiled = evaluation.with_samples(guides, 3)
+    guides = evaluation.inputs.ImageSet("task", ["a.png", "b.png"], images, np.ones((2, 4, 4, 1)))
+    tiled = evaluation.inputs.with_samples(guides, 3)
     assert tiled.ids == ["a.png", "b.png", "a.png#1", "b.png#1", "a.png#2", "b.png#2"]
     np.testing.assert_array_equal(tiled.images[4], images[0])
     with pytest.raises(ValueError, match="config.samples_per_guide: must be a positive int"):
-        evaluation.with_samples(guides, 0)
+        evaluation.inputs.with_samples(guides, 0)
 
 
 @pytest.mark.parametrize("count", [6, 40, 41, 60])
@@ -251,23 +257,23 @@ def test_config_errors_name_the_field(reference_dir, tmp_path):
     config = _tiny_config()
     config.variants = ({"predicter": "ode_euler"},)
     with pytest.raises(ValueError, match=r"config.variants\[0\]: unknown key.*predicter"):
-        evaluation.variants_from_config(config)
+        evaluation.inputs.variants_from_config(config)
     config.variants = ({"name": "a", "n_steps": 5, "steps_per_unit_time": 5},)
     with pytest.raises(ValueError, match=r"config.variants\[0\]: sampler: set exactly one"):
-        evaluation.variants_from_config(config)
+        evaluation.inputs.variants_from_config(config)
     with pytest.raises(ValueError, match=r"config.t0s: \[1.5\] outside"):
-        evaluation.check_t0s((0.5, 1.5), sde)
+        evaluation.inputs.check_t0s((0.5, 1.5), sde)
     config = _tiny_config()
     config.input.generator = "composite"
     with pytest.raises(ValueError, match=r"config.input: do not set \['generator'\]"):
-        evaluation.load_guides(config, "stroke_painting", SIZE, 3)
+        evaluation.inputs.load_guides(config, "stroke_painting", SIZE, 3)
     bad = tmp_path / "bad"
     _write_pictures(str(bad), 2, seed=0)
     Image.new("RGB", (SIZE + 1, SIZE)).save(bad / "wide.png")
     config = _tiny_config()
     config.input.path = str(bad)
     with pytest.raises(ValueError, match=r"(?s)1 input\(s\) failed.*wide.png"):
-        evaluation.load_guides(config, "stroke_painting", SIZE, 3)
+        evaluation.inputs.load_guides(config, "stroke_painting", SIZE, 3)
 
 
 def test_a_named_task_runs_its_generator_with_its_own_settings(reference_dir):
@@ -275,22 +281,22 @@ def test_a_named_task_runs_its_generator_with_its_own_settings(reference_dir):
     config = _tiny_config()
     config.input.path = reference_dir
     config.generator_kwargs.two_colours = {"generator": "stroke_painting", "num_colors": 2}
-    default = evaluation.load_guides(config, "stroke_painting", SIZE, 3)
-    named = evaluation.load_guides(config, "two_colours", SIZE, 3)
+    default = evaluation.inputs.load_guides(config, "stroke_painting", SIZE, 3)
+    named = evaluation.inputs.load_guides(config, "two_colours", SIZE, 3)
     assert named.name == "two_colours" and named.ids == default.ids
     for image in named.images:
         assert len(np.unique(image.reshape(-1, 3), axis=0)) <= 2
     assert max(len(np.unique(image.reshape(-1, 3), axis=0)) for image in default.images) > 2
     config.generator_kwargs.typo = {"generator": "stroke_paintng"}
     with pytest.raises(ValueError, match="task 'typo' uses generator 'stroke_paintng'"):
-        evaluation.load_guides(config, "typo", SIZE, 3)
+        evaluation.inputs.load_guides(config, "typo", SIZE, 3)
 
 
 @pytest.mark.parametrize("variant", [None, "quick", "samplers", "tasks", "few_step"])
 def test_emoji_eval_configs_resolve(variant):
     """Every variant of configs/eval_emoji.py names known samplers, generators and t0s."""
     config = job.load_config(os.path.join(REPO, "configs", f"eval_emoji.py:{variant or ''}"))
-    assert [v.name for v in evaluation.variants_from_config(config)][0] == "base"
+    assert [v.name for v in evaluation.inputs.variants_from_config(config)][0] == "base"
     for task in config.tasks:
-        evaluation.task_generator(config, task)
-    evaluation.check_t0s(config.t0s, VPSDE())
+        evaluation.inputs.task_generator(config, task)
+    evaluation.inputs.check_t0s(config.t0s, VPSDE())

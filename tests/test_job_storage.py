@@ -75,13 +75,13 @@ def _config(store: str, **changes):
 
 
 def _tree(root: str) -> dict[str, bytes]:
-    """Every output file of a workdir (relative path -> bytes), bookkeeping logs excluded."""
+    """Every output file of a workdir (relative path -> bytes), progress logs excluded."""
     out = {}
     for folder, _, names in files.walk(root):
         for name in names:
             path = files.join(folder, name)
             rel = files.relpath(path, root)
-            if "throughput" not in rel:
+            if "throughput" not in rel and not rel.startswith("tensorboard"):
                 out[rel] = files.read_bytes(path)
     return out
 
@@ -111,6 +111,13 @@ def test_job_and_resume_after_a_crash_on_ram_write_nothing_locally(store, tmp_pa
         for line in files.read_lines(files.join(reference, "t0_0.40", "manifest.jsonl"))
     ]
     assert [r["id"] for r in rows] == [f"g{i:02d}.png" for i in range(10)]
+    progress = [
+        json.loads(line)
+        for line in files.read_lines(files.join(reference, "t0_0.40", "throughput.p00000.jsonl"))
+    ]
+    assert progress[-1]["images_written"] == progress[-1]["total_images"] == 10
+    board = files.listdir(files.join(reference, "tensorboard", "t0_0.40"))
+    assert any(name.startswith("events.out.tfevents") for name in board)
 
     # Crash: the writer dies after its first batch; what it published stays, the rest is lost.
     crashed = files.join(store, "crashed")

@@ -44,40 +44,7 @@ sheets), :mod:`.sweep` (the resumable sweep and ``run_evaluation``). The
 command line is :mod:`sdedit_jax.evaluate`.
 """
 
-from sdedit_jax.evaluation.inputs import (
-    BASELINE_VARIANT,
-    ImageSet,
-    Variant,
-    check_t0s,
-    load_guides,
-    load_reference,
-    task_generator,
-    variants_from_config,
-    with_samples,
-)
-from sdedit_jax.evaluation.report import COLUMNS, csv_text, table_text, write_outputs
-from sdedit_jax.evaluation.scoring import Scorer, reference_features, setting_scores
-from sdedit_jax.evaluation.sweep import REFERENCE_CACHE, cached_edit, run_evaluation, sweep
+from sdedit_jax.evaluation import inputs, report, scoring, sweep
+from sdedit_jax.evaluation.sweep import run_evaluation
 
-__all__ = [
-    "BASELINE_VARIANT",
-    "COLUMNS",
-    "REFERENCE_CACHE",
-    "ImageSet",
-    "Scorer",
-    "Variant",
-    "cached_edit",
-    "check_t0s",
-    "csv_text",
-    "load_guides",
-    "load_reference",
-    "reference_features",
-    "run_evaluation",
-    "setting_scores",
-    "sweep",
-    "table_text",
-    "task_generator",
-    "variants_from_config",
-    "with_samples",
-    "write_outputs",
-]
+__all__ = ["inputs", "report", "run_evaluation", "scoring", "sweep"]

@@ -108,22 +108,15 @@ def plot_tradeoff(rows: list[dict], title: str) -> Figure:
             label=label,
         )
         fid_axis.plot(l2, [p["fid"] for p in points], marker="o", label=label)
-        for point in points:
-            text = f"{point['t0']:g}"
-            kid_axis.annotate(
-                text,
-                (point["l2"], point["kid"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=8,
-            )
-            fid_axis.annotate(
-                text,
-                (point["l2"], point["fid"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=8,
-            )
+        for axis, score in ((kid_axis, "kid"), (fid_axis, "fid")):
+            for point in points:
+                axis.annotate(
+                    f"{point['t0']:g}",
+                    (point["l2"], point[score]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=8,
+                )
     for axis, metric in ((kid_axis, "KID"), (fid_axis, "FID")):
         axis.set_xlabel("L2 to guide (faithfulness; lower = more faithful)")
         axis.set_ylabel(f"{metric} to real images (lower = more realistic)")

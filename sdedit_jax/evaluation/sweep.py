@@ -14,8 +14,10 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+import tqdm
+from clu import metric_writers
 
-from sdedit_jax import engine, files, pretrained
+from sdedit_jax import engine, files, metric_log, pretrained
 from sdedit_jax.data import sinks
 from sdedit_jax.evaluation.inputs import (
     BASELINE_VARIANT,
@@ -38,8 +40,8 @@ from sdedit_jax.evaluation.scoring import (
     reference_features,
 )
 from sdedit_jax.metrics import realism
+from sdedit_jax.progress import Progress
 from sdedit_jax.rng import string_id_words
-from sdedit_jax.stream import Progress
 
 REFERENCE_CACHE = "reference_features.npz"
 
@@ -96,8 +98,23 @@ def _row(
     }
 
 
+def write_scores(writer: metric_writers.MetricWriter, row: dict) -> None:
+    """One setting's realism and faithfulness as TensorBoard scalars, at step 1000 * t0.
+
+    Tags are ``<task>/<variant>/<score>``, so each curve over t0 is one plot line.
+    """
+    writer.write_scalars(
+        round(1000 * row["t0"]),
+        {
+            f"{row['task']}/{row['variant']}/{score}": row[score]
+            for score in ("kid", "fid", "l2")
+            if row.get(score) is not None
+        },
+    )
+
+
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    tqdm.tqdm.write(message, file=sys.stderr)  # above the progress bar, not through it
 
 
 def _setting_key(
@@ -153,21 +170,22 @@ def sweep(
     t0s: tuple[float, ...],
     config: ml_collections.ConfigDict,
     scorer: Scorer,
-    throughput_log: str,
+    progress_writer: metric_writers.MetricWriter | None = None,
     cache_dir: str | None = None,
     on_row: Callable[[list[dict]], None] | None = None,
 ) -> tuple[list[dict], dict]:
     """Edits and scores every (variant, task, t0); returns (rows, contact-sheet cells per curve).
 
-    With ``cache_dir``, each setting's outputs are kept there and reused by a
-    rerun; ``on_row(rows so far)`` is called after each setting.
+    Progress (images edited, images/s) goes to a bar and to ``progress_writer``
+    (closed at the end). With ``cache_dir``, each setting's outputs are kept
+    there and reused by a rerun; ``on_row(rows so far)`` is called after each setting.
     """
     editors = [
         engine.Editor(model.sde, v.sampler, v.repeats, per_device_batch=config.per_device_batch)
         for v in variants
     ]
     total_rows = len(variants) * len(t0s) * sum(len(g.ids) for g in task_guides)
-    progress = Progress(total_rows, throughput_log, label="evaluate")
+    progress = Progress(total_rows, progress_writer, label="evaluate")
     done = {"chunks": 0, "rows": 0}
 
     def on_chunk(count):
@@ -217,7 +235,7 @@ def sweep(
             sheets[(guides.name, variant.name)] = contact_rows(
                 guides, kept, config.contact_sheet_examples
             )
-    progress.update(done["chunks"], done["rows"], force=True)
+    progress.close()
     return rows, sheets
 
 
@@ -280,22 +298,22 @@ def run_evaluation(
     cache_dir = os.path.join(workdir, "outputs")
     os.makedirs(cache_dir, exist_ok=True)
 
-    def write_partial(rows):
+    board = os.path.join(workdir, "tensorboard")
+    scores_writer = metric_writers.SummaryWriter(os.path.join(board, "scores"))
+
+    def on_row(rows):
         sinks.atomic_write_bytes(
             os.path.join(workdir, "results.partial.csv"), csv_text(baselines + rows).encode()
         )
+        write_scores(scores_writer, rows[-1])
 
-    rows, sheets = sweep(
-        model,
-        variants,
-        task_guides,
-        t0s,
-        config,
-        scorer,
-        os.path.join(workdir, "throughput.jsonl"),
-        cache_dir,
-        write_partial,
+    progress_writer = metric_log.metric_writer(
+        os.path.join(workdir, "throughput.jsonl"), os.path.join(board, "progress")
     )
+    rows, sheets = sweep(
+        model, variants, task_guides, t0s, config, scorer, progress_writer, cache_dir, on_row
+    )
+    scores_writer.close()
     results = {
         "workdir": workdir,
         "config": config.to_dict(),
