@@ -1,4 +1,4 @@
-"""bench --what=networks on a tiny DDPM U-Net: same outputs as diffusers, FLOPs that add up."""
+"""bench_networks on a tiny DDPM U-Net: same outputs as diffusers, FLOPs that add up."""
 
 import pytest
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from gaussian import GaussianScore, sdedit_moments
 
 import sdedit_jax as sj
+from sdedit_jax.tools.gaussian_reference import GaussianScore, sdedit_moments
 
 MU, S = 0.3, 0.5
 T0S = (0.2, 0.5, 0.8)

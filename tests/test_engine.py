@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian import GaussianScore
 
 import sdedit_jax as sj
 from sdedit_jax import engine
+from sdedit_jax.tools.gaussian_reference import GaussianScore
 
 SDE = sj.VPSDE()
 

@@ -1,7 +1,7 @@
 """The evaluation sweep: end to end from the command line, and against closed forms.
 
 Truths used: with the exact score of Gaussian data, SDEdit's output per pixel
-is Gaussian with known mean and variance (``tests/gaussian.py``), so the
+is Gaussian with known mean and variance (``sdedit_jax.tools.gaussian_reference``), so the
 expected squared distance to the guide, E||x - g||^2 = (mean - g)^2 + var, is
 known and grows with t0; the guides scored as outputs are at L2 = 0; masked
 tasks keep the guide exactly outside the mask; one program serves every t0.
@@ -16,12 +16,12 @@ import sys
 
 import numpy as np
 import pytest
-from gaussian import GaussianScore, sdedit_moments
 from PIL import Image
 
 from sdedit_jax import engine, evaluation, job, pretrained
 from sdedit_jax.metrics import realism
 from sdedit_jax.sde import VPSDE
+from sdedit_jax.tools.gaussian_reference import GaussianScore, sdedit_moments
 from tests import job_cli
 from tests.tensorboard_events import tensorboard_scalars
 

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian import GaussianScore
 
 import sdedit_jax as sj
 from sdedit_jax.sampling.correctors import langevin
+from sdedit_jax.tools.gaussian_reference import GaussianScore, flow_map
 
 MU, S = 0.3, 0.5
 SDES = {"vp": sj.VPSDE(), "subvp": sj.SubVPSDE(), "ve": sj.VESDE(sigma_max=20.0)}
@@ -45,24 +45,13 @@ def test_prior_samples_match_data_distribution(sde_name, sampler_name):
     assert abs(x.std() / S - 1) < 0.03, x.std()
 
 
-def _exact_flow(sde, x_start, t_start, t_end):
-    """Gaussian data: the probability-flow ODE keeps (x - mean_t) / std_t fixed."""
-
-    def moments(t):
-        m = jnp.exp(sde.log_mean_coeff(jnp.asarray([t])))[0]
-        return m * MU, jnp.sqrt(m**2 * S**2 + sde.marginal_std(jnp.asarray([t]))[0] ** 2)
-
-    (m0, s0), (m1, s1) = moments(t_start), moments(t_end)
-    return m1 + s1 * (x_start - m0) / s0
-
-
 @pytest.mark.parametrize("sde_name", ["vp", "ve"])
 def test_ode_solvers_converge_at_their_order(sde_name):
     """Error vs the exact flow map shrinks ~2x (Euler) and ~4x (Heun) per halved step."""
     sde = SDES[sde_name]
     x0 = jnp.linspace(-2.0, 2.0, 8).reshape(8, 1, 1, 1) * sde.prior_std
     t_start, t_end = jnp.full((8,), 1.0), jnp.full((8,), 0.05)
-    exact = _exact_flow(sde, x0, 1.0, 0.05)
+    exact = flow_map(sde, MU, S, x0, 1.0, 0.05)
     keys = jax.random.split(jax.random.key(0), 8)
 
     def error(predictor, n):

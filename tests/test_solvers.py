@@ -1,34 +1,25 @@
 """Few-step solvers (DDIM, DPM-Solver++(2M), SDE-DPM-Solver++(2M)) and time grids.
 
-Truth: the closed forms of Gaussian data with the exact score (tests/gaussian.py):
-the probability-flow ODE's map and SDEdit's output distribution. Orders are
-read from each solver's own declaration.
+Truth: the closed forms of Gaussian data with the exact score
+(sdedit_jax.tools.gaussian_reference): the probability-flow ODE's map and SDEdit's
+output distribution. Orders are read from each solver's own declaration.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian import GaussianScore, sdedit_moments
 
 import sdedit_jax as sj
 from sdedit_jax import rng
 from sdedit_jax.sampling import grids
 from sdedit_jax.sampling.integrate import SOLVERS
 from sdedit_jax.sampling.solver import log_snr
+from sdedit_jax.tools.gaussian_reference import GaussianScore, sdedit_moments
+from sdedit_jax.tools.solver_table import ode_errors
 
 MU, S, T0 = 0.3, 0.5, 0.5
 SDES = {"vp": sj.VPSDE(), "ve": sj.VESDE(sigma_max=50.0)}
 NEW_SOLVERS = (("ddim", 0.0), ("ddim", 0.7), ("dpm_solver_2m", 0.0), ("sde_dpm_solver_2m", 0.0))
-
-
-def _std(sde, t):
-    t = jnp.asarray([t])
-    return float(jnp.sqrt(jnp.exp(2 * sde.log_mean_coeff(t)) * S**2 + sde.marginal_var(t))[0])
-
-
-def _alpha(sde, t):
-    return float(jnp.exp(sde.log_mean_coeff(jnp.asarray([t])))[0])
 
 
 def _keys(batch):
@@ -39,23 +30,7 @@ def _keys(batch):
 
 def _ode_errors(sde, sampler, steps):
     """Max error against the exact flow map from T0, one example per step count (traced)."""
-    starts = np.linspace(-2.0, 2.0, 16, dtype=np.float32)
-    x0 = _alpha(sde, T0) * MU + _std(sde, T0) * starts
-    exact = _alpha(sde, sde.eps) * MU + _std(sde, sde.eps) * starts
-    batch = len(steps)
-    x = jnp.broadcast_to(jnp.asarray(x0)[None, :, None, None], (batch, 16, 1, 1))
-    run = jax.jit(sj.integrate, static_argnums=(0, 1, 2))
-    out = run(
-        sde,
-        GaussianScore(sde, MU, S),
-        sampler,
-        _keys(batch),
-        x,
-        jnp.full((batch,), T0),
-        jnp.full((batch,), sde.eps),
-        jnp.asarray(steps, jnp.int32),
-    )
-    return np.array([np.max(np.abs(np.asarray(out[i]).ravel() - exact)) for i in range(batch)])
+    return np.array(ode_errors(sde, sampler, MU, S, T0, steps))
 
 
 # Every deterministic solver that declares a convergence order, chosen by its declaration.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sdedit_jax import pretrained
 from sdedit_jax import rng as rng_lib
 from sdedit_jax import score as score_lib
 from sdedit_jax.models import unet
@@ -166,3 +167,37 @@ def test_load_rejects_other_architecture(flax_model):
 def test_schedule_rejects_bad_steps():
     with pytest.raises(ValueError, match="n_steps"):
         torch_baseline.edit_schedule(SDE, "sinusoidal", np.array([0.5], np.float32), 0)
+
+
+def test_edit_baseline_edits_with_the_loaded_models_own_settings(flax_models):
+    """The benchmarks' builder uses the model's network, time embedding and
+    parameterization: each memory format gives what the port, called directly, gives."""
+    flax_model = flax_models["fourier"]
+    graphdef, state = nnx.split(flax_model)
+    model = pretrained.LoadedModel(
+        score_fn=score_lib.make_score_fn(graphdef, state, SDE, "scaled"),
+        sde=SDE,
+        image_size=16,
+        num_channels=3,
+        checksum="",
+        path="tiny",
+        graphdef=graphdef,
+        state=state,
+        parameterization="scaled",
+    )
+    guides, t0 = _normal(40, (2, 16, 16, 3)), np.array([0.3, 0.6], np.float32)
+    baseline = torch_baseline.EditBaseline(model, guides, t0)
+    schedule = torch_baseline.edit_schedule(SDE, "fourier", t0, 3)
+    for name, fmt in torch_baseline.MEMORY_FORMATS.items():
+        net = torch_baseline.from_flax(flax_model).to(memory_format=fmt)
+        expected = torch_baseline.sdedit(
+            net,
+            "scaled",
+            schedule,
+            _nchw(guides).contiguous(memory_format=fmt),
+            torch.Generator().manual_seed(5),
+        )
+        out = baseline.edit(name, 3, seed=5)
+        assert out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out, expected)
+    np.testing.assert_array_equal(_nhwc(baseline.guides), guides)

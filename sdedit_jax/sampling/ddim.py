@@ -29,7 +29,7 @@ class DDIM:
     eta: float = 0.0
     nfe_per_step: int = 1
     order: int = 1
-    # Measured (tools/solver_table.py): Karras' grid gives DDIM 10-15 % smaller ODE
+    # Measured (sdedit_jax.tools.solver_table): Karras' grid gives DDIM 10-15 % smaller ODE
     # errors than the log-SNR grid on VP and VE.
     default_grid: str = "karras"
 

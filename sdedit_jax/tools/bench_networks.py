@@ -1,10 +1,11 @@
 """One network call of the published architectures: sdedit_jax vs diffusers' UNet2DModel.
 
-    python -m sdedit_jax.tools.bench --what=networks --networks=ddpm_church_256,ddpm_cifar10_32 \
+    python -m sdedit_jax.tools.bench_networks --networks=ddpm_church_256,ddpm_cifar10_32 \
         --batch=1 --timing_repeats=3 --results=runs/bench_networks.jsonl
 
 Random weights saved by diffusers and loaded by sdedit_jax, sdedit_jax under several
 XLA:CPU option sets vs PyTorch (eager, channels_last), FLOPs from XLA's cost analysis.
+Results go to ``--results`` as they finish (a rerun resumes). Needs torch and diffusers.
 """
 
 from __future__ import annotations
@@ -19,10 +20,25 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
 from sdedit_jax import pretrained
 from sdedit_jax.tools.timing import XLA_CPU_OPTIONS, cpu_model_name, timed
+
+_NETWORKS = flags.DEFINE_list(
+    "networks", ["ddpm_church_256", "ddpm_cifar10_32"], "keys of PUBLISHED_UNETS"
+)
+_BATCH = flags.DEFINE_integer("batch", 64, "images per network call")
+_XLA_OPTIONS = flags.DEFINE_list(
+    "xla_options",
+    ["default", "no_ynnpack", "onednn_dot"],
+    "keys of XLA_CPU_OPTIONS, timed side by side",
+)
+_REPEATS = flags.DEFINE_integer("timing_repeats", 3, "timed runs (best is reported)")
+_RESULTS = flags.DEFINE_string(
+    "results", "", "JSONL file; finished networks are skipped on a rerun"
+)
 
 _DDPM_COMMON = {
     "in_channels": 3,
@@ -207,3 +223,14 @@ def bench_networks(
                 with open(results_path, "a") as f:
                     f.write(json.dumps(result) + "\n")
     return done + results
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    bench_networks(
+        _NETWORKS.value, _BATCH.value, _XLA_OPTIONS.value, _REPEATS.value, _RESULTS.value
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

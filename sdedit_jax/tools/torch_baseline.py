@@ -28,6 +28,7 @@ from flax import nnx
 from torch import nn
 
 from sdedit_jax.models import unet
+from sdedit_jax.pretrained import LoadedModel
 from sdedit_jax.sampling.integrate import grid_time
 from sdedit_jax.score import check_parameterization, model_condition
 from sdedit_jax.sde import SDE
@@ -394,3 +395,40 @@ def sdedit(
         noise = _normal_like(guides, generator)
         x = _per_example(schedule.mean0) * guides + _per_example(schedule.std0) * noise
         return reverse(net, parameterization, schedule, x, generator)
+
+
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+class EditBaseline:
+    """A loaded model's SDEdit in eager PyTorch on fixed guides, in each memory format.
+
+    The one PyTorch side of the benchmarks: the network ported once per entry of
+    :data:`MEMORY_FORMATS`, the guides ``[B, H, W, C]`` and ``t0 [B]`` fixed.
+    """
+
+    def __init__(self, model: LoadedModel, guides: np.ndarray, t0: np.ndarray):
+        self.flax_model = model.network()
+        self.sde = model.sde
+        self.parameterization = model.parameterization
+        self.t0 = t0
+        self.nets = {
+            name: from_flax(self.flax_model).to(memory_format=fmt)
+            for name, fmt in MEMORY_FORMATS.items()
+        }
+        self.guides = torch.from_numpy(guides).permute(0, 3, 1, 2)
+
+    def edit(self, memory_format: str, n_steps: int, seed: int = 0) -> Tensor:
+        """One edit of all guides with ``n_steps`` steps, in ``memory_format``.
+
+        The schedule is built inside the call: the JAX program computes it too,
+        so a timed call of this is comparable to one of the compiled program.
+        """
+        schedule = edit_schedule(self.sde, self.flax_model.cfg.time_embedding, self.t0, n_steps)
+        return sdedit(
+            self.nets[memory_format],
+            self.parameterization,
+            schedule,
+            self.guides.contiguous(memory_format=MEMORY_FORMATS[memory_format]),
+            torch.Generator().manual_seed(seed),
+        )

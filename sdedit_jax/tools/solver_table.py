@@ -1,8 +1,8 @@
 """Solver accuracy against closed forms on Gaussian data (exact score): the solver table.
 
-    python tools/solver_table.py [--out docs/solvers/solver_table.json]
+    python -m sdedit_jax.tools.solver_table [--out docs/solvers/solver_table.json]
 
-For data ``x_0 ~ N(mu, s^2)`` per pixel the score is exact (tests/gaussian.py),
+For data ``x_0 ~ N(mu, s^2)`` per pixel the score is exact (``gaussian_reference``),
 so the only error left is the solver's. For every solver x time grid x step
 count (10, 20, 50), on VP and VE, from t0 = 0.5 down to eps:
 
@@ -21,20 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from gaussian import GaussianScore, sdedit_moments  # noqa: E402
-
-import sdedit_jax as sj  # noqa: E402
-from sdedit_jax import rng  # noqa: E402
+import sdedit_jax as sj
+from sdedit_jax import rng
+from sdedit_jax.sde import SDE
+from sdedit_jax.tools.gaussian_reference import GaussianScore, data_marginal, sdedit_moments
+from sdedit_jax.tools.timing import cpu_model_name
 
 MU, S, GUIDE, T0 = 0.3, 0.5, 0.9, 0.5
 STEPS = (10, 20, 50)
@@ -51,33 +49,31 @@ GRIDS = ("uniform", "logsnr", "karras")
 SDES = {"VP": sj.VPSDE(), "VE": sj.VESDE(sigma_max=50.0)}
 
 
-def _std(sde, t):
-    t = jnp.asarray([t])
-    return float(jnp.sqrt(jnp.exp(2 * sde.log_mean_coeff(t)) * S**2 + sde.marginal_var(t))[0])
+def ode_errors(
+    sde: SDE, sampler: sj.Sampler, mu: float, s: float, t0: float, steps: Sequence[int]
+) -> list[float]:
+    """Max error of a deterministic solver's map from ``t0`` to eps against the exact flow.
 
-
-def _alpha(sde, t):
-    return float(jnp.exp(sde.log_mean_coeff(jnp.asarray([t])))[0])
-
-
-def ode_error(sde, sampler) -> list[float]:
-    """Max error of the solver's ODE map from t0 for each step count (one batch, traced steps)."""
+    16 starting points spread over +-2 standard deviations of ``p_t0``, one example
+    per step count, all in one traced batch.
+    """
     starts = np.linspace(-2.0, 2.0, 16, dtype=np.float32)
-    x0 = _alpha(sde, T0) * MU + _std(sde, T0) * starts
-    exact = _alpha(sde, sde.eps) * MU + _std(sde, sde.eps) * starts
-    batch = len(STEPS)
+    (mean_0, std_0), (mean_e, std_e) = (data_marginal(sde, mu, s, t) for t in (t0, sde.eps))
+    x0 = mean_0 + std_0 * starts
+    exact = mean_e + std_e * starts
+    batch = len(steps)
     x = jnp.broadcast_to(jnp.asarray(x0)[None, :, None, None], (batch, 16, 1, 1))
     keys = rng.example_keys(jnp.zeros(batch, jnp.int32), jnp.zeros((batch, 2), jnp.uint32))
     run = jax.jit(sj.integrate, static_argnums=(0, 1, 2))
     out = run(
         sde,
-        GaussianScore(sde, MU, S),
+        GaussianScore(sde, mu, s),
         sampler,
         keys,
         x,
-        jnp.full((batch,), T0),
+        jnp.full((batch,), t0),
         jnp.full((batch,), sde.eps),
-        jnp.asarray(STEPS, jnp.int32),
+        jnp.asarray(steps, jnp.int32),
     )
     return [float(np.max(np.abs(np.asarray(out[i]).ravel() - exact))) for i in range(batch)]
 
@@ -106,7 +102,9 @@ def variance_ratio(sde, sampler) -> list[float]:
         _, var = sdedit_moments(sde, MU, S, GUIDE, T0, sde.eps)
     else:  # push-forward of x_t0 ~ N(alpha_0 g, sigma_0^2) through the flow map
         sigma0 = float(sde.marginal_std(jnp.asarray([T0]))[0])
-        var = (_std(sde, sde.eps) / _std(sde, T0) * sigma0) ** 2
+        var = (
+            data_marginal(sde, MU, S, sde.eps)[1] / data_marginal(sde, MU, S, T0)[1] * sigma0
+        ) ** 2
     return [float(out[i].var() / var) for i in range(batch)]
 
 
@@ -122,7 +120,11 @@ def main() -> None:
                 sampler = sj.Sampler(
                     predictor, max_steps=64, eta=eta, time_grid=grid, denoise=False
                 )
-                errors = ode_error(sde, sampler) if not sampler.solver.stochastic else None
+                errors = (
+                    ode_errors(sde, sampler, MU, S, T0, STEPS)
+                    if not sampler.solver.stochastic
+                    else None
+                )
                 ratios = variance_ratio(sde, sampler)
                 rows.append(
                     {
@@ -151,14 +153,7 @@ def main() -> None:
             f"| {row['sde']} | {row['solver']} | {row['grid']} | " + " | ".join(cells) + " |"
         )
     print("\n".join(lines))
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        ),
-        "unknown",
-    )
+    cpu = cpu_model_name()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(

@@ -1,4 +1,10 @@
-"""Closed forms for Gaussian data ``x_0 ~ N(mu, s^2)`` per pixel: the truth tests compare to."""
+"""Closed forms for Gaussian data ``x_0 ~ N(mu, s^2)`` per pixel: truth for solvers and SDEdit.
+
+With this data the score is exact (:class:`GaussianScore`), every marginal is
+Gaussian, the probability-flow map is affine and SDEdit's output distribution is
+known; the tests and ``solver_table`` measure the solvers against these, so any
+error left is the solver's.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,25 @@ class GaussianScore:
         # XLA rewrites the latter in some programs only (see engine docs).
         precision = 1.0 / (m**2 * self.s**2 + std**2)
         return -(x - m * self.mu) * precision
+
+
+def data_marginal(sde: SDE, mu: float, s: float, t: float) -> tuple[float, float]:
+    """Mean and standard deviation of ``p_t = N(m(t) mu, m(t)^2 s^2 + std(t)^2)``."""
+    t_arr = jnp.asarray([t])
+    log_m = sde.log_mean_coeff(t_arr)
+    std = jnp.sqrt(jnp.exp(2 * log_m) * s**2 + sde.marginal_var(t_arr))
+    return float(jnp.exp(log_m)[0]) * mu, float(std[0])
+
+
+def flow_map(sde: SDE, mu: float, s: float, x, t_from: float, t_to: float):
+    """The probability-flow ODE's exact map of ``x`` from ``t_from`` to ``t_to``.
+
+    Affine for Gaussian data: it keeps ``(x - mean_t) / std_t`` fixed.
+    """
+    (mean_from, std_from), (mean_to, std_to) = (
+        data_marginal(sde, mu, s, t) for t in (t_from, t_to)
+    )
+    return mean_to + std_to * (x - mean_from) / std_from
 
 
 def sdedit_moments(

@@ -2,7 +2,7 @@
 
     python -m sdedit_jax.evaluate --config configs/eval_emoji.py:few_step \
         --workdir runs/eval_few_step
-    python tools/few_step_report.py runs/eval_few_step docs/evaluation/few_step
+    python -m sdedit_jax.tools.few_step_report runs/eval_few_step docs/evaluation/few_step
 
 Reads ``results.json`` of the sweep (variant ``base`` is the paper's recipe,
 the others ``<solver>@<nfe>``), copies it and ``results.csv`` to the output
