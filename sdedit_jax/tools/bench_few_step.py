@@ -25,15 +25,13 @@ from absl import app, flags  # noqa: E402
 from sdedit_jax import engine, pretrained  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
 from sdedit_jax.sampling.steps import step_bucket  # noqa: E402
+from sdedit_jax.tools import bench_inputs  # noqa: E402
 from sdedit_jax.tools.bench_inputs import (  # noqa: E402
-    benchmark_model,
     per_device_rows,
     random_batch,
 )
 from sdedit_jax.tools.timing import timed  # noqa: E402
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
-_RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 0, "0 -> batch / devices")
 _SETTINGS = flags.DEFINE_list(
@@ -142,7 +140,10 @@ def main(argv: list[str]) -> None:
     del argv
     settings = parse_settings(_SETTINGS.value)
     per_device = per_device_rows(_BATCH.value, _PER_DEVICE.value)
-    with benchmark_model(_MODEL_DIR.value, _RANDOM_ARCH.value) as (model, _):
+    with bench_inputs.model_from_flags() as (
+        model,
+        _,
+    ):
         result = bench_few_step(
             model, settings, _RECIPE_STEPS.value, _TIME_GRID.value, per_device, _REPEATS.value
         )

@@ -13,11 +13,16 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from sdedit_jax import engine, job, pretrained
 from sdedit_jax.models import unet
 from sdedit_jax.rng import string_id_words
+
+# The model flags of every edit-program benchmark's command line.
+MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
+RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 
 
 @contextlib.contextmanager
@@ -44,6 +49,11 @@ def benchmark_model(
             )
             folder = scratch
         yield pretrained.load_model(folder), folder
+
+
+def model_from_flags() -> contextlib.AbstractContextManager[tuple[pretrained.LoadedModel, str]]:
+    """:func:`benchmark_model` of ``--model_dir`` / ``--random_arch``."""
+    return benchmark_model(MODEL_DIR.value, RANDOM_ARCH.value)
 
 
 def per_device_rows(batch: int, per_device: int = 0) -> int:

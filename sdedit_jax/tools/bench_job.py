@@ -25,10 +25,9 @@ from PIL import Image  # noqa: E402
 
 from sdedit_jax import engine, job, pretrained  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
-from sdedit_jax.tools.bench_inputs import benchmark_model, random_batch  # noqa: E402
+from sdedit_jax.tools import bench_inputs  # noqa: E402
+from sdedit_jax.tools.bench_inputs import random_batch  # noqa: E402
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
-_RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _STEPS = flags.DEFINE_integer("steps", 100, "reverse steps per edit")
 _NUM_GUIDES = flags.DEFINE_integer("num_guides", 256, "guides the job edits")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 8, "rows per device")
@@ -101,7 +100,10 @@ def bench_job(
 
 def main(argv: list[str]) -> None:
     del argv
-    with benchmark_model(_MODEL_DIR.value, _RANDOM_ARCH.value) as (model, folder):
+    with bench_inputs.model_from_flags() as (
+        model,
+        folder,
+    ):
         result = bench_job(model, folder, _STEPS.value, _NUM_GUIDES.value, _PER_DEVICE.value)
     print(json.dumps(result, indent=1))
 

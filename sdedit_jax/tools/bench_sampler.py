@@ -24,8 +24,8 @@ from absl import app, flags  # noqa: E402
 
 from sdedit_jax import engine, pretrained  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
+from sdedit_jax.tools import bench_inputs  # noqa: E402
 from sdedit_jax.tools.bench_inputs import (  # noqa: E402
-    benchmark_model,
     per_device_rows,
     random_batch,
     score_flops,
@@ -37,8 +37,6 @@ from sdedit_jax.tools.timing import (  # noqa: E402
     timed,
 )
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
-_RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 0, "0 -> batch / devices")
 _STEPS = flags.DEFINE_integer("steps", 100, "reverse steps per edit")
@@ -145,7 +143,10 @@ def main(argv: list[str]) -> None:
         _PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value, time_grid=_TIME_GRID.value
     )
     per_device = per_device_rows(_BATCH.value, _PER_DEVICE.value)
-    with benchmark_model(_MODEL_DIR.value, _RANDOM_ARCH.value) as (model, _):
+    with bench_inputs.model_from_flags() as (
+        model,
+        _,
+    ):
         if _XLA_OPTIONS.value:
             result = compare_xla_options(
                 model, sampler, _STEPS.value, per_device, _XLA_OPTIONS.value, _REPEATS.value

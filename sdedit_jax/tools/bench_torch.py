@@ -25,8 +25,8 @@ from absl import app, flags  # noqa: E402
 
 from sdedit_jax import engine, pretrained  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
+from sdedit_jax.tools import bench_inputs  # noqa: E402
 from sdedit_jax.tools.bench_inputs import (  # noqa: E402
-    benchmark_model,
     per_device_rows,
     random_batch,
 )
@@ -35,8 +35,6 @@ from sdedit_jax.tools.timing import timed  # noqa: E402
 if TYPE_CHECKING:
     from sdedit_jax.tools.torch_baseline import EditBaseline
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
-_RANDOM_ARCH = flags.DEFINE_string("random_arch", "", "train config: time a random network")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 0, "0 -> batch / devices")
 _STEPS = flags.DEFINE_integer("steps", 100, "reverse steps per edit")
@@ -133,7 +131,10 @@ def _torch_score_difference(
 def main(argv: list[str]) -> None:
     del argv
     per_device = per_device_rows(_BATCH.value, _PER_DEVICE.value)
-    with benchmark_model(_MODEL_DIR.value, _RANDOM_ARCH.value) as (model, _):
+    with bench_inputs.model_from_flags() as (
+        model,
+        _,
+    ):
         result = bench_torch(model, _STEPS.value, per_device, _REPEATS.value)
     print(json.dumps(result, indent=1))
 
