@@ -31,7 +31,7 @@ from flax import nnx
 
 from sdedit_jax.config import frozen
 from sdedit_jax.importers import state_dict
-from sdedit_jax.models import layers
+from sdedit_jax.models import initialise, layers
 
 Array = jax.Array
 
@@ -540,16 +540,8 @@ def count_params(state: nnx.State | nnx.Module) -> int:
 
 
 def build(config: Mapping[str, Any] | DDPMUNetConfig, seed: int) -> DDPMUNet:
-    """A randomly initialised :class:`DDPMUNet` (one jitted initialiser per config)."""
-    cfg = DDPMUNetConfig.from_config(config)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DDPMUNet(cfg, rngs=nnx.Rngs(params=0))))
-    return nnx.merge(graphdef, _init_state(cfg, jnp.asarray(seed, jnp.uint32)))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_state(cfg: DDPMUNetConfig, seed: Array) -> nnx.State:
-    key = jax.random.key(seed, impl="rbg")
-    return nnx.split(DDPMUNet(cfg, rngs=nnx.Rngs(params=key)))[1]
+    """A randomly initialised :class:`DDPMUNet` (see :func:`initialise.build`)."""
+    return initialise.build(DDPMUNet, DDPMUNetConfig.from_config(config), seed)
 
 
 # --- weights from diffusers' state dict ----------------------------------------------------

@@ -21,7 +21,6 @@ the score (``scale_by_sigma``: the network output divided by sigma).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -32,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from sdedit_jax.config import frozen
-from sdedit_jax.models import fir
+from sdedit_jax.models import fir, initialise
 from sdedit_jax.models.layers import default_init
 
 Array = jax.Array
@@ -507,16 +506,8 @@ def count_params(model: nnx.Module) -> int:
 
 
 def build(config: NCSNppConfig | Mapping[str, Any], seed: int) -> NCSNpp:
-    """A randomly initialised :class:`NCSNpp` (initialisers in one jitted program)."""
-    cfg = NCSNppConfig.from_config(config)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: NCSNpp(cfg, rngs=nnx.Rngs(params=0))))
-    return nnx.merge(graphdef, _init_state(cfg, jnp.asarray(seed, jnp.uint32)))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_state(cfg: NCSNppConfig, seed: Array) -> nnx.State:
-    key = jax.random.key(seed, impl="rbg")
-    return nnx.split(NCSNpp(cfg, rngs=nnx.Rngs(params=key)))[1]
+    """A randomly initialised :class:`NCSNpp` (see :func:`initialise.build`)."""
+    return initialise.build(NCSNpp, NCSNppConfig.from_config(config), seed)
 
 
 def _path_key(path: tuple) -> str:
