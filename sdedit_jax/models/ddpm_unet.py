@@ -279,32 +279,18 @@ def _precision(dtype: Any) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-class Conv(nnx.Module):
-    """NHWC conv with bias; ``stride=2`` uses DDPM's padding (see ``downsample_padding``)."""
+class Conv(layers.ConvParams):
+    """NHWC conv with bias in the activations' dtype: SAME, or strided with explicit pads."""
 
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        kernel: int = 3,
-        *,
-        stride: int = 1,
-        padding: int | None = None,
-        rngs: nnx.Rngs,
-    ):
-        self.kernel = nnx.Param(layers.default_init()(rngs.params(), (kernel, kernel, c_in, c_out)))
-        self.bias = nnx.Param(jnp.zeros((c_out,)))
-        self.stride = stride
-        half = kernel // 2
-        # padding=0 with stride 2: DDPM pads only right/bottom by one.
-        self.pads = ((half, half),) * 2 if padding is None else ((padding, 1),) * 2
-
-    def __call__(self, x: Array) -> Array:
+    def __call__(
+        self, x: Array, stride: int = 1, pads: tuple[tuple[int, int], ...] | None = None
+    ) -> Array:
+        half = self.kernel.shape[0] // 2
         y = jax.lax.conv_general_dilated(
             x,
             self.kernel[...].astype(x.dtype),
-            (self.stride,) * 2,
-            self.pads,
+            (stride,) * 2,
+            ((half, half),) * 2 if pads is None else pads,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=_precision(x.dtype),
         )
@@ -389,14 +375,14 @@ class Attention(nnx.Module):
 
 class Downsample(nnx.Module):
     def __init__(self, channels: int, cfg: DDPMUNetConfig, *, rngs: nnx.Rngs):
-        self.conv = (
-            Conv(channels, channels, stride=2, padding=cfg.downsample_padding, rngs=rngs)
-            if cfg.resamp_with_conv
-            else None
-        )
+        self.conv = Conv(channels, channels, rngs=rngs) if cfg.resamp_with_conv else None
+        # A stride-2 conv; downsample_padding=0 is DDPM's: pad only right/bottom by one.
+        self.pads = ((cfg.downsample_padding, 1),) * 2
 
     def __call__(self, x: Array) -> Array:
-        return layers.avg_pool2(x) if self.conv is None else self.conv(x)
+        if self.conv is None:
+            return layers.avg_pool2(x)
+        return self.conv(x, stride=2, pads=self.pads)
 
 
 class Upsample(nnx.Module):

@@ -31,8 +31,7 @@ import numpy as np
 from flax import nnx
 
 from sdedit_jax.config import frozen
-from sdedit_jax.models import fir, initialise
-from sdedit_jax.models.layers import default_init
+from sdedit_jax.models import fir, initialise, layers
 
 Array = jax.Array
 
@@ -193,22 +192,14 @@ class NCSNppConfig:
         return config_from_score_sde(cfg)
 
 
-class Conv(nnx.Module):
-    """Stride-1 SAME convolution (odd kernel, HWIO) with bias, in the compute dtype."""
+class Conv(layers.ConvParams):
+    """Stride-1 SAME convolution (odd kernel, HWIO) with bias, in the compute dtype.
 
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        size: int,
-        dtype: Any,
-        *,
-        init_scale: float = 1.0,
-        rngs: nnx.Rngs,
-    ):
-        shape = (size, size, c_in, c_out)
-        self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), shape))
-        self.bias = nnx.Param(jnp.zeros((c_out,)))
+    ``dtype`` follows the size; other arguments as :class:`~layers.ConvParams`.
+    """
+
+    def __init__(self, c_in: int, c_out: int, size: int, dtype: Any, **kwargs: Any):
+        super().__init__(c_in, c_out, size, **kwargs)
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
@@ -229,7 +220,7 @@ class Dense(nnx.Module):
     def __init__(
         self, c_in: int, c_out: int, dtype: Any, *, init_scale: float = 1.0, rngs: nnx.Rngs
     ):
-        self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), (c_in, c_out)))
+        self.kernel = nnx.Param(layers.default_init(init_scale)(rngs.params(), (c_in, c_out)))
         self.bias = nnx.Param(jnp.zeros((c_out,)))
         self.dtype = dtype
 
