@@ -509,6 +509,33 @@ def _abstract_state(config: NCSNppConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: NCSNpp(config, rngs=nnx.Rngs(params=0))))
 
 
+def block_paths(config: NCSNppConfig) -> list[tuple[str, str]]:
+    """``(kind, state path)`` of every block of the U-Net body, in score_sde's creation order.
+
+    ``kind`` is ``"resnet"``, ``"attn"``, ``"combine"`` (the 1x1 conv adding the
+    downsampled image), ``"norm"`` or ``"conv"`` (a level's GroupNorm and conv into the
+    output pyramid). Importers name each block in their own layout from this one walk.
+    """
+    attn_levels, last = config.attn_levels(), config.num_levels - 1
+    blocks = []
+    for i in range(config.num_levels):
+        for j in range(config.num_res_blocks):
+            blocks.append(("resnet", f"down/{i}/resnets/{j}"))
+            if i in attn_levels:
+                blocks.append(("attn", f"down/{i}/attns/{j}"))
+        if i != last:
+            blocks += [("resnet", f"down/{i}/down"), ("combine", f"down/{i}/combine")]
+    blocks += [("resnet", "mid_res0"), ("attn", "mid_attn"), ("resnet", "mid_res1")]
+    for i in range(config.num_levels):  # up/0 is the coarsest level
+        blocks += [("resnet", f"up/{i}/resnets/{j}") for j in range(config.num_res_blocks + 1)]
+        if last - i in attn_levels:
+            blocks.append(("attn", f"up/{i}/attn"))
+        blocks += [("norm", f"up/{i}/skip_norm"), ("conv", f"up/{i}/skip_conv")]
+        if i != last:
+            blocks.append(("resnet", f"up/{i}/up"))
+    return blocks
+
+
 def abstract_params(config: NCSNppConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every weight, keyed by its ``/``-joined path in the model's state."""
     pure = nnx.to_pure_dict(_abstract_state(config)[1])
