@@ -299,8 +299,7 @@ class Conv(layers.ConvParams):
 
 class Linear(nnx.Module):
     def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(layers.default_init()(rngs.params(), (c_in, c_out)))
-        self.bias = nnx.Param(jnp.zeros((c_out,)))
+        self.kernel, self.bias = layers.kernel_and_bias((c_in, c_out), 1.0, rngs)
 
     def __call__(self, x: Array) -> Array:
         y = jnp.matmul(x, self.kernel[...].astype(x.dtype), precision=_precision(x.dtype))

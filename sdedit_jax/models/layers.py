@@ -75,6 +75,14 @@ def _as_last_axis(v: Array, ndim: int) -> Array:
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
+def kernel_and_bias(
+    shape: tuple[int, ...], init_scale: float, rngs: nnx.Rngs
+) -> tuple[nnx.Param, nnx.Param]:
+    """A kernel of ``shape`` (inputs, outputs last) with DDPM's init, and a zero bias."""
+    kernel = default_init(init_scale)(rngs.params(), shape)
+    return nnx.Param(kernel), nnx.Param(jnp.zeros(shape[-1:]))
+
+
 class ConvParams(nnx.Module):
     """A square HWIO ``kernel`` with DDPM's init and a zero ``bias``: every network's conv.
 
@@ -85,9 +93,7 @@ class ConvParams(nnx.Module):
     def __init__(
         self, c_in: int, c_out: int, size: int = 3, *, init_scale: float = 1.0, rngs: nnx.Rngs
     ):
-        shape = (size, size, c_in, c_out)
-        self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), shape))
-        self.bias = nnx.Param(jnp.zeros((c_out,)))
+        self.kernel, self.bias = kernel_and_bias((size, size, c_in, c_out), init_scale, rngs)
 
 
 class Conv(ConvParams):
@@ -111,9 +117,7 @@ class Dense(nnx.Module):
     def __init__(
         self, in_features: int, out_features: int, *, init_scale: float = 1.0, rngs: nnx.Rngs
     ):
-        shape = (in_features, out_features)
-        self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), shape))
-        self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.kernel, self.bias = kernel_and_bias((in_features, out_features), init_scale, rngs)
 
     def __call__(self, x: Array) -> Array:
         return x @ self.kernel[...] + _as_last_axis(self.bias[...], x.ndim)

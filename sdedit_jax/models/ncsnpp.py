@@ -220,8 +220,7 @@ class Dense(nnx.Module):
     def __init__(
         self, c_in: int, c_out: int, dtype: Any, *, init_scale: float = 1.0, rngs: nnx.Rngs
     ):
-        self.kernel = nnx.Param(layers.default_init(init_scale)(rngs.params(), (c_in, c_out)))
-        self.bias = nnx.Param(jnp.zeros((c_out,)))
+        self.kernel, self.bias = layers.kernel_and_bias((c_in, c_out), init_scale, rngs)
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
