@@ -102,8 +102,8 @@ class Conv(ConvParams):
     Other arguments as :class:`ConvParams`.
     """
 
-    def __init__(self, *args: Any, fast: bool = True, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, c_in: int, c_out: int, size: int = 3, *, fast: bool = True, **kwargs: Any):
+        super().__init__(c_in, c_out, size, **kwargs)
         self.fast = fast
 
     def __call__(self, x: Array) -> Array:
