@@ -166,8 +166,19 @@ def _read_folder(model_dir: str) -> _Folder:
     return _Folder(info, info_path, name, config, files.join(model_dir, weights))
 
 
-def _is_model_folder(path: str, format: str | None) -> bool:
-    return format in (None, "model_folder") and importers.detect_format(path) == "model_folder"
+def _locate(path: str | None, format: str | None) -> tuple[str, _Folder | None]:
+    """The path (the shipped model by default) and, if it is a model folder, its info."""
+    path = DEFAULT_MODEL_DIR if path in (None, "", "default") else path
+    if format in (None, "model_folder") and importers.detect_format(path) == "model_folder":
+        return path, _read_folder(path)
+    return path, None
+
+
+def _folder_state(folder: _Folder) -> nnx.State:
+    """The folder's weights, checked against the sha256 its info records."""
+    _, abstract_state = _abstract(folder.architecture, folder.config)
+    sha256 = folder.info["sha256"].get(files.basename(folder.weights))
+    return checkpoint.load_params(folder.weights, abstract_state, sha256=sha256)
 
 
 def _score_model(
@@ -204,17 +215,12 @@ def load_model(
             the checkpoint does not record it.
         format, image_size, score_sde_config: see :func:`sdedit_jax.importers.load`.
     """
-    model_dir = DEFAULT_MODEL_DIR if model_dir in (None, "", "default") else model_dir
-    if not _is_model_folder(model_dir, format):
+    model_dir, folder = _locate(model_dir, format)
+    if folder is None:
         return _load_imported(model_dir, sde, format, image_size, score_sde_config)
-    folder = _read_folder(model_dir)
-    info = folder.info
-    config = folder.config
-    graphdef, abstract_state = _abstract(folder.architecture, config)
-    path = folder.weights
-    state = checkpoint.load_params(
-        path, abstract_state, sha256=info["sha256"].get(files.basename(path))
-    )
+    info, config, path = folder.info, folder.config, folder.weights
+    graphdef, _ = _abstract(folder.architecture, config)
+    state = _folder_state(folder)
     model_sde = sde_from_config(sde if sde is not None else info["sde"])
     if folder.architecture == "unet":
         score_fn, user_sde = (
@@ -374,16 +380,9 @@ def load_network(
         compute_dtype: e.g. ``"bfloat16"`` for accelerators (architectures whose
             config has a ``compute_dtype`` field); default: as stored (float32).
     """
-    path = DEFAULT_MODEL_DIR if path in (None, "", "default") else path
-    if _is_model_folder(path, format):
-        folder = _read_folder(path)
-        name, config = folder.architecture, folder.config
-        _, abstract_state = _abstract(name, config)
-        state = checkpoint.load_params(
-            folder.weights,
-            abstract_state,
-            sha256=folder.info["sha256"].get(files.basename(folder.weights)),
-        )
+    path, folder = _locate(path, format)
+    if folder is not None:
+        name, config, state = folder.architecture, folder.config, _folder_state(folder)
     else:
         imported = _import(path, format, image_size, score_sde_config)
         name, config, state = imported.architecture, imported.config, imported.state

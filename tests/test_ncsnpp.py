@@ -386,6 +386,23 @@ def test_full_church_key_layout_matches_diffusers():
     )
 
 
+def test_block_paths_own_every_weight_once():
+    """The importers' one walk: every weight of the body lies in exactly one block."""
+    config = ncsnpp.NCSNppConfig(
+        image_size=32, nf=16, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(32, 8)
+    )
+    blocks = [path for _, path in ncsnpp.block_paths(config)]
+    assert len(set(blocks)) == len(blocks)
+    owners = collections.Counter()
+    for key in ncsnpp.abstract_params(config):
+        mine = [
+            b for b in [*blocks, "fourier", "temb0", "temb1", "conv_in"] if key.startswith(b + "/")
+        ]
+        assert len(mine) == 1, (key, mine)
+        owners[mine[0]] += 1
+    assert set(blocks) <= set(owners)
+
+
 @pytest.mark.parametrize("kernel", [(1, 3, 3, 1), (1, 2, 1), (2, 5, 1, 3)])
 @pytest.mark.parametrize("size", [(8, 8), (6, 10)])
 @pytest.mark.slow

@@ -221,6 +221,27 @@ def _attn(src: str, dst: str, names: Mapping[str, str]) -> dict[str, tuple[str, 
     return out
 
 
+_MID = {"mid_res0": "resnets.0", "mid_attn": "attentions.0", "mid_res1": "resnets.1"}
+_BLOCK_PARTS = {
+    "attns": "attentions",
+    "attn": "attentions.0",
+    "down": "resnet_down",
+    "up": "resnet_up",
+    "combine": "skip_conv",
+}
+_OUTPUT = {"skip_norm": "conv_norm_out", "skip_conv": "conv_out"}
+
+
+def _diffusers_name(path: str, last: int) -> str:
+    """diffusers' module name of the block at a state path of :func:`ncsnpp.block_paths`."""
+    if path in _MID:
+        return f"mid_block.{_MID[path]}"
+    side, i, part, *j = path.split("/")
+    if side == "up" and int(i) == last and part in _OUTPUT:  # the full-size level's output
+        return _OUTPUT[part]
+    return ".".join([f"{side}_blocks", i, _BLOCK_PARTS.get(part, part), *j])
+
+
 def key_map(config: NCSNppConfig, old_attention: bool = False) -> dict[str, tuple[str, Any]]:
     """diffusers key -> (model state path, layout transform), for every weight."""
     names = _ATTN_OLD if old_attention else _ATTN_NEW
@@ -228,31 +249,15 @@ def key_map(config: NCSNppConfig, old_attention: bool = False) -> dict[str, tupl
     m.update(_layer("time_embedding.linear_1", "temb0", _linear))
     m.update(_layer("time_embedding.linear_2", "temb1", _linear))
     m.update(_layer("conv_in", "conv_in", _conv))
-    attn_levels = config.attn_levels()
     last = config.num_levels - 1
-    for i in range(config.num_levels):
-        for j in range(config.num_res_blocks):
-            m.update(_resnet(f"down_blocks.{i}.resnets.{j}", f"down/{i}/resnets/{j}"))
-            if i in attn_levels:
-                m.update(_attn(f"down_blocks.{i}.attentions.{j}", f"down/{i}/attns/{j}", names))
-        if i != last:
-            m.update(_resnet(f"down_blocks.{i}.resnet_down", f"down/{i}/down"))
-            m.update(_layer(f"down_blocks.{i}.skip_conv", f"down/{i}/combine", _conv))
-    m.update(_resnet("mid_block.resnets.0", "mid_res0"))
-    m.update(_attn("mid_block.attentions.0", "mid_attn", names))
-    m.update(_resnet("mid_block.resnets.1", "mid_res1"))
-    for i in range(config.num_levels):
-        level = last - i
-        for j in range(config.num_res_blocks + 1):
-            m.update(_resnet(f"up_blocks.{i}.resnets.{j}", f"up/{i}/resnets/{j}"))
-        if level in attn_levels:
-            m.update(_attn(f"up_blocks.{i}.attentions.0", f"up/{i}/attn", names))
-        if level != 0:
-            m.update(_layer(f"up_blocks.{i}.skip_norm", f"up/{i}/skip_norm", None))
-            m.update(_layer(f"up_blocks.{i}.skip_conv", f"up/{i}/skip_conv", _conv))
-            m.update(_resnet(f"up_blocks.{i}.resnet_up", f"up/{i}/up"))
-    m.update(_layer("conv_norm_out", f"up/{last}/skip_norm", None))
-    m.update(_layer("conv_out", f"up/{last}/skip_conv", _conv))
+    for kind, path in ncsnpp.block_paths(config):
+        src = _diffusers_name(path, last)
+        if kind == "resnet":
+            m.update(_resnet(src, path))
+        elif kind == "attn":
+            m.update(_attn(src, path, names))
+        else:  # one conv ("combine", "conv") or GroupNorm ("norm")
+            m.update(_layer(src, path, None if kind == "norm" else _conv))
     shapes = ncsnpp.abstract_params(config)
     return {k: v for k, v in m.items() if v[0] in shapes}  # drops absent conv_shortcuts
 

@@ -373,47 +373,34 @@ def _layers(src: str, dst: str, names: Mapping[str, str]) -> dict[str, str]:
     return m
 
 
+def _combine(src: str, dst: str) -> dict[str, str]:
+    return _layers(src, "", {"Conv_0": dst})
+
+
+def _layer(src: str, dst: str) -> dict[str, str]:
+    return _layers("", "", {src: dst})
+
+
+# Per kind of ncsnpp.block_paths: the flax module class whose instances score_sde's
+# NCSNpp numbers in creation order, and the block's keys.
+_BLOCKS = {
+    "resnet": ("ResnetBlockBigGANpp", _resnet),
+    "attn": ("AttnBlockpp", _attn),
+    "combine": ("Combine", _combine),
+    "norm": ("GroupNorm", _layer),
+    "conv": ("Conv", _layer),
+}
+
+
 def key_map(config: NCSNppConfig) -> dict[str, str]:
     """score_sde parameter path -> model state path, for every weight."""
     m = {"GaussianFourierProjection_0/W": "fourier/W"}
     m.update(_layers("", "", {"Dense_0": "temb0", "Dense_1": "temb1", "Conv_0": "conv_in"}))
-    count = {"res": 0, "attn": 0, "combine": 0, "norm": 0, "conv": 1}
-
-    def next_id(kind: str) -> int:
+    count = dict.fromkeys(_BLOCKS, 0) | {"conv": 1}  # Conv_0 is the input conv
+    for kind, path in ncsnpp.block_paths(config):
+        flax_class, block_keys = _BLOCKS[kind]
+        m.update(block_keys(f"{flax_class}_{count[kind]}", path))
         count[kind] += 1
-        return count[kind] - 1
-
-    attn_levels = config.attn_levels()
-    last = config.num_levels - 1
-    for i in range(config.num_levels):
-        for j in range(config.num_res_blocks):
-            m.update(_resnet(f"ResnetBlockBigGANpp_{next_id('res')}", f"down/{i}/resnets/{j}"))
-            if i in attn_levels:
-                m.update(_attn(f"AttnBlockpp_{next_id('attn')}", f"down/{i}/attns/{j}"))
-        if i != last:
-            m.update(_resnet(f"ResnetBlockBigGANpp_{next_id('res')}", f"down/{i}/down"))
-            m.update(_layers(f"Combine_{next_id('combine')}", f"down/{i}", {"Conv_0": "combine"}))
-    m.update(_resnet(f"ResnetBlockBigGANpp_{next_id('res')}", "mid_res0"))
-    m.update(_attn(f"AttnBlockpp_{next_id('attn')}", "mid_attn"))
-    m.update(_resnet(f"ResnetBlockBigGANpp_{next_id('res')}", "mid_res1"))
-    for i in range(config.num_levels):
-        level = last - i
-        for j in range(config.num_res_blocks + 1):
-            m.update(_resnet(f"ResnetBlockBigGANpp_{next_id('res')}", f"up/{i}/resnets/{j}"))
-        if level in attn_levels:
-            m.update(_attn(f"AttnBlockpp_{next_id('attn')}", f"up/{i}/attn"))
-        m.update(
-            _layers(
-                "",
-                f"up/{i}",
-                {
-                    f"GroupNorm_{next_id('norm')}": "skip_norm",
-                    f"Conv_{next_id('conv')}": "skip_conv",
-                },
-            )
-        )
-        if level != 0:
-            m.update(_resnet(f"ResnetBlockBigGANpp_{next_id('res')}", f"up/{i}/up"))
     m = {k.lstrip("/"): v.lstrip("/") for k, v in m.items()}
     shapes = ncsnpp.abstract_params(config)
     return {k: v for k, v in m.items() if v in shapes}  # drops absent 1x1 shortcuts

@@ -31,7 +31,7 @@ from flax import nnx
 
 from sdedit_jax.config import frozen
 from sdedit_jax.importers import state_dict
-from sdedit_jax.models import layers
+from sdedit_jax.models import initialise, layers
 
 Array = jax.Array
 
@@ -279,32 +279,18 @@ def _precision(dtype: Any) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-class Conv(nnx.Module):
-    """NHWC conv with bias; ``stride=2`` uses DDPM's padding (see ``downsample_padding``)."""
+class Conv(layers.ConvParams):
+    """NHWC conv with bias in the activations' dtype: SAME, or strided with explicit pads."""
 
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        kernel: int = 3,
-        *,
-        stride: int = 1,
-        padding: int | None = None,
-        rngs: nnx.Rngs,
-    ):
-        self.kernel = nnx.Param(layers.default_init()(rngs.params(), (kernel, kernel, c_in, c_out)))
-        self.bias = nnx.Param(jnp.zeros((c_out,)))
-        self.stride = stride
-        half = kernel // 2
-        # padding=0 with stride 2: DDPM pads only right/bottom by one.
-        self.pads = ((half, half),) * 2 if padding is None else ((padding, 1),) * 2
-
-    def __call__(self, x: Array) -> Array:
+    def __call__(
+        self, x: Array, stride: int = 1, pads: tuple[tuple[int, int], ...] | None = None
+    ) -> Array:
+        half = self.kernel.shape[0] // 2
         y = jax.lax.conv_general_dilated(
             x,
             self.kernel[...].astype(x.dtype),
-            (self.stride,) * 2,
-            self.pads,
+            (stride,) * 2,
+            ((half, half),) * 2 if pads is None else pads,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=_precision(x.dtype),
         )
@@ -313,8 +299,7 @@ class Conv(nnx.Module):
 
 class Linear(nnx.Module):
     def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(layers.default_init()(rngs.params(), (c_in, c_out)))
-        self.bias = nnx.Param(jnp.zeros((c_out,)))
+        self.kernel, self.bias = layers.kernel_and_bias((c_in, c_out), 1.0, rngs)
 
     def __call__(self, x: Array) -> Array:
         y = jnp.matmul(x, self.kernel[...].astype(x.dtype), precision=_precision(x.dtype))
@@ -389,14 +374,14 @@ class Attention(nnx.Module):
 
 class Downsample(nnx.Module):
     def __init__(self, channels: int, cfg: DDPMUNetConfig, *, rngs: nnx.Rngs):
-        self.conv = (
-            Conv(channels, channels, stride=2, padding=cfg.downsample_padding, rngs=rngs)
-            if cfg.resamp_with_conv
-            else None
-        )
+        self.conv = Conv(channels, channels, rngs=rngs) if cfg.resamp_with_conv else None
+        # A stride-2 conv; downsample_padding=0 is DDPM's: pad only right/bottom by one.
+        self.pads = ((cfg.downsample_padding, 1),) * 2
 
     def __call__(self, x: Array) -> Array:
-        return layers.avg_pool2(x) if self.conv is None else self.conv(x)
+        if self.conv is None:
+            return layers.avg_pool2(x)
+        return self.conv(x, stride=2, pads=self.pads)
 
 
 class Upsample(nnx.Module):
@@ -540,16 +525,8 @@ def count_params(state: nnx.State | nnx.Module) -> int:
 
 
 def build(config: Mapping[str, Any] | DDPMUNetConfig, seed: int) -> DDPMUNet:
-    """A randomly initialised :class:`DDPMUNet` (one jitted initialiser per config)."""
-    cfg = DDPMUNetConfig.from_config(config)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DDPMUNet(cfg, rngs=nnx.Rngs(params=0))))
-    return nnx.merge(graphdef, _init_state(cfg, jnp.asarray(seed, jnp.uint32)))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_state(cfg: DDPMUNetConfig, seed: Array) -> nnx.State:
-    key = jax.random.key(seed, impl="rbg")
-    return nnx.split(DDPMUNet(cfg, rngs=nnx.Rngs(params=key)))[1]
+    """A randomly initialised :class:`DDPMUNet` (see :func:`initialise.build`)."""
+    return initialise.build(DDPMUNet, DDPMUNetConfig.from_config(config), seed)
 
 
 # --- weights from diffusers' state dict ----------------------------------------------------

@@ -9,6 +9,8 @@ which XLA runs at full matmul speed. :func:`conv2d` uses that form in a
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -73,22 +75,35 @@ def _as_last_axis(v: Array, ndim: int) -> Array:
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
-class Conv(nnx.Module):
-    """Stride-1 SAME conv (odd kernel) with bias; ``fast=True`` uses :func:`conv2d`."""
+def kernel_and_bias(
+    shape: tuple[int, ...], init_scale: float, rngs: nnx.Rngs
+) -> tuple[nnx.Param, nnx.Param]:
+    """A kernel of ``shape`` (inputs, outputs last) with DDPM's init, and a zero bias."""
+    kernel = default_init(init_scale)(rngs.params(), shape)
+    return nnx.Param(kernel), nnx.Param(jnp.zeros(shape[-1:]))
+
+
+class ConvParams(nnx.Module):
+    """A square HWIO ``kernel`` with DDPM's init and a zero ``bias``: every network's conv.
+
+    Each network subclasses it with its own forward (fast gradient, compute dtype,
+    stride), so all of them share parameter names, shapes and initial values.
+    """
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        kernel_size: int = 3,
-        *,
-        init_scale: float = 1.0,
-        fast: bool = True,
-        rngs: nnx.Rngs,
+        self, c_in: int, c_out: int, size: int = 3, *, init_scale: float = 1.0, rngs: nnx.Rngs
     ):
-        shape = (kernel_size, kernel_size, in_features, out_features)
-        self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), shape))
-        self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.kernel, self.bias = kernel_and_bias((size, size, c_in, c_out), init_scale, rngs)
+
+
+class Conv(ConvParams):
+    """Stride-1 SAME conv (odd kernel) with bias; ``fast=True`` uses :func:`conv2d`.
+
+    Other arguments as :class:`ConvParams`.
+    """
+
+    def __init__(self, c_in: int, c_out: int, size: int = 3, *, fast: bool = True, **kwargs: Any):
+        super().__init__(c_in, c_out, size, **kwargs)
         self.fast = fast
 
     def __call__(self, x: Array) -> Array:
@@ -102,9 +117,7 @@ class Dense(nnx.Module):
     def __init__(
         self, in_features: int, out_features: int, *, init_scale: float = 1.0, rngs: nnx.Rngs
     ):
-        shape = (in_features, out_features)
-        self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), shape))
-        self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.kernel, self.bias = kernel_and_bias((in_features, out_features), init_scale, rngs)
 
     def __call__(self, x: Array) -> Array:
         return x @ self.kernel[...] + _as_last_axis(self.bias[...], x.ndim)

@@ -21,7 +21,6 @@ the score (``scale_by_sigma``: the network output divided by sigma).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -32,8 +31,7 @@ import numpy as np
 from flax import nnx
 
 from sdedit_jax.config import frozen
-from sdedit_jax.models import fir
-from sdedit_jax.models.layers import default_init
+from sdedit_jax.models import fir, initialise, layers
 
 Array = jax.Array
 
@@ -194,22 +192,14 @@ class NCSNppConfig:
         return config_from_score_sde(cfg)
 
 
-class Conv(nnx.Module):
-    """Stride-1 SAME convolution (odd kernel, HWIO) with bias, in the compute dtype."""
+class Conv(layers.ConvParams):
+    """Stride-1 SAME convolution (odd kernel, HWIO) with bias, in the compute dtype.
 
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        size: int,
-        dtype: Any,
-        *,
-        init_scale: float = 1.0,
-        rngs: nnx.Rngs,
-    ):
-        shape = (size, size, c_in, c_out)
-        self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), shape))
-        self.bias = nnx.Param(jnp.zeros((c_out,)))
+    ``dtype`` follows the size; other arguments as :class:`~layers.ConvParams`.
+    """
+
+    def __init__(self, c_in: int, c_out: int, size: int, dtype: Any, **kwargs: Any):
+        super().__init__(c_in, c_out, size, **kwargs)
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
@@ -230,8 +220,7 @@ class Dense(nnx.Module):
     def __init__(
         self, c_in: int, c_out: int, dtype: Any, *, init_scale: float = 1.0, rngs: nnx.Rngs
     ):
-        self.kernel = nnx.Param(default_init(init_scale)(rngs.params(), (c_in, c_out)))
-        self.bias = nnx.Param(jnp.zeros((c_out,)))
+        self.kernel, self.bias = layers.kernel_and_bias((c_in, c_out), init_scale, rngs)
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
@@ -507,16 +496,8 @@ def count_params(model: nnx.Module) -> int:
 
 
 def build(config: NCSNppConfig | Mapping[str, Any], seed: int) -> NCSNpp:
-    """A randomly initialised :class:`NCSNpp` (initialisers in one jitted program)."""
-    cfg = NCSNppConfig.from_config(config)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: NCSNpp(cfg, rngs=nnx.Rngs(params=0))))
-    return nnx.merge(graphdef, _init_state(cfg, jnp.asarray(seed, jnp.uint32)))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_state(cfg: NCSNppConfig, seed: Array) -> nnx.State:
-    key = jax.random.key(seed, impl="rbg")
-    return nnx.split(NCSNpp(cfg, rngs=nnx.Rngs(params=key)))[1]
+    """A randomly initialised :class:`NCSNpp` (see :func:`initialise.build`)."""
+    return initialise.build(NCSNpp, NCSNppConfig.from_config(config), seed)
 
 
 def _path_key(path: tuple) -> str:
@@ -525,6 +506,33 @@ def _path_key(path: tuple) -> str:
 
 def _abstract_state(config: NCSNppConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: NCSNpp(config, rngs=nnx.Rngs(params=0))))
+
+
+def block_paths(config: NCSNppConfig) -> list[tuple[str, str]]:
+    """``(kind, state path)`` of every block of the U-Net body, in score_sde's creation order.
+
+    ``kind`` is ``"resnet"``, ``"attn"``, ``"combine"`` (the 1x1 conv adding the
+    downsampled image), ``"norm"`` or ``"conv"`` (a level's GroupNorm and conv into the
+    output pyramid). Importers name each block in their own layout from this one walk.
+    """
+    attn_levels, last = config.attn_levels(), config.num_levels - 1
+    blocks = []
+    for i in range(config.num_levels):
+        for j in range(config.num_res_blocks):
+            blocks.append(("resnet", f"down/{i}/resnets/{j}"))
+            if i in attn_levels:
+                blocks.append(("attn", f"down/{i}/attns/{j}"))
+        if i != last:
+            blocks += [("resnet", f"down/{i}/down"), ("combine", f"down/{i}/combine")]
+    blocks += [("resnet", "mid_res0"), ("attn", "mid_attn"), ("resnet", "mid_res1")]
+    for i in range(config.num_levels):  # up/0 is the coarsest level
+        blocks += [("resnet", f"up/{i}/resnets/{j}") for j in range(config.num_res_blocks + 1)]
+        if last - i in attn_levels:
+            blocks.append(("attn", f"up/{i}/attn"))
+        blocks += [("norm", f"up/{i}/skip_norm"), ("conv", f"up/{i}/skip_conv")]
+        if i != last:
+            blocks.append(("resnet", f"up/{i}/up"))
+    return blocks
 
 
 def abstract_params(config: NCSNppConfig) -> dict[str, tuple[int, ...]]:
