@@ -33,7 +33,7 @@ import functools
 import importlib
 import json
 import os
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -198,13 +198,28 @@ def _score_model(
     return score_fn, user_sde, graphdef
 
 
+class CheckpointOptions(TypedDict, total=False):
+    """How to read a path that is not a model folder (see :func:`sdedit_jax.importers.load`).
+
+    ``format``: the checkpoint format where detection cannot tell; ``image_size``: the
+    network's image size where the checkpoint does not record it; ``score_sde_config``:
+    score_sde's config file for a ``checkpoint_<n>``.
+    """
+
+    format: str | None
+    image_size: int | None
+    score_sde_config: str | None
+
+
+def _checked(options: dict) -> CheckpointOptions:
+    unknown = sorted(set(options) - set(CheckpointOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}; see CheckpointOptions")
+    return CheckpointOptions(**options)
+
+
 def load_model(
-    model_dir: str | None = None,
-    *,
-    sde: dict | None = None,
-    format: str | None = None,
-    image_size: int | None = None,
-    score_sde_config: str | None = None,
+    model_dir: str | None = None, *, sde: dict | None = None, **options: Unpack[CheckpointOptions]
 ) -> LoadedModel:
     """Loads a score model: the shipped one (default), a model folder, or a checkpoint.
 
@@ -213,11 +228,12 @@ def load_model(
             or a score_sde ``checkpoint_<n>`` (the latter converted on the fly).
         sde: overrides the SDE of a checkpoint (``{"name": "ve", ...}``); needed when
             the checkpoint does not record it.
-        format, image_size, score_sde_config: see :func:`sdedit_jax.importers.load`.
+        options: see :class:`CheckpointOptions`.
     """
-    model_dir, folder = _locate(model_dir, format)
+    options = _checked(options)
+    model_dir, folder = _locate(model_dir, options.get("format"))
     if folder is None:
-        return _load_imported(model_dir, sde, format, image_size, score_sde_config)
+        return _load_imported(model_dir, sde, options)
     info, config, path = folder.info, folder.config, folder.weights
     graphdef, _ = _abstract(folder.architecture, config)
     state = _folder_state(folder)
@@ -254,10 +270,13 @@ def _num_channels(config: Any) -> int:
     raise ValueError(f"{type(config).__name__} has no channel count")
 
 
-def _import(
-    path: str, format: str | None, image_size: int | None, score_sde_config: str | None
-) -> importers.Imported:
-    return importers.load(path, format=format, image_size=image_size, config=score_sde_config)
+def _import(path: str, options: CheckpointOptions) -> importers.Imported:
+    return importers.load(
+        path,
+        format=options.get("format"),
+        image_size=options.get("image_size"),
+        config=options.get("score_sde_config"),
+    )
 
 
 def _imported_sde(imported: importers.Imported, sde: dict | None, path: str) -> dict:
@@ -270,14 +289,8 @@ def _imported_sde(imported: importers.Imported, sde: dict | None, path: str) -> 
     return dict(chosen)
 
 
-def _load_imported(
-    path: str,
-    sde: dict | None,
-    format: str | None,
-    image_size: int | None,
-    score_sde_config: str | None,
-) -> LoadedModel:
-    imported = _import(path, format, image_size, score_sde_config)
+def _load_imported(path: str, sde: dict | None, options: CheckpointOptions) -> LoadedModel:
+    imported = _import(path, options)
     model_sde = sde_from_config(_imported_sde(imported, sde, path))
     usage = {
         "condition": imported.condition,
@@ -370,21 +383,21 @@ def load_network(
     path: str | None = None,
     *,
     compute_dtype: str | None = None,
-    format: str | None = None,
-    image_size: int | None = None,
-    score_sde_config: str | None = None,
+    **options: Unpack[CheckpointOptions],
 ) -> Network:
     """The bare network of a model folder, diffusers folder or checkpoint (see :class:`Network`).
 
     Args:
         compute_dtype: e.g. ``"bfloat16"`` for accelerators (architectures whose
             config has a ``compute_dtype`` field); default: as stored (float32).
+        options: see :class:`CheckpointOptions`.
     """
-    path, folder = _locate(path, format)
+    options = _checked(options)
+    path, folder = _locate(path, options.get("format"))
     if folder is not None:
         name, config, state = folder.architecture, folder.config, _folder_state(folder)
     else:
-        imported = _import(path, format, image_size, score_sde_config)
+        imported = _import(path, options)
         name, config, state = imported.architecture, imported.config, imported.state
     if compute_dtype is not None:
         if not hasattr(config, "compute_dtype"):

@@ -53,3 +53,10 @@ def test_a_score_without_a_network_says_so():
     model = sj.LoadedModel(lambda x, t: x, sj.VPSDE(), 8, 3, "", "closed_form")
     with pytest.raises(ValueError, match="closed_form: this model has no network"):
         model.network()
+
+
+@pytest.mark.parametrize("load", [sj.load_model, sj.load_network])
+def test_a_misspelt_checkpoint_option_is_refused(load):
+    # The options are one typed dict shared by both loaders; a typo must not be ignored.
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['imagesize'\]"):
+        load(None, imagesize=32)

@@ -315,12 +315,7 @@ class GroupNorm(nnx.Module):
         self.groups, self.eps = groups, eps
 
     def __call__(self, x: Array) -> Array:
-        b, h, w, c = x.shape
-        g = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-        mean = g.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-        y = y * _bcast(self.scale[...], 4) + _bcast(self.bias[...], 4)
+        y = layers.group_norm_float32(x, self.scale[...], self.bias[...], self.groups, self.eps)
         return y.astype(x.dtype)
 
 

@@ -123,6 +123,17 @@ class Dense(nnx.Module):
         return x @ self.kernel[...] + _as_last_axis(self.bias[...], x.ndim)
 
 
+def group_norm_float32(x: Array, scale: Array, bias: Array, groups: int, eps: float) -> Array:
+    """torch-style GroupNorm of NHWC ``x`` with statistics in float32 (also for bf16
+    activations); returns float32, the caller casts."""
+    b, h, w, c = x.shape
+    grouped = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
+    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+    var = jnp.square(grouped - mean).mean(axis=(1, 2, 4), keepdims=True)
+    y = ((grouped - mean) * jax.lax.rsqrt(var + eps)).reshape(b, h, w, c)
+    return y * scale.reshape(1, 1, 1, c) + bias.reshape(1, 1, 1, c)
+
+
 def group_norm(num_channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
     """GroupNorm with up to 32 groups of at least 4 channels (DDPM/NCSN++ choice)."""
     return nnx.GroupNorm(num_channels, num_groups=min(num_channels // 4, 32), rngs=rngs)

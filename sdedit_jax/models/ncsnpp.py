@@ -239,12 +239,7 @@ class GroupNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        b, h, w, c = x.shape
-        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-        mean = xg.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-        y = y * self.scale[...].reshape(1, 1, 1, c) + self.bias[...].reshape(1, 1, 1, c)
+        y = layers.group_norm_float32(x, self.scale[...], self.bias[...], self.groups, self.eps)
         return y.astype(self.dtype)
 
 
