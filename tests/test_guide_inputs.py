@@ -431,6 +431,16 @@ def test_unusable_sources_and_configs_raise(tmp_path):
         guide_inputs.GuideInputConfig.from_mapping({"source": "folder", "path": "x", "sise": 3})
     with pytest.raises(ValueError, match="t0"):
         guide_inputs.GuideInputConfig(source="folder", path="x", t0=0.0)
+    # A misspelt generator option is refused by name before any input is read.
+    with pytest.raises(
+        ValueError, match=r"generator_kwargs: stroke_painting has no option 'num_colours'"
+    ):
+        guide_inputs.GuideInputConfig(
+            source="folder",
+            path="x",
+            generator="stroke_painting",
+            generator_kwargs={"num_colors": 3, "num_colours": 3},
+        )
 
 
 def test_per_example_t0_is_checked_against_the_models_time_domain(tmp_path):

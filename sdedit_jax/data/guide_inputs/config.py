@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -104,6 +105,8 @@ class GuideInputConfig:
         if not isinstance(self.generator_kwargs, Mapping):
             raise ValueError(f"generator_kwargs: expected a mapping, got {self.generator_kwargs!r}")
         object.__setattr__(self, "generator_kwargs", dict(self.generator_kwargs))
+        if self.generator in guides.GENERATORS:
+            _check_generator_options(self.generator, self.generator_kwargs)
         if self.source not in SOURCES:
             raise ValueError(f"source: expected one of {SOURCES}, got {self.source!r}")
         if self.channels not in (1, 3) or not _is_int(self.channels):
@@ -168,3 +171,15 @@ class GuideInputConfig:
 
 def _as_config(config) -> GuideInputConfig:
     return config if isinstance(config, GuideInputConfig) else GuideInputConfig.from_mapping(config)
+
+
+def _check_generator_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuses options the generator does not take, before any input is read."""
+    parameters = inspect.signature(guides.GENERATORS[name]).parameters
+    known = [p.name for p in parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"generator_kwargs: {name} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are {known}"
+        )
