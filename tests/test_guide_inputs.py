@@ -432,14 +432,21 @@ def test_unusable_sources_and_configs_raise(tmp_path):
     with pytest.raises(ValueError, match="t0"):
         guide_inputs.GuideInputConfig(source="folder", path="x", t0=0.0)
     # A misspelt generator option is refused by name before any input is read.
-    with pytest.raises(
-        ValueError, match=r"generator_kwargs: stroke_painting has no option 'num_colours'"
-    ):
+    with pytest.raises(ValueError, match=r"generator_kwargs.num_colours: unknown field, got 3"):
         guide_inputs.GuideInputConfig(
             source="folder",
             path="x",
             generator="stroke_painting",
             generator_kwargs={"num_colors": 3, "num_colours": 3},
+        )
+    with pytest.raises(
+        ValueError, match=r"generator_kwargs.points_per_stroke: must be >= 2, got 1"
+    ):
+        guide_inputs.GuideInputConfig(
+            source="folder",
+            path="x",
+            generator="stroke_edit",
+            generator_kwargs={"points_per_stroke": 1},
         )
 
 

@@ -20,7 +20,9 @@ give the same result eagerly and inside ``tf.data.Dataset.map``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import tensorflow as tf
 
@@ -138,21 +140,14 @@ def kmeans_palette(
     return centres
 
 
-def stroke_painting(
-    image: tf.Tensor,
-    seed: int | tf.Tensor,
-    *,
-    num_colors: int = 6,
-    median_size: int = 5,
-    blur_sigma: float = 1.0,
-    iterations: int = 10,
-    max_fit_pixels: int = 16384,
-) -> tf.Tensor:
-    """Simulates a stroke painting of ``image``: smooth, then quantise to flat colours.
+@dataclasses.dataclass(frozen=True)
+class StrokePainting:
+    """Simulated stroke painting of an image: smooth, then quantise to flat colours.
 
-    Args:
-        image: ``[H, W, C]`` float32 in ``[-1, 1]``.
-        seed: scalar or ``[2]`` integer seed of the k-means initialisation.
+    Options are checked when the generator is built (a config error, before any
+    image is read); calling it is :func:`stroke_painting`.
+
+    Attributes:
         num_colors: number of flat colours (at most this many appear).
         median_size: odd median-filter window in pixels (1 = off).
         blur_sigma: Gaussian blur applied after the median filter (0 = off).
@@ -160,21 +155,38 @@ def stroke_painting(
         max_fit_pixels: the palette is fitted on a regular subsample of at most
             about this many pixels (then applied to all), bounding the cost on
             large images.
-
-    Returns:
-        ``[H, W, C]`` float32 in ``[-1, 1]`` made of at most ``num_colors`` colours.
     """
-    if num_colors < 1:
-        raise ValueError(f"num_colors: must be >= 1, got {num_colors}")
-    image = _check_image(image)
-    smooth = gaussian_blur(median_filter(image, median_size), blur_sigma)
-    shape = tf.shape(smooth)
-    pixels = tf.reshape(smooth, [-1, shape[2]])
-    stride = tf.maximum(1, tf.shape(pixels)[0] // max_fit_pixels)
-    centres = kmeans_palette(pixels[::stride], num_colors, seed, iterations)
-    labels = tf.argmin(_squared_distances(pixels, centres), axis=1, output_type=tf.int32)
-    painting = tf.reshape(tf.gather(centres, labels), shape)
-    return tf.ensure_shape(painting, image.shape)
+
+    num_colors: int = 6
+    median_size: int = 5
+    blur_sigma: float = 1.0
+    iterations: int = 10
+    max_fit_pixels: int = 16384
+
+    def __post_init__(self):
+        if self.num_colors < 1:
+            raise ValueError(f"num_colors: must be >= 1, got {self.num_colors}")
+
+    def __call__(self, image: tf.Tensor, seed: int | tf.Tensor) -> tf.Tensor:
+        """``[H, W, C]`` float32 in ``[-1, 1]`` of at most ``num_colors`` colours.
+
+        ``image`` is ``[H, W, C]`` float32 in ``[-1, 1]``; ``seed`` (scalar or ``[2]``)
+        seeds the k-means initialisation.
+        """
+        image = _check_image(image)
+        smooth = gaussian_blur(median_filter(image, self.median_size), self.blur_sigma)
+        shape = tf.shape(smooth)
+        pixels = tf.reshape(smooth, [-1, shape[2]])
+        stride = tf.maximum(1, tf.shape(pixels)[0] // self.max_fit_pixels)
+        centres = kmeans_palette(pixels[::stride], self.num_colors, seed, self.iterations)
+        labels = tf.argmin(_squared_distances(pixels, centres), axis=1, output_type=tf.int32)
+        painting = tf.reshape(tf.gather(centres, labels), shape)
+        return tf.ensure_shape(painting, image.shape)
+
+
+def stroke_painting(image: tf.Tensor, seed: int | tf.Tensor, **options: Any) -> tf.Tensor:
+    """``StrokePainting(**options)(image, seed)``: the stroke painting of ``image``."""
+    return StrokePainting(**options)(image, seed)
 
 
 # --- stroke editing ----------------------------------------------------------------------------
@@ -196,115 +208,143 @@ def _segment_distances(
     return tf.reduce_min(distances, axis=-1)
 
 
-def stroke_edit(
-    image: tf.Tensor,
-    seed: int | tf.Tensor,
-    *,
-    num_strokes: int = 3,
-    points_per_stroke: int = 4,
-    max_step: float = 0.25,
-    width_range: tuple[float, float] = (0.04, 0.1),
-    mask_dilation: float = 2.0,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Paints random flat-colour strokes on ``image``; returns ``(guide, mask)``.
+@dataclasses.dataclass(frozen=True)
+class StrokeEdit:
+    """Random flat-colour strokes painted on an image, and the region they cover as the mask.
 
     Each stroke is a thick polyline whose points follow a short random walk,
     painted in one random colour; later strokes cover earlier ones. The mask is
     the union of the strokes widened by ``mask_dilation`` pixels, so the edit
     may also blend the strokes' borders into the image.
 
-    Args:
-        image: ``[H, W, C]`` float32 in ``[-1, 1]``.
-        seed: scalar or ``[2]`` integer seed.
-        num_strokes: number of strokes.
+    Attributes:
+        num_strokes: number of strokes (>= 1).
         points_per_stroke: polyline vertices per stroke (>= 2).
         max_step: largest step between vertices, as a fraction of each side.
         width_range: stroke width range, as a fraction of the shorter side.
         mask_dilation: extra mask margin around the strokes, in pixels.
-
-    Returns:
-        ``guide [H, W, C]`` in ``[-1, 1]`` and ``mask [H, W, 1]`` in ``{0, 1}``.
     """
-    if num_strokes < 1 or points_per_stroke < 2:
-        raise ValueError("stroke_edit: need num_strokes >= 1 and points_per_stroke >= 2")
-    image = _check_image(image)
-    shape = tf.shape(image)
-    size = tf.cast(shape[:2], tf.float32)
-    start_seed, step_seed, width_seed, color_seed = tf.unstack(
-        tf.random.experimental.stateless_split(stateless_seed(seed), 4)
-    )
-    start = tf.random.stateless_uniform([num_strokes, 1, 2], start_seed)
-    steps = tf.random.stateless_uniform(
-        [num_strokes, points_per_stroke - 1, 2], step_seed, -max_step, max_step
-    )
-    vertices = tf.clip_by_value(tf.cumsum(tf.concat([start, steps], axis=1), axis=1), 0.0, 1.0)
-    vertices *= size - 1.0
-    widths = tf.random.stateless_uniform([num_strokes], width_seed, *width_range)
-    widths = tf.maximum(widths * tf.reduce_min(size), 1.0)
-    colors = tf.random.stateless_uniform([num_strokes, shape[2]], color_seed, -1.0, 1.0)
 
-    rows, cols = _pixel_grid(shape[0], shape[1])
-    distances = _segment_distances(rows, cols, vertices[:, :-1], vertices[:, 1:])
-    guide = image
-    for stroke in range(num_strokes):
-        inside = distances[:, :, stroke : stroke + 1] <= widths[stroke] / 2
-        guide = tf.where(inside, colors[stroke], guide)
-    covered = tf.reduce_any(distances <= widths / 2 + mask_dilation, axis=-1, keepdims=True)
-    return _with_static_shapes(image, guide, tf.cast(covered, tf.float32))
+    num_strokes: int = 3
+    points_per_stroke: int = 4
+    max_step: float = 0.25
+    width_range: tuple[float, float] = (0.04, 0.1)
+    mask_dilation: float = 2.0
+
+    def __post_init__(self):
+        if self.num_strokes < 1:
+            raise ValueError(f"num_strokes: must be >= 1, got {self.num_strokes}")
+        if self.points_per_stroke < 2:
+            raise ValueError(f"points_per_stroke: must be >= 2, got {self.points_per_stroke}")
+
+    def __call__(self, image: tf.Tensor, seed: int | tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``guide [H, W, C]`` in ``[-1, 1]`` and ``mask [H, W, 1]`` in ``{0, 1}``.
+
+        ``image`` is ``[H, W, C]`` float32 in ``[-1, 1]``; ``seed`` is a scalar or ``[2]``.
+        """
+        image = _check_image(image)
+        shape = tf.shape(image)
+        size = tf.cast(shape[:2], tf.float32)
+        start_seed, step_seed, width_seed, color_seed = tf.unstack(
+            tf.random.experimental.stateless_split(stateless_seed(seed), 4)
+        )
+        start = tf.random.stateless_uniform([self.num_strokes, 1, 2], start_seed)
+        steps = tf.random.stateless_uniform(
+            [self.num_strokes, self.points_per_stroke - 1, 2],
+            step_seed,
+            -self.max_step,
+            self.max_step,
+        )
+        vertices = tf.clip_by_value(tf.cumsum(tf.concat([start, steps], axis=1), axis=1), 0.0, 1.0)
+        vertices *= size - 1.0
+        widths = tf.random.stateless_uniform([self.num_strokes], width_seed, *self.width_range)
+        widths = tf.maximum(widths * tf.reduce_min(size), 1.0)
+        colors = tf.random.stateless_uniform([self.num_strokes, shape[2]], color_seed, -1.0, 1.0)
+
+        rows, cols = _pixel_grid(shape[0], shape[1])
+        distances = _segment_distances(rows, cols, vertices[:, :-1], vertices[:, 1:])
+        guide = image
+        for stroke in range(self.num_strokes):
+            inside = distances[:, :, stroke : stroke + 1] <= widths[stroke] / 2
+            guide = tf.where(inside, colors[stroke], guide)
+        covered = tf.reduce_any(
+            distances <= widths / 2 + self.mask_dilation, axis=-1, keepdims=True
+        )
+        return _with_static_shapes(image, guide, tf.cast(covered, tf.float32))
+
+
+def stroke_edit(
+    image: tf.Tensor, seed: int | tf.Tensor, **options: Any
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``StrokeEdit(**options)(image, seed)``: ``(guide, mask)``."""
+    return StrokeEdit(**options)(image, seed)
 
 
 # --- compositing -------------------------------------------------------------------------------
 
 
-def composite(
-    image: tf.Tensor,
-    donor: tf.Tensor,
-    seed: int | tf.Tensor,
-    *,
-    shape: str = "ellipse",
-    size_range: tuple[float, float] = (0.25, 0.5),
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Pastes a random region of ``donor`` into ``image`` at the same place.
+@dataclasses.dataclass(frozen=True)
+class Composite:
+    """A random region of a donor image pasted into the image at the same place.
 
-    Args:
-        image: ``[H, W, C]`` float32 in ``[-1, 1]``.
-        donor: same shape as ``image``.
-        seed: scalar or ``[2]`` integer seed.
+    Attributes:
         shape: ``"ellipse"`` or ``"rectangle"``.
         size_range: region extent range, as a fraction of each side.
-
-    Returns:
-        ``guide [H, W, C]`` (donor inside the region, image outside) and
-        ``mask [H, W, 1]`` in ``{0, 1}`` marking the pasted region.
     """
-    if shape not in COMPOSITE_SHAPES:
-        raise ValueError(f"shape: expected one of {COMPOSITE_SHAPES}, got {shape!r}")
-    image, donor = _check_image(image), _check_image(donor)
-    tf.debugging.assert_equal(
-        tf.shape(image), tf.shape(donor), message="composite: donor shape differs from image"
-    )
-    dims = tf.shape(image)
-    size = tf.cast(dims[:2], tf.float32)
-    extent_seed, centre_seed = tf.unstack(
-        tf.random.experimental.stateless_split(stateless_seed(seed), 2)
-    )
-    half = tf.random.stateless_uniform([2], extent_seed, *size_range) * size / 2
-    half = tf.maximum(half, 0.5)
-    # The centre keeps the whole region inside the image.
-    centre = half + tf.random.stateless_uniform([2], centre_seed) * tf.maximum(size - 2 * half, 0)
-    rows, cols = _pixel_grid(dims[0], dims[1])
-    offset_rows = (rows + 0.5 - centre[0]) / half[0]
-    offset_cols = (cols + 0.5 - centre[1]) / half[1]
-    if shape == "ellipse":
-        inside = tf.square(offset_rows) + tf.square(offset_cols) <= 1.0
-    else:
-        inside = (tf.abs(offset_rows) <= 1.0) & (tf.abs(offset_cols) <= 1.0)
-    inside = inside[:, :, None]
-    return _with_static_shapes(image, tf.where(inside, donor, image), tf.cast(inside, tf.float32))
+
+    shape: str = "ellipse"
+    size_range: tuple[float, float] = (0.25, 0.5)
+
+    def __post_init__(self):
+        if self.shape not in COMPOSITE_SHAPES:
+            raise ValueError(f"shape: expected one of {COMPOSITE_SHAPES}, got {self.shape!r}")
+
+    def __call__(
+        self, image: tf.Tensor, donor: tf.Tensor, seed: int | tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """``guide [H, W, C]`` (donor inside the region, image outside) and ``mask [H, W, 1]``.
+
+        ``image`` and ``donor`` are ``[H, W, C]`` float32 in ``[-1, 1]`` of one shape;
+        ``seed`` is a scalar or ``[2]``. The mask (``{0, 1}``) marks the pasted region.
+        """
+        image, donor = _check_image(image), _check_image(donor)
+        tf.debugging.assert_equal(
+            tf.shape(image), tf.shape(donor), message="composite: donor shape differs from image"
+        )
+        dims = tf.shape(image)
+        size = tf.cast(dims[:2], tf.float32)
+        extent_seed, centre_seed = tf.unstack(
+            tf.random.experimental.stateless_split(stateless_seed(seed), 2)
+        )
+        half = tf.random.stateless_uniform([2], extent_seed, *self.size_range) * size / 2
+        half = tf.maximum(half, 0.5)
+        # The centre keeps the whole region inside the image.
+        centre = half + tf.random.stateless_uniform([2], centre_seed) * tf.maximum(
+            size - 2 * half, 0
+        )
+        rows, cols = _pixel_grid(dims[0], dims[1])
+        offset_rows = (rows + 0.5 - centre[0]) / half[0]
+        offset_cols = (cols + 0.5 - centre[1]) / half[1]
+        if self.shape == "ellipse":
+            inside = tf.square(offset_rows) + tf.square(offset_cols) <= 1.0
+        else:
+            inside = (tf.abs(offset_rows) <= 1.0) & (tf.abs(offset_cols) <= 1.0)
+        inside = inside[:, :, None]
+        return _with_static_shapes(
+            image, tf.where(inside, donor, image), tf.cast(inside, tf.float32)
+        )
 
 
+def composite(
+    image: tf.Tensor, donor: tf.Tensor, seed: int | tf.Tensor, **options: Any
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``Composite(**options)(image, donor, seed)``: ``(guide, mask)``."""
+    return Composite(**options)(image, donor, seed)
+
+
+# Generator name -> its options class (a frozen dataclass; an instance is the generator).
 GENERATORS = {
-    "stroke_painting": stroke_painting,
-    "stroke_edit": stroke_edit,
-    "composite": composite,
+    "stroke_painting": StrokePainting,
+    "stroke_edit": StrokeEdit,
+    "composite": Composite,
 }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -85,6 +84,8 @@ class GuideInputConfig:
     tfds_mask_key: str = ""
     generator: str = "none"
     generator_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The generator built from generator and generator_kwargs (None for "none").
+    guide_generator: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
     max_pixels: int = 1 << 26
     num_parallel_calls: int = tf.data.AUTOTUNE
     prefetch_batches: int = 2
@@ -105,8 +106,6 @@ class GuideInputConfig:
         if not isinstance(self.generator_kwargs, Mapping):
             raise ValueError(f"generator_kwargs: expected a mapping, got {self.generator_kwargs!r}")
         object.__setattr__(self, "generator_kwargs", dict(self.generator_kwargs))
-        if self.generator in guides.GENERATORS:
-            _check_generator_options(self.generator, self.generator_kwargs)
         if self.source not in SOURCES:
             raise ValueError(f"source: expected one of {SOURCES}, got {self.source!r}")
         if self.channels not in (1, 3) or not _is_int(self.channels):
@@ -151,6 +150,13 @@ class GuideInputConfig:
             raise ValueError(
                 f"generator: expected one of {GENERATOR_NAMES}, got {self.generator!r}"
             )
+        if self.generator != "none":
+            # Built here, so a bad option is a config error before any input is read.
+            try:
+                built = frozen(guides.GENERATORS[self.generator], self.generator_kwargs, "")
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"generator_kwargs.{e}") from None
+            object.__setattr__(self, "guide_generator", built)
         if self.source == "tfds" and not self.tfds_name:
             raise ValueError("tfds_name: required when source is 'tfds'")
         if self.source != "tfds" and not self.path:
@@ -171,15 +177,3 @@ class GuideInputConfig:
 
 def _as_config(config) -> GuideInputConfig:
     return config if isinstance(config, GuideInputConfig) else GuideInputConfig.from_mapping(config)
-
-
-def _check_generator_options(name: str, options: Mapping[str, Any]) -> None:
-    """Refuses options the generator does not take, before any input is read."""
-    parameters = inspect.signature(guides.GENERATORS[name]).parameters
-    known = [p.name for p in parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(
-            f"generator_kwargs: {name} has no option {', '.join(map(repr, unknown))}; "
-            f"its options are {known}"
-        )

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from sdedit_jax.data import guides
 from sdedit_jax.data.guide_inputs.catalog import (
     Catalog,
     _plain,
@@ -61,12 +60,11 @@ def _process(element: dict, config: GuideInputConfig) -> dict:
     """Decodes, applies the generator, and blanks failed rows."""
     decoded = _decode_in_graph(element, config)
     guide, mask, error = decoded["guide"], decoded["mask"], decoded["error"]
-    generator = guides.GENERATORS.get(config.generator)
-    kwargs = config.generator_kwargs
+    generator = config.guide_generator
     if config.generator == "stroke_painting":
-        guide = generator(guide, _example_seed(element), **kwargs)
+        guide = generator(guide, _example_seed(element))
     elif config.generator == "stroke_edit":
-        guide, mask = generator(guide, _example_seed(element), **kwargs)
+        guide, mask = generator(guide, _example_seed(element))
     elif config.generator == "composite":
         donor = _decode_in_graph(element["donor"], config)
         donor_failed = tf.strings.length(donor["error"]) > 0
@@ -75,7 +73,7 @@ def _process(element: dict, config: GuideInputConfig) -> dict:
             "composite donor: " + donor["error"],
             error,
         )
-        guide, mask = generator(guide, donor["guide"], _example_seed(element), **kwargs)
+        guide, mask = generator(guide, donor["guide"], _example_seed(element))
     guide = tf.ensure_shape(guide, [*config.image_size, config.channels])
     mask = tf.ensure_shape(mask, [*config.image_size, 1])
     ok = tf.strings.length(error) == 0
