@@ -19,6 +19,21 @@ import tqdm
 from clu import metric_writers
 
 
+class _OneLinePerRedraw:
+    """tqdm redraws a bar after a carriage return; in a log file each redraw is a line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip("\n")
+        if line.strip():
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def bar(total: int, label: str, unit: str, initial: int = 0, every_s: float = 5.0) -> tqdm.tqdm:
     """The project's progress bar on stderr: redrawn in place on a terminal, one line
     every ``every_s`` in a log file; rate and ETA averaged since the start."""
@@ -28,7 +43,7 @@ def bar(total: int, label: str, unit: str, initial: int = 0, every_s: float = 5.
         initial=initial,
         desc=f"[{label}]",
         unit=unit,
-        file=sys.stderr,
+        file=sys.stderr if interactive else _OneLinePerRedraw(sys.stderr),
         smoothing=0.0,
         mininterval=0.5 if interactive else every_s,
         dynamic_ncols=interactive,
