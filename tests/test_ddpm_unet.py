@@ -168,6 +168,14 @@ def test_ddim_config_rejects_other_model_types():
         dataclasses.replace(DDPMUNetConfig(), compute_dtype="float16")
 
 
+def test_folders_of_earlier_versions_load_and_other_unknown_fields_fail():
+    # Earlier conversions recorded the checkpoint's training dropout in model_info.json.
+    written = {**DDPMUNetConfig().to_config(), "dropout": 0.1}
+    assert DDPMUNetConfig.from_config(written) == DDPMUNetConfig()
+    with pytest.raises(UnsupportedConfig, match="model.dropuot: unknown field"):
+        DDPMUNetConfig.from_config({**DDPMUNetConfig().to_config(), "dropuot": 0.1})
+
+
 @pytest.mark.slow
 def test_full_size_church_256(tmp_path):
     """The exact ddpm-ema-church-256 network: 113.7M parameters, converted, run at 256^2."""

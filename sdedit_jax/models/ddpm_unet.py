@@ -6,7 +6,7 @@ runs), which is numerically the same as diffusers' ``UNet2DModel`` built from
 module tree mirrors diffusers' names (``down_blocks[i].resnets[j].conv1`` ...)
 so an importer only renames leaves and transposes kernels. Layout is NHWC.
 
-Inference only: dropout is recorded in the config but never applied. With
+Inference only: a checkpoint's training dropout is not part of the network. With
 ``compute_dtype="bfloat16"`` weights and activations run in bfloat16 (group
 norm statistics and softmax in float32); inputs and outputs stay float32. In
 float32, convolutions and matmuls ask for full precision (no TF32 on GPUs), so the
@@ -109,7 +109,6 @@ class DDPMUNetConfig:
         downsample_padding: 0 = pad right/bottom by one before a stride-2 conv (DDPM),
             1 = symmetric padding.
         resamp_with_conv: convolutions in down/upsampling (False: average pool / nearest only).
-        dropout: recorded for completeness; inference never applies it.
         compute_dtype: "float32" or "bfloat16" (activations and weights).
     """
 
@@ -128,7 +127,6 @@ class DDPMUNetConfig:
     freq_shift: float = 1.0
     downsample_padding: int = 0
     resamp_with_conv: bool = True
-    dropout: float = 0.0
     compute_dtype: str = "float32"
 
     def __post_init__(self):
@@ -163,7 +161,14 @@ class DDPMUNetConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | DDPMUNetConfig) -> DDPMUNetConfig:
-        """From this class's own fields (as written to ``model_info.json``); strict."""
+        """From this class's own fields (as written to ``model_info.json``); strict.
+
+        Model folders converted by earlier versions also record the checkpoint's
+        training ``dropout``, which inference never used; it is accepted and dropped.
+        """
+        if not isinstance(config, cls):
+            values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            config = {k: v for k, v in values.items() if k != "dropout"}
         return frozen(cls, config, "model", error=UnsupportedConfig)
 
     def to_config(self) -> dict[str, Any]:
@@ -222,7 +227,6 @@ class DDPMUNetConfig:
             freq_shift=float(cfg["freq_shift"]),
             downsample_padding=int(cfg["downsample_padding"]),
             resamp_with_conv=True,
-            dropout=float(cfg["dropout"]),
         )
 
     @classmethod
@@ -256,7 +260,6 @@ class DDPMUNetConfig:
             down_attention=attention,
             up_attention=attention,
             resamp_with_conv=bool(model.get("resamp_with_conv", True)),
-            dropout=float(model.get("dropout", 0.0)),
         )
 
 
