@@ -16,9 +16,13 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from sdedit_jax import quiet
 
-from sdedit_jax.data.compositing import (
+tf = quiet.import_tensorflow()  # before anything else imports it
+
+from absl import app, flags  # noqa: E402
+
+from sdedit_jax.data.compositing import (  # noqa: E402
     CompositeError,
     box_region,
     paste,
@@ -74,6 +78,7 @@ def run() -> tuple[str, str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet.quiet_logs()
     try:
         guide_path, mask_path = run()
     except CompositeError as e:

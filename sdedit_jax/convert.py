@@ -15,10 +15,11 @@ Exit status: 0 on success; 1 with a one-line message on bad input (no traceback)
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from sdedit_jax import quiet  # noqa: E402
+
+tf = quiet.import_tensorflow()  # before anything else imports it
 
 from absl import app, flags  # noqa: E402
 
@@ -84,6 +85,7 @@ def convert(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet.quiet_logs()
     f = flags.FLAGS
     for name in ("source", "out"):
         if not f[name].value:
