@@ -28,26 +28,30 @@ import functools
 import time
 from collections.abc import Callable
 
-import flax.struct
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-import optax
-import orbax.checkpoint as ocp
-from absl import app, flags
-from flax import nnx
-from ml_collections import config_flags
+from sdedit_jax import quiet
 
-from sdedit_jax import checkpoint, engine, files, losses, metric_log, pretrained, progress
-from sdedit_jax.data.train_data import (
+quiet.import_tensorflow()  # before anything else imports it
+
+import flax.struct  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sdedit_jax import checkpoint, engine, files, losses, metric_log, pretrained, progress  # noqa: E402
+from sdedit_jax.data.train_data import (  # noqa: E402
     STREAMING_SOURCES,
     load_train_images,
     make_batch,
     streaming_batches,
 )
-from sdedit_jax.models import unet
-from sdedit_jax.sde import SDE, sde_from_config
+from sdedit_jax.models import unet  # noqa: E402
+from sdedit_jax.sde import SDE, sde_from_config  # noqa: E402
 
 Array = jax.Array
 TrainStep = Callable[["TrainState", Array, Array], tuple["TrainState", dict[str, Array]]]
@@ -355,6 +359,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and final 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    quiet.quiet_logs()
     train(FLAGS.config, FLAGS.workdir)
 
 

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_tensorflow_import_leaves_stderr_empty_and_errors_still_show():
     code = (
@@ -14,3 +16,15 @@ def test_tensorflow_import_leaves_stderr_empty_and_errors_still_show():
     )
     assert result.stdout.strip() == "2"
     assert result.stderr.strip() == "after"  # no oneDNN / absl lines, and fd 2 restored
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["sdedit_jax.train", "sdedit_jax.tools.bench_sampler", "sdedit_jax.tools.bench_few_step"],
+)
+def test_command_lines_start_without_tensorflow_notices(module):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--helpshort"], capture_output=True, text=True
+    )
+    assert "flags" in result.stdout  # absl printed the usage (and exits 1 after help)
+    assert "oneDNN" not in result.stderr and "absl::InitializeLog" not in result.stderr

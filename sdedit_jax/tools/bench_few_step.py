@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from sdedit_jax import quiet  # noqa: E402
+
+quiet.import_tensorflow()  # before anything else imports it
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -137,6 +138,7 @@ def bench_few_step(
 
 
 def main(argv: list[str]) -> None:
+    quiet.quiet_logs()
     del argv
     settings = parse_settings(_SETTINGS.value)
     per_device = per_device_rows(_BATCH.value, _PER_DEVICE.value)

@@ -15,7 +15,9 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from sdedit_jax import quiet  # noqa: E402
+
+quiet.import_tensorflow()  # before anything else imports it
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -99,6 +101,7 @@ def bench_job(
 
 
 def main(argv: list[str]) -> None:
+    quiet.quiet_logs()
     del argv
     with bench_inputs.model_from_flags() as (
         model,

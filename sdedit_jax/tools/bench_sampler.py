@@ -14,9 +14,10 @@ config's architecture is timed instead (same cost, no weights needed).
 from __future__ import annotations
 
 import json
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from sdedit_jax import quiet  # noqa: E402
+
+quiet.import_tensorflow()  # before anything else imports it
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -138,6 +139,7 @@ def compare_xla_options(
 
 
 def main(argv: list[str]) -> None:
+    quiet.quiet_logs()
     del argv
     sampler = Sampler(
         _PREDICTOR.value, _CORRECTOR.value, max_steps=_STEPS.value, time_grid=_TIME_GRID.value

@@ -16,7 +16,9 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from sdedit_jax import quiet  # noqa: E402
+
+quiet.import_tensorflow()  # before anything else imports it
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -129,6 +131,7 @@ def _torch_score_difference(
 
 
 def main(argv: list[str]) -> None:
+    quiet.quiet_logs()
     del argv
     per_device = per_device_rows(_BATCH.value, _PER_DEVICE.value)
     with bench_inputs.model_from_flags() as (

@@ -1,4 +1,4 @@
-"""Quality against network calls from a few-step evaluation: table, target check, plot.
+"""Quality against network calls from a few-step evaluation: verdicts, plot, tables.
 
     python -m sdedit_jax.evaluate --config configs/eval_emoji.py:few_step \
         --workdir runs/eval_few_step
@@ -6,10 +6,11 @@
 
 Reads ``results.json`` of the sweep (variant ``base`` is the paper's recipe,
 the others ``<solver>@<nfe>``), copies it and ``results.csv`` to the output
-folder, writes ``quality_vs_nfe.png`` and ``target.csv`` and prints a markdown
-table. The target (issue 10): at <= 1/10 of the recipe's network calls, KID no
-worse than the recipe's KID plus the recipe's KID std (over subsets), and L2 to
-the guide within 5 % of the recipe's.
+folder, writes ``quality_vs_nfe.png`` and ``target.csv`` and prints two markdown
+tables: the recipe's scores per (task, t0), and every solver setting's gap to
+the recipe at the same (task, t0). The target (issue 10): at <= 1/10 of the
+recipe's network calls, KID no worse than the recipe's KID plus the recipe's
+KID std (over subsets), and L2 to the guide within 5 % of the recipe's.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ from matplotlib.figure import Figure
 RECIPE = "base"
 
 
+def _setting(row: dict) -> tuple[str, float]:
+    return row["task"], row["t0"]
+
+
 def target_rows(rows: list[dict]) -> list[dict]:
-    """One row per (task, solver setting) with its gaps to the recipe and the verdict."""
-    recipes = {r["task"]: r for r in rows if r["variant"] == RECIPE}
+    """One row per (task, t0, solver setting): its gaps to the recipe at that task and t0."""
+    recipes = {_setting(r): r for r in rows if r["variant"] == RECIPE}
     out = []
     for row in rows:
-        if row["variant"] in (RECIPE, "guides") or row["task"] not in recipes:
+        if row["variant"] in (RECIPE, "guides") or _setting(row) not in recipes:
             continue
-        recipe = recipes[row["task"]]
+        recipe = recipes[_setting(row)]
         kid_gap = row["kid"] - recipe["kid"]
         l2_ratio = row["l2"] / recipe["l2"]
         cheap = row["nfe"] * 10 <= recipe["nfe"]
@@ -40,8 +45,10 @@ def target_rows(rows: list[dict]) -> list[dict]:
         out.append(
             {
                 "task": row["task"],
+                "t0": row["t0"],
                 "variant": row["variant"],
                 "nfe": row["nfe"],
+                "recipe_nfe": recipe["nfe"],
                 "kid_x1e3": round(row["kid"] * 1e3, 2),
                 "kid_std_x1e3": round(row["kid_std"] * 1e3, 2),
                 "kid_minus_recipe_x1e3": round(kid_gap * 1e3, 2),
@@ -54,90 +61,108 @@ def target_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict]) -> Figure:
-    tasks = sorted({r["task"] for r in rows if r["variant"] != "guides"})
-    figure = Figure(figsize=(11, 4.2 * len(tasks)), layout="constrained")
-    axes = figure.subplots(len(tasks), 2, squeeze=False)
-    for (kid_axis, l2_axis), task in zip(axes, tasks, strict=True):
-        task_rows = [r for r in rows if r["task"] == task]
-        recipe = next(r for r in task_rows if r["variant"] == RECIPE)
-        solvers = sorted({r["variant"].split("@")[0] for r in task_rows if "@" in r["variant"]})
-        for solver in solvers:
-            points = sorted(
-                (r for r in task_rows if r["variant"].startswith(solver + "@")),
-                key=lambda r: r["nfe"],
-            )
-            nfe = [p["nfe"] for p in points]
-            kid_axis.errorbar(
-                nfe,
-                [p["kid"] * 1e3 for p in points],
-                yerr=[p["kid_std"] * 1e3 for p in points],
-                marker="o",
-                capsize=3,
-                label=solver,
-            )
-            l2_axis.plot(nfe, [p["l2"] for p in points], marker="o", label=solver)
-        label = f"recipe: ancestral, {recipe['nfe']} calls"
+def _solver_points(rows: list[dict]) -> dict[str, list[dict]]:
+    solvers = sorted({r["variant"].split("@")[0] for r in rows if "@" in r["variant"]})
+    return {
+        solver: sorted(
+            (r for r in rows if r["variant"].startswith(solver + "@")), key=lambda r: r["nfe"]
+        )
+        for solver in solvers
+    }
+
+
+def _plot_setting(kid_axis, l2_axis, rows: list[dict]) -> None:
+    """KID and L2 against NFE for one (task, t0), with the recipe's tolerance bands."""
+    recipe = next(r for r in rows if r["variant"] == RECIPE)
+    for solver, points in _solver_points(rows).items():
+        nfe = [p["nfe"] for p in points]
         kid_axis.errorbar(
-            [recipe["nfe"]],
-            [recipe["kid"] * 1e3],
-            yerr=[recipe["kid_std"] * 1e3],
-            marker="s",
-            color="k",
+            nfe,
+            [p["kid"] * 1e3 for p in points],
+            yerr=[p["kid_std"] * 1e3 for p in points],
+            marker="o",
             capsize=3,
-            label=label,
+            label=solver,
         )
-        kid_axis.axhspan(
-            (recipe["kid"] - recipe["kid_std"]) * 1e3,
-            (recipe["kid"] + recipe["kid_std"]) * 1e3,
-            color="k",
-            alpha=0.08,
-        )
-        l2_axis.plot([recipe["nfe"]], [recipe["l2"]], marker="s", color="k", label=label)
-        l2_axis.axhspan(recipe["l2"] * 0.95, recipe["l2"] * 1.05, color="k", alpha=0.08)
-        for axis, name in (
-            (kid_axis, "KID x1e3 (lower = more realistic)"),
-            (l2_axis, "L2 to guide (lower = more faithful)"),
-        ):
-            axis.set_xscale("log")
-            axis.set_xlabel("network calls per output (NFE)")
-            axis.set_ylabel(name)
-            axis.set_title(
-                f"{task}, t0 = {recipe['t0']:g} (band: recipe ± std / ± 5 %)", fontsize=9
-            )
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=8)
+        l2_axis.plot(nfe, [p["l2"] for p in points], marker="o", label=solver)
+    label = f"recipe: ancestral, {recipe['nfe']} calls"
+    kid = recipe["kid"] * 1e3
+    kid_std = recipe["kid_std"] * 1e3
+    kid_axis.errorbar([recipe["nfe"]], [kid], yerr=[kid_std], marker="s", color="k", capsize=3)
+    kid_axis.axhspan(kid - kid_std, kid + kid_std, color="k", alpha=0.08)
+    l2_axis.plot([recipe["nfe"]], [recipe["l2"]], marker="s", color="k", label=label)
+    l2_axis.axhspan(recipe["l2"] * 0.95, recipe["l2"] * 1.05, color="k", alpha=0.08)
+    for axis, name in ((kid_axis, "KID x1e3 (lower = more realistic)"), (l2_axis, "L2 to guide")):
+        axis.set_xscale("log")
+        axis.set_xlabel("network calls per output (NFE)")
+        axis.set_ylabel(name)
+        axis.set_title(f"{recipe['task']}, t0 = {recipe['t0']:g}", fontsize=9)
+        axis.grid(alpha=0.3)
+    l2_axis.legend(fontsize=7)
+
+
+def plot(rows: list[dict]) -> Figure:
+    """One column per t0; per task a KID row and an L2 row (bands: recipe ± std / ± 5 %)."""
+    recipes = sorted(_setting(r) for r in rows if r["variant"] == RECIPE)
+    tasks = sorted({task for task, _ in recipes})
+    t0s = sorted({t0 for _, t0 in recipes})
+    figure = Figure(figsize=(4.6 * len(t0s), 3.6 * 2 * len(tasks)), layout="constrained")
+    axes = figure.subplots(2 * len(tasks), len(t0s), squeeze=False)
+    for i, task in enumerate(tasks):
+        for j, t0 in enumerate(t0s):
+            setting_rows = [r for r in rows if _setting(r) == (task, t0)]
+            if any(r["variant"] == RECIPE for r in setting_rows):
+                _plot_setting(axes[2 * i, j], axes[2 * i + 1, j], setting_rows)
     return figure
+
+
+def markdown_tables(rows: list[dict], verdicts: list[dict]) -> str:
+    """The recipe's scores per (task, t0), then each setting as 'KID gap / L2 ratio verdict'."""
+    recipes = sorted((r for r in rows if r["variant"] == RECIPE), key=_setting)
+    lines = [
+        "| task | t0 | recipe NFE | L2 | KID x1e3 |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['task']} | {r['t0']:g} | {r['nfe']} | {r['l2']:.3f} | "
+            f"{r['kid'] * 1e3:.1f} ± {r['kid_std'] * 1e3:.1f} |"
+            for r in recipes
+        ),
+        "",
+    ]
+    columns = [_setting(r) for r in recipes]
+    cells = {(v["variant"], (v["task"], v["t0"])): v for v in verdicts}
+    settings = sorted(
+        {v["variant"] for v in verdicts}, key=lambda s: (s.split("@")[0], int(s.split("@")[1]))
+    )
+    lines.append("| setting | " + " | ".join(f"{task} t0={t0:g}" for task, t0 in columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
+    for setting in settings:
+        row = [setting]
+        for column in columns:
+            v = cells.get((setting, column))
+            row.append(
+                "-"
+                if v is None
+                else f"{v['kid_minus_recipe_x1e3']:+.1f} / {v['l2_over_recipe']:.3f} "
+                + ("**holds**" if v["target_holds"] else "no")
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def main(source: str, target: str) -> None:
     with open(os.path.join(source, "results.json")) as f:
-        results = json.load(f)
+        rows = json.load(f)["rows"]
     os.makedirs(target, exist_ok=True)
     for name in ("results.json", "results.csv"):
         shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
-    rows = results["rows"]
     verdicts = target_rows(rows)
     with open(os.path.join(target, "target.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(verdicts[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(verdicts)
-    plot(rows).savefig(os.path.join(target, "quality_vs_nfe.png"), dpi=110)
-    print("| task | setting | NFE | L2 | L2 / recipe | KID x1e3 | KID - recipe | target |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        if row["variant"] == RECIPE:
-            print(
-                f"| {row['task']} | recipe (ancestral, N=1000) | {row['nfe']} | "
-                f"{row['l2']:.3f} | 1 | {row['kid'] * 1e3:.1f} ± {row['kid_std'] * 1e3:.1f}"
-                " | 0 | - |"
-            )
-    for v in verdicts:
-        print(
-            f"| {v['task']} | {v['variant']} | {v['nfe']} | {v['l2']:.3f} | "
-            f"{v['l2_over_recipe']:.3f} | {v['kid_x1e3']:.1f} ± {v['kid_std_x1e3']:.1f} | "
-            f"{v['kid_minus_recipe_x1e3']:+.1f} | {'holds' if v['target_holds'] else 'no'} |"
-        )
+    plot(rows).savefig(os.path.join(target, "quality_vs_nfe.png"), dpi=100)
+    print(markdown_tables(rows, verdicts))
 
 
 if __name__ == "__main__":
