@@ -76,6 +76,13 @@ class Progress:
         if time.perf_counter() - self.last_write >= self.every_s:
             self._write()
 
+    def skip(self, count: int) -> None:
+        """``count`` images need no work in this run (e.g. read from a cache): they leave
+        the total, so the rate and ETA cover only the work still to do."""
+        self.total -= count
+        self.bar.total = self.total
+        self.bar.refresh()
+
     def _write(self) -> None:
         now = time.perf_counter()
         self.last_write = now

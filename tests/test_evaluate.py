@@ -230,6 +230,10 @@ def test_gaussian_sweep_matches_closed_form_and_is_deterministic(reference_dir, 
     resumed = evaluation.run_evaluation(config, workdir, model, PooledPixels())
     assert resumed["rows"] == again["rows"]
     assert stamps == {f: os.stat(os.path.join(cached, f)).st_mtime_ns for f in os.listdir(cached)}
+    # Its progress counts only the work left (none), not the settings it read back.
+    with open(os.path.join(workdir, "throughput.jsonl")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    assert last["total_images"] == last["images_written"] == 0
 
 
 def test_samples_per_guide_gives_each_copy_its_own_id():

@@ -42,3 +42,18 @@ def test_close_writes_the_last_count_once(monkeypatch, tmp_path):
         bar.update(step=2, done=10)
     rows = [json.loads(line) for line in open(log)]
     assert [(r["step"], r["images_written"], r["images_per_s"]) for r in rows] == [(2, 10, 5.0)]
+
+
+def test_skipped_images_leave_the_total_so_the_bar_completes(monkeypatch, tmp_path, capsys):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock["now"])
+    log = str(tmp_path / "throughput.jsonl")
+    with progress.Progress(total=30, writer=metric_log.metric_writer(log, None), label="x") as bar:
+        bar.skip(20)  # e.g. settings read back from a cache
+        clock["now"] = 5.0
+        bar.update(step=1, done=10)
+    rows = [json.loads(line) for line in open(log)]
+    assert [(r["images_written"], r["total_images"], r["images_per_s"]) for r in rows] == [
+        (10, 10, 2.0)
+    ]
+    assert "10/10" in capsys.readouterr().err.splitlines()[-1]

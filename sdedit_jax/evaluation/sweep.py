@@ -144,8 +144,9 @@ def _setting_key(
 
 def cached_edit(
     cache_dir: str, key: str, edit: Callable[[], np.ndarray]
-) -> tuple[np.ndarray, float]:
-    """(outputs, editing seconds) of one setting, from ``cache_dir`` when an earlier run made them.
+) -> tuple[np.ndarray, float, bool]:
+    """(outputs, editing seconds, read from the cache) of one setting; the outputs come
+    from ``cache_dir`` when an earlier run made them.
 
     A long sweep that is stopped resumes where it stopped: finished settings
     are read back (bit-identical, as editing is deterministic), not recomputed.
@@ -153,14 +154,14 @@ def cached_edit(
     path = os.path.join(cache_dir, f"{key}.npz")
     if os.path.exists(path):
         with np.load(path) as cached:
-            return cached["outputs"], float(cached["seconds"])
+            return cached["outputs"], float(cached["seconds"]), True
     start = time.perf_counter()
     outputs = edit()
     seconds = time.perf_counter() - start
     buffer = io.BytesIO()
     np.savez(buffer, outputs=outputs, seconds=np.float64(seconds))
     sinks.atomic_write_bytes(path, buffer.getvalue())
-    return outputs, seconds
+    return outputs, seconds, False
 
 
 def sweep(
@@ -211,7 +212,9 @@ def sweep(
                     seconds = time.perf_counter() - start
                 else:
                     key = _setting_key(model, variant, guides, t0, n_steps, config.seed)
-                    outputs, seconds = cached_edit(cache_dir, key, edit)
+                    outputs, seconds, from_cache = cached_edit(cache_dir, key, edit)
+                    if from_cache:
+                        progress.skip(len(guides.ids))
                 nfe = n_steps * variant.sampler.nfe_per_step * variant.repeats
                 rows.append(
                     _row(
