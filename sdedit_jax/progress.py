@@ -76,6 +76,10 @@ class Progress:
         if time.perf_counter() - self.last_write >= self.every_s:
             self._write()
 
+    def add(self, count: int) -> None:
+        """``count`` more images finished, as one more step."""
+        self.update(self.step + 1, self.done + count)
+
     def skip(self, count: int) -> None:
         """``count`` images need no work in this run (e.g. read from a cache): they leave
         the total, so the rate and ETA cover only the work still to do."""

@@ -304,3 +304,44 @@ def test_emoji_eval_configs_resolve(variant):
     for task in config.tasks:
         evaluation.inputs.task_generator(config, task)
     evaluation.inputs.check_t0s(config.t0s, VPSDE())
+
+
+def test_a_stopped_setting_resumes_from_its_last_finished_batch(
+    reference_dir, tmp_path, monkeypatch
+):
+    sde = VPSDE()
+    guides_dir = _write_flat_guides(str(tmp_path / "guides"), 32, seed=5)
+    model = pretrained.LoadedModel(GaussianScore(sde, MU, S), sde, SIZE, 3, "gaussian", "")
+    config = _gaussian_config(guides_dir, reference_dir)
+    config.max_guides = 32
+    config.t0s = (0.3,)
+    config.per_device_batch = 1  # 4 batches of 8 on the 8 test devices
+    config.sampler.steps_per_unit_time = 40
+    whole = str(tmp_path / "whole")
+    uninterrupted = evaluation.run_evaluation(config, whole, model, PooledPixels())
+
+    edits = {"left": 2}
+    run = engine.Editor.run
+
+    def stopped_after_two_batches(self, *args):
+        if edits["left"] == 0:
+            raise KeyboardInterrupt  # e.g. the job's time ran out during the third batch
+        edits["left"] -= 1
+        return run(self, *args)
+
+    monkeypatch.setattr(engine.Editor, "run", stopped_after_two_batches)
+    workdir = str(tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.run_evaluation(config, workdir, model, PooledPixels())
+    outputs = os.path.join(workdir, "outputs")
+    assert sorted(name.split(".", 1)[1] for name in os.listdir(outputs)) == [
+        "from0000000.npz",
+        "from0000008.npz",
+    ]
+    edits["left"] = 100
+    resumed = evaluation.run_evaluation(config, workdir, model, PooledPixels())
+    assert edits["left"] == 98  # only the two unfinished batches were edited
+    timing = ("seconds", "images_per_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(resumed["rows"]) == strip(uninterrupted["rows"])
+    assert [name.count(".") for name in os.listdir(outputs)] == [1]  # merged into one file

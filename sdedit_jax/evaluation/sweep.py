@@ -46,6 +46,17 @@ from sdedit_jax.rng import string_id_words
 REFERENCE_CACHE = "reference_features.npz"
 
 
+def _save_npz(path: str, outputs: np.ndarray, seconds: float) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, outputs=outputs, seconds=np.float64(seconds))
+    sinks.atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_npz(path: str) -> tuple[np.ndarray, float]:
+    with np.load(path) as saved:
+        return saved["outputs"], float(saved["seconds"])
+
+
 def edit_guides(
     editor: engine.Editor,
     placed,
@@ -53,25 +64,55 @@ def edit_guides(
     t0: float,
     n_steps: int,
     seed: int,
-    on_chunk: Callable[[int], None],
-) -> np.ndarray:
-    """Edits every guide at one ``t0``, ``editor.global_batch`` rows at a time."""
+    progress: Progress,
+    cache_path: str | None = None,
+) -> tuple[np.ndarray, float]:
+    """(outputs, editing seconds) of every guide at one ``t0``, ``editor.global_batch`` rows
+    at a time.
+
+    With ``cache_path`` the setting is resumable: a finished setting is read
+    back from that file, and while it runs each finished batch is kept next to
+    it (``<key>.from<row>.npz``, merged into the file at the end), so a stopped
+    sweep loses at most one batch, not the whole setting. Outputs read back are
+    bit-identical to recomputed ones (editing is deterministic); the seconds are
+    those of the run that made them.
+    """
+    if cache_path is not None and os.path.exists(cache_path):
+        progress.skip(len(guides.ids))
+        return _load_npz(cache_path)
     words = string_id_words([f"{guides.name}/{i}" for i in guides.ids])
-    outputs = []
+    outputs, seconds, parts = [], 0.0, []
     for start in range(0, len(guides.ids), editor.global_batch):
         rows = slice(start, start + editor.global_batch)
         count = len(guides.ids[rows])
-        batch = engine.EditBatch(
-            guides=guides.images[rows],
-            seeds=np.full((count,), seed, np.int32),
-            id_words=words[rows],
-            t0=np.full((count,), t0, np.float32),
-            n_steps=np.full((count,), n_steps, np.int32),
-            mask=guides.masks[rows],
-        )
-        outputs.append(np.asarray(editor.run(placed, batch)))
-        on_chunk(count)
-    return np.concatenate(outputs)
+        part = None if cache_path is None else f"{cache_path[:-4]}.from{start:07d}.npz"
+        if part is not None and os.path.exists(part):
+            chunk, chunk_seconds = _load_npz(part)
+            progress.skip(count)
+        else:
+            began = time.perf_counter()
+            batch = engine.EditBatch(
+                guides=guides.images[rows],
+                seeds=np.full((count,), seed, np.int32),
+                id_words=words[rows],
+                t0=np.full((count,), t0, np.float32),
+                n_steps=np.full((count,), n_steps, np.int32),
+                mask=guides.masks[rows],
+            )
+            chunk = np.asarray(editor.run(placed, batch))
+            chunk_seconds = time.perf_counter() - began
+            if part is not None:
+                _save_npz(part, chunk, chunk_seconds)
+            progress.add(count)
+        outputs.append(chunk)
+        seconds += chunk_seconds
+        parts.append(part)
+    outputs = np.concatenate(outputs)
+    if cache_path is not None:
+        _save_npz(cache_path, outputs, seconds)
+        for part in parts:
+            os.remove(part)
+    return outputs, seconds
 
 
 def _row(
@@ -142,28 +183,6 @@ def _setting_key(
     return digest.hexdigest()[:24]
 
 
-def cached_edit(
-    cache_dir: str, key: str, edit: Callable[[], np.ndarray]
-) -> tuple[np.ndarray, float, bool]:
-    """(outputs, editing seconds, read from the cache) of one setting; the outputs come
-    from ``cache_dir`` when an earlier run made them.
-
-    A long sweep that is stopped resumes where it stopped: finished settings
-    are read back (bit-identical, as editing is deterministic), not recomputed.
-    """
-    path = os.path.join(cache_dir, f"{key}.npz")
-    if os.path.exists(path):
-        with np.load(path) as cached:
-            return cached["outputs"], float(cached["seconds"]), True
-    start = time.perf_counter()
-    outputs = edit()
-    seconds = time.perf_counter() - start
-    buffer = io.BytesIO()
-    np.savez(buffer, outputs=outputs, seconds=np.float64(seconds))
-    sinks.atomic_write_bytes(path, buffer.getvalue())
-    return outputs, seconds, False
-
-
 def sweep(
     model: pretrained.LoadedModel,
     variants: list[Variant],
@@ -187,13 +206,6 @@ def sweep(
     ]
     total_rows = len(variants) * len(t0s) * sum(len(g.ids) for g in task_guides)
     progress = Progress(total_rows, progress_writer, label="evaluate")
-    done = {"chunks": 0, "rows": 0}
-
-    def on_chunk(count):
-        done["chunks"] += 1
-        done["rows"] += count
-        progress.update(done["chunks"], done["rows"])
-
     rows, sheets = [], {}
     for variant, editor in zip(variants, editors, strict=True):
         placed = editor.place_score(model.score_fn)
@@ -202,19 +214,13 @@ def sweep(
             for t0 in t0s:
                 # The config's float64 t0: float32(0.8) * 200 rounds up to 161 steps.
                 n_steps = int(variant.step_rule.steps_for(np.float64(t0)))
-
-                def edit(editor=editor, placed=placed, guides=guides, t0=t0, n_steps=n_steps):
-                    return edit_guides(editor, placed, guides, t0, n_steps, config.seed, on_chunk)
-
-                if cache_dir is None:
-                    start = time.perf_counter()
-                    outputs = edit()
-                    seconds = time.perf_counter() - start
-                else:
+                cache_path = None
+                if cache_dir is not None:
                     key = _setting_key(model, variant, guides, t0, n_steps, config.seed)
-                    outputs, seconds, from_cache = cached_edit(cache_dir, key, edit)
-                    if from_cache:
-                        progress.skip(len(guides.ids))
+                    cache_path = os.path.join(cache_dir, f"{key}.npz")
+                outputs, seconds = edit_guides(
+                    editor, placed, guides, t0, n_steps, config.seed, progress, cache_path
+                )
                 nfe = n_steps * variant.sampler.nfe_per_step * variant.repeats
                 rows.append(
                     _row(
