@@ -1,6 +1,7 @@
 """The few-step report compares each solver setting with the recipe at the same task and t0."""
 
 import json
+import time
 
 import pytest
 
@@ -53,3 +54,16 @@ def test_report_writes_verdicts_plot_and_a_column_per_task_and_t0(tmp_path, caps
     assert "| sde@20 | +8.0 / 1.038 **holds** | +8.0 / 1.025 no |" in table
     figure = few_step_report.plot(_rows())
     assert len(figure.axes) == 4  # (KID, L2) x (t0 = 0.35, 0.65) for the one task
+
+
+def test_a_running_sweep_is_reported_from_its_partial_csv(tmp_path):
+    rows = _rows()
+    fields = list(rows[0])
+    lines = [",".join(fields)] + [",".join(str(r[k]) for k in fields) for r in rows]
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows[:2]}))  # an earlier run's
+    (tmp_path / "results.csv").write_text("task\n")
+    time.sleep(0.01)
+    (tmp_path / "results.partial.csv").write_text("\n".join(lines) + "\n")
+    loaded, files = few_step_report.load_rows(str(tmp_path))
+    assert files == ["results.partial.csv"]
+    assert loaded == rows and isinstance(loaded[1]["nfe"], int)

@@ -4,13 +4,14 @@
         --workdir runs/eval_few_step
     python -m sdedit_jax.tools.few_step_report runs/eval_few_step docs/evaluation/few_step
 
-Reads ``results.json`` of the sweep (variant ``base`` is the paper's recipe,
-the others ``<solver>@<nfe>``), copies it and ``results.csv`` to the output
-folder, writes ``quality_vs_nfe.png`` and ``target.csv`` and prints two markdown
-tables: the recipe's scores per (task, t0), and every solver setting's gap to
-the recipe at the same (task, t0). The target (issue 10): at <= 1/10 of the
-recipe's network calls, KID no worse than the recipe's KID plus the recipe's
-KID std (over subsets), and L2 to the guide within 5 % of the recipe's.
+Reads ``results.json`` of the sweep, or ``results.partial.csv`` while a later
+run of it is still going (variant ``base`` is the paper's recipe, the others
+``<solver>@<nfe>``), copies the result files to the output folder, writes
+``quality_vs_nfe.png`` and ``target.csv`` and prints two markdown tables: the
+recipe's scores per (task, t0), and every solver setting's gap to the recipe
+at the same (task, t0). The target (issue 10): at <= 1/10 of the recipe's
+network calls, KID no worse than the recipe's KID plus the recipe's KID std
+(over subsets), and L2 to the guide within 5 % of the recipe's.
 """
 
 from __future__ import annotations
@@ -150,11 +151,37 @@ def markdown_tables(rows: list[dict], verdicts: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _number(text: str) -> int | float | None:
+    if text == "":
+        return None
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def load_rows(source: str) -> tuple[list[dict], list[str]]:
+    """The sweep's rows and the result files they came from.
+
+    A finished run writes ``results.json`` last; a run still going (or stopped)
+    has rewritten ``results.partial.csv`` after it, with the settings finished so
+    far, and those are reported as they are.
+    """
+    finished, partial = (os.path.join(source, n) for n in ("results.json", "results.partial.csv"))
+    mtime = lambda path: os.stat(path).st_mtime_ns if os.path.exists(path) else -1  # noqa: E731
+    if mtime(finished) >= mtime(partial):
+        with open(finished) as f:
+            return json.load(f)["rows"], ["results.json", "results.csv"]
+    with open(partial, newline="") as f:
+        rows = [
+            {k: v if k in ("task", "variant") else _number(v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+    return rows, ["results.partial.csv"]
+
+
 def main(source: str, target: str) -> None:
-    with open(os.path.join(source, "results.json")) as f:
-        rows = json.load(f)["rows"]
+    rows, result_files = load_rows(source)
     os.makedirs(target, exist_ok=True)
-    for name in ("results.json", "results.csv"):
+    for name in result_files:
         shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
     verdicts = target_rows(rows)
     with open(os.path.join(target, "target.csv"), "w", newline="") as f:
