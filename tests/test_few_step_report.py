@@ -37,6 +37,8 @@ def test_each_setting_is_judged_against_the_recipe_at_its_own_t0():
     assert not verdicts[0.65, "sde@50"]["target_holds"]  # L2 ratio 0.94
     assert verdicts[0.65, "sde@50"]["l2_over_recipe"] == pytest.approx(0.94)
     assert not verdicts[0.35, "sde@50"]["target_holds"]  # more than a tenth of 350 calls
+    assert verdicts[0.35, "sde@50"]["quality_holds"]
+    assert not verdicts[0.65, "sde@50"]["quality_holds"]
 
 
 def test_report_writes_verdicts_plot_and_a_column_per_task_and_t0(tmp_path, capsys):

@@ -42,7 +42,7 @@ def target_rows(rows: list[dict]) -> list[dict]:
         kid_gap = row["kid"] - recipe["kid"]
         l2_ratio = row["l2"] / recipe["l2"]
         cheap = row["nfe"] * 10 <= recipe["nfe"]
-        holds = cheap and kid_gap <= recipe["kid_std"] and abs(l2_ratio - 1) <= 0.05
+        quality = kid_gap <= recipe["kid_std"] and abs(l2_ratio - 1) <= 0.05
         out.append(
             {
                 "task": row["task"],
@@ -56,7 +56,8 @@ def target_rows(rows: list[dict]) -> list[dict]:
                 "recipe_kid_std_x1e3": round(recipe["kid_std"] * 1e3, 2),
                 "l2": round(row["l2"], 3),
                 "l2_over_recipe": round(l2_ratio, 3),
-                "target_holds": holds,
+                "quality_holds": quality,
+                "target_holds": cheap and quality,
             }
         )
     return out
@@ -117,6 +118,12 @@ def plot(rows: list[dict]) -> Figure:
     return figure
 
 
+def _verdict(v: dict) -> str:
+    if v["target_holds"]:
+        return "**holds**"
+    return "quality holds, > 1/10 of the calls" if v["quality_holds"] else "no"
+
+
 def markdown_tables(rows: list[dict], verdicts: list[dict]) -> str:
     """The recipe's scores per (task, t0), then each setting as 'KID gap / L2 ratio verdict'."""
     recipes = sorted((r for r in rows if r["variant"] == RECIPE), key=_setting)
@@ -144,8 +151,7 @@ def markdown_tables(rows: list[dict], verdicts: list[dict]) -> str:
             row.append(
                 "-"
                 if v is None
-                else f"{v['kid_minus_recipe_x1e3']:+.1f} / {v['l2_over_recipe']:.3f} "
-                + ("**holds**" if v["target_holds"] else "no")
+                else f"{v['kid_minus_recipe_x1e3']:+.1f} / {v['l2_over_recipe']:.3f} " + _verdict(v)
             )
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
