@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 
@@ -92,6 +93,16 @@ class Scorer:
     kid_subset_size: int
     kid_subsets: int
     feature_batch_size: int
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of everything the scores depend on besides the outputs and guides."""
+        digest = hashlib.sha256(
+            f"{self.extractor.name}:{self.kid_subset_size}:{self.kid_subsets}".encode()
+        )
+        digest.update(np.ascontiguousarray(self.reference, np.float32).tobytes())
+        digest.update(np.asarray(jax.random.key_data(self.kid_key)).tobytes())
+        return digest.hexdigest()[:16]
 
     def __call__(self, outputs: np.ndarray, guides: ImageSet) -> dict:
         features = image_features(self.extractor, outputs, self.feature_batch_size)

@@ -115,6 +115,20 @@ def edit_guides(
     return outputs, seconds
 
 
+def _scores(scorer: Scorer, outputs: np.ndarray, guides: ImageSet, cache_path: str | None) -> dict:
+    """The setting's scores; with ``cache_path`` kept next to its outputs and read back by a
+    rerun, as feature extraction can cost more than few-step sampling on a CPU."""
+    if cache_path is None:
+        return scorer(outputs, guides)
+    path = f"{cache_path[:-4]}.scores.{scorer.fingerprint}.json"
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    scores = scorer(outputs, guides)
+    sinks.atomic_write_bytes(path, json.dumps(scores).encode())
+    return scores
+
+
 def _row(
     task: str,
     variant: str,
@@ -229,7 +243,7 @@ def sweep(
                         t0,
                         n_steps,
                         len(guides.ids),
-                        scorer(outputs, guides),
+                        _scores(scorer, outputs, guides, cache_path),
                         seconds,
                         nfe,
                     )
