@@ -179,6 +179,16 @@ def _gaussian_config(guides, reference):
     return config
 
 
+def _gaussian_sweep(tmp_path, reference_dir, count):
+    """(SDE, guides folder, exact-score model, config) of a sweep over ``count`` flat guides."""
+    sde = VPSDE()
+    guides_dir = _write_flat_guides(str(tmp_path / "guides"), count, seed=5)
+    model = pretrained.LoadedModel(GaussianScore(sde, MU, S), sde, SIZE, 3, "gaussian", "")
+    config = _gaussian_config(guides_dir, reference_dir)
+    config.max_guides = count
+    return sde, guides_dir, model, config
+
+
 def _expected_mse(sde, guides, t0):
     """E[mean over pixels of ((x - g) / 2)^2] and its standard error for one mean of all pixels."""
     mean, var = sdedit_moments(sde, MU, S, guides, t0, sde.eps)
@@ -192,10 +202,7 @@ def _expected_mse(sde, guides, t0):
 def test_gaussian_sweep_matches_closed_form_and_is_deterministic(
     reference_dir, tmp_path, monkeypatch
 ):
-    sde = VPSDE()
-    guides_dir = _write_flat_guides(str(tmp_path / "guides"), 16, seed=5)
-    model = pretrained.LoadedModel(GaussianScore(sde, MU, S), sde, SIZE, 3, "gaussian", "")
-    config = _gaussian_config(guides_dir, reference_dir)
+    sde, guides_dir, model, config = _gaussian_sweep(tmp_path, reference_dir, 16)
     workdir = str(tmp_path / "eval")
     before = engine.compiled_program_count()
     results = evaluation.run_evaluation(config, workdir, model, PooledPixels())
@@ -320,11 +327,7 @@ def test_emoji_eval_configs_resolve(variant):
 def test_a_stopped_setting_resumes_from_its_last_finished_batch(
     reference_dir, tmp_path, monkeypatch
 ):
-    sde = VPSDE()
-    guides_dir = _write_flat_guides(str(tmp_path / "guides"), 32, seed=5)
-    model = pretrained.LoadedModel(GaussianScore(sde, MU, S), sde, SIZE, 3, "gaussian", "")
-    config = _gaussian_config(guides_dir, reference_dir)
-    config.max_guides = 32
+    _, _, model, config = _gaussian_sweep(tmp_path, reference_dir, 32)
     config.t0s = (0.3,)
     config.per_device_batch = 1  # 4 batches of 8 on the 8 test devices
     config.sampler.steps_per_unit_time = 40
