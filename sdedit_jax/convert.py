@@ -9,7 +9,16 @@ score_sde ``checkpoint_<n>``) is detected from the files; ``--format`` overrides
 The folder records the network, its training SDE, parameterisation, conditioning
 input and data range, and the source file's sha256 (see :mod:`sdedit_jax.pretrained`).
 
-Exit status: 0 on success; 1 with a one-line message on bad input (no traceback).
+The folder appears whole or not at all: it is written into a temporary sibling
+folder, loaded once from there, and renamed to ``--out``
+(:func:`sdedit_jax.files.publish_folder`). An existing ``--out`` is refused
+unless ``--overwrite`` replaces it (so of two converts into one new ``--out``
+the second fails), and temporaries of a killed convert are removed by the next
+convert into the same ``--out``.
+
+Exit status: 0 on success; 2 with a one-line message on bad input (a source,
+config or option the command cannot use, an existing ``--out``); 1 with one
+line for other storage errors (e.g. a full disk). Never a traceback for these.
 """
 
 from __future__ import annotations
@@ -25,6 +34,12 @@ from absl import app, flags  # noqa: E402
 
 from sdedit_jax import files, importers, pretrained  # noqa: E402
 from sdedit_jax.sde import sde_from_config  # noqa: E402
+
+EXIT_ERROR, EXIT_BAD_INPUT = 1, 2
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def _define_flags() -> None:
@@ -46,6 +61,7 @@ def _define_flags() -> None:
     )
     flags.DEFINE_string("config", None, "score_sde network config: a preset name or a JSON file")
     flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
+    flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
 
 
 def parse_sde(text: str | None) -> dict | None:
@@ -74,12 +90,20 @@ def convert(
     image_size: int | None = None,
     config: str | None = None,
     with_bf16: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """Imports ``source`` and writes the model folder ``out``; returns its model_info."""
-    imported = importers.load(source, format=format, image_size=image_size, config=config)
-    pretrained.save_imported(out, imported, sde=sde, with_bf16=with_bf16)
-    pretrained.load_model(out)  # proves the folder loads before reporting success
-    return json.loads(files.read_text(files.join(out, pretrained.INFO_FILE)))
+    """Imports ``source`` and publishes the model folder ``out``; returns its model_info.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is False (checked before the
+            import and again when the folder is published).
+    """
+    with files.publish_folder(out, replace=overwrite) as folder:
+        imported = importers.load(source, format=format, image_size=image_size, config=config)
+        pretrained.save_imported(folder, imported, sde=sde, with_bf16=with_bf16)
+        pretrained.load_model(folder)  # proves the folder loads before it is published
+        info = files.read_json_object(files.join(folder, pretrained.INFO_FILE))
+    return info
 
 
 def main(argv: list[str]) -> None:
@@ -99,10 +123,17 @@ def main(argv: list[str]) -> None:
             image_size=f.image_size,
             config=f.config,
             with_bf16=f.bf16,
+            overwrite=f.overwrite,
         )
-    except (ValueError, OSError) as err:
-        print(f"convert: {err}", file=sys.stderr)
-        sys.exit(1)
+    except FileExistsError as err:
+        print(f"convert: --out {err}; pass --overwrite to replace it", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except (ValueError, FileNotFoundError, IsADirectoryError, files.NotRegularFile) as err:
+        print(f"convert: {_one_line(err)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except OSError as err:
+        print(f"convert: error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
     summary = {
         k: info[k]
         for k in ("architecture", "sde", "parameterization", "condition", "data_range", "source")

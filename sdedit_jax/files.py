@@ -35,22 +35,29 @@ API (paths are ``str``; every function takes local paths and URLs alike):
 * queries: :func:`exists`, :func:`isdir`, :func:`isfile`, :func:`size`,
   :func:`listdir`, :func:`walk`, :func:`glob`;
 * reading: :func:`read_bytes`, :func:`read_text`, :func:`read_lines` (streamed),
-  :func:`open_file`, :func:`sha256`;
+  :func:`open_file`, :func:`sha256`, :func:`read_json_object` (bounded size and depth);
+  local reads open regular files only (a FIFO, a device or a link to one is refused
+  with :class:`NotRegularFile` before anything could block or read forever);
 * writing: :func:`publish_bytes` / :func:`publish_chunks` (atomic, the only way
   to write anything another process or a resumed run reads), :func:`makedirs`,
   :func:`remove`, :func:`rmtree`, :func:`append_bytes` (small logs only),
   :func:`temp_name` / :func:`is_temp_name` (orphans of killed publications),
-  :func:`check_writable` (fail fast on an unusable workdir).
+  :func:`check_writable` (fail fast on an unusable workdir), :func:`publish_folder`
+  (a whole folder at once: filled in a temporary sibling, then renamed into place).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
+import json
 import os
 import posixpath
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
@@ -64,6 +71,10 @@ _RENAME_STORES = ("ram",)
 
 class StorageError(OSError):
     """A storage backend refused or failed an operation (the message names the path)."""
+
+
+class NotRegularFile(StorageError):
+    """A local path to read is a FIFO, device or socket (reading it could block or never end)."""
 
 
 # --- paths -------------------------------------------------------------------------------------
@@ -234,15 +245,51 @@ def glob(pattern: str) -> list[str]:
 # --- reading -----------------------------------------------------------------------------------
 
 
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _refuse_special(path: str, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path}: is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise NotRegularFile(f"{path}: is {kind}, not a regular file; refusing to read it")
+
+
+def _open_regular(path: str) -> int:
+    """A read-only descriptor of the regular file at local ``path``.
+
+    Why: opening a FIFO blocks until a writer appears, and a link to ``/dev/zero``
+    reads forever. The path is checked with ``stat`` before it is opened, opened
+    with ``O_NONBLOCK`` (so even a FIFO swapped in meanwhile cannot block) and
+    checked again on the open descriptor.
+    """
+    _refuse_special(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _refuse_special(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_file(path: str, mode: str = "rb") -> IO[Any]:
     """A file object for ``path``; read modes of URLs return an in-memory copy.
 
     Use :func:`publish_bytes` rather than write modes for anything another
     process or a resumed job reads.
     """
+    reading = "r" in mode and "+" not in mode
     if is_local(path):
-        return open(_local(path), mode)
-    if "r" in mode and "+" not in mode:
+        return os.fdopen(_open_regular(_local(path)), mode) if reading else open(_local(path), mode)
+    if reading:
         import io
 
         data = read_bytes(path)
@@ -254,7 +301,7 @@ def open_file(path: str, mode: str = "rb") -> IO[Any]:
 def read_bytes(path: str) -> bytes:
     """The whole content of the file at ``path``."""
     if is_local(path):
-        with open(_local(path), "rb") as f:
+        with open_file(path, "rb") as f:
             return f.read()
     with _translated(path):
         if _gfile().isdir(path):
@@ -271,7 +318,7 @@ def read_text(path: str) -> str:
 def read_lines(path: str) -> Iterator[bytes]:
     """The lines of a file (with their ``\\n``), streamed rather than read whole."""
     if is_local(path):
-        with open(_local(path), "rb") as f:
+        with open_file(path, "rb") as f:
             yield from f
         return
     with _translated(path), _gfile().GFile(path, "rb") as f:
@@ -283,12 +330,60 @@ def sha256(path: str) -> str:
     """Hex sha256 of a file's bytes (streamed for local files)."""
     digest = hashlib.sha256()
     if is_local(path):
-        with open(_local(path), "rb") as f:
+        with open_file(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     else:
         digest.update(read_bytes(path))
     return digest.hexdigest()
+
+
+JSON_MAX_BYTES = 1 << 20  # config and info files are a few kB
+JSON_MAX_DEPTH = 32  # theirs is at most 4
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _json_depth(data: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings (linear; no recursion)."""
+    import numpy as np
+
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', data), np.uint8)
+    opens = (bare == ord("[")) | (bare == ord("{"))
+    closes = (bare == ord("]")) | (bare == ord("}"))
+    depth = np.cumsum(opens.astype(np.int64) - closes)
+    return int(depth.max()) if depth.size else 0
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON object file (config.json, model_info.json, ...), checked before it is parsed.
+
+    Refused with one ``ValueError`` naming the file: more than :data:`JSON_MAX_BYTES`,
+    nested deeper than :data:`JSON_MAX_DEPTH`, not UTF-8, not valid (e.g. truncated)
+    JSON, or a value that is not an object (``null``, a list, ...).
+    """
+    length = size(path)
+    if length > JSON_MAX_BYTES:
+        raise ValueError(
+            f"{path}: {length} bytes; a JSON config file may have at most {JSON_MAX_BYTES}"
+        )
+    data = read_bytes(path)[: JSON_MAX_BYTES + 1]
+    if len(data) > JSON_MAX_BYTES:
+        raise ValueError(f"{path}: more than {JSON_MAX_BYTES} bytes (the file is growing?)")
+    depth = _json_depth(data)
+    if depth > JSON_MAX_DEPTH:
+        raise ValueError(
+            f"{path}: JSON nested {depth} levels deep; at most {JSON_MAX_DEPTH} are allowed"
+        )
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        what = "truncated" if e.pos >= len(data.rstrip()) else "not valid JSON"
+        raise ValueError(f"{path}: {what} ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {json.dumps(value)[:40]}")
+    return value
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -415,3 +510,116 @@ def check_writable(folder: str) -> None:
                 "check that the bucket exists and you may write to it)"
             )
         raise StorageError(f"{folder}: cannot write here: {_one_line(str(e))}{hint}") from None
+
+
+def _stale_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}{TEMP_MARKER}-"
+
+
+def _lock(fd: int) -> bool:
+    """An exclusive ``flock`` on ``fd`` if free; ``False`` if another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:  # a file system without locks: nothing can be proven stale
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
+            return False
+        raise
+    return True
+
+
+def remove_stale_folders(path: str) -> None:
+    """Removes the temporary siblings of ``path`` that killed :func:`publish_folder` calls left.
+
+    A publication holds a lock on its temporary folder until the rename, and the
+    kernel drops it when the process dies; a folder whose lock is free is stale.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    prefix = _stale_prefix(path)
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        if not name.startswith(prefix):
+            continue
+        candidate = os.path.join(parent, name)
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # gone meanwhile, or not a folder
+            continue
+        try:
+            if _lock(fd):
+                shutil.rmtree(candidate, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _only_temporaries(path: str) -> bool:
+    return os.path.isdir(path) and all(is_temp_name(n) for n in os.listdir(path))
+
+
+def _refuse_existing(path: str) -> None:
+    if is_local(path):
+        if _only_temporaries(path):  # left by a publication killed before this rule existed
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            raise FileExistsError(f"{path}: already exists")
+    elif exists(path):
+        raise FileExistsError(f"{path}: already exists")
+
+
+@contextlib.contextmanager
+def publish_folder(path: str, *, replace: bool = False) -> Iterator[str]:
+    """A new folder ``path`` published whole: fill the yielded folder; on success it is ``path``.
+
+    Local: the yielded folder is a temporary sibling (:func:`temp_name`), locked
+    while it is filled and renamed to ``path`` at the end, so ``path`` never shows
+    a partial folder nor a mix of an old and a new one. Temporary siblings of
+    killed publications are removed first (:func:`remove_stale_folders`), and
+    the temporary folder is removed when filling it fails.
+
+    Without ``replace`` an existing ``path`` is refused (``FileExistsError``),
+    before and again at the rename: of two publications racing for one ``path``
+    the second fails and nothing of it remains. With ``replace`` an existing
+    ``path`` is moved aside, the new folder renamed into place and the old one
+    deleted. URLs (object stores cannot rename a folder) are filled in place.
+    """
+    if not is_local(path):
+        if replace:
+            rmtree(path)
+        _refuse_existing(path)
+        makedirs(path)
+        yield path
+        return
+    target = os.path.abspath(_local(path))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    remove_stale_folders(target)
+    if not replace:
+        _refuse_existing(target)
+    temp = temp_name(target, "new")
+    os.mkdir(temp)
+    fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _lock(fd)
+        yield temp
+        os.fsync(fd)
+        old = None
+        if replace and os.path.lexists(target):
+            old = temp_name(target, "old")
+            os.rename(target, old)
+        try:
+            os.rename(temp, target)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise FileExistsError(
+                    f"{path}: already exists (another publication finished first)"
+                ) from None
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        parent = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+    finally:
+        os.close(fd)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -232,6 +232,43 @@ def check_model(
         )
 
 
+# Image-sized float32 arrays one row of a compiled step holds at least (guide, mask,
+# state, noise, score, ...); the network's own activations come on top.
+ARRAYS_PER_ROW = 8
+
+
+def device_memory(device: jax.Device) -> tuple[int, str]:
+    """Bytes one device may use and where the figure comes from.
+
+    Accelerators report their limit; CPU devices share the host's physical memory.
+    """
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.platform} device memory"
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    shares = max(1, jax.local_device_count())
+    return host // shares, f"host memory / {shares} local devices"
+
+
+def check_batch(per_device_batch: int, model: pretrained.LoadedModel) -> None:
+    """The rule for ``per_device_batch``: its rows' images must fit on one device.
+
+    ``per_device_batch * ARRAYS_PER_ROW * H * W * C * 4 bytes <= device memory`` (a
+    lower bound of what a step needs, so a batch that fails it can never run; one
+    that passes may still need more for the network's activations).
+    """
+    row = ARRAYS_PER_ROW * model.image_size**2 * model.num_channels * 4
+    memory, where = device_memory(jax.local_devices()[0])
+    _require(
+        per_device_batch * row <= memory,
+        "per_device_batch",
+        per_device_batch,
+        f"at most {memory // row} for this model: each row holds {ARRAYS_PER_ROW} "
+        f"{model.image_size}x{model.image_size}x{model.num_channels} float32 images "
+        f"({row} bytes) and {where} is {memory} bytes",
+    )
+
+
 def t0_folder(t0: float) -> str:
     """``t0_0.30``: two decimals when they give ``t0`` back exactly, else its exact repr.
 
@@ -360,6 +397,7 @@ def job_fingerprint(
     )
     return fingerprint.job_fingerprint(
         model_sha256=model.checksum,
+        model=model.description,
         sde={"type": type(model.sde).__name__, **_scalar_fields(model.sde)},
         sampler={
             "predictor": sampler.predictor,
@@ -440,6 +478,7 @@ def run_job(
     sampler, step_rule = sampler_from_config(config.sampler)
     model = _load_model(config.model_dir)
     check_model(model, input_config(config, t0s[0]), t0s)
+    check_batch(config.per_device_batch, model)
     inputs = {t0: input_config(config, t0, model.sde) for t0 in t0s}
     catalog = _build_catalog(inputs[t0s[0]])
     if not dry_run:

@@ -33,6 +33,7 @@ import functools
 import importlib
 import json
 import os
+import re
 from typing import Any, TypedDict, Unpack
 
 import jax
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdedit_jax import checkpoint, files, importers
+from sdedit_jax.importers import fields
 from sdedit_jax.models import unet
 from sdedit_jax.score import (
     check_condition,
@@ -48,7 +50,7 @@ from sdedit_jax.score import (
     make_score_fn,
     sde_for_range,
 )
-from sdedit_jax.sde import SDE, ScoreFn, sde_from_config
+from sdedit_jax.sde import SDE, SDES, ScoreFn
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "default_model")
 INFO_FILE = "model_info.json"
@@ -78,6 +80,10 @@ class LoadedModel:
     graphdef: nnx.GraphDef | None = None
     state: nnx.State | None = None
     parameterization: str | None = None  # what the network predicts (score.PARAMETERIZATIONS)
+    # Everything that decides the network's outputs besides its weights, defaults filled
+    # in (architecture, config, SDE, parameterization, conditioning input, data range):
+    # a workdir's fingerprint records it (``None`` for a score that is not a network).
+    description: dict | None = None
 
     def network(self) -> nnx.Module:
         """The network as an ``nnx.Module`` (a new object sharing this model's arrays)."""
@@ -97,13 +103,18 @@ def save_model(
 ) -> dict[str, str]:
     """Writes a model folder: fp32 weights (and a bf16 copy), ``model_info.json``.
 
-    Returns the sha256 of each weight file written (also recorded in the info).
+    Returns the sha256 of each weight file written (also recorded in the info). A weight
+    file of an earlier model in the folder that this one does not write is deleted
+    before the info is, so the folder holds only what its info lists.
     """
     files.makedirs(model_dir)
     writers = {WEIGHT_FILES[0]: checkpoint.save_params_fp32}
     if with_bf16:
         writers[WEIGHT_FILES[1]] = checkpoint.save_params_bf16
     sums = {name: write(files.join(model_dir, name), state) for name, write in writers.items()}
+    for stale in set(WEIGHT_FILES) - set(writers):
+        if files.exists(files.join(model_dir, stale)):
+            files.remove(files.join(model_dir, stale))
     info = {
         **(extra or {}),
         "model": model_config,
@@ -146,24 +157,86 @@ class _Folder:
     weights: str
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_INFO_RULES = {
+    "model": ((lambda v: isinstance(v, dict)), "an object of the architecture's config fields"),
+    "sde": ((lambda v: isinstance(v, dict)), 'an object such as {"name": "vp"}'),
+    "parameterization": fields.STRING,
+    "sha256": (
+        (
+            lambda v: (
+                isinstance(v, dict)
+                and bool(v)
+                and all(
+                    k in WEIGHT_FILES and isinstance(h, str) and _SHA256.fullmatch(h)
+                    for k, h in v.items()
+                )
+            )
+        ),
+        f"an object mapping weight files {list(WEIGHT_FILES)} to 64 hex digits",
+    ),
+    "architecture": fields.STRING,
+    "condition": fields.STRING,
+    "data_range": fields.STRING,
+}
+# Int fields of network configs that may be 0 (every other int is a count or size).
+_ZERO_OK = ("downsample_padding",)
+
+
+def network_config(name: str, values: Any, where: str) -> Any:
+    """The config of architecture ``name`` from its fields, types and ranges checked first."""
+    _, config_cls = architecture(name)
+    fields.check_dataclass_fields(config_cls, values, where, may_be_zero=_ZERO_OK)
+    try:
+        return config_cls.from_config(values)
+    except (TypeError, ValueError, ZeroDivisionError) as err:
+        raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
+
+
 def _read_folder(model_dir: str) -> _Folder:
     info_path = files.join(model_dir, INFO_FILE)
     if not files.exists(info_path):
         raise FileNotFoundError(f"{info_path}: no model info file (is {model_dir} a model folder?)")
-    info = json.loads(files.read_text(info_path))
+    info = files.read_json_object(info_path)
     for field in ("model", "sde", "parameterization", "sha256"):
         if field not in info:
             raise ValueError(f"{info_path}: missing field {field!r}")
-    weights = next((w for w in WEIGHT_FILES if files.exists(files.join(model_dir, w))), None)
-    if weights is None:
-        raise FileNotFoundError(f"{model_dir}: none of the weight files {WEIGHT_FILES}")
     name = info.get("architecture", "unet")
     try:
-        _, config_cls = architecture(name)
-        config = config_cls.from_config(info["model"])
+        fields.check_values(info, _INFO_RULES, "")
+        config = network_config(name, info["model"], "model")
     except ValueError as err:
         raise ValueError(f"{info_path}: {err}") from None
+    # Only a listed file, checked against its sha256: a file another model left is never read.
+    listed = [w for w in WEIGHT_FILES if w in info["sha256"]]
+    weights = next((w for w in listed if files.exists(files.join(model_dir, w))), None)
+    if weights is None:
+        raise FileNotFoundError(
+            f"{model_dir}: none of the weight files {listed} that {INFO_FILE} lists"
+        )
     return _Folder(info, info_path, name, config, files.join(model_dir, weights))
+
+
+def _sde(config: Any, where: str) -> SDE:
+    try:
+        return fields.check_sde_config(config, "sde")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _describe(name: str, config: Any, sde: SDE, usage: dict) -> dict:
+    """:attr:`LoadedModel.description`: every field, defaults included, JSON-ready."""
+    sde_name = next(k for k, cls in SDES.items() if type(sde) is cls)
+    used = ("parameterization",) if name == "unet" else ("parameterization", "condition")
+    description = {
+        "architecture": name,
+        "config": dataclasses.asdict(config),
+        "sde": {"name": sde_name, **dataclasses.asdict(sde)},
+        **{k: usage[k] for k in used},
+    }
+    if name != "unet":
+        description["data_range"] = usage.get("data_range") or "-1_1"
+    return json.loads(json.dumps(description))
 
 
 def _locate(path: str | None, format: str | None) -> tuple[str, _Folder | None]:
@@ -236,8 +309,8 @@ def load_model(
         return _load_imported(model_dir, sde, options)
     info, config, path = folder.info, folder.config, folder.weights
     graphdef, _ = _abstract(folder.architecture, config)
+    model_sde = _sde(sde if sde is not None else info["sde"], folder.info_path)
     state = _folder_state(folder)
-    model_sde = sde_from_config(sde if sde is not None else info["sde"])
     if folder.architecture == "unet":
         score_fn, user_sde = (
             make_score_fn(graphdef, state, model_sde, info["parameterization"]),
@@ -260,6 +333,7 @@ def load_model(
         graphdef=graphdef,
         state=state,
         parameterization=info["parameterization"],
+        description=_describe(folder.architecture, config, model_sde, info),
     )
 
 
@@ -291,7 +365,7 @@ def _imported_sde(imported: importers.Imported, sde: dict | None, path: str) -> 
 
 def _load_imported(path: str, sde: dict | None, options: CheckpointOptions) -> LoadedModel:
     imported = _import(path, options)
-    model_sde = sde_from_config(_imported_sde(imported, sde, path))
+    model_sde = _sde(_imported_sde(imported, sde, path), path)
     usage = {
         "condition": imported.condition,
         "parameterization": imported.parameterization,
@@ -311,6 +385,7 @@ def _load_imported(path: str, sde: dict | None, options: CheckpointOptions) -> L
         graphdef=graphdef,
         state=imported.state,
         parameterization=imported.parameterization,
+        description=_describe(imported.architecture, imported.config, model_sde, usage),
     )
 
 
@@ -323,7 +398,7 @@ def save_imported(
     """
     sde = _imported_sde(imported, sde, imported.source["path"])
     try:
-        model_sde = sde_from_config(sde)
+        model_sde = fields.check_sde_config(sde, "sde")
         check_condition(imported.condition, model_sde)
         sde_for_range(model_sde, imported.data_range)
         check_parameterization(imported.parameterization)

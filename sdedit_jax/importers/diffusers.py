@@ -15,14 +15,13 @@ the pipeline's ``scheduler/``) when there is one; otherwise DDPM's linear betas
 from __future__ import annotations
 
 import importlib
-import json
 import re
 from typing import Any
 
 import numpy as np
 
 from sdedit_jax import checkpoint, files
-from sdedit_jax.importers import Imported, torch_checkpoint
+from sdedit_jax.importers import Imported, fields, torch_checkpoint
 from sdedit_jax.models import ddpm_unet
 
 CONFIG_FILE = "config.json"
@@ -31,6 +30,60 @@ SCHEDULER_FILE = "scheduler_config.json"
 DDPM_SDE = {"name": "discrete_vp", "beta_start": 1e-4, "beta_end": 0.02, "num_timesteps": 1000}
 _OLD_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
 _NEW_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_SAMPLE_SIZE = (
+    (
+        lambda v: (
+            fields.POSITIVE_INT[0](v)
+            or (
+                isinstance(v, (list, tuple)) and len(v) == 2 and all(map(fields.POSITIVE_INT[0], v))
+            )
+        )
+    ),
+    "an int >= 1 or a list of two",
+)
+# The type of every UNet2DModel field either network reads (checked before anything is
+# built from them; which values each network supports is its own config's check).
+UNET2D_RULES = {
+    "sample_size": _SAMPLE_SIZE,
+    "in_channels": fields.POSITIVE_INT,
+    "out_channels": fields.POSITIVE_INT,
+    "center_input_sample": fields.BOOL,
+    "time_embedding_type": fields.STRING,
+    "time_embedding_dim": fields.POSITIVE_INT_OR_NULL,
+    "freq_shift": fields.FINITE,
+    "flip_sin_to_cos": fields.BOOL,
+    "down_block_types": fields.STRINGS,
+    "mid_block_type": fields.STRING_OR_NULL,
+    "up_block_types": fields.STRINGS,
+    "block_out_channels": fields.POSITIVE_INTS,
+    "layers_per_block": fields.POSITIVE_INT,
+    "mid_block_scale_factor": fields.FINITE,
+    "downsample_padding": fields.NON_NEGATIVE_INT,
+    "downsample_type": fields.STRING,
+    "upsample_type": fields.STRING,
+    "dropout": fields.UNIT_INTERVAL,
+    "act_fn": fields.STRING,
+    # NCSN++ reads 0 as "one head"; the DDPM U-Net needs >= 1 (see load).
+    "attention_head_dim": (
+        (lambda v: v is None or fields.NON_NEGATIVE_INT[0](v)),
+        "an int >= 0 or null",
+    ),
+    "norm_num_groups": fields.POSITIVE_INT_OR_NULL,
+    "attn_norm_num_groups": fields.POSITIVE_INT_OR_NULL,
+    "norm_eps": fields.POSITIVE,
+    "resnet_time_scale_shift": fields.STRING,
+    "add_attention": fields.BOOL,
+    "class_embed_type": fields.STRING_OR_NULL,
+    "num_class_embeds": fields.POSITIVE_INT_OR_NULL,
+    "num_train_timesteps": fields.POSITIVE_INT_OR_NULL,
+}
+SCHEDULER_RULES = {
+    "num_train_timesteps": ((lambda v: fields.POSITIVE_INT[0](v) and v >= 2), "an int >= 2"),
+    "beta_start": fields.PROBABILITY,
+    "beta_end": fields.PROBABILITY,
+    "sigma_min": fields.POSITIVE,
+    "sigma_max": fields.POSITIVE,
+}
 
 
 def model_folder(path: str) -> str:
@@ -41,13 +94,14 @@ def model_folder(path: str) -> str:
     raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is it a diffusers model folder?)")
 
 
-def read_json(path: str) -> dict:
+def read_json(path: str, rules: dict | None = None) -> dict:
+    """A JSON object file, bounded (:func:`files.read_json_object`), each field of ``rules``
+    checked; every problem is one ``ValueError`` naming the file and the field."""
+    value = files.read_json_object(path)
     try:
-        value = json.loads(files.read_text(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        fields.check_values(value, rules or {}, "")
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return value
 
 
@@ -95,7 +149,7 @@ def _scheduler_config(folder: str) -> tuple[str | None, dict]:
         files.join(files.dirname(folder.rstrip("/")), "scheduler", SCHEDULER_FILE),
     ):
         if files.exists(path):
-            return path, read_json(path)
+            return path, read_json(path, SCHEDULER_RULES)
     return None, {}
 
 
@@ -139,16 +193,19 @@ def load(path: str) -> Imported:
     """Imports a diffusers ``UNet2DModel`` folder (see the module docstring)."""
     folder = model_folder(path)
     config_path = files.join(folder, CONFIG_FILE)
-    config = read_json(config_path)
+    config = read_json(config_path, UNET2D_RULES)
     try:
+        if not is_ncsnpp(config) and config.get("attention_head_dim") == 0:
+            raise ValueError("attention_head_dim: got 0; expected an int >= 1 or null")
         if is_ncsnpp(config):
             module, architecture = _ncsnpp(config_path), "ncsnpp"
             net_config = module.NCSNppConfig.from_diffusers_config(config)
         else:
             module, architecture = ddpm_unet, "ddpm_unet"
             net_config = module.DDPMUNetConfig.from_diffusers_config(config)
-    except ValueError as err:
-        raise type(err)(f"{config_path}: {err}") from None
+    except (ValueError, ZeroDivisionError) as err:
+        kind = type(err) if isinstance(err, ValueError) else ValueError
+        raise kind(f"{config_path}: {err}") from None
     weights = weight_file(folder)
     tensors = new_attention_names(read_tensors(weights))
     try:

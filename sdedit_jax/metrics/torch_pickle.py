@@ -18,6 +18,13 @@ Both serialisation formats torch has written since 0.4 are understood:
 Tensors keep torch's strides on disk (a checkpoint converted from TensorFlow can
 store conv kernels channel-last), so every array is rebuilt from its storage with
 its own offset and strides and then copied to a C-contiguous array.
+
+Bounded memory: what the pickle and the zip headers declare is compared with the
+file's size before anything is read or built. Torch stores storages
+uncompressed, so all storages together need at most the file's bytes (a
+compressed entry that would inflate beyond that, or a false size field, is
+refused); each tensor holds at most the elements of its storage (no stride-0
+blow-up), and all distinct tensors together at most the file's bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import collections
 import dataclasses
 import functools
 import io
+import math
 import os
 import pickle
 import zipfile
@@ -163,6 +171,10 @@ def _unpickle(file: BinaryIO, source: str) -> tuple[Any, dict[str, _StorageRef]]
     return obj, unpickler.refs
 
 
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _materialise(spec: _TensorSpec, storages: dict[str, np.ndarray], source: str) -> np.ndarray:
     """Builds a C-contiguous array from its storage, offset and strides (in elements)."""
     try:
@@ -172,6 +184,16 @@ def _materialise(spec: _TensorSpec, storages: dict[str, np.ndarray], source: str
     view = flat[spec.storage.offset : spec.storage.offset + spec.storage.numel]
     if len(spec.shape) != len(spec.strides):
         raise CheckpointError(f"{source}: tensor shape {spec.shape} vs strides {spec.strides}")
+    if not all(map(_is_index, (*spec.shape, *spec.strides, spec.offset))):
+        raise CheckpointError(
+            f"{source}: tensor shape {spec.shape}, strides {spec.strides} and offset "
+            f"{spec.offset} must be ints >= 0"
+        )
+    if math.prod(spec.shape) > view.size:
+        raise CheckpointError(
+            f"{source}: a tensor of shape {spec.shape} (strides {spec.strides}) needs "
+            f"{math.prod(spec.shape)} elements, its storage {spec.storage.key} holds {view.size}"
+        )
     if any(n == 0 for n in spec.shape):
         return np.zeros(spec.shape, dtype=flat.dtype)
     if spec.offset < 0 or any(s < 0 for s in spec.strides):
@@ -193,40 +215,111 @@ def _materialise(spec: _TensorSpec, storages: dict[str, np.ndarray], source: str
     return np.array(strided, order="C")
 
 
-def _resolve(obj: Any, storages: dict[str, np.ndarray], source: str) -> Any:
-    """Replaces every tensor placeholder inside dicts, lists and tuples by its array."""
-    if isinstance(obj, _TensorSpec):
-        return _materialise(obj, storages, source)
-    if isinstance(obj, dict):
-        return {k: _resolve(v, storages, source) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_resolve(v, storages, source) for v in obj)
-    return obj
+def _tensor_bytes(obj: Any, seen: dict[int, int]) -> None:
+    """Bytes of every distinct tensor placeholder in ``obj``, by ``id`` (no recursion)."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _TensorSpec):
+            if all(map(_is_index, item.shape)):
+                seen[id(item)] = math.prod(item.shape) * item.storage.dtype.itemsize
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
-def _load_zip(path: str, file: BinaryIO) -> Any:
+def _resolve(
+    obj: Any, storages: dict[str, np.ndarray], source: str, budget: int | None = None
+) -> Any:
+    """Replaces every tensor placeholder inside dicts, lists and tuples by its array.
+
+    A placeholder the pickle shares (one tensor under two names) becomes one array.
+    With ``budget`` (the file's size), more tensor bytes than that are refused first.
+    """
+    if budget is not None:
+        sizes: dict[int, int] = {}
+        _tensor_bytes(obj, sizes)
+        if sum(sizes.values()) > budget:
+            raise CheckpointError(
+                f"{source}: its tensors need {sum(sizes.values())} bytes, more than the "
+                f"file's {budget} (a stride-0 or repeated tensor?)"
+            )
+    built: dict[int, np.ndarray] = {}
+
+    def resolve(item: Any) -> Any:
+        if isinstance(item, _TensorSpec):
+            if id(item) not in built:
+                built[id(item)] = _materialise(item, storages, source)
+            return built[id(item)]
+        if isinstance(item, dict):
+            return {k: resolve(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return type(item)(resolve(v) for v in item)
+        return item
+
+    return resolve(obj)
+
+
+def _storage_bytes(ref: _StorageRef, source: str) -> int:
+    if not _is_index(ref.numel):
+        raise CheckpointError(f"{source}: storage {ref.key} has {ref.numel!r} elements")
+    return ref.numel * ref.dtype.itemsize
+
+
+def _check_budget(needed: int, budget: int, source: str) -> None:
+    if needed > budget:
+        raise CheckpointError(
+            f"{source}: its storages need {needed} bytes, more than the file's {budget} "
+            "(torch stores them uncompressed: a truncated file, a false size, or an entry "
+            "that inflates)"
+        )
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, size: int, path: str) -> bytes:
+    """Exactly ``size`` bytes of a zip member that declares that size (never more)."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise CheckpointError(f"{path}: storage file {name} is missing") from None
+    if info.file_size != size:
+        raise CheckpointError(
+            f"{path}: {name} declares {info.file_size} bytes, its storage needs {size}"
+        )
+    with archive.open(info) as member:
+        raw = member.read(size + 1)
+    if len(raw) != size:
+        raise CheckpointError(f"{path}: {name} holds {len(raw)} bytes, its storage needs {size}")
+    return raw
+
+
+def _load_zip(path: str, file: BinaryIO, budget: int) -> Any:
     with zipfile.ZipFile(file) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: expected one data.pkl in the zip, found {pickles}")
         root = pickles[0][: -len("data.pkl")]
+        for name in pickles + [root + "byteorder"] * (root + "byteorder" in archive.namelist()):
+            if archive.getinfo(name).file_size > budget:
+                raise CheckpointError(
+                    f"{path}: {name} declares {archive.getinfo(name).file_size} bytes, more "
+                    f"than the file's {budget}"
+                )
         if root + "byteorder" in archive.namelist():
-            order = archive.read(root + "byteorder").decode().strip()
+            order = archive.read(root + "byteorder").decode(errors="replace").strip()
             if order != "little":
-                raise CheckpointError(f"{path}: byteorder '{order}' is not supported")
+                raise CheckpointError(f"{path}: byteorder '{order[:20]}' is not supported")
         obj, refs = _unpickle(io.BytesIO(archive.read(pickles[0])), path)
+        needed = {key: _storage_bytes(ref, path) for key, ref in refs.items()}
+        _check_budget(sum(needed.values()), budget, path)
         storages = {}
         for key, ref in refs.items():
-            name = f"{root}data/{key}"
-            try:
-                raw = archive.read(name)
-            except KeyError:
-                raise CheckpointError(f"{path}: storage file {name} is missing") from None
+            raw = _read_member(archive, f"{root}data/{key}", needed[key], path)
             storages[key] = np.frombuffer(raw, dtype=ref.dtype.newbyteorder("<"))
-    return _resolve(obj, storages, path)
+    return _resolve(obj, storages, path, budget)
 
 
-def _load_legacy(path: str, f: BinaryIO) -> Any:
+def _load_legacy(path: str, f: BinaryIO, budget: int) -> Any:
     magic, _ = _unpickle(f, path)
     if magic != LEGACY_MAGIC:
         raise CheckpointError(f"{path}: not a torch checkpoint (bad magic number)")
@@ -238,17 +331,26 @@ def _load_legacy(path: str, f: BinaryIO) -> Any:
         raise CheckpointError(f"{path}: only little-endian checkpoints are supported")
     obj, refs = _unpickle(f, path)
     keys, _ = _unpickle(f, path)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CheckpointError(f"{path}: the storage keys are not a list of names")
+    _check_budget(sum(_storage_bytes(ref, path) for ref in refs.values()), budget, path)
     storages = {}
     for key in keys:
         if key not in refs:
             raise CheckpointError(f"{path}: storage {key} is stored but never referenced")
         dtype = refs[key].dtype.newbyteorder("<")
         numel = int.from_bytes(f.read(8), "little", signed=True)
+        remaining = budget - f.tell()
+        if numel != refs[key].numel or not 0 <= numel * dtype.itemsize <= remaining:
+            raise CheckpointError(
+                f"{path}: storage {key} is truncated or mis-sized (it declares {numel} "
+                f"elements, its pickle {refs[key].numel}, and {remaining} bytes remain)"
+            )
         raw = f.read(numel * dtype.itemsize)
-        if numel != refs[key].numel or len(raw) != numel * dtype.itemsize:
+        if len(raw) != numel * dtype.itemsize:
             raise CheckpointError(f"{path}: storage {key} is truncated or mis-sized")
         storages[key] = np.frombuffer(raw, dtype=dtype)
-    return _resolve(obj, storages, path)
+    return _resolve(obj, storages, path, budget)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
@@ -259,9 +361,11 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     """
     path = os.fspath(path)
     with files.open_file(path, "rb") as f:
+        budget = f.seek(0, io.SEEK_END)
+        f.seek(0)
         is_zip = zipfile.is_zipfile(f)
         f.seek(0)
-        return _load_zip(path, f) if is_zip else _load_legacy(path, f)
+        return _load_zip(path, f, budget) if is_zip else _load_legacy(path, f, budget)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
