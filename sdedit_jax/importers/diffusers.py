@@ -117,8 +117,9 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         import safetensors.numpy
 
+        data = files.read_bytes(path)  # a regular file, so bounded by its size
         try:
-            return dict(safetensors.numpy.load(files.read_bytes(path)))
+            return dict(safetensors.numpy.load(data))
         except Exception as err:  # safetensors raises its own error types for bad files
             raise torch_checkpoint.CheckpointError(
                 f"{path}: not a readable safetensors file ({err})"
@@ -206,13 +207,7 @@ def load(path: str) -> Imported:
     except (ValueError, ZeroDivisionError) as err:
         kind = type(err) if isinstance(err, ValueError) else ValueError
         raise kind(f"{config_path}: {err}") from None
-    weights = weight_file(folder)
-    tensors = new_attention_names(read_tensors(weights))
-    try:
-        state = module.params_from_diffusers(tensors, net_config)
-    except ValueError as err:
-        message = str(err)
-        raise type(err)(message if weights in message else f"{weights}: {message}") from None
+    # The schedule before the weights: a bad scheduler config is refused without reading them.
     if architecture == "ncsnpp":
         data_range = "0_1" if tuple(net_config.data_range) == (0.0, 1.0) else "-1_1"
         usage = {
@@ -228,6 +223,13 @@ def load(path: str) -> Imported:
             "data_range": "-1_1",
             "sde": ddpm_sde(folder),
         }
+    weights = weight_file(folder)
+    tensors = new_attention_names(read_tensors(weights))
+    try:
+        state = module.params_from_diffusers(tensors, net_config)
+    except ValueError as err:
+        message = str(err)
+        raise type(err)(message if weights in message else f"{weights}: {message}") from None
     return Imported(
         architecture=architecture,
         config=net_config,

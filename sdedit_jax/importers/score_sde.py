@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -212,12 +211,7 @@ def load_config(name_or_path: str) -> dict[str, Any]:
         )
     if name_or_path.endswith(".py"):
         return read_py_config(name_or_path)
-    try:
-        cfg = json.loads(files.read_text(name_or_path))
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{name_or_path}: not a JSON score_sde config ({e.msg}, line {e.lineno})"
-        ) from None
+    cfg = files.read_json_object(name_or_path)
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise ValueError(f"{name_or_path}: a score_sde config needs a 'model' section")
     return cfg

@@ -184,16 +184,6 @@ def _materialise(spec: _TensorSpec, storages: dict[str, np.ndarray], source: str
     view = flat[spec.storage.offset : spec.storage.offset + spec.storage.numel]
     if len(spec.shape) != len(spec.strides):
         raise CheckpointError(f"{source}: tensor shape {spec.shape} vs strides {spec.strides}")
-    if not all(map(_is_index, (*spec.shape, *spec.strides, spec.offset))):
-        raise CheckpointError(
-            f"{source}: tensor shape {spec.shape}, strides {spec.strides} and offset "
-            f"{spec.offset} must be ints >= 0"
-        )
-    if math.prod(spec.shape) > view.size:
-        raise CheckpointError(
-            f"{source}: a tensor of shape {spec.shape} (strides {spec.strides}) needs "
-            f"{math.prod(spec.shape)} elements, its storage {spec.storage.key} holds {view.size}"
-        )
     if any(n == 0 for n in spec.shape):
         return np.zeros(spec.shape, dtype=flat.dtype)
     if spec.offset < 0 or any(s < 0 for s in spec.strides):
@@ -215,18 +205,41 @@ def _materialise(spec: _TensorSpec, storages: dict[str, np.ndarray], source: str
     return np.array(strided, order="C")
 
 
-def _tensor_bytes(obj: Any, seen: dict[int, int]) -> None:
-    """Bytes of every distinct tensor placeholder in ``obj``, by ``id`` (no recursion)."""
-    stack = [obj]
+def _specs(obj: Any) -> dict[int, _TensorSpec]:
+    """Every distinct tensor placeholder in ``obj``, by ``id`` (iterative: no recursion)."""
+    found, stack = {}, [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, _TensorSpec):
-            if all(map(_is_index, item.shape)):
-                seen[id(item)] = math.prod(item.shape) * item.storage.dtype.itemsize
+            found[id(item)] = item
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
+    return found
+
+
+def _check_sizes(obj: Any, source: str, budget: int) -> None:
+    """Each tensor within its storage's element count, all of them within ``budget`` bytes."""
+    total = 0
+    for spec in _specs(obj).values():
+        if not all(map(_is_index, (*spec.shape, *spec.strides, spec.offset))):
+            raise CheckpointError(
+                f"{source}: tensor shape {spec.shape}, strides {spec.strides} and offset "
+                f"{spec.offset} must be ints >= 0"
+            )
+        elements = math.prod(spec.shape)
+        if elements > spec.storage.numel:
+            raise CheckpointError(
+                f"{source}: a tensor of shape {spec.shape} (strides {spec.strides}) needs "
+                f"{elements} elements, its storage {spec.storage.key} holds {spec.storage.numel}"
+            )
+        total += elements * spec.storage.dtype.itemsize
+    if total > budget:
+        raise CheckpointError(
+            f"{source}: its tensors need {total} bytes, more than the file's {budget} "
+            "(a stride-0 or repeated tensor?)"
+        )
 
 
 def _resolve(
@@ -238,13 +251,7 @@ def _resolve(
     With ``budget`` (the file's size), more tensor bytes than that are refused first.
     """
     if budget is not None:
-        sizes: dict[int, int] = {}
-        _tensor_bytes(obj, sizes)
-        if sum(sizes.values()) > budget:
-            raise CheckpointError(
-                f"{source}: its tensors need {sum(sizes.values())} bytes, more than the "
-                f"file's {budget} (a stride-0 or repeated tensor?)"
-            )
+        _check_sizes(obj, source, budget)
     built: dict[int, np.ndarray] = {}
 
     def resolve(item: Any) -> Any:
