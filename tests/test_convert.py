@@ -23,7 +23,7 @@ pytest.importorskip("diffusers")
 
 import ddpm_reference as ref  # noqa: E402
 
-from sdedit_jax import checkpoint, convert, pretrained  # noqa: E402
+from sdedit_jax import checkpoint, convert, files, importers, pretrained  # noqa: E402
 from sdedit_jax.score import make_network_score_fn, sde_for_range  # noqa: E402
 from sdedit_jax.sde import VESDE, DiscreteVPSDE  # noqa: E402
 
@@ -259,8 +259,76 @@ def test_command_line(tiny, tmp_path):
         ),
     ]:
         bad = _cli(*args, "--out", str(tmp_path / "never"))
-        assert bad.returncode == 1
+        assert bad.returncode == 2
         assert "Traceback" not in bad.stderr
         lines = [line for line in bad.stderr.splitlines() if line.startswith("convert:")]
         assert len(lines) == 1 and message in lines[0], bad.stderr
         assert not os.path.exists(tmp_path / "never")
+    again = _cli("--source", str(root / "tiny.ckpt"), "--out", str(tmp_path / "m"))
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "m: already exists; pass --overwrite to replace it" in again.stderr
+
+
+def _listing(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+def test_converting_onto_a_folder_is_refused_or_replaces_it_whole(tiny, tmp_path):
+    _, root, _ = tiny
+    out = tmp_path / "m"
+    convert.convert(str(root / "hub"), str(out), with_bf16=True)
+    assert _listing(out) == [
+        "ema_params_bf16.msgpack",
+        "ema_params_fp32.msgpack",
+        "model_info.json",
+    ]
+    with pytest.raises(FileExistsError, match="m: already exists"):
+        convert.convert(str(root / "tiny.ckpt"), str(out), image_size=16)
+    info = convert.convert(str(root / "tiny.ckpt"), str(out), image_size=16, overwrite=True)
+    assert info["source"]["format"] == "ddim"
+    # No bf16 weights of the previous model remain to be loaded; no temporaries beside it.
+    assert _listing(out) == ["ema_params_fp32.msgpack", "model_info.json"]
+    assert _listing(tmp_path) == ["m"]
+    assert pretrained.load_model(str(out)).checksum == info["sha256"]["ema_params_fp32.msgpack"]
+
+
+def test_of_two_converts_into_one_new_folder_the_one_finishing_second_fails(tiny, tmp_path):
+    _, root, _ = tiny
+    out = str(tmp_path / "m")
+    with pytest.raises(FileExistsError, match="another publication finished first"):
+        with files.publish_folder(out) as slow:  # a convert that started first ...
+            convert.convert(str(root / "tiny.ckpt"), out, image_size=16)  # ... one that ended first
+            pretrained.save_imported(slow, importers.load(str(root / "hub")))
+    info = json.load(open(os.path.join(out, pretrained.INFO_FILE)))
+    assert info["source"]["format"] == "ddim"  # the folder is all of the one that succeeded
+    assert info["sha256"]["ema_params_fp32.msgpack"] == pretrained.load_model(out).checksum
+    assert _listing(tmp_path) == ["m"]
+
+
+# Kills the convert at its first fsync: the full-size weights are written, not yet renamed.
+_KILLED_CONVERT = (
+    "import os, signal, sys\n"
+    "from sdedit_jax import convert\n"
+    "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
+    "convert.convert(sys.argv[1], sys.argv[2])\n"
+)
+
+
+@pytest.mark.slow
+def test_the_next_convert_removes_what_a_killed_one_left(tiny, tmp_path):
+    _, root, _ = tiny
+    out = tmp_path / "m"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_CONVERT, str(root / "hub"), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr
+    (left,) = os.listdir(tmp_path)
+    assert left.startswith(".m" + files.TEMP_MARKER) and not out.exists()
+    weights = [e for e in os.scandir(tmp_path / left) if "ema_params_fp32" in e.name]
+    expected = os.path.getsize(root / "model" / "ema_params_fp32.msgpack")
+    assert [e.stat().st_size for e in weights] == [expected]  # a full-size temporary
+    convert.convert(str(root / "hub"), str(out))
+    assert _listing(tmp_path) == ["m"]
