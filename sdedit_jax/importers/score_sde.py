@@ -211,7 +211,11 @@ def load_config(name_or_path: str) -> dict[str, Any]:
         )
     if name_or_path.endswith(".py"):
         return read_py_config(name_or_path)
-    cfg = files.read_json_object(name_or_path)
+    try:
+        cfg = files.read_json_object(name_or_path)
+    except ValueError as e:
+        detail = str(e).removeprefix(f"{name_or_path}: ")
+        raise ValueError(f"{name_or_path}: not a JSON score_sde config ({detail})") from None
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise ValueError(f"{name_or_path}: a score_sde config needs a 'model' section")
     return cfg
