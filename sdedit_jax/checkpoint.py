@@ -106,7 +106,12 @@ def load_params(path: str, abstract_state: nnx.State, sha256: str | None = None)
     data = files.read_bytes(path)
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"{path}: sha256 {hashlib.sha256(data).hexdigest()} != expected {sha256}")
-    loaded = serialization.msgpack_restore(data)
+    try:
+        loaded = serialization.msgpack_restore(data)
+    except Exception as err:  # msgpack raises several types for corrupt input
+        raise ValueError(f"{path}: not a weight file (msgpack: {type(err).__name__})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: not a weight file (a {type(loaded).__name__}, not a dict)")
     reference = nnx.to_pure_dict(abstract_state)
     ref_paths = dict(jax.tree_util.tree_flatten_with_path(reference)[0])
     got_paths = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])

@@ -535,3 +535,24 @@ def test_command_line_refuses_bad_model_files_and_batches_with_exit_2(tiny_model
         lines = job_cli.error_lines(done.stderr)
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
     assert not os.path.exists(tmp_path / "work")
+
+
+@pytest.mark.parametrize("name", ["m.ckpt", "checkpoint_7"])
+def test_a_checkpoint_file_that_is_a_fifo_is_refused_without_blocking(tmp_path, name):
+    os.mkfifo(tmp_path / name)
+    with deadline(10), pytest.raises(files.NotRegularFile, match=f"{name}: is a FIFO"):
+        pretrained.load_model(str(tmp_path / name))
+
+
+def test_a_corrupt_weight_file_with_its_listed_sha256_is_one_value_error(tiny_model_dir, tmp_path):
+    folder = str(tmp_path / "model")
+    shutil.copytree(tiny_model_dir, folder)
+    weights = os.path.join(folder, pretrained.WEIGHT_FILES[0])
+    with open(weights, "wb") as f:
+        f.write(b"\xc1 not msgpack")
+    _edit_info(
+        folder, lambda i: i.update(sha256={pretrained.WEIGHT_FILES[0]: files.sha256(weights)})
+    )
+    with pytest.raises(ValueError) as err:
+        pretrained.load_network(folder)
+    _one_line_naming(err.value, weights, "not a weight file")

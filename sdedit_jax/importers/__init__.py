@@ -80,9 +80,9 @@ def detect_format(path: str) -> str:
             f"{path}: folder has no model_info.json, config.json (diffusers) or checkpoint_<n> "
             "(score_sde)"
         )
-    if not files.isfile(path):
+    if not files.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
-    with files.open_file(path, "rb") as f:
+    with files.open_file(path, "rb") as f:  # refuses a FIFO or device without blocking
         head = f.read(4)
         f.seek(0)
         is_zip = zipfile.is_zipfile(f)

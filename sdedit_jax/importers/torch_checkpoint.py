@@ -64,7 +64,7 @@ def read_checkpoint(path: str) -> Any:
         raise CheckpointError(f"{path}: truncated or corrupt torch zip file (no central directory)")
     try:
         return torch_pickle.load_checkpoint(path)
-    except CheckpointError:
+    except (CheckpointError, files.NotRegularFile):
         raise
     except (
         zipfile.BadZipFile,
