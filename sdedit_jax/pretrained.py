@@ -15,6 +15,10 @@ A model folder holds ``model_info.json`` and ``ema_params_fp32.msgpack`` (or
       "sha256": {"ema_params_fp32.msgpack": ...}
     }
 
+Only a weight file that ``sha256`` lists is loaded, and only with that checksum; every
+field is type-checked before anything is built from it (one ``ValueError`` naming
+the file and the field: :mod:`sdedit_jax.importers.fields`).
+
 Data range: every score model this module returns takes and returns images in
 [-1, 1], whatever the network was trained on; a network trained on [0, 1] (score_sde's
 VE models with ``centered=False``) is wrapped by
@@ -183,7 +187,7 @@ _INFO_RULES = {
 _ZERO_OK = ("downsample_padding",)
 
 
-def network_config(name: str, values: Any, where: str) -> Any:
+def _network_config(name: str, values: Any, where: str) -> Any:
     """The config of architecture ``name`` from its fields, types and ranges checked first."""
     _, config_cls = architecture(name)
     fields.check_dataclass_fields(config_cls, values, where, may_be_zero=_ZERO_OK)
@@ -204,7 +208,7 @@ def _read_folder(model_dir: str) -> _Folder:
     name = info.get("architecture", "unet")
     try:
         fields.check_values(info, _INFO_RULES, "")
-        config = network_config(name, info["model"], "model")
+        config = _network_config(name, info["model"], "model")
     except ValueError as err:
         raise ValueError(f"{info_path}: {err}") from None
     # Only a listed file, checked against its sha256: a file another model left is never read.

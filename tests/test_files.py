@@ -1,6 +1,7 @@
 """The file layer behaves the same on local disks and on a non-local file system (ram://)."""
 
 import os
+import signal
 import uuid
 
 import pytest
@@ -118,3 +119,46 @@ def test_image_folders_list_and_load_on_any_file_system(root):
         files.join(folder, "b", "two.png"),
     ]
     assert images.load_image_folder(folder)[:, 0, 0, 0].tolist() == [100, 200]
+
+
+def test_a_folder_is_published_whole_and_only_dead_publications_are_cleaned(tmp_path):
+    out = str(tmp_path / "m")
+    stale = files.temp_name(out, "new")  # what a killed publication leaves: unlocked
+    os.makedirs(stale)
+    open(os.path.join(stale, "weights"), "wb").write(b"\0" * 1000)
+    with files.publish_folder(out) as live:
+        assert not os.path.exists(stale)  # removed before the new folder is filled
+        open(os.path.join(live, "a"), "w").write("1")
+        files.remove_stale_folders(out)  # another convert's clean-up: this one is alive
+        assert os.listdir(live) == ["a"] and not os.path.exists(out)
+    assert os.listdir(tmp_path) == ["m"] and os.listdir(out) == ["a"]
+
+    with pytest.raises(FileExistsError, match="m: already exists"):
+        with files.publish_folder(out):
+            pass
+    with pytest.raises(RuntimeError), files.publish_folder(out, replace=True) as failed:
+        open(os.path.join(failed, "b"), "w").write("2")
+        raise RuntimeError("the conversion failed")
+    assert os.listdir(tmp_path) == ["m"] and os.listdir(out) == ["a"]  # nothing changed
+    with files.publish_folder(out, replace=True) as new:
+        open(os.path.join(new, "b"), "w").write("2")
+    assert os.listdir(tmp_path) == ["m"] and os.listdir(out) == ["b"]
+
+
+def test_reads_refuse_fifos_and_devices_without_blocking(tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+
+    def blocked(*_):
+        raise TimeoutError("a read blocked")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(10)
+    try:
+        for path, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device")):
+            for read in (files.read_bytes, files.sha256, lambda p: list(files.read_lines(p))):
+                with pytest.raises(files.NotRegularFile, match=f"{path}: is {kind}"):
+                    read(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
