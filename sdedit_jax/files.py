@@ -379,7 +379,8 @@ def read_json_object(path: str) -> dict:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        what = "truncated" if e.pos >= len(data.rstrip()) else "not valid JSON"
+        ends = e.pos >= len(data.rstrip()) or e.msg.startswith("Unterminated")
+        what = "truncated" if ends else "not valid JSON"
         raise ValueError(f"{path}: {what} ({e.msg} at line {e.lineno} column {e.colno})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {json.dumps(value)[:40]}")
