@@ -22,6 +22,7 @@ end. Training uses the same :func:`bar`, counting training steps.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -106,6 +107,7 @@ class Progress:
                 "{postfix}",
             )
         self._stop = threading.Event()
+        self._error: Exception | None = None  # of the ticker, raised by close
         self._thread = None
         if ticker:
             self._thread = threading.Thread(target=self._run_ticker, name="progress", daemon=True)
@@ -158,10 +160,13 @@ class Progress:
                 self._report(now, final=False)
 
     def close(self) -> None:
-        """Stops the ticker, reports the end (unless already reported) and closes the writer."""
+        """Stops the ticker, reports the end (unless already reported) and closes the writer;
+        raises the ticker's error (e.g. a full disk), if any."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._error is not None:
+            raise self._error
         with self._lock:
             self._report(time.perf_counter(), final=True)
             if self._bar is not None:
@@ -172,12 +177,22 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The error under way says more than a progress report it made fail (a full disk
+        # that refused an image names that image); it propagates, this one does not.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def _run_ticker(self) -> None:
         while not self._stop.wait(min(self.every_s, 1.0)):
-            self.tick()
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - raised by close, not lost in this thread
+                self._error = e
+                return
 
     def _redraw(self, refresh: bool) -> None:
         if self._bar is not None:

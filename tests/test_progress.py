@@ -92,6 +92,25 @@ def test_skipped_images_leave_the_total(clock, tmp_path):
     ]
 
 
+def test_a_failing_log_names_its_file_and_never_hides_the_error_under_way(clock, tmp_path):
+    (tmp_path / "file").write_text("")
+    log = str(tmp_path / "file" / "throughput.jsonl")  # its folder is a file: appends fail
+    with pytest.raises(OSError, match=r"\(writing .*/file/throughput\.jsonl\)$"):
+        with progress.Progress(1, metric_log.metric_writer(log, None), label="x", ticker=False):
+            pass
+    with pytest.raises(KeyError, match="the job's own error"):
+        with progress.Progress(1, metric_log.metric_writer(log, None), label="x", ticker=False):
+            raise KeyError("the job's own error")
+    # On the ticker thread the error is kept and raised by close, not printed and lost.
+    bar = progress.Progress(1, metric_log.metric_writer(log, None), label="x", every_s=0.01)
+    clock["t"] += 1.0
+    deadline = time.monotonic() + 30
+    while bar._error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(OSError, match="writing"):
+        bar.close()
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
