@@ -569,7 +569,7 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
             t0_rows=job.t0_rows,
         )
         print(
-            f"[{job.folder}] {stream.num_examples} images to edit, {stream.num_skipped} "
+            f"[{job.folder}] images: {stream.num_examples} to edit, {stream.num_skipped} "
             f"already done, in {stream.num_steps} batch(es) of {editor.global_batch}",
             file=sys.stderr,
             flush=True,

@@ -200,7 +200,8 @@ class Progress:
             self._bar.set_postfix_str(status, refresh=refresh)
 
     def _scalars(self, now: float) -> dict[str, float]:
-        """The row of the metric writer at time ``now`` (``eta_s`` once an image is written)."""
+        """The row of the metric writer at time ``now`` (``eta_s`` once an image is written,
+        or when none is left to write)."""
         elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         row = {
@@ -210,8 +211,9 @@ class Progress:
             "elapsed_s": elapsed,
             "images_per_s": rate,
         }
-        if rate > 0:
-            row["eta_s"] = max(self.total - self.done, 0) / rate
+        left = max(self.total - self.done, 0)
+        if rate > 0 or left == 0:
+            row["eta_s"] = left / rate if left else 0.0
         return row
 
     def _status(self, row: dict[str, Any]) -> str:
