@@ -218,7 +218,7 @@ class Progress:
 
     def _status(self, row: dict[str, Any]) -> str:
         """What follows the count: ``6 in flight, 0.333 images/s, elapsed 00:12, ETA 00:18``."""
-        eta = _interval(row["eta_s"]) if "eta_s" in row else "unknown (no image written yet)"
+        eta = _interval(row["eta_s"]) if "eta_s" in row else "unknown"
         return (
             f"{row['images_in_flight']} in flight, {row['images_per_s']:.3g} images/s, "
             f"elapsed {_interval(row['elapsed_s'])}, ETA {eta}"

@@ -58,8 +58,7 @@ def test_rows_count_written_images_with_in_flight_rate_and_eta(clock, capsys):
     assert (rows[2]["images_per_s"], rows[2]["eta_s"], rows[2]["total_images"]) == (2.0, 0, 100)
     # Not a terminal: one plain line per row, none repeated.
     assert capsys.readouterr().err.splitlines() == [
-        "[t0_0.50] 0/100 images written, 64 in flight, 0 images/s, elapsed 00:05, "
-        "ETA unknown (no image written yet)",
+        "[t0_0.50] 0/100 images written, 64 in flight, 0 images/s, elapsed 00:05, ETA unknown",
         "[t0_0.50] 20/100 images written, 44 in flight, 2 images/s, elapsed 00:10, ETA 00:40",
         "[t0_0.50] 100/100 images written, 0 in flight, 2 images/s, elapsed 00:50, ETA 00:00",
     ]
