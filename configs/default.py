@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {
             "source": "folder",  # folder | manifest | tfrecord | tfds (see data/guide_inputs/)
             "path": os.path.join(_PACKAGE, "assets", "demo"),
-            "image_size": (32, 32),
+            "image_size": config_dict.placeholder(tuple),  # (height, width); None = the model's
             "channels": 3,
             "resize": False,
             "mask_dir": "masks",  # "" = no masks
@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.overwrite = False  # True: delete a workdir's outputs of another configuration
     config.contact_sheet = True
+    config.progress_every_s = 10.0  # a progress line (log files) and throughput row this often
     if variant.quick:
         config.sampler.steps_per_unit_time = 20
     return config

@@ -20,8 +20,18 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from sdedit_jax import engine, files, fingerprint, metric_log, pretrained, report, workdir_lock
+from sdedit_jax import (
+    engine,
+    files,
+    fingerprint,
+    metric_log,
+    preflight,
+    pretrained,
+    report,
+    workdir_lock,
+)
 from sdedit_jax.data import guide_inputs, sinks
+from sdedit_jax.progress import Progress
 from sdedit_jax.sampling.integrate import Sampler
 from sdedit_jax.sampling.steps import StepRule
 from sdedit_jax.sde import SDE
@@ -76,6 +86,10 @@ def sampler_from_config(config: ml_collections.ConfigDict) -> tuple[Sampler, Ste
         time_grid=config.get("time_grid", ""),
     )
     return sampler, rule
+
+
+# Seconds between progress reports when a config has no ``progress_every_s``.
+PROGRESS_EVERY_S = 10.0
 
 
 class ConfigError(ValueError):
@@ -188,19 +202,33 @@ def check_output_config(config: ml_collections.ConfigDict) -> None:
         "None (one per CPU core) or an int >= 1",
     )
     _require(isinstance(config.overwrite, bool), "overwrite", config.overwrite, "True or False")
+    every_s = config.get("progress_every_s", PROGRESS_EVERY_S)
+    _require(
+        _is_real(every_s) and every_s > 0,
+        "progress_every_s",
+        every_s,
+        "seconds > 0 between progress reports",
+    )
 
 
 def input_config(
-    config: ml_collections.ConfigDict, t0: float, sde: SDE | None = None
+    config: ml_collections.ConfigDict,
+    t0: float,
+    sde: SDE | None = None,
+    model_size: int | None = None,
 ) -> guide_inputs.GuideInputConfig:
     """The guide input config of the sub-job at ``t0`` (raises :class:`ConfigError`).
 
-    With the model's ``sde``, per-example t0s must lie in its ``(eps, T]``.
+    With the model's ``sde``, per-example t0s must lie in its ``(eps, T]``;
+    ``input.image_size`` None means the model's ``model_size`` (before the model
+    is loaded any size stands in, to check the other fields).
     """
     domain = {} if sde is None else {"time_domain": (float(sde.eps), float(sde.T))}
+    size = config.input.image_size
+    size = (model_size or 1) if size is None else size
     try:
         return guide_inputs.GuideInputConfig.from_mapping(
-            dict(config.input.to_dict(), t0=float(t0), seed=config.seed, **domain)
+            dict(config.input.to_dict(), image_size=size, t0=float(t0), seed=config.seed, **domain)
         )
     except (ValueError, TypeError) as e:
         raise _prefixed(e, "input") from None
@@ -477,10 +505,14 @@ def run_job(
     t0s = [float(t0) for t0 in config.t0s]
     sampler, step_rule = sampler_from_config(config.sampler)
     model = _load_model(config.model_dir)
-    check_model(model, input_config(config, t0s[0]), t0s)
+    check_model(model, input_config(config, t0s[0], model_size=model.image_size), t0s)
     check_batch(config.per_device_batch, model)
-    inputs = {t0: input_config(config, t0, model.sde) for t0 in t0s}
+    inputs = {t0: input_config(config, t0, model.sde, model.image_size) for t0 in t0s}
     catalog = _build_catalog(inputs[t0s[0]])
+    try:  # before anything is compiled or written: guides none of which the model takes
+        preflight.check_guide_sizes(inputs[t0s[0]], catalog, config.model_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not dry_run:
         # After the checks above, so a configuration error leaves no workdir behind;
         # a gs:// path without credentials still fails here, before any work.
@@ -576,33 +608,40 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
             t0_rows=job.t0_rows,
         )
         print(
-            f"[{job.folder}] {stream.num_examples} to edit, {stream.num_skipped} already "
-            f"done, {stream.num_steps} steps of {editor.global_batch}",
+            f"[{job.folder}] images: {stream.num_examples} to edit, {stream.num_skipped} "
+            f"already done, in {stream.num_steps} batch(es) of {editor.global_batch}",
             file=sys.stderr,
             flush=True,
         )
-        with sinks.Sink(
-            sub,
-            process_index=process,
-            job_fields=job_fields,
-            png=config.output.png,
-            npz=config.output.npz,
-            png_compression=config.output.png_compression,
-            num_threads=config.output.writer_threads,
-        ) as sink:
+        progress = Progress(
+            stream.local_examples,
+            metric_log.metric_writer(
+                files.join(sub, f"throughput.p{process:05d}.jsonl"),
+                files.join(workdir, "tensorboard", job.folder) if process == 0 else None,
+            ),
+            label=job.folder,
+            every_s=config.get("progress_every_s", PROGRESS_EVERY_S),
+        )
+        with (
+            progress,
+            sinks.Sink(
+                sub,
+                process_index=process,
+                job_fields=job_fields,
+                png=config.output.png,
+                npz=config.output.npz,
+                png_compression=config.output.png_compression,
+                num_threads=config.output.writer_threads,
+                on_written=progress.written,
+            ) as sink,
+        ):
             summary = run_stream(
                 editor,
                 placed,
                 stream.dataset.as_numpy_iterator(),
                 sink,
-                num_steps=stream.num_steps,
                 step_rule=step_rule,
-                progress_writer=metric_log.metric_writer(
-                    files.join(sub, f"throughput.p{process:05d}.jsonl"),
-                    files.join(workdir, "tensorboard", job.folder) if process == 0 else None,
-                ),
-                progress_label=job.label,
-                total_rows=stream.local_examples,
+                progress=progress,
             )
         multihost_utils.sync_global_devices(f"wrote {sub}")
         subdirs[job.label] = sub
@@ -620,10 +659,10 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
         this_run.append(
             {
                 "folder": job.folder,
-                "steps": summary.steps,
+                "batches": summary.batches,
                 "edited": summary.rows_done,
                 "seconds": round(summary.seconds, 2),
-                "first_step_seconds": round(summary.first_step_seconds, 2),
+                "first_batch_seconds": round(summary.first_batch_seconds, 2),
                 "images_per_s": round(summary.images_per_second, 3),
                 "skipped_done": stream.num_skipped,
             }

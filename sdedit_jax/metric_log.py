@@ -67,7 +67,10 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def flush(self) -> None:
         if self._pending:
-            files.append_bytes(self.path, "".join(self._pending).encode())
+            try:
+                files.append_bytes(self.path, "".join(self._pending).encode())
+            except OSError as e:  # a full disk must say which file it could not write
+                raise OSError(e.errno, f"{e.strerror or e} (writing {self.path})") from e
             self._pending = []
         self._last_publish = time.monotonic()
 

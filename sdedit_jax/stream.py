@@ -3,7 +3,7 @@
 :func:`run_stream` turns each host-local batch into global arrays, dispatches
 the :class:`~sdedit_jax.engine.Editor`'s compiled program asynchronously and
 hands the outputs to the sink's writer threads, so tf.data prefetch, compute
-and writes overlap; :class:`~sdedit_jax.progress.Progress` reports images written.
+and writes overlap; :class:`~sdedit_jax.progress.Progress` counts images dispatched and written.
 Nothing here jits: the one program is the engine's.
 """
 
@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import metric_writers
 
 from sdedit_jax import rng
 from sdedit_jax.engine import EditBatch, Editor
@@ -43,11 +42,11 @@ class _LocalRows:
 class JobSummary:
     """What one process did in a job."""
 
-    steps: int
+    batches: int
     rows_done: int
     rows_failed: int
     seconds: float
-    first_step_seconds: float
+    first_batch_seconds: float
 
     @property
     def images_per_second(self) -> float:
@@ -60,50 +59,42 @@ def run_stream(
     batches: Iterable[dict[str, np.ndarray]],
     sink,
     *,
-    num_steps: int,
     step_rule: StepRule,
     manifest_fields: dict[str, Any] | None = None,
-    progress_writer: metric_writers.MetricWriter | None = None,
-    progress_label: str = "edit",
-    total_rows: int | None = None,
+    progress: Progress | None = None,
 ) -> JobSummary:
     """Edits a stream of host-local guide batches and hands outputs to ``sink``.
 
     Each batch (the schema of :mod:`sdedit_jax.data.guide_inputs`: ``id``,
     ``guide``, ``mask``, ``t0``, ``seed``, ``valid``, ``ok``) becomes global
-    sharded arrays with ``jax.make_array_from_process_local_data``; the step
+    sharded arrays with ``jax.make_array_from_process_local_data``; the batch
     is dispatched asynchronously and its outputs are fetched by the sink's
     writer threads, so input prefetch (tf.data), compute and writes overlap.
-    Every process must run the same number of steps; ``step_rule`` gives the
-    per-example reverse step counts. Closes ``sink`` at the end, so the
-    reported time includes the last computations and writes.
+    Every process must run the same number of batches; ``step_rule`` gives the
+    per-example reverse step counts. ``progress`` learns of each dispatched
+    batch (the sink, built with ``on_written=progress.written``, of each image
+    written). Closes ``sink`` at the end, so the reported time includes the
+    last computations and writes.
     """
-    total = num_steps * editor.global_batch // jax.process_count()
-    total = total if total_rows is None else total_rows
-
-    def written() -> int:  # sinks without a count: dispatched rows
-        return getattr(sink, "rows_written", rows_done + rows_failed)
-
-    rows_done = rows_failed = steps = 0
+    rows_done = rows_failed = count = 0
     start = time.perf_counter()
-    first_step_seconds = 0.0
-    with Progress(total, progress_writer, label=progress_label) as progress:
-        for batch in batches:
-            batch, global_batch = _with_step_counts(editor, batch, step_rule)
-            outputs = editor.run_global(placed_score, global_batch)
-            if steps == 0:
-                outputs.block_until_ready()
-                first_step_seconds = time.perf_counter() - start
-            sink.write_batch(batch, _LocalRows(outputs), fields=manifest_fields)
-            steps += 1
-            valid = np.asarray(batch["valid"])
-            rows_done += int(np.sum(valid & np.asarray(batch["ok"])))
-            rows_failed += int(np.sum(valid & ~np.asarray(batch["ok"])))
-            progress.update(steps, written())
-        sink.close()
-        progress.update(steps, written())
+    first_batch_seconds = 0.0
+    for batch in batches:
+        batch, global_batch = _with_step_counts(editor, batch, step_rule)
+        outputs = editor.run_global(placed_score, global_batch)
+        valid = np.asarray(batch["valid"])
+        if progress is not None:
+            progress.dispatched(int(np.sum(valid)))
+        if count == 0:
+            outputs.block_until_ready()
+            first_batch_seconds = time.perf_counter() - start
+        sink.write_batch(batch, _LocalRows(outputs), fields=manifest_fields)
+        count += 1
+        rows_done += int(np.sum(valid & np.asarray(batch["ok"])))
+        rows_failed += int(np.sum(valid & ~np.asarray(batch["ok"])))
+    sink.close()
     return JobSummary(
-        steps, rows_done, rows_failed, time.perf_counter() - start, first_step_seconds
+        count, rows_done, rows_failed, time.perf_counter() - start, first_batch_seconds
     )
 
 

@@ -59,7 +59,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -484,6 +484,7 @@ class Sink:
         png_compression: int = 6,
         num_threads: int | None = None,
         max_pending: int | None = None,
+        on_written: Callable[[int], None] | None = None,
     ):
         """Opens (and cleans after a crash) this process's files in ``workdir``.
 
@@ -499,6 +500,8 @@ class Sink:
             png_compression: zlib level 0..9 of the PNGs.
             num_threads: image encoding/writing threads (default: one per core).
             max_pending: batches queued before ``write*`` blocks (default 2).
+            on_written: called (on a writer thread) with a count of examples whose
+                output files or failure row were just published (progress counts these).
         """
         if npz not in NPZ_MODES:
             raise ValueError(f"npz: expected one of {NPZ_MODES}, got {npz!r}")
@@ -530,6 +533,7 @@ class Sink:
         self._batches = concurrent.futures.ThreadPoolExecutor(max_pending or 2, "sink-batch")
         self._images = concurrent.futures.ThreadPoolExecutor(num_threads, "sink-writer")
         self._closed = False
+        self._on_written = on_written or (lambda count: None)
 
     # --- public API ------------------------------------------------------------------------------
 
@@ -705,7 +709,12 @@ class Sink:
                 }
             )
         ids = [_text(columns["id"][i]) for i in finite]
-        written = list(self._images.map(self._write_image, ids, [images[i] for i in finite]))
+        written = []
+        for files_of_one in self._images.map(self._write_image, ids, [images[i] for i in finite]):
+            written.append(files_of_one)
+            if files_of_one:  # published now (shards and failures: with the record, below)
+                self._on_written(1)
+        counted = sum(1 for files_of_one in written if files_of_one)
         sequence = next(self._sequence)
         if self.npz == "shards" and finite:
             shard = self._record_path("arrays/part", sequence, "npz")
@@ -728,6 +737,7 @@ class Sink:
                 )
         with self._count_lock:
             self._written += len(rows)
+        self._on_written(len(rows) - counted)
 
 
 class _Stacked:

@@ -190,7 +190,6 @@ def run_phase(phase: str, data: dict) -> dict:
                     placed,
                     batches(),
                     sink,
-                    num_steps=stream.num_steps,
                     step_rule=StepRule(n_steps=1),
                 )
             out["finish_rest_s"] = time.perf_counter() - mark

@@ -70,7 +70,7 @@ def bench_job(
     config = _job_config(model_dir, per_device, steps)
     sampler, _ = job.sampler_from_config(config.sampler)
     global_batch = jax.device_count() * per_device
-    timed_batches = -(-num_guides // global_batch) - 1  # first job step compiles
+    timed_batches = -(-num_guides // global_batch) - 1  # the job's first batch compiles
     pure_before = time_pure_program(model, sampler, per_device, steps, timed_batches)
     with tempfile.TemporaryDirectory() as tmp:
         guides = os.path.join(tmp, "guides")
@@ -85,7 +85,7 @@ def bench_job(
         result = job.run_job(config, os.path.join(tmp, "out"))["this_run"]["sub_jobs"][0]
     pure_after = time_pure_program(model, sampler, per_device, steps, timed_batches)
     pure_s = min(pure_before, pure_after)
-    job_s = result["seconds"] - result["first_step_seconds"]
+    job_s = result["seconds"] - result["first_batch_seconds"]
     job_rate = timed_batches * global_batch / job_s
     pure_rate = timed_batches * global_batch / pure_s
     return {
@@ -94,7 +94,7 @@ def bench_job(
         "steps": steps,
         "guides": num_guides,
         "timed_batches": timed_batches,
-        "job_images_per_s (after first step)": round(job_rate, 2),
+        "job_images_per_s (after first batch)": round(job_rate, 2),
         "pure_program_images_per_s": round(pure_rate, 2),
         "job_over_pure_ratio": round(job_rate / pure_rate, 3),
     }
