@@ -27,6 +27,15 @@ def load(name: str) -> ModuleType:
     return module
 
 
+def cache_folder(name: str) -> str:
+    """``$XDG_CACHE_HOME/sdedit_jax/<name>`` (``~/.cache`` when unset): data built on first use.
+
+    Not the current folder, so a command works the same from any folder.
+    """
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "sdedit_jax", name)
+
+
 def _cast(where: str, key: str, default, text: str):
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):

@@ -26,7 +26,7 @@ EXIT_CONFIG = 2
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
 
-def _end(status: int, text: str = "", file=sys.stdout) -> None:
+def end(status: int, text: str = "", file=sys.stdout) -> None:
     """Prints ``text`` and ends now (nothing has started that needs shutting down)."""
     if text:
         print(text, file=file)
@@ -97,7 +97,7 @@ def _flag_lines(own: list[flags.Flag]) -> list[str]:
 def help_text(doc: str, own: list[flags.Flag], config_flag: str | None, spec: str) -> str:
     """The command's manual: ``doc``, its flags and (with a config flag) every config field."""
     lines = [doc.strip(), "", "Flags:", *_flag_lines(own)]
-    if config_flag:
+    if config_flag and spec:
         try:
             config, docs = load(spec)
         except Exception as e:  # noqa: BLE001 - help still shows the flags
@@ -115,17 +115,30 @@ def print_config(config: Any) -> None:
     print(config.to_json_best_effort(indent=1, sort_keys=False))
 
 
+def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
+    """``--<flag>`` values resolved with ``job.resolve_config_path`` (before flags are parsed)."""
+    from sdedit_jax.job import resolve_config_path
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith(f"--{flag}="):
+            out[i] = f"--{flag}=" + resolve_config_path(arg[len(flag) + 3 :])
+        elif arg == f"--{flag}" and i + 1 < len(out):
+            out[i + 1] = resolve_config_path(out[i + 1])
+    return out
+
+
 def _check_config_argv(argv: list[str], flag: str, default: str, prefix: str) -> None:
     """Ends with one line (exit 2) when the config file or a ``--<flag>.<field>`` is bad."""
     spec = _config_spec(argv, flag, default)
     try:
         config, _ = load(spec)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, SyntaxError) as e:
-        _end(EXIT_CONFIG, f"{prefix}: --{flag}={spec}: {_one_line(e)}", sys.stderr)
+        end(EXIT_CONFIG, f"{prefix}: --{flag}={spec}: {one_line(e)}", sys.stderr)
     for path, value in _overrides(argv, flag):
         error = config_files.unknown_path(config, path, value, prefix=f"--{flag}")
         if error:
-            _end(EXIT_CONFIG, f"{prefix}: {spec}: {error}", sys.stderr)
+            end(EXIT_CONFIG, f"{prefix}: {spec}: {error}", sys.stderr)
 
 
 def define_config_file(
@@ -139,7 +152,9 @@ def define_config_file(
     from ml_collections import config_flags
 
     argv = sys.argv[1:]
-    if any(arg.startswith(f"--{name}.") for arg in argv):
+    if _config_spec(argv, name, default or "") and any(
+        arg.startswith(f"--{name}.") for arg in argv
+    ):
         _check_config_argv(argv, name, default or "", prefix)
     return config_flags.DEFINE_config_file(name, default, help_, **kwargs)
 
@@ -165,16 +180,16 @@ def flags_parser(
         if any(arg in HELP_FLAGS for arg in args[: args.index("--") if "--" in args else None]):
             own = flags.FLAGS.get_key_flags_for_module(sys.argv[0])
             spec = _config_spec(args, config_flag, config_default) if config_flag else ""
-            _end(0, help_text(doc, own, config_flag, spec))
-        if config_flag:
+            end(0, help_text(doc, own, config_flag, spec))
+        if config_flag and _config_spec(args, config_flag, config_default):
             _check_config_argv(args, config_flag, config_default, prefix)
         try:
             return flags.FLAGS(argv)
         except (flags.Error, ValueError, TypeError, KeyError, AttributeError) as e:
-            _end(EXIT_CONFIG, f"{prefix}: {_one_line(e)} (see --help)", sys.stderr)
+            end(EXIT_CONFIG, f"{prefix}: {one_line(e)} (see --help)", sys.stderr)
 
     return parse
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__

@@ -85,17 +85,6 @@ _PRINT_CONFIG = flags.DEFINE_bool(
 )
 
 
-def _resolve_config_argv(argv: list[str]) -> list[str]:
-    """``--config`` values resolved with :func:`resolve_config_path` (before flags are parsed)."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config_path(arg[len("--config=") :])
-        elif arg == "--config" and i + 1 < len(out):
-            out[i + 1] = resolve_config_path(out[i + 1])
-    return out
-
-
 def _exit(status: int) -> None:
     """Ends the process now with ``status`` (see the module docstring for why ``os._exit``)."""
     sys.stdout.flush()
@@ -192,4 +181,4 @@ if __name__ == "__main__":
     parser = cli.flags_parser(
         __doc__, prefix="sdedit_jax", config_flag="config", config_default=_DEFAULT_CONFIG
     )
-    app.run(main, argv=_resolve_config_argv(sys.argv), flags_parser=parser)
+    app.run(main, argv=cli.resolve_config_argv(sys.argv), flags_parser=parser)
