@@ -35,6 +35,33 @@ def end(status: int, text: str = "", file=sys.stdout) -> None:
     os._exit(status)
 
 
+def shadowing_folder() -> str | None:
+    """The folder that hides the package, if ``sdedit_jax`` was imported as a namespace.
+
+    A folder named ``sdedit_jax`` without ``__init__.py`` in the current folder (a
+    clone of the repository, run from its parent) comes first on ``sys.path``: the
+    commands' modules still load from the installed package, but the package
+    itself, its assets and the configs' paths are looked up in that folder.
+    """
+    package = sys.modules.get("sdedit_jax")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return None
+    return next(iter(package.__path__), None)
+
+
+def refuse_shadowed_package() -> None:
+    """Ends with one line (exit 2) when :func:`shadowing_folder` finds one."""
+    folder = shadowing_folder()
+    if folder:
+        end(
+            EXIT_CONFIG,
+            f"sdedit_jax: the folder {folder} (not the package: no __init__.py) hides the "
+            "installed sdedit_jax; run the command from another folder (e.g. inside the "
+            "clone) or rename that folder",
+            sys.stderr,
+        )
+
+
 def fields(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """``(dotted name, value)`` of every leaf of ``config``; an empty block is a leaf."""
     for key in config.keys():
@@ -151,6 +178,7 @@ def define_config_file(
     """
     from ml_collections import config_flags
 
+    refuse_shadowed_package()
     argv = sys.argv[1:]
     if _config_spec(argv, name, default or "") and any(
         arg.startswith(f"--{name}.") for arg in argv
@@ -176,9 +204,12 @@ def flags_parser(
     """
 
     def parse(argv: list[str]) -> list[str]:
+        refuse_shadowed_package()
         args = argv[1:]
         if any(arg in HELP_FLAGS for arg in args[: args.index("--") if "--" in args else None]):
             own = flags.FLAGS.get_key_flags_for_module(sys.argv[0])
+            if config_flag and config_flag not in {f.name for f in own}:
+                own.append(flags.FLAGS[config_flag])  # defined in define_config_file
             spec = _config_spec(args, config_flag, config_default) if config_flag else ""
             end(0, help_text(doc, own, config_flag, spec))
         if config_flag and _config_spec(args, config_flag, config_default):

@@ -440,6 +440,8 @@ def run_job(
         dry_run: write nothing; print (and return under ``"plan"``) what each
             sub-job would edit and skip, and why.
     """
+    if not isinstance(workdir, str) or not workdir.strip():
+        raise ConfigError(f"workdir: got {workdir!r}; expected a folder (local or gs://)")
     check_config(config)
     if files.is_local(workdir):
         _require(not os.path.isfile(workdir), "workdir", workdir, "a folder (this is a file)")
@@ -562,7 +564,7 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
         )
         print(
             f"[{job.folder}] {stream.num_examples} to edit, {stream.num_skipped} already "
-            f"done, {stream.num_steps} steps of {editor.global_batch}",
+            f"done, in {stream.num_steps} batches of {editor.global_batch}",
             file=sys.stderr,
             flush=True,
         )
