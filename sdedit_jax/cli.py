@@ -114,9 +114,8 @@ def load(spec: str) -> tuple[Any, dict[str, str]]:
 def _flag_lines(own: list[flags.Flag]) -> list[str]:
     lines = []
     for flag in sorted(own, key=lambda f: f.name):
-        default = "" if flag.default is None else f" (default: {flag.default!r})"
-        if flag.name == "config" and hasattr(flag, "config_filename"):
-            default = ""
+        is_config = type(flag).__name__ == "_ConfigFlag"  # its default is a whole config
+        default = "" if is_config or flag.default is None else f" (default: {flag.default!r})"
         lines.append(f"  --{flag.name}: {flag.help}{default}")
     return lines
 

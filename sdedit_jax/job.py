@@ -564,7 +564,8 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
         )
         print(
             f"[{job.folder}] {stream.num_examples} to edit, {stream.num_skipped} already "
-            f"done, in {stream.num_steps} batches of {editor.global_batch}",
+            f"done, in {stream.num_steps} batch{'' if stream.num_steps == 1 else 'es'} "
+            f"of {editor.global_batch} images",
             file=sys.stderr,
             flush=True,
         )
