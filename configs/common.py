@@ -27,6 +27,15 @@ def load(name: str) -> ModuleType:
     return module
 
 
+def cache_folder(name: str) -> str:
+    """``$XDG_CACHE_HOME/sdedit_jax/<name>`` (``~/.cache`` when unset): data built on first use.
+
+    Not the current folder, so a command works the same from any folder.
+    """
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "sdedit_jax", name)
+
+
 def _cast(where: str, key: str, default, text: str):
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
@@ -57,19 +66,34 @@ def parse_arg(arg: str | None, where: str, **spec) -> ml_collections.ConfigDict:
     return values
 
 
+# One line per sampler field: the meaning that `--help` prints (configs/default.py).
+SAMPLER_DOCS = {
+    "predictor": "the reverse-SDE/ODE solver (sdedit_jax.PREDICTORS), e.g. ancestral, ddim",
+    "corrector": "none | langevin (a Langevin MCMC step after each predictor step)",
+    "steps_per_unit_time": "the paper's N: ceil(N * t0) steps per edit; 0 -> n_steps",
+    "n_steps": "a fixed number of steps for every t0 (when steps_per_unit_time is 0)",
+    "max_steps": "the compiled step bucket; 0 -> derived from the step counts",
+    "snr": "signal-to-noise ratio of the Langevin corrector",
+    "corrector_steps": "corrector steps after each predictor step",
+    "denoise": "return the noise-free mean of the last step (score_sde's noise_removal)",
+    "eta": "DDIM's noise level (ddim only; 0 = deterministic)",
+    "time_grid": "uniform | logsnr | karras; '' = the predictor's default",
+}
+
+
 def sampler(**changes) -> ml_collections.ConfigDict:
     """Every sampler field the job and the evaluation read (see ``job.sampler_from_config``)."""
     fields = {
         "predictor": "euler_maruyama",
         "corrector": "none",
-        "steps_per_unit_time": 100,  # the paper's N: steps = ceil(N t0); 0 -> n_steps
+        "steps_per_unit_time": 100,
         "n_steps": 0,
-        "max_steps": 0,  # step bucket; 0 -> derived from the step counts
-        "snr": 0.16,  # Langevin corrector only
+        "max_steps": 0,
+        "snr": 0.16,
         "corrector_steps": 1,
         "denoise": True,
-        "eta": 0.0,  # DDIM's noise level (ddim only)
-        "time_grid": "",  # uniform | logsnr | karras; "" = the predictor's default
+        "eta": 0.0,
+        "time_grid": "",
     }
     unknown = sorted(set(changes) - set(fields))
     if unknown:

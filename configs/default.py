@@ -10,7 +10,8 @@ Variants: ``configs/default.py:quick`` (fewer steps, for smoke tests).
 Every setting the job reads is listed here (``None`` where unset), so any of
 them can be given on the command line, e.g. ``--config.input.source=tfds
 --config.input.tfds_name=my_set`` or ``--config.output.npz=shards``. The t0 and
-seed of the guide inputs come from ``t0s`` and ``seed``. The default paths
+seed of the guide inputs come from ``t0s`` and ``seed``. ``FIELD_DOCS`` says what
+each field means (``python -m sdedit_jax.main --help`` prints it). The default paths
 point into the installed package, so this file works from any folder.
 """
 
@@ -31,27 +32,60 @@ common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
 
+# One line per field: what `python -m sdedit_jax.main --help` prints beside each default.
+FIELD_DOCS = {
+    "model_dir": "model folder (python -m sdedit_jax.convert), or 'default' for the shipped model",
+    "input.source": "folder | manifest | tfrecord | tfds (see sdedit_jax/data/guide_inputs/)",
+    "input.path": "guide folder, manifest file (.jsonl/.csv) or comma-separated TFRecord globs",
+    "input.image_size": "(height, width) of the model's images",
+    "input.channels": "3 (RGB) or 1 (grayscale)",
+    "input.resize": "resize guides and masks of another size to image_size",
+    "input.mask_dir": "masks folder inside a guide folder ('' = no masks)",
+    "input.tfds_name": "TFDS data set name (source=tfds)",
+    "input.tfds_split": "TFDS split (source=tfds)",
+    "input.tfds_data_dir": "TFDS data folder (None = TFDS's default)",
+    "input.tfds_image_key": "feature holding the image (source=tfds)",
+    "input.tfds_mask_key": "feature holding the mask ('' = none; source=tfds)",
+    "input.generator": "none | stroke_painting | stroke_edit | composite: guides made from images",
+    "input.generator_kwargs": "the generator's settings as JSON, e.g. '{\"num_strokes\": 8}'",
+    "input.max_pixels": "larger images fail (one failure row) before they are decoded",
+    "input.num_parallel_calls": "decode parallelism (-1 = autotune)",
+    "input.prefetch_batches": "batches prefetched ahead of the device loop",
+    "t0s": "start times of the edits, one sub-job (workdir/t0_<t0>/) each",
+    **{f"sampler.{k}": v for k, v in common.SAMPLER_DOCS.items()},
+    "repeats": "SDEdit's K: noise-and-denoise rounds per edit",
+    "seed": "job seed; every random draw comes from (seed, example id)",
+    "per_device_batch": "images per device per batch",
+    "output.png": "write images/<name>.png",
+    "output.npz": "none | per_example (arrays/<name>.npz) | shards (one npz per batch)",
+    "output.png_compression": "zlib level 0..9: 1 is fast (large jobs), 9 smallest",
+    "output.writer_threads": "image writer threads (None = one per CPU core)",
+    "overwrite": "True: delete a workdir's outputs of another configuration",
+    "contact_sheet": "write <workdir>/contact_sheet.png (guides and edits side by side)",
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = common.parse_arg(arg, "configs/default.py", quick=False)
     config = ml_collections.ConfigDict()
-    config.model_dir = "default"  # the shipped model in sdedit_jax/assets/default_model
+    config.model_dir = "default"
     config.input = ml_collections.ConfigDict(
         {
-            "source": "folder",  # folder | manifest | tfrecord | tfds (see data/guide_inputs/)
+            "source": "folder",
             "path": os.path.join(_PACKAGE, "assets", "demo"),
             "image_size": config_dict.placeholder(tuple),  # (height, width); None = the model's
             "channels": 3,
             "resize": False,
-            "mask_dir": "masks",  # "" = no masks
+            "mask_dir": "masks",
             "tfds_name": "",
             "tfds_split": "test",
             "tfds_data_dir": config_dict.placeholder(str),
             "tfds_image_key": "image",
             "tfds_mask_key": "",
-            "generator": "none",  # none | stroke_painting | stroke_edit | composite
-            "generator_kwargs": ml_collections.ConfigDict(),  # e.g. '{"num_strokes": 8}'
+            "generator": "none",
+            "generator_kwargs": ml_collections.ConfigDict(),
             "max_pixels": 1 << 26,
-            "num_parallel_calls": -1,  # -1 = autotune
+            "num_parallel_calls": -1,
             "prefetch_batches": 2,
         }
     )
@@ -65,13 +99,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.per_device_batch = 12
     config.output = ml_collections.ConfigDict(
         {
-            "png": True,  # images/<name>.png
-            "npz": "none",  # none | per_example (arrays/<name>.npz) | shards (one npz per batch)
-            "png_compression": 1,  # zlib level 0..9: 1 is fast (large jobs), 9 smallest
-            "writer_threads": config_dict.placeholder(int),  # None = one per CPU core
+            "png": True,
+            "npz": "none",
+            "png_compression": 1,
+            "writer_threads": config_dict.placeholder(int),
         }
     )
-    config.overwrite = False  # True: delete a workdir's outputs of another configuration
+    config.overwrite = False
     config.contact_sheet = True
     config.progress_every_s = 10.0  # a progress line (log files) and throughput row this often
     if variant.quick:

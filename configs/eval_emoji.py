@@ -2,8 +2,10 @@
 
     python -m sdedit_jax.evaluate --config configs/eval_emoji.py --workdir runs/eval_emoji
 
-Guides are made from the 127 held-out emoji (``data/emoji32/test``; build the
-folder with ``python -m sdedit_jax.data.emoji --out data/emoji32 --size 32``) by
+Guides are made from the 127 held-out emoji (``emoji32/test`` of the cache folder
+``$XDG_CACHE_HOME/sdedit_jax``, by default ``~/.cache/sdedit_jax``; the evaluate command
+renders it from the Debian emoji font on first use, in about 3 s, as
+``python -m sdedit_jax.data.emoji --out <cache>/emoji32 --size 32`` does) by
 three tasks: simulated stroke paintings as in the paper, cruder ones (3 colours,
 no blur), and stroke edits (strokes inside a mask). Realism is measured against
 the 1,319 training emoji (never the guides' own originals). Ancestral (DDPM)
@@ -29,6 +31,8 @@ _spec = importlib.util.spec_from_file_location(
 common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
+EMOJI = common.cache_folder("emoji32")  # built by `python -m sdedit_jax.evaluate` on first use
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = common.parse_arg(
@@ -42,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.input = ml_collections.ConfigDict(
         {
             "source": "folder",
-            "path": "data/emoji32/test",
+            "path": os.path.join(EMOJI, "test"),
             "resize": False,
             "mask_dir": "",
         }
@@ -73,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "source": "folder",
             # Training emoji only: the held-out originals of the guides must not be
             # in the reference, or the guides would be scored against their own sources.
-            "paths": ("data/emoji32/train",),
+            "paths": (os.path.join(EMOJI, "train"),),
             "resize": False,
             "mask_dir": "",
             "max_images": 0,  # 0 = all

@@ -6,8 +6,8 @@
 ``configs/eval_emoji.py`` cut down: 8 held-out emoji as stroke paintings and stroke
 edits, two t0 values, Euler-Maruyama with N = 20 steps per unit time, 16 reference
 images and small KID subsets. Point ``input.path`` and ``reference.paths`` at other
-folders to run without ``data/emoji32``; with a model of another size set
-``input.resize`` and ``reference.resize``.
+folders to use other images than the cached emoji (see ``configs/eval_emoji.py``);
+with a model of another size set ``input.resize`` and ``reference.resize``.
 """
 
 import importlib.util

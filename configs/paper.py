@@ -5,8 +5,10 @@
 Variants ``<dataset>_<network>``: ``church_ddpm``, ``bedroom_ddpm``,
 ``celebahq_ddpm`` and ``church_ncsnpp``, ``bedroom_ncsnpp``,
 ``celebahq_ncsnpp``, ``ffhq_ncsnpp``. Each reads the converted model folder
-``models/<checkpoint>`` (``--config.model_dir`` to change it) and edits the
-bundled 256 px photo guides (``sdedit_jax/assets/photos_256``: stroke
+``models/<checkpoint>`` of the current folder (``--config.model_dir`` to change
+it; a missing one is named with the file to download and the convert command)
+and edits the bundled 256 px photo guides (``sdedit_jax/assets/photos_256`` of the
+installed package, from any folder: stroke
 paintings, stroke edits, composites; point ``--config.input.path`` at your own
 guides, same layout, or build composites with ``python -m sdedit_jax.composite``).
 
@@ -76,15 +78,18 @@ _spec = importlib.util.spec_from_file_location(
 common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
-# variant: (model folder, SDE family)
+# The package folder, found without importing it (a config must load fast).
+_PACKAGE = importlib.util.find_spec("sdedit_jax").submodule_search_locations[0]
+
+# variant: (model folder, SDE family, the published hub folder it is converted from)
 VARIANTS = {
-    "church_ddpm": ("models/ddpm-church-256", "ddpm"),
-    "bedroom_ddpm": ("models/ddpm-bedroom-256", "ddpm"),
-    "celebahq_ddpm": ("models/ddpm-celebahq-256", "ddpm"),
-    "church_ncsnpp": ("models/ncsnpp-church-256", "ncsnpp"),
-    "bedroom_ncsnpp": ("models/ncsnpp-bedroom-256", "ncsnpp"),
-    "celebahq_ncsnpp": ("models/ncsnpp-celebahq-256", "ncsnpp"),
-    "ffhq_ncsnpp": ("models/ncsnpp-ffhq-256", "ncsnpp"),
+    "church_ddpm": ("models/ddpm-church-256", "ddpm", "google/ddpm-ema-church-256"),
+    "bedroom_ddpm": ("models/ddpm-bedroom-256", "ddpm", "google/ddpm-ema-bedroom-256"),
+    "celebahq_ddpm": ("models/ddpm-celebahq-256", "ddpm", "google/ddpm-ema-celebahq-256"),
+    "church_ncsnpp": ("models/ncsnpp-church-256", "ncsnpp", "google/ncsnpp-church-256"),
+    "bedroom_ncsnpp": ("models/ncsnpp-bedroom-256", "ncsnpp", "google/ncsnpp-bedroom-256"),
+    "celebahq_ncsnpp": ("models/ncsnpp-celebahq-256", "ncsnpp", "google/ncsnpp-celebahq-256"),
+    "ffhq_ncsnpp": ("models/ncsnpp-ffhq-256", "ncsnpp", "google/ncsnpp-ffhq-256"),
 }
 SAMPLERS = {
     "ddpm": {
@@ -102,15 +107,27 @@ SAMPLERS = {
 }
 
 
+def missing_model(model_dir: str) -> str | None:
+    """How to make a variant's missing model folder (what the job says), else None."""
+    for folder, _, hub in VARIANTS.values():
+        if os.path.normpath(model_dir) == folder:
+            local = f"downloads/{hub.split('/')[1]}"
+            return (
+                f"download {hub} (huggingface-cli download {hub} --local-dir {local}), then "
+                f"python -m sdedit_jax.convert --source {local} --out {folder}"
+            )
+    return None
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"configs/paper.py: variant {arg!r} unknown (known: {sorted(VARIANTS)})")
-    model_dir, family = VARIANTS[arg]
+    model_dir, family, _ = VARIANTS[arg]
     sampler = dict(SAMPLERS[family])
     # The demo job's config (every field the job reads, e.g. output) with the paper's settings.
     config = common.load("default").get_config()
     config.model_dir = model_dir
-    config.input.path = "sdedit_jax/assets/photos_256"
+    config.input.path = os.path.join(_PACKAGE, "assets", "photos_256")
     config.input.image_size = (256, 256)
     config.t0s = (0.5,)
     config.repeats = sampler.pop("repeats")

@@ -7,8 +7,10 @@ writes ``guides/cat_room.png`` and ``guides/masks/cat_room.png``. The region is
 given by ``--source_mask`` (same size as the source, white = region) or
 ``--box x0,y0,x1,y1`` (source pixels, x = column, ends exclusive); ``--at x,y``
 places the top-left corner of the region's (scaled) bounding box in the target.
-See :mod:`sdedit_jax.data.compositing` for the rules. A bad argument exits with
-status 2 and one line naming the argument, file and value; nothing is written.
+See :mod:`sdedit_jax.data.compositing` for the rules. A bad argument (an image
+of more than 2^26 pixels in its header, a region that --scale makes larger than
+the target, an --out that is a file, ...) exits with status 2 and one line naming
+the argument, file and value; nothing is written.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ tf = quiet.import_tensorflow()  # before anything else imports it
 
 from absl import app, flags  # noqa: E402
 
+from sdedit_jax import cli  # noqa: E402
 from sdedit_jax.data.compositing import (  # noqa: E402
     CompositeError,
     box_region,
@@ -77,15 +80,14 @@ def run() -> tuple[str, str]:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.end(cli.EXIT_CONFIG, f"error: unexpected arguments: {argv[1:]}", sys.stderr)
     quiet.quiet_logs()
     try:
         guide_path, mask_path = run()
     except CompositeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {guide_path} and {mask_path}")
+        cli.end(cli.EXIT_CONFIG, f"error: {e}", sys.stderr)
+    cli.end(0, f"wrote {guide_path} and {mask_path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(__doc__, prefix="error"))

@@ -32,7 +32,7 @@ tf = quiet.import_tensorflow()  # before anything else imports it
 
 from absl import app, flags  # noqa: E402
 
-from sdedit_jax import files, importers, pretrained  # noqa: E402
+from sdedit_jax import cli, files, importers, pretrained  # noqa: E402
 from sdedit_jax.sde import sde_from_config  # noqa: E402
 
 EXIT_ERROR, EXIT_BAD_INPUT = 1, 2
@@ -143,4 +143,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(__doc__, prefix="convert"))

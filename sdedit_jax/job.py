@@ -7,7 +7,7 @@ the command line and the output layout.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import functools
 import io
 import json
 import os
@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from sdedit_jax import config as config_files
 from sdedit_jax import (
     engine,
     files,
@@ -60,12 +61,7 @@ def resolve_config_path(spec: str) -> str:
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path/to/config.py[:arg]`` the way ``--config`` does."""
     path, _, arg = resolve_config_path(spec).partition(":")
-    module_spec = importlib.util.spec_from_file_location("_sdedit_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise FileNotFoundError(f"{path}: not a config file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return config_files.load_module(path).get_config(arg or None)
 
 
 def sampler_from_config(config: ml_collections.ConfigDict) -> tuple[Sampler, StepRule]:
@@ -121,8 +117,19 @@ def _prefixed(error: Exception, prefix: str) -> ConfigError:
     return ConfigError(f"config.{prefix}.{text}" if dotted else f"config.{prefix}: {text}")
 
 
+@functools.cache
+def _default_config() -> ml_collections.ConfigDict:
+    return load_config("configs/default.py")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Validates every field the job reads, before any work (raises :class:`ConfigError`)."""
+    """Validates every field the job reads, before any work (raises :class:`ConfigError`).
+
+    A key that ``configs/default.py`` (which lists every field) lacks is refused.
+    """
+    unknown = config_files.first_unknown(config, _default_config())
+    if unknown:
+        raise ConfigError(unknown)
     t0s = config.t0s
     allowed_t0s = "a non-empty tuple of distinct start times in (0, 1], e.g. (0.3, 0.5)"
     _require(isinstance(t0s, (tuple, list)) and len(t0s) > 0, "t0s", t0s, allowed_t0s)
@@ -499,6 +506,8 @@ def run_job(
         dry_run: write nothing; print (and return under ``"plan"``) what each
             sub-job would edit and skip, and why.
     """
+    if not isinstance(workdir, str) or not workdir.strip():
+        raise ConfigError(f"workdir: got {workdir!r}; expected a folder (local or gs://)")
     check_config(config)
     if files.is_local(workdir):
         _require(not os.path.isfile(workdir), "workdir", workdir, "a folder (this is a file)")
@@ -534,11 +543,21 @@ def run_job(
         return _run_locked(prepared, retry_failed, process, n_processes)
 
 
+def _printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\x1b``)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def plan_job(prepared: PreparedJob, retry_failed: bool) -> dict:
-    """The dry run: per sub-job, every input with ``edit`` or ``skip`` and the reason."""
+    """The dry run: per sub-job, every input with ``edit`` or ``skip`` and the reason.
+
+    Also counts the network calls each edit costs (steps x calls per step x
+    repeats) and their total, so an expensive setting shows before it runs.
+    """
     plan = []
     catalog = prepared.catalog
     errors = catalog.columns["error"]
+    calls_per_step = prepared.sampler.nfe_per_step * prepared.config.repeats
     for job in sub_jobs(prepared.t0s, catalog):
         sub = files.join(prepared.workdir, job.folder)
         done = sinks.completed_index(sub, retry_failed=True)
@@ -548,7 +567,7 @@ def plan_job(prepared: PreparedJob, retry_failed: bool) -> dict:
         ]
         is_done = done.contains(catalog.columns["id"])
         is_failed = failed.contains(catalog.columns["id"]) & ~is_done
-        counts = {"edit": 0, "skip": 0}
+        counts = {"edit": 0, "skip": 0, "network_calls": 0}
         print(f"[{job.folder}] plan ({job.label}):")
         for i in np.flatnonzero(mine):
             example_id = catalog.columns["id"][i]
@@ -559,16 +578,23 @@ def plan_job(prepared: PreparedJob, retry_failed: bool) -> dict:
             elif errors[i]:
                 action, why = "fail", str(errors[i])
             else:
-                action, why = (
-                    "edit",
-                    f"t0={float(catalog.columns['t0'][i]):g}"
-                    if (job.t0_rows == "own")
-                    else f"t0={job.t0:g}",
-                )
+                t0 = float(catalog.columns["t0"][i]) if job.t0_rows == "own" else job.t0
+                calls = int(prepared.step_rule.steps_for(t0)) * calls_per_step
+                counts["network_calls"] += calls
+                action, why = "edit", f"t0={t0:g}, {calls} network calls"
             counts[action] = counts.get(action, 0) + 1
-            print(f"  {action}  {example_id}  ({why})")
+            print(f"  {action}  {_printable(str(example_id))}  ({_printable(why)})")
+        print(f"[{job.folder}] {counts['edit']} edits, {counts['network_calls']} network calls")
         plan.append({"folder": job.folder, **counts})
-    return {"workdir": prepared.workdir, "dry_run": True, "plan": plan, "failures": 0}
+    total = sum(part["network_calls"] for part in plan)
+    print(f"in all: {sum(part['edit'] for part in plan)} edits, {total} network calls")
+    return {
+        "workdir": prepared.workdir,
+        "dry_run": True,
+        "plan": plan,
+        "network_calls": total,
+        "failures": 0,
+    }
 
 
 def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_processes: int) -> dict:
@@ -609,7 +635,8 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
         )
         print(
             f"[{job.folder}] images: {stream.num_examples} to edit, {stream.num_skipped} "
-            f"already done, in {stream.num_steps} batch(es) of {editor.global_batch}",
+            f"already done, in {stream.num_steps} batch{'' if stream.num_steps == 1 else 'es'} "
+            f"of {editor.global_batch}",
             file=sys.stderr,
             flush=True,
         )

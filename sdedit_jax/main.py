@@ -8,7 +8,9 @@ Every t0 of ``config.t0s`` is a sub-job writing ``<workdir>/t0_<t0>/``
 inputs that name their own t0 are edited once, in ``t0_per_example/``.
 Re-running the same command resumes: finished and failed ids are skipped; a
 different configuration is refused (see :mod:`sdedit_jax.fingerprint`).
-``--dry_run`` lists what would be edited or skipped, and why, writing nothing.
+``--dry_run`` lists what would be edited or skipped, and why, and the network
+calls per image and in all, writing nothing. ``--print_config`` prints the
+resolved config; ``--help`` lists every ``--config.`` field with its default.
 Paths may be local or ``gs://`` (see :mod:`sdedit_jax.files`).
 Multi-host: pass ``--distributed`` on every host (see ``launch/``).
 
@@ -52,17 +54,20 @@ tf = quiet.import_tensorflow()  # before anything else imports it
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from sdedit_jax import cluster, workdir_lock  # noqa: E402
+from sdedit_jax import cli, cluster, files, workdir_lock  # noqa: E402
+from sdedit_jax import config as config_files  # noqa: E402
 from sdedit_jax.data import sinks  # noqa: E402
 from sdedit_jax.job import ConfigError, resolve_config_path, run_job  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SOME_FAILED = 0, 1, 2, 3
-_CONFIG = config_flags.DEFINE_config_file(
+_DEFAULT_CONFIG = resolve_config_path("configs/default.py")
+_CONFIG = cli.define_config_file(
     "config",
-    resolve_config_path("configs/default.py"),
-    "job config file (path[:variant]; configs/<name>.py works from any folder)",
+    _DEFAULT_CONFIG,
+    "job config file, path[:variant]; configs/<name>.py works from any folder "
+    "(default: configs/default.py)",
+    prefix="sdedit_jax",
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "output folder (resumable)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()")
@@ -75,17 +80,9 @@ _RETRY_FAILED = flags.DEFINE_bool(
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "write nothing; list what each sub-job would edit or skip, and why"
 )
-
-
-def _resolve_config_argv(argv: list[str]) -> list[str]:
-    """``--config`` values resolved with :func:`resolve_config_path` (before flags are parsed)."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config_path(arg[len("--config=") :])
-        elif arg == "--config" and i + 1 < len(out):
-            out[i + 1] = resolve_config_path(out[i + 1])
-    return out
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "print the resolved config (after every --config.<field>) and exit"
+)
 
 
 def _exit(status: int) -> None:
@@ -121,9 +118,26 @@ def _exit_promptly_on_signals() -> None:
     threading.Thread(target=watch, name="exit-on-signal", daemon=True).start()
 
 
+def _check_model_folder(config) -> None:
+    """A missing model folder that the config file knows how to make: say how, in one line."""
+    model_dir = config.model_dir
+    if model_dir == "default" or not files.is_local(model_dir) or os.path.exists(model_dir):
+        return
+    path = flags.FLAGS["config"].config_filename.partition(":")[0]
+    hint = getattr(config_files.load_module(path), "missing_model", lambda _: None)(model_dir)
+    if hint:
+        raise ConfigError(f"config.model_dir: {model_dir!r} does not exist here: {hint}")
+
+
 def _run(argv: list[str]) -> int:
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {argv[1:]} (settings are --config.<field>=...)")
+    if _PRINT_CONFIG.value:
+        cli.print_config(_CONFIG.value)
+        return EXIT_OK
+    if not _WORKDIR.value.strip():
+        raise ConfigError(f"--workdir: got {_WORKDIR.value!r}; expected a folder (local or gs://)")
+    _check_model_folder(_CONFIG.value)
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to jax
     if _DISTRIBUTED.value:
         settings = cluster.process_settings(
@@ -164,4 +178,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, argv=_resolve_config_argv(sys.argv))
+    parser = cli.flags_parser(
+        __doc__, prefix="sdedit_jax", config_flag="config", config_default=_DEFAULT_CONFIG
+    )
+    app.run(main, argv=cli.resolve_config_argv(sys.argv), flags_parser=parser)

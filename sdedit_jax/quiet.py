@@ -7,7 +7,9 @@ process's stderr pointed at /dev/null (Python errors still show: they are
 printed after it is restored). oneDNN itself stays on on purpose:
 ``TF_ENABLE_ONEDNN_OPTS=0`` would silence it too, but changes the
 ``stroke_painting`` generator's outputs (measured), so evaluation guides would
-change. :func:`quiet_logs` drops JAX's INFO line about the missing TPU backend.
+change. :func:`quiet_logs` drops JAX's INFO line about the missing TPU backend
+and absl's INFO lines (orbax logs every checkpoint step there), unless the user
+asks for them with ``--verbosity``.
 """
 
 from __future__ import annotations
@@ -36,5 +38,10 @@ def import_tensorflow() -> ModuleType:
 
 
 def quiet_logs() -> None:
-    """JAX's backend probe logs at INFO (e.g. no libtpu); keep warnings and errors."""
+    """Libraries' INFO logs off (JAX's backend probe, orbax); keep warnings and errors."""
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):
+        absl_logging.set_verbosity(absl_logging.WARNING)

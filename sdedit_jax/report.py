@@ -7,6 +7,26 @@ from PIL import Image, ImageDraw
 
 from sdedit_jax.data.sinks import to_uint8
 
+_LINE = 12  # pixels per line of the default font
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, max_lines: int) -> list[str]:
+    """``text`` cut into lines of at most ``width`` pixels; beyond ``max_lines`` the
+    middle gives way to an ellipsis, so both ends of a long id stay readable."""
+    lines, line = [], ""
+    for char in text:
+        if line and draw.textlength(line + char) > width:
+            lines.append(line)
+            line = ""
+        line += char
+    lines.append(line)
+    if len(lines) > max_lines:
+        head = lines[: max_lines // 2]
+        tail = lines[len(lines) - (max_lines - len(head)) :]
+        tail[0] = "..." + tail[0][3:]
+        lines = head + tail
+    return lines
+
 
 def contact_sheet(
     rows: list[list[np.ndarray]],
@@ -17,7 +37,8 @@ def contact_sheet(
 ) -> Image.Image:
     """Lays out ``rows`` of ``[H, W, C]`` images in ``[-1, 1]`` (None = empty cell).
 
-    Images are upscaled with nearest-neighbour so 32 px pixels stay visible.
+    Images are upscaled with nearest-neighbour so 32 px pixels stay visible; a row
+    label too wide for the margin wraps onto further lines (see :func:`_wrap`).
     """
     header, margin = 16, 0 if row_labels is None else 110
     n_cols = max(len(r) for r in rows)
@@ -30,7 +51,10 @@ def contact_sheet(
     for r, row in enumerate(rows):
         top = header + gap + r * (cell + gap)
         if row_labels is not None:
-            draw.text((4, top + cell // 2 - 6), row_labels[r][:18], fill=(0, 0, 0))
+            lines = _wrap(draw, row_labels[r], margin - 8, max(1, cell // _LINE))
+            first = top + (cell - _LINE * len(lines)) // 2
+            for i, line in enumerate(lines):
+                draw.text((4, first + i * _LINE), line, fill=(0, 0, 0))
         for c, image in enumerate(row):
             if image is None:
                 continue

@@ -41,9 +41,8 @@ import optax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from sdedit_jax import checkpoint, engine, files, losses, metric_log, pretrained, progress  # noqa: E402
+from sdedit_jax import checkpoint, cli, engine, files, losses, metric_log, pretrained, progress  # noqa: E402
 from sdedit_jax.data.train_data import (  # noqa: E402
     STREAMING_SOURCES,
     load_train_images,
@@ -352,17 +351,23 @@ def train(
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+cli.define_config_file(
+    "config", None, "training config file, path[:variant]", prefix="train", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and final weights.")
+flags.DEFINE_bool("print_config", False, "print the resolved config and exit")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     quiet.quiet_logs()
+    if FLAGS.print_config:
+        cli.print_config(FLAGS.config)
+        return
     train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(__doc__, prefix="train", config_flag="config"))

@@ -217,7 +217,7 @@ def test_t0_rule_edits_inputs_with_their_own_t0_once_and_dry_run_writes_nothing(
         ("t0_0.60", 4, 0),
         ("t0_per_example", 3, 0),
     ]
-    assert "edit  guides/g05.png  (t0=0.5)" in capsys.readouterr().out
+    assert "edit  guides/g05.png  (t0=0.5, " in capsys.readouterr().out
     assert not files.exists(workdir)  # a dry run writes nothing
 
     job.run_job(config, workdir)
@@ -265,5 +265,5 @@ def test_cli_from_another_folder_takes_every_setting_and_dry_run_writes_nothing(
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "edit  edit_u1f34a.png  (t0=0.3)" in proc.stdout
+    assert "edit  edit_u1f34a.png  (t0=0.3, 6 network calls)" in proc.stdout
     assert os.listdir(tmp_path) == []  # a dry run writes nothing

@@ -26,5 +26,5 @@ def test_command_lines_start_without_tensorflow_notices(module):
     result = subprocess.run(
         [sys.executable, "-m", module, "--helpshort"], capture_output=True, text=True
     )
-    assert "flags" in result.stdout  # absl printed the usage (and exits 1 after help)
+    assert "flags" in result.stdout.lower()  # the usage (train: its own help, exit 0)
     assert "oneDNN" not in result.stderr and "absl::InitializeLog" not in result.stderr

@@ -18,6 +18,7 @@ naming the command-line argument and value.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -28,12 +29,28 @@ class CompositeError(ValueError):
     """A bad argument or input file; the message names it."""
 
 
+# Larger images are refused from their header, before decoding (as the job's input.max_pixels).
+MAX_PIXELS = 1 << 26
+
+
 def _open_image(path: str, field: str) -> Image.Image:
+    too_large = f"{field} ({path}): its header declares over {MAX_PIXELS} pixels, the most allowed"
     try:
-        with Image.open(path) as image:
-            image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CompositeError(too_large) from None
     except FileNotFoundError:
         raise CompositeError(f"{field} ({path}): file not found") from None
+    except OSError as e:
+        raise CompositeError(f"{field} ({path}): not a readable image ({e})") from None
+    try:
+        with image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise CompositeError(f"{too_large} ({width}x{height})")
+            image.load()
     except OSError as e:
         raise CompositeError(f"{field} ({path}): not a readable image ({e})") from None
     return image
@@ -94,12 +111,13 @@ def _resize(pixels: np.ndarray, size: tuple[int, int], upscale: bool) -> np.ndar
 
 
 def disk_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Grows a bool mask by every pixel within Euclidean distance ``radius``."""
-    if radius == 0:
+    """Grows a bool mask by every pixel within Euclidean distance ``radius``.
+
+    From the exact distance transform: time and memory of the image's size, for any radius.
+    """
+    if radius == 0 or not mask.any():
         return mask
-    offsets = np.arange(-radius, radius + 1)
-    disk = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
-    return ndimage.binary_dilation(mask, structure=disk)
+    return ndimage.distance_transform_edt(~mask) <= radius
 
 
 def paste(
@@ -140,19 +158,21 @@ def paste(
     width, height = round((x1 - x0) * scale), round((y1 - y0) * scale)
     if min(width, height) < 1:
         raise CompositeError(f"--scale: {scale} shrinks the {x1 - x0}x{y1 - y0} region to nothing")
+    x, y = at
+    target_h, target_w = target.shape[:2]
+    # Checked before resizing: a huge --scale must not allocate the scaled region first.
+    if not (0 <= x and 0 <= y and x + width <= target_w and y + height <= target_h):
+        scaled = "" if scale == 1 else f" (--scale {scale:g})"
+        raise CompositeError(
+            f"--at: the {width}x{height} region at {x},{y} does not fit in the "
+            f"target ({target_w}x{target_h}){scaled}"
+        )
     patch = source[y0:y1, x0:x1].astype(np.float32)
     coverage = region[y0:y1, x0:x1, None].astype(np.float32)
     if (width, height) != (x1 - x0, y1 - y0):
         patch = _resize(patch, (width, height), scale > 1)
         coverage = _resize(coverage, (width, height), scale > 1)
     pasted = coverage[..., 0] >= 0.5
-    x, y = at
-    target_h, target_w = target.shape[:2]
-    if not (0 <= x and 0 <= y and x + width <= target_w and y + height <= target_h):
-        raise CompositeError(
-            f"--at: the {width}x{height} region at {x},{y} does not fit in the "
-            f"target ({target_w}x{target_h})"
-        )
     guide = target.copy()
     window = guide[y : y + height, x : x + width]
     window[pasted] = np.clip(np.round(patch[pasted]), 0, 255).astype(np.uint8)
@@ -169,7 +189,13 @@ def write_guide(out_dir: str, name: str, guide: np.ndarray, mask: np.ndarray) ->
         )
     guide_path = os.path.join(out_dir, name + ".png")
     mask_path = os.path.join(out_dir, "masks", name + ".png")
-    os.makedirs(os.path.dirname(mask_path), exist_ok=True)
-    Image.fromarray(guide).save(guide_path)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    for folder in (out_dir, os.path.dirname(mask_path)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise CompositeError(f"--out: {folder} is a file; expected a folder (or a new path)")
+    try:
+        os.makedirs(os.path.dirname(mask_path), exist_ok=True)
+        Image.fromarray(guide).save(guide_path)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    except OSError as e:
+        raise CompositeError(f"--out ({out_dir}): cannot write: {e}") from None
     return guide_path, mask_path

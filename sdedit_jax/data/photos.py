@@ -21,11 +21,15 @@ Everything depends only on the photos and the fixed seeds below:
 
 from __future__ import annotations
 
-import numpy as np
-from absl import app, flags
-from PIL import Image
+from sdedit_jax import quiet
 
-from sdedit_jax.data import compositing, guides
+quiet.import_tensorflow()  # before anything else imports it (no C++ start-up notices)
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sdedit_jax.data import compositing, guides  # noqa: E402
 
 SIZE = 256
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")

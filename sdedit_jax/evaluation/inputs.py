@@ -68,9 +68,12 @@ def load_image_set(input_config: Mapping, name: str, what: str, limit: int = 0) 
     Raises:
         ValueError: some examples failed to decode (listing them), or none exist.
     """
-    stream = guide_inputs.make_guide_dataset(
-        input_config, batch_size_per_host=_LOAD_BATCH, process_index=0, process_count=1
-    )
+    try:
+        stream = guide_inputs.make_guide_dataset(
+            input_config, batch_size_per_host=_LOAD_BATCH, process_index=0, process_count=1
+        )
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
     ids, images, masks, errors = [], [], [], []
     for batch in stream.dataset.as_numpy_iterator():
         for row in np.nonzero(batch["valid"])[0]:
