@@ -54,7 +54,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sdedit_jax import cluster, workdir_lock  # noqa: E402
+from sdedit_jax import cluster, files, workdir_lock  # noqa: E402
 from sdedit_jax.data import sinks  # noqa: E402
 from sdedit_jax.job import ConfigError, resolve_config_path, run_job  # noqa: E402
 
@@ -124,6 +124,12 @@ def _exit_promptly_on_signals() -> None:
 def _run(argv: list[str]) -> int:
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {argv[1:]} (settings are --config.<field>=...)")
+    if files.scheme(_WORKDIR.value) == "ram":
+        raise ConfigError(
+            f"--workdir: got {_WORKDIR.value!r}; expected a local folder or a persistent store "
+            "such as gs:// (ram:// lives in memory and vanishes with this process; the "
+            "Python API can use it within one process)"
+        )
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to jax
     if _DISTRIBUTED.value:
         settings = cluster.process_settings(

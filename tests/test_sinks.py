@@ -1,5 +1,6 @@
 """Output sinks: atomic files, exact resume after crashes (incl. kill -9), surfaced errors."""
 
+import hashlib
 import io
 import json
 import os
@@ -45,6 +46,12 @@ def run_job(workdir, indices, *, process_index=0, **kwargs) -> None:
                 sink.write(**example(i), image=output_for(i))
 
 
+def _file_facts(path: str) -> dict:
+    """What a manifest row must record of an output: the file's byte size and sha256."""
+    data = open(path, "rb").read()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def read_jsonl(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -77,6 +84,11 @@ def test_outputs_rows_and_round_trip(tmp_path):
             "npz": f"arrays/{stem}.npz",
             "t0": 0.3,
             "seed": 7,
+            **{
+                f"{k}_{m}": _file_facts(os.path.join(workdir, row[k]))[m]
+                for k in ("output", "npz")
+                for m in ("size", "sha256")
+            },
         }
         png = np.asarray(Image.open(os.path.join(workdir, row["output"])))
         expected = np.clip(np.round((output_for(i) + 1) * 127.5), 0, 255).astype(np.uint8)
