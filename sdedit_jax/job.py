@@ -612,6 +612,10 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
             num_threads=config.output.writer_threads,
             input_digests=digests,
         ) as sink:
+            for example_id, source, field, reason in changed:
+                sink.write_failure(
+                    id=example_id, source=source, reason=reason, inputs_changed=field
+                )
             summary = run_stream(
                 editor,
                 placed,
@@ -626,10 +630,6 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
                 progress_label=job.label,
                 total_rows=stream.local_examples,
             )
-            for example_id, source, field, reason in changed:
-                sink.write_failure(
-                    id=example_id, source=source, reason=reason, inputs_changed=field
-                )
         multihost_utils.sync_global_devices(f"wrote {sub}")
         subdirs[job.label] = sub
         if process == 0:

@@ -923,8 +923,8 @@ class Sink:
                     "".join(_jsonl_line(r) for r in records).encode(),
                     process_index=self.process_index,
                 )
-        with self._count_lock:
-            self._written += len(rows)
+        with self._count_lock:  # a finished id's changed inputs is no row of the stream
+            self._written += 0 if "inputs_changed" in fields else len(rows)
 
 
 def _file_fields(key: str, path: str, data: bytes) -> dict[str, Any]:
