@@ -483,12 +483,12 @@ def plan_job(prepared: PreparedJob, retry_failed: bool) -> dict:
     for job in sub_jobs(prepared.t0s, catalog):
         sub = files.join(prepared.workdir, job.folder)
         done = sinks.completed_index(sub, retry_failed=True)
-        failed = sinks.completed_index(sub) if not retry_failed else sinks.CompletedIds([])
+        failed = sinks.failed_index(sub) if not retry_failed else sinks.CompletedIds([])
         mine = _mine(catalog, job)
         at_t0 = _catalog_at(catalog, job.t0)
         changed = {
-            i: reason
-            for i, _, _, reason in _changed_inputs(
+            example_id: reason
+            for example_id, _, _, reason in _changed_inputs(
                 sub, at_t0, job, row_inputs.DigestTable(at_t0.columns), done, 0, 1
             )
         }

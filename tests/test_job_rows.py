@@ -151,3 +151,47 @@ def test_links_in_the_workdir_and_ram_workdirs_are_refused(tiny_model_dir, tmp_p
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
         assert words in lines[0], lines
     assert os.listdir(outside) == []
+
+
+def test_each_input_field_changes_the_digest_and_is_named():
+    from sdedit_jax.data import row_inputs, sinks
+
+    def columns(**change):
+        base = {
+            "id": np.array(["a", "b"]),
+            "source": np.array(["/g/a.png", "/g/b.png"], object),
+            "guide_path": np.array(["/g/a.png", "/g/b.png"], object),
+            "mask_path": np.array(["", "/m/b.png"], object),
+            "t0": np.array([0.5, 0.5], np.float32),
+            "seed": np.array([1, 2], np.int64),
+        }
+        for name, value in change.items():
+            base[name] = base[name].copy()
+            base[name][1] = value
+        return base
+
+    recorded = {"source": "/g/b.png", "seed": 2, "t0": 0.5, "output": "images/b.png"}
+    done = row_inputs.DigestTable(columns())
+    index = sinks.CompletedIds(sinks.id_hashes(["a", "b"]), done.values)
+    assert not row_inputs.changed(columns(), done, index).any()
+    assert (
+        row_inputs.changed(columns(), done, sinks.CompletedIds(sinks.id_hashes(["b"]))).sum() == 0
+    )
+    cases = {"path": {"source": "/h/b.png"}, "seed": {"seed": 3}, "t0": {"t0": 0.6}}
+    cases["mask"] = {"mask_path": "/m/other.png"}
+    for field, change in cases.items():
+        now = columns(**change)
+        assert list(row_inputs.changed(now, row_inputs.DigestTable(now), index)) == [False, True]
+        assert row_inputs.changed_field(recorded, now, 1) == field
+    reason = row_inputs.reason("seed", recorded, columns(seed=3), 1)
+    assert "seed changed" in reason and "(2 then, 3 now)" in reason and "images/b.png" in reason
+
+
+def test_a_damaged_output_named_in_the_contact_sheet_error(tmp_path):
+    from sdedit_jax import job
+
+    path = tmp_path / "x.png"
+    Image.fromarray(job_cli.random_guide(0)).save(path)
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(OSError, match=f"contact sheet: cannot read {path}"):
+        job._read_png(str(path))

@@ -488,6 +488,15 @@ def completed_index(workdir: str, *, retry_failed: bool = False) -> CompletedIds
     return CompletedIds(np.concatenate(hashes), np.concatenate(digests))
 
 
+def failed_index(workdir: str) -> CompletedIds:
+    """The ids with a failure row (no output is read: a dry run needs no second check)."""
+    hashes = [np.zeros(0, np.uint64)]
+    for path in _record_files(workdir, FAILURES):
+        for block in _row_blocks(path):
+            hashes.append(id_hashes([row["id"] for row, _ in block if row is not None]))
+    return CompletedIds(np.concatenate(hashes))
+
+
 @dataclasses.dataclass(frozen=True)
 class FinalizeSummary:
     """What ``finalize`` wrote and what it left out (and why)."""
