@@ -31,7 +31,7 @@ from sdedit_jax import (
     report,
     workdir_lock,
 )
-from sdedit_jax.data import guide_inputs, sinks
+from sdedit_jax.data import guide_inputs, row_inputs, sinks
 from sdedit_jax.progress import Progress
 from sdedit_jax.sampling.integrate import Sampler
 from sdedit_jax.sampling.steps import StepRule
@@ -331,8 +331,12 @@ def _build_catalog(inputs: guide_inputs.GuideInputConfig) -> guide_inputs.Catalo
 
 
 def _read_png(path: str) -> np.ndarray:
-    with Image.open(io.BytesIO(files.read_bytes(path))) as image:
-        return np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0
+    """An output PNG in ``[-1, 1]``; any error names the file (an OSError: exit status 1)."""
+    try:
+        with Image.open(io.BytesIO(files.read_bytes(path))) as image:
+            return np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
+        raise OSError(f"contact sheet: cannot read {path}: {' '.join(str(e).split())}") from None
 
 
 CONTACT_SHEET = "contact_sheet.png"
@@ -535,8 +539,16 @@ def run_job(
     prepared = PreparedJob(config, workdir, t0s, inputs, catalog, model, sampler, step_rule)
     if dry_run:
         return plan_job(prepared, retry_failed)
-    with workdir_lock.acquire(workdir, process):
-        sinks.remove_orphan_temps(workdir, process, recursive=False)
+    try:
+        lock = workdir_lock.acquire(workdir, process)
+    except workdir_lock.LinkInWorkdir as e:
+        raise ConfigError(str(e)) from None
+    with lock:
+        try:
+            # The whole workdir, before any work: no link anywhere (see sinks.remove_orphan_temps).
+            sinks.remove_orphan_temps(workdir, process)
+        except workdir_lock.LinkInWorkdir as e:
+            raise ConfigError(str(e)) from None
         if process == 0:
             fingerprint.check_or_record(workdir, job_print, overwrite=config.overwrite)
         multihost_utils.sync_global_devices("workdir fingerprint")
@@ -561,17 +573,24 @@ def plan_job(prepared: PreparedJob, retry_failed: bool) -> dict:
     for job in sub_jobs(prepared.t0s, catalog):
         sub = files.join(prepared.workdir, job.folder)
         done = sinks.completed_index(sub, retry_failed=True)
-        failed = sinks.completed_index(sub) if not retry_failed else sinks.CompletedIds([])
-        mine = {"configured": ~catalog.columns["t0_given"], "own": catalog.columns["t0_given"]}[
-            job.t0_rows
-        ]
+        failed = sinks.failed_index(sub) if not retry_failed else sinks.CompletedIds([])
+        mine = _mine(catalog, job)
+        at_t0 = _catalog_at(catalog, job.t0)
+        changed = {
+            example_id: reason
+            for example_id, _, _, reason in _changed_inputs(
+                sub, at_t0, job, row_inputs.DigestTable(at_t0.columns), done, 0, 1
+            )
+        }
         is_done = done.contains(catalog.columns["id"])
         is_failed = failed.contains(catalog.columns["id"]) & ~is_done
         counts = {"edit": 0, "skip": 0, "network_calls": 0}
         print(f"[{job.folder}] plan ({job.label}):")
         for i in np.flatnonzero(mine):
             example_id = catalog.columns["id"][i]
-            if is_done[i]:
+            if example_id in changed:
+                action, why = "fail", changed[example_id]
+            elif is_done[i]:
                 action, why = "skip", "done (its output is in the workdir)"
             elif is_failed[i]:
                 action, why = "skip", "failed in an earlier run (--retry_failed tries it again)"
@@ -595,6 +614,44 @@ def plan_job(prepared: PreparedJob, retry_failed: bool) -> dict:
         "network_calls": total,
         "failures": 0,
     }
+
+
+def _mine(catalog: guide_inputs.Catalog, job: SubJob) -> np.ndarray:
+    """The catalog rows of a sub-job (the t0 rule)."""
+    given = catalog.columns["t0_given"]
+    return given if job.t0_rows == "own" else ~given
+
+
+def _changed_inputs(
+    sub: str,
+    catalog: guide_inputs.Catalog,
+    job: SubJob,
+    digests: row_inputs.DigestTable,
+    completed: sinks.CompletedIds,
+    process: int,
+    n_processes: int,
+) -> list[tuple[str, str, str, str]]:
+    """``(id, source, field, reason)`` of this host's finished ids whose inputs changed."""
+    columns = catalog.columns
+    rows = row_inputs.changed(columns, digests, completed) & _mine(catalog, job)
+    rows &= np.arange(len(catalog)) % n_processes == process
+    indices = np.flatnonzero(rows)
+    if not len(indices):
+        return []
+    recorded = sinks.manifest_rows_of(sub, columns["id"][indices].tolist())
+    out = []
+    for i in indices:
+        row = recorded.get(str(columns["id"][i]), {})
+        field = row_inputs.changed_field(row, columns, i)
+        out.append(
+            (
+                str(columns["id"][i]),
+                str(columns["source"][i]),
+                field,
+                row_inputs.reason(field, row, columns, i),
+            )
+        )
+    return out
 
 
 def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_processes: int) -> dict:
@@ -623,14 +680,17 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
     }
     for job in sub_jobs(t0s, catalog):
         sub = files.join(workdir, job.folder)
+        at_t0 = _catalog_at(catalog, job.t0)
+        digests = row_inputs.DigestTable(at_t0.columns)
         completed = sinks.completed_index(sub, retry_failed=retry_failed)
+        changed = _changed_inputs(sub, at_t0, job, digests, completed, process, n_processes)
         # Every host must see the same finished set before anyone writes more.
         multihost_utils.sync_global_devices(f"read completed {sub}")
         stream = guide_inputs.make_guide_dataset(
             inputs.get(job.t0, inputs[t0s[0]]),
             batch_size_per_host=editor.global_batch // n_processes,
             completed=completed,
-            catalog=_catalog_at(catalog, job.t0),
+            catalog=at_t0,
             t0_rows=job.t0_rows,
         )
         print(
@@ -660,8 +720,13 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
                 png_compression=config.output.png_compression,
                 num_threads=config.output.writer_threads,
                 on_written=progress.written,
+                input_digests=digests,
             ) as sink,
         ):
+            for example_id, source, field, reason in changed:
+                sink.write_failure(
+                    id=example_id, source=source, reason=reason, inputs_changed=field
+                )
             summary = run_stream(
                 editor,
                 placed,
@@ -680,7 +745,10 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
                     "folder": job.folder,
                     "edited": final.manifest_rows,
                     "failed": final.failure_rows,
-                    "remaining": stream.total_examples - final.manifest_rows - final.failure_rows,
+                    "remaining": stream.total_examples
+                    - final.manifest_rows
+                    - final.failure_rows
+                    + final.changed_inputs,
                 }
             )
         this_run.append(

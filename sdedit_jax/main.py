@@ -24,7 +24,9 @@ Exit status (the process always ends promptly with it):
   the file, the field and the reason, and every other input was edited.
 * 2: configuration or startup error, found before any work: one line
   naming the field, the value and what is allowed (or the process holding
-  the workdir, see :mod:`sdedit_jax.workdir_lock`).
+  the workdir, see :mod:`sdedit_jax.workdir_lock`; or a symbolic link in
+  the workdir, which the job never writes through; or a ``ram://`` workdir,
+  which would vanish with the process: in-process Python API only).
 * 1: any other error: one line for storage errors (e.g. a full disk, naming
   the file), a traceback for internal errors.
 * 130 / 143: interrupted by Ctrl-C / SIGTERM. The process ends at once, even
@@ -137,6 +139,12 @@ def _run(argv: list[str]) -> int:
         return EXIT_OK
     if not _WORKDIR.value.strip():
         raise ConfigError(f"--workdir: got {_WORKDIR.value!r}; expected a folder (local or gs://)")
+    if files.scheme(_WORKDIR.value) == "ram":
+        raise ConfigError(
+            f"--workdir: got {_WORKDIR.value!r}; expected a local folder or a persistent store "
+            "such as gs:// (ram:// lives in memory and vanishes with this process; the "
+            "Python API can use it within one process)"
+        )
     _check_model_folder(_CONFIG.value)
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to jax
     if _DISTRIBUTED.value:

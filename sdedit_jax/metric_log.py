@@ -9,7 +9,9 @@ evaluations write their progress (images written, images/s) the same way.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -67,8 +69,12 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def flush(self) -> None:
         if self._pending:
+            data = "".join(self._pending).encode()
             try:
-                files.append_bytes(self.path, "".join(self._pending).encode())
+                if files.is_local(self.path):
+                    _append_no_follow(self.path, data)
+                else:
+                    files.append_bytes(self.path, data)
             except OSError as e:  # a full disk must say which file it could not write
                 raise OSError(e.errno, f"{e.strerror or e} (writing {self.path})") from e
             self._pending = []
@@ -76,6 +82,18 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def close(self) -> None:
         self.flush()
+
+
+def _append_no_follow(path: str, data: bytes) -> None:
+    """Appends to a local log, never through a symbolic link (logs live in workdirs)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, f"{path} is a symbolic link; logs follow no link") from None
+        raise
+    with os.fdopen(fd, "ab") as f:
+        f.write(data)
 
 
 def metric_writer(jsonl_path: str, tensorboard_dir: str | None) -> metric_writers.MetricWriter:

@@ -43,6 +43,17 @@ class WorkdirBusy(RuntimeError):
     """Another process holds the workdir (the message names it and the lock file)."""
 
 
+class LinkInWorkdir(ValueError):
+    """The workdir holds a symbolic link where the job writes: a write could leave the workdir."""
+
+
+def link_refused(path: str) -> LinkInWorkdir:
+    return LinkInWorkdir(
+        f"workdir: {path} is a symbolic link; the job writes only inside its workdir and "
+        "follows no link there: remove it"
+    )
+
+
 @dataclasses.dataclass
 class WorkdirLock:
     """A held lock (``path`` empty when the workdir's storage has no locks)."""
@@ -98,12 +109,20 @@ def _holder_alive(fd: int) -> bool:
 
 
 def acquire(workdir: str, process_index: int = 0) -> WorkdirLock:
-    """Locks ``workdir`` for this process or raises :class:`WorkdirBusy`."""
+    """Locks ``workdir`` for this process or raises :class:`WorkdirBusy`.
+
+    A symbolic link planted as the lock file is not followed (:class:`LinkInWorkdir`).
+    """
     if not files.is_local(workdir):
         return WorkdirLock("", None)
     os.makedirs(workdir, exist_ok=True)
     path = lock_path(workdir, process_index)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise link_refused(path) from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

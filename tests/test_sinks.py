@@ -1,5 +1,6 @@
 """Output sinks: atomic files, exact resume after crashes (incl. kill -9), surfaced errors."""
 
+import hashlib
 import io
 import json
 import os
@@ -45,6 +46,12 @@ def run_job(workdir, indices, *, process_index=0, **kwargs) -> None:
                 sink.write(**example(i), image=output_for(i))
 
 
+def _file_facts(path: str) -> dict:
+    """What a manifest row must record of an output: the file's byte size and sha256."""
+    data = open(path, "rb").read()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def read_jsonl(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -77,6 +84,11 @@ def test_outputs_rows_and_round_trip(tmp_path):
             "npz": f"arrays/{stem}.npz",
             "t0": 0.3,
             "seed": 7,
+            **{
+                f"{k}_{m}": _file_facts(os.path.join(workdir, row[k]))[m]
+                for k in ("output", "npz")
+                for m in ("size", "sha256")
+            },
         }
         png = np.asarray(Image.open(os.path.join(workdir, row["output"])))
         expected = np.clip(np.round((output_for(i) + 1) * 127.5), 0, 255).astype(np.uint8)
@@ -354,3 +366,95 @@ def test_hand_edited_records_keep_their_good_rows(tmp_path):
         assert [r["id"] for r, _ in rows if r] == ["x0", "x1", "x2"]
         assert sum(r is None for r, _ in rows) == 6
     assert sinks.read_rows(str(path))[1] == 6
+
+
+def _rewrite_rows(path: str, edit) -> None:
+    rows = read_jsonl(path)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(edit(dict(r))) + "\n" for r in rows)
+
+
+def test_ids_the_file_system_cannot_hold_fail_alone_and_stay_failed(tmp_path):
+    workdir = str(tmp_path / "w")
+    too_long = "/".join(["b" * 120] * 40)  # 4839 bytes: over PATH_MAX
+    too_deep = "/".join(["c"] * 1000)  # short, but 999 folder levels
+    ids = ["good0", too_long, "good1", too_deep, "s\ud800", "good2"]
+    batch = {
+        "id": np.array(ids),
+        "source": np.array([f"/src/{i}" for i in range(len(ids))]),
+        "t0": np.full(len(ids), 0.3, np.float32),
+        "seed": np.arange(len(ids)),
+        "valid": np.ones(len(ids), bool),
+        "ok": np.ones(len(ids), bool),
+        "error": np.array([""] * len(ids)),
+    }
+    outputs = np.stack([output_for(i) for i in range(len(ids))])
+    with sinks.Sink(workdir, job_fields=JOB) as sink:  # one batch: the bad rows' batch-mates
+        sink.write_batch(batch, outputs)
+    assert sinks.completed_ids(workdir) == set(ids)  # a re-run redoes none of them
+    summary = sinks.finalize(workdir)
+    manifest = {r["id"]: r for r in read_jsonl(os.path.join(workdir, "manifest.jsonl"))}
+    failures = {r["id"]: r for r in read_jsonl(os.path.join(workdir, "failures.jsonl"))}
+    assert set(manifest) == {"good0", "good1", "good2", "s\ud800"}
+    assert set(failures) == {too_long, too_deep} and summary.failure_rows == 2
+    needed = len(os.path.join(os.path.abspath(workdir), "images", sinks.output_name(too_long)))
+    assert f"has {needed} bytes" in failures[too_long]["reason"] and needed > 4095
+    assert "at most 4095 bytes" in failures[too_long]["reason"]
+    assert "999 folder levels" in failures[too_deep]["reason"]
+    assert failures[too_long]["reason"].startswith("id (/src/1): ")
+    assert not os.path.exists(os.path.join(workdir, "images", "c")), "no folders for a bad id"
+    for row in manifest.values():
+        assert _file_facts(os.path.join(workdir, row["output"])) == {
+            "size": row["output_size"],
+            "sha256": row["output_sha256"],
+        }
+
+
+def test_resume_redoes_truncated_or_corrupt_outputs_and_trusts_older_rows(tmp_path):
+    workdir = str(tmp_path)
+    run_job(workdir, range(4))
+    sinks.finalize(workdir)
+    path = {
+        i: os.path.join(workdir, "images", sinks.output_name(example(i)["id"])) for i in range(4)
+    }
+    data = open(path[0], "rb").read()
+    open(path[0], "wb").write(data[: len(data) - 10])  # truncated: the PNG header still reads
+    flipped = bytearray(open(path[1], "rb").read())
+    flipped[len(flipped) // 2] ^= 1
+    open(path[1], "wb").write(bytes(flipped))  # same size, one bit wrong
+    done = sinks.completed_ids(workdir)
+    assert done == {example(i)["id"] for i in (2, 3)}
+    summary = sinks.finalize(workdir)  # sizes only: the truncated one is left out
+    assert summary.missing_outputs == [example(0)["id"]]
+    # Rows of older versions (no size, no checksum): a non-empty file counts as done.
+    run_job(workdir, [0])
+    sinks.finalize(workdir)
+    strip = ("output_size", "output_sha256")
+    _rewrite_rows(
+        os.path.join(workdir, "manifest.jsonl"),
+        lambda r: {k: v for k, v in r.items() if k not in strip},
+    )
+    assert sinks.completed_ids(workdir) == {example(i)["id"] for i in range(4)}
+
+
+def test_a_link_planted_in_the_workdir_is_never_written_through(tmp_path):
+    from sdedit_jax import metric_log, workdir_lock
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("keep")
+    workdir = tmp_path / "w"
+    (workdir / "images").mkdir(parents=True)
+    os.symlink(outside, workdir / "images" / "dir")  # where the outputs of dir/... go
+    with pytest.raises(sinks.LinkInWorkdir, match=r"images/dir is a symbolic link.*remove it"):
+        sinks.Sink(str(workdir))
+    os.remove(workdir / "images" / "dir")
+    os.symlink(victim, workdir / "job.p00000.lock")
+    with pytest.raises(workdir_lock.LinkInWorkdir, match=r"job.p00000.lock is a symbolic link"):
+        workdir_lock.acquire(str(workdir))
+    os.symlink(victim, workdir / "throughput.jsonl")
+    writer = metric_log.JsonlWriter(str(workdir / "throughput.jsonl"))
+    with pytest.raises(OSError, match="is a symbolic link"):
+        writer.write_scalars(0, {"images": 1.0})
+    assert victim.read_text() == "keep" and sorted(os.listdir(outside)) == ["victim.txt"]

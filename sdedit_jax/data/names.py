@@ -27,6 +27,13 @@ each other; hashed components differ unless 80-bit hashes collide. Output names
 are pure ASCII, so Unicode normalisation cannot merge them. Because a hash can
 in principle collide, :func:`find_clashes` checks a whole job's ids up front
 (case-folded, file vs folder); the input catalog turns any clash into a failure row.
+
+Paths a file system cannot hold (:func:`path_problem`): every component of a name
+is short (at most 125 bytes), but an id can still need a path longer than the
+file system allows (40 folders of 120 characters) or absurdly deep folders
+(1000 levels). Such an id fails its row in the sink, naming the limit; the
+rule is ``MAX_PATH_BYTES`` bytes for the whole path (Linux's PATH_MAX less the
+terminating zero) and ``MAX_FOLDERS`` folder levels below the sub-job folder.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _HASH_HEX = 20
 _KEEP_CHARS = 60
 OUTPUT_EXTENSION = ".png"
+MAX_PATH_BYTES = 4095
+MAX_FOLDERS = 64
 
 
 def _readable(text: str) -> str:
@@ -100,3 +109,19 @@ def find_clashes(ids: Iterable[str]) -> dict[str, str]:
         for prefix in prefixes:
             folders.setdefault(prefix, example_id)
     return clashes
+
+
+def path_problem(path: str, *, folders: int) -> str:
+    """Why a file system cannot hold the output file ``path`` (``""`` if it can).
+
+    ``folders`` is how many folder levels the id adds below the sub-job folder
+    (``output_name(id).count("/")``).
+    """
+    size = len(path.encode("utf-8", "surrogatepass"))
+    if size > MAX_PATH_BYTES or folders > MAX_FOLDERS:
+        return (
+            f"its output path has {size} bytes and {folders} folder levels; at most "
+            f"{MAX_PATH_BYTES} bytes and {MAX_FOLDERS} levels are allowed: give the example "
+            "a shorter id"
+        )
+    return ""

@@ -21,9 +21,14 @@ Crash safety: every file, the records included, is *published* with
 object stores such as ``gs://``: one upload of the final object, never an
 append), so a file is either absent or complete. A batch's completion record
 is published only after all of its outputs, so an example counts as done
-when a row names it; on local disks its outputs must also exist and not be
-empty (a 0-byte file, which a lost write-back can leave on some file systems,
-is redone); on object stores the publication order is trusted (checking
+when a row names it; on local disks its outputs must also be the files that
+were written: a row records each output's byte size and sha256
+(``output_size``, ``output_sha256``; ``npz_size``, ``npz_sha256``), taken from
+the bytes in memory when they are written, and a resume keeps an output only
+if both match (a truncated or corrupt file is redone; rows of older versions
+without them need a non-empty file). Resume reads and hashes every output
+once, on one thread per core (hashlib releases the GIL); ``finalize`` checks
+sizes only. On object stores the publication order is trusted (checking
 would cost one request per example). A kill can therefore leave at most an
 orphan temporary file (removed by the next sink of that process) or outputs
 without a record (redone and atomically replaced, with identical content).
@@ -31,6 +36,20 @@ Every sink writes records under its own ``<run>`` name, so two writers never
 replace each other's records. Rows hold only fields that are functions of the
 example and the job (no timestamps), so ``finalize`` after any number of
 restarts gives the same files as an uninterrupted run.
+
+Ids the file system cannot hold (a path over ``names.MAX_PATH_BYTES`` bytes or
+over ``names.MAX_FOLDERS`` folder levels, or one it refuses as too long) fail
+their row; every other row of the batch is written.
+
+Per-row inputs: a manifest row records ``inputs``, the digest of the row's
+inputs (:mod:`sdedit_jax.data.row_inputs`), when the job gives the sink a
+table of them; a failure row with ``inputs_changed`` (an id already done whose
+inputs changed) is kept by ``finalize`` beside the earlier output's row.
+
+No links: the job writes only inside its workdir. :func:`remove_orphan_temps`
+(run by every sink, and by the job on the whole workdir before any work)
+refuses a workdir holding a symbolic link (:class:`LinkInWorkdir`), so no
+write can follow one out of it.
 
 Bounded bookkeeping: resume reads the records as a stream and keeps only an
 8-byte hash per finished id (:class:`CompletedIds`), not the rows or id strings.
@@ -50,7 +69,10 @@ none is lost.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
+import hashlib
 import io
 import itertools
 import json
@@ -65,12 +87,29 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sdedit_jax import files
+from sdedit_jax import files, workdir_lock
+from sdedit_jax.data import names
 from sdedit_jax.data.names import output_name, output_stem  # noqa: F401  (the sink's naming)
 
 MANIFEST = "manifest"
 FAILURES = "failures"
-RESERVED_FIELDS = ("id", "source", "output", "npz", "npz_index", "t0", "seed", "reason")
+RESERVED_FIELDS = (
+    "id",
+    "source",
+    "output",
+    "output_size",
+    "output_sha256",
+    "npz",
+    "npz_size",
+    "npz_sha256",
+    "npz_index",
+    "t0",
+    "seed",
+    "inputs",
+    "reason",
+    "inputs_changed",
+)
+OUTPUT_KEYS = ("output", "npz")
 NPZ_MODES = ("none", "per_example", "shards")
 
 
@@ -81,6 +120,9 @@ PER_ROW_COUNTS = ("steps", "nfe")
 
 class SinkError(RuntimeError):
     """One or more background writes failed."""
+
+
+LinkInWorkdir = workdir_lock.LinkInWorkdir
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -215,37 +257,65 @@ def read_rows(path: str) -> tuple[list[dict], int]:
     return rows, bad
 
 
-def _output_paths(row: Mapping[str, Any]) -> list[Any]:
-    return [row[k] for k in ("output", "npz") if k in row] or [None]
+_Output = tuple[str, Any, Any]  # (path under the workdir, recorded size, recorded sha256)
 
 
-def _output_exists(
-    workdir: str, row: Mapping[str, Any], checked: dict | None = None, local: bool | None = None
-) -> bool:
-    """Whether a row's outputs are in place (``checked`` caches results of shared shards)."""
-    paths = _output_paths(row)
-    if not all(isinstance(p, str) for p in paths):
+def _outputs(row: Mapping[str, Any]) -> list[_Output] | None:
+    """A row's output files with what it recorded of them (None: the row names none)."""
+    found = [
+        (row[k], row.get(f"{k}_size"), row.get(f"{k}_sha256")) for k in OUTPUT_KEYS if k in row
+    ]
+    if not found or not all(isinstance(path, str) for path, _, _ in found):
+        return None
+    return found
+
+
+def _file_ok(workdir: str, output: _Output, content: bool) -> bool:
+    """Whether an output is the file that was written: its size and (``content``) sha256.
+
+    Rows of older versions record neither: their file must exist and not be empty.
+    """
+    path, size, sha256 = output
+    full = os.path.join(workdir, path)
+    try:
+        info = os.stat(full)
+    except (OSError, ValueError):
         return False
-    if not (files.is_local(workdir) if local is None else local):
-        return True  # the publication order guarantees it (see the module docstring)
-    for path in paths:
-        ok = None if checked is None else checked.get(path)
-        if ok is None:
-            ok = _non_empty_file(os.path.join(workdir, path))
-            if checked is not None and "npz_index" in row:
-                checked.clear()  # rows of one shard are consecutive: remember the last only
-                checked[path] = ok
-        if not ok:
+    if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+        return False
+    if isinstance(size, int) and info.st_size != size:
+        return False
+    if content and isinstance(sha256, str):
+        try:
+            return files.sha256(full) == sha256
+        except OSError:
             return False
     return True
 
 
-def _non_empty_file(path: str) -> bool:
-    try:
-        info = os.stat(path)
-    except OSError:
+def _output_exists(workdir: str, row: Mapping[str, Any], local: bool | None = None) -> bool:
+    """Whether a row's outputs are in place, by their sizes (the cheap check of ``finalize``)."""
+    outputs = _outputs(row)
+    if outputs is None:
         return False
-    return stat.S_ISREG(info.st_mode) and info.st_size > 0
+    if not (files.is_local(workdir) if local is None else local):
+        return True  # the publication order guarantees it (see the module docstring)
+    return all(_file_ok(workdir, output, content=False) for output in outputs)
+
+
+def _verified(
+    workdir: str, rows: list[Mapping[str, Any]], pool: concurrent.futures.Executor | None
+) -> list[bool]:
+    """Per row: whether its outputs are the files written (size and sha256), checked on ``pool``.
+
+    A file shared by rows (an npz shard) is checked once per block.
+    """
+    wanted = [_outputs(row) for row in rows]
+    if pool is None:  # object stores: the publication order guarantees it
+        return [outputs is not None for outputs in wanted]
+    unique = list(dict.fromkeys(o for outputs in wanted if outputs for o in outputs))
+    ok = dict(zip(unique, pool.map(lambda o: _file_ok(workdir, o, True), unique), strict=True))
+    return [outputs is not None and all(ok[o] for o in outputs) for outputs in wanted]
 
 
 def _record_files(workdir: str, kind: str) -> list[str]:
@@ -253,21 +323,46 @@ def _record_files(workdir: str, kind: str) -> list[str]:
     return [files.join(workdir, f"{kind}.jsonl")] + _process_files(workdir, kind)
 
 
-def _completed_stream(workdir: str, retry_failed: bool) -> Iterator[list[str]]:
-    """Lists of ids with a manifest row whose outputs exist, then (unless retried) failed ids."""
-    checked: dict = {}
-    local = files.is_local(workdir)
-    for path in _record_files(workdir, MANIFEST):
-        for rows in _row_blocks(path):
-            yield [
-                row["id"]
-                for row, _ in rows
-                if row is not None and _output_exists(workdir, row, checked, local)
-            ]
+def _input_digest(row: Mapping[str, Any]) -> int:
+    """The row's recorded ``inputs`` digest, 0 if it has none (rows of older versions)."""
+    value = row.get("inputs")
+    try:
+        return int(value, 16) if isinstance(value, str) and len(value) == 16 else 0
+    except ValueError:
+        return 0
+
+
+def _completed_stream(workdir: str, retry_failed: bool) -> Iterator[tuple[list[str], list[int]]]:
+    """``(ids, input digests)`` of failed ids (unless retried; digest 0), then of manifest rows
+    whose outputs check (last, so that a finished id's digest wins in :class:`CompletedIds`)."""
     if not retry_failed:
         for path in _record_files(workdir, FAILURES):
-            for rows in _row_blocks(path):
-                yield [row["id"] for row, _ in rows if row is not None]
+            for block in _row_blocks(path):
+                ids = [row["id"] for row, _ in block if row is not None]
+                yield ids, [0] * len(ids)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if files.is_local(workdir):
+            pool = stack.enter_context(
+                concurrent.futures.ThreadPoolExecutor(default_writer_threads(), "sink-verify")
+            )
+        for path in _record_files(workdir, MANIFEST):
+            for block in _row_blocks(path):
+                rows = [row for row, _ in block if row is not None]
+                done = [
+                    row for row, ok in zip(rows, _verified(workdir, rows, pool), strict=True) if ok
+                ]
+                yield [row["id"] for row in done], [_input_digest(row) for row in done]
+
+
+def manifest_rows_of(workdir: str, ids: Iterable[str]) -> dict[str, dict]:
+    """The latest manifest row of each of ``ids`` (one stream over the records; for few ids)."""
+    wanted, found = set(ids), {}
+    for path in _record_files(workdir, MANIFEST):
+        for row, _ in _iter_rows(path):
+            if row is not None and row["id"] in wanted:
+                found[row["id"]] = row
+    return found
 
 
 def _utf8(ids: Iterable[str | bytes] | np.ndarray) -> np.ndarray:
@@ -281,7 +376,7 @@ def _utf8(ids: Iterable[str | bytes] | np.ndarray) -> np.ndarray:
     try:
         return ids.astype("S")  # ASCII ids: a fast C conversion
     except UnicodeEncodeError:
-        return np.char.encode(ids, "utf-8")
+        return np.char.encode(ids, "utf-8", "surrogatepass")  # a lone surrogate too
 
 
 def _mix(values: np.ndarray) -> np.ndarray:
@@ -322,13 +417,18 @@ class CompletedIds:
     seconds to build; this costs 8 MB. Two distinct ids share a hash with
     probability about n^2 / 2^65 (3e-8 for a million ids): the cost of a
     collision would be one example skipped as done.
+
+    ``digests`` (aligned with ``hashes``, 8 more bytes per id) are the recorded
+    input digests of finished ids (0: unknown); of an id given twice the last wins.
     """
 
-    def __init__(self, hashes: np.ndarray):
-        hashes = np.sort(np.asarray(hashes, np.uint64))
-        self._hashes = (
-            hashes[np.concatenate(([True], hashes[1:] != hashes[:-1]))] if len(hashes) else hashes
-        )
+    def __init__(self, hashes: np.ndarray, digests: np.ndarray | None = None):
+        hashes = np.asarray(hashes, np.uint64)
+        digests = np.zeros(len(hashes), np.uint64) if digests is None else digests
+        order = np.argsort(hashes, kind="stable")
+        hashes, digests = hashes[order], np.asarray(digests, np.uint64)[order]
+        last = np.concatenate((hashes[1:] != hashes[:-1], [True])) if len(hashes) else []
+        self._hashes, self._digests = hashes[last], digests[last]
 
     @classmethod
     def from_ids(cls, ids: Iterable[str], chunk: int = 1 << 16) -> CompletedIds:
@@ -348,13 +448,23 @@ class CompletedIds:
     def __contains__(self, example_id: object) -> bool:
         return bool(self.contains([example_id])[0])
 
-    def contains(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
-        """Boolean membership of every id (vectorised over the hashes)."""
+    def _find(self, ids: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keys = id_hashes(ids)
         if not len(self._hashes):
-            return np.zeros(len(keys), bool)
+            return np.zeros(len(keys), np.intp), np.zeros(len(keys), bool)
         where = np.minimum(np.searchsorted(self._hashes, keys), len(self._hashes) - 1)
-        return self._hashes[where] == keys
+        return where, self._hashes[where] == keys
+
+    def contains(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Boolean membership of every id (vectorised over the hashes)."""
+        return self._find(ids)[1]
+
+    def digests(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """The recorded input digest of every id (uint64; 0 where unknown or not finished)."""
+        where, found = self._find(ids)
+        if not len(self._digests):
+            return np.zeros(len(found), np.uint64)
+        return np.where(found, self._digests[where], np.uint64(0))
 
 
 def completed_ids(workdir: str, *, retry_failed: bool = False) -> set[str]:
@@ -366,17 +476,25 @@ def completed_ids(workdir: str, *, retry_failed: bool = False) -> set[str]:
         workdir: the job's output folder (all processes' files are read).
         retry_failed: leave failed ids out, so they are tried again.
     """
-    return {i for ids in _completed_stream(workdir, retry_failed) for i in ids}
+    return {i for ids, _ in _completed_stream(workdir, retry_failed) for i in ids}
 
 
 def completed_index(workdir: str, *, retry_failed: bool = False) -> CompletedIds:
-    """The ids of :func:`completed_ids` as a compact :class:`CompletedIds`."""
-    return CompletedIds(
-        np.concatenate(
-            [np.zeros(0, np.uint64)]
-            + [id_hashes(ids) for ids in _completed_stream(workdir, retry_failed)]
-        )
-    )
+    """The ids of :func:`completed_ids` as a compact :class:`CompletedIds`, with input digests."""
+    hashes, digests = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+    for ids, values in _completed_stream(workdir, retry_failed):
+        hashes.append(id_hashes(ids))
+        digests.append(np.array(values, np.uint64))
+    return CompletedIds(np.concatenate(hashes), np.concatenate(digests))
+
+
+def failed_index(workdir: str) -> CompletedIds:
+    """The ids with a failure row (no output is read: a dry run needs no second check)."""
+    hashes = [np.zeros(0, np.uint64)]
+    for path in _record_files(workdir, FAILURES):
+        for block in _row_blocks(path):
+            hashes.append(id_hashes([row["id"] for row, _ in block if row is not None]))
+    return CompletedIds(np.concatenate(hashes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,22 +505,25 @@ class FinalizeSummary:
     failure_rows: int
     ignored_lines: int
     missing_outputs: list[str]
+    changed_inputs: int = 0  # failure rows of ids that also keep their earlier output's row
 
 
 def _write_jsonl(path: str, rows: list[Mapping[str, Any]]) -> None:
     atomic_write_bytes(path, "".join(_jsonl_line(row) for row in rows).encode())
 
 
-def _latest_lines(workdir: str, kind: str) -> tuple[dict[str, tuple[dict, bytes]], int, list[str]]:
-    """Last row (and its line) of every id over all record files, bad lines, files read."""
+def _latest_lines(
+    workdir: str, kind: str
+) -> tuple[dict[str, tuple[dict, bytes, bool]], int, list[str]]:
+    """Last row, its line and whether it is a per-batch record, of every id; bad lines; files."""
     latest, bad, read = {}, 0, []
-    for path in _record_files(workdir, kind):
+    for index, path in enumerate(_record_files(workdir, kind)):
         read.append(path)
         for row, line in _iter_rows(path):
             if row is None:
                 bad += 1
             else:
-                latest[row["id"]] = (row, line + b"\n")
+                latest[row["id"]] = (row, line + b"\n", index > 0)
     return latest, bad, read
 
 
@@ -412,16 +533,23 @@ def finalize(workdir: str) -> FinalizeSummary:
     Call once after every process has closed its sink (e.g. on process 0
     after a barrier). Rows whose outputs are missing are left out and listed
     in the summary (a rerun redoes them); failure rows of ids that succeeded
-    are dropped. The per-batch records merged into the two files are then
-    deleted (a kill in between leaves duplicates, which are merged again).
+    are dropped, except ``inputs_changed`` rows of the records being merged
+    (a job checks every finished id's inputs on each run and writes them
+    again while they differ). The per-batch records merged into the two files
+    are then deleted (a kill in between leaves duplicates, merged again).
     """
     manifest, bad_rows, manifest_files = _latest_lines(workdir, MANIFEST)
-    missing = sorted(i for i, (row, _) in manifest.items() if not _output_exists(workdir, row))
+    missing = sorted(i for i, (row, *_) in manifest.items() if not _output_exists(workdir, row))
     for example_id in missing:
         del manifest[example_id]
     failures, bad_failures, failure_files = _latest_lines(workdir, FAILURES)
+    changed = 0
     for example_id in set(failures) & set(manifest):
-        del failures[example_id]
+        row, _, new = failures[example_id]
+        if new and row.get("inputs_changed"):
+            changed += 1
+        else:
+            del failures[example_id]
     for kind, latest in ((MANIFEST, manifest), (FAILURES, failures)):
         path = files.join(workdir, f"{kind}.jsonl")
         try:
@@ -433,25 +561,34 @@ def finalize(workdir: str) -> FinalizeSummary:
             files.remove(path)
         except FileNotFoundError:
             pass
-    return FinalizeSummary(len(manifest), len(failures), bad_rows + bad_failures, missing)
+    return FinalizeSummary(len(manifest), len(failures), bad_rows + bad_failures, missing, changed)
 
 
 def remove_orphan_temps(workdir: str, process_index: int, *, recursive: bool = True) -> None:
-    """Deletes temporary files this process left behind when it was killed.
+    """Deletes temporary files this process left behind when it was killed; refuses links.
 
     Output names never start with ``.`` (see :mod:`sdedit_jax.data.names`), so
     no output can be mistaken for a temporary file. Object stores have none
-    (objects are uploaded whole).
+    (objects are uploaded whole). A symbolic link anywhere in the walk raises
+    :class:`LinkInWorkdir` naming it: the job writes only inside its workdir,
+    and a planted link (``images`` -> elsewhere) would take writes out of it.
+    The walk is iterative (``os.scandir``, one ``lstat``-free pass per folder).
     """
     if not files.is_local(workdir) or not os.path.isdir(workdir):
         return
     tag = _temp_tag(process_index)
-    for folder, subfolders, names in os.walk(workdir):
-        if not recursive:
-            subfolders.clear()
-        for name in names:
-            if files.is_temp_name(name, tag):
-                os.remove(os.path.join(folder, name))
+    pending = [files.abspath(workdir)]
+    while pending:
+        folder = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    raise workdir_lock.link_refused(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        pending.append(entry.path)
+                elif files.is_temp_name(entry.name, tag):
+                    os.remove(entry.path)
 
 
 def _text(value: Any) -> str:
@@ -485,6 +622,7 @@ class Sink:
         num_threads: int | None = None,
         max_pending: int | None = None,
         on_written: Callable[[int], None] | None = None,
+        input_digests: Any = None,
     ):
         """Opens (and cleans after a crash) this process's files in ``workdir``.
 
@@ -502,6 +640,9 @@ class Sink:
             max_pending: batches queued before ``write*`` blocks (default 2).
             on_written: called (on a writer thread) with a count of examples whose
                 output files or failure row were just published (progress counts these).
+            input_digests: the rows' input digests (``row_inputs.DigestTable``,
+                anything with ``lookup(ids) -> uint64``; 0 = unknown), recorded
+                as ``inputs`` in manifest rows.
         """
         if npz not in NPZ_MODES:
             raise ValueError(f"npz: expected one of {NPZ_MODES}, got {npz!r}")
@@ -516,6 +657,7 @@ class Sink:
         self.process_index = process_index
         self.png, self.npz, self.png_compression = png, npz, png_compression
         self.job_fields = dict(job_fields or {})
+        self.input_digests = input_digests
         _check_fields(self.job_fields)
         files.makedirs(workdir)
         remove_orphan_temps(workdir, process_index)
@@ -566,9 +708,22 @@ class Sink:
         self._submit(self._write_batch, columns, _Stacked(image), self._fields(fields))
 
     def write_failure(
-        self, *, id: str, source: str, reason: str, fields: Mapping[str, Any] | None = None
+        self,
+        *,
+        id: str,
+        source: str,
+        reason: str,
+        fields: Mapping[str, Any] | None = None,
+        inputs_changed: str = "",
     ) -> None:
-        """Queues a failure row ``{id, source, reason}`` (plus ``fields``)."""
+        """Queues a failure row ``{id, source, reason}`` (plus ``fields``).
+
+        ``inputs_changed`` names the input field of a finished id that changed
+        (the row is then kept beside the earlier output's, see ``finalize``).
+        """
+        fields = self._fields(fields)
+        if inputs_changed:
+            fields["inputs_changed"] = inputs_changed
         columns = {
             "id": np.array([id]),
             "source": np.array([source]),
@@ -578,7 +733,7 @@ class Sink:
             "ok": np.array([False]),
             "error": np.array([reason]),
         }
-        self._submit(self._write_batch, columns, None, self._fields(fields))
+        self._submit(self._write_batch, columns, None, fields)
 
     def write_batch(
         self, batch: Mapping[str, Any], outputs: Any, fields: Mapping[str, Any] | None = None
@@ -662,17 +817,46 @@ class Sink:
             files.join(self.workdir, relative), data, process_index=self.process_index
         )
 
-    def _write_image(self, example_id: str, image: np.ndarray) -> dict[str, Any]:
-        """Publishes one example's per-example files; returns their row fields."""
-        row: dict[str, Any] = {}
+    def _output_paths(self, example_id: str) -> dict[str, str]:
+        """The per-example files of an id: row key -> path under the workdir."""
+        paths = {}
         if self.png:
-            row["output"] = f"images/{output_name(example_id)}"
-            self._publish(row["output"], png_bytes(image, self.png_compression))
+            paths["output"] = f"images/{output_name(example_id)}"
         if self.npz == "per_example":
-            row["npz"] = f"arrays/{output_stem(example_id)}.npz"
-            buffer = io.BytesIO()
-            np.savez(buffer, image=image)
-            self._publish(row["npz"], buffer.getvalue())
+            paths["npz"] = f"arrays/{output_stem(example_id)}.npz"
+        return paths
+
+    def _path_problem(self, example_id: str) -> str:
+        """Why the file system cannot hold an id's outputs (``""`` if it can)."""
+        folders = output_name(example_id).count("/")
+        for path in self._output_paths(example_id).values():
+            full = files.join(self.workdir, path)
+            problem = names.path_problem(files.abspath(full), folders=folders)
+            if problem:
+                return problem
+        return ""
+
+    def _write_image(self, example_id: str, image: np.ndarray) -> dict[str, Any] | str:
+        """Publishes one example's per-example files; returns their row fields.
+
+        Returns the reason instead if the file system refuses the path as too
+        long (a limit below ``names.MAX_PATH_BYTES``): a fault of the id, not of the disk.
+        """
+        row: dict[str, Any] = {}
+        for key, path in self._output_paths(example_id).items():
+            if key == "output":
+                data = png_bytes(image, self.png_compression)
+            else:
+                buffer = io.BytesIO()
+                np.savez(buffer, image=image)
+                data = buffer.getvalue()
+            try:
+                self._publish(path, data)
+            except OSError as e:
+                if e.errno != errno.ENAMETOOLONG:
+                    raise
+                return f"its output path is too long for this file system ({os.strerror(e.errno)})"
+            row.update(_file_fields(key, path, data))
         return row
 
     def _write_batch(
@@ -689,6 +873,10 @@ class Sink:
             base = {**fields, "id": example_id, "source": source}
             if not columns["ok"][i]:
                 failures.append({**base, "reason": _text(columns["error"][i])})
+                continue
+            problem = self._path_problem(example_id)
+            if problem:
+                failures.append({**base, "reason": f"id ({source}): {problem}"})
                 continue
             image = images[i]
             if image.ndim != 3 or image.shape[-1] not in (1, 3):
@@ -710,11 +898,28 @@ class Sink:
             )
         ids = [_text(columns["id"][i]) for i in finite]
         written = []
-        for files_of_one in self._images.map(self._write_image, ids, [images[i] for i in finite]):
-            written.append(files_of_one)
-            if files_of_one:  # published now (shards and failures: with the record, below)
+        for out in self._images.map(self._write_image, ids, [images[i] for i in finite]):
+            written.append(out)
+            if out and not isinstance(out, str):  # published now (the rest: with the record)
                 self._on_written(1)
-        counted = sum(1 for files_of_one in written if files_of_one)
+        counted = sum(1 for out in written if out and not isinstance(out, str))
+        refused = [k for k, out in enumerate(written) if isinstance(out, str)]
+        for k in refused:
+            failures.append(
+                {
+                    **fields,
+                    "id": ids[k],
+                    "source": manifest[k]["source"],
+                    "reason": f"id ({manifest[k]['source']}): {written[k]}",
+                }
+            )
+        keep = [k for k, out in enumerate(written) if not isinstance(out, str)]
+        manifest, written = [manifest[k] for k in keep], [written[k] for k in keep]
+        finite, ids = [finite[k] for k in keep], [ids[k] for k in keep]
+        if self.input_digests is not None and ids:
+            for row, digest in zip(manifest, self.input_digests.lookup(ids), strict=True):
+                if digest:
+                    row["inputs"] = f"{int(digest):016x}"
         sequence = next(self._sequence)
         if self.npz == "shards" and finite:
             shard = self._record_path("arrays/part", sequence, "npz")
@@ -722,8 +927,9 @@ class Sink:
             np.savez(buffer, id=np.array(ids), image=images[finite])
             atomic_write_bytes(shard, buffer.getvalue(), process_index=self.process_index)
             relative = files.relpath(shard, self.workdir).replace(os.sep, "/")
+            shard_fields = _file_fields("npz", relative, buffer.getvalue())
             for index, fields_written in enumerate(written):
-                fields_written.update(npz=relative, npz_index=index)
+                fields_written.update(shard_fields, npz_index=index)
         for kind, records in (
             (MANIFEST, [{**row, **extra} for row, extra in zip(manifest, written, strict=True)]),
             (FAILURES, failures),
@@ -735,9 +941,16 @@ class Sink:
                     "".join(_jsonl_line(r) for r in records).encode(),
                     process_index=self.process_index,
                 )
+        stream_rows = 0 if "inputs_changed" in fields else len(rows)  # not rows of the stream
         with self._count_lock:
-            self._written += len(rows)
-        self._on_written(len(rows) - counted)
+            self._written += stream_rows
+        if stream_rows:
+            self._on_written(stream_rows - counted)
+
+
+def _file_fields(key: str, path: str, data: bytes) -> dict[str, Any]:
+    """Row fields of a published file: its path, byte size and sha256 (of the bytes in memory)."""
+    return {key: path, f"{key}_size": len(data), f"{key}_sha256": hashlib.sha256(data).hexdigest()}
 
 
 class _Stacked:

@@ -124,8 +124,15 @@ def _catalog(rows: list[_Row], payload=None) -> Catalog:
 
 
 def _printable(text: str) -> str:
-    """``text`` with bytes that are not UTF-8 (file names) shown as ``\\xNN``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``text`` with bytes that are not UTF-8 (file names) shown as ``\\xNN``.
+
+    A lone surrogate that is no escaped byte (``"\\ud800"`` in a JSON manifest) is
+    shown as ``\\ud800``.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _encodable(row: _Row) -> _Row:

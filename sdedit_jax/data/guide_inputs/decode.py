@@ -52,7 +52,9 @@ def _open(path: str, data: bytes, label: str):
         os.close(fd)
         raise BadInput(f"{label}: {_file_problem(path) or 'not a regular file'}")
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    # Named by its path, not its descriptor: decoders quote the name in failure reasons,
+    # which must be identical between identical runs.
+    return open(path, "rb", opener=lambda *_: fd)
 
 
 def _read_npy(stream, label: str, max_pixels: int) -> np.ndarray:
