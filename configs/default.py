@@ -37,7 +37,7 @@ FIELD_DOCS = {
     "model_dir": "model folder (python -m sdedit_jax.convert), or 'default' for the shipped model",
     "input.source": "folder | manifest | tfrecord | tfds (see sdedit_jax/data/guide_inputs/)",
     "input.path": "guide folder, manifest file (.jsonl/.csv) or comma-separated TFRecord globs",
-    "input.image_size": "(height, width) of the model's images",
+    "input.image_size": "(height, width) of the guides; None = the model's own size",
     "input.channels": "3 (RGB) or 1 (grayscale)",
     "input.resize": "resize guides and masks of another size to image_size",
     "input.mask_dir": "masks folder inside a guide folder ('' = no masks)",
@@ -62,6 +62,7 @@ FIELD_DOCS = {
     "output.writer_threads": "image writer threads (None = one per CPU core)",
     "overwrite": "True: delete a workdir's outputs of another configuration",
     "contact_sheet": "write <workdir>/contact_sheet.png (guides and edits side by side)",
+    "progress_every_s": "seconds between progress lines (log files) and throughput rows",
 }
 
 
@@ -107,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.overwrite = False
     config.contact_sheet = True
-    config.progress_every_s = 10.0  # a progress line (log files) and throughput row this often
+    config.progress_every_s = 10.0
     if variant.quick:
         config.sampler.steps_per_unit_time = 20
     return config
