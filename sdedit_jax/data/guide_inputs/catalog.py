@@ -6,11 +6,9 @@ job can count, shard and skip completed examples before decoding anything.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import os
+import re
 import stat
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,7 +20,6 @@ from sdedit_jax import files
 from sdedit_jax.data import names
 from sdedit_jax.data.guide_inputs.config import (
     GUIDE_EXTENSIONS,
-    MANIFEST_FIELDS,
     MASK_EXTENSIONS,
     SEED_RANGE,
     GuideInputConfig,
@@ -75,87 +72,227 @@ class Catalog:
 
 
 def _catalog(rows: list[_Row], payload=None) -> Catalog:
-    """Column arrays of ``rows``; repeated ids fail so that no output is overwritten."""
-    first_source: dict[str, str] = {}
-    repeats: dict[str, int] = {}
-    unique = []
-    for row in rows:
-        if row.id not in first_source:
-            first_source[row.id] = row.source
-            unique.append(row)
-            continue
-        repeats[row.id] = repeats.get(row.id, 0) + 1
-        reason = (
-            f"id ({row.source}): {row.id!r} is already used by {first_source[row.id]}; "
-            "give every example a distinct id"
-        )
-        unique.append(
-            dataclasses.replace(
-                row, id=f"{row.id}#duplicate{repeats[row.id]}", error=row.error or reason
+    """The catalog of ``rows`` (already in canonical order)."""
+    columns = {
+        "id": _id_bytes([row.id for row in rows]),
+        "t0": np.array([row.t0 for row in rows], np.float32),
+        "seed": np.array([row.seed for row in rows], np.int64),
+        "t0_given": np.array([row.t0_given for row in rows], bool),
+    }
+    for name in _TEXT:
+        columns[name] = _objects([getattr(row, name) for row in rows])
+    return _columns_catalog(columns, payload=payload)
+
+
+_TEXT = ("source", "guide_path", "mask_path", "error")
+_SHOWN_CHARS = 80
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, shortened: a failure reason must stay one readable line."""
+    text = repr(value)
+    return (
+        text if len(text) <= _SHOWN_CHARS else f"{text[: _SHOWN_CHARS - 20]}... ({len(text)} chars)"
+    )
+
+
+def _objects(values: list) -> np.ndarray:
+    column = np.empty(len(values), object)
+    column[:] = values
+    return column
+
+
+def _id_bytes(ids: list[str]) -> np.ndarray:
+    """Ids as UTF-8 bytes (``S``): a quarter of ``U``'s memory, and sorted alike.
+
+    ``surrogatepass`` keeps lone surrogates (they fail later, by name) in code point order.
+    """
+    try:
+        return np.array(ids, dtype="S")  # ASCII: a C conversion
+    except UnicodeEncodeError:
+        return np.array([i.encode("utf-8", "surrogatepass") for i in ids], dtype="S")
+
+
+def _is_sorted(values: np.ndarray) -> bool:
+    return bool(np.all(values[1:] >= values[:-1]))
+
+
+def _non_ascii(values: np.ndarray) -> np.ndarray:
+    """Which entries of an ``S`` array hold a byte >= 0x80."""
+    if not values.dtype.itemsize:
+        return np.zeros(len(values), bool)
+    raw = np.frombuffer(values.tobytes(), np.uint8).reshape(len(values), values.dtype.itemsize)
+    return (raw >= 0x80).any(axis=1)
+
+
+def _columns_catalog(
+    columns: dict[str, np.ndarray], *, sort: bool = False, payload=None
+) -> Catalog:
+    """The catalog of rows given as columns (``id`` as UTF-8 ``S``, text as objects).
+
+    With ``sort``, rows are put in canonical order: by id, ties in input order (a stable
+    sort of UTF-8 bytes orders like Python's ``sorted`` of the strings). Then repeated
+    ids and output-name clashes fail their rows, and ids become a ``str`` array. All of
+    it in bulk: only the rare rows with a problem are looked at one by one.
+    """
+    ids = columns["id"]
+    if sort and not _is_sorted(ids):
+        order = np.argsort(ids, kind="stable")
+        columns = {k: v[order] for k, v in columns.items()}
+        ids = columns["id"]
+    new_ids: dict[int, str] = {}
+    errors = columns["error"]
+    for index, first, repeat in _repeats(ids):
+        new_ids[index] = f"{_text(ids[index])}#duplicate{repeat}"
+        if not errors[index]:
+            errors[index] = (
+                f"id ({columns['source'][index]}): {_text(ids[index])!r} is already used by "
+                f"{columns['source'][first]}; give every example a distinct id"
             )
-        )
-    unique = [_encodable(row) for row in unique]
-    clashes = names.find_clashes(row.id for row in unique)
-    unique = [
-        row
-        if row.id not in clashes
-        else dataclasses.replace(
-            row,
-            error=row.error
-            or (
-                f"id ({row.source}): output name {names.output_name(row.id)!r} "
-                f"clashes with that of id {clashes[row.id]!r}; give the examples other ids"
-            ),
-        )
-        for row in unique
-    ]
-    # Ids as a numpy str array (hashed and compared in bulk); the other text columns as
-    # object arrays: a fixed-width column costs 4 bytes x the longest value per row, so
-    # one long error message would cost gigabytes over a million rows.
-    columns = {"id": np.array([row.id for row in unique], dtype=str)}
-    for name in ("source", "guide_path", "mask_path", "error"):
-        column = np.empty(len(unique), object)
-        column[:] = [getattr(row, name) for row in unique]
-        columns[name] = column
-    columns["t0"] = np.array([row.t0 for row in unique], np.float32)
-    columns["t0_given"] = np.array([row.t0_given for row in unique], bool)
-    columns["seed"] = np.array([row.seed for row in unique], np.int64)
-    return Catalog(columns, payload)
+    suspects = _non_ascii(ids)
+    for name in _TEXT:
+        suspects |= ~np.fromiter(map(str.isascii, columns[name]), bool, len(ids))
+    for index in np.flatnonzero(suspects):
+        _encodable(columns, new_ids, int(index))
+    if _non_ascii(ids).any():
+        id_text = np.array([_text(i) for i in ids.tolist()], dtype=str)
+    else:
+        id_text = ids.astype(str)  # ASCII: a C conversion
+    if new_ids:
+        width = max(id_text.dtype.itemsize // 4, *map(len, new_ids.values()))
+        id_text = id_text.astype(f"U{width}")
+        for index, text in new_ids.items():
+            id_text[index] = text
+    for example_id, other in _clashes(id_text).items():
+        for index in np.flatnonzero(id_text == example_id):
+            if not errors[index]:
+                errors[index] = (
+                    f"id ({columns['source'][index]}): output name "
+                    f"{names.output_name(example_id)!r} clashes with that of id {other!r}; "
+                    "give the examples other ids"
+                )
+    return Catalog({**columns, "id": id_text}, payload)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def _repeats(ids: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(index, index of the first row with that id, k)`` of every k-th repeat of an id."""
+    order = None if _is_sorted(ids) else np.argsort(ids, kind="stable")
+    ranked = ids if order is None else ids[order]
+    later = np.flatnonzero(ranked[1:] == ranked[:-1]) + 1
+    out, run_start, previous = [], 0, -2
+    for position in later.tolist():
+        run_start = run_start if position == previous + 1 else position - 1
+        previous = position
+        index = position if order is None else int(order[position])
+        first = run_start if order is None else int(order[run_start])
+        out.append((index, first, position - run_start))
+    return out
 
 
 def _printable(text: str) -> str:
-    """``text`` with bytes that are not UTF-8 (file names) shown as ``\\xNN``.
+    """``text`` with what is not UTF-8 shown escaped: bytes of a file name in another
+    encoding as ``\\xNN``, other lone surrogates (JSON ``"\\ud800"``) as ``\\uNNNN``."""
+    if _utf8(text):
+        return text
+    return "".join(
+        (f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}")
+        if 0xD800 <= ord(c) <= 0xDFFF
+        else c
+        for c in text
+    )
 
-    A lone surrogate that is no escaped byte (``"\\ud800"`` in a JSON manifest) is
-    shown as ``\\ud800``.
-    """
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (holds no lone surrogate)."""
+    if text.isascii():
+        return True
     try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return False
+    return True
 
 
-def _encodable(row: _Row) -> _Row:
-    """The row, or a failed row with printable text if a field is not valid UTF-8.
+def _encodable(columns: dict[str, np.ndarray], new_ids: dict[int, str], index: int) -> None:
+    """Fails row ``index`` with printable text if a field is not valid UTF-8.
 
     Such text (a file name in another encoding, a lone surrogate in a JSON
-    manifest) cannot enter the tf.data pipeline or a JSON manifest.
+    manifest) cannot enter the tf.data pipeline, a file name or a JSON manifest.
     """
-    fields = ("id", "source", "guide_path", "mask_path", "error")
-    if all(getattr(row, f).isascii() for f in fields):  # the common case, checked fast
-        return row
-    bad = [f for f in fields if _printable(getattr(row, f)) != getattr(row, f)]
+    row_id = new_ids.get(index, _text(columns["id"][index]))
+    fields = {"id": row_id, **{name: columns[name][index] for name in _TEXT}}
+    bad = [f for f, text in fields.items() if not _utf8(text)]
     if not bad:
-        return row
-    shown = {f: _printable(getattr(row, f)) for f in ("id", "source")}
+        return
     field = {"id": "id", "mask_path": "mask"}.get(bad[0], "guide")
-    return dataclasses.replace(
-        row,
-        **shown,
-        guide_path="",
-        mask_path="",
-        error=(f"{field} ({shown['source']}): name is not valid UTF-8; rename the file"),
+    source = _printable(fields["source"])
+    new_ids[index] = _printable(row_id)
+    columns["source"][index] = source
+    columns["guide_path"][index] = ""
+    columns["mask_path"][index] = ""
+    columns["error"][index] = (
+        f"{field} ({source}): '{_printable(fields[bad[0]] or row_id)}' is not valid UTF-8 "
+        "(a byte of another encoding or a lone surrogate); rename the file or fix the id"
     )
+
+
+_PLAIN_IDS = re.compile(
+    r"(?:(?:[a-z0-9_-][a-z0-9._-]{0,119}(?<!\.png)/)*[a-z0-9_-][a-z0-9._-]{0,119}\n)*"
+)
+_CLASH_CHUNK = 1 << 14
+
+
+def _output_keys(ids: list[str]) -> list[str]:
+    """Case-folded output names (``names.output_name``), computed in bulk for plain ids.
+
+    A plain id (lower-case ASCII components, no folder ending in ``.png``) is its own
+    output name, plus ``~.png`` unless it ends in ``.png``.
+    """
+    if _PLAIN_IDS.fullmatch("\n".join(ids) + "\n"):
+        return [i if i.endswith(".png") else i + "~.png" for i in ids]
+    return [names.output_name(i).casefold() for i in ids]
+
+
+def _clashes(ids: np.ndarray) -> dict[str, str]:
+    """``names.find_clashes`` of ``ids`` in order, at hash speed.
+
+    Only ids whose output name (or one of its folders) hashes like another id's
+    name can clash; the exact check runs on those alone, in order, so the result
+    is ``find_clashes``'s while nothing per id outlives its chunk but a hash.
+    """
+    hashes, folders = [], set()
+    for start in range(0, len(ids), _CLASH_CHUNK):
+        keys = _output_keys(ids[start : start + _CLASH_CHUNK].tolist())
+        hashes.append(np.fromiter(map(hash, keys), np.int64, len(keys)))
+        for key in keys:
+            folder = key.rpartition("/")[0]
+            while folder and folder not in folders:
+                folders.add(folder)
+                folder = folder.rpartition("/")[0]
+    if not hashes:
+        return {}
+    hashes = np.concatenate(hashes)
+    ranked = np.sort(hashes)
+    repeated = ranked[1:][ranked[1:] == ranked[:-1]]
+    folders = list(folders)
+    folder_hashes = np.fromiter(map(hash, folders), np.int64, len(folders))
+    suspects = np.isin(hashes, repeated) | np.isin(hashes, folder_hashes)
+    named_like_files = {
+        f for f, hit in zip(folders, np.isin(folder_hashes, hashes), strict=True) if hit
+    }
+    if named_like_files:  # ids inside a folder whose name may be another id's output
+        for start in range(0, len(ids), _CLASH_CHUNK):
+            keys = _output_keys(ids[start : start + _CLASH_CHUNK].tolist())
+            for offset, key in enumerate(keys):
+                parts = key.split("/")[:-1]
+                prefixes = ("/".join(parts[: i + 1]) for i in range(len(parts)))
+                if any(p in named_like_files for p in prefixes):
+                    suspects[start + offset] = True
+    return names.find_clashes(ids[suspects].tolist())
 
 
 def _file_problem(path: str) -> str:
@@ -296,147 +433,49 @@ def _pair_mask(row: _Row, stem: str, candidates: list[str], mask_root: str) -> _
     return dataclasses.replace(row, error=f"mask ({expected}): {problem}")
 
 
+class _HugeInt:
+    """A JSON integer longer than Python converts (``sys.get_int_max_str_digits``)."""
+
+    def __init__(self, digits: str):
+        self.digits = len(digits.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+def _int_or_huge(text: str) -> int | _HugeInt:
+    try:
+        return int(text)
+    except ValueError:  # past the int-str conversion limit (4300 digits by default)
+        return _HugeInt(text)
+
+
 def _parse_t0(value: Any, config: GuideInputConfig) -> float:
+    if isinstance(value, _HugeInt):
+        raise ValueError(f"{value!r} is not in {config.time_domain_text()}")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {_shown(value)}")
     try:
         t0 = float(value)
-    except ValueError:
-        raise ValueError(f"expected a number, got {value!r}") from None
+    except (ValueError, OverflowError):
+        raise ValueError(f"expected a number, got {_shown(value)}") from None
     if not config.in_time_domain(t0):
-        raise ValueError(f"{value!r} is not in {config.time_domain_text()}")
+        raise ValueError(f"{_shown(value)} is not in {config.time_domain_text()}")
     return t0
 
 
 def _parse_seed(value: Any) -> int:
+    if isinstance(value, _HugeInt):
+        raise ValueError(f"{value!r} is not in [0, 2^31)")
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise ValueError(f"expected an integer, got {_shown(value)}")
     try:
         seed = int(value)
     except ValueError:
-        raise ValueError(f"expected an integer, got {value!r}") from None
+        raise ValueError(f"expected an integer, got {_shown(value)}") from None
     if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-        raise ValueError(f"{value!r} is not in [0, 2^31)")
+        raise ValueError(f"{_shown(value)} is not in [0, 2^31)")
     return seed
-
-
-class _RepeatedKey(ValueError):
-    """A JSON object repeats a key (``json`` would silently keep the last value)."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    repeated = next((k for k in keys if keys.count(k) > 1), None)
-    if repeated is not None:
-        raise _RepeatedKey(repr(repeated))
-    return dict(pairs)
-
-
-def _manifest_records(path: str) -> list[tuple[int, dict | None, str]]:
-    """``(line number, fields or None, parse error)`` for every non-blank manifest row."""
-    # -sig: spreadsheet CSVs carry a BOM
-    with io.TextIOWrapper(files.open_file(path, "rb"), encoding="utf-8-sig", newline="") as f:
-        if path.lower().endswith(".csv"):
-            reader = csv.DictReader(f, restkey="\0extra")
-            header = reader.fieldnames or []
-            repeated = sorted({name for name in header if header.count(name) > 1})
-            records = []
-            for fields in reader:
-                if repeated:
-                    # DictReader would silently keep the last of the repeated columns.
-                    records.append(
-                        (reader.line_num, None, f"the header repeats column(s) {repeated}")
-                    )
-                    continue
-                if "\0extra" in fields:
-                    records.append((reader.line_num, None, "more values than header columns"))
-                    continue
-                present = {k: v for k, v in fields.items() if v not in (None, "")}
-                records.append((reader.line_num, present, ""))
-            return records
-        records = []
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                fields = json.loads(line, object_pairs_hook=_unique_keys)
-            except json.JSONDecodeError as e:
-                records.append((number, None, f"invalid JSON ({e})"))
-                continue
-            except _RepeatedKey as e:
-                records.append((number, None, f"field {e} appears more than once"))
-                continue
-            if not isinstance(fields, dict):
-                records.append((number, None, "expected a JSON object"))
-                continue
-            records.append((number, {k: v for k, v in fields.items() if v is not None}, ""))
-        return records
-
-
-def _manifest_row(
-    number: int, fields: dict | None, error: str, manifest: str, config: GuideInputConfig
-) -> _Row:
-    base = files.dirname(manifest)
-    where = f"manifest ({manifest}) line {number}"
-    fields = fields or {}
-    raw_path = fields.get("path")
-    path = files.join(base, raw_path) if isinstance(raw_path, str) and raw_path else manifest
-    row_id = fields.get("id", raw_path)
-    if not (isinstance(row_id, str) and row_id):
-        row_id = f"{os.path.basename(manifest)}:{number}"
-    row = _Row(id=row_id, source=path, t0=config.t0, seed=config.seed, guide_path=path)
-    if error:
-        return dataclasses.replace(row, error=f"{where}: {error}")
-    problems = [
-        f"unknown field {k!r} (known: {', '.join(MANIFEST_FIELDS)})"
-        for k in sorted(fields, key=str)
-        if k not in MANIFEST_FIELDS
-    ]
-    if not (isinstance(raw_path, str) and raw_path):
-        problems.append(f"path: expected a non-empty string, got {raw_path!r}")
-    for name in ("mask", "id"):
-        if name in fields and not (isinstance(fields[name], str) and fields[name]):
-            problems.append(f"{name}: expected a non-empty string, got {fields[name]!r}")
-    values = {}
-    for name, parse in (("t0", lambda v: _parse_t0(v, config)), ("seed", _parse_seed)):
-        if name in fields:
-            try:
-                values[name] = parse(fields[name])
-            except ValueError as e:
-                problems.append(f"{name}: {e}")
-    if problems:
-        return dataclasses.replace(row, error=f"{where}: " + "; ".join(problems))
-    mask = fields.get("mask")
-    # Built once (not via dataclasses.replace): this runs for every row of a manifest.
-    return _Row(
-        id=row_id,
-        source=path,
-        t0=values.get("t0", config.t0),
-        seed=values.get("seed", config.seed),
-        guide_path=path,
-        mask_path=files.join(base, mask) if mask else "",
-        t0_given="t0" in values,
-    )
-
-
-def _manifest_catalog(config: GuideInputConfig) -> Catalog:
-    manifest = files.abspath(config.path)
-    if not files.isfile(manifest):
-        raise ValueError(f"path: manifest {config.path!r} does not exist")
-    if not manifest.lower().endswith((".jsonl", ".csv")):
-        raise ValueError(f"path: manifest {config.path!r} must end in .jsonl or .csv")
-    try:
-        records = _manifest_records(manifest)
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"path: manifest {config.path!r} is not UTF-8 text (byte {e.start}: {e.reason})"
-        ) from None
-    except csv.Error as e:
-        raise ValueError(f"path: manifest {config.path!r} is not a readable CSV ({e})") from None
-    rows = [_manifest_row(n, fields, error, manifest, config) for n, fields, error in records]
-    if not rows:
-        raise ValueError(f"path: manifest {config.path!r} has no rows")
-    return _catalog(sorted(rows, key=lambda r: r.id))
 
 
 def _record_row(record: bytes, shard: str, index: int, config: GuideInputConfig) -> _Row:
@@ -556,9 +595,11 @@ def build_catalog(config: GuideInputConfig | Mapping[str, Any]) -> Catalog:
             no TFRecord files); problems of single examples never raise.
     """
     config = _as_config(config)
+    from sdedit_jax.data.guide_inputs.manifest import manifest_catalog
+
     return {
         "folder": _folder_catalog,
-        "manifest": _manifest_catalog,
+        "manifest": manifest_catalog,
         "tfrecord": _tfrecord_catalog,
         "tfds": _tfds_catalog,
     }[config.source](config)
