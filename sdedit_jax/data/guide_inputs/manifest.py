@@ -18,6 +18,7 @@ import csv
 import io
 import itertools
 import json
+import operator
 import os
 import re
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from sdedit_jax.data.guide_inputs.catalog import (
     _columns_catalog,
     _id_bytes,
     _int_or_huge,
+    _objects,
     _parse_seed,
     _parse_t0,
     _Row,
@@ -39,7 +41,7 @@ from sdedit_jax.data.guide_inputs.catalog import (
 )
 from sdedit_jax.data.guide_inputs.config import MANIFEST_FIELDS, SEED_RANGE, GuideInputConfig
 
-_CHUNK_BYTES = 1 << 22  # lines read and parsed together
+_CHUNK_BYTES = 1 << 20  # lines read and parsed together (~20,000 rows)
 _CSV_CHUNK_ROWS = 1 << 15
 _FIELDS = frozenset(MANIFEST_FIELDS)
 _NEWLINES = re.compile(r"\r\n|\r|\n")
@@ -77,105 +79,106 @@ def _json_chunk(lines: list[str]) -> list[dict] | None:
 
     Joined as one JSON array the lines parse about 3x faster than one by one. The
     result is trusted only if it cannot differ from per-line parsing: every line
-    starts with the only ``{`` it holds (so no line holds nested objects or two
-    rows, and none spans lines), there is one object per line, and the text has
-    exactly as many ``:`` as the objects have keys (so no key repeats).
+    starts with the only ``{`` it holds and every value is an object (so each ``{``
+    opens a row: no row nests an object or spans lines), there are as many values
+    as lines (so each line is one row), and the text has exactly as many ``:`` as
+    the rows have keys (so no key repeats).
     """
-    if not all(line[:1] == "{" for line in lines):
+    joined = "\n".join(lines)  # lines hold no newline, so "\n{" marks a line's start
+    if not (
+        joined.startswith("{")
+        and joined.count("{") == len(lines)
+        and joined.count("\n{") == len(lines) - 1
+    ):
         return None
-    text = "[" + ",".join(lines) + "]"
-    if text.count("{") != len(lines):
-        return None
+    text = "[" + joined.replace("\n", ",") + "]"
     try:
         values = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    if len(values) != len(lines) or not all(type(v) is dict for v in values):
+    if len(values) != len(lines) or set(map(type, values)) != {dict}:
         return None
     if text.count(":") != sum(map(len, values)):
         return None
+    if "null" in text:  # a null field counts as absent
+        values = [{k: v for k, v in f.items() if v is not None} for f in values]
     return values
 
 
-def _jsonl_records(stream) -> Iterator[list[tuple[int, dict | None, str]]]:
-    """Chunks of ``(line number, fields or None, why not)`` for the non-blank lines."""
+# A chunk of manifest rows: line numbers, fields (None: no row could be read) and,
+# unless every row was read, why not ("" for rows that were).
+_Records = tuple[list[int], list[dict | None], list[str] | None]
+
+
+def _jsonl_records(stream) -> Iterator[_Records]:
+    """The non-blank lines of a JSONL manifest, in chunks."""
     number = 0
-    first = True
     while True:
         raw = stream.readlines(_CHUNK_BYTES)
         if not raw:
             return
-        if first and raw[0].startswith(b"\xef\xbb\xbf"):  # a BOM, as editors on Windows write
+        if number == 0 and raw[0].startswith(b"\xef\xbb\xbf"):  # a BOM (editors on Windows)
             raw[0] = raw[0][3:]
-        first = False
         try:
-            texts = [b"".join(raw).decode("utf-8")]
+            text = b"".join(raw).decode("utf-8")
         except UnicodeDecodeError:
-            texts = []
+            text = None
+        if text is not None:
+            lines = _NEWLINES.split(text) if "\r" in text else text.split("\n")
+            if lines[-1] == "":
+                lines.pop()
+            parsed = _json_chunk(lines) if all(lines) else None
+            if parsed is not None:
+                yield list(range(number + 1, number + 1 + len(lines))), parsed, None
+                number += len(lines)
+                continue
+            pieces: list[str | UnicodeDecodeError] = list(lines)
+        else:
+            pieces = []
             for line in raw:
                 try:
-                    texts.append(line.decode("utf-8"))
+                    pieces += _NEWLINES.split(line.decode("utf-8").rstrip("\n"))
                 except UnicodeDecodeError as e:
-                    texts.append(e)
-        lines: list[tuple[int, str | UnicodeDecodeError]] = []
-        for text in texts:
-            if isinstance(text, UnicodeDecodeError):
-                number += 1
-                lines.append((number, text))
+                    pieces.append(e)
+        numbers, fields, errors = [], [], []
+        for line in pieces:
+            number += 1
+            if isinstance(line, UnicodeDecodeError):
+                row, error = None, f"not UTF-8 text (byte {line.start}: {line.reason})"
+            elif not line.strip():
                 continue
-            pieces = _NEWLINES.split(text) if "\r" in text else text.split("\n")
-            if pieces[-1] == "":
-                pieces.pop()
-            lines += [(number + i, piece) for i, piece in enumerate(pieces, start=1)]
-            number += len(pieces)
-        lines = [(n, t if isinstance(t, UnicodeDecodeError) else t.strip()) for n, t in lines]
-        lines = [(n, t) for n, t in lines if t]
-        texts_only = [t for _, t in lines]
-        parsed = (
-            None
-            if any(isinstance(t, UnicodeDecodeError) for t in texts_only)
-            else (_json_chunk(texts_only))
-        )
-        if parsed is not None:
-            yield [
-                (n, {k: v for k, v in fields.items() if v is not None}, "")
-                if None in fields.values()
-                else (n, fields, "")
-                for (n, _), fields in zip(lines, parsed, strict=True)
-            ]
-            continue
-        chunk = []
-        for n, text in lines:
-            if isinstance(text, UnicodeDecodeError):
-                chunk.append((n, None, f"not UTF-8 text (byte {text.start}: {text.reason})"))
             else:
-                chunk.append((n, *_json_line(text)))
-        yield chunk
+                row, error = _json_line(line)
+            numbers.append(number)
+            fields.append(row)
+            errors.append(error)
+        yield numbers, fields, errors
 
 
-def _csv_records(stream) -> Iterator[list[tuple[int, dict | None, str]]]:
-    """Chunks of ``(line number, fields or None, why not)`` of a CSV manifest."""
+def _csv_records(stream) -> Iterator[_Records]:
+    """The rows of a CSV manifest, in chunks."""
     # -sig: spreadsheet CSVs carry a BOM; bytes that are not UTF-8 fail only their row.
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.DictReader(text, restkey="\0extra")
     header = reader.fieldnames or []
     repeated = sorted({name for name in header if header.count(name) > 1})
     while True:
-        chunk = []
-        for fields in itertools.islice(reader, _CSV_CHUNK_ROWS):
+        numbers, fields, errors = [], [], []
+        for row in itertools.islice(reader, _CSV_CHUNK_ROWS):
+            numbers.append(reader.line_num)
+            error = ""
             if repeated:
                 # DictReader would silently keep the last of the repeated columns.
-                chunk.append((reader.line_num, None, f"the header repeats column(s) {repeated}"))
-            elif "\0extra" in fields:
-                chunk.append((reader.line_num, None, "more values than header columns"))
-            elif not all(isinstance(v, str) and _utf8(v) for v in fields.values() if v):
-                chunk.append((reader.line_num, None, "not UTF-8 text"))
-            else:
-                present = {k: v for k, v in fields.items() if v not in (None, "")}
-                chunk.append((reader.line_num, present, ""))
-        if not chunk:
+                error = f"the header repeats column(s) {repeated}"
+            elif "\0extra" in row:
+                error = "more values than header columns"
+            elif not all(_utf8(v) for v in row.values() if isinstance(v, str)):
+                error = "not UTF-8 text"
+            fields.append(None if error else {k: v for k, v in row.items() if v not in (None, "")})
+            errors.append(error)
+        if not numbers:
             return
-        yield chunk
+        yield numbers, fields, errors
 
 
 def _manifest_row(
@@ -241,74 +244,71 @@ class _ColumnParts:
     """Per-chunk numpy columns of manifest rows, concatenated once at the end."""
 
     def __init__(self) -> None:
-        self.parts: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("id", "source", "guide_path", "mask_path", "error", "t0", "seed")
-        }
-        self.parts["t0_given"] = []
+        self.parts: dict[str, list[np.ndarray]] = {name: [] for name in _ROW_FIELDS}
 
-    def add(self, ids, sources, guides, masks, errors, t0, seed, t0_given) -> None:
+    def add(self, ids, sources, guides, masks, t0, seed, t0_given, errors=None) -> None:
+        """Appends rows given as one list per field (``errors``: None when all are good)."""
         self.parts["id"].append(_id_bytes(ids))
-        for name, values in (
-            ("source", sources),
-            ("guide_path", guides),
-            ("mask_path", masks),
-            ("error", errors),
-        ):
-            column = np.empty(len(values), object)
-            column[:] = values
-            self.parts[name].append(column)
+        for name, values in (("source", sources), ("guide_path", guides), ("mask_path", masks)):
+            self.parts[name].append(_objects(values))
+        self.parts["error"].append(
+            np.full(len(ids), "", object) if errors is None else _objects(errors)
+        )
         self.parts["t0"].append(np.asarray(t0, np.float32))
         self.parts["seed"].append(np.asarray(seed, np.int64))
         self.parts["t0_given"].append(np.asarray(t0_given, bool))
 
     def add_rows(self, rows: list[_Row]) -> None:
         if rows:
-            self.add(*([getattr(r, f) for r in rows] for f in _ROW_FIELDS))
+            self.add(*([getattr(row, name) for row in rows] for name in _ROW_FIELDS))
 
     def columns(self) -> dict[str, np.ndarray]:
-        return {k: np.concatenate(v) if v else np.zeros(0, object) for k, v in self.parts.items()}
+        """The columns; the parts are released one by one (a column is never held twice)."""
+        return {name: np.concatenate(self.parts.pop(name)) for name in _ROW_FIELDS}
 
 
-_ROW_FIELDS = ("id", "source", "guide_path", "mask_path", "error", "t0", "seed", "t0_given")
+_ROW_FIELDS = ("id", "source", "guide_path", "mask_path", "t0", "seed", "t0_given", "error")
 
 
 def _add_chunk(
-    parts: _ColumnParts,
-    records: list[tuple[int, dict | None, str]],
-    manifest: str,
-    config: GuideInputConfig,
+    parts: _ColumnParts, records: _Records, manifest: str, config: GuideInputConfig
 ) -> None:
-    """Checks a chunk of records in bulk; the rows it cannot vouch for take the per-row path."""
-    base = files.dirname(manifest)
-    fields = [f for _, f, error in records if f is not None and not error]
-    if len(fields) != len(records):
-        keep = [r for r in records if r[1] is not None and not r[2]]
+    """Checks a chunk of rows in bulk; the rows it cannot vouch for take the per-row path."""
+    numbers, fields, errors = records
+    if errors is not None and any(errors):
         parts.add_rows(
             [
                 _manifest_row(n, f, e, manifest, config)
-                for n, f, e in records
-                if not (f is not None and not e)
+                for n, f, e in zip(numbers, fields, errors, strict=True)
+                if e
             ]
         )
-        records = keep
+        numbers = [n for n, e in zip(numbers, errors, strict=True) if not e]
+        fields = [f for f, e in zip(fields, errors, strict=True) if not e]
     keys = set().union(*fields)
-    paths = [f.get("path") for f in fields]
-    ids = [f.get("id", p) for f, p in zip(fields, paths, strict=True)]
-    good = [
-        type(p) is str and p != "" and type(i) is str and i != ""
-        for p, i in zip(paths, ids, strict=True)
-    ]
+    paths = _values(fields, "path")
+    ids = _values(fields, "id") if "id" in keys else paths
+    if "id" in keys and None in ids:
+        ids = [p if i is None else i for p, i in zip(paths, ids, strict=True)]
+    if {type(p) for p in paths} | {type(i) for i in ids} == {str} and not (
+        "" in paths or "" in ids
+    ):
+        good = [True] * len(fields)
+    else:
+        good = [
+            type(p) is str and p != "" and type(i) is str and i != ""
+            for p, i in zip(paths, ids, strict=True)
+        ]
     if not keys <= _FIELDS:
         good = [g and f.keys() <= _FIELDS for g, f in zip(good, fields, strict=True)]
     masks = [""] * len(fields)
     if "mask" in keys:
         masks = [f.get("mask", "") for f in fields]
-        good = [g and type(m) is str for g, m in zip(good, masks, strict=True)]
         good = [
-            g and (m != "" or "mask" not in f) for g, m, f in zip(good, masks, fields, strict=True)
+            g and type(m) is str and (m != "" or "mask" not in f)
+            for g, m, f in zip(good, masks, fields, strict=True)
         ]
-    t0 = [config.t0] * len(fields)
-    given = [False] * len(fields)
+    t0, given = [config.t0] * len(fields), [False] * len(fields)
     if "t0" in keys:
         low, high = config.time_domain
         values = [f.get("t0") for f in fields]
@@ -334,8 +334,8 @@ def _add_chunk(
     if not all(good):
         parts.add_rows(
             [
-                _manifest_row(n, f, e, manifest, config)
-                for (n, f, e), g in zip(records, good, strict=True)
+                _manifest_row(n, f, "", manifest, config)
+                for n, f, g in zip(numbers, fields, good, strict=True)
                 if not g
             ]
         )
@@ -343,12 +343,36 @@ def _add_chunk(
         paths, ids, masks, t0, seed, given = (
             [column[i] for i in pick] for column in (paths, ids, masks, t0, seed, given)
         )
-    if not paths:
-        return
-    joined: dict[str, str] = {"": ""}  # rows naming the same file share one string
-    guides = [joined.get(p) or joined.setdefault(p, files.join(base, p)) for p in paths]
-    masks = [joined.get(m) or joined.setdefault(m, files.join(base, m)) for m in masks]
-    parts.add(ids, guides, guides, masks, [""] * len(ids), t0, seed, given)
+    if paths:
+        guides = _joined(files.dirname(manifest), paths)
+        parts.add(ids, guides, guides, _joined(files.dirname(manifest), masks), t0, seed, given)
+
+
+def _values(fields: list[dict], key: str) -> list:
+    """``field.get(key)`` of every row (at C speed when every row has the key)."""
+    try:
+        return list(map(operator.itemgetter(key), fields))
+    except KeyError:
+        return [f.get(key) for f in fields]
+
+
+def _joined(base: str, paths: list[str]) -> list[str]:
+    """``files.join(base, path)`` of each path; rows naming the same file share one string."""
+    prefix = base if base.endswith("/") else base + "/"
+    cache = {"": ""}
+    return [
+        cache[p]
+        if p in cache
+        else cache.setdefault(
+            p, files.join(base, p) if "://" in p or "://" in base else _local_join(prefix, p)
+        )
+        for p in paths
+    ]
+
+
+def _local_join(prefix: str, path: str) -> str:
+    """``os.path.join`` of a folder (given as ``prefix``, ending in ``/``) and ``path``."""
+    return path if path.startswith("/") else prefix + path
 
 
 def manifest_catalog(config: GuideInputConfig) -> Catalog:
@@ -368,7 +392,6 @@ def manifest_catalog(config: GuideInputConfig) -> Catalog:
             raise ValueError(
                 f"path: manifest {config.path!r} is not a readable CSV ({e})"
             ) from None
-    columns = parts.columns()
-    if not len(columns["id"]):
+    if not parts.parts["id"]:
         raise ValueError(f"path: manifest {config.path!r} has no rows")
-    return _columns_catalog(columns, sort=True)
+    return _columns_catalog(parts.columns(), sort=True)
