@@ -317,16 +317,22 @@ def _walk_files(root: str, skip: str = "") -> list[tuple[str, str]]:
     """Sorted ``(POSIX path relative to root, problem)`` of non-hidden entries, skipping ``skip``.
 
     Symbolic links to folders are followed (their files are inputs like any
-    other), except a link back to a folder above it, which is listed with its
-    problem rather than walked forever. Entries that are not regular files
-    (FIFOs, sockets, devices, broken links) are listed with their problem, so
-    they become failure rows instead of hanging the reader or vanishing.
+    other), but every real folder is listed once: the tree itself first, then
+    the links in the order found; a link to a folder already listed (a folder
+    above it, a sibling, another link's target) is one entry with its problem.
+    So link cycles end and a ladder of links that doubles the paths per level
+    costs one visit per folder. Entries that are not regular files (FIFOs,
+    sockets, devices, broken links) are listed with their problem, so they
+    become failure rows instead of hanging the reader or vanishing; nothing is
+    opened here.
     """
     if not files.is_local(root):
         return _walk_store(root, skip)
     found: list[tuple[str, str]] = []
+    listed: dict[tuple[int, int], str] = {}  # (device, inode) of each folder walked -> rel
+    links: list[tuple[str, str]] = []
 
-    def visit(folder: str, rel_folder: str, ancestors: frozenset[str]) -> None:
+    def walk(folder: str, rel_folder: str) -> None:
         try:
             entries = sorted(os.listdir(folder))
         except OSError as e:
@@ -336,16 +342,41 @@ def _walk_files(root: str, skip: str = "") -> list[tuple[str, str]]:
             path, rel = os.path.join(folder, name), f"{rel_folder}/{name}" if rel_folder else name
             if name.startswith(".") or path == skip:
                 continue
-            if os.path.isdir(path):
-                real = os.path.realpath(path)
-                if real in ancestors:
-                    found.append((rel, f"symbolic link to {real}, a folder above it; not followed"))
-                else:
-                    visit(path, rel, ancestors | {real})
-                continue
-            found.append((rel, _file_problem(path)))
+            if not os.path.isdir(path):
+                found.append((rel, _file_problem(path)))
+            elif os.path.islink(path):
+                links.append((path, rel))
+            else:
+                enter(path, rel)
 
-    visit(root, "", frozenset({os.path.realpath(root)}))
+    def enter(path: str, rel: str) -> None:
+        try:
+            info = os.stat(path)
+        except OSError as e:
+            found.append((rel, f"cannot read ({e.strerror})"))
+            return
+        key = (info.st_dev, info.st_ino)
+        if key in listed:
+            real, parent = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
+            if parent == real or parent.startswith(real.rstrip(os.sep) + os.sep):
+                problem = f"symbolic link to {real}, a folder above it; not followed"
+            else:
+                problem = (
+                    f"symbolic link to {real}, whose files are already listed "
+                    f"under {listed[key] or '.'!r}; not followed"
+                )
+            found.append((rel, problem))
+            return
+        listed[key] = rel
+        # A link's target is walked by its real path: a path through many links would
+        # hit the kernel's limit on links per path (ELOOP) long before a ladder ends.
+        walk(os.path.realpath(path) if os.path.islink(path) else path, rel)
+
+    enter(root, "")
+    while links:  # the real tree first: a link never hides a folder's own path
+        batch, links[:] = list(links), []
+        for path, rel in batch:
+            enter(path, rel)
     return sorted(found)
 
 

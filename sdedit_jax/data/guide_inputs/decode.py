@@ -41,8 +41,12 @@ def _open(path: str, data: bytes, label: str):
             raise BadInput(f"{label}: file not found") from None
         except OSError as e:
             raise BadInput(f"{label}: cannot read ({e})") from None
+    # Checked before opening (opening a device can have effects, a FIFO blocks), and
+    # opened with O_NONBLOCK in case the path changes in between; the fstat rejects it.
+    problem = _file_problem(path)
+    if problem:
+        raise BadInput(f"{label}: {problem}")
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat rejects it.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise BadInput(f"{label}: file not found") from None

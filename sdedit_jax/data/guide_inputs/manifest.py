@@ -30,6 +30,7 @@ from sdedit_jax import files
 from sdedit_jax.data.guide_inputs.catalog import (
     Catalog,
     _columns_catalog,
+    _file_problem,
     _id_bytes,
     _int_or_huge,
     _objects,
@@ -378,6 +379,10 @@ def _local_join(prefix: str, path: str) -> str:
 def manifest_catalog(config: GuideInputConfig) -> Catalog:
     """Every row of a ``.jsonl`` / ``.csv`` manifest, in canonical (sorted id) order."""
     manifest = files.abspath(config.path)
+    if files.is_local(manifest) and os.path.exists(manifest):
+        problem = _file_problem(manifest)  # a FIFO would block the reader forever
+        if problem:
+            raise ValueError(f"path: manifest {config.path!r} is {problem}")
     if not files.isfile(manifest):
         raise ValueError(f"path: manifest {config.path!r} does not exist")
     if not manifest.lower().endswith((".jsonl", ".csv")):
