@@ -110,6 +110,22 @@ def test_each_bad_line_is_one_failure_row_of_the_catalog(tmp_path):
         example_id.encode("utf-8")
 
 
+def test_line_numbers_hold_with_crlf_endings_and_a_bad_byte(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(
+        b'{"path": "g.png", "id": "a"}\r\n'
+        b'{"path": "g.png", "id": "\xff"}\r\n'
+        b"\r\n"
+        b'{"path": "g.png", "id": "d", "seed": -1}\r\n'
+        b'{"path": "g.png", "id": "e"}\r\n'
+    )
+    catalog = guide_inputs.build_catalog({"source": "manifest", "path": str(manifest)})
+    errors = dict(zip(catalog.ids, catalog.columns["error"], strict=True))
+    assert errors["a"] == errors["e"] == ""
+    assert "line 2: not UTF-8" in errors["m.jsonl:2"]
+    assert "line 4: seed" in errors["d"]
+
+
 def test_a_csv_row_with_a_bad_byte_fails_alone(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(b"path,id\ng0.png,a\ng0.png,b\xff\ng0.png,c\n")

@@ -3,6 +3,9 @@
     # 1,000,000-example manifest on one host, trivial score function: startup,
     # resume with 99 % done, peak memory; the per-id string set side by side.
     python -m sdedit_jax.tools.bench_host --what=scale --examples=1000000
+    # Listing + validating a 1,000,000-row manifest: the streamed columns against the
+    # per-row catalog of an earlier commit (--baseline_rev), each in a fresh process.
+    python -m sdedit_jax.tools.bench_host --what=catalog --examples=1000000
     # Decode + PNG encode + write at 256x256 (no model), by writer threads and PNG level.
     python -m sdedit_jax.tools.bench_host --what=pipeline --size=256 --images=384
 
@@ -30,13 +33,20 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-_WHAT = flags.DEFINE_enum("what", "scale", ["scale", "pipeline", "phase"], "what to measure")
+_WHAT = flags.DEFINE_enum(
+    "what", "scale", ["scale", "catalog", "pipeline", "phase"], "what to measure"
+)
 _EXAMPLES = flags.DEFINE_integer("examples", 1_000_000, "examples in the synthetic manifest")
 _DONE = flags.DEFINE_float("done", 0.99, "fraction already finished in the resume phase")
 _SIZE = flags.DEFINE_integer("size", 256, "image side of the pipeline benchmark")
 _IMAGES = flags.DEFINE_integer("images", 384, "images per pipeline measurement")
 _SCRATCH = flags.DEFINE_string("scratch", "", "folder for generated data (default: a temp dir)")
 _PHASE = flags.DEFINE_string("phase", "", "internal: the phase a subprocess runs")
+_BASELINE_REV = flags.DEFINE_string(
+    "baseline_rev",
+    "0b36014",
+    "git commit whose input catalog (one Python object per row) is the old path",
+)
 
 GUIDE_SIDE = 16
 ROWS_PER_RECORD = 1000  # rows per completion record (one written batch)
@@ -198,6 +208,94 @@ def run_phase(phase: str, data: dict) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def _old_catalog(rev: str):
+    """The input catalog module as it was at ``rev`` (read with ``git show``), imported
+    under another name so that old and new paths run on the same tree."""
+    import importlib.util
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    source = subprocess.run(
+        ["git", "-C", repo, "show", f"{rev}:sdedit_jax/data/guide_inputs/catalog.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = os.path.join(tempfile.mkdtemp(), "old_catalog.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("old_catalog", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["old_catalog"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_catalog_phase(phase: str, data: dict) -> dict:
+    """Lists and validates the manifest with the new (streamed columns) or old catalog."""
+    import jax  # noqa: F401  (imports belong to the footprint, not to the phase)
+    import tensorflow as tf  # noqa: F401
+
+    from sdedit_jax.data import guide_inputs
+
+    build = guide_inputs.build_catalog
+    if phase == "catalog_old":
+        build = _old_catalog(data["baseline_rev"]).build_catalog
+    config = guide_inputs.GuideInputConfig(
+        source="manifest", path=data["manifest"], image_size=(GUIDE_SIDE, GUIDE_SIDE)
+    )
+    base, cpu, start = _peak_mb(), _cpu_seconds(), time.perf_counter()
+    catalog = build(config)
+    out = {
+        "phase": phase,
+        "manifest": os.path.basename(data["manifest"]),
+        "rows": len(catalog),
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": _cpu_seconds() - cpu,
+        "peak_mb_above_imports": _peak_mb() - base,
+        "failed_rows": int(sum(map(bool, catalog.columns["error"]))),
+        "first_ids": catalog.ids[:2],
+    }
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def bench_catalog(root: str) -> None:
+    """Old and new catalog of two 1M-row manifests: one guide under every id (as in
+    ``--what=scale``) and a distinct path per row (what real manifests hold)."""
+    examples = _EXAMPLES.value
+    Image.fromarray(np.full((GUIDE_SIDE, GUIDE_SIDE, 3), 128, np.uint8)).save(
+        os.path.join(root, "guide.png")
+    )
+    manifests = {"same_path": "guide.png", "distinct_paths": "guides/{i:08d}.png"}
+    for name, path in manifests.items():
+        with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
+            for i in range(examples):
+                row = {"path": path.format(i=i), "id": f"images/{i:08d}.png"}
+                f.write(json.dumps(row) + "\n")
+    load = os.getloadavg()[0]
+    print(json.dumps({"cpu": _cpu(), "examples": examples, "load_1min": load}), flush=True)
+    for name in manifests:
+        data = {"manifest": os.path.join(root, f"{name}.jsonl")}
+        data["baseline_rev"] = _BASELINE_REV.value
+        results = {p: _subprocess_phase(p, data) for p in ("catalog_old", "catalog_new")}
+        for result in results.values():
+            print(json.dumps(result), flush=True)
+        old, new = results["catalog_old"], results["catalog_new"]
+        assert old["rows"] == new["rows"] and old["first_ids"] == new["first_ids"]
+        print(
+            json.dumps(
+                {
+                    "manifest": name,
+                    "old_over_new_seconds": round(old["seconds"] / new["seconds"], 1),
+                    "old_over_new_cpu_seconds": round(old["cpu_seconds"] / new["cpu_seconds"], 1),
+                    "old_over_new_peak_mb": round(
+                        old["peak_mb_above_imports"] / new["peak_mb_above_imports"], 1
+                    ),
+                }
+            ),
+            flush=True,
+        )
+
+
 def _subprocess_phase(phase: str, data: dict) -> dict:
     cmd = [
         sys.executable,
@@ -356,12 +454,15 @@ def bench_pipeline(root: str) -> None:
 def main(argv: list[str]) -> None:
     del argv
     if _WHAT.value == "phase":
-        print(json.dumps(run_phase(_PHASE.value, json.loads(_SCRATCH.value))))
+        run = run_catalog_phase if _PHASE.value.startswith("catalog_") else run_phase
+        print(json.dumps(run(_PHASE.value, json.loads(_SCRATCH.value))))
         return
     with tempfile.TemporaryDirectory() as scratch:
         root = _SCRATCH.value or scratch
         os.makedirs(root, exist_ok=True)
-        (bench_scale if _WHAT.value == "scale" else bench_pipeline)(root)
+        {"scale": bench_scale, "catalog": bench_catalog, "pipeline": bench_pipeline}[_WHAT.value](
+            root
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,12 @@ Sources (``GuideInputConfig.source``):
   ``.csv`` file (header row) with fields ``path`` (required), ``mask``, ``t0``,
   ``seed``, ``id`` (default: ``path`` as written). Relative paths are resolved
   against the manifest's folder. Unknown fields fail the row (a typo such as
-  ``tO`` must not silently fall back to the default).
+  ``tO`` must not silently fall back to the default). One bad line (not UTF-8,
+  not JSON, nested too deep to parse, an integer past Python's 4300-digit
+  limit, a lone surrogate such as ``"\\ud800"`` in a text field) fails only
+  that row, named ``<manifest file>:<line>`` when it has no readable id. Rows
+  are validated in a stream into columns (a million rows: seconds and about
+  150 MB per host, see BENCHMARKS.md).
 
 ``generator`` (``"stroke_painting"``, ``"stroke_edit"`` or ``"composite"``,
 see :mod:`sdedit_jax.data.guides`) turns each decoded image into a synthetic
@@ -60,8 +65,11 @@ grayscale (RGB masks must have equal channels), 255 (or 1.0) = editable, soft
 values allowed; an 8-bit mask holding only the values 0 and 1 is read as a
 binary {0, 1} mask (1 = editable), since 1/255 is no meaningful soft value.
 Seeds (config, manifest, record) must lie in [0, 2^31). File names that are
-not valid UTF-8, FIFOs and other non-regular files, broken symbolic links and
-links to a folder above themselves fail (links to other folders are followed);
+not valid UTF-8, FIFOs and other non-regular files (checked before anything is
+opened, and opened without blocking), broken symbolic links and links to a
+folder already listed (a folder above them, or one the tree or another link
+lists: every real folder is listed once, so link cycles and ladders of links
+end) fail; links to other folders are followed;
 a CSV header that repeats a column or a JSON row that repeats a key fails its
 rows. ``.npy`` headers are checked (shape, size, file length) before reading.
 Every id's output name (:mod:`sdedit_jax.data.names`) must be distinct; a
@@ -77,7 +85,8 @@ batching, so a restarted job does no repeated work (batch composition
 changes, outputs do not: they depend only on (seed, id)).
 
 Modules: :mod:`.config` (``GuideInputConfig`` and the limits), :mod:`.catalog`
-(listing every source without pixels), :mod:`.decode` (decoding and validation
+(listing every source without pixels), :mod:`.manifest` (manifest rows, parsed
+and validated in a stream into columns), :mod:`.decode` (decoding and validation
 of one example), :mod:`.stream` (the tf.data stream). The names below are the
 public API, re-exported here so ``guide_inputs.make_guide_dataset(...)`` works.
 """

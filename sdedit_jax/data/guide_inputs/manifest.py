@@ -2,7 +2,7 @@
 
 Why a stream: a million-row manifest is listed on every host before any work, so it
 must cost seconds and tens of MB, not a dict and a row object per line (~1 KB and
-~20 µs each). Lines are read in chunks of a few MB; a chunk is parsed in one call and
+~20 µs each). Lines are read in chunks of 1 MB; a chunk is parsed in one call and
 its fields are checked in bulk (the fast path); a row the fast path cannot vouch for
 takes the per-row path (:func:`_manifest_row`), which names every problem. Either way
 a row ends in the catalog's columns, never in a list of Python objects.
@@ -53,11 +53,12 @@ class _RepeatedKey(ValueError):
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    repeated = next((k for k in keys if keys.count(k) > 1), None)
-    if repeated is not None:
+    fields = dict(pairs)
+    if len(fields) != len(pairs):  # a set, not a count per key: lines may hold many keys
+        seen = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise _RepeatedKey(_shown(repeated))
-    return dict(pairs)
+    return fields
 
 
 def _json_line(line: str) -> tuple[dict | None, str]:
@@ -138,9 +139,12 @@ def _jsonl_records(stream) -> Iterator[_Records]:
             pieces = []
             for line in raw:
                 try:
-                    pieces += _NEWLINES.split(line.decode("utf-8").rstrip("\n"))
+                    text = line.decode("utf-8")
                 except UnicodeDecodeError as e:
                     pieces.append(e)
+                    continue
+                text = text.removesuffix("\n").removesuffix("\r")  # its line ending
+                pieces += _NEWLINES.split(text) if "\r" in text else [text]
         numbers, fields, errors = [], [], []
         for line in pieces:
             number += 1
@@ -242,7 +246,11 @@ def _manifest_row(
 
 
 class _ColumnParts:
-    """Per-chunk numpy columns of manifest rows, concatenated once at the end."""
+    """Per-chunk numpy columns of manifest rows, concatenated once at the end.
+
+    Paths are kept as ASCII bytes (``S``) per chunk, so a chunk's Python strings die
+    with it; a row's ``source`` is its guide path, one array for both.
+    """
 
     def __init__(self) -> None:
         self.parts: dict[str, list[np.ndarray]] = {name: [] for name in _ROW_FIELDS}
@@ -250,8 +258,10 @@ class _ColumnParts:
     def add(self, ids, sources, guides, masks, t0, seed, t0_given, errors=None) -> None:
         """Appends rows given as one list per field (``errors``: None when all are good)."""
         self.parts["id"].append(_id_bytes(ids))
-        for name, values in (("source", sources), ("guide_path", guides), ("mask_path", masks)):
-            self.parts[name].append(_objects(values))
+        guide_part = _text_part(guides)
+        self.parts["guide_path"].append(guide_part)
+        self.parts["source"].append(guide_part if sources == guides else _text_part(sources))
+        self.parts["mask_path"].append(_text_part(masks))
         self.parts["error"].append(
             np.full(len(ids), "", object) if errors is None else _objects(errors)
         )
@@ -265,7 +275,46 @@ class _ColumnParts:
 
     def columns(self) -> dict[str, np.ndarray]:
         """The columns; the parts are released one by one (a column is never held twice)."""
-        return {name: np.concatenate(self.parts.pop(name)) for name in _ROW_FIELDS}
+        shared = all(a is b for a, b in zip(*self.parts_of("source", "guide_path"), strict=True))
+        columns = {}
+        for name in _ROW_FIELDS:
+            if name == "source" and shared:
+                continue
+            parts = self.parts.pop(name)
+            columns[name] = _text_column(parts) if name in _PATHS else np.concatenate(parts)
+        if shared:
+            self.parts.pop("source")
+            columns["source"] = columns["guide_path"]
+        return columns
+
+    def parts_of(self, *names: str) -> list[list[np.ndarray]]:
+        return [self.parts[name] for name in names]
+
+
+_PATHS = ("source", "guide_path", "mask_path")
+
+
+def _text_part(values: list[str]) -> np.ndarray:
+    """A chunk of paths as ASCII bytes (``S``: no object per row), or objects if not ASCII."""
+    try:
+        return np.array(values, dtype="S")
+    except UnicodeEncodeError:
+        return _objects(values)
+
+
+def _text_column(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts as one column: ``S`` if all are and padding to the longest costs at
+    most twice the bytes themselves (one long path must not cost its length per row),
+    else objects of ``str``."""
+    if all(p.dtype.kind == "S" for p in parts):
+        width = max(p.dtype.itemsize for p in parts)
+        size = sum(int(np.char.str_len(p).sum()) for p in parts)
+        rows = sum(len(p) for p in parts)
+        if width * rows <= 2 * size + 16 * rows:
+            return np.concatenate(parts)
+    return np.concatenate(
+        [p if p.dtype == object else np.char.decode(p, "ascii").astype(object) for p in parts]
+    )
 
 
 _ROW_FIELDS = ("id", "source", "guide_path", "mask_path", "t0", "seed", "t0_given", "error")
