@@ -15,6 +15,7 @@ failure row for that line (named ``<manifest>:<line>`` when no id can be trusted
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import itertools
 import json
@@ -448,4 +449,20 @@ def manifest_catalog(config: GuideInputConfig) -> Catalog:
             ) from None
     if not parts.parts["id"]:
         raise ValueError(f"path: manifest {config.path!r} has no rows")
-    return _columns_catalog(parts.columns(), sort=True)
+    columns = parts.columns()
+    _release_freed_memory()
+    return _columns_catalog(columns, sort=True)
+
+
+def _release_freed_memory() -> None:
+    """Returns freed heap pages to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Why: glibc keeps the pages of the per-chunk arrays after they are concatenated,
+    and the id column is built after them, so without this a million-row manifest
+    peaks about 60 MB higher (measured: 213 vs 155 MB).
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
