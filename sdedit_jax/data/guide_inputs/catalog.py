@@ -52,8 +52,7 @@ class Catalog:
 
     Attributes:
         columns: equal-length numpy arrays ``id`` (str), ``source``,
-            ``guide_path``, ``mask_path`` and ``error`` (object arrays of str, or
-            for a manifest's ASCII paths UTF-8 bytes ``S``, a fifth of the memory;
+            ``guide_path``, ``mask_path`` and ``error`` (object arrays of str;
             ``error`` non-empty for examples already known to be bad), ``t0``
             (float32), ``t0_given`` (bool) and ``seed`` (int64).
         payload: for record sources, a function returning a dataset aligned
@@ -147,14 +146,13 @@ def _columns_catalog(
         new_ids[index] = f"{_text(ids[index])}#duplicate{repeat}"
         if not errors[index]:
             errors[index] = (
-                f"id ({_str(columns['source'][index])}): {_text(ids[index])!r} is already used "
-                f"by {_str(columns['source'][first])}; give every example a distinct id"
+                f"id ({columns['source'][index]}): {_text(ids[index])!r} is already used "
+                f"by {columns['source'][first]}; give every example a distinct id"
             )
     non_ascii = _non_ascii(ids)
     suspects = non_ascii.copy()
     for name in _TEXT:
-        if columns[name].dtype == object:  # an S column is ASCII
-            suspects |= ~np.fromiter(map(str.isascii, columns[name]), bool, len(ids))
+        suspects |= ~np.fromiter(map(str.isascii, columns[name]), bool, len(ids))
     for index in np.flatnonzero(suspects):
         _encodable(columns, new_ids, int(index))
     if non_ascii.any():
@@ -170,7 +168,7 @@ def _columns_catalog(
         for index in np.flatnonzero(id_text == example_id):
             if not errors[index]:
                 errors[index] = (
-                    f"id ({_str(columns['source'][index])}): output name "
+                    f"id ({columns['source'][index]}): output name "
                     f"{names.output_name(example_id)!r} clashes with that of id {other!r}; "
                     "give the examples other ids"
                 )
@@ -179,11 +177,6 @@ def _columns_catalog(
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogatepass")
-
-
-def _str(value: str | bytes) -> str:
-    """An entry of a text column (objects of ``str``, or ASCII ``S``) as ``str``."""
-    return value.decode("ascii") if isinstance(value, bytes) else value
 
 
 def _repeats(ids: np.ndarray) -> list[tuple[int, int, int]]:
@@ -232,18 +225,16 @@ def _encodable(columns: dict[str, np.ndarray], new_ids: dict[int, str], index: i
     manifest) cannot enter the tf.data pipeline, a file name or a JSON manifest.
     """
     row_id = new_ids.get(index, _text(columns["id"][index]))
-    fields = {"id": row_id, **{name: _str(columns[name][index]) for name in _TEXT}}
+    fields = {"id": row_id, **{name: columns[name][index] for name in _TEXT}}
     bad = [f for f, text in fields.items() if not _utf8(text)]
     if not bad:
         return
     field = {"id": "id", "mask_path": "mask"}.get(bad[0], "guide")
     source = _printable(fields["source"])
     new_ids[index] = _printable(row_id)
-    for name in ("guide_path", "mask_path"):  # the row is not decoded: its paths go
-        if columns[name].dtype == object:  # (an S column is ASCII: it can stay)
-            columns[name][index] = ""
-    if source != fields["source"]:  # after the paths: a manifest's source is its guide column
-        columns["source"][index] = source
+    columns["source"][index] = source
+    columns["guide_path"][index] = ""  # the row is not decoded
+    columns["mask_path"][index] = ""
     columns["error"][index] = (
         f"{field} ({source}): '{_printable(fields[bad[0]] or row_id)}' is not valid UTF-8 "
         "(a byte of another encoding or a lone surrogate); rename the file or fix the id"

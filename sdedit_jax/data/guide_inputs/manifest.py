@@ -249,8 +249,7 @@ def _manifest_row(
 class _ColumnParts:
     """Per-chunk numpy columns of manifest rows, concatenated once at the end.
 
-    Paths are kept as ASCII bytes (``S``) per chunk, so a chunk's Python strings die
-    with it; a row's ``source`` is its guide path, one array for both.
+    A row's ``source`` is its guide path: one string object serves both columns.
     """
 
     def __init__(self) -> None:
@@ -259,10 +258,8 @@ class _ColumnParts:
     def add(self, ids, sources, guides, masks, t0, seed, t0_given, errors=None) -> None:
         """Appends rows given as one list per field (``errors``: None when all are good)."""
         self.parts["id"].append(_id_bytes(ids))
-        guide_part = _text_part(guides)
-        self.parts["guide_path"].append(guide_part)
-        self.parts["source"].append(guide_part if sources == guides else _text_part(sources))
-        self.parts["mask_path"].append(_text_part(masks))
+        for name, values in (("source", sources), ("guide_path", guides), ("mask_path", masks)):
+            self.parts[name].append(_objects(values))
         self.parts["error"].append(
             np.full(len(ids), "", object) if errors is None else _objects(errors)
         )
@@ -276,46 +273,7 @@ class _ColumnParts:
 
     def columns(self) -> dict[str, np.ndarray]:
         """The columns; the parts are released one by one (a column is never held twice)."""
-        shared = all(a is b for a, b in zip(*self.parts_of("source", "guide_path"), strict=True))
-        columns = {}
-        for name in _ROW_FIELDS:
-            if name == "source" and shared:
-                continue
-            parts = self.parts.pop(name)
-            columns[name] = _text_column(parts) if name in _PATHS else np.concatenate(parts)
-        if shared:
-            self.parts.pop("source")
-            columns["source"] = columns["guide_path"]
-        return columns
-
-    def parts_of(self, *names: str) -> list[list[np.ndarray]]:
-        return [self.parts[name] for name in names]
-
-
-_PATHS = ("source", "guide_path", "mask_path")
-
-
-def _text_part(values: list[str]) -> np.ndarray:
-    """A chunk of paths as ASCII bytes (``S``: no object per row), or objects if not ASCII."""
-    try:
-        return np.array(values, dtype="S")
-    except UnicodeEncodeError:
-        return _objects(values)
-
-
-def _text_column(parts: list[np.ndarray]) -> np.ndarray:
-    """The parts as one column: ``S`` if all are and padding to the longest costs at
-    most twice the bytes themselves (one long path must not cost its length per row),
-    else objects of ``str``."""
-    if all(p.dtype.kind == "S" for p in parts):
-        width = max(p.dtype.itemsize for p in parts)
-        size = sum(int(np.char.str_len(p).sum()) for p in parts)
-        rows = sum(len(p) for p in parts)
-        if width * rows <= 2 * size + 16 * rows:
-            return np.concatenate(parts)
-    return np.concatenate(
-        [p if p.dtype == object else np.char.decode(p, "ascii").astype(object) for p in parts]
-    )
+        return {name: np.concatenate(self.parts.pop(name)) for name in _ROW_FIELDS}
 
 
 _ROW_FIELDS = ("id", "source", "guide_path", "mask_path", "t0", "seed", "t0_given", "error")
