@@ -126,6 +126,22 @@ def test_line_numbers_hold_with_crlf_endings_and_a_bad_byte(tmp_path):
     assert "line 4: seed" in errors["d"]
 
 
+def test_of_two_rows_with_one_id_the_first_line_keeps_it(tmp_path):
+    """Whatever path each row takes (bulk or per-row checks), ties keep line order."""
+    lines = [
+        b'{"path": "g.png", "id": "y", "seed": -1}',
+        b'{"path": "g.png", "id": "x"}',
+        b'{"path": "g.png", "id": "x", "seed": -1}',
+        b'{"path": "g.png", "id": "y"}',
+    ]
+    manifest = _write_lines(tmp_path / "m.jsonl", lines)
+    catalog = guide_inputs.build_catalog({"source": "manifest", "path": manifest})
+    errors = dict(zip(catalog.ids, catalog.columns["error"], strict=True))
+    assert catalog.ids == ["x", "x#duplicate1", "y", "y#duplicate1"]
+    assert errors["x"] == "" and "line 3: seed" in errors["x#duplicate1"]
+    assert "line 1: seed" in errors["y"] and "already used" in errors["y#duplicate1"]
+
+
 def test_a_csv_row_with_a_bad_byte_fails_alone(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(b"path,id\ng0.png,a\ng0.png,b\xff\ng0.png,c\n")

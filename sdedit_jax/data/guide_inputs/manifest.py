@@ -267,10 +267,6 @@ class _ColumnParts:
         self.parts["seed"].append(np.asarray(seed, np.int64))
         self.parts["t0_given"].append(np.asarray(t0_given, bool))
 
-    def add_rows(self, rows: list[_Row]) -> None:
-        if rows:
-            self.add(*([getattr(row, name) for row in rows] for name in _ROW_FIELDS))
-
     def columns(self) -> dict[str, np.ndarray]:
         """The columns; the parts are released one by one (a column is never held twice)."""
         return {name: np.concatenate(self.parts.pop(name)) for name in _ROW_FIELDS}
@@ -282,18 +278,15 @@ _ROW_FIELDS = ("id", "source", "guide_path", "mask_path", "t0", "seed", "t0_give
 def _add_chunk(
     parts: _ColumnParts, records: _Records, manifest: str, config: GuideInputConfig
 ) -> None:
-    """Checks a chunk of rows in bulk; the rows it cannot vouch for take the per-row path."""
+    """Checks a chunk of rows in bulk; the rows it cannot vouch for take the per-row path.
+
+    Rows keep their line order (ties of the canonical sort, hence which of two rows
+    with one id keeps it, depend on it).
+    """
     numbers, fields, errors = records
-    if errors is not None and any(errors):
-        parts.add_rows(
-            [
-                _manifest_row(n, f, e, manifest, config)
-                for n, f, e in zip(numbers, fields, errors, strict=True)
-                if e
-            ]
-        )
-        numbers = [n for n, e in zip(numbers, errors, strict=True) if not e]
-        fields = [f for f, e in zip(fields, errors, strict=True) if not e]
+    unread = errors is not None and any(errors)
+    if unread:
+        fields = [{} if e else f for f, e in zip(fields, errors, strict=True)]
     keys = set().union(*fields)
     paths = _values(fields, "path")
     ids = _values(fields, "id") if "id" in keys else paths
@@ -340,21 +333,30 @@ def _add_chunk(
         seed = [
             v if v is not None and g else config.seed for v, g in zip(values, good, strict=True)
         ]
-    if not all(good):
-        parts.add_rows(
-            [
-                _manifest_row(n, f, "", manifest, config)
-                for n, f, g in zip(numbers, fields, good, strict=True)
-                if not g
-            ]
-        )
-        pick = [i for i, g in enumerate(good) if g]
-        paths, ids, masks, t0, seed, given = (
-            [column[i] for i in pick] for column in (paths, ids, masks, t0, seed, given)
-        )
-    if paths:
-        guides = _joined(files.dirname(manifest), paths)
-        parts.add(ids, guides, guides, _joined(files.dirname(manifest), masks), t0, seed, given)
+    if unread:
+        good = [g and not e for g, e in zip(good, errors, strict=True)]
+    slow = {
+        i: _manifest_row(numbers[i], records[1][i], errors[i] if unread else "", manifest, config)
+        for i, g in enumerate(good)
+        if not g
+    }
+    if slow:  # their values from the per-row path, in place
+        paths = ["" if i in slow else p for i, p in enumerate(paths)]
+        masks = ["" if i in slow else m for i, m in enumerate(masks)]
+    base = files.dirname(manifest)
+    guides, masks = _joined(base, paths), _joined(base, masks)
+    sources, ids, row_errors = guides, ids, None
+    if slow:
+        sources, ids, row_errors = list(guides), list(ids), [""] * len(ids)
+        for i, row in slow.items():
+            ids[i], sources[i], guides[i], masks[i] = (
+                row.id,
+                row.source,
+                row.guide_path,
+                row.mask_path,
+            )
+            t0[i], seed[i], given[i], row_errors[i] = row.t0, row.seed, row.t0_given, row.error
+    parts.add(ids, sources, guides, masks, t0, seed, given, row_errors)
 
 
 def _values(fields: list[dict], key: str) -> list:
@@ -405,7 +407,7 @@ def manifest_catalog(config: GuideInputConfig) -> Catalog:
             raise ValueError(
                 f"path: manifest {config.path!r} is not a readable CSV ({e})"
             ) from None
-    if not parts.parts["id"]:
+    if not sum(map(len, parts.parts["id"])):
         raise ValueError(f"path: manifest {config.path!r} has no rows")
     columns = parts.columns()
     _release_freed_memory()
