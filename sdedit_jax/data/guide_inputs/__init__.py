@@ -28,8 +28,8 @@ Sources (``GuideInputConfig.source``):
   not JSON, nested too deep to parse, an integer past Python's 4300-digit
   limit, a lone surrogate such as ``"\\ud800"`` in a text field) fails only
   that row, named ``<manifest file>:<line>`` when it has no readable id. Rows
-  are validated in a stream into columns (a million rows: seconds and about
-  150 MB per host, see BENCHMARKS.md).
+  are validated in a stream into columns (a million rows: about 3 s and
+  160-240 MB per host, see BENCHMARKS.md).
 
 ``generator`` (``"stroke_painting"``, ``"stroke_edit"`` or ``"composite"``,
 see :mod:`sdedit_jax.data.guides`) turns each decoded image into a synthetic
