@@ -151,11 +151,12 @@ def integrate(
 ) -> Array:
     """Integrates the reverse process from ``t_start`` to ``t_end`` (both ``[B]``).
 
-    Where ``t_end`` is noise-free (``marginal_std(t_end) == 0``, e.g. ``DiscreteVPSDE``'s
-    ``eps = 0``), the first ``n_steps - 1`` steps follow the grid down to
-    ``sde.last_noisy_time`` and the last one is the data prediction from there
-    (:func:`solver.data_step`; a PC sampler's corrector still runs before it): no score is
-    ever evaluated at sigma = 0, and the step count still counts network calls.
+    Where ``t_end`` is noise-free (``marginal_std(t_end) == 0``) on an SDE with
+    ``noise_free_end`` (``DiscreteVPSDE``, ``eps = 0``), the first ``n_steps - 1`` steps
+    follow the grid down to ``sde.last_noisy_time`` and the last one is the data
+    prediction from there (:func:`solver.data_step`; a PC sampler's corrector still runs
+    before it): no score is ever evaluated at sigma = 0, and the step count still counts
+    network calls.
 
     Args:
         keys: one PRNG key per example; step ``i`` uses ``fold_in(key, i)``.
@@ -171,13 +172,15 @@ def integrate(
     if n_steps is None:
         n_steps = jnp.full(t_start.shape, sampler.max_steps, jnp.int32)
     n_steps = jnp.clip(n_steps, 1, sampler.max_steps)
-    # A noise-free t_end (sigma = 0: a discrete schedule's t = 0) has an infinite log-SNR:
-    # its grid ends at the SDE's last noisy time and its last step is the data prediction.
-    to_data = sde.marginal_std(t_end) == 0
-    grid_end = jnp.where(to_data, jnp.asarray(sde.last_noisy_time, t_end.dtype), t_end)
-    # Steps on the grid; none when t_start is already at the last noisy time.
-    loop_steps = jnp.where(to_data, jnp.where(t_start > grid_end, n_steps - 1, 0), n_steps)
-    grid_steps = jnp.maximum(loop_steps, 1)
+    grid_end, loop_steps, grid_steps = t_end, n_steps, n_steps
+    if sde.noise_free_end:
+        # A noise-free t_end (sigma = 0: a discrete schedule's t = 0) has an infinite
+        # log-SNR: its grid ends at the SDE's last noisy time, its last step predicts the data.
+        to_data = sde.marginal_std(t_end) == 0
+        grid_end = jnp.where(to_data, jnp.asarray(sde.last_noisy_time, t_end.dtype), t_end)
+        # Steps on the grid; none when t_start is already at the last noisy time.
+        loop_steps = jnp.where(to_data, jnp.where(t_start > grid_end, n_steps - 1, 0), n_steps)
+        grid_steps = jnp.maximum(loop_steps, 1)
 
     def step(i, state):
         t = grid.time(sde, t_start, grid_end, grid_steps, i)
@@ -195,8 +198,10 @@ def integrate(
         new = data_step(sde, score_fn, new, t, t_end)
         return _advance(to_data, new, state, step_keys, t_end, project)
 
+    # Without a noise-free end the program is the loop alone, as it always was.
     state = jax.lax.fori_loop(0, jnp.max(loop_steps), step, solver.init(x))
-    state = jax.lax.cond(jnp.any(to_data), final_step, lambda s: s, state)
+    if sde.noise_free_end:
+        state = jax.lax.cond(jnp.any(to_data), final_step, lambda s: s, state)
     return state.x_mean if sampler.denoise else state.x
 
 
