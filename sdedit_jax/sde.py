@@ -38,6 +38,9 @@ class SDE:
     Attributes:
         T: final time of the forward process (always 1 here).
         eps: smallest time integrated to; avoids the singular score at t=0.
+            Where ``eps`` itself is noise-free (``marginal_std(eps) == 0``, an
+            infinite log-SNR), :attr:`last_noisy_time` says where the time grids
+            end instead (see :func:`sdedit_jax.sampling.integrate.integrate`).
     """
 
     T: float = 1.0
@@ -64,6 +67,22 @@ class SDE:
     def prior_std(self) -> float:
         """Standard deviation of the N(0, prior_std^2 I) prior at t=T."""
         raise NotImplementedError
+
+    @property
+    def last_noisy_time(self) -> float:
+        """The smallest time with noise (a finite log-SNR), where the time grids end.
+
+        ``eps`` when it has noise (the continuous SDEs). An SDE whose ``eps`` is
+        noise-free returns the last time before it with noise (a discrete
+        schedule's first step, ``1 / T``); the integrator's final step goes from
+        there to ``eps`` as one data prediction, with no score call at sigma = 0.
+        """
+        return self.eps
+
+    @property
+    def noise_free_end(self) -> bool:
+        """Whether integrating to ``eps`` ends with that final data-prediction step."""
+        return self.last_noisy_time > self.eps
 
     # --- derived ----------------------------------------------------------------
     def marginal_std(self, t: Array) -> Array:
@@ -217,7 +236,9 @@ class DiscreteVPSDE(SDE):
     ``beta(t) = -T log(1 - beta_n)`` on ``((n) / T, (n + 1) / T]``, so drift and diffusion
     agree with the marginals and every predictor applies. One ``ancestral`` step of
     ``1 / T`` from a grid time is DDPM's ancestral step (mean with ``beta_n``, variance
-    ``beta_tilde_n``); ``eps = 0`` makes the last step end at the data (DDPM's ``x_0``).
+    ``beta_tilde_n``); ``eps = 0`` makes the last step end at the data (DDPM's ``x_0``):
+    the log-SNR is infinite there, so the time grids end at :attr:`last_noisy_time`
+    ``= 1 / T`` (DDPM's step 0) and the last step is the data prediction from there.
     Times within 1e-3 of a step of a grid time are taken as that grid time, so the
     float32 time grids of the samplers land on DDPM's steps exactly.
     """
@@ -255,6 +276,10 @@ class DiscreteVPSDE(SDE):
         hi, lo, inc = self._tables()
         knot = jnp.clip(jnp.round(u), 0, self.num_timesteps).astype(jnp.int32)
         return hi[knot], lo[knot], (u - knot) * inc[self._segment(u)]
+
+    @property
+    def last_noisy_time(self) -> float:
+        return 1.0 / self.num_timesteps
 
     def timestep(self, t: Array) -> Array:
         """The DDPM network's timestep input at time ``t``: ``t T - 1`` (float)."""

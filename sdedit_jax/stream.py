@@ -111,7 +111,8 @@ def _with_step_counts(
     if np.any((seeds < 0) | (seeds >= 2**31)):
         raise ValueError(f"seed: per-example seeds must lie in [0, 2^31), got {seeds}")
     n_steps = step_rule.steps_for(batch["t0"])
-    nfe = n_steps.astype(np.int64) * editor.sampler.nfe_per_step * editor.repeats
+    calls = editor.sampler.network_calls(n_steps.astype(np.int64), editor.sde.noise_free_end)
+    nfe = calls * editor.repeats
     batch = {**batch, "steps": n_steps, "nfe": nfe}
 
     def to_global(local):

@@ -235,7 +235,8 @@ def sweep(
                 outputs, seconds = edit_guides(
                     editor, placed, guides, t0, n_steps, config.seed, progress, cache_path
                 )
-                nfe = n_steps * variant.sampler.nfe_per_step * variant.repeats
+                calls = variant.sampler.network_calls(n_steps, model.sde.noise_free_end)
+                nfe = calls * variant.repeats
                 rows.append(
                     _row(
                         guides.name,

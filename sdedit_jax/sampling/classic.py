@@ -68,7 +68,8 @@ class Corrected:
     def init(self, x):
         return self.solver.init(x)
 
-    def step(self, sde, score_fn, keys, state, t, t_next):
+    def correct(self, sde, score_fn, keys, state, t, t_next):
+        """The corrector's moves at ``t`` (score calls at ``t`` only)."""
         x, _ = correctors.CORRECTORS[self.corrector](
             sde,
             score_fn,
@@ -79,7 +80,11 @@ class Corrected:
             snr=self.snr,
             n_steps=self.corrector_steps,
         )
-        return self.solver.step(sde, score_fn, keys, state._replace(x=x), t, t_next)
+        return state._replace(x=x)
+
+    def step(self, sde, score_fn, keys, state, t, t_next):
+        state = self.correct(sde, score_fn, keys, state, t, t_next)
+        return self.solver.step(sde, score_fn, keys, state, t, t_next)
 
 
 # Each predictor with what it declares: network calls per step, order, stochasticity.

@@ -7,6 +7,9 @@ rounding) and ends at ``t_end`` (``eps``): exactly for the log-SNR and Karras
 grids; the uniform grid keeps the engine's original formula
 ``t_start + (t_end - t_start) * i / n`` (so earlier outputs stay bit-identical),
 whose last point is ``eps`` up to one float32 rounding of ``t_start`` (~6e-8).
+Where ``eps`` is noise-free (an infinite log-SNR, ``DiscreteVPSDE``'s t = 0) the
+integrator ends the grid at ``sde.last_noisy_time`` instead, one step short, and
+takes the last step to ``eps`` itself (see :func:`integrate.integrate`).
 
 * ``uniform``: uniform in ``t`` (the score-SDE papers' and SDEdit's grid);
 * ``logsnr``: uniform in the log-SNR ``lambda_t = log(alpha_t / sigma_t)``

@@ -18,6 +18,10 @@ Quantities of a linear SDE used by the exponential-integrator solvers
 ``sigma_t = marginal_std(t)`` and ``lambda_t = log(alpha_t / sigma_t)``, all
 from base-class methods of :class:`sdedit_jax.sde.SDE`, so a solver works for
 every SDE with a Gaussian kernel (VP, sub-VP, VE, discrete DDPM schedules).
+
+No solver ever steps to a noise-free time (sigma = 0, an infinite log-SNR): the
+integrator's grids end at the SDE's last noisy time and its final step to sigma = 0
+is :func:`data_step`, the same for every solver (diffusers' ``final_sigmas_type="zero"``).
 """
 
 from __future__ import annotations
@@ -84,3 +88,15 @@ def data_prediction(score: Array, x: Array, alpha: Array, sigma: Array) -> Array
     bit-reproducibility).
     """
     return (x + batch_bcast(sigma**2, x) * score) * batch_bcast(1.0 / alpha, x)
+
+
+def data_step(sde: SDE, score_fn: ScoreFn, state: SolverState, t: Array, t_next: Array):
+    """The step from ``t`` to a noise-free ``t_next`` (sigma = 0): ``x = alpha_next E[x_0 | x_t]``.
+
+    One score call, at ``t``; the exact solution of every reverse process (ODE or SDE)
+    there, since ``x_t = alpha_t x_0`` at sigma = 0. The history is kept (nothing follows).
+    """
+    alpha, sigma, _ = alpha_sigma_lambda(sde, t)
+    x = data_prediction(score_fn(state.x, t), state.x, alpha, sigma)
+    x = batch_bcast(jnp.exp(sde.log_mean_coeff(t_next)), x) * x
+    return SolverState(x, x, state.history)
