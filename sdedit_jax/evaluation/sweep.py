@@ -219,47 +219,46 @@ def sweep(
         for v in variants
     ]
     total_rows = len(variants) * len(t0s) * sum(len(g.ids) for g in task_guides)
-    progress = Progress(total_rows, progress_writer, label="evaluate")
     rows, sheets = [], {}
-    for variant, editor in zip(variants, editors, strict=True):
-        placed = editor.place_score(model.score_fn)
-        for guides in task_guides:
-            kept = {}
-            for t0 in t0s:
-                # The config's float64 t0: float32(0.8) * 200 rounds up to 161 steps.
-                n_steps = int(variant.step_rule.steps_for(np.float64(t0)))
-                cache_path = None
-                if cache_dir is not None:
-                    key = _setting_key(model, variant, guides, t0, n_steps, config.seed)
-                    cache_path = os.path.join(cache_dir, f"{key}.npz")
-                outputs, seconds = edit_guides(
-                    editor, placed, guides, t0, n_steps, config.seed, progress, cache_path
-                )
-                calls = variant.sampler.network_calls(n_steps, model.sde.noise_free_end)
-                nfe = calls * variant.repeats
-                rows.append(
-                    _row(
-                        guides.name,
-                        variant.name,
-                        t0,
-                        n_steps,
-                        len(guides.ids),
-                        _scores(scorer, outputs, guides, cache_path),
-                        seconds,
-                        nfe,
+    with Progress(total_rows, progress_writer, label="evaluate") as progress:
+        for variant, editor in zip(variants, editors, strict=True):
+            placed = editor.place_score(model.score_fn)
+            for guides in task_guides:
+                kept = {}
+                for t0 in t0s:
+                    # The config's float64 t0: float32(0.8) * 200 rounds up to 161 steps.
+                    n_steps = int(variant.step_rule.steps_for(np.float64(t0)))
+                    cache_path = None
+                    if cache_dir is not None:
+                        key = _setting_key(model, variant, guides, t0, n_steps, config.seed)
+                        cache_path = os.path.join(cache_dir, f"{key}.npz")
+                    outputs, seconds = edit_guides(
+                        editor, placed, guides, t0, n_steps, config.seed, progress, cache_path
                     )
+                    calls = variant.sampler.network_calls(n_steps, model.sde.noise_free_end)
+                    nfe = calls * variant.repeats
+                    rows.append(
+                        _row(
+                            guides.name,
+                            variant.name,
+                            t0,
+                            n_steps,
+                            len(guides.ids),
+                            _scores(scorer, outputs, guides, cache_path),
+                            seconds,
+                            nfe,
+                        )
+                    )
+                    if on_row is not None:
+                        on_row(rows)
+                    kept[t0] = outputs[: config.contact_sheet_examples]
+                    _log(
+                        f"[{guides.name} {variant.name} t0={t0:g}] {len(guides.ids)} images, "
+                        f"{n_steps} steps, {seconds:.1f}s ({len(guides.ids) / seconds:.2f} img/s)"
+                    )
+                sheets[(guides.name, variant.name)] = contact_rows(
+                    guides, kept, config.contact_sheet_examples
                 )
-                if on_row is not None:
-                    on_row(rows)
-                kept[t0] = outputs[: config.contact_sheet_examples]
-                _log(
-                    f"[{guides.name} {variant.name} t0={t0:g}] {len(guides.ids)} images, "
-                    f"{n_steps} steps, {seconds:.1f}s ({len(guides.ids) / seconds:.2f} img/s)"
-                )
-            sheets[(guides.name, variant.name)] = contact_rows(
-                guides, kept, config.contact_sheet_examples
-            )
-    progress.close()
     return rows, sheets
 
 

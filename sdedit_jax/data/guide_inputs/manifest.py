@@ -199,32 +199,7 @@ def _manifest_row(
     row_id = fields.get("id", raw_path)
     if not (isinstance(row_id, str) and row_id):
         row_id = f"{os.path.basename(manifest)}:{number}"
-    if error:
-        return _Row(
-            id=row_id,
-            source=path,
-            t0=config.t0,
-            seed=config.seed,
-            guide_path=path,
-            error=f"{where}: {error}",
-        )
-    problems = [
-        f"unknown field {_shown(k)} (known: {', '.join(MANIFEST_FIELDS)})"
-        for k in sorted(fields, key=str)
-        if k not in MANIFEST_FIELDS
-    ]
-    if not (isinstance(raw_path, str) and raw_path):
-        problems.append(f"path: expected a non-empty string, got {_shown(raw_path)}")
-    for name in ("mask", "id"):
-        if name in fields and not (isinstance(fields[name], str) and fields[name]):
-            problems.append(f"{name}: expected a non-empty string, got {_shown(fields[name])}")
-    values = {}
-    for name, parse in (("t0", lambda v: _parse_t0(v, config)), ("seed", _parse_seed)):
-        if name in fields:
-            try:
-                values[name] = parse(fields[name])
-            except ValueError as e:
-                problems.append(f"{name}: {e}")
+    problems, values = _field_problems(fields, config) if not error else ([error], {})
     if problems:
         return _Row(
             id=row_id,
@@ -244,6 +219,29 @@ def _manifest_row(
         mask_path=files.join(base, mask) if mask else "",
         t0_given="t0" in values,
     )
+
+
+def _field_problems(fields: dict, config: GuideInputConfig) -> tuple[list[str], dict]:
+    """Every problem of a decoded row's fields, and its parsed ``t0``/``seed`` values."""
+    problems = [
+        f"unknown field {_shown(k)} (known: {', '.join(MANIFEST_FIELDS)})"
+        for k in sorted(fields, key=str)
+        if k not in MANIFEST_FIELDS
+    ]
+    raw_path = fields.get("path")
+    if not (isinstance(raw_path, str) and raw_path):
+        problems.append(f"path: expected a non-empty string, got {_shown(raw_path)}")
+    for name in ("mask", "id"):
+        if name in fields and not (isinstance(fields[name], str) and fields[name]):
+            problems.append(f"{name}: expected a non-empty string, got {_shown(fields[name])}")
+    values = {}
+    for name, parse in (("t0", lambda v: _parse_t0(v, config)), ("seed", _parse_seed)):
+        if name in fields:
+            try:
+                values[name] = parse(fields[name])
+            except ValueError as e:
+                problems.append(f"{name}: {e}")
+    return problems, values
 
 
 class _ColumnParts:
