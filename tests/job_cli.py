@@ -123,3 +123,23 @@ def error_lines(stderr: str) -> list[str]:
     return [
         line for line in stderr.splitlines() if line.strip() and not any(n in line for n in noise)
     ]
+
+
+# A tiny diffusers UNet2DModel of the NCSN++ family (score_sde's layout) at SIZE.
+TINY_NCSNPP_DIFFUSERS = {
+    "sample_size": SIZE,
+    "block_out_channels": [32, 128],
+    "layers_per_block": 1,
+    "down_block_types": ["SkipDownBlock2D", "AttnSkipDownBlock2D"],
+    "up_block_types": ["AttnSkipUpBlock2D", "SkipUpBlock2D"],
+    "time_embedding_type": "fourier",
+    "center_input_sample": True,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1.41421356237,
+    "norm_eps": 1e-6,
+    "norm_num_groups": None,
+    "attention_head_dim": None,
+    "act_fn": "silu",
+}

@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import ddpm_reference as ref  # noqa: E402
+import job_cli  # noqa: E402
 
 from sdedit_jax import checkpoint, convert, files, importers, pretrained  # noqa: E402
 from sdedit_jax.score import make_network_score_fn, sde_for_range  # noqa: E402
@@ -182,23 +183,7 @@ def test_ncsnpp_diffusers_folder_through_load_model(tmp_path):
     pytest.importorskip("sdedit_jax.models.ncsnpp")
     from diffusers import UNet2DModel
 
-    config = {
-        "sample_size": 16,
-        "block_out_channels": [32, 128],
-        "layers_per_block": 1,
-        "down_block_types": ["SkipDownBlock2D", "AttnSkipDownBlock2D"],
-        "up_block_types": ["AttnSkipUpBlock2D", "SkipUpBlock2D"],
-        "time_embedding_type": "fourier",
-        "center_input_sample": True,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1.41421356237,
-        "norm_eps": 1e-6,
-        "norm_num_groups": None,
-        "attention_head_dim": None,
-        "act_fn": "silu",
-    }
+    config = job_cli.TINY_NCSNPP_DIFFUSERS
     torch.manual_seed(0)
     model = UNet2DModel(**config).eval()
     model.save_pretrained(tmp_path)

@@ -20,24 +20,6 @@ import job_cli  # noqa: E402
 
 from sdedit_jax import convert  # noqa: E402
 
-NCSNPP = {
-    "sample_size": job_cli.SIZE,
-    "block_out_channels": [32, 128],
-    "layers_per_block": 1,
-    "down_block_types": ["SkipDownBlock2D", "AttnSkipDownBlock2D"],
-    "up_block_types": ["AttnSkipUpBlock2D", "SkipUpBlock2D"],
-    "time_embedding_type": "fourier",
-    "center_input_sample": True,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1.41421356237,
-    "norm_eps": 1e-6,
-    "norm_num_groups": None,
-    "attention_head_dim": None,
-    "act_fn": "silu",
-}
-
 
 def _ddpm_hub(path):
     config = {
@@ -51,7 +33,7 @@ def _ddpm_hub(path):
 
 def _ncsnpp_hub(path):
     torch.manual_seed(0)
-    diffusers.UNet2DModel(**NCSNPP).eval().save_pretrained(path)
+    diffusers.UNet2DModel(**job_cli.TINY_NCSNPP_DIFFUSERS).eval().save_pretrained(path)
     diffusers.ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=50.0).save_pretrained(path)
 
 
