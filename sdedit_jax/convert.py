@@ -48,7 +48,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("source", None, "checkpoint file or folder to convert")
     flags.DEFINE_string("out", None, "model folder to write")
     flags.DEFINE_enum(
-        "format", None, ["diffusers", "ddim", "score_sde"], "source format (default: detected)"
+        "format", None, list(importers.IMPORT_FORMATS), "source format (default: detected)"
     )
     flags.DEFINE_string(
         "sde",

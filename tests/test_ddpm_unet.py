@@ -17,6 +17,7 @@ pytest.importorskip("diffusers")
 import ddpm_reference as ref  # noqa: E402
 
 from sdedit_jax import pretrained  # noqa: E402
+from sdedit_jax.importers import diffusers_ddpm, torch_checkpoint  # noqa: E402
 from sdedit_jax.models import ddpm_unet  # noqa: E402
 from sdedit_jax.models.ddpm_unet import DDPMUNetConfig, UnsupportedConfig  # noqa: E402
 
@@ -85,12 +86,12 @@ def test_church_config_from_diffusers_and_from_ddim_yaml_agree():
         "ema": True,
         "resamp_with_conv": True,
     }
-    from_ddim = DDPMUNetConfig.from_ddim_config(ddim_model, image_size=256)
-    from_diffusers = DDPMUNetConfig.from_diffusers_config(ref.CHURCH_256)
+    from_ddim = torch_checkpoint.config_from_ddim(ddim_model, image_size=256)
+    from_diffusers = diffusers_ddpm.config_from_diffusers(ref.CHURCH_256)
     assert from_ddim == from_diffusers
     assert from_diffusers.down_attention == (False,) * 4 + (True, False)
     assert DDPMUNetConfig.from_config(from_ddim.to_config()) == from_ddim
-    assert DDPMUNetConfig.from_ddim_config({**ddim_model, "resolution": 256}) == from_ddim
+    assert torch_checkpoint.config_from_ddim({**ddim_model, "resolution": 256}) == from_ddim
 
 
 @pytest.mark.parametrize(
@@ -122,14 +123,14 @@ def test_church_config_from_diffusers_and_from_ddim_yaml_agree():
 )
 def test_unsupported_diffusers_config_names_field_and_value(change, message):
     with pytest.raises(UnsupportedConfig, match=message):
-        DDPMUNetConfig.from_diffusers_config({**ref.CHURCH_256, **change})
+        diffusers_ddpm.config_from_diffusers({**ref.CHURCH_256, **change})
 
 
 def test_diffusers_defaults_apply_to_missing_fields():
     # UNet2DModel defaults flip_sin_to_cos=True, freq_shift=0: a config without them is
     # that variant, which the port also computes.
     cfg = {k: v for k, v in ref.CHURCH_256.items() if k not in ("flip_sin_to_cos", "freq_shift")}
-    config = DDPMUNetConfig.from_diffusers_config(cfg)
+    config = diffusers_ddpm.config_from_diffusers(cfg)
     assert (config.flip_sin_to_cos, config.freq_shift) == (True, 0.0)
 
 
@@ -154,7 +155,7 @@ def test_flipped_embedding_and_multihead_variant_match_diffusers(tmp_path):
 
 def test_ddim_config_rejects_other_model_types():
     with pytest.raises(UnsupportedConfig, match="type: 'bayesian' is not supported"):
-        DDPMUNetConfig.from_ddim_config(
+        torch_checkpoint.config_from_ddim(
             {
                 "type": "bayesian",
                 "ch": 128,

@@ -1,8 +1,8 @@
 """diffusers ``UNet2DModel`` folders: ``config.json`` + ``diffusion_pytorch_model.*`` weights.
 
 The config decides the network: Skip* blocks or ``time_embedding_type="fourier"``
-make an NCSN++ (:mod:`sdedit_jax.models.ncsnpp`), anything else must be the
-DDPM U-Net (:mod:`sdedit_jax.models.ddpm_unet`). Both attention key spellings
+make an NCSN++ (:mod:`.diffusers_ncsnpp` maps it), anything else must be the
+DDPM U-Net (:mod:`.diffusers_ddpm`). Both attention key spellings
 (``query/key/value/proj_attn`` of diffusers < 0.15 and ``to_q/to_k/to_v/to_out.0``)
 are read. safetensors files are read with safetensors' numpy API, ``.bin`` files
 (torch pickles) with the allow-listed reader, so no checkpoint code runs.
@@ -14,16 +14,17 @@ the pipeline's ``scheduler/``) when there is one; otherwise DDPM's linear betas
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any
 
 import numpy as np
 
 from sdedit_jax import checkpoint, files
-from sdedit_jax.importers import Imported, fields, torch_checkpoint
-from sdedit_jax.models import ddpm_unet
+from sdedit_jax.importers import diffusers_ddpm, diffusers_ncsnpp, fields, torch_checkpoint
+from sdedit_jax.importers.imported import Imported
 
+FORMAT = "diffusers"
+OPTIONS = ()
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SCHEDULER_FILE = "scheduler_config.json"
@@ -84,6 +85,13 @@ SCHEDULER_RULES = {
     "sigma_min": fields.POSITIVE,
     "sigma_max": fields.POSITIVE,
 }
+
+
+def detect(path: str) -> bool:
+    """A folder with a ``config.json``, itself or in a pipeline's ``unet/``."""
+    return files.isdir(path) and any(
+        files.exists(files.join(path, *p, CONFIG_FILE)) for p in ((), ("unet",))
+    )
 
 
 def model_folder(path: str) -> str:
@@ -199,11 +207,10 @@ def load(path: str) -> Imported:
         if not is_ncsnpp(config) and config.get("attention_head_dim") == 0:
             raise ValueError("attention_head_dim: got 0; expected an int >= 1 or null")
         if is_ncsnpp(config):
-            module, architecture = _ncsnpp(config_path), "ncsnpp"
-            net_config = module.NCSNppConfig.from_diffusers_config(config)
+            mapping, architecture = diffusers_ncsnpp, "ncsnpp"
         else:
-            module, architecture = ddpm_unet, "ddpm_unet"
-            net_config = module.DDPMUNetConfig.from_diffusers_config(config)
+            mapping, architecture = diffusers_ddpm, "ddpm_unet"
+        net_config = mapping.config_from_diffusers(config)
     except (ValueError, ZeroDivisionError) as err:
         kind = type(err) if isinstance(err, ValueError) else ValueError
         raise kind(f"{config_path}: {err}") from None
@@ -226,7 +233,7 @@ def load(path: str) -> Imported:
     weights = weight_file(folder)
     tensors = new_attention_names(read_tensors(weights))
     try:
-        state = module.params_from_diffusers(tensors, net_config)
+        state = mapping.params_from_diffusers(tensors, net_config)
     except ValueError as err:
         message = str(err)
         raise type(err)(message if weights in message else f"{weights}: {message}") from None
@@ -236,18 +243,8 @@ def load(path: str) -> Imported:
         state=state,
         source={
             "path": files.abspath(weights),
-            "format": "diffusers",
+            "format": FORMAT,
             "sha256": checkpoint.sha256_file(weights),
         },
         **usage,
     )
-
-
-def _ncsnpp(config_path: str):
-    try:
-        return importlib.import_module("sdedit_jax.models.ncsnpp")
-    except ImportError as err:
-        raise ValueError(
-            f"{config_path}: an NCSN++ network, but sdedit_jax.models.ncsnpp is not available "
-            f"({err})"
-        ) from None

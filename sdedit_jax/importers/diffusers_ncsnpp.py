@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from sdedit_jax.importers import state_dict
 from sdedit_jax.models import ncsnpp
 from sdedit_jax.models.ncsnpp import NCSNppConfig
 
@@ -262,10 +263,10 @@ def key_map(config: NCSNppConfig, old_attention: bool = False) -> dict[str, tupl
     return {k: v for k, v in m.items() if v[0] in shapes}  # drops absent conv_shortcuts
 
 
-def _normalise_keys(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
+def _normalise_keys(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
     """Accepts the old attention spelling, and ``time_proj.W`` (an alias of
     ``time_proj.weight`` in early files) when it equals ``time_proj.weight``."""
-    sd = dict(state_dict)
+    sd = dict(tensors)
     old = any(k.endswith((".query.weight", ".proj_attn.weight")) for k in sd)
     if "time_proj.W" in sd:
         w = sd.pop("time_proj.W")
@@ -275,40 +276,29 @@ def _normalise_keys(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.
     return sd, old
 
 
-def check_keys(
-    got: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], source: str
-) -> None:
-    """Raises one error listing every missing, unexpected and mis-shaped key."""
-    missing = sorted(expected.keys() - got.keys())
-    extra = sorted(got.keys() - expected.keys())
-    wrong = [
-        f"{k}: expected {expected[k]}, found {tuple(got[k])}"
-        for k in sorted(expected.keys() & got.keys())
-        if tuple(got[k]) != expected[k]
-    ]
-    if missing or extra or wrong:
-        parts = [
-            f"{len(missing)} missing {missing}" if missing else "",
-            f"{len(extra)} unexpected {extra}" if extra else "",
-            f"{len(wrong)} mis-shaped [{'; '.join(wrong)}]" if wrong else "",
-        ]
-        raise ValueError(
-            f"{source}: does not match the NCSN++ config: " + ", ".join(p for p in parts if p)
-        )
-
-
 def params_from_diffusers(
-    state_dict: Mapping[str, np.ndarray], config: NCSNppConfig, source: str = "state dict"
+    tensors: Mapping[str, np.ndarray], config: NCSNppConfig, source: str = "state dict"
 ) -> nnx.State:
     """The model state from a diffusers NCSN++ state dict (numpy arrays, torch layouts).
 
     Every key and shape is checked before anything is built; all offending keys are
     reported in one error (``source`` names the file in it).
     """
-    sd, old = _normalise_keys(state_dict)
+    sd, old = _normalise_keys(tensors)
     mapping = key_map(config, old_attention=old)
     shapes = ncsnpp.abstract_params(config)
     expected = {k: _source_shape(kind, shapes[dst]) for k, (dst, kind) in mapping.items()}
-    check_keys({k: np.shape(v) for k, v in sd.items()}, expected, source)
+    state_dict.check_tensors(source, sd, expected)
     flat = {dst: kind(np.asarray(sd[k], np.float32)) for k, (dst, kind) in mapping.items()}
-    return ncsnpp.state_from_flat(config, flat)
+    return state_from_flat(config, flat)
+
+
+def state_from_flat(config: NCSNppConfig, flat: Mapping[str, np.ndarray]) -> nnx.State:
+    """The network's state holding ``flat`` (keys as in :func:`ncsnpp.abstract_params`).
+
+    Importers check the source's tensors first, in the source's own names; filling
+    checks every built shape again (see :func:`state_dict.fill_state`).
+    """
+    return state_dict.fill_state(
+        ncsnpp.abstract(config)[1], lambda path, _: flat["/".join(map(str, path))]
+    )

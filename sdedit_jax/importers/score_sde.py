@@ -28,11 +28,14 @@ from typing import Any
 import numpy as np
 from flax import nnx, serialization
 
-from sdedit_jax import files
-from sdedit_jax.importers.diffusers_ncsnpp import check_keys
+from sdedit_jax import checkpoint, files
+from sdedit_jax.importers import diffusers_ncsnpp, state_dict
+from sdedit_jax.importers.imported import Imported
 from sdedit_jax.models import ncsnpp
 from sdedit_jax.models.ncsnpp import NCSNppConfig
 
+FORMAT = "score_sde"
+OPTIONS = ("config",)
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
 STATE_FIELDS = ("step", "optimizer", "lr", "model_state", "ema_rate", "params_ema", "rng")
 
@@ -415,20 +418,30 @@ def params_from_score_sde(
     flat = _flatten(params_tree)
     mapping = key_map(config)
     shapes = ncsnpp.abstract_params(config)
-    got = {}
+    found = {}
     for k, v in flat.items():
-        shape = tuple(v.shape)
-        if k in mapping and "/GroupNorm_" in f"/{k}" and shape == (1, 1, 1) + shapes[mapping[k]]:
-            shape = shape[3:]
-        got[k] = shape
-    check_keys(got, {k: shapes[dst] for k, dst in mapping.items()}, source)
-    values = {
-        dst: np.asarray(flat[k], np.float32).reshape(shapes[dst]) for k, dst in mapping.items()
-    }
-    return ncsnpp.state_from_flat(config, values)
+        if k in mapping and "/GroupNorm_" in f"/{k}" and v.shape == (1, 1, 1) + shapes[mapping[k]]:
+            v = v.reshape(v.shape[3:])
+        found[k] = v
+    state_dict.check_tensors(source, found, {k: shapes[dst] for k, dst in mapping.items()})
+    values = {dst: np.asarray(found[k], np.float32) for k, dst in mapping.items()}
+    return diffusers_ncsnpp.state_from_flat(config, values)
 
 
 CONFIG_FILES = ("score_sde_config.json", "config.json")
+
+
+def detect(path: str) -> bool:
+    """A folder holding a ``checkpoint_<n>``, or a file so named or that starts as a msgpack map."""
+    if files.isdir(path):
+        return any(_CHECKPOINT.match(name.rstrip("/")) for name in files.listdir(path))
+    with files.open_file(path, "rb") as f:  # refuses a FIFO or device without blocking
+        head = f.read(1)
+    return bool(
+        _CHECKPOINT.match(files.basename(path))
+        or head in (b"\xde", b"\xdf")
+        or (head and 0x81 <= head[0] <= 0x8F)
+    )
 
 
 def checkpoint_file(path: str) -> str:
@@ -455,7 +468,7 @@ def _find_config(ckpt: str) -> str:
     )
 
 
-def load(path: str, config: str | Mapping[str, Any] | None = None):
+def load(path: str, config: str | Mapping[str, Any] | None = None) -> Imported:
     """Imports a score_sde checkpoint (file, or the newest in a folder) as an ``Imported``.
 
     Args:
@@ -463,9 +476,6 @@ def load(path: str, config: str | Mapping[str, Any] | None = None):
             by default a ``score_sde_config.json``/``config.json`` beside the checkpoint
             (or one folder up).
     """
-    from sdedit_jax import checkpoint
-    from sdedit_jax.importers import Imported
-
     ckpt = checkpoint_file(path)
     where = config if isinstance(config, str) else "score_sde config"
     if config is None:
@@ -489,7 +499,7 @@ def load(path: str, config: str | Mapping[str, Any] | None = None):
         sde=sde,
         source={
             "path": os.path.abspath(ckpt),
-            "format": "score_sde",
+            "format": FORMAT,
             "sha256": checkpoint.sha256_file(ckpt),
         },
     )

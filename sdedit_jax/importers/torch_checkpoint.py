@@ -19,15 +19,19 @@ import re
 import struct
 import zipfile
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from sdedit_jax import checkpoint, files
-from sdedit_jax.importers import Imported
+from sdedit_jax.importers import diffusers_ddpm
+from sdedit_jax.importers.imported import Imported
 from sdedit_jax.metrics import torch_pickle
-from sdedit_jax.models import ddpm_unet
+from sdedit_jax.models.ddpm_unet import DDPMUNetConfig, UnsupportedConfig
 
+FORMAT = "ddim"
+OPTIONS = ("image_size",)
 CheckpointError = torch_pickle.CheckpointError
 DEFAULT_IMAGE_SIZE = 256
 DDPM_SDE = {"name": "discrete_vp", "beta_start": 1e-4, "beta_end": 0.02, "num_timesteps": 1000}
@@ -52,12 +56,58 @@ _LEVEL_KEY = re.compile(r"^(down|up)\.(\d+)\.(block|attn)\.(\d+)\.(\w+)\.(weight
 _RESAMPLE_KEY = re.compile(r"^(down|up)\.(\d+)\.(downsample|upsample)\.conv\.(weight|bias)$")
 _MID_ATTN_KEY = re.compile(r"^mid\.attn_1\.(\w+)\.(weight|bias)$")
 _MID_BLOCK_KEY = re.compile(r"^mid\.block_([12])\.(\w+)\.(weight|bias)$")
+# pickle protocol 2, LONG1 of 10 bytes: how torch's legacy format starts (its magic number).
+_LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a"
+_ZIP_HEAD = b"PK\x03\x04"
+# Keys of ddim's ``model:`` section that do not change the network.
+_DDIM_IGNORED = ("var_type", "ema_rate", "ema")
+
+
+def detect(path: str) -> bool:
+    """A torch file: a zip archive or torch's legacy pickle (read from the file's head)."""
+    if files.isdir(path):
+        return False
+    with files.open_file(path, "rb") as f:  # refuses a FIFO or device without blocking
+        head = f.read(4)
+        f.seek(0)
+        return head in (_ZIP_HEAD, _LEGACY_TORCH_HEAD) or zipfile.is_zipfile(f)
+
+
+def config_from_ddim(model: Mapping[str, Any], image_size: int | None = None) -> DDPMUNetConfig:
+    """From the ``model:`` section of a ddim/SDEdit yaml config and ``data.image_size``
+    (or a ``resolution`` entry in ``model``)."""
+    required = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions")
+    optional = ("type", "in_channels", "out_ch", "dropout", "resamp_with_conv", "resolution")
+    unknown = sorted(set(model) - set(required) - set(optional) - set(_DDIM_IGNORED))
+    if unknown:
+        raise UnsupportedConfig(f"{unknown[0]}: unknown ddim model field")
+    missing = [k for k in required if k not in model]
+    if missing:
+        raise UnsupportedConfig(f"{missing[0]}: missing from the ddim model config")
+    if model.get("type", "simple") != "simple":
+        raise UnsupportedConfig(f"type: {model['type']!r} is not supported (only 'simple')")
+    image_size = model.get("resolution") if image_size is None else image_size
+    if not isinstance(image_size, int):
+        raise UnsupportedConfig(f"resolution: {image_size!r} is not an int image size")
+    ch, mult = int(model["ch"]), tuple(int(m) for m in model["ch_mult"])
+    sizes = [image_size // 2**level for level in range(len(mult))]
+    attention = tuple(s in set(model["attn_resolutions"]) for s in sizes)
+    return DDPMUNetConfig(
+        image_size=int(image_size),
+        in_channels=int(model.get("in_channels", 3)),
+        out_channels=int(model.get("out_ch", 3)),
+        block_out_channels=tuple(ch * m for m in mult),
+        layers_per_block=int(model["num_res_blocks"]),
+        down_attention=attention,
+        up_attention=attention,
+        resamp_with_conv=bool(model.get("resamp_with_conv", True)),
+    )
 
 
 def read_checkpoint(path: str) -> Any:
     """Unpickles a torch file safely; any malformation is one :class:`CheckpointError`."""
     with files.open_file(path, "rb") as f:
-        is_zip_entry = f.read(4) == b"PK\x03\x04"
+        is_zip_entry = f.read(4) == _ZIP_HEAD
         f.seek(0)
         is_zip = zipfile.is_zipfile(f)
     if is_zip_entry and not is_zip:
@@ -106,9 +156,7 @@ def select_weights(obj: Any, path: str) -> tuple[dict[str, np.ndarray], str]:
     return weights, entry
 
 
-def infer_config(
-    tensors: dict[str, np.ndarray], image_size: int, path: str
-) -> ddpm_unet.DDPMUNetConfig:
+def infer_config(tensors: dict[str, np.ndarray], image_size: int, path: str) -> DDPMUNetConfig:
     """The network's hyper-parameters, read off the shapes of ddim's tensors."""
     if any(k.startswith("down_blocks.") for k in tensors):
         raise CheckpointError(
@@ -129,7 +177,7 @@ def infer_config(
         up_attention.append(any(k.startswith(f"up.{level}.attn.") for k in tensors))
     blocks = {int(m[1]) for k in tensors if (m := re.match(r"down\.0\.block\.(\d+)\.", k))}
     try:
-        return ddpm_unet.DDPMUNetConfig(
+        return DDPMUNetConfig(
             image_size=image_size,
             in_channels=int(tensors["conv_in.weight"].shape[1]),
             out_channels=int(tensors["conv_out.weight"].shape[0]),
@@ -199,7 +247,7 @@ def load(path: str, image_size: int | None = None) -> Imported:
     config = infer_config(weights, image_size or DEFAULT_IMAGE_SIZE, path)
     tensors = to_diffusers_names(weights, len(config.block_out_channels))
     try:
-        state = ddpm_unet.params_from_diffusers(tensors, config)
+        state = diffusers_ddpm.params_from_diffusers(tensors, config)
     except ValueError as err:
         raise type(err)(f"{path}: {err} (keys in diffusers' names)") from None
     return Imported(
@@ -212,7 +260,7 @@ def load(path: str, image_size: int | None = None) -> Imported:
         sde=dict(DDPM_SDE),
         source={
             "path": files.abspath(path),
-            "format": "ddim",
+            "format": FORMAT,
             "entry": entry,
             "sha256": checkpoint.sha256_file(path),
         },

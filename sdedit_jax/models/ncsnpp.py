@@ -21,6 +21,7 @@ the score (``scale_by_sigma``: the network output divided by sigma).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -170,26 +171,6 @@ class NCSNppConfig:
         Unknown fields are errors, never ignored.
         """
         return frozen(cls, config, "model")
-
-    @classmethod
-    def from_diffusers_config(
-        cls, cfg: Mapping[str, Any], data_range: tuple[float, float] = (0.0, 1.0)
-    ) -> NCSNppConfig:
-        """From a diffusers ``UNet2DModel`` ``config.json`` dict with ``Skip*`` blocks.
-
-        ``data_range`` is not in diffusers' config; its score-SDE pipeline clamps
-        samples to [0, 1], which is the default.
-        """
-        from sdedit_jax.importers.diffusers_ncsnpp import config_from_diffusers
-
-        return config_from_diffusers(cfg, data_range)
-
-    @classmethod
-    def from_score_sde_config(cls, cfg: Mapping[str, Any]) -> NCSNppConfig:
-        """From a score_sde config: ``{"model": {...}, "data": {...}}`` or a ConfigDict."""
-        from sdedit_jax.importers.score_sde import config_from_score_sde
-
-        return config_from_score_sde(cfg)
 
 
 class Conv(layers.ConvParams):
@@ -467,24 +448,6 @@ class NCSNpp(nnx.Module):
         return out
 
 
-def params_from_diffusers(
-    state_dict: Mapping[str, np.ndarray], config: NCSNppConfig, source: str = "state dict"
-) -> nnx.State:
-    """Weights from a diffusers NCSN++ state dict (:mod:`sdedit_jax.importers.diffusers_ncsnpp`)."""
-    from sdedit_jax.importers.diffusers_ncsnpp import params_from_diffusers as convert
-
-    return convert(state_dict, config, source)
-
-
-def params_from_score_sde(
-    params_tree: Mapping[str, Any], config: NCSNppConfig, source: str = "params_ema"
-) -> nnx.State:
-    """Weights from score_sde's ``params_ema`` tree (see :mod:`sdedit_jax.importers.score_sde`)."""
-    from sdedit_jax.importers.score_sde import params_from_score_sde as convert
-
-    return convert(params_tree, config, source)
-
-
 def count_params(model: nnx.Module) -> int:
     """Number of scalars in the model's weights (Fourier frequencies included)."""
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model)))
@@ -499,7 +462,9 @@ def _path_key(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def _abstract_state(config: NCSNppConfig) -> tuple[nnx.GraphDef, nnx.State]:
+@functools.lru_cache(maxsize=16)
+def abstract(config: NCSNppConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and shape-only state of the network of ``config`` (no weights computed)."""
     return nnx.split(nnx.eval_shape(lambda: NCSNpp(config, rngs=nnx.Rngs(params=0))))
 
 
@@ -532,28 +497,6 @@ def block_paths(config: NCSNppConfig) -> list[tuple[str, str]]:
 
 def abstract_params(config: NCSNppConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every weight, keyed by its ``/``-joined path in the model's state."""
-    pure = nnx.to_pure_dict(_abstract_state(config)[1])
+    pure = nnx.to_pure_dict(abstract(config)[1])
     leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
     return {_path_key(path): tuple(leaf.shape) for path, leaf in leaves}
-
-
-def state_from_flat(config: NCSNppConfig, flat: Mapping[str, np.ndarray]) -> nnx.State:
-    """The model state holding ``flat`` (keys as in :func:`abstract_params`, float32).
-
-    Importers check the source's keys and shapes first and report them in the
-    source's own names; this re-check guards the mapping itself.
-    """
-    shapes = abstract_params(config)
-    missing = sorted(shapes.keys() - flat.keys())
-    extra = sorted(flat.keys() - shapes.keys())
-    wrong = sorted(k for k in shapes.keys() & flat.keys() if tuple(flat[k].shape) != shapes[k])
-    if missing or extra or wrong:
-        raise ValueError(f"NCSN++ state: missing {missing}, unexpected {extra}, mis-shaped {wrong}")
-    state = _abstract_state(config)[1]
-    pure = nnx.to_pure_dict(state)
-
-    def fill(path, _leaf):
-        return jnp.asarray(np.asarray(flat[_path_key(path)], np.float32))
-
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, pure))
-    return state
