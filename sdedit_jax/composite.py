@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 import sys
 
-from sdedit_jax import quiet
+from sdedit_jax.util import quiet
 
 tf = quiet.import_tensorflow()  # before anything else imports it
 
 from absl import app, flags  # noqa: E402
 
-from sdedit_jax import cli  # noqa: E402
 from sdedit_jax.data.compositing import (  # noqa: E402
     CompositeError,
     box_region,
@@ -33,6 +32,7 @@ from sdedit_jax.data.compositing import (  # noqa: E402
     read_rgb,
     write_guide,
 )
+from sdedit_jax.util import cli  # noqa: E402
 
 
 def _ints(text: str, count: int, field: str) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ input and data range, and the source file's sha256 (see :mod:`sdedit_jax.pretrai
 
 The folder appears whole or not at all: it is written into a temporary sibling
 folder, loaded once from there, and renamed to ``--out``
-(:func:`sdedit_jax.files.publish_folder`). An existing ``--out`` is refused
+(:func:`sdedit_jax.util.files.publish_folder`). An existing ``--out`` is refused
 unless ``--overwrite`` replaces it (so of two converts into one new ``--out``
 the second fails), and temporaries of a killed convert are removed by the next
 convert into the same ``--out``.
@@ -26,14 +26,15 @@ from __future__ import annotations
 import json
 import sys
 
-from sdedit_jax import quiet  # noqa: E402
+from sdedit_jax.util import quiet  # noqa: E402
 
 tf = quiet.import_tensorflow()  # before anything else imports it
 
 from absl import app, flags  # noqa: E402
 
-from sdedit_jax import cli, files, importers, pretrained  # noqa: E402
+from sdedit_jax import importers, pretrained  # noqa: E402
 from sdedit_jax.sde import sde_from_config  # noqa: E402
+from sdedit_jax.util import cli, files  # noqa: E402
 
 EXIT_ERROR, EXIT_BAD_INPUT = 1, 2
 

@@ -1,7 +1,7 @@
 """Device-parallel editing: the ``data`` mesh, the one compiled edit program, ``Editor``.
 
 The whole edit (all repeats and steps) is one ``jax.jit`` program (the only jit
-on the edit path; :mod:`sdedit_jax.stream` feeds it batches, training jits its
+on the edit path; :mod:`sdedit_jax.jobs.stream` feeds it batches, training jits its
 own step in :mod:`sdedit_jax.train`). Batch
 arrays are sharded over a 1-D ``data`` mesh axis; the score model's weights are
 replicated. Editing is purely data-parallel, so the program has no collectives.

@@ -16,15 +16,15 @@ import os
 import re
 import sys
 
-from sdedit_jax import quiet
+from sdedit_jax.util import quiet
 
 tf = quiet.import_tensorflow()  # before anything else imports it
 
 from absl import app, flags  # noqa: E402
 
-from sdedit_jax import cli  # noqa: E402
 from sdedit_jax.evaluation import run_evaluation  # noqa: E402
-from sdedit_jax.job import resolve_config_path  # noqa: E402
+from sdedit_jax.jobs.run import resolve_config_path  # noqa: E402
+from sdedit_jax.util import cli  # noqa: E402
 
 _DEFAULT_CONFIG = resolve_config_path("configs/eval_emoji.py")
 _EMOJI_SPLIT = re.compile(r"emoji(\d+)$")

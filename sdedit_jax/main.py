@@ -1,4 +1,4 @@
-"""Command line of the SDEdit batch job (:mod:`sdedit_jax.job`).
+"""Command line of the SDEdit batch job (:mod:`sdedit_jax.jobs.run`).
 
     python -m sdedit_jax.main --config configs/default.py --workdir runs/demo
     python -m sdedit_jax.main --config configs/default.py --config.seed=3 --workdir runs/s3
@@ -7,11 +7,11 @@ Every t0 of ``config.t0s`` is a sub-job writing ``<workdir>/t0_<t0>/``
 (``images/``, ``manifest.jsonl``, ``failures.jsonl``, ``throughput.jsonl``);
 inputs that name their own t0 are edited once, in ``t0_per_example/``.
 Re-running the same command resumes: finished and failed ids are skipped; a
-different configuration is refused (see :mod:`sdedit_jax.fingerprint`).
+different configuration is refused (see :mod:`sdedit_jax.jobs.fingerprint`).
 ``--dry_run`` lists what would be edited or skipped, and why, and the network
 calls per image and in all, writing nothing. ``--print_config`` prints the
 resolved config; ``--help`` lists every ``--config.`` field with its default.
-Paths may be local or ``gs://`` (see :mod:`sdedit_jax.files`).
+Paths may be local or ``gs://`` (see :mod:`sdedit_jax.util.files`).
 Multi-host: pass ``--distributed`` on every host (see ``launch/``).
 
 Re-running the same command resumes; ``--retry_failed`` also tries the
@@ -24,7 +24,7 @@ Exit status (the process always ends promptly with it):
   the file, the field and the reason, and every other input was edited.
 * 2: configuration or startup error, found before any work: one line
   naming the field, the value and what is allowed (or the process holding
-  the workdir, see :mod:`sdedit_jax.workdir_lock`; or a symbolic link in
+  the workdir, see :mod:`sdedit_jax.jobs.workdir_lock`; or a symbolic link in
   the workdir, which the job never writes through; or a ``ram://`` workdir,
   which would vanish with the process: in-process Python API only).
 * 1: any other error: one line for storage errors (e.g. a full disk, naming
@@ -50,17 +50,17 @@ import sys
 import threading
 import traceback
 
-from sdedit_jax import quiet
+from sdedit_jax.util import quiet
 
 tf = quiet.import_tensorflow()  # before anything else imports it
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from sdedit_jax import cli, cluster, files, workdir_lock  # noqa: E402
-from sdedit_jax import config as config_files  # noqa: E402
-from sdedit_jax.data import sinks  # noqa: E402
-from sdedit_jax.job import ConfigError, resolve_config_path, run_job  # noqa: E402
+from sdedit_jax.jobs import cluster, sinks, workdir_lock  # noqa: E402
+from sdedit_jax.jobs.run import ConfigError, resolve_config_path, run_job  # noqa: E402
+from sdedit_jax.util import cli, files  # noqa: E402
+from sdedit_jax.util import config as config_files  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SOME_FAILED = 0, 1, 2, 3
 _DEFAULT_CONFIG = resolve_config_path("configs/default.py")

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdedit_jax import checkpoint, files, importers
+from sdedit_jax import importers
 from sdedit_jax.importers import fields
 from sdedit_jax.models import unet
 from sdedit_jax.score import (
@@ -55,6 +55,8 @@ from sdedit_jax.score import (
     sde_for_range,
 )
 from sdedit_jax.sde import SDE, SDES, ScoreFn
+from sdedit_jax.training import checkpoint
+from sdedit_jax.util import files
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "default_model")
 INFO_FILE = "model_info.json"

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdedit_jax.config import frozen
 from sdedit_jax.rng import example_noise
+from sdedit_jax.util.config import frozen
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]

@@ -19,7 +19,7 @@ Parallelism: the train step is one ``jax.jit`` program (:func:`shard_train_step`
 over the engine's 1-D ``data`` mesh (:func:`sdedit_jax.engine.data_mesh`) of all
 devices; the batch is sharded along it and the train state is replicated, so
 XLA inserts the gradient all-reduce. In-memory data also jits its batch gather
-(:func:`sdedit_jax.data.train_data.make_batch`), sharded on the same mesh.
+(:func:`sdedit_jax.training.train_data.make_batch`), sharded on the same mesh.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import functools
 import time
 from collections.abc import Callable
 
-from sdedit_jax import quiet
+from sdedit_jax.util import quiet
 
 quiet.import_tensorflow()  # before anything else imports it
 
@@ -42,15 +42,17 @@ import orbax.checkpoint as ocp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from sdedit_jax import checkpoint, cli, engine, files, losses, metric_log, pretrained, progress  # noqa: E402
-from sdedit_jax.data.train_data import (  # noqa: E402
+from sdedit_jax import engine, pretrained  # noqa: E402
+from sdedit_jax.models import unet  # noqa: E402
+from sdedit_jax.sde import SDE, sde_from_config  # noqa: E402
+from sdedit_jax.training import checkpoint, losses  # noqa: E402
+from sdedit_jax.training.train_data import (  # noqa: E402
     STREAMING_SOURCES,
     load_train_images,
     make_batch,
     streaming_batches,
 )
-from sdedit_jax.models import unet  # noqa: E402
-from sdedit_jax.sde import SDE, sde_from_config  # noqa: E402
+from sdedit_jax.util import cli, files, metric_log, progress  # noqa: E402
 
 Array = jax.Array
 TrainStep = Callable[["TrainState", Array, Array], tuple["TrainState", dict[str, Array]]]

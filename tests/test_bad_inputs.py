@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdedit_jax import files as sdedit_files
-from sdedit_jax import job
 from sdedit_jax.data import guide_inputs, names
+from sdedit_jax.jobs import run as job
+from sdedit_jax.util import files as sdedit_files
 from tests import job_cli
 from tests.job_cli import SIZE
 

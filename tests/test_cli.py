@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from sdedit_jax import cli, job, report
-from sdedit_jax import config as config_files
 from sdedit_jax.data import compositing
+from sdedit_jax.jobs import run as job
+from sdedit_jax.util import cli
+from sdedit_jax.util import config as config_files
+from sdedit_jax.util import image_grid as report
 from tests import job_cli
 
 REPO = job_cli.REPO

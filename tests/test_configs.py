@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from sdedit_jax import job
+from sdedit_jax.jobs import run as job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,8 +56,8 @@ def test_tiny_configs_are_the_full_ones_cut_down():
 
 
 def test_config_blocks_become_frozen_dataclasses_and_unknown_keys_are_named():
-    from sdedit_jax.config import frozen
     from sdedit_jax.models import unet
+    from sdedit_jax.util.config import frozen
 
     cfg = frozen(unet.UNetConfig, {"nf": 8, "ch_mult": [1, 2]}, "model")
     assert cfg.ch_mult == (1, 2) and cfg.nf == 8 and hash(cfg)

@@ -24,9 +24,11 @@ pytest.importorskip("diffusers")
 import ddpm_reference as ref  # noqa: E402
 import job_cli  # noqa: E402
 
-from sdedit_jax import checkpoint, convert, files, importers, pretrained  # noqa: E402
+from sdedit_jax import convert, importers, pretrained  # noqa: E402
 from sdedit_jax.score import make_network_score_fn, sde_for_range  # noqa: E402
 from sdedit_jax.sde import VESDE, DiscreteVPSDE  # noqa: E402
+from sdedit_jax.training import checkpoint  # noqa: E402
+from sdedit_jax.util import files  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {

@@ -13,7 +13,8 @@ import pytest
 import skimage.data
 import skimage.transform
 
-from sdedit_jax.metrics import efficientnet, realism, torch_pickle
+from sdedit_jax.importers import torch_pickle
+from sdedit_jax.metrics import efficientnet, realism
 
 # ImageNet-1k class indices the photo checks rely on.
 CAT_CLASSES = {

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdedit_jax import engine, evaluation, job, pretrained
+from sdedit_jax import engine, evaluation, pretrained
+from sdedit_jax.jobs import run as job
 from sdedit_jax.metrics import realism
 from sdedit_jax.sde import VPSDE
 from sdedit_jax.tools.gaussian_reference import GaussianScore, sdedit_moments

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from sdedit_jax import files
+from sdedit_jax.util import files
 
 
 @pytest.fixture(params=["local", "ram"])

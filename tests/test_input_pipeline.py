@@ -15,7 +15,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from sdedit_jax.data import emoji, fashion_mnist, images, input_pipeline, records
+from sdedit_jax.data import emoji, fashion_mnist, images, records
+from sdedit_jax.training import input_pipeline
 
 NUM_NOISE_IMAGES = 24
 NOISE_SIZE = 16

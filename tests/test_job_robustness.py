@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from sdedit_jax import files
+from sdedit_jax.util import files
 from tests import job_cli
 
 

@@ -154,7 +154,7 @@ def test_links_in_the_workdir_and_ram_workdirs_are_refused(tiny_model_dir, tmp_p
 
 
 def test_each_input_field_changes_the_digest_and_is_named():
-    from sdedit_jax.data import row_inputs, sinks
+    from sdedit_jax.jobs import row_inputs, sinks
 
     def columns(**change):
         base = {
@@ -188,7 +188,7 @@ def test_each_input_field_changes_the_digest_and_is_named():
 
 
 def test_a_damaged_output_named_in_the_contact_sheet_error(tmp_path):
-    from sdedit_jax import job
+    from sdedit_jax.jobs import run as job
 
     path = tmp_path / "x.png"
     Image.fromarray(job_cli.random_guide(0)).save(path)

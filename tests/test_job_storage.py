@@ -17,9 +17,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from sdedit_jax import files, job, pretrained
-from sdedit_jax.data import sinks
+from sdedit_jax import pretrained
+from sdedit_jax.jobs import run as job
+from sdedit_jax.jobs import sinks
 from sdedit_jax.models import unet
+from sdedit_jax.util import files
 from tests import job_cli
 
 SIZE, TINY_MODEL = job_cli.SIZE, job_cli.TINY_MODEL

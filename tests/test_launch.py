@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from sdedit_jax import cluster
+from sdedit_jax.jobs import cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(
@@ -98,7 +98,7 @@ def test_slurm_node_lists_and_the_command_the_script_logs():
         cluster.slurm_settings(_srun_env(0, 0, SLURM_PROCID="x"))
     env = {**os.environ, **_srun_env(1, 2), "PYTHONPATH": REPO}
     proc = subprocess.run(
-        [sys.executable, "-m", "sdedit_jax.cluster"],
+        [sys.executable, "-m", "sdedit_jax.jobs.cluster"],
         env=env,
         capture_output=True,
         text=True,

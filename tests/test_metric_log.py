@@ -3,7 +3,7 @@
 import json
 import uuid
 
-from sdedit_jax import files, metric_log
+from sdedit_jax.util import files, metric_log
 from tests.tensorboard_events import tensorboard_scalars
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdedit_jax import losses
 from sdedit_jax import score as score_lib
 from sdedit_jax.models import layers, unet
 from sdedit_jax.sde import VESDE, VPSDE
+from sdedit_jax.training import losses
 
 TINY = unet.UNetConfig(
     image_size=8,

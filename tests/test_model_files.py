@@ -27,8 +27,11 @@ import jax
 import numpy as np
 import pytest
 
-from sdedit_jax import files, fingerprint, importers, job, pretrained
-from sdedit_jax.metrics import torch_pickle
+from sdedit_jax import importers, pretrained
+from sdedit_jax.importers import torch_pickle
+from sdedit_jax.jobs import fingerprint
+from sdedit_jax.jobs import run as job
+from sdedit_jax.util import files
 from tests import job_cli
 
 SIZE = job_cli.SIZE

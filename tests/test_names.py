@@ -6,8 +6,8 @@ import unicodedata
 import numpy as np
 import pytest
 
-from sdedit_jax import job
 from sdedit_jax.data import names
+from sdedit_jax.jobs import run as job
 
 ADVERSARIAL = [
     "cat.png",

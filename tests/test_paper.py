@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdedit_jax import job, report
 from sdedit_jax.data import guide_inputs
+from sdedit_jax.jobs import run as job
 from sdedit_jax.tools.bench_networks import PUBLISHED_UNETS
+from sdedit_jax.util import image_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(REPO, "configs", "paper.py")
@@ -159,5 +160,5 @@ def test_paper_job_with_converted_networks(tmp_path, network):
         outputs["edit_coffee.png"][keep], _pixels(guides / "edit_coffee.png")[keep]
     )
     # guide | mask | output, one row per guide.
-    layout = report.contact_sheet([[None] * 3] * 2, ["guide", "mask", "t0=0.5"], ["a", "b"])
+    layout = image_grid.contact_sheet([[None] * 3] * 2, ["guide", "mask", "t0=0.5"], ["a", "b"])
     assert Image.open(workdir / summary["contact_sheet"]).size == layout.size

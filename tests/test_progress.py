@@ -13,8 +13,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from sdedit_jax import files, job, metric_log, preflight, progress
-from sdedit_jax.data import guide_inputs, sinks
+from sdedit_jax.data import guide_inputs
+from sdedit_jax.jobs import preflight, sinks
+from sdedit_jax.jobs import run as job
+from sdedit_jax.util import files, metric_log, progress
 from tests import job_cli
 
 CONFIG_FILE = os.path.join(job_cli.REPO, "configs", "default.py")

@@ -1,4 +1,4 @@
-"""Quiet startup: importing TensorFlow through sdedit_jax.quiet prints nothing on stderr."""
+"""Quiet startup: importing TensorFlow through sdedit_jax.util.quiet prints nothing on stderr."""
 
 import subprocess
 import sys

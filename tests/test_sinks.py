@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdedit_jax import files
-from sdedit_jax.data import sinks
+from sdedit_jax.jobs import sinks
+from sdedit_jax.util import files
 
 SIZE = 6
 JOB = {"sampler": "euler_maruyama", "n_steps": 10, "repeats": 1, "model_checksum": "abc123"}
@@ -438,7 +438,8 @@ def test_resume_redoes_truncated_or_corrupt_outputs_and_trusts_older_rows(tmp_pa
 
 
 def test_a_link_planted_in_the_workdir_is_never_written_through(tmp_path):
-    from sdedit_jax import metric_log, workdir_lock
+    from sdedit_jax.jobs import workdir_lock
+    from sdedit_jax.util import metric_log
 
     outside = tmp_path / "outside"
     outside.mkdir()

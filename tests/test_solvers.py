@@ -235,7 +235,7 @@ def test_ddim_eta_one_is_the_ancestral_sampler(sde_name):
 
 def test_configs_and_command_line_name_solvers_grids_and_eta():
     """configs/default.py's sampler fields (what --config.sampler.* overrides) reach the Sampler."""
-    from sdedit_jax import job
+    from sdedit_jax.jobs import run as job
 
     config = job.load_config("configs/default.py")
     config.sampler.update(predictor="ddim", eta=0.5, time_grid="logsnr")

@@ -62,7 +62,7 @@ def test_param_count_matches_flax(config_path):
     if config_path is None:
         config = dataclasses.replace(TINY, time_embedding="fourier")
     else:
-        from sdedit_jax import job
+        from sdedit_jax.jobs import run as job
 
         config = unet.UNetConfig.from_config(job.load_config(config_path).model)
     abstract = nnx.eval_shape(lambda: unet.UNet(config, rngs=nnx.Rngs(0)))

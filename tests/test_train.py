@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdedit_jax import checkpoint, engine, losses, train
-from sdedit_jax.data import train_data
+from sdedit_jax import engine, train
 from sdedit_jax.models import unet
 from sdedit_jax.sde import sde_from_config
+from sdedit_jax.training import checkpoint, losses, train_data
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from sdedit_jax import files
+from sdedit_jax.util import files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 

@@ -21,7 +21,7 @@ Everything depends only on the photos and the fixed seeds below:
 
 from __future__ import annotations
 
-from sdedit_jax import quiet
+from sdedit_jax.util import quiet
 
 quiet.import_tensorflow()  # before anything else imports it (no C++ start-up notices)
 

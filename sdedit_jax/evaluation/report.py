@@ -11,12 +11,12 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from sdedit_jax import report
-from sdedit_jax.data import sinks
 from sdedit_jax.evaluation.inputs import (
     BASELINE_VARIANT,
     ImageSet,
 )
+from sdedit_jax.jobs import sinks
+from sdedit_jax.util import image_grid
 
 COLUMNS = (
     "task",
@@ -171,5 +171,5 @@ def write_outputs(workdir: str, results: dict, sheets: dict) -> None:
     )
     for (task, variant), (cells, labels, names) in sheets.items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{task}_{variant}")
-        sheet = report.contact_sheet(cells, labels, names)
+        sheet = image_grid.contact_sheet(cells, labels, names)
         sinks.atomic_write_bytes(os.path.join(workdir, f"contact_{safe}.png"), _png(sheet))

@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdedit_jax import files
-from sdedit_jax.data import sinks
 from sdedit_jax.evaluation.inputs import (
     ImageSet,
 )
+from sdedit_jax.jobs import sinks
 from sdedit_jax.metrics import faithfulness, realism
 from sdedit_jax.metrics.realism import fid_to_reference, image_features, to_unit_rgb
+from sdedit_jax.util import files
 
 
 def _reference_key(extractor, reference: ImageSet) -> str:

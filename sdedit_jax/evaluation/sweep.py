@@ -17,8 +17,7 @@ import numpy as np
 import tqdm
 from clu import metric_writers
 
-from sdedit_jax import engine, files, metric_log, pretrained
-from sdedit_jax.data import sinks
+from sdedit_jax import engine, pretrained
 from sdedit_jax.evaluation.inputs import (
     BASELINE_VARIANT,
     ImageSet,
@@ -39,9 +38,11 @@ from sdedit_jax.evaluation.scoring import (
     Scorer,
     reference_features,
 )
+from sdedit_jax.jobs import sinks
 from sdedit_jax.metrics import realism
-from sdedit_jax.progress import Progress
 from sdedit_jax.rng import string_id_words
+from sdedit_jax.util import files, metric_log
+from sdedit_jax.util.progress import Progress
 
 REFERENCE_CACHE = "reference_features.npz"
 

@@ -19,9 +19,9 @@ code from a checkpoint.
 
 from __future__ import annotations
 
-from sdedit_jax import files
 from sdedit_jax.importers import diffusers, score_sde, torch_checkpoint
 from sdedit_jax.importers.imported import Imported
+from sdedit_jax.util import files
 
 # In detection order: a folder is diffusers' before score_sde's, a file ddim's before score_sde's.
 MODULES = (diffusers, torch_checkpoint, score_sde)

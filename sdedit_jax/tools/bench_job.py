@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 
-from sdedit_jax import quiet  # noqa: E402
+from sdedit_jax.util import quiet  # noqa: E402
 
 quiet.import_tensorflow()  # before anything else imports it
 
@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sdedit_jax import engine, job, pretrained  # noqa: E402
+from sdedit_jax import engine, pretrained  # noqa: E402
+from sdedit_jax.jobs import run as job  # noqa: E402
 from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
 from sdedit_jax.tools import bench_inputs  # noqa: E402
 from sdedit_jax.tools.bench_inputs import random_batch  # noqa: E402

@@ -16,7 +16,7 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from sdedit_jax import quiet  # noqa: E402
+from sdedit_jax.util import quiet  # noqa: E402
 
 quiet.import_tensorflow()  # before anything else imports it
 

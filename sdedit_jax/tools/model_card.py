@@ -25,7 +25,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from sdedit_jax import checkpoint, engine, pretrained, report  # noqa: E402
+from sdedit_jax import engine, pretrained  # noqa: E402
+from sdedit_jax.training import checkpoint  # noqa: E402
+from sdedit_jax.util import image_grid  # noqa: E402
 
 _TRAIN_WORKDIR = flags.DEFINE_string("train_workdir", "runs/emoji_default", "training workdir")
 _OUT = flags.DEFINE_string("out", "sdedit_jax/assets/default_model", "model folder to write")
@@ -90,7 +92,7 @@ def main(argv):
     )
     samples = draw_samples(_OUT.value, _NUM_SAMPLES.value, _STEPS.value)
     rows = [list(samples[i : i + 8]) for i in range(0, len(samples), 8)]
-    report.contact_sheet(rows, [""] * 8, cell=64).save(os.path.join(_OUT.value, "samples.png"))
+    image_grid.contact_sheet(rows, [""] * 8, cell=64).save(os.path.join(_OUT.value, "samples.png"))
     print(f"wrote {_OUT.value}: step {info.get('step')}, {len(samples)} samples")
 
 

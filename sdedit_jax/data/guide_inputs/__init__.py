@@ -92,7 +92,8 @@ public API, re-exported here so ``guide_inputs.make_guide_dataset(...)`` works.
 """
 
 from sdedit_jax.data.guide_inputs.catalog import Catalog, build_catalog
-from sdedit_jax.data.guide_inputs.config import (
+from sdedit_jax.data.guide_inputs.decode import BadInput, decode_example
+from sdedit_jax.data.guide_inputs.options import (
     GENERATOR_NAMES,
     GUIDE_EXTENSIONS,
     MANIFEST_FIELDS,
@@ -102,8 +103,7 @@ from sdedit_jax.data.guide_inputs.config import (
     T0_ROWS,
     GuideInputConfig,
 )
-from sdedit_jax.data.guide_inputs.decode import BadInput, decode_example
-from sdedit_jax.data.guide_inputs.stream import (
+from sdedit_jax.data.guide_inputs.pipeline import (
     GuideStream,
     global_num_steps,
     make_guide_dataset,

@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from sdedit_jax import files
 from sdedit_jax.data import names
-from sdedit_jax.data.guide_inputs.config import (
+from sdedit_jax.data.guide_inputs.options import (
     GUIDE_EXTENSIONS,
     MASK_EXTENSIONS,
     SEED_RANGE,
@@ -26,6 +25,7 @@ from sdedit_jax.data.guide_inputs.config import (
     _as_config,
 )
 from sdedit_jax.data.records import record_fields
+from sdedit_jax.util import files
 
 
 def _plain(fn: Callable) -> Callable:

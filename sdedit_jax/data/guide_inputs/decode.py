@@ -14,17 +14,17 @@ import stat
 import numpy as np
 from PIL import Image, ImageOps
 
-from sdedit_jax import files
 from sdedit_jax.data.guide_inputs.catalog import (
     _file_problem,
 )
-from sdedit_jax.data.guide_inputs.config import (
+from sdedit_jax.data.guide_inputs.options import (
     _NPY_MAGIC,
     _PNG_MAGIC,
     _RANGE_TOLERANCE,
     GuideInputConfig,
 )
 from sdedit_jax.data.records import record_fields
+from sdedit_jax.util import files
 
 
 class BadInput(Exception):

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from sdedit_jax import files
 from sdedit_jax.data.guide_inputs.catalog import (
     Catalog,
     _columns_catalog,
@@ -41,7 +40,8 @@ from sdedit_jax.data.guide_inputs.catalog import (
     _shown,
     _utf8,
 )
-from sdedit_jax.data.guide_inputs.config import MANIFEST_FIELDS, SEED_RANGE, GuideInputConfig
+from sdedit_jax.data.guide_inputs.options import MANIFEST_FIELDS, SEED_RANGE, GuideInputConfig
+from sdedit_jax.util import files
 
 _CHUNK_BYTES = 1 << 20  # lines read and parsed together (~20,000 rows)
 _CSV_CHUNK_ROWS = 1 << 15

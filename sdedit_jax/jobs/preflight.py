@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from sdedit_jax.data import guide_inputs
-from sdedit_jax.data.guide_inputs.config import _NPY_MAGIC
 from sdedit_jax.data.guide_inputs.decode import _open  # never blocks on a FIFO
+from sdedit_jax.data.guide_inputs.options import _NPY_MAGIC
 from sdedit_jax.data.records import record_fields
 
 SAMPLE = 16

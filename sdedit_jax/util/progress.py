@@ -15,7 +15,7 @@ line every ``every_s`` seconds while work runs and a last one at the end, never
 the same update twice. The scalar rows (``images_written``,
 ``images_in_flight``, ``total_images``, ``elapsed_s``, ``images_per_s`` and,
 once an image is written, ``eta_s``) go to a clu metric writer (the JSONL log
-and TensorBoard of :mod:`sdedit_jax.metric_log`) every ``every_s`` seconds
+and TensorBoard of :mod:`sdedit_jax.util.metric_log`) every ``every_s`` seconds
 while work runs, whether or not an image was written since, and once at the
 end. Training uses the same :func:`bar`, counting training steps.
 """

@@ -15,13 +15,13 @@ from sdedit_jax.data.guide_inputs.catalog import (
     _plain,
     build_catalog,
 )
-from sdedit_jax.data.guide_inputs.config import (
+from sdedit_jax.data.guide_inputs.decode import (
+    _decode_or_reason,
+)
+from sdedit_jax.data.guide_inputs.options import (
     T0_ROWS,
     GuideInputConfig,
     _as_config,
-)
-from sdedit_jax.data.guide_inputs.decode import (
-    _decode_or_reason,
 )
 
 

@@ -1,6 +1,6 @@
 """Per-row input digests: a resumed job keeps an output only for the inputs it was made from.
 
-Why: the job fingerprint (:mod:`sdedit_jax.fingerprint`) covers everything shared
+Why: the job fingerprint (:mod:`sdedit_jax.jobs.fingerprint`) covers everything shared
 by all rows, but a row's own inputs (its guide path, mask path, t0 and seed,
 from a manifest, folder or record) can change between runs under the same id;
 resume would then skip the id as done and the workdir would hold an output of
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sdedit_jax.data import sinks
+from sdedit_jax.jobs import sinks
 
 # The fields a digest covers, as failure rows name them, and their catalog columns.
 FIELDS = {"path": "guide_path", "mask": "mask_path", "t0": "t0", "seed": "seed"}

@@ -34,7 +34,7 @@ import os
 import socket
 import sys
 
-from sdedit_jax import files
+from sdedit_jax.util import files
 
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 

@@ -41,8 +41,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from sdedit_jax.config import frozen
 from sdedit_jax.data import emoji, fashion_mnist, images
+from sdedit_jax.util.config import frozen
 
 SOURCES = ("folder", "tfrecord", "tfds", "emoji", "fashion_mnist")
 VALUE_RANGES = ("-1_1", "0_1")

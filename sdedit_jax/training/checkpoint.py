@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, serialization
 
-from sdedit_jax import files
+from sdedit_jax.util import files
 
 PyTree = Any
 
@@ -88,7 +88,7 @@ def save_params_fp32(path: str, state: nnx.State) -> str:
 
 
 def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes (any path :mod:`sdedit_jax.files` understands)."""
+    """Hex sha256 of a file's bytes (any path :mod:`sdedit_jax.util.files` understands)."""
     return files.sha256(path)
 
 

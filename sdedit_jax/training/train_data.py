@@ -5,7 +5,7 @@ Small splits (``IN_MEMORY_SOURCES``) are held on the devices and step ``k``'s
 batch is drawn from epoch-wise permutations keyed by ``k``, so a resumed run
 sees exactly the batches of an uninterrupted one (see :mod:`sdedit_jax.train`).
 Larger sets (``STREAMING_SOURCES``) stream through
-:mod:`sdedit_jax.data.input_pipeline`, skipped to the resume step.
+:mod:`sdedit_jax.training.input_pipeline`, skipped to the resume step.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sdedit_jax.data import input_pipeline
 from sdedit_jax.data.images import load_image_folder
+from sdedit_jax.training import input_pipeline
 
 Array = jax.Array
 

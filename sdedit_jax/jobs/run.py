@@ -20,23 +20,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from sdedit_jax import config as config_files
-from sdedit_jax import (
-    engine,
-    files,
-    fingerprint,
-    metric_log,
-    preflight,
-    pretrained,
-    report,
-    workdir_lock,
-)
-from sdedit_jax.data import guide_inputs, row_inputs, sinks
-from sdedit_jax.progress import Progress
+from sdedit_jax import engine, pretrained
+from sdedit_jax.data import guide_inputs
+from sdedit_jax.jobs import fingerprint, preflight, row_inputs, sinks, workdir_lock
+from sdedit_jax.jobs.stream import run_stream
 from sdedit_jax.sampling.integrate import Sampler
 from sdedit_jax.sampling.steps import StepRule
 from sdedit_jax.sde import SDE
-from sdedit_jax.stream import run_stream
+from sdedit_jax.util import config as config_files
+from sdedit_jax.util import files, image_grid, metric_log
+from sdedit_jax.util.progress import Progress
 
 
 def resolve_config_path(spec: str) -> str:
@@ -380,7 +373,7 @@ def write_contact_sheet(
         names.append(os.path.splitext(example_id)[0])
     labels = ["guide", "mask", *subdirs]
     buffer = io.BytesIO()
-    report.contact_sheet(rows, labels, names).save(buffer, format="PNG")
+    image_grid.contact_sheet(rows, labels, names).save(buffer, format="PNG")
     path = files.join(workdir, CONTACT_SHEET)
     sinks.atomic_write_bytes(path, buffer.getvalue())
     return path
@@ -427,7 +420,7 @@ def job_fingerprint(
     t0s: list[float],
     inputs: guide_inputs.GuideInputConfig,
 ) -> dict:
-    """Everything that determines this job's outputs (see :mod:`sdedit_jax.fingerprint`)."""
+    """Everything that determines this job's outputs (see :mod:`sdedit_jax.jobs.fingerprint`)."""
     steps = config.sampler
     step_rule = (
         {"steps_per_unit_time": steps.steps_per_unit_time}
@@ -499,7 +492,7 @@ def run_job(
 
     The whole configuration, the model against the inputs, the input source
     and the workdir (writable; made by this configuration, see
-    :mod:`sdedit_jax.fingerprint`) are checked before any work
+    :mod:`sdedit_jax.jobs.fingerprint`) are checked before any work
     (:class:`ConfigError`); the workdir is locked against a second launch
     (:class:`workdir_lock.WorkdirBusy`). ``summary.json`` describes the whole
     workdir (every invocation); the returned dict adds what this invocation

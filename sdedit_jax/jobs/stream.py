@@ -3,7 +3,7 @@
 :func:`run_stream` turns each host-local batch into global arrays, dispatches
 the :class:`~sdedit_jax.engine.Editor`'s compiled program asynchronously and
 hands the outputs to the sink's writer threads, so tf.data prefetch, compute
-and writes overlap; :class:`~sdedit_jax.progress.Progress` counts images dispatched and written.
+and writes overlap; :class:`~sdedit_jax.util.progress.Progress` counts images dispatched and written.
 Nothing here jits: the one program is the engine's.
 """
 
@@ -19,8 +19,8 @@ import numpy as np
 
 from sdedit_jax import rng
 from sdedit_jax.engine import EditBatch, Editor
-from sdedit_jax.progress import Progress
 from sdedit_jax.sampling.steps import StepRule
+from sdedit_jax.util.progress import Progress
 
 
 class _LocalRows:

@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
-from sdedit_jax import files
+from sdedit_jax.util import files
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001

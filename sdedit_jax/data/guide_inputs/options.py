@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from sdedit_jax.config import frozen
 from sdedit_jax.data import guides
+from sdedit_jax.util.config import frozen
 
 SOURCES = ("folder", "tfrecord", "tfds", "manifest")
 GENERATOR_NAMES = ("none", *guides.GENERATORS)

@@ -17,7 +17,7 @@ Layout of a job's ``workdir`` (shared by all hosts)::
 ``cat.jpg`` -> ``cat.jpg~.png``, ``Cat 1.png`` -> ``Cat_1~<hash>.png``).
 
 Crash safety: every file, the records included, is *published* with
-:func:`sdedit_jax.files.publish_bytes` (local: temporary file, fsync, rename;
+:func:`sdedit_jax.util.files.publish_bytes` (local: temporary file, fsync, rename;
 object stores such as ``gs://``: one upload of the final object, never an
 append), so a file is either absent or complete. A batch's completion record
 is published only after all of its outputs, so an example counts as done
@@ -42,7 +42,7 @@ over ``names.MAX_FOLDERS`` folder levels, or one it refuses as too long) fail
 their row; every other row of the batch is written.
 
 Per-row inputs: a manifest row records ``inputs``, the digest of the row's
-inputs (:mod:`sdedit_jax.data.row_inputs`), when the job gives the sink a
+inputs (:mod:`sdedit_jax.jobs.row_inputs`), when the job gives the sink a
 table of them; a failure row with ``inputs_changed`` (an id already done whose
 inputs changed) is kept by ``finalize`` beside the earlier output's row.
 
@@ -87,9 +87,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sdedit_jax import files, workdir_lock
 from sdedit_jax.data import names
 from sdedit_jax.data.names import output_name, output_stem  # noqa: F401  (the sink's naming)
+from sdedit_jax.jobs import workdir_lock
+from sdedit_jax.util import files
 
 MANIFEST = "manifest"
 FAILURES = "failures"
@@ -135,7 +136,7 @@ def _temp_tag(process_index: int) -> str:
 
 
 def atomic_write_bytes(path: str, data: bytes, *, process_index: int = 0) -> None:
-    """Publishes ``data`` at ``path`` (see :func:`sdedit_jax.files.publish_bytes`).
+    """Publishes ``data`` at ``path`` (see :func:`sdedit_jax.util.files.publish_bytes`).
 
     Errors name ``path`` (a full disk must say which file it could not write).
     """
@@ -628,7 +629,7 @@ class Sink:
 
         Args:
             workdir: the job's output folder, shared by all processes (any
-                path :mod:`sdedit_jax.files` understands).
+                path :mod:`sdedit_jax.util.files` understands).
             process_index: this process; its files carry the index.
             job_fields: fields added to every manifest row (sampler, n_steps,
                 model checksum, ...); they must not depend on time or host.

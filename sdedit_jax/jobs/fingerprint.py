@@ -34,7 +34,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sdedit_jax import files
+from sdedit_jax.util import files
 
 FILE = "job_fingerprint.json"
 VERSION = 2
@@ -178,7 +178,7 @@ def check_or_record(
     (``record=True``) writes the file, after the others have checked it.
 
     Args:
-        workdir: the job's folder (any path :mod:`sdedit_jax.files` understands).
+        workdir: the job's folder (any path :mod:`sdedit_jax.util.files` understands).
         fingerprint: :func:`job_fingerprint` of this run.
         overwrite: delete the outputs of a different configuration instead of refusing.
         record: write the fingerprint (process 0) when the workdir has none, or has

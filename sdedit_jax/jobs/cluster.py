@@ -19,7 +19,7 @@ Rules (:func:`slurm_settings`):
   ``SDEDIT_COORDINATOR_PORT`` or one derived from the job id, so every task
   computes the same address without talking to the others.
 
-``python -m sdedit_jax.cluster`` prints this process's settings as JSON (the
+``python -m sdedit_jax.jobs.cluster`` prints this process's settings as JSON (the
 SLURM script logs them for every task before the job starts).
 """
 

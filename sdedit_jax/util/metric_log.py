@@ -19,7 +19,7 @@ from typing import Any
 import jax
 from clu import metric_writers
 
-from sdedit_jax import files
+from sdedit_jax.util import files
 
 
 class JsonlWriter(metric_writers.MetricWriter):

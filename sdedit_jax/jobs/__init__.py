@@ -1,0 +1,1 @@
+"""The batch job: checks, plan, stream, sinks, manifests, fingerprint, locks."""

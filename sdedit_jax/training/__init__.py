@@ -1,0 +1,1 @@
+"""Training: the loop's pieces, losses, orbax checkpoints, training data."""

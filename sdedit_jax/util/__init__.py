@@ -1,0 +1,1 @@
+"""Plumbing: file layer, config helpers, command-line helpers, progress, logs."""
