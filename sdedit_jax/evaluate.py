@@ -23,8 +23,8 @@ tf = quiet.import_tensorflow()  # before anything else imports it
 from absl import app, flags  # noqa: E402
 
 from sdedit_jax.evaluation import run_evaluation  # noqa: E402
-from sdedit_jax.jobs.run import resolve_config_path  # noqa: E402
 from sdedit_jax.util import cli  # noqa: E402
+from sdedit_jax.util.config import resolve_config_path  # noqa: E402
 
 _DEFAULT_CONFIG = resolve_config_path("configs/eval_emoji.py")
 _EMOJI_SPLIT = re.compile(r"emoji(\d+)$")

@@ -58,9 +58,10 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from sdedit_jax.jobs import cluster, sinks, workdir_lock  # noqa: E402
-from sdedit_jax.jobs.run import ConfigError, resolve_config_path, run_job  # noqa: E402
+from sdedit_jax.jobs.run import ConfigError, run_job  # noqa: E402
 from sdedit_jax.util import cli, files  # noqa: E402
 from sdedit_jax.util import config as config_files  # noqa: E402
+from sdedit_jax.util.config import resolve_config_path  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SOME_FAILED = 0, 1, 2, 3
 _DEFAULT_CONFIG = resolve_config_path("configs/default.py")

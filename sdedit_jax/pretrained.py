@@ -55,8 +55,7 @@ from sdedit_jax.score import (
     sde_for_range,
 )
 from sdedit_jax.sde import SDE, SDES, ScoreFn
-from sdedit_jax.training import checkpoint
-from sdedit_jax.util import files
+from sdedit_jax.util import files, weights
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "default_model")
 INFO_FILE = "model_info.json"
@@ -114,9 +113,9 @@ def save_model(
     before the info is, so the folder holds only what its info lists.
     """
     files.makedirs(model_dir)
-    writers = {WEIGHT_FILES[0]: checkpoint.save_params_fp32}
+    writers = {WEIGHT_FILES[0]: weights.save_params_fp32}
     if with_bf16:
-        writers[WEIGHT_FILES[1]] = checkpoint.save_params_bf16
+        writers[WEIGHT_FILES[1]] = weights.save_params_bf16
     sums = {name: write(files.join(model_dir, name), state) for name, write in writers.items()}
     for stale in set(WEIGHT_FILES) - set(writers):
         if files.exists(files.join(model_dir, stale)):
@@ -257,7 +256,7 @@ def _folder_state(folder: _Folder) -> nnx.State:
     """The folder's weights, checked against the sha256 its info records."""
     _, abstract_state = _abstract(folder.architecture, folder.config)
     sha256 = folder.info["sha256"].get(files.basename(folder.weights))
-    return checkpoint.load_params(folder.weights, abstract_state, sha256=sha256)
+    return weights.load_params(folder.weights, abstract_state, sha256=sha256)
 
 
 def _score_model(
@@ -333,7 +332,7 @@ def load_model(
         sde=user_sde,
         image_size=config.image_size,
         num_channels=_num_channels(config),
-        checksum=checkpoint.sha256_file(path),
+        checksum=files.sha256(path),
         path=path,
         architecture=folder.architecture,
         graphdef=graphdef,

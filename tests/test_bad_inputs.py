@@ -19,6 +19,7 @@ from PIL import Image
 from sdedit_jax.data import guide_inputs, names
 from sdedit_jax.jobs import run as job
 from sdedit_jax.util import files as sdedit_files
+from sdedit_jax.util.config import load_config
 from tests import job_cli
 from tests.job_cli import SIZE
 
@@ -277,7 +278,7 @@ def test_config_errors_are_one_line_before_any_work(tiny_model_dir, tmp_path, se
 
 
 def _config(**changes):
-    config = job.load_config("configs/default.py")
+    config = load_config("configs/default.py")
     for key, value in changes.items():
         node, *path = key.split("__")
         target = config

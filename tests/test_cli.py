@@ -11,10 +11,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from sdedit_jax.data import compositing
+from sdedit_jax.data import image_grid as report
 from sdedit_jax.jobs import run as job
 from sdedit_jax.util import cli
 from sdedit_jax.util import config as config_files
-from sdedit_jax.util import image_grid as report
+from sdedit_jax.util.config import load_config
 from tests import job_cli
 
 REPO = job_cli.REPO
@@ -92,7 +93,7 @@ def test_command_line_errors_are_one_line_with_exit_2(args, expected):
 
 
 def test_api_refuses_unknown_fields_with_the_command_line_text():
-    config = job.load_config("configs/default.py")
+    config = load_config("configs/default.py")
     config.sampler.unlock()
     config.sampler.predicto = "ddim"
     with pytest.raises(ValueError) as error:
@@ -100,12 +101,12 @@ def test_api_refuses_unknown_fields_with_the_command_line_text():
     text = str(error.value)
     assert text.startswith("config.sampler.predicto: unknown field, got 'ddim' (known: corrector")
     assert text.endswith("; did you mean config.sampler.predictor?")
-    fresh = job.load_config("configs/default.py")
+    fresh = load_config("configs/default.py")
     assert config_files.unknown_path(fresh, "sampler.predicto", "ddim") == text
 
 
 def test_unknown_path_names_blocks_and_values():
-    config = job.load_config("configs/default.py")
+    config = load_config("configs/default.py")
     assert config_files.unknown_path(config, "sampler.snr", "1") is None
     assert config_files.unknown_path(config, "input.generator_kwargs", "{}") is None
     assert config_files.unknown_path(config, "sampler.snr.x", "1") == (
@@ -119,7 +120,7 @@ def test_dry_run_escapes_control_characters_and_counts_network_calls(tmp_path, c
     guides = tmp_path / "guides"
     name = "red\x1b[2Jeye\n.png"
     job_cli.save_png(str(guides / name), np.zeros((32, 32, 3), np.uint8))
-    config = job.load_config("configs/default.py")
+    config = load_config("configs/default.py")
     config.input.update(path=str(guides), mask_dir="")
     result = job.run_job(config, str(tmp_path / "work"), dry_run=True)
     out = capsys.readouterr().out
@@ -134,7 +135,7 @@ def test_dry_run_escapes_control_characters_and_counts_network_calls(tmp_path, c
 
 def test_workdir_must_name_a_folder_in_the_api(tmp_path):
     with pytest.raises(ValueError, match=r"^workdir: got ''; expected a folder"):
-        job.run_job(job.load_config("configs/default.py"), "")
+        job.run_job(load_config("configs/default.py"), "")
 
 
 def test_long_contact_sheet_labels_wrap_instead_of_being_cut():

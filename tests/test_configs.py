@@ -8,23 +8,23 @@ import os
 
 import pytest
 
-from sdedit_jax.jobs import run as job
+from sdedit_jax.util.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_configs_load_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = job.load_config("configs/default.py")
+    config = load_config("configs/default.py")
     assert config.sampler.predictor == "sde_dpm_solver_2m"
     assert config.sampler.steps_per_unit_time == 100
-    assert job.load_config("configs/default.py:quick").sampler.steps_per_unit_time == 20
+    assert load_config("configs/default.py:quick").sampler.steps_per_unit_time == 20
 
 
 def test_variants_combine_and_take_typed_values():
-    config = job.load_config("configs/eval_emoji.py:quick,tasks")
+    config = load_config("configs/eval_emoji.py:quick,tasks")
     assert config.max_guides == 32 and "composite" in config.tasks
-    assert job.load_config("configs/eval_emoji.py:quick=false").max_guides == 0
+    assert load_config("configs/eval_emoji.py:quick=false").max_guides == 0
 
 
 @pytest.mark.parametrize(
@@ -37,11 +37,11 @@ def test_variants_combine_and_take_typed_values():
 )
 def test_bad_variants_are_one_line_errors_naming_file_and_variant(spec, message):
     with pytest.raises(ValueError, match=message):
-        job.load_config(spec)
+        load_config(spec)
 
 
 def test_tiny_configs_are_the_full_ones_cut_down():
-    full, tiny = job.load_config("configs/train_emoji.py"), job.load_config("configs/train_tiny.py")
+    full, tiny = load_config("configs/train_emoji.py"), load_config("configs/train_tiny.py")
     assert set(tiny.keys()) == set(full.keys())
     assert (tiny.sde, tiny.optim.b2, tiny.training.parameterization) == (
         full.sde,
@@ -49,7 +49,7 @@ def test_tiny_configs_are_the_full_ones_cut_down():
         full.training.parameterization,
     )
     assert (tiny.model.image_size, tiny.model.nf, tiny.data.source) == (8, 8, "synthetic")
-    full, tiny = job.load_config("configs/eval_emoji.py"), job.load_config("configs/eval_tiny.py")
+    full, tiny = load_config("configs/eval_emoji.py"), load_config("configs/eval_tiny.py")
     assert set(tiny.keys()) == set(full.keys())
     assert set(tiny.sampler.keys()) == set(full.sampler.keys())
     assert (tiny.sampler.predictor, tiny.max_guides) == ("euler_maruyama", 8)

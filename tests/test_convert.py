@@ -27,7 +27,6 @@ import job_cli  # noqa: E402
 from sdedit_jax import convert, importers, pretrained  # noqa: E402
 from sdedit_jax.score import make_network_score_fn, sde_for_range  # noqa: E402
 from sdedit_jax.sde import VESDE, DiscreteVPSDE  # noqa: E402
-from sdedit_jax.training import checkpoint  # noqa: E402
 from sdedit_jax.util import files  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,10 +63,10 @@ def test_model_info_schema(tiny):
     assert info["source"] == {
         "path": str(weights),
         "format": "diffusers",
-        "sha256": checkpoint.sha256_file(str(weights)),
+        "sha256": files.sha256(str(weights)),
     }
     assert info["model"]["block_out_channels"] == [32, 64]
-    assert info["sha256"]["ema_params_fp32.msgpack"] == checkpoint.sha256_file(
+    assert info["sha256"]["ema_params_fp32.msgpack"] == files.sha256(
         str(root / "model" / "ema_params_fp32.msgpack")
     )
 

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from sdedit_jax import engine, evaluation, pretrained
-from sdedit_jax.jobs import run as job
 from sdedit_jax.metrics import realism
 from sdedit_jax.sde import VPSDE
 from sdedit_jax.tools.gaussian_reference import GaussianScore, sdedit_moments
+from sdedit_jax.util.config import load_config
 from tests import job_cli
 from tests.tensorboard_events import tensorboard_scalars
 
@@ -81,7 +81,7 @@ class PooledPixels:
 
 
 def _tiny_config():
-    return job.load_config(os.path.join(REPO, "configs", "eval_tiny.py"))
+    return load_config(os.path.join(REPO, "configs", "eval_tiny.py"))
 
 
 def _finite(value):
@@ -318,7 +318,7 @@ def test_a_named_task_runs_its_generator_with_its_own_settings(reference_dir):
 @pytest.mark.parametrize("variant", [None, "quick", "samplers", "tasks", "few_step"])
 def test_emoji_eval_configs_resolve(variant):
     """Every variant of configs/eval_emoji.py names known samplers, generators and t0s."""
-    config = job.load_config(os.path.join(REPO, "configs", f"eval_emoji.py:{variant or ''}"))
+    config = load_config(os.path.join(REPO, "configs", f"eval_emoji.py:{variant or ''}"))
     assert [v.name for v in evaluation.inputs.variants_from_config(config)][0] == "base"
     for task in config.tasks:
         evaluation.inputs.task_generator(config, task)

@@ -22,6 +22,7 @@ from sdedit_jax.jobs import run as job
 from sdedit_jax.jobs import sinks
 from sdedit_jax.models import unet
 from sdedit_jax.util import files
+from sdedit_jax.util.config import load_config
 from tests import job_cli
 
 SIZE, TINY_MODEL = job_cli.SIZE, job_cli.TINY_MODEL
@@ -58,7 +59,7 @@ def store():
 
 
 def _config(store: str, **changes):
-    config = job.load_config(CONFIG_FILE)
+    config = load_config(CONFIG_FILE)
     config.model_dir = files.join(store, "model")
     config.input.path = files.join(store, "guides")
     config.input.image_size = (SIZE, SIZE)
@@ -148,7 +149,7 @@ def test_job_and_resume_after_a_crash_on_ram_write_nothing_locally(store, tmp_pa
 def test_gs_workdir_without_credentials_fails_at_once_with_nothing_local(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
-    config = job.load_config(CONFIG_FILE)
+    config = load_config(CONFIG_FILE)
     with pytest.raises(files.StorageError, match=r"gs://sdedit-no-bucket/run: cannot write here"):
         job.run_job(config, "gs://sdedit-no-bucket/run")
     assert os.listdir(tmp_path) == []

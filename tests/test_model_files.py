@@ -32,6 +32,7 @@ from sdedit_jax.importers import torch_pickle
 from sdedit_jax.jobs import fingerprint
 from sdedit_jax.jobs import run as job
 from sdedit_jax.util import files
+from sdedit_jax.util.config import load_config
 from tests import job_cli
 
 SIZE = job_cli.SIZE
@@ -86,7 +87,7 @@ def _one_line_naming(err: BaseException, *parts: str) -> str:
 
 
 def _config(model_dir: str, guides: str, **changes):
-    config = job.load_config(CONFIG_FILE)
+    config = load_config(CONFIG_FILE)
     config.model_dir = model_dir
     config.input.path = guides
     config.input.image_size = (SIZE, SIZE)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdedit_jax.data import guide_inputs
+from sdedit_jax.data import guide_inputs, image_grid
 from sdedit_jax.jobs import run as job
 from sdedit_jax.tools.bench_networks import PUBLISHED_UNETS
-from sdedit_jax.util import image_grid
+from sdedit_jax.util.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(REPO, "configs", "paper.py")
@@ -23,7 +23,7 @@ NCSNPP = ("church_ncsnpp", "bedroom_ncsnpp", "celebahq_ncsnpp", "ffhq_ncsnpp")
 
 @pytest.mark.parametrize("variant", DDPM + NCSNPP)
 def test_every_variant_builds_its_sampler_and_input(variant):
-    config = job.load_config(f"{PAPER}:{variant}")
+    config = load_config(f"{PAPER}:{variant}")
     sampler, step_rule = job.sampler_from_config(config.sampler)
     dataset, network = variant.split("_")
     assert config.model_dir == f"models/{network}-{dataset}-256"
@@ -50,9 +50,9 @@ def test_every_variant_builds_its_sampler_and_input(variant):
 
 def test_unknown_variant_is_named():
     with pytest.raises(ValueError, match=r"configs/paper.py: variant 'church' unknown"):
-        job.load_config(f"{PAPER}:church")
+        load_config(f"{PAPER}:church")
     with pytest.raises(ValueError, match=r"configs/paper.py: variant None unknown"):
-        job.load_config(PAPER)
+        load_config(PAPER)
 
 
 # --- end to end: converted random-weight networks of the published structures -------------------

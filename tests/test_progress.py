@@ -17,6 +17,7 @@ from sdedit_jax.data import guide_inputs
 from sdedit_jax.jobs import preflight, sinks
 from sdedit_jax.jobs import run as job
 from sdedit_jax.util import files, metric_log, progress
+from sdedit_jax.util.config import load_config
 from tests import job_cli
 
 CONFIG_FILE = os.path.join(job_cli.REPO, "configs", "default.py")
@@ -163,7 +164,7 @@ def test_the_sink_reports_each_example_once_its_files_are_published(tmp_path, pn
 
 
 def test_progress_every_s_is_checked():
-    config = job.load_config(CONFIG_FILE)
+    config = load_config(CONFIG_FILE)
     config.progress_every_s = 0
     message = r"^config\.progress_every_s: got 0.0; expected seconds > 0"
     with pytest.raises(job.ConfigError, match=message):
@@ -189,7 +190,7 @@ def test_a_slow_job_reports_written_images_and_eta_while_it_runs(
         return write_image(self, *args)
 
     monkeypatch.setattr(sinks.Sink, "_write_image", slow_write_image)
-    config = job.load_config(CONFIG_FILE)
+    config = load_config(CONFIG_FILE)
     config.model_dir, config.input.path, config.t0s = tiny_model_dir, guides, (0.5,)
     config.sampler.steps_per_unit_time, config.per_device_batch = 10, 1  # one batch of 8
     config.output.writer_threads, config.contact_sheet = 1, False

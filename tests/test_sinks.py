@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdedit_jax.data import images
 from sdedit_jax.jobs import sinks
 from sdedit_jax.util import files
 
@@ -316,7 +317,7 @@ def test_npz_shards_png_levels_and_progress_count_on_a_non_local_file_system():
             png = np.asarray(
                 Image.open(io.BytesIO(files.read_bytes(files.join(sub, row["output"]))))
             )
-            np.testing.assert_array_equal(png, sinks.to_uint8(output_for(i)))
+            np.testing.assert_array_equal(png, images.to_uint8(output_for(i)))
         sizes[level] = files.size(files.join(sub, rows[0]["output"]))
     assert sizes[0] >= sizes[9]
     smooth = np.tile(np.linspace(-1, 1, 64, dtype=np.float32)[:, None, None], (1, 64, 3))

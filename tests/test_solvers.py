@@ -16,6 +16,7 @@ from sdedit_jax.sampling.integrate import SOLVERS
 from sdedit_jax.sampling.solver import log_snr
 from sdedit_jax.tools.gaussian_reference import GaussianScore, sdedit_moments
 from sdedit_jax.tools.solver_table import ode_errors
+from sdedit_jax.util.config import load_config
 
 MU, S, T0 = 0.3, 0.5, 0.5
 SDES = {"vp": sj.VPSDE(), "ve": sj.VESDE(sigma_max=50.0)}
@@ -237,7 +238,7 @@ def test_configs_and_command_line_name_solvers_grids_and_eta():
     """configs/default.py's sampler fields (what --config.sampler.* overrides) reach the Sampler."""
     from sdedit_jax.jobs import run as job
 
-    config = job.load_config("configs/default.py")
+    config = load_config("configs/default.py")
     config.sampler.update(predictor="ddim", eta=0.5, time_grid="logsnr")
     sampler, _ = job.sampler_from_config(config.sampler)
     assert (sampler.predictor, sampler.eta, sampler.grid_name) == ("ddim", 0.5, "logsnr")

@@ -14,6 +14,7 @@ from sdedit_jax import score as score_lib
 from sdedit_jax.models import unet
 from sdedit_jax.sampling import predictors
 from sdedit_jax.sde import VPSDE
+from sdedit_jax.util.config import load_config
 
 torch = pytest.importorskip("torch")
 torch_baseline = pytest.importorskip("sdedit_jax.tools.torch_baseline")
@@ -62,9 +63,7 @@ def test_param_count_matches_flax(config_path):
     if config_path is None:
         config = dataclasses.replace(TINY, time_embedding="fourier")
     else:
-        from sdedit_jax.jobs import run as job
-
-        config = unet.UNetConfig.from_config(job.load_config(config_path).model)
+        config = unet.UNetConfig.from_config(load_config(config_path).model)
     abstract = nnx.eval_shape(lambda: unet.UNet(config, rngs=nnx.Rngs(0)))
     assert torch_baseline.count_params(torch_baseline.TorchUNet(config)) == unet.count_params(
         abstract

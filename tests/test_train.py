@@ -15,6 +15,7 @@ from sdedit_jax import engine, train
 from sdedit_jax.models import unet
 from sdedit_jax.sde import sde_from_config
 from sdedit_jax.training import checkpoint, losses, train_data
+from sdedit_jax.util import files, weights
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -87,22 +88,22 @@ def test_final_weight_files_round_trip(runs, tiny_config):
     abstract = nnx.split(nnx.eval_shape(lambda: unet.build(tiny_config.model, 0)))[1]
     fp32_path = os.path.join(workdir, "ema_params_fp32.msgpack")
     bf16_path = os.path.join(workdir, "ema_params_bf16.msgpack")
-    fp32 = checkpoint.load_params(
+    fp32 = weights.load_params(
         fp32_path, abstract, sha256=info["sha256"]["ema_params_fp32.msgpack"]
     )
     _assert_trees_equal(fp32, expected)
-    bf16 = checkpoint.load_params(bf16_path, abstract)
-    assert checkpoint.sha256_file(bf16_path) == info["sha256"]["ema_params_bf16.msgpack"]
+    bf16 = weights.load_params(bf16_path, abstract)
+    assert files.sha256(bf16_path) == info["sha256"]["ema_params_bf16.msgpack"]
     for a, b in zip(jax.tree.leaves(bf16), jax.tree.leaves(expected), strict=True):
         assert a.dtype == jnp.float32
         np.testing.assert_allclose(a, b, rtol=2.0**-8, atol=1e-30)
     with pytest.raises(ValueError, match="sha256"):
-        checkpoint.load_params(fp32_path, abstract, sha256="0" * 64)
+        weights.load_params(fp32_path, abstract, sha256="0" * 64)
     wrong = nnx.split(
         nnx.eval_shape(lambda: unet.build(tiny_config.model.to_dict() | {"nf": 12}, 0))
     )[1]
     with pytest.raises(ValueError, match="ema_params_fp32.msgpack.*shape"):
-        checkpoint.load_params(fp32_path, wrong)
+        weights.load_params(fp32_path, wrong)
 
 
 @pytest.fixture(scope="session")

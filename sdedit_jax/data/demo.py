@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-from sdedit_jax.data import emoji, guides
+from sdedit_jax.data import emoji, guides, images
 
 SIZE = 32
 # Held-out emoji (test split) the simulated guides are made from.
@@ -88,14 +88,6 @@ HAND_DRAWN = {
 }
 
 
-def _to_unit(pixels: np.ndarray) -> np.ndarray:
-    return pixels.astype(np.float32) / 127.5 - 1.0
-
-
-def _to_uint8(image) -> np.ndarray:
-    return np.clip(np.round((np.asarray(image) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def build_demo(emoji_root: str, out_dir: str) -> list[str]:
     """Writes the demo guides and masks to ``out_dir``; returns the guide names."""
     emoji.build_emoji_folder(emoji_root, size=SIZE)
@@ -103,11 +95,11 @@ def build_demo(emoji_root: str, out_dir: str) -> list[str]:
 
     def load(name):
         path = os.path.join(held_out, name + ".png")
-        return _to_unit(np.asarray(Image.open(path).convert("RGB")))
+        return images.from_uint8(np.asarray(Image.open(path).convert("RGB")))
 
     full = np.ones((SIZE, SIZE, 1), np.float32)
     examples: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        name: (_to_unit(draw()), full) for name, draw in HAND_DRAWN.items()
+        name: (images.from_uint8(draw()), full) for name, draw in HAND_DRAWN.items()
     }
     for i, name in enumerate(PAINT_SOURCES):
         painted = guides.stroke_painting(load(name), i, num_colors=5, median_size=3, blur_sigma=0.5)
@@ -123,7 +115,7 @@ def build_demo(emoji_root: str, out_dir: str) -> list[str]:
 
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
     for name, (guide, mask) in examples.items():
-        Image.fromarray(_to_uint8(guide)).save(os.path.join(out_dir, name + ".png"))
+        Image.fromarray(images.to_uint8(guide)).save(os.path.join(out_dir, name + ".png"))
         mask_pixels = np.round(np.asarray(mask)[..., 0] * 255).astype(np.uint8)
         Image.fromarray(mask_pixels).save(os.path.join(out_dir, "masks", name + ".png"))
     return sorted(examples)

@@ -1,4 +1,4 @@
-"""Image-folder helpers shared by the input pipeline, data builders and tests.
+"""Image folders and the one pixel conversion, shared by inputs, outputs, data builders and tests.
 
 Why: one definition of "the images in a folder" (extensions, recursion, a
 stable sorted order) keeps every consumer of a folder seeing the same files in
@@ -13,6 +13,16 @@ from PIL import Image
 from sdedit_jax.util import files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def from_uint8(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (or their float values) in ``[0, 255]`` to float32 ``[-1, 1]``."""
+    return np.asarray(pixels, np.float32) / 127.5 - 1.0
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Maps ``[-1, 1]`` floats to uint8 (clipped, rounded to nearest)."""
+    return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def is_image_file(name: str) -> bool:

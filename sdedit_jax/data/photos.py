@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sdedit_jax.data import compositing, guides  # noqa: E402
+from sdedit_jax.data import compositing, guides, images  # noqa: E402
 
 SIZE = 256
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -58,14 +58,6 @@ def load_photo(name: str) -> np.ndarray:
     return np.asarray(square.resize((SIZE, SIZE), Image.Resampling.BOX))
 
 
-def _to_unit(pixels: np.ndarray) -> np.ndarray:
-    return pixels.astype(np.float32) / 127.5 - 1.0
-
-
-def _to_uint8(image) -> np.ndarray:
-    return np.clip(np.round((np.asarray(image) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def ellipse_region(size: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
     """Bool ``[size, size]``: pixel centres inside the ellipse."""
     y, x = np.mgrid[:size, :size] + 0.5
@@ -78,10 +70,10 @@ def build_photo_guides(out_dir: str) -> list[str]:
     full = np.ones((SIZE, SIZE), bool)
     examples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, name in enumerate(PHOTOS):
-        painted = guides.stroke_painting(_to_unit(photos[name]), i, **PAINT_KWARGS)
-        examples[f"paint_{name}"] = (_to_uint8(painted), full)
-        edited, mask = guides.stroke_edit(_to_unit(photos[name]), 10 + i, **EDIT_KWARGS)
-        examples[f"edit_{name}"] = (_to_uint8(edited), np.asarray(mask)[..., 0] > 0.5)
+        painted = guides.stroke_painting(images.from_uint8(photos[name]), i, **PAINT_KWARGS)
+        examples[f"paint_{name}"] = (images.to_uint8(painted), full)
+        edited, mask = guides.stroke_edit(images.from_uint8(photos[name]), 10 + i, **EDIT_KWARGS)
+        examples[f"edit_{name}"] = (images.to_uint8(edited), np.asarray(mask)[..., 0] > 0.5)
     for name, source, ellipse, target, at, scale in COMPOSITES:
         region = ellipse_region(SIZE, *ellipse)
         examples[name] = compositing.paste(

@@ -11,12 +11,12 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
+from sdedit_jax.data import image_grid
 from sdedit_jax.evaluation.inputs import (
     BASELINE_VARIANT,
     ImageSet,
 )
 from sdedit_jax.jobs import sinks
-from sdedit_jax.util import image_grid
 
 COLUMNS = (
     "task",

@@ -21,7 +21,6 @@ import numpy as np
 
 from sdedit_jax.importers import diffusers_ddpm, diffusers_ncsnpp, fields, torch_checkpoint
 from sdedit_jax.importers.imported import Imported
-from sdedit_jax.training import checkpoint
 from sdedit_jax.util import files
 
 FORMAT = "diffusers"
@@ -245,7 +244,7 @@ def load(path: str) -> Imported:
         source={
             "path": files.abspath(weights),
             "format": FORMAT,
-            "sha256": checkpoint.sha256_file(weights),
+            "sha256": files.sha256(weights),
         },
         **usage,
     )

@@ -32,7 +32,6 @@ from sdedit_jax.importers import diffusers_ncsnpp, state_dict
 from sdedit_jax.importers.imported import Imported
 from sdedit_jax.models import ncsnpp
 from sdedit_jax.models.ncsnpp import NCSNppConfig
-from sdedit_jax.training import checkpoint
 from sdedit_jax.util import files
 
 FORMAT = "score_sde"
@@ -501,6 +500,6 @@ def load(path: str, config: str | Mapping[str, Any] | None = None) -> Imported:
         source={
             "path": os.path.abspath(ckpt),
             "format": FORMAT,
-            "sha256": checkpoint.sha256_file(ckpt),
+            "sha256": files.sha256(ckpt),
         },
     )

@@ -27,7 +27,6 @@ import numpy as np
 from sdedit_jax.importers import diffusers_ddpm, torch_pickle
 from sdedit_jax.importers.imported import Imported
 from sdedit_jax.models.ddpm_unet import DDPMUNetConfig, UnsupportedConfig
-from sdedit_jax.training import checkpoint
 from sdedit_jax.util import files
 
 FORMAT = "ddim"
@@ -262,6 +261,6 @@ def load(path: str, image_size: int | None = None) -> Imported:
             "path": files.abspath(path),
             "format": FORMAT,
             "entry": entry,
-            "sha256": checkpoint.sha256_file(path),
+            "sha256": files.sha256(path),
         },
     )

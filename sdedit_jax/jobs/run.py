@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from sdedit_jax import engine, pretrained
-from sdedit_jax.data import guide_inputs
+from sdedit_jax.data import guide_inputs, images
 from sdedit_jax.jobs import fingerprint, preflight, row_inputs, sinks, workdir_lock
 from sdedit_jax.jobs.stream import run_stream
 from sdedit_jax.sampling.integrate import Sampler
@@ -30,31 +30,6 @@ from sdedit_jax.sde import SDE
 from sdedit_jax.util import config as config_files
 from sdedit_jax.util import files, image_grid, metric_log
 from sdedit_jax.util.progress import Progress
-
-
-def resolve_config_path(spec: str) -> str:
-    """``path/to/config.py[:arg]`` with the path found from any folder.
-
-    The rule: a path that exists (relative to the current folder) is used as
-    given; otherwise a relative path such as ``configs/default.py`` is looked
-    up in the project's source tree (next to the package) and then in the
-    configs installed with the package (``<prefix>/share/sdedit_jax``).
-    """
-    path, sep, arg = spec.partition(":")
-    if os.path.exists(path) or os.path.isabs(path) or not files.is_local(path):
-        return spec
-    package = os.path.dirname(os.path.abspath(__file__))
-    for root in (os.path.dirname(package), os.path.join(sys.prefix, "share", "sdedit_jax")):
-        candidate = os.path.join(root, path)
-        if os.path.isfile(candidate):
-            return candidate + sep + arg
-    return spec
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads ``path/to/config.py[:arg]`` the way ``--config`` does."""
-    path, _, arg = resolve_config_path(spec).partition(":")
-    return config_files.load_module(path).get_config(arg or None)
 
 
 def sampler_from_config(config: ml_collections.ConfigDict) -> tuple[Sampler, StepRule]:
@@ -112,7 +87,7 @@ def _prefixed(error: Exception, prefix: str) -> ConfigError:
 
 @functools.cache
 def _default_config() -> ml_collections.ConfigDict:
-    return load_config("configs/default.py")
+    return config_files.load_config("configs/default.py")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -327,7 +302,7 @@ def _read_png(path: str) -> np.ndarray:
     """An output PNG in ``[-1, 1]``; any error names the file (an OSError: exit status 1)."""
     try:
         with Image.open(io.BytesIO(files.read_bytes(path))) as image:
-            return np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0
+            return images.from_uint8(np.asarray(image.convert("RGB")))
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
         raise OSError(f"contact sheet: cannot read {path}: {' '.join(str(e).split())}") from None
 

@@ -88,6 +88,7 @@ import numpy as np
 from PIL import Image
 
 from sdedit_jax.data import names
+from sdedit_jax.data.images import to_uint8
 from sdedit_jax.data.names import output_name, output_stem  # noqa: F401  (the sink's naming)
 from sdedit_jax.jobs import workdir_lock
 from sdedit_jax.util import files
@@ -124,11 +125,6 @@ class SinkError(RuntimeError):
 
 
 LinkInWorkdir = workdir_lock.LinkInWorkdir
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Maps ``[-1, 1]`` floats to uint8 (clipped, rounded to nearest)."""
-    return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def _temp_tag(process_index: int) -> str:

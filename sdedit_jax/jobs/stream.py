@@ -3,7 +3,8 @@
 :func:`run_stream` turns each host-local batch into global arrays, dispatches
 the :class:`~sdedit_jax.engine.Editor`'s compiled program asynchronously and
 hands the outputs to the sink's writer threads, so tf.data prefetch, compute
-and writes overlap; :class:`~sdedit_jax.util.progress.Progress` counts images dispatched and written.
+and writes overlap; :class:`~sdedit_jax.util.progress.Progress` counts images
+dispatched and written.
 Nothing here jits: the one program is the engine's.
 """
 

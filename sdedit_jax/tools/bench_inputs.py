@@ -17,9 +17,9 @@ from absl import flags
 from flax import nnx
 
 from sdedit_jax import engine, pretrained
-from sdedit_jax.jobs import run as job
 from sdedit_jax.models import unet
 from sdedit_jax.rng import string_id_words
+from sdedit_jax.util.config import load_config
 
 # The model flags of every edit-program benchmark's command line.
 MODEL_DIR = flags.DEFINE_string("model_dir", "default", "model folder")
@@ -39,7 +39,7 @@ def benchmark_model(
     with tempfile.TemporaryDirectory() as scratch:
         folder = model_dir
         if random_arch:
-            config = job.load_config(random_arch)
+            config = load_config(random_arch)
             _, state = nnx.split(unet.build(unet.UNetConfig.from_config(config.model), 0))
             pretrained.save_model(
                 scratch,

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from sdedit_jax.util import quiet  # noqa: E402
+from sdedit_jax.util.config import load_config  # noqa: E402
 
 quiet.import_tensorflow()  # before anything else imports it
 
@@ -37,7 +38,7 @@ _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 8, "rows per device")
 
 
 def _job_config(model_dir: str, per_device: int, steps: int) -> ml_collections.ConfigDict:
-    config = job.load_config("configs/default.py")
+    config = load_config("configs/default.py")
     config.model_dir = model_dir
     config.t0s = (0.5,)
     config.sampler.steps_per_unit_time = 0

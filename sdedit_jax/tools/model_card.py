@@ -26,8 +26,8 @@ from absl import app, flags  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
 from sdedit_jax import engine, pretrained  # noqa: E402
-from sdedit_jax.training import checkpoint  # noqa: E402
-from sdedit_jax.util import image_grid  # noqa: E402
+from sdedit_jax.data import image_grid  # noqa: E402
+from sdedit_jax.util import files  # noqa: E402
 
 _TRAIN_WORKDIR = flags.DEFINE_string("train_workdir", "runs/emoji_default", "training workdir")
 _OUT = flags.DEFINE_string("out", "sdedit_jax/assets/default_model", "model folder to write")
@@ -42,7 +42,7 @@ def copy_model(train_workdir: str, out: str) -> dict:
         info = json.load(f)
     weights = pretrained.WEIGHT_FILES[0]
     shutil.copyfile(os.path.join(train_workdir, weights), os.path.join(out, weights))
-    digest = checkpoint.sha256_file(os.path.join(out, weights))
+    digest = files.sha256(os.path.join(out, weights))
     if digest != info["sha256"][weights]:
         raise ValueError(f"{train_workdir}/{weights}: checksum differs from model_info.json")
     info["sha256"] = {weights: digest}

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sdedit_jax.data.images import load_image_folder
+from sdedit_jax.data.images import from_uint8, load_image_folder
 from sdedit_jax.training import input_pipeline
 
 Array = jax.Array
@@ -75,7 +75,7 @@ def load_train_images(config: ml_collections.ConfigDict, seed: int) -> np.ndarra
             f"config.data.source must be one of {IN_MEMORY_SOURCES + STREAMING_SOURCES}, "
             f"got {config.source!r}"
         )
-    return images.astype(np.float32) / 127.5 - 1.0
+    return from_uint8(images)
 
 
 def batch_indices(data_key: Array, step: Array, batch_size: int, num_examples: int) -> Array:

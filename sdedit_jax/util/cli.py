@@ -21,6 +21,7 @@ from typing import Any
 from absl import flags
 
 from sdedit_jax.util import config as config_files
+from sdedit_jax.util.config import resolve_config_path
 
 EXIT_CONFIG = 2
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
@@ -104,7 +105,6 @@ def _overrides(argv: list[str], flag: str) -> Iterator[tuple[str, str]]:
 
 def load(spec: str) -> tuple[Any, dict[str, str]]:
     """The config of ``path[:variant]`` and its ``FIELD_DOCS`` (one line per dotted field)."""
-    from sdedit_jax.jobs.run import resolve_config_path  # the job's imports only where a config is
 
     path, _, arg = resolve_config_path(spec).partition(":")
     module = config_files.load_module(path)
@@ -142,8 +142,7 @@ def print_config(config: Any) -> None:
 
 
 def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
-    """``--<flag>`` values resolved with ``job.resolve_config_path`` (before flags are parsed)."""
-    from sdedit_jax.jobs.run import resolve_config_path
+    """``--<flag>`` values resolved with ``resolve_config_path`` (before flags are parsed)."""
 
     out = list(argv)
     for i, arg in enumerate(out):

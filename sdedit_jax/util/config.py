@@ -1,4 +1,4 @@
-"""Config blocks (dicts, ``ml_collections.ConfigDict``) as frozen dataclasses.
+"""Config files (``path.py[:arg]``, found from any folder) and blocks as frozen dataclasses.
 
 One helper instead of a hand-written validator per block: a key the dataclass does not
 declare is a one-line error naming the block, the key and its value (a typo never falls
@@ -12,9 +12,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
+
+import ml_collections
+
+from sdedit_jax.util import files
 
 T = TypeVar("T")
 
@@ -108,3 +114,28 @@ def frozen(
         if isinstance(values[name], list):
             values[name] = tuple(values[name])
     return cls(**values)
+
+
+def resolve_config_path(spec: str) -> str:
+    """``path/to/config.py[:arg]`` with the path found from any folder.
+
+    The rule: a path that exists (relative to the current folder) is used as
+    given; otherwise a relative path such as ``configs/default.py`` is looked
+    up in the project's source tree (next to the package) and then in the
+    configs installed with the package (``<prefix>/share/sdedit_jax``).
+    """
+    path, sep, arg = spec.partition(":")
+    if os.path.exists(path) or os.path.isabs(path) or not files.is_local(path):
+        return spec
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (os.path.dirname(package), os.path.join(sys.prefix, "share", "sdedit_jax")):
+        candidate = os.path.join(root, path)
+        if os.path.isfile(candidate):
+            return candidate + sep + arg
+    return spec
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/config.py[:arg]`` the way ``--config`` does."""
+    path, _, arg = resolve_config_path(spec).partition(":")
+    return load_module(path).get_config(arg or None)

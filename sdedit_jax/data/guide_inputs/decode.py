@@ -14,6 +14,7 @@ import stat
 import numpy as np
 from PIL import Image, ImageOps
 
+from sdedit_jax.data import images
 from sdedit_jax.data.guide_inputs.catalog import (
     _file_problem,
 )
@@ -182,7 +183,7 @@ def _decode_guide(path: str, data: bytes, label: str, config: GuideInputConfig) 
             raise BadInput(f"{label}: npy shape {pixels.shape}; expected [H, W] or [H, W, C]")
         pixels = _check_float_range(pixels, label, -1.0, 1.0)
     else:
-        pixels = pixels.astype(np.float32) / 127.5 - 1.0
+        pixels = images.from_uint8(pixels)
     channels = pixels.shape[-1]
     if channels == config.channels:
         return pixels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sdedit_jax.jobs.sinks import to_uint8
+from sdedit_jax.data.images import to_uint8
 
 _LINE = 12  # pixels per line of the default font
 
