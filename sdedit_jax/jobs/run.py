@@ -21,14 +21,14 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from sdedit_jax import engine, pretrained
-from sdedit_jax.data import guide_inputs, images
+from sdedit_jax.data import guide_inputs, image_grid, images
 from sdedit_jax.jobs import fingerprint, preflight, row_inputs, sinks, workdir_lock
 from sdedit_jax.jobs.stream import run_stream
 from sdedit_jax.sampling.integrate import Sampler
 from sdedit_jax.sampling.steps import StepRule
 from sdedit_jax.sde import SDE
 from sdedit_jax.util import config as config_files
-from sdedit_jax.util import files, image_grid, metric_log
+from sdedit_jax.util import files, metric_log
 from sdedit_jax.util.progress import Progress
 
 

@@ -1,0 +1,133 @@
+"""The package's shape: a few library modules and commands at the top, every other
+concern in its own wing, and imports that only point down.
+
+The graph is read from the source (every ``import`` statement, lazy ones inside
+functions included), so a circle closed by a function-level import fails too.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sdedit_jax")
+
+LIBRARY = ("__init__", "sde", "score", "rng", "edit", "engine", "pretrained")
+COMMANDS = ("main", "train", "evaluate", "convert", "composite")
+# What each part may import besides itself. Commands and tools may import any part of
+# the library; nothing in the library imports a command, a tool or the job.
+MAY_IMPORT = {
+    "util": set(),
+    "rng": set(),
+    "sde": {"util", "rng"},
+    "score": {"sde"},
+    "sampling": {"sde", "rng", "util"},
+    "edit": {"sde", "rng", "sampling"},
+    "engine": {"edit", "sde", "rng", "sampling"},
+    "models": {"util"},
+    "importers": {"models", "sde", "score", "util"},
+    "pretrained": {"importers", "models", "score", "sde", "util"},
+    "data": {"util"},
+    "metrics": {"importers", "util"},
+    "evaluation": {"data", "engine", "metrics", "pretrained", "rng", "sampling", "sde", "util"},
+    "training": {"data", "engine", "models", "pretrained", "score", "sde", "util"},
+    "jobs": {"data", "edit", "engine", "pretrained", "rng", "sampling", "score", "sde", "util"},
+    "__init__": set(LIBRARY) | {"sampling"},
+}
+ANY_LIBRARY = set(MAY_IMPORT) - {"__init__"} | {"__init__"}
+for _command in COMMANDS:
+    MAY_IMPORT[_command] = ANY_LIBRARY
+MAY_IMPORT["tools"] = ANY_LIBRARY
+
+
+def _modules() -> dict[str, str]:
+    """Dotted module name -> file, for every module of the package."""
+    out = {}
+    for folder, _, names in os.walk(PACKAGE):
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].replace(os.sep, ".")
+                out[dotted.removesuffix(".__init__")] = path
+    return out
+
+
+def _imports(path: str, modules: dict[str, str]) -> set[str]:
+    """The package's modules that ``path`` imports (a name imported from a package
+    counts as that submodule when it is one, else as the package)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                found.add(name if name in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name in modules}
+
+
+def _part(module: str) -> str:
+    """``sdedit_jax.jobs.run`` -> ``jobs``; ``sdedit_jax.engine`` -> ``engine``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: _imports(path, modules) - {m} for m, path in modules.items()}
+
+
+def test_top_level_holds_the_library_and_the_commands():
+    top = sorted(n[:-3] for n in os.listdir(PACKAGE) if n.endswith(".py"))
+    assert top == sorted(LIBRARY + COMMANDS)
+    assert len(top) <= 13
+
+
+def test_every_part_has_its_rule(graph):
+    assert {_part(m) for m in graph} <= set(MAY_IMPORT)
+
+
+def test_imports_only_point_down(graph):
+    wrong = sorted(
+        f"{m} imports {dep}"
+        for m, deps in graph.items()
+        for dep in deps
+        if _part(dep) != _part(m) and _part(dep) not in MAY_IMPORT[_part(m)]
+    )
+    assert not wrong
+
+
+def test_no_import_circle(graph):
+    """Depth-first search; a back edge is a circle, reported with its path."""
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                circles.append(" -> ".join(path[path.index(dep) :] + [module, dep]))
+            elif dep not in state:
+                visit(dep, path + [module] if dep not in path else path)
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert not circles
+
+
+def test_the_rules_catch_a_network_importing_an_importer(graph):
+    """The checks above are live: a models -> importers edge is refused."""
+    bad = dict(graph)
+    bad["sdedit_jax.models.unet"] = graph["sdedit_jax.models.unet"] | {"sdedit_jax.importers"}
+    assert "importers" not in MAY_IMPORT["models"]
+    assert any(
+        _part(d) not in MAY_IMPORT[_part(m)]
+        for m, deps in bad.items()
+        for d in deps
+        if _part(d) != _part(m)
+    )
