@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdedit_jax import engine, train
+from sdedit_jax import engine
 from sdedit_jax.models import unet
 from sdedit_jax.sde import sde_from_config
-from sdedit_jax.training import checkpoint, losses, train_data
+from sdedit_jax.training import checkpoint, loop, losses, train_data
 from sdedit_jax.util import files, weights
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -50,10 +50,10 @@ def runs(tiny_config, tmp_path_factory):
     step 3 and resumed on 8 devices, and uninterrupted on 1 device."""
     assert len(jax.devices()) == 8, "tests/conftest.py should simulate 8 CPU devices"
     dirs = {name: str(tmp_path_factory.mktemp(name)) for name in ("full", "resumed", "single")}
-    states = {"full": train.train(tiny_config, dirs["full"])}
-    train.train(tiny_config, dirs["resumed"], stop_at=3)
-    states["resumed"] = train.train(tiny_config, dirs["resumed"])
-    states["single"] = train.train(tiny_config, dirs["single"], devices=jax.devices()[:1])
+    states = {"full": loop.train(tiny_config, dirs["full"])}
+    loop.train(tiny_config, dirs["resumed"], stop_at=3)
+    states["resumed"] = loop.train(tiny_config, dirs["resumed"])
+    states["single"] = loop.train(tiny_config, dirs["single"], devices=jax.devices()[:1])
     return dirs, states
 
 
@@ -84,7 +84,7 @@ def test_final_weight_files_round_trip(runs, tiny_config):
     workdir = dirs["full"]
     with open(os.path.join(workdir, "model_info.json")) as f:
         info = json.load(f)
-    expected = jax.device_get(train.full_ema_state(states["full"]))
+    expected = jax.device_get(loop.full_ema_state(states["full"]))
     abstract = nnx.split(nnx.eval_shape(lambda: unet.build(tiny_config.model, 0)))[1]
     fp32_path = os.path.join(workdir, "ema_params_fp32.msgpack")
     bf16_path = os.path.join(workdir, "ema_params_bf16.msgpack")
@@ -109,12 +109,12 @@ def test_final_weight_files_round_trip(runs, tiny_config):
 @pytest.fixture(scope="session")
 def single_device_step(tiny_config):
     """A jitted train step of the tiny model on one device, and its initial state."""
-    tx = train.make_optimizer(tiny_config.optim)
-    graphdef, state = train.init_state(tiny_config, tx)
+    tx = loop.make_optimizer(tiny_config.optim)
+    graphdef, state = loop.init_state(tiny_config, tx)
     # The same program as the 1-device run of `runs`, so the compilation cache serves it.
-    sharded = train.shard_train_step(
-        train.make_train_step(
-            graphdef, sde_from_config(tiny_config.sde), tx, train.step_config(tiny_config)
+    sharded = loop.shard_train_step(
+        loop.make_train_step(
+            graphdef, sde_from_config(tiny_config.sde), tx, loop.step_config(tiny_config)
         ),
         engine.data_mesh(jax.devices()[:1]),
     )
@@ -205,7 +205,7 @@ def test_config_errors_name_the_field(tiny_config, tmp_path):
     bad = tiny_config.copy_and_resolve_references()
     bad.training.batch_size = 12
     with pytest.raises(ValueError, match="batch_size=12"):
-        train.train(bad, str(tmp_path))
+        loop.train(bad, str(tmp_path))
     bad.data.source = "cifar"
     with pytest.raises(ValueError, match="config.data.source"):
         train_data.load_train_images(bad.data, 0)
@@ -223,7 +223,7 @@ def test_shipped_model_is_what_the_continued_config_trains():
     """The shipped weights' info matches configs/train_emoji.py:continued (model, SDE, steps)."""
     config = _load_config("train_emoji", "continued")
     with open(
-        os.path.join(os.path.dirname(train.__file__), "assets", "default_model", "model_info.json")
+        os.path.join(os.path.dirname(engine.__file__), "assets", "default_model", "model_info.json")
     ) as f:
         info = json.load(f)
     assert info["step"] == config.training.num_steps
@@ -254,7 +254,7 @@ def test_streaming_tfdata_source_resumes_exactly(tiny_config, tmp_path):
         }
     )
     config.training.num_steps = 4
-    full = train.train(config, str(tmp_path / "full"), devices=jax.devices()[:2])
-    train.train(config, str(tmp_path / "resumed"), devices=jax.devices()[:2], stop_at=2)
-    resumed = train.train(config, str(tmp_path / "resumed"), devices=jax.devices()[:2])
+    full = loop.train(config, str(tmp_path / "full"), devices=jax.devices()[:2])
+    loop.train(config, str(tmp_path / "resumed"), devices=jax.devices()[:2], stop_at=2)
+    resumed = loop.train(config, str(tmp_path / "resumed"), devices=jax.devices()[:2])
     _assert_trees_equal(full, resumed)
