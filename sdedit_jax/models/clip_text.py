@@ -94,7 +94,7 @@ class Embeddings(nnx.Module):
         self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs)
 
     def __call__(self, ids: Array) -> Array:
-        return self.token_embedding(ids) + self.position_embedding(jnp.arange(ids.shape[1]))
+        return self.token_embedding(ids) + self.position_embedding(jnp.arange(ids.shape[1]))[None]
 
 
 class SelfAttention(nnx.Module):

@@ -68,7 +68,9 @@ class LayerNorm(nnx.Module):
         mean = y.mean(axis=-1, keepdims=True)
         var = jnp.square(y - mean).mean(axis=-1, keepdims=True)
         y = (y - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+        return (y * _bcast(self.scale[...], y.ndim) + _bcast(self.bias[...], y.ndim)).astype(
+            x.dtype
+        )
 
 
 def attend(q: Array, k: Array, v: Array, heads: int, *, causal: bool = False) -> Array:
@@ -88,7 +90,7 @@ def attend(q: Array, k: Array, v: Array, heads: int, *, causal: bool = False) ->
     ) * (1.0 / math.sqrt(d))
     if causal:
         allowed = jnp.tril(jnp.ones((n, k.shape[1]), bool))
-        logits = jnp.where(allowed, logits, -jnp.inf)
+        logits = jnp.where(allowed[None, None], logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhij,bjhd->bihd", weights, v, precision=precision(v.dtype))
     return out.reshape(b, n, inner)

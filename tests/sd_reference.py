@@ -1,0 +1,264 @@
+"""The reference side of the Stable Diffusion network tests: tiny diffusers/transformers parts.
+
+Each builder makes a tiny random component of the real architecture with the reference
+library, moves every parameter off its initial value (so that norm scales, zero biases
+and zero-initialised layers are tested too), and saves it with ``save_pretrained``.
+The tokenizer writer produces a small CLIP vocabulary and merges in the published
+``tokenizer/`` layout (SD 1.x pads with ``<|endoftext|>``, SD 2.x with ``!``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+# Tiny UNet2DConditionModel configs with SD 1.x's and SD 2.x's structure.
+UNET_SD1 = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,  # SD 1.x: 8 heads at every level
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+}
+UNET_SD2 = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "attention_head_dim": (2, 4),  # SD 2.x: head counts per level (5, 10, 20, 20 at full size)
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "transformer_layers_per_block": (1, 2),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+VAE = {
+    "block_out_channels": (32, 64),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "sample_size": 32,
+    "scaling_factor": 0.13025,
+}
+TEXT = {
+    "vocab_size": 1000,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "bos_token_id": 998,
+    "eos_token_id": 999,
+    "pad_token_id": 999,
+}
+
+
+def rel_err(found, expected) -> float:
+    """Largest absolute difference relative to the reference's RMS (its output scale)."""
+    expected = np.asarray(expected, np.float64)
+    scale = np.sqrt(np.mean(np.square(expected)))
+    return float(np.max(np.abs(np.asarray(found, np.float64) - expected)) / scale)
+
+
+def perturb(model, seed: int, scale: float = 0.02):
+    """Adds ``scale`` * N(0, 1) to every parameter, in place; returns the model in eval mode."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+    return model.eval()
+
+
+def save_unet(folder: str, config: dict, seed: int = 0):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    model = perturb(UNet2DConditionModel(**config), seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def save_vae(folder: str, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model = perturb(AutoencoderKL(**VAE), seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def save_text_encoder(folder: str, hidden_act: str, seed: int = 0):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    model = perturb(CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act=hidden_act)), seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's printable stand-in character for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+WORDS = (
+    "a an the of in on with and photo painting portrait red blue green barn cat dog house "
+    "castle sunset over mountains highly detailed trending art station oil canvas digital "
+    "city night rain light dark forest river lake 4k 8k hdr café naïve über straße 日本 東京 "
+    "théâtre ok it's don't we'll you're they've i'm he'd"
+).split()
+PREFIXES = ("th", "in", "er", "re", "an", "on", "st", "ing", "ed")
+
+
+def write_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
+    """A small CLIP ``vocab.json``/``merges.txt`` with SD's token configs, in ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    byte_chars = bytes_to_unicode()
+    base = [byte_chars[b] for b in range(256)]
+    vocab = {tok: i for i, tok in enumerate(base + [c + "</w>" for c in base])}
+    merges: list[tuple[str, str]] = []
+
+    def chain(symbols: list[str]) -> None:
+        left = symbols[0]
+        for right in symbols[1:]:
+            if left + right not in vocab:
+                merges.append((left, right))
+                vocab[left + right] = len(vocab)
+            left += right
+
+    for prefix in PREFIXES:
+        chain([byte_chars[b] for b in prefix.encode()])
+    for word in WORDS:
+        for piece in word.replace("'", " '").split():
+            symbols = [byte_chars[b] for b in piece.encode()]
+            symbols[-1] += "</w>"
+            if len(symbols) > 1:
+                chain(symbols)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {
+        "bos_token": {
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "eos_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "unk_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "pad_token": pad_token,
+    }
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f)
+    config = {
+        "add_prefix_space": False,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer",
+        **special,
+    }
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def varied_texts(count: int = 240, seed: int = 0) -> list[str]:
+    """Prompts of every kind a tokenizer trips on: case, Unicode forms, punctuation,
+    whitespace, special tokens in the text, empty and over-long ones."""
+    fixed = [
+        "",
+        " ",
+        "a red barn",
+        "A RED BARN",
+        "a  red\tbarn\n\nat   night",
+        "it's a cat, isn't it? They'll say: 'yes'!",
+        "IT'S WE'LL YOU'RE THEY'VE I'M HE'D",
+        "café naïve über straße",
+        "cafe\u0301 nai\u0308ve",  # decomposed: NFC must compose them
+        "東京の夜景, 日本",
+        "emoji 🐱🐶🏰 and ❤️",
+        "\u00a0non-breaking\u3000ideographic\u2003em space",
+        "<|startoftext|>hello<|endoftext|>",
+        "text <|endoftext|> inside",
+        "<|ENDOFTEXT|> upper",
+        "!!!???...;;;",
+        "4k 8k hdr 1234567890 3.14 1,000",
+        "((masterpiece)), [best quality], {detailed}",
+        "ÀÉÎÕÜ ÇÑ ß ẞ",
+        "\u0130stanbul \u0131",  # dotted/dotless i lower-casing
+        "x" * 300,
+        " ".join(["a photo of a castle"] * 40),
+        "tab\tnew\nline\rcarriage",
+        "zero\u200bwidth\u200djoiner",
+        "mixed123abc456",
+        "Ελληνικά кириллица العربية עברית हिन्दी",
+    ]
+    rng = np.random.default_rng(seed)
+    pieces = list(WORDS) + [
+        "RED",
+        "Photo",
+        "unknownword",
+        "zzz",
+        ",",
+        ".",
+        "!",
+        "?",
+        "'s",
+        "'S",
+        "-",
+        "—",
+        "…",
+        "🙂",
+        "é",
+        "ü",
+        "€",
+        "100%",
+        "<|endoftext|>",
+        "  ",
+        "\t",
+        "\n",
+        "ﬁ",  # a ligature NFC keeps (NFKC would split it)
+        "Ⅻ",
+    ]
+    texts = list(fixed)
+    while len(texts) < count:
+        n = int(rng.integers(1, 60))
+        words = rng.choice(pieces, size=n)
+        seps = rng.choice(["", " ", " ", " ", "  "], size=n)
+        texts.append("".join(w + s for w, s in zip(words, seps, strict=True)))
+    return texts
