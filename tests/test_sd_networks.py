@@ -224,3 +224,38 @@ def test_configs_round_trip_through_json():
     ):
         again = type(config).from_config(json.loads(json.dumps(config.to_config())))
         assert again == config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["sd15", "sd21"])
+def test_published_structures_have_the_references_tensors(version):
+    """Every key and shape of the full-size SD 1.5 / 2.1 U-Net, VAE and text encoder
+    (built by the reference libraries on torch's meta device: no weights)."""
+    torch = _torch()
+    transformers = pytest.importorskip("transformers")
+    import diffusers
+
+    unet_json, text_json = {
+        "sd15": (sd_reference.SD15_UNET, sd_reference.CLIP_VIT_L),
+        "sd21": (sd_reference.SD21_UNET, sd_reference.OPENCLIP_H),
+    }[version]
+    with torch.device("meta"):
+        references = {
+            "unet": diffusers.UNet2DConditionModel.from_config(unet_json),
+            "vae": diffusers.AutoencoderKL.from_config(sd_reference.SD_VAE),
+            "text": transformers.CLIPTextModel(
+                transformers.CLIPTextConfig(
+                    **{k: v for k, v in text_json.items() if k != "model_type"}
+                )
+            ),
+        }
+    ports = {
+        "unet": sd_unet.abstract(diffusers_sd.unet_config(unet_json)),
+        "vae": vae.abstract(diffusers_sd.vae_config(sd_reference.SD_VAE)),
+        "text": clip_text.abstract(diffusers_sd.text_encoder_config(text_json)),
+    }
+    for name, reference in references.items():
+        found = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+        assert diffusers_sd.expected_tensors(ports[name][1]) == found, name
+    params = sum(int(np.prod(s)) for s in diffusers_sd.expected_tensors(ports["unet"][1]).values())
+    assert params == {"sd15": 859_520_964, "sd21": 865_910_724}[version]
