@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 
 import jax
@@ -259,3 +260,31 @@ def test_published_structures_have_the_references_tensors(version):
         assert diffusers_sd.expected_tensors(ports[name][1]) == found, name
     params = sum(int(np.prod(s)) for s in diffusers_sd.expected_tensors(ports["unet"][1]).values())
     assert params == {"sd15": 859_520_964, "sd21": 865_910_724}[version]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SDEDIT_FULL_SIZE") != "1",
+    reason="the full-size SD 1.5 U-Net (~2.5 min, ~8 GB on a 2-core CPU): SDEDIT_FULL_SIZE=1",
+)
+def test_full_size_sd15_unet_matches_diffusers():
+    """The 860M-parameter SD 1.5 U-Net, random, converted from diffusers' state dict,
+    on one 64 x 64 latent with a 77-token text."""
+    torch = _torch()
+    import diffusers
+
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel.from_config(sd_reference.SD15_UNET).eval()
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((1, 64, 64, 4), dtype=np.float32)
+    h = rng.standard_normal((1, 77, 768), dtype=np.float32)
+    with torch.no_grad():
+        expected = _nhwc(reference(_nchw(z), 321.0, torch.from_numpy(h)).sample)
+    config = diffusers_sd.unet_config(sd_reference.SD15_UNET)
+    state = diffusers_sd.unet_state(
+        {k: v.numpy() for k, v in reference.state_dict().items()}, config
+    )
+    del reference
+    err = sd_reference.rel_err(_run(sd_unet, config, state, z, np.float32(321.0), h), expected)
+    print(f"full-size sd15 unet: max rel err {err:.2e}")
+    assert err <= TOL
