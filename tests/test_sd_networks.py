@@ -288,3 +288,25 @@ def test_full_size_sd15_unet_matches_diffusers():
     err = sd_reference.rel_err(_run(sd_unet, config, state, z, np.float32(321.0), h), expected)
     print(f"full-size sd15 unet: max rel err {err:.2e}")
     assert err <= TOL
+
+
+@pytest.mark.slow
+def test_fp16_variant_and_torch_bin_load_the_same_weights(tmp_path):
+    """``*.fp16.safetensors`` widens to float32; ``.bin`` goes through the safe reader."""
+    _torch()
+    reference = sd_reference.save_vae(str(tmp_path / "st"))
+    reference.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    reference.half().save_pretrained(str(tmp_path / "st"), variant="fp16")
+    full = diffusers_sd.load_vae(str(tmp_path / "st"))
+    assert full.weights.endswith("diffusion_pytorch_model.safetensors")
+    pickled = diffusers_sd.load_vae(str(tmp_path / "bin"))
+    assert pickled.weights.endswith("diffusion_pytorch_model.bin")
+    half = diffusers_sd.load_vae(str(tmp_path / "st"), variant="fp16")
+    assert half.weights.endswith("diffusion_pytorch_model.fp16.safetensors")
+    leaves = [jax.tree.leaves(nnx.to_pure_dict(c.state)) for c in (full, pickled, half)]
+    for a, b, c in zip(*leaves, strict=True):
+        assert b.dtype == c.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(np.asarray(a).astype(np.float16).astype(np.float32), c)
+    with pytest.raises(FileNotFoundError, match=r"none of the weight files .*\.bf16\."):
+        diffusers_sd.load_vae(str(tmp_path / "st"), variant="bf16")
