@@ -17,15 +17,24 @@ from tests import sd_reference
 pytest.importorskip("tokenizers")
 
 
+@pytest.mark.parametrize("layout", ["published", "tokenizer_json"])
 @pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
-def test_ids_match_transformers(tmp_path, pad_token):
+def test_ids_match_transformers(tmp_path, pad_token, layout):
+    """Published folders (``vocab.json`` + ``merges.txt``) and what transformers 5 saves
+    (``tokenizer.json``, whose special tokens record how they are matched)."""
     transformers = pytest.importorskip("transformers")
-    sd_reference.write_tokenizer(str(tmp_path), pad_token)
+    folder = str(tmp_path / "published")
+    sd_reference.write_tokenizer(folder, pad_token)
+    if layout == "tokenizer_json":
+        resaved = str(tmp_path / "resaved")
+        transformers.CLIPTokenizer.from_pretrained(folder).save_pretrained(resaved)
+        assert not (tmp_path / "resaved" / "vocab.json").exists()
+        folder = resaved
     texts = sd_reference.varied_texts()
     assert len(texts) >= 200
-    reference = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
+    reference = transformers.CLIPTokenizer.from_pretrained(folder)
     expected = reference(texts, padding="max_length", max_length=77, truncation=True).input_ids
-    tokenizer = clip_tokenizer.CLIPTokenizer.from_folder(str(tmp_path))
+    tokenizer = clip_tokenizer.CLIPTokenizer.from_folder(folder)
     ids, truncated = tokenizer.encode(texts)
     assert ids.shape == (len(texts), 77) and ids.dtype == np.int32
     mismatched = [t for t, a, b in zip(texts, ids.tolist(), expected, strict=True) if a != b]
@@ -44,7 +53,7 @@ def test_missing_file_and_bad_merges_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"merges.txt: line 2: expected two tokens"):
         clip_tokenizer.CLIPTokenizer.from_folder(str(tmp_path))
     (tmp_path / "merges.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"merges.txt: missing"):
+    with pytest.raises(FileNotFoundError, match=r"no vocab.json \+ merges.txt nor tokenizer.json"):
         clip_tokenizer.CLIPTokenizer.from_folder(str(tmp_path))
 
 

@@ -3,7 +3,8 @@
 Built with the ``tokenizers`` library the way transformers' ``CLIPTokenizer`` builds
 itself (NFC, whitespace runs to one space, lower case; CLIP's split pattern; byte-level
 BPE with ``</w>`` word ends; start and end tokens around each text), from the
-folder's ``vocab.json`` and ``merges.txt`` and the special tokens and
+folder's ``vocab.json`` and ``merges.txt`` (published folders) or the vocabulary and
+merges inside ``tokenizer.json`` (what transformers 5 saves), and the special tokens and
 ``model_max_length`` of its ``tokenizer_config.json``/``special_tokens_map.json``
 (SD 2.x pads with ``!``, SD 1.x with ``<|endoftext|>``). Every text becomes exactly
 ``max_length`` ids: longer ones are cut to ``max_length - 2`` tokens between the start
@@ -13,6 +14,7 @@ and end tokens, as ``padding="max_length", truncation=True`` does.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +22,8 @@ import numpy as np
 
 from sdedit_jax import files
 
-VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
+VOCAB_FILE, MERGES_FILE, TOKENIZER_FILE = "vocab.json", "merges.txt", "tokenizer.json"
+MAX_FILE_BYTES = 64 << 20  # CLIP's vocab.json is ~1 MB, its tokenizer.json ~2 MB
 CONFIG_FILES = ("special_tokens_map.json", "tokenizer_config.json")  # later ones win
 _SPLIT = (
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
@@ -67,17 +70,18 @@ def special_tokens(folder: str) -> dict[str, Any]:
     return values
 
 
-def _added_tokens(tokens: Mapping[str, Any]) -> list[Any]:
+def _added_tokens(tokens: Mapping[str, Any], recorded: Sequence[Mapping[str, Any]]) -> list[Any]:
     """One special AddedToken per distinct text, with the flags of the last attribute naming
-    it (a plain string: no stripping, matched before normalisation), as transformers does."""
+    it (a plain string: no stripping, matched before normalisation), as transformers does;
+    flags ``recorded`` in a ``tokenizer.json`` win (they are what transformers had)."""
     from tokenizers import AddedToken
 
-    by_content = {}
-    for key in SPECIAL:
-        value = tokens[key]
-        flags = {f: bool(value.get(f, False)) for f in _FLAGS} if isinstance(value, Mapping) else {}
-        by_content[_content(value, key)] = AddedToken(_content(value, key), special=True, **flags)
-    return list(by_content.values())
+    def flags(value: Any) -> dict[str, bool]:
+        return {f: bool(value.get(f, False)) for f in _FLAGS} if isinstance(value, Mapping) else {}
+
+    by_content = {_content(tokens[k], k): flags(tokens[k]) for k in SPECIAL}
+    by_content.update({_content(t, "tokenizer.json: added_tokens"): flags(t) for t in recorded})
+    return [AddedToken(text, special=True, **f) for text, f in by_content.items()]
 
 
 @dataclasses.dataclass
@@ -90,21 +94,12 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str, max_length: int | None = None) -> CLIPTokenizer:
-        """From ``vocab.json`` + ``merges.txt`` (+ the optional token configs) in ``folder``;
-        ``max_length`` defaults to the folder's ``model_max_length``."""
-        vocab_path, merges_path = files.join(folder, VOCAB_FILE), files.join(folder, MERGES_FILE)
-        for path in (vocab_path, merges_path):
-            if not files.exists(path):
-                raise FileNotFoundError(f"{path}: missing (a CLIP tokenizer needs it)")
-        vocab = files.read_json_object(vocab_path)
-        bad = next((k for k, v in vocab.items() if not isinstance(v, int) or v < 0), None)
-        if bad is not None:
-            raise ValueError(f"{vocab_path}: {bad!r}: got {vocab[bad]!r}; expected an id >= 0")
-        merges = _read_merges(merges_path)
+        """From the files of ``folder`` (see the module docstring); ``max_length`` defaults
+        to the folder's ``model_max_length``."""
+        vocab, merges, recorded = vocab_and_merges(folder)
         tokens = special_tokens(folder)
-        return cls.from_vocab(
-            vocab, merges, tokens, max_length or tokens["model_max_length"], where=folder
-        )
+        length = max_length or tokens["model_max_length"]
+        return cls.from_vocab(vocab, merges, tokens, length, recorded, where=folder)
 
     @classmethod
     def from_vocab(
@@ -113,9 +108,11 @@ class CLIPTokenizer:
         merges: Sequence[tuple[str, str]],
         tokens: Mapping[str, Any],
         max_length: int,
+        recorded: Sequence[Mapping[str, Any]] = (),
         where: str = "tokenizer",
     ) -> CLIPTokenizer:
-        """From a vocabulary, merges and special tokens (``bos/eos/unk/pad_token``)."""
+        """From a vocabulary, merges, special tokens (``bos/eos/unk/pad_token``) and the
+        ``added_tokens`` a ``tokenizer.json`` records."""
         from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
         from tokenizers.models import BPE
 
@@ -146,7 +143,7 @@ class CLIPTokenizer:
             ]
         )
         backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens(_added_tokens(tokens))
+        backend.add_special_tokens(_added_tokens(tokens, recorded))
         bos, eos = names["bos_token"], names["eos_token"]
         backend.post_processor = processors.RobertaProcessing(
             (eos, vocab[eos]), (bos, vocab[bos]), trim_offsets=False, add_prefix_space=False
@@ -169,6 +166,64 @@ class CLIPTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode(texts)[0]
+
+
+def vocab_and_merges(folder: str) -> tuple[dict[str, int], list[tuple[str, str]], list[dict]]:
+    """The BPE vocabulary and merges (``vocab.json`` + ``merges.txt``, else ``tokenizer.json``,
+    whose ``added_tokens`` come third)."""
+    vocab_path, merges_path = files.join(folder, VOCAB_FILE), files.join(folder, MERGES_FILE)
+    if files.exists(vocab_path) and files.exists(merges_path):
+        return _checked_vocab(_read_json(vocab_path), vocab_path), _read_merges(merges_path), []
+    path = files.join(folder, TOKENIZER_FILE)
+    if not files.exists(path):
+        raise FileNotFoundError(
+            f"{folder}: no {VOCAB_FILE} + {MERGES_FILE} nor {TOKENIZER_FILE} (a CLIP tokenizer "
+            "needs them)"
+        )
+    data = _read_json(path)
+    model = data.get("model")
+    if not isinstance(model, Mapping) or model.get("type") != "BPE":
+        raise ValueError(f"{path}: model: expected a BPE model")
+    vocab = _checked_vocab(model.get("vocab"), f"{path}: model.vocab")
+    merges = model.get("merges")
+    if not isinstance(merges, list):
+        raise ValueError(f"{path}: model.merges: expected a list")
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in merges]
+    bad = next((i for i, p in enumerate(pairs) if not _is_pair(p)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: model.merges[{bad}]: got {merges[bad]!r}; expected two tokens")
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, Mapping) for t in added):
+        raise ValueError(f"{path}: added_tokens: expected a list of objects")
+    return vocab, [(a, b) for a, b in pairs], [t for t in added if t.get("special", True)]
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
+def _checked_vocab(vocab: Any, where: str) -> dict[str, int]:
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{where}: expected an object of token ids")
+    bad = next((k for k, v in vocab.items() if not isinstance(v, int) or v < 0), None)
+    if bad is not None:
+        raise ValueError(f"{where}: {bad!r}: got {vocab[bad]!r}; expected an id >= 0")
+    return vocab
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object of up to :data:`MAX_FILE_BYTES`; any problem is one ``ValueError``."""
+    if files.size(path) > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: more than {MAX_FILE_BYTES} bytes")
+    try:
+        value = json.loads(files.read_bytes(path).decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 (byte {err.start})") from None
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
 
 
 def _read_merges(path: str) -> list[tuple[str, str]]:

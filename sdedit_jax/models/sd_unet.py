@@ -201,7 +201,7 @@ class Upsample(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One level: resnets, each followed by a transformer when ``heads``, then a resampler."""
+    """One level: resnets, each followed by a transformer when ``attention``, then a resampler."""
 
     def __init__(
         self,
