@@ -123,6 +123,9 @@ def test_vae_matches_diffusers(tmp_path):
     }
     print("vae: max rel err " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert max(errors.values()) <= TOL
+    half = dataclasses.replace(component.config, compute_dtype="bfloat16")
+    low = _run(vae, half, component.state, z, method="decode")
+    assert low.dtype == np.float32 and 1e-4 < sd_reference.rel_err(low, decoded) < 0.1
 
 
 @pytest.mark.slow
@@ -144,6 +147,9 @@ def test_text_encoder_matches_transformers(tmp_path, hidden_act):
     err = sd_reference.rel_err(_run(clip_text, component.config, component.state, ids), expected)
     print(f"text encoder {hidden_act}: max rel err {err:.2e}")
     assert err <= TOL
+    half = dataclasses.replace(component.config, compute_dtype="bfloat16")
+    low = _run(clip_text, half, component.state, ids)
+    assert low.dtype == np.float32 and 1e-4 < sd_reference.rel_err(low, expected) < 0.1
 
     old = tmp_path / "old"
     old.mkdir()
