@@ -81,7 +81,7 @@ def test_unet_matches_diffusers(tmp_path, structure, size):
         assert low.dtype == np.float32
         err = sd_reference.rel_err(low, expected)
         print(f"{structure} unet bfloat16: max rel err {err:.2e}")
-        assert 1e-4 < err < 0.1
+        assert 1e-4 < err < 0.25  # measured 0.08: bfloat16 through 2 levels of a U-Net
     else:
         # A scalar t applies to the whole batch; a bare array is read as {"text": array}.
         with torch.no_grad():
