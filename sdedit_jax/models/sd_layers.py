@@ -154,7 +154,10 @@ class Resnet(nnx.Module):
 
 
 def upsample_nearest(x: Array, size: tuple[int, int]) -> Array:
-    """torch's ``interpolate(mode="nearest")`` of NHWC ``x`` to ``size`` (2x when it doubles)."""
+    """torch's ``interpolate(mode="nearest")`` of NHWC ``x`` to ``size`` (any size: diffusers
+    upsamples to the skip connection's size when a side is odd)."""
+    if tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+        return layers.upsample_nearest2(x)  # repeats rather than a gather
     rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
     cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
     return x[:, rows][:, :, cols]
