@@ -26,9 +26,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sdedit_jax import files
 from sdedit_jax.importers import diffusers, fields, state_dict
 from sdedit_jax.models import clip_text, sd_unet, vae
+from sdedit_jax.util import files
 
 CONFIG_FILE = "config.json"
 TEXT_WEIGHTS = {"safetensors": "model", "bin": "pytorch_model"}

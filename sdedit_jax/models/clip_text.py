@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdedit_jax.config import frozen
 from sdedit_jax.models import initialise
 from sdedit_jax.models.ddpm_unet import COMPUTE_DTYPES
 from sdedit_jax.models.sd_layers import LayerNorm, Linear, attend
+from sdedit_jax.util.config import frozen
 
 Array = jax.Array
 ACTIVATIONS = ("quick_gelu", "gelu")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sdedit_jax import files
+from sdedit_jax.util import files
 
 VOCAB_FILE, MERGES_FILE, TOKENIZER_FILE = "vocab.json", "merges.txt", "tokenizer.json"
 MAX_FILE_BYTES = 64 << 20  # CLIP's vocab.json is ~1 MB, its tokenizer.json ~2 MB

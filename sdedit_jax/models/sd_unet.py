@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdedit_jax.config import frozen
 from sdedit_jax.models import initialise
 from sdedit_jax.models.ddpm_unet import COMPUTE_DTYPES, TimestepEmbedding, timestep_features
 from sdedit_jax.models.sd_layers import (
@@ -39,6 +38,7 @@ from sdedit_jax.models.sd_layers import (
     Resnet,
     upsample_nearest,
 )
+from sdedit_jax.util.config import frozen
 
 Array = jax.Array
 
