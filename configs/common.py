@@ -16,6 +16,8 @@ from types import ModuleType
 
 import ml_collections
 
+from sdedit_jax.sampling.sampler import all_options
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -66,33 +68,30 @@ def parse_arg(arg: str | None, where: str, **spec) -> ml_collections.ConfigDict:
     return values
 
 
-# One line per sampler field: the meaning that `--help` prints (configs/default.py).
+# One line per sampler field: the meaning that `--help` prints (configs/default.py); the
+# solvers' own options (eta, snr, ...) come with their meaning from the solvers.
 SAMPLER_DOCS = {
     "predictor": "the reverse-SDE/ODE solver (sdedit_jax.PREDICTORS), e.g. ancestral, ddim",
     "corrector": "none | langevin (a Langevin MCMC step after each predictor step)",
     "steps_per_unit_time": "the paper's N: ceil(N * t0) steps per edit; 0 -> n_steps",
     "n_steps": "a fixed number of steps for every t0 (when steps_per_unit_time is 0)",
     "max_steps": "the compiled step bucket; 0 -> derived from the step counts",
-    "snr": "signal-to-noise ratio of the Langevin corrector",
-    "corrector_steps": "corrector steps after each predictor step",
+    **{name: doc for name, (_, doc) in all_options().items()},
     "denoise": "return the noise-free mean of the last step (score_sde's noise_removal)",
-    "eta": "DDIM's noise level (ddim only; 0 = deterministic)",
     "time_grid": "uniform | logsnr | karras; '' = the predictor's default",
 }
 
 
 def sampler(**changes) -> ml_collections.ConfigDict:
-    """Every sampler field the job and the evaluation read (see ``job.sampler_from_config``)."""
+    """Every sampler field the job and the evaluation read (``sampler_from_config``)."""
     fields = {
         "predictor": "euler_maruyama",
         "corrector": "none",
         "steps_per_unit_time": 100,
         "n_steps": 0,
         "max_steps": 0,
-        "snr": 0.16,
-        "corrector_steps": 1,
+        **{name: default for name, (default, _) in all_options().items()},
         "denoise": True,
-        "eta": 0.0,
         "time_grid": "",
     }
     unknown = sorted(set(changes) - set(fields))

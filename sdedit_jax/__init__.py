@@ -11,8 +11,9 @@ from sdedit_jax.engine import Editor, data_mesh, sdedit
 from sdedit_jax.pretrained import LoadedModel, load_model, load_network
 from sdedit_jax.sampling.correctors import CORRECTORS as _CORRECTORS
 from sdedit_jax.sampling.grids import GRIDS as _GRIDS
-from sdedit_jax.sampling.integrate import SOLVERS as _SOLVERS
-from sdedit_jax.sampling.integrate import Sampler, integrate, sample_prior
+from sdedit_jax.sampling.integrate import integrate, sample_prior
+from sdedit_jax.sampling.sampler import SOLVERS as _SOLVERS
+from sdedit_jax.sampling.sampler import Sampler
 from sdedit_jax.sampling.steps import StepRule, paper_steps, step_bucket
 from sdedit_jax.sde import SDE, VESDE, VPSDE, DiscreteVPSDE, SubVPSDE
 

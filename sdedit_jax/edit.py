@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from sdedit_jax import rng
-from sdedit_jax.sampling.integrate import Sampler, integrate
+from sdedit_jax.sampling.integrate import integrate
+from sdedit_jax.sampling.sampler import Sampler
 from sdedit_jax.sde import SDE, Array, ScoreFn
 
 

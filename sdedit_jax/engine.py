@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdedit_jax import rng
 from sdedit_jax.edit import sdedit_batch
-from sdedit_jax.sampling.integrate import Sampler
+from sdedit_jax.sampling.sampler import Sampler
 from sdedit_jax.sampling.steps import paper_steps as paper_steps  # re-exported: engine.paper_steps
 from sdedit_jax.sampling.steps import step_bucket
 from sdedit_jax.sde import SDE, ScoreFn
@@ -287,13 +287,11 @@ def sdedit(
     repeats: int = 1,
     predictor: str = "euler_maruyama",
     corrector: str | None = None,
-    eta: float = 0.0,
     time_grid: str = "",
-    snr: float = 0.16,
-    corrector_steps: int = 1,
     denoise: bool = True,
     mesh: Mesh | None = None,
     per_device_batch: int = 8,
+    **solver_options: Any,
 ) -> jax.Array:
     """Edits ``guides`` with SDEdit on every device (one compiled program per shape).
 
@@ -313,12 +311,14 @@ def sdedit(
             to ``paper_steps(N, t0)`` (N=500, t0=0.5 -> 250).
         max_steps: the compiled step bucket (default: ``step_bucket(max(n_steps))``).
         repeats: SDEdit's K, sequential perturb-and-denoise cycles.
-        predictor, corrector, snr, corrector_steps, denoise, eta, time_grid: see
-            ``Sampler`` (e.g. ``predictor="dpm_solver_2m"``, ``time_grid="logsnr"``;
-            "" = the solver's default grid).
+        predictor, corrector, denoise, time_grid: see ``Sampler`` (e.g.
+            ``predictor="dpm_solver_2m"``, ``time_grid="logsnr"``; "" = the solver's
+            default grid).
         mesh: device mesh (default: all devices on a ``data`` axis).
         per_device_batch: rows each device edits per compiled step; results
             are bit-identical across batch sizes and device counts at a fixed value.
+        **solver_options: the chosen solvers' own options, e.g. ``eta`` (ddim),
+            ``snr`` and ``corrector_steps`` (langevin); see ``Sampler``.
 
     Returns:
         ``[B, H, W, C]`` edited images.
@@ -330,14 +330,12 @@ def sdedit(
     t0 = _per_example(t0, batch, np.float32, "t0")
     steps = _per_example(n_steps, batch, np.int32, "n_steps")
     sampler = Sampler(
-        predictor=predictor,
-        corrector=corrector or "none",
-        max_steps=step_bucket(steps.max()) if max_steps is None else max_steps,
-        snr=snr,
-        corrector_steps=corrector_steps,
+        predictor,
+        corrector or "none",
+        step_bucket(steps.max()) if max_steps is None else max_steps,
         denoise=denoise,
-        eta=eta,
         time_grid=time_grid,
+        **solver_options,
     )
     ids = np.arange(batch) if example_ids is None else np.asarray(example_ids)
     if len(ids) != batch:

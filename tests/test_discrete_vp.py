@@ -16,7 +16,7 @@ from flax import nnx
 
 from sdedit_jax import edit, engine, rng
 from sdedit_jax.sampling import predictors
-from sdedit_jax.sampling.integrate import Sampler
+from sdedit_jax.sampling.sampler import Sampler
 from sdedit_jax.score import make_network_score_fn
 from sdedit_jax.sde import SDES, VPSDE, DiscreteVPSDE, sde_from_config
 

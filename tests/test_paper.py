@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sdedit_jax.data import guide_inputs, image_grid
-from sdedit_jax.jobs import run as job
+from sdedit_jax.sampling.sampler import sampler_from_config
 from sdedit_jax.tools.bench_networks import PUBLISHED_UNETS
 from sdedit_jax.util.config import load_config
 
@@ -24,7 +24,7 @@ NCSNPP = ("church_ncsnpp", "bedroom_ncsnpp", "celebahq_ncsnpp", "ffhq_ncsnpp")
 @pytest.mark.parametrize("variant", DDPM + NCSNPP)
 def test_every_variant_builds_its_sampler_and_input(variant):
     config = load_config(f"{PAPER}:{variant}")
-    sampler, step_rule = job.sampler_from_config(config.sampler)
+    sampler, step_rule = sampler_from_config(config.sampler)
     dataset, network = variant.split("_")
     assert config.model_dir == f"models/{network}-{dataset}-256"
     if network == "ddpm":
@@ -38,7 +38,8 @@ def test_every_variant_builds_its_sampler_and_input(variant):
             "langevin",
             1,
         )
-        assert (sampler.snr, sampler.corrector_steps) == (0.075, 1)
+        described = sampler.description()
+        assert (described["snr"], described["corrector_steps"]) == (0.075, 1)
         np.testing.assert_array_equal(step_rule.steps_for(np.array(config.t0s)), [1000])
     assert sampler.max_steps >= int(step_rule.steps_for(np.array([1.0]))[0])
     input_config = guide_inputs.GuideInputConfig.from_mapping(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import sdedit_jax as sj
-from sdedit_jax.sampling import correctors, grids, integrate
+from sdedit_jax.sampling import correctors, grids, sampler
 
 
 def test_the_readme_names_are_exported():
@@ -28,7 +28,7 @@ def test_the_readme_names_are_exported():
         "LoadedModel",
     ):
         assert hasattr(sj, name) and name in sj.__all__, name
-    assert set(sj.PREDICTORS) == set(integrate.SOLVERS)
+    assert set(sj.PREDICTORS) == set(sampler.SOLVERS)
     assert {"sde_dpm_solver_2m", "dpm_solver_2m", "ddim", "ancestral"} <= set(sj.PREDICTORS)
     assert set(sj.CORRECTORS) == set(correctors.CORRECTORS)
     assert set(sj.TIME_GRIDS) == set(grids.GRIDS)

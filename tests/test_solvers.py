@@ -12,7 +12,7 @@ import pytest
 import sdedit_jax as sj
 from sdedit_jax import rng
 from sdedit_jax.sampling import grids
-from sdedit_jax.sampling.integrate import SOLVERS
+from sdedit_jax.sampling.sampler import SOLVERS, sampler_from_config
 from sdedit_jax.sampling.solver import log_snr
 from sdedit_jax.tools.gaussian_reference import GaussianScore, sdedit_moments
 from sdedit_jax.tools.solver_table import ode_errors
@@ -236,18 +236,17 @@ def test_ddim_eta_one_is_the_ancestral_sampler(sde_name):
 
 def test_configs_and_command_line_name_solvers_grids_and_eta():
     """configs/default.py's sampler fields (what --config.sampler.* overrides) reach the Sampler."""
-    from sdedit_jax.jobs import run as job
 
     config = load_config("configs/default.py")
     config.sampler.update(predictor="ddim", eta=0.5, time_grid="logsnr")
-    sampler, _ = job.sampler_from_config(config.sampler)
-    assert (sampler.predictor, sampler.eta, sampler.grid_name) == ("ddim", 0.5, "logsnr")
+    sampler, _ = sampler_from_config(config.sampler)
+    assert (sampler.predictor, sampler.solver.eta, sampler.grid_name) == ("ddim", 0.5, "logsnr")
     config.sampler.update(predictor="dpm_solver_2m", eta=0.0, time_grid="")
-    sampler, _ = job.sampler_from_config(config.sampler)
+    sampler, _ = sampler_from_config(config.sampler)
     assert sampler.grid_name == "logsnr" and sampler.nfe_per_step == 1
     config.sampler.time_grid = "cosine"
     with pytest.raises(ValueError, match="time_grid: unknown name 'cosine'"):
-        job.sampler_from_config(config.sampler)
+        sampler_from_config(config.sampler)
 
 
 def test_new_t0_and_step_counts_reuse_the_program():

@@ -9,8 +9,7 @@ import ml_collections
 import numpy as np
 
 from sdedit_jax.data import guide_inputs
-from sdedit_jax.jobs.run import sampler_from_config
-from sdedit_jax.sampling.integrate import Sampler
+from sdedit_jax.sampling.sampler import Sampler, sampler_from_config
 from sdedit_jax.sampling.steps import StepRule
 
 BASELINE_VARIANT = "guides"

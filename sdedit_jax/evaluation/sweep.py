@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -41,6 +40,7 @@ from sdedit_jax.evaluation.scoring import (
 from sdedit_jax.jobs import sinks
 from sdedit_jax.metrics import realism
 from sdedit_jax.rng import string_id_words
+from sdedit_jax.sampling.sampler import Sampler
 from sdedit_jax.util import files, metric_log
 from sdedit_jax.util.progress import Progress
 
@@ -173,6 +173,14 @@ def _log(message: str) -> None:
     tqdm.tqdm.write(message, file=sys.stderr)  # above the progress bar, not through it
 
 
+def _settings(sampler: Sampler) -> dict:
+    """The sampler's description with its grid as given ("" = the solver's own).
+
+    As earlier releases keyed their caches and listed their variants (``grid_used`` beside).
+    """
+    return {**sampler.description(), "time_grid": sampler.time_grid}
+
+
 def _setting_key(
     model: pretrained.LoadedModel,
     variant: Variant,
@@ -184,7 +192,7 @@ def _setting_key(
     """A digest of everything one setting's outputs depend on (the resume cache's key)."""
     spec = {
         "model": model.checksum,
-        "sampler": dataclasses.asdict(variant.sampler),
+        "sampler": _settings(variant.sampler),
         "repeats": variant.repeats,
         "task": guides.name,
         "t0": t0,
@@ -349,7 +357,7 @@ def run_evaluation(
         "variants": [
             {
                 "name": v.name,
-                **dataclasses.asdict(v.sampler),
+                **_settings(v.sampler),
                 "repeats": v.repeats,
                 "grid_used": v.sampler.grid_name,
                 "nfe_per_step": v.sampler.nfe_per_step,

@@ -24,33 +24,12 @@ from sdedit_jax import engine, pretrained
 from sdedit_jax.data import guide_inputs, image_grid, images
 from sdedit_jax.jobs import fingerprint, preflight, row_inputs, sinks, workdir_lock
 from sdedit_jax.jobs.stream import run_stream
-from sdedit_jax.sampling.integrate import Sampler
+from sdedit_jax.sampling.sampler import Sampler, sampler_from_config
 from sdedit_jax.sampling.steps import StepRule
 from sdedit_jax.sde import SDE
 from sdedit_jax.util import config as config_files
 from sdedit_jax.util import files, metric_log
 from sdedit_jax.util.progress import Progress
-
-
-def sampler_from_config(config: ml_collections.ConfigDict) -> tuple[Sampler, StepRule]:
-    """The static sampler and the per-example step rule."""
-    rule = StepRule(
-        steps_per_unit_time=config.steps_per_unit_time,
-        n_steps=config.n_steps,
-        max_steps=config.max_steps,
-    )
-    sampler = Sampler(
-        predictor=config.predictor,
-        corrector=config.corrector,
-        max_steps=rule.max_steps,
-        snr=config.snr,
-        corrector_steps=config.corrector_steps,
-        denoise=config.denoise,
-        eta=config.get("eta", 0.0),
-        time_grid=config.get("time_grid", ""),
-    )
-    return sampler, rule
-
 
 # Seconds between progress reports when a config has no ``progress_every_s``.
 PROGRESS_EVERY_S = 10.0
@@ -406,16 +385,7 @@ def job_fingerprint(
         model_sha256=model.checksum,
         model=model.description,
         sde={"type": type(model.sde).__name__, **_scalar_fields(model.sde)},
-        sampler={
-            "predictor": sampler.predictor,
-            "corrector": sampler.corrector,
-            "snr": sampler.snr,
-            "corrector_steps": sampler.corrector_steps,
-            "denoise": sampler.denoise,
-            "max_steps": sampler.max_steps,
-            "eta": sampler.eta,
-            "time_grid": sampler.grid_name,
-        },
+        sampler=sampler.description(),
         step_rule=step_rule,
         repeats=config.repeats,
         seed=config.seed,
@@ -635,12 +605,7 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
     # (nfe_per_step * steps * repeats), from the engine.
     job_fields = {
         "sde": type(model.sde).__name__,
-        "predictor": sampler.predictor,
-        "corrector": sampler.corrector,
-        "max_steps": sampler.max_steps,
-        "eta": sampler.eta,
-        "time_grid": sampler.grid_name,
-        "nfe_per_step": sampler.nfe_per_step,
+        **sampler.manifest_fields(),
         "steps_per_unit_time": config.sampler.steps_per_unit_time,
         "n_steps": config.sampler.n_steps,
         "repeats": config.repeats,

@@ -14,7 +14,8 @@ import functools
 from collections.abc import Callable
 
 from sdedit_jax import rng
-from sdedit_jax.sampling import correctors, predictors
+from sdedit_jax.sampling import predictors
+from sdedit_jax.sampling.correctors import Corrector
 from sdedit_jax.sampling.solver import Solver, SolverState
 
 
@@ -42,16 +43,14 @@ class PredictorSolver:
 
 @dataclasses.dataclass(frozen=True)
 class Corrected:
-    """``corrector_steps`` corrector moves at ``t``, then ``solver``'s step (PC sampling)."""
+    """``corrector``'s moves at ``t``, then ``solver``'s step (PC sampling)."""
 
     solver: Solver
-    corrector: str
-    snr: float
-    corrector_steps: int
+    corrector: Corrector
 
     @property
     def nfe_per_step(self) -> int:
-        return self.solver.nfe_per_step + self.corrector_steps
+        return self.solver.nfe_per_step + self.corrector.nfe_per_step
 
     @property
     def order(self) -> int:
@@ -70,16 +69,7 @@ class Corrected:
 
     def correct(self, sde, score_fn, keys, state, t, t_next):
         """The corrector's moves at ``t`` (score calls at ``t`` only)."""
-        x, _ = correctors.CORRECTORS[self.corrector](
-            sde,
-            score_fn,
-            rng.fold_in(keys, 0),
-            state.x,
-            t,
-            t - t_next,
-            snr=self.snr,
-            n_steps=self.corrector_steps,
-        )
+        x, _ = self.corrector.correct(sde, score_fn, rng.fold_in(keys, 0), state.x, t, t - t_next)
         return state._replace(x=x)
 
     def step(self, sde, score_fn, keys, state, t, t_next):

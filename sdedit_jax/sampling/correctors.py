@@ -1,17 +1,31 @@
 """Correctors: score-based MCMC moves at a fixed time ``t``.
 
-A corrector has the signature
-``correct(sde, score_fn, keys, x, t, dt, *, snr, n_steps) -> (x, x_mean)``.
+A corrector is a frozen dataclass carrying its own options (:func:`solver.option`)
+with ``nfe_per_step`` (network calls per time step) and
+``correct(sde, score_fn, keys, x, t, dt) -> (x, x_mean)``; :class:`classic.Corrected`
+runs it before a solver's step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from typing import Protocol
 
 import jax.numpy as jnp
 
 from sdedit_jax.rng import example_noise, fold_in
+from sdedit_jax.sampling.solver import option
 from sdedit_jax.sde import SDE, Array, ScoreFn, batch_bcast
+
+
+class Corrector(Protocol):
+    """What :class:`classic.Corrected` needs from a corrector (a frozen dataclass)."""
+
+    nfe_per_step: int
+
+    def correct(
+        self, sde: SDE, score_fn: ScoreFn, keys: Array, x: Array, t: Array, dt: Array
+    ) -> tuple[Array, Array]: ...
 
 
 def _per_example_sq_norm(v: Array) -> Array:
@@ -51,12 +65,34 @@ def langevin(
     return x, x_mean
 
 
-def no_corrector(sde, score_fn, keys, x, t, dt, *, snr, n_steps):
-    del sde, score_fn, keys, t, dt, snr, n_steps
-    return x, x
+@dataclasses.dataclass(frozen=True)
+class Langevin:
+    """:func:`langevin` with its step-size ``snr`` and ``corrector_steps`` moves per time step."""
+
+    snr: float = option(0.16, "signal-to-noise ratio of the Langevin corrector")
+    corrector_steps: int = option(1, "corrector steps after each predictor step")
+
+    def __post_init__(self):
+        if not isinstance(self.corrector_steps, int) or self.corrector_steps < 1:
+            raise ValueError(
+                f"corrector_steps: must be a positive int, got {self.corrector_steps!r}"
+            )
+        if not self.snr > 0:
+            raise ValueError(f"snr: must be > 0, got {self.snr!r}")
+
+    @property
+    def nfe_per_step(self) -> int:
+        return self.corrector_steps
+
+    def correct(self, sde, score_fn, keys, x, t, dt):
+        return langevin(sde, score_fn, keys, x, t, dt, snr=self.snr, n_steps=self.corrector_steps)
 
 
-CORRECTORS: dict[str, Callable[..., tuple[Array, Array]]] = {
-    "langevin": langevin,
-    "none": no_corrector,
-}
+@dataclasses.dataclass(frozen=True)
+class NoCorrector:
+    """No corrector: the sampler runs its predictor's steps alone (no corrector code at all)."""
+
+    nfe_per_step: int = 0
+
+
+CORRECTORS = {"langevin": Langevin, "none": NoCorrector}

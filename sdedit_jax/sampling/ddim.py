@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from sdedit_jax import rng
 from sdedit_jax.rng import example_noise
-from sdedit_jax.sampling.solver import SolverState, alpha_sigma_lambda, data_prediction
+from sdedit_jax.sampling.solver import SolverState, alpha_sigma_lambda, data_prediction, option
 from sdedit_jax.sde import batch_bcast
 
 
@@ -26,7 +26,7 @@ from sdedit_jax.sde import batch_bcast
 class DDIM:
     """DDIM with ``eta`` in [0, 1] (one network call per step)."""
 
-    eta: float = 0.0
+    eta: float = option(0.0, "DDIM's noise level (ddim only; 0 = deterministic)")
     nfe_per_step: int = 1
     order: int = 1
     # Measured (sdedit_jax.tools.solver_table): Karras' grid gives DDIM 10-15 % smaller ODE

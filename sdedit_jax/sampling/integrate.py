@@ -6,7 +6,7 @@ the solvers (:mod:`classic` adapts the predictors and correctors, :mod:`ddim`,
 here: each example runs its own number of steps from its own ``t_start`` to
 ``t_end``. Start times and step counts are traced arrays, so a batch can mix
 them and changing them never recompiles; the compiled program is fixed by the
-static ``Sampler`` (whose ``max_steps`` is the step-count bucket). The loop
+static :class:`sampler.Sampler` (whose ``max_steps`` is the step-count bucket). The loop
 carries the solver's state (:class:`solver.SolverState`) and runs as many
 iterations as the largest step count in the batch; an example that has
 finished keeps its whole state (sample and history) untouched. A noise-free end
@@ -16,121 +16,23 @@ solver and no corrector ever evaluates the score at sigma = 0.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from sdedit_jax import rng
-from sdedit_jax.sampling import classic, correctors, ddim, dpm_solver, grids
-from sdedit_jax.sampling.solver import Solver, data_step
+from sdedit_jax.sampling import classic, grids
+from sdedit_jax.sampling.solver import data_step
 from sdedit_jax.sde import SDE, Array, ScoreFn, batch_bcast
+
+if TYPE_CHECKING:
+    from sdedit_jax.sampling.sampler import Sampler
 
 # ``project(keys, x, t)`` maps the state after a step at time ``t`` back onto a
 # constraint (e.g. the known pixels of a masked edit).
 Projection = Callable[[Array, Array, Array], Array]
-
-# Predictor name -> solver factory, one table per solver family (module).
-SOLVERS: dict[str, Callable[..., Solver]] = {
-    **classic.SOLVERS,
-    **ddim.SOLVERS,
-    **dpm_solver.SOLVERS,
-}
-
-
-def make_solver(name: str, eta: float = 0.0) -> Solver:
-    """The solver called ``name``; ``eta`` goes only to solvers that take it (DDIM)."""
-    if name not in SOLVERS:
-        raise ValueError(f"predictor: unknown name {name!r}; choose from {sorted(SOLVERS)}")
-    if eta == 0:
-        return SOLVERS[name]()
-    try:
-        return SOLVERS[name](eta=eta)
-    except TypeError:
-        raise ValueError(f"eta: predictor {name!r} takes no eta (only ddim), got {eta!r}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    """The static description of a sampler; one compiled program per value.
-
-    Attributes:
-        predictor: a key of ``SOLVERS``: Song et al.'s predictors
-            ("euler_maruyama", "reverse_diffusion", "ancestral", "ode_euler",
-            "ode_heun", "none") or the few-step solvers "ddim",
-            "dpm_solver_2m", "sde_dpm_solver_2m".
-        corrector: a key of ``correctors.CORRECTORS`` ("langevin" or "none").
-        max_steps: the largest step count a program accepts (its bucket);
-            per-example step counts are traced values in ``[1, max_steps]``.
-        snr: Langevin signal-to-noise ratio.
-        corrector_steps: Langevin moves per time step.
-        denoise: return the noise-free mean of the last step (Song et al.'s
-            "noise removal"); the state at ``t_end`` otherwise.
-        eta: DDIM's noise level in [0, 1] (0 = deterministic).
-        time_grid: "uniform", "logsnr" or "karras" (see :mod:`grids`); ""
-            takes the solver's measured default (uniform for Song et al.'s
-            predictors, karras for DDIM, logsnr for DPM-Solver++).
-    """
-
-    predictor: str = "euler_maruyama"
-    corrector: str = "none"
-    max_steps: int = 256
-    snr: float = 0.16
-    corrector_steps: int = 1
-    denoise: bool = True
-    eta: float = 0.0
-    time_grid: str = ""
-
-    def __post_init__(self):
-        make_solver(self.predictor, self.eta)  # validates predictor and eta
-        if self.corrector not in correctors.CORRECTORS:
-            raise ValueError(
-                f"corrector: unknown name {self.corrector!r}; "
-                f"choose from {sorted(correctors.CORRECTORS)}"
-            )
-        if not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"max_steps: must be a positive int, got {self.max_steps!r}")
-        if not isinstance(self.corrector_steps, int) or self.corrector_steps < 1:
-            raise ValueError(
-                f"corrector_steps: must be a positive int, got {self.corrector_steps!r}"
-            )
-        if not self.snr > 0:
-            raise ValueError(f"snr: must be > 0, got {self.snr!r}")
-        if self.time_grid:
-            grids.grid_from_name(self.time_grid)
-
-    @property
-    def solver(self) -> Solver:
-        """The predictor's solver, wrapped with the corrector when there is one."""
-        solver = make_solver(self.predictor, self.eta)
-        if self.corrector == "none":
-            return solver
-        return classic.Corrected(solver, self.corrector, self.snr, self.corrector_steps)
-
-    @property
-    def grid(self) -> grids.UniformGrid | grids.LogSNRGrid | grids.KarrasGrid:
-        return grids.grid_from_name(self.time_grid or self.solver.default_grid)
-
-    @property
-    def grid_name(self) -> str:
-        return self.time_grid or self.solver.default_grid
-
-    @property
-    def nfe_per_step(self) -> int:
-        """Score-model calls per time step, as the solver declares them."""
-        return self.solver.nfe_per_step
-
-    def network_calls(self, n_steps, noise_free_end: bool):
-        """Score-model calls of ``n_steps`` steps (an int or array), final step included.
-
-        The final step to a noise-free end (``sde.noise_free_end``) is one data
-        prediction after the corrector's moves, whatever the solver's per-step count.
-        """
-        if not noise_free_end:
-            return n_steps * self.nfe_per_step
-        final = 1 + (self.corrector_steps if self.corrector != "none" else 0)
-        return (n_steps - 1) * self.nfe_per_step + final
 
 
 def grid_time(t_start: Array, t_end: Array, n_steps: Array, i: Array) -> Array:

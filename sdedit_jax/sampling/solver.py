@@ -11,7 +11,10 @@ freeze an example that has finished (``jnp.where`` per example, leaf by leaf).
 Solvers also declare what the engine needs to know about them: network calls
 per step (``nfe_per_step``, for accounting), convergence ``order`` (tests are
 parametrised by it) and ``default_grid``, the time grid measured to suit them
-(see :mod:`grids`).
+(see :mod:`grids`). A solver's own settings (DDIM's ``eta``, Langevin's ``snr``)
+are its dataclass fields made with :func:`option`: a default, a one-line meaning and
+the solver's ``__post_init__`` checks; :mod:`sampler` reads them from there for the
+``Sampler``, the config block, its help and the fingerprint (:func:`options_of`).
 
 Quantities of a linear SDE used by the exponential-integrator solvers
 (DDIM, DPM-Solver++) are the kernel's ``alpha_t = exp(log_mean_coeff(t))``,
@@ -26,6 +29,7 @@ is :func:`data_step`, the same for every solver (diffusers' ``final_sigmas_type=
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Protocol
 
 import jax.numpy as jnp
@@ -67,6 +71,26 @@ class Solver(Protocol):
     ) -> SolverState:
         """One step from ``t`` to ``t_next < t``; ``keys[B]`` are this step's keys."""
         ...
+
+
+def option(default: Any, doc: str) -> Any:
+    """A solver's own setting: a dataclass field with its ``default`` and one-line ``doc``.
+
+    Its name is also the config key (``sampler.<name>``) and the ``sdedit`` keyword.
+    """
+    return dataclasses.field(default=default, metadata={"option": doc})
+
+
+def option_docs(solver: Any) -> dict[str, str]:
+    """The options a solver (class or instance) declares, with their meaning."""
+    return {
+        f.name: f.metadata["option"] for f in dataclasses.fields(solver) if "option" in f.metadata
+    }
+
+
+def options_of(solver: Any) -> dict[str, Any]:
+    """A solver instance's option values."""
+    return {name: getattr(solver, name) for name in option_docs(solver)}
 
 
 def alpha_sigma_lambda(sde: SDE, t: Array) -> tuple[Array, Array, Array]:

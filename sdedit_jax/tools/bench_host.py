@@ -129,7 +129,7 @@ def _trivial_editor():
     import jax
 
     from sdedit_jax import engine
-    from sdedit_jax.sampling.integrate import Sampler
+    from sdedit_jax.sampling.sampler import Sampler
     from sdedit_jax.sde import VPSDE
 
     sampler = Sampler(predictor="euler_maruyama", corrector="none", max_steps=1)

@@ -28,7 +28,7 @@ from PIL import Image  # noqa: E402
 
 from sdedit_jax import engine, pretrained  # noqa: E402
 from sdedit_jax.jobs import run as job  # noqa: E402
-from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
+from sdedit_jax.sampling.sampler import Sampler, sampler_from_config  # noqa: E402
 from sdedit_jax.tools import bench_inputs  # noqa: E402
 from sdedit_jax.tools.bench_inputs import random_batch  # noqa: E402
 
@@ -70,7 +70,7 @@ def bench_job(
     counts, so background load can only make the reported ratio smaller.
     """
     config = _job_config(model_dir, per_device, steps)
-    sampler, _ = job.sampler_from_config(config.sampler)
+    sampler, _ = sampler_from_config(config.sampler)
     global_batch = jax.device_count() * per_device
     timed_batches = -(-num_guides // global_batch) - 1  # the job's first batch compiles
     pure_before = time_pure_program(model, sampler, per_device, steps, timed_batches)

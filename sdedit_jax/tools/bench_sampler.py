@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from sdedit_jax import engine, pretrained  # noqa: E402
-from sdedit_jax.sampling.integrate import Sampler  # noqa: E402
+from sdedit_jax.sampling.sampler import Sampler  # noqa: E402
 from sdedit_jax.tools import bench_inputs  # noqa: E402
 from sdedit_jax.tools.bench_inputs import (  # noqa: E402
     per_device_rows,

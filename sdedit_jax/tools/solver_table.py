@@ -91,7 +91,7 @@ def variance_ratio(sde, sampler) -> list[float]:
             t0=T0,
             n_steps=np.asarray(STEPS),
             predictor=sampler.predictor,
-            eta=sampler.eta,
+            **dict(sampler.options),
             time_grid=sampler.time_grid,
             max_steps=sampler.max_steps,
             denoise=False,
