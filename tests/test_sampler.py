@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 import sdedit_jax as sj
-from sdedit_jax import config as config_files
-from sdedit_jax import job
+from sdedit_jax.jobs import run as job
 from sdedit_jax.sampling import sampler as sampling
 from sdedit_jax.sampling.solver import SolverState, option
 from sdedit_jax.tools.gaussian_reference import GaussianScore
+from sdedit_jax.util import config as config_files
 from tests import job_cli
 
 
@@ -88,7 +88,7 @@ def test_no_corrector_keeps_corrector_options_as_given_and_checks_them():
 def test_fingerprint_and_manifest_columns_are_the_description(tiny_model_dir, tmp_path):
     """A real job: its fingerprint's sampler block and its rows' columns are cut from one dict."""
     job_cli.save_png(str(tmp_path / "guides" / "a.png"), job_cli.random_guide(0))
-    config = job.load_config("configs/default.py")
+    config = config_files.load_config("configs/default.py")
     config.model_dir = tiny_model_dir
     config.input.path = str(tmp_path / "guides")
     config.input.image_size = (job_cli.SIZE, job_cli.SIZE)
