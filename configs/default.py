@@ -15,22 +15,11 @@ each field means (``python -m sdedit_jax.main --help`` prints it). The default p
 point into the installed package, so this file works from any folder.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 from ml_collections import config_dict
 
-# The package folder, found without importing it (a config must load fast).
-_PACKAGE = importlib.util.find_spec("sdedit_jax").submodule_search_locations[0]
-
-# Configs load by path, not as a package: configs/common.py is loaded next to this file.
-_spec = importlib.util.spec_from_file_location(
-    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
-
+from sdedit_jax.sampling.sampler import sampler_config, sampler_docs
+from sdedit_jax.util.config import package_path, parse_arg
 
 # One line per field: what `python -m sdedit_jax.main --help` prints beside each default.
 FIELD_DOCS = {
@@ -52,7 +41,7 @@ FIELD_DOCS = {
     "input.num_parallel_calls": "decode parallelism (-1 = autotune)",
     "input.prefetch_batches": "batches prefetched ahead of the device loop",
     "t0s": "start times of the edits, one sub-job (workdir/t0_<t0>/) each",
-    **{f"sampler.{k}": v for k, v in common.SAMPLER_DOCS.items()},
+    **{f"sampler.{k}": v for k, v in sampler_docs().items()},
     "repeats": "SDEdit's K: noise-and-denoise rounds per edit",
     "seed": "job seed; every random draw comes from (seed, example id)",
     "per_device_batch": "images per device per batch",
@@ -67,13 +56,13 @@ FIELD_DOCS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = common.parse_arg(arg, "configs/default.py", quick=False)
+    variant = parse_arg(arg, "configs/default.py", quick=False)
     config = ml_collections.ConfigDict()
     config.model_dir = "default"
     config.input = ml_collections.ConfigDict(
         {
             "source": "folder",
-            "path": os.path.join(_PACKAGE, "assets", "demo"),
+            "path": package_path("assets", "demo"),
             "image_size": config_dict.placeholder(tuple),  # (height, width); None = the model's
             "channels": 3,
             "resize": False,
@@ -94,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # SDE-DPM-Solver++(2M) with ceil(100 t0) steps: 50 network calls at t0 = 0.5, a
     # tenth of the paper's recipe (ancestral, N = 1000) at its quality (EVALUATION.md,
     # "Few-step solvers"). The paper's sampler: predictor="ancestral", N = 1000.
-    config.sampler = common.sampler(predictor="sde_dpm_solver_2m", steps_per_unit_time=100)
+    config.sampler = sampler_config(predictor="sde_dpm_solver_2m", steps_per_unit_time=100)
     config.repeats = 1
     config.seed = 0
     config.per_device_batch = 12

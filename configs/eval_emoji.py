@@ -19,23 +19,18 @@ and a predictor-corrector variant), ``configs/eval_emoji.py:tasks`` (adds compos
 and SDE-DPM-Solver++(2M) at 5-50 network calls; see EVALUATION.md).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-# Configs load by path, not as a package: configs/common.py is loaded next to this file.
-_spec = importlib.util.spec_from_file_location(
-    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from sdedit_jax.sampling.sampler import sampler_config
+from sdedit_jax.util.config import cache_folder, parse_arg
 
-EMOJI = common.cache_folder("emoji32")  # built by `python -m sdedit_jax.evaluate` on first use
+EMOJI = cache_folder("emoji32")  # built by `python -m sdedit_jax.evaluate` on first use
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = common.parse_arg(
+    variant = parse_arg(
         arg, "configs/eval_emoji.py", quick=False, samplers=False, tasks=False, few_step=False
     )
     config = ml_collections.ConfigDict()
@@ -85,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.t0s = (0.2, 0.35, 0.5, 0.65, 0.8)
     # DDPM's sampler, as the paper uses for VP models, with the paper's N = 200.
-    config.sampler = common.sampler(predictor="ancestral", steps_per_unit_time=200)
+    config.sampler = sampler_config(predictor="ancestral", steps_per_unit_time=200)
     config.repeats = 1
     # Further sampler settings, each a dict of sampler fields and/or repeats
     # (plus an optional name), run after the base sampler above.

@@ -10,22 +10,14 @@ folders to use other images than the cached emoji (see ``configs/eval_emoji.py``
 with a model of another size set ``input.resize`` and ``reference.resize``.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-# Configs load by path, not as a package: configs/common.py is loaded next to this file.
-_spec = importlib.util.spec_from_file_location(
-    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from sdedit_jax.util.config import load_sibling, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    common.parse_arg(arg, "configs/eval_tiny.py")  # no variants
-    config = common.load("eval_emoji").get_config()
+    parse_arg(arg, "configs/eval_tiny.py")  # no variants
+    config = load_sibling(__file__, "eval_emoji").get_config()
     config.max_guides = 8
     config.tasks = ("stroke_painting", "stroke_edit")
     config.generator_kwargs = ml_collections.ConfigDict(

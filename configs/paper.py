@@ -66,20 +66,12 @@ BENCHMARKS.md for the per-call time. Lower ``--config.t0s`` for more
 faithful, raise it for more realistic results.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-# Configs load by path, not as a package: configs/common.py is loaded next to this file.
-_spec = importlib.util.spec_from_file_location(
-    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
-
-# The package folder, found without importing it (a config must load fast).
-_PACKAGE = importlib.util.find_spec("sdedit_jax").submodule_search_locations[0]
+from sdedit_jax.sampling.sampler import sampler_config
+from sdedit_jax.util.config import load_sibling, package_path
 
 # variant: (model folder, SDE family, the published hub folder it is converted from)
 VARIANTS = {
@@ -125,12 +117,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model_dir, family, _ = VARIANTS[arg]
     sampler = dict(SAMPLERS[family])
     # The demo job's config (every field the job reads, e.g. output) with the paper's settings.
-    config = common.load("default").get_config()
+    config = load_sibling(__file__, "default").get_config()
     config.model_dir = model_dir
-    config.input.path = os.path.join(_PACKAGE, "assets", "photos_256")
+    config.input.path = package_path("assets", "photos_256")
     config.input.image_size = (256, 256)
     config.t0s = (0.5,)
     config.repeats = sampler.pop("repeats")
-    config.sampler = common.sampler(**sampler, snr=0.075)
+    config.sampler = sampler_config(**sampler, snr=0.075)
     config.per_device_batch = 4
     return config

@@ -21,21 +21,16 @@ stretched to 13000 steps and the run stopped at 11500 (session time):
     python -m sdedit_jax.train --config configs/train_emoji.py:continued --workdir runs/emoji_long
 """
 
-import importlib.util
-import os
+import dataclasses
 
 import ml_collections
 
-# Configs load by path, not as a package: configs/common.py is loaded next to this file.
-_spec = importlib.util.spec_from_file_location(
-    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from sdedit_jax.models import unet
+from sdedit_jax.util.config import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = common.parse_arg(arg, "configs/train_emoji.py", continued=False)
+    variant = parse_arg(arg, "configs/train_emoji.py", continued=False)
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -50,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
 
-    config.model = common.unet()
+    config.model = ml_collections.ConfigDict(dataclasses.asdict(unet.UNetConfig()))
 
     config.sde = ml_collections.ConfigDict({"name": "vp", "beta_min": 0.1, "beta_max": 20.0})
 
@@ -67,7 +62,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
 
-    config.optim = common.optimiser(decay_steps=5000)
+    # AdamW with warmup, cosine decay, gradient clipping and an EMA of the weights.
+    config.optim = ml_collections.ConfigDict(
+        {
+            "lr": 1e-3,
+            "warmup_steps": 200,
+            "schedule": "cosine",
+            "decay_steps": 5000,
+            "final_lr_fraction": 0.1,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "ema_rate": 0.999,
+        }
+    )
     if variant.continued:
         config.training.num_steps = 11500  # where the shipped model's run stopped
         config.optim.decay_steps = 13000

@@ -7,24 +7,30 @@ Launch:
 ``configs/train_emoji.py`` with a tiny network, synthetic data and a 20-step schedule.
 """
 
-import importlib.util
-import os
+import dataclasses
 
 import ml_collections
 
-# Configs load by path, not as a package: configs/common.py is loaded next to this file.
-_spec = importlib.util.spec_from_file_location(
-    "_sdedit_config_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from sdedit_jax.models import unet
+from sdedit_jax.util.config import load_sibling, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    common.parse_arg(arg, "configs/train_tiny.py")  # no variants
-    config = common.load("train_emoji").get_config()
+    parse_arg(arg, "configs/train_tiny.py")  # no variants
+    config = load_sibling(__file__, "train_emoji").get_config()
     config.data.update(source="synthetic", path="", image_size=8, num_examples=64)
-    config.model = common.tiny_unet(image_size=8)
+    config.model = ml_collections.ConfigDict(
+        dataclasses.asdict(
+            unet.UNetConfig(
+                image_size=8,
+                nf=8,
+                ch_mult=(1, 2),
+                attn_resolutions=(4,),
+                dropout=0.1,
+                fast_conv=True,
+            )
+        )
+    )
     config.training.update(batch_size=16, num_steps=20, log_every=5, ckpt_every_steps=10)
     config.optim.update(lr=2e-3, warmup_steps=5, decay_steps=20, ema_rate=0.9)
     return config

@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -151,10 +150,9 @@ def test_a_solver_with_one_option_is_one_registry_entry(monkeypatch):
 
     # The config block and its help derive from the solver's own field.
     assert sampling.all_options()["factor"] == (1.0, "what each step multiplies the state by")
-    common = _common()
-    assert common.sampler()["factor"] == 1.0
-    assert common.SAMPLER_DOCS["factor"] == "what each step multiplies the state by"
-    block = ml_collections.ConfigDict({**common.sampler().to_dict(), "predictor": "shrink"})
+    assert sampling.sampler_config()["factor"] == 1.0
+    assert sampling.sampler_docs()["factor"] == "what each step multiplies the state by"
+    block = sampling.sampler_config(predictor="shrink")
     block.factor = 0.25
     assert sampling.sampler_from_config(block)[0] == sj.Sampler(
         "shrink", max_steps=128, factor=0.25
@@ -178,8 +176,3 @@ def test_sdedit_passes_a_new_solvers_option_to_it(monkeypatch):
     shrunk = np.asarray(run(n_steps=steps, factor=0.5))
     np.testing.assert_allclose(shrunk, plain * 0.5 ** steps[:, None, None, None], rtol=1e-6)
     assert np.abs(plain).max() > 0.1
-
-
-def _common():
-    """configs/common.py loaded afresh (configs load by path)."""
-    return config_files.load_module(os.path.join(job_cli.REPO, "configs", "common.py"))

@@ -6,7 +6,7 @@ and the time grid, plus the chosen solvers' own options (DDIM's ``eta``, Langevi
 ``snr`` and ``corrector_steps``). Each solver declares its options as its own fields
 (:func:`solver.option`: default, meaning, checks), and everything else derives from
 those declarations: the keyword arguments of ``Sampler`` and ``sdedit``, the config
-block ``sampler.*`` with its help (:func:`all_options`, read by ``configs/common.py``),
+block ``sampler.*`` with its help (:func:`sampler_config`, :func:`sampler_docs`),
 :func:`sampler_from_config`, and :meth:`Sampler.description`, the one account of a
 sampler that a job's fingerprint records and its manifest columns are cut from. A
 solver with an option of its own is thus one new family file and its entry in
@@ -53,6 +53,44 @@ def all_options() -> dict[str, tuple[Any, str]]:
         for name, doc in option_docs(solver).items():
             found.setdefault(name, (getattr(solver, name), doc))
     return found
+
+
+# The cross-solver fields of a config's ``sampler`` block: default and meaning.
+_FIELDS: dict[str, tuple[Any, str]] = {
+    "predictor": (
+        "euler_maruyama",
+        "the reverse-SDE/ODE solver (sdedit_jax.PREDICTORS), e.g. ancestral, ddim",
+    ),
+    "corrector": ("none", "none | langevin (a Langevin MCMC step after each predictor step)"),
+    "steps_per_unit_time": (100, "the paper's N: ceil(N * t0) steps per edit; 0 -> n_steps"),
+    "n_steps": (0, "a fixed number of steps for every t0 (when steps_per_unit_time is 0)"),
+    "max_steps": (0, "the compiled step bucket; 0 -> derived from the step counts"),
+}
+_LAST_FIELDS: dict[str, tuple[Any, str]] = {
+    "denoise": (True, "return the noise-free mean of the last step (score_sde's noise_removal)"),
+    "time_grid": ("", "uniform | logsnr | karras; '' = the predictor's default"),
+}
+
+
+def _config_fields() -> dict[str, tuple[Any, str]]:
+    return {**_FIELDS, **all_options(), **_LAST_FIELDS}
+
+
+def sampler_docs() -> dict[str, str]:
+    """One line per field of a config's ``sampler`` block (what ``--help`` prints)."""
+    return {name: doc for name, (_, doc) in _config_fields().items()}
+
+
+def sampler_config(**changes: Any) -> ml_collections.ConfigDict:
+    """A config's ``sampler`` block: every field :func:`sampler_from_config` reads.
+
+    The solvers' own options (eta, snr, ...) come with their defaults from the solvers.
+    """
+    fields = {name: default for name, (default, _) in _config_fields().items()}
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise ValueError(f"sampler: no field {unknown[0]!r} (known: {', '.join(fields)})")
+    return ml_collections.ConfigDict({**fields, **changes})
 
 
 def _build(make: Callable[..., Any], options: Mapping[str, Any]) -> Any:

@@ -1,4 +1,11 @@
-"""Config files (``path.py[:arg]``, found from any folder) and blocks as frozen dataclasses.
+"""Config files (``path.py[:arg]``, found from any folder), their variants, and blocks as
+frozen dataclasses.
+
+Configs in ``configs/`` import their shared helpers from here (as big_vision's configs
+import ``bvcc``): :func:`parse_arg` for big_vision-style variant arguments
+(``"quick"`` or ``"quick,steps=50"``: bare words set boolean fields, ``key=value`` a field
+of the default's type), :func:`load_sibling` to derive one config from another,
+:func:`package_path` and :func:`cache_folder` for paths that work from any folder.
 
 One helper instead of a hand-written validator per block: a key the dataclass does not
 declare is a one-line error naming the block, the key and its value (a typo never falls
@@ -139,3 +146,52 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path/to/config.py[:arg]`` the way ``--config`` does."""
     path, _, arg = resolve_config_path(spec).partition(":")
     return load_module(path).get_config(arg or None)
+
+
+def load_sibling(config_file: str, name: str) -> ModuleType:
+    """The config ``<name>.py`` in the folder of ``config_file`` (one config derives another)."""
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py"))
+
+
+def package_path(*parts: str) -> str:
+    """A path inside the installed package (its assets), whatever the current folder."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *parts)
+
+
+def cache_folder(name: str) -> str:
+    """``$XDG_CACHE_HOME/sdedit_jax/<name>`` (``~/.cache`` when unset): data built on first use.
+
+    Not the current folder, so a command works the same from any folder.
+    """
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "sdedit_jax", name)
+
+
+def _cast(where: str, key: str, default, text: str):
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{where}: variant {key}={text!r} is not a boolean")
+        return text.lower() in ("true", "1")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(
+            f"{where}: variant {key}={text!r} is not a {type(default).__name__}"
+        ) from None
+
+
+def parse_arg(arg: str | None, where: str, **spec) -> ml_collections.ConfigDict:
+    """The variant string ``arg`` as ``spec``'s fields (``spec`` holds the defaults).
+
+    ``where`` (the config's path) starts every error message.
+    """
+    values = ml_collections.ConfigDict(spec)
+    for item in filter(None, (arg or "").split(",")):
+        key, eq, text = item.partition("=")
+        if key not in spec:
+            known = ", ".join(spec) or "none"
+            raise ValueError(f"{where}: unknown variant {key!r} (known: {known})")
+        if not eq and not isinstance(spec[key], bool):
+            raise ValueError(f"{where}: variant {key!r} needs a value ({key}=...)")
+        values[key] = _cast(where, key, spec[key], text) if eq else True
+    return values
