@@ -211,13 +211,25 @@ class VESDE(SDE):
         return self.sigma_max
 
 
+# How the betas run from beta_start to beta_end: DDPM's linear steps, or Stable
+# Diffusion's ``scaled_linear`` (linear in sqrt(beta), diffusers' name).
+BETA_SCHEDULES = ("linear", "scaled_linear")
+
+
+def _betas(beta_start: float, beta_end: float, num_timesteps: int, schedule: str) -> np.ndarray:
+    if schedule == "scaled_linear":
+        roots = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64)
+        return roots**2
+    return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+
+
 @functools.lru_cache(maxsize=8)
 def _log_alpha_bar_knots(
-    beta_start: float, beta_end: float, num_timesteps: int
+    beta_start: float, beta_end: float, num_timesteps: int, schedule: str = "linear"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``log alpha_bar`` at ``t = k / T`` (k = 0..T) as float32 hi + lo parts, and the
     per-step increments ``log(1 - beta_k)``; the table itself is float64, like DDPM's."""
-    betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    betas = _betas(beta_start, beta_end, num_timesteps, schedule)
     increments = np.log1p(-betas)
     knots = np.concatenate([[0.0], np.cumsum(increments)])  # == log((1 - betas).cumprod())
     hi = knots.astype(np.float32)
@@ -227,7 +239,8 @@ def _log_alpha_bar_knots(
 
 @dataclasses.dataclass(frozen=True)
 class DiscreteVPSDE(SDE):
-    """DDPM's discrete linear-beta schedule as a VP SDE (the SDE of SDEdit's DDPM networks).
+    """DDPM's discrete beta schedule as a VP SDE (the SDE of SDEdit's DDPM networks, and with
+    ``beta_schedule="scaled_linear"``, 0.00085..0.012, of Stable Diffusion's).
 
     Grid time ``t = (n + 1) / T`` is DDPM step ``n``: its marginal is exactly
     ``alpha_bar[n] = prod_{i<=n} (1 - beta_i)`` (computed in float64 as DDPM does), and
@@ -247,8 +260,13 @@ class DiscreteVPSDE(SDE):
     beta_end: float = 0.02
     num_timesteps: int = 1000
     eps: float = 0.0
+    beta_schedule: str = "linear"
 
     def __post_init__(self):
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(
+                f"beta_schedule: must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}"
+            )
         if not (isinstance(self.num_timesteps, int) and self.num_timesteps >= 2):
             raise ValueError(f"num_timesteps: must be an int >= 2, got {self.num_timesteps!r}")
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
@@ -258,7 +276,9 @@ class DiscreteVPSDE(SDE):
             )
 
     def _tables(self) -> tuple[Array, Array, Array]:
-        hi, lo, inc = _log_alpha_bar_knots(self.beta_start, self.beta_end, self.num_timesteps)
+        hi, lo, inc = _log_alpha_bar_knots(
+            self.beta_start, self.beta_end, self.num_timesteps, self.beta_schedule
+        )
         return jnp.asarray(hi), jnp.asarray(lo), jnp.asarray(inc)
 
     def _steps(self, t: Array) -> Array:

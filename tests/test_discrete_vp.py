@@ -160,3 +160,39 @@ def test_registered_and_configurable_and_others_unchanged():
         DiscreteVPSDE(num_timesteps=0)
     with pytest.raises(ValueError, match=r"beta_start, beta_end: need 0 < beta_start <= beta_end"):
         DiscreteVPSDE(beta_start=0.1, beta_end=0.01)
+
+
+def test_scaled_linear_is_stable_diffusions_schedule():
+    """diffusers' ``scaled_linear`` betas (linear in sqrt(beta), SD's 0.00085..0.012):
+    the grid marginals are their ``alphas_cumprod``, in closed form and per diffusers."""
+    sd = DiscreteVPSDE(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, T, dtype=np.float64) ** 2
+    t = jnp.asarray((np.arange(T) + 1) / T, jnp.float32)
+    alpha_bar = np.exp(2.0 * np.asarray(sd.log_mean_coeff(t), np.float64))
+    np.testing.assert_allclose(alpha_bar, np.cumprod(1.0 - betas), rtol=1e-6)
+    assert sde_from_config({"name": "discrete_vp", **dataclasses.asdict(sd)}) == sd
+    with pytest.raises(ValueError, match="beta_schedule: must be one of"):
+        DiscreteVPSDE(beta_schedule="cosine")
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    np.testing.assert_allclose(alpha_bar, scheduler.alphas_cumprod.numpy(), rtol=2e-6)
+
+
+def test_a_diffusers_scheduler_names_the_schedule_and_ddpm_records_stay_as_they_were(tmp_path):
+    import json
+
+    from sdedit_jax.importers import diffusers as diffusers_import
+
+    def sde_of(schedule: dict) -> dict:
+        (tmp_path / "scheduler_config.json").write_text(json.dumps(schedule))
+        return diffusers_import.ddpm_sde(str(tmp_path))
+
+    sd = sde_of({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
+    assert sde_from_config(sd) == DiscreteVPSDE(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    assert "beta_schedule" not in sde_of({"beta_schedule": "linear"})  # DDPM folders unchanged
+    with pytest.raises(ValueError, match="beta_schedule: 'squaredcos_cap_v2' is not supported"):
+        sde_of({"beta_schedule": "squaredcos_cap_v2"})

@@ -21,6 +21,7 @@ import numpy as np
 
 from sdedit_jax.importers import diffusers_ddpm, diffusers_ncsnpp, fields, torch_checkpoint
 from sdedit_jax.importers.imported import Imported
+from sdedit_jax.sde import BETA_SCHEDULES
 from sdedit_jax.util import files
 
 FORMAT = "diffusers"
@@ -168,18 +169,21 @@ def ddpm_sde(folder: str) -> dict:
     if path is None:
         return dict(DDPM_SDE)
     for field, allowed in (
-        ("beta_schedule", ("linear",)),
+        ("beta_schedule", BETA_SCHEDULES),
         ("trained_betas", (None,)),
         ("prediction_type", ("epsilon",)),
     ):
         if sched.get(field, allowed[0]) not in allowed:
             raise ValueError(f"{path}: {field}: {sched[field]!r} is not supported")
-    return {
+    sde = {
         "name": "discrete_vp",
         "beta_start": float(sched.get("beta_start", DDPM_SDE["beta_start"])),
         "beta_end": float(sched.get("beta_end", DDPM_SDE["beta_end"])),
         "num_timesteps": int(sched.get("num_train_timesteps", DDPM_SDE["num_timesteps"])),
     }
+    if sched.get("beta_schedule", "linear") != "linear":  # DDPM folders keep their old record
+        sde["beta_schedule"] = sched["beta_schedule"]
+    return sde
 
 
 def ve_sde(folder: str) -> dict | None:
