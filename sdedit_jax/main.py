@@ -57,10 +57,15 @@ tf = quiet.import_tensorflow()  # before anything else imports it
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from sdedit_jax.jobs import cluster, sinks, workdir_lock  # noqa: E402
-from sdedit_jax.jobs.run import ConfigError, run_job  # noqa: E402
-from sdedit_jax.util import cli, files  # noqa: E402
-from sdedit_jax.util import config as config_files  # noqa: E402
+from sdedit_jax.jobs import (  # noqa: E402
+    checks,  # noqa: E402
+    cluster,
+    sinks,
+    workdir_lock,
+)
+from sdedit_jax.jobs.checks import ConfigError  # noqa: E402
+from sdedit_jax.jobs.run import run_job  # noqa: E402
+from sdedit_jax.util import cli  # noqa: E402
 from sdedit_jax.util.config import resolve_config_path  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_SOME_FAILED = 0, 1, 2, 3
@@ -121,32 +126,15 @@ def _exit_promptly_on_signals() -> None:
     threading.Thread(target=watch, name="exit-on-signal", daemon=True).start()
 
 
-def _check_model_folder(config) -> None:
-    """A missing model folder that the config file knows how to make: say how, in one line."""
-    model_dir = config.model_dir
-    if model_dir == "default" or not files.is_local(model_dir) or os.path.exists(model_dir):
-        return
-    path = flags.FLAGS["config"].config_filename.partition(":")[0]
-    hint = getattr(config_files.load_module(path), "missing_model", lambda _: None)(model_dir)
-    if hint:
-        raise ConfigError(f"config.model_dir: {model_dir!r} does not exist here: {hint}")
-
-
 def _run(argv: list[str]) -> int:
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {argv[1:]} (settings are --config.<field>=...)")
     if _PRINT_CONFIG.value:
         cli.print_config(_CONFIG.value)
         return EXIT_OK
-    if not _WORKDIR.value.strip():
-        raise ConfigError(f"--workdir: got {_WORKDIR.value!r}; expected a folder (local or gs://)")
-    if files.scheme(_WORKDIR.value) == "ram":
-        raise ConfigError(
-            f"--workdir: got {_WORKDIR.value!r}; expected a local folder or a persistent store "
-            "such as gs:// (ram:// lives in memory and vanishes with this process; the "
-            "Python API can use it within one process)"
-        )
-    _check_model_folder(_CONFIG.value)
+    checks.check_workdir_flag(_WORKDIR.value)
+    config_path = flags.FLAGS["config"].config_filename.partition(":")[0]
+    checks.check_model_folder(_CONFIG.value, config_path)
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to jax
     if _DISTRIBUTED.value:
         settings = cluster.process_settings(

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from sdedit_jax.data import guide_inputs, names
+from sdedit_jax.jobs import checks
 from sdedit_jax.jobs import run as job
 from sdedit_jax.util import files as sdedit_files
 from sdedit_jax.util.config import load_config
@@ -312,7 +313,7 @@ def _config(**changes):
 )
 def test_check_config_names_field_value_and_rule(changes, message):
     with pytest.raises(job.ConfigError, match=message):
-        job.check_config(_config(**changes))
+        checks.check_config(_config(**changes))
 
 
 def test_exif_orientation_turns_images_upright(tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from sdedit_jax.data import compositing
 from sdedit_jax.data import image_grid as report
+from sdedit_jax.jobs import checks
 from sdedit_jax.jobs import run as job
 from sdedit_jax.util import cli
 from sdedit_jax.util import config as config_files
@@ -97,7 +98,7 @@ def test_api_refuses_unknown_fields_with_the_command_line_text():
     config.sampler.unlock()
     config.sampler.predicto = "ddim"
     with pytest.raises(ValueError) as error:
-        job.check_config(config)
+        checks.check_config(config)
     text = str(error.value)
     assert text.startswith("config.sampler.predicto: unknown field, got 'ddim' (known: corrector")
     assert text.endswith("; did you mean config.sampler.predictor?")

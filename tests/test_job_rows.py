@@ -154,7 +154,7 @@ def test_links_in_the_workdir_and_ram_workdirs_are_refused(tiny_model_dir, tmp_p
 
 
 def test_each_input_field_changes_the_digest_and_is_named():
-    from sdedit_jax.jobs import row_inputs, sinks
+    from sdedit_jax.jobs import manifest, plan
 
     def columns(**change):
         base = {
@@ -171,27 +171,27 @@ def test_each_input_field_changes_the_digest_and_is_named():
         return base
 
     recorded = {"source": "/g/b.png", "seed": 2, "t0": 0.5, "output": "images/b.png"}
-    done = row_inputs.DigestTable(columns())
-    index = sinks.CompletedIds(sinks.id_hashes(["a", "b"]), done.values)
-    assert not row_inputs.changed(columns(), done, index).any()
+    done = manifest.DigestTable(columns())
+    index = manifest.CompletedIds(manifest.id_hashes(["a", "b"]), done.values)
+    assert not plan.changed(columns(), done, index).any()
     assert (
-        row_inputs.changed(columns(), done, sinks.CompletedIds(sinks.id_hashes(["b"]))).sum() == 0
+        plan.changed(columns(), done, manifest.CompletedIds(manifest.id_hashes(["b"]))).sum() == 0
     )
     cases = {"path": {"source": "/h/b.png"}, "seed": {"seed": 3}, "t0": {"t0": 0.6}}
     cases["mask"] = {"mask_path": "/m/other.png"}
     for field, change in cases.items():
         now = columns(**change)
-        assert list(row_inputs.changed(now, row_inputs.DigestTable(now), index)) == [False, True]
-        assert row_inputs.changed_field(recorded, now, 1) == field
-    reason = row_inputs.reason("seed", recorded, columns(seed=3), 1)
+        assert list(plan.changed(now, manifest.DigestTable(now), index)) == [False, True]
+        assert plan.changed_field(recorded, now, 1) == field
+    reason = plan.reason("seed", recorded, columns(seed=3), 1)
     assert "seed changed" in reason and "(2 then, 3 now)" in reason and "images/b.png" in reason
 
 
 def test_a_damaged_output_named_in_the_contact_sheet_error(tmp_path):
-    from sdedit_jax.jobs import run as job
+    from sdedit_jax.jobs import contact_sheet
 
     path = tmp_path / "x.png"
     Image.fromarray(job_cli.random_guide(0)).save(path)
     path.write_bytes(path.read_bytes()[:-30])
     with pytest.raises(OSError, match=f"contact sheet: cannot read {path}"):
-        job._read_png(str(path))
+        contact_sheet.read_png(str(path))

@@ -18,6 +18,7 @@ from flax import nnx
 from PIL import Image
 
 from sdedit_jax import pretrained
+from sdedit_jax.jobs import manifest as job_manifest
 from sdedit_jax.jobs import run as job
 from sdedit_jax.jobs import sinks
 from sdedit_jax.models import unet
@@ -137,7 +138,7 @@ def test_job_and_resume_after_a_crash_on_ram_write_nothing_locally(store, tmp_pa
     with pytest.raises(sinks.SinkError, match="simulated crash"):
         job.run_job(_config(store), crashed)
     monkeypatch.setattr(sinks.Sink, "_write_batch", real_write)
-    partial = sinks.completed_ids(files.join(crashed, "t0_0.40"))
+    partial = job_manifest.completed_ids(files.join(crashed, "t0_0.40"))
     assert 0 < len(partial) < 10
 
     resumed = job.run_job(_config(store), crashed)

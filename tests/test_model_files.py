@@ -29,7 +29,7 @@ import pytest
 
 from sdedit_jax import importers, pretrained
 from sdedit_jax.importers import torch_pickle
-from sdedit_jax.jobs import fingerprint
+from sdedit_jax.jobs import checks, fingerprint
 from sdedit_jax.jobs import run as job
 from sdedit_jax.util import files
 from sdedit_jax.util.config import load_config
@@ -507,12 +507,12 @@ def test_a_weight_file_the_info_does_not_list_is_never_loaded(tiny_model_dir, tm
 
 def test_per_device_batch_must_fit_in_device_memory(tiny_model_dir):
     model = pretrained.load_model(tiny_model_dir)
-    memory, _ = job.device_memory(jax.local_devices()[0])
-    row = job.ARRAYS_PER_ROW * SIZE * SIZE * 3 * 4
-    job.check_batch(memory // row, model)  # the largest batch the rule allows
+    memory, _ = checks.device_memory(jax.local_devices()[0])
+    row = checks.ARRAYS_PER_ROW * SIZE * SIZE * 3 * 4
+    checks.check_batch(memory // row, model)  # the largest batch the rule allows
     for batch in (memory // row + 1, 10**9):
         with pytest.raises(job.ConfigError) as err:
-            job.check_batch(batch, model)
+            checks.check_batch(batch, model)
         _one_line_naming(
             err.value, f"config.per_device_batch: got {batch}", f"at most {memory // row}"
         )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sdedit_jax.data import names
-from sdedit_jax.jobs import run as job
+from sdedit_jax.jobs import plan
 
 ADVERSARIAL = [
     "cat.png",
@@ -134,12 +134,12 @@ def test_find_clashes_reports_later_ids_whose_names_collide(monkeypatch):
     ],
 )
 def test_t0_folder_names(t0, folder):
-    assert job.t0_folder(t0) == folder
+    assert plan.t0_folder(t0) == folder
 
 
 def test_t0_folders_never_collide_and_parse_back():
     rng = np.random.default_rng(0)
     t0s = [float(t) for t in rng.uniform(1e-5, 1.0, 5000)] + [0.501, 0.504, 0.5, 0.5 + 1e-12]
-    folders = [job.t0_folder(t) for t in t0s]
+    folders = [plan.t0_folder(t) for t in t0s]
     assert len(set(folders)) == len(set(t0s))
     assert all(float(f.removeprefix("t0_")) == t for f, t in zip(folders, t0s, strict=True))

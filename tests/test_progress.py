@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from sdedit_jax.data import guide_inputs
-from sdedit_jax.jobs import preflight, sinks
+from sdedit_jax.jobs import checks, preflight, sinks
 from sdedit_jax.jobs import run as job
 from sdedit_jax.util import files, metric_log, progress
 from sdedit_jax.util.config import load_config
@@ -168,7 +168,7 @@ def test_progress_every_s_is_checked():
     config.progress_every_s = 0
     message = r"^config\.progress_every_s: got 0.0; expected seconds > 0"
     with pytest.raises(job.ConfigError, match=message):
-        job.check_config(config)
+        checks.check_config(config)
 
 
 def _save_guides(folder: str, count: int, size: int) -> None:

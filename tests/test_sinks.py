@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from sdedit_jax.data import images
+from sdedit_jax.jobs import manifest as job_manifest
 from sdedit_jax.jobs import sinks
 from sdedit_jax.util import files
 
@@ -70,7 +71,7 @@ def records(workdir, kind="manifest") -> list[str]:
 def test_outputs_rows_and_round_trip(tmp_path):
     workdir = str(tmp_path)
     run_job(workdir, range(3), npz="per_example")
-    summary = sinks.finalize(workdir)
+    summary = job_manifest.finalize(workdir)
     rows = read_jsonl(os.path.join(workdir, "manifest.jsonl"))
     assert summary.manifest_rows == 3 and [r["id"] for r in rows] == [
         example(i)["id"] for i in range(3)
@@ -121,7 +122,7 @@ def image_path(i: int) -> str:
 def test_resume_after_simulated_crash_gives_the_uninterrupted_result(tmp_path):
     reference, crashed = str(tmp_path / "reference"), str(tmp_path / "crashed")
     run_job(reference, range(12))
-    sinks.finalize(reference)
+    job_manifest.finalize(reference)
 
     run_job(crashed, range(6))
     # What a kill leaves: example 6's PNG published but not its record, and an
@@ -131,14 +132,16 @@ def test_resume_after_simulated_crash_gives_the_uninterrupted_result(tmp_path):
     with open(orphan, "wb") as f:
         f.write(b"half")
 
-    done = sinks.completed_ids(crashed)
+    done = job_manifest.completed_ids(crashed)
     assert done == {example(i)["id"] for i in range(6)}
     assert done == {
-        i for i in (example(j)["id"] for j in range(12)) if i in sinks.completed_index(crashed)
+        i
+        for i in (example(j)["id"] for j in range(12))
+        if i in job_manifest.completed_index(crashed)
     }
     run_job(crashed, [i for i in range(12) if example(i)["id"] not in done])
     assert not os.path.exists(orphan)
-    summary = sinks.finalize(crashed)
+    summary = job_manifest.finalize(crashed)
     assert summary.ignored_lines == 0
     assert records(crashed) == [] and records(crashed, "failures") == []  # merged, then deleted
     for name in ("manifest.jsonl", "failures.jsonl"):
@@ -159,7 +162,8 @@ spec = importlib.util.spec_from_file_location("sinks", sys.argv[1])
 sinks = sys.modules["sinks"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sinks)  # by path: the package __init__ would import jax
 workdir, count = sys.argv[2], int(sys.argv[3])
-done = sinks.completed_index(workdir)
+from sdedit_jax.jobs import manifest
+done = manifest.completed_index(workdir)
 with sinks.Sink(workdir, job_fields={"n_steps": 10}, num_threads=2) as sink:
     for i in range(count):
         example_id = f"ex{i:03d}"
@@ -182,7 +186,7 @@ def test_repeated_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     }
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     subprocess.run(script + [reference, str(count)], check=True, timeout=60, env=env)
-    sinks.finalize(reference)
+    job_manifest.finalize(reference)
 
     kills = 0
     for target_rows in (5, 25, 50):
@@ -197,7 +201,7 @@ def test_repeated_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
         process.wait()
     subprocess.run(script + [killed, str(count)], check=True, timeout=60, env=env)
     assert kills >= 1
-    sinks.finalize(killed)
+    job_manifest.finalize(killed)
     assert (
         open(os.path.join(killed, "manifest.jsonl")).read()
         == open(os.path.join(reference, "manifest.jsonl")).read()
@@ -213,7 +217,7 @@ def test_writer_errors_surface_and_are_not_lost(tmp_path):
         sink.close()
     with pytest.raises(sinks.SinkError, match="'bad'"):
         sink.close()
-    assert sinks.completed_ids(str(tmp_path)) == {"good"}
+    assert job_manifest.completed_ids(str(tmp_path)) == {"good"}
     with pytest.raises(ValueError, match="written by the sink"):
         sinks.Sink(str(tmp_path / "other"), job_fields={"seed": 1})
 
@@ -233,7 +237,7 @@ def test_write_batch_skips_padding_and_records_failures(tmp_path):
     }
     with sinks.Sink(workdir) as sink:
         sink.write_batch(batch, outputs, fields={"step": 3})
-    sinks.finalize(workdir)
+    job_manifest.finalize(workdir)
     manifest = read_jsonl(os.path.join(workdir, "manifest.jsonl"))
     failures = read_jsonl(os.path.join(workdir, "failures.jsonl"))
     assert [r["id"] for r in manifest] == ["a"] and manifest[0]["step"] == 3
@@ -246,8 +250,8 @@ def test_write_batch_skips_padding_and_records_failures(tmp_path):
         },
         {"id": "c", "source": "sc", "reason": "output: 1 non-finite values", "step": 3},
     ]
-    assert sinks.completed_ids(workdir) == {"a", "b", "c"}
-    assert sinks.completed_ids(workdir, retry_failed=True) == {"a"}
+    assert job_manifest.completed_ids(workdir) == {"a", "b", "c"}
+    assert job_manifest.completed_ids(workdir, retry_failed=True) == {"a"}
 
 
 def test_processes_write_own_files_and_retried_failures_are_dropped(tmp_path):
@@ -257,11 +261,11 @@ def test_processes_write_own_files_and_retried_failures_are_dropped(tmp_path):
     # One record per write call, named by process, run and sequence number.
     assert [n.split(".")[1] for n in records(workdir)] == ["p00000"] * 2 + ["p00001"] * 3
     assert [n.split(".")[1] for n in records(workdir, "failures")] == ["p00000"]
-    assert sinks.completed_ids(workdir) == {example(i)["id"] for i in range(6)}
+    assert job_manifest.completed_ids(workdir) == {example(i)["id"] for i in range(6)}
     # Retrying the failed example 4 (e.g. after fixing its file) succeeds.
     with sinks.Sink(workdir, process_index=0, job_fields=JOB) as sink:
         sink.write(**example(4), image=output_for(4))
-    summary = sinks.finalize(workdir)
+    summary = job_manifest.finalize(workdir)
     assert summary.manifest_rows == 6 and summary.failure_rows == 0
     ids = [r["id"] for r in read_jsonl(os.path.join(workdir, "manifest.jsonl"))]
     assert ids == sorted(example(i)["id"] for i in range(6))
@@ -271,8 +275,8 @@ def test_rows_with_missing_outputs_are_redone_not_finalized(tmp_path):
     workdir = str(tmp_path)
     run_job(workdir, [0, 1])
     os.remove(os.path.join(workdir, image_path(1)))
-    assert sinks.completed_ids(workdir) == {example(0)["id"]}
-    summary = sinks.finalize(workdir)
+    assert job_manifest.completed_ids(workdir) == {example(0)["id"]}
+    summary = job_manifest.finalize(workdir)
     assert summary.missing_outputs == [example(1)["id"]] and summary.manifest_rows == 1
 
 
@@ -306,7 +310,7 @@ def test_npz_shards_png_levels_and_progress_count_on_a_non_local_file_system():
         with sinks.Sink(sub, npz="shards", png_compression=level, num_threads=3) as sink:
             sink.write_batch(batch, outputs)
         assert sink.rows_written == 3  # padding is not an example
-        sinks.finalize(sub)
+        job_manifest.finalize(sub)
         rows = [json.loads(line) for line in files.read_lines(files.join(sub, "manifest.jsonl"))]
         assert [(r["id"], r["npz_index"]) for r in rows] == [("a", 0), ("c", 1)]
         assert rows[0]["npz"] == rows[1]["npz"] and rows[0]["npz"].startswith("arrays/")
@@ -342,15 +346,15 @@ def test_completed_index_matches_the_string_set_and_hashes_ignore_array_width():
     alphabet = list("abcXYZ/._-üé中 0123456789")
     ids = sorted({"".join(rng.choice(alphabet, rng.integers(1, 40))) for _ in range(3000)})
     done, other = ids[::2], ids[1::2]
-    index = sinks.CompletedIds.from_ids(iter(done), chunk=100)
+    index = job_manifest.CompletedIds.from_ids(iter(done), chunk=100)
     assert len(index) == len(done)
     assert index.contains(np.array(ids)).tolist() == [i in set(done) for i in ids]
     assert all(i in index for i in done[:50]) and not any(i in index for i in other[:50])
     # A hash depends on the id alone: not on the array it sits in, nor str vs UTF-8 bytes.
     wide = np.array(["x", "y" * 300])
-    assert sinks.id_hashes(wide)[0] == sinks.id_hashes(["x"])[0]
-    assert sinks.id_hashes(["ü"])[0] == sinks.id_hashes([b"\xc3\xbc"])[0]
-    assert len(set(sinks.id_hashes(["a" * n for n in range(1, 30)]).tolist())) == 29
+    assert job_manifest.id_hashes(wide)[0] == job_manifest.id_hashes(["x"])[0]
+    assert job_manifest.id_hashes(["ü"])[0] == job_manifest.id_hashes([b"\xc3\xbc"])[0]
+    assert len(set(job_manifest.id_hashes(["a" * n for n in range(1, 30)]).tolist())) == 29
 
 
 def test_hand_edited_records_keep_their_good_rows(tmp_path):
@@ -363,10 +367,10 @@ def test_hand_edited_records_keep_their_good_rows(tmp_path):
         + b"\n\xff\n"
     )
     for block in (1, 4, 4096):
-        rows = [(r, line) for r, line in sinks._iter_rows(str(path), block=block)]
+        rows = [(r, line) for r, line in job_manifest._iter_rows(str(path), block=block)]
         assert [r["id"] for r, _ in rows if r] == ["x0", "x1", "x2"]
         assert sum(r is None for r, _ in rows) == 6
-    assert sinks.read_rows(str(path))[1] == 6
+    assert job_manifest.read_rows(str(path))[1] == 6
 
 
 def _rewrite_rows(path: str, edit) -> None:
@@ -392,8 +396,8 @@ def test_ids_the_file_system_cannot_hold_fail_alone_and_stay_failed(tmp_path):
     outputs = np.stack([output_for(i) for i in range(len(ids))])
     with sinks.Sink(workdir, job_fields=JOB) as sink:  # one batch: the bad rows' batch-mates
         sink.write_batch(batch, outputs)
-    assert sinks.completed_ids(workdir) == set(ids)  # a re-run redoes none of them
-    summary = sinks.finalize(workdir)
+    assert job_manifest.completed_ids(workdir) == set(ids)  # a re-run redoes none of them
+    summary = job_manifest.finalize(workdir)
     manifest = {r["id"]: r for r in read_jsonl(os.path.join(workdir, "manifest.jsonl"))}
     failures = {r["id"]: r for r in read_jsonl(os.path.join(workdir, "failures.jsonl"))}
     assert set(manifest) == {"good0", "good1", "good2", "s\ud800"}
@@ -414,7 +418,7 @@ def test_ids_the_file_system_cannot_hold_fail_alone_and_stay_failed(tmp_path):
 def test_resume_redoes_truncated_or_corrupt_outputs_and_trusts_older_rows(tmp_path):
     workdir = str(tmp_path)
     run_job(workdir, range(4))
-    sinks.finalize(workdir)
+    job_manifest.finalize(workdir)
     path = {
         i: os.path.join(workdir, "images", sinks.output_name(example(i)["id"])) for i in range(4)
     }
@@ -423,19 +427,19 @@ def test_resume_redoes_truncated_or_corrupt_outputs_and_trusts_older_rows(tmp_pa
     flipped = bytearray(open(path[1], "rb").read())
     flipped[len(flipped) // 2] ^= 1
     open(path[1], "wb").write(bytes(flipped))  # same size, one bit wrong
-    done = sinks.completed_ids(workdir)
+    done = job_manifest.completed_ids(workdir)
     assert done == {example(i)["id"] for i in (2, 3)}
-    summary = sinks.finalize(workdir)  # sizes only: the truncated one is left out
+    summary = job_manifest.finalize(workdir)  # sizes only: the truncated one is left out
     assert summary.missing_outputs == [example(0)["id"]]
     # Rows of older versions (no size, no checksum): a non-empty file counts as done.
     run_job(workdir, [0])
-    sinks.finalize(workdir)
+    job_manifest.finalize(workdir)
     strip = ("output_size", "output_sha256")
     _rewrite_rows(
         os.path.join(workdir, "manifest.jsonl"),
         lambda r: {k: v for k, v in r.items() if k not in strip},
     )
-    assert sinks.completed_ids(workdir) == {example(i)["id"] for i in range(4)}
+    assert job_manifest.completed_ids(workdir) == {example(i)["id"] for i in range(4)}
 
 
 def test_a_link_planted_in_the_workdir_is_never_written_through(tmp_path):

@@ -16,7 +16,7 @@ from sdedit_jax.evaluation.inputs import (
     BASELINE_VARIANT,
     ImageSet,
 )
-from sdedit_jax.jobs import sinks
+from sdedit_jax.util import files
 
 COLUMNS = (
     "task",
@@ -157,19 +157,19 @@ def _figure_png(figure: Figure) -> bytes:
 def write_outputs(workdir: str, results: dict, sheets: dict) -> None:
     """results.json, results.csv, the trade-off plot and the contact sheets."""
     rows = results["rows"]
-    sinks.atomic_write_bytes(
+    files.publish_bytes(
         os.path.join(workdir, "results.json"),
         json.dumps(_strict_json(results), indent=1, allow_nan=False).encode(),
     )
-    sinks.atomic_write_bytes(os.path.join(workdir, "results.csv"), csv_text(rows).encode())
+    files.publish_bytes(os.path.join(workdir, "results.csv"), csv_text(rows).encode())
     title = (
         f"model {results['model']['sha256'][:12]}, {results['feature_extractor']} features, "
         f"{results['reference_images']} reference images"
     )
-    sinks.atomic_write_bytes(
+    files.publish_bytes(
         os.path.join(workdir, "realism_faithfulness.png"), _figure_png(plot_tradeoff(rows, title))
     )
     for (task, variant), (cells, labels, names) in sheets.items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{task}_{variant}")
         sheet = image_grid.contact_sheet(cells, labels, names)
-        sinks.atomic_write_bytes(os.path.join(workdir, f"contact_{safe}.png"), _png(sheet))
+        files.publish_bytes(os.path.join(workdir, f"contact_{safe}.png"), _png(sheet))

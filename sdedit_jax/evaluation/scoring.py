@@ -14,7 +14,6 @@ import numpy as np
 from sdedit_jax.evaluation.inputs import (
     ImageSet,
 )
-from sdedit_jax.jobs import sinks
 from sdedit_jax.metrics import faithfulness, realism
 from sdedit_jax.metrics.realism import fid_to_reference, image_features, to_unit_rgb
 from sdedit_jax.util import files
@@ -38,7 +37,7 @@ def reference_features(
     features = image_features(extractor, reference.images, batch_size)
     buffer = io.BytesIO()
     np.savez(buffer, features=features, key=np.array(key))
-    sinks.atomic_write_bytes(cache_path, buffer.getvalue())
+    files.publish_bytes(cache_path, buffer.getvalue())
     return features, False
 
 

@@ -37,7 +37,6 @@ from sdedit_jax.evaluation.scoring import (
     Scorer,
     reference_features,
 )
-from sdedit_jax.jobs import sinks
 from sdedit_jax.metrics import realism
 from sdedit_jax.rng import string_id_words
 from sdedit_jax.sampling.sampler import Sampler
@@ -50,7 +49,7 @@ REFERENCE_CACHE = "reference_features.npz"
 def _save_npz(path: str, outputs: np.ndarray, seconds: float) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, outputs=outputs, seconds=np.float64(seconds))
-    sinks.atomic_write_bytes(path, buffer.getvalue())
+    files.publish_bytes(path, buffer.getvalue())
 
 
 def _load_npz(path: str) -> tuple[np.ndarray, float]:
@@ -126,7 +125,7 @@ def _scores(scorer: Scorer, outputs: np.ndarray, guides: ImageSet, cache_path: s
         with open(path) as f:
             return json.load(f)
     scores = scorer(outputs, guides)
-    sinks.atomic_write_bytes(path, json.dumps(scores).encode())
+    files.publish_bytes(path, json.dumps(scores).encode())
     return scores
 
 
@@ -334,7 +333,7 @@ def run_evaluation(
     scores_writer = metric_writers.SummaryWriter(os.path.join(board, "scores"))
 
     def on_row(rows):
-        sinks.atomic_write_bytes(
+        files.publish_bytes(
             os.path.join(workdir, "results.partial.csv"), csv_text(baselines + rows).encode()
         )
         write_scores(scores_writer, rows[-1])

@@ -87,7 +87,7 @@ def _job_fields() -> dict:
 
 def make_scale_data(root: str, examples: int, done: float) -> dict:
     """A manifest of ``examples`` rows and a workdir whose records finish ``done`` of them."""
-    from sdedit_jax.jobs import sinks
+    from sdedit_jax.jobs import manifest as job_manifest
 
     guide = os.path.join(root, "guide.png")
     Image.fromarray(np.full((GUIDE_SIDE, GUIDE_SIDE, 3), 128, np.uint8)).save(guide)
@@ -117,7 +117,7 @@ def make_scale_data(root: str, examples: int, done: float) -> dict:
         ]
         name = f"manifest.p00000.r0.{start // ROWS_PER_RECORD:06d}.jsonl"
         with open(os.path.join(workdir, name), "w") as f:
-            f.writelines(sinks._jsonl_line(r) for r in rows)
+            f.writelines(job_manifest.jsonl_line(r) for r in rows)
     return {"manifest": manifest, "workdir": workdir, "finished": finished}
 
 
@@ -144,16 +144,17 @@ def run_phase(phase: str, data: dict) -> dict:
     import tensorflow as tf  # noqa: F401
 
     from sdedit_jax.data import guide_inputs
+    from sdedit_jax.jobs import manifest as job_manifest
     from sdedit_jax.jobs import sinks
 
     base = _peak_mb()
     start = time.perf_counter()
     out: dict = {"phase": phase}
     if phase == "index":  # the compact completed-id index alone
-        index = sinks.completed_index(data["workdir"])
+        index = job_manifest.completed_index(data["workdir"])
         out.update(seconds=time.perf_counter() - start, ids=len(index))
     elif phase == "string_set":  # the per-id string set it replaces, for comparison
-        ids = sinks.completed_ids(data["workdir"])
+        ids = job_manifest.completed_ids(data["workdir"])
         out.update(seconds=time.perf_counter() - start, ids=len(ids))
     else:  # "fresh" or "resume": what a job does before and during its first batch
         config = guide_inputs.GuideInputConfig(
@@ -167,7 +168,7 @@ def run_phase(phase: str, data: dict) -> dict:
         out["catalog_s"] = time.perf_counter() - start
         workdir = data["workdir"] if phase == "resume" else data["workdir"] + "_fresh"
         mark = time.perf_counter()
-        completed = sinks.completed_index(workdir)
+        completed = job_manifest.completed_index(workdir)
         out["completed_index_s"] = time.perf_counter() - mark
         editor, placed = _trivial_editor()
         mark = time.perf_counter()

@@ -428,7 +428,20 @@ def publish_bytes(path: str, data: bytes, *, tag: str = "") -> None:
 
 
 def publish_chunks(path: str, chunks: Iterable[bytes], *, tag: str = "") -> None:
-    """:func:`publish_bytes` for content produced piece by piece (never all in memory)."""
+    """:func:`publish_bytes` for content produced piece by piece (never all in memory).
+
+    Local errors name ``path`` too (a full disk must say which file it could not write).
+    """
+    if not is_local(path):
+        _publish(path, chunks, tag)
+        return
+    try:
+        _publish(path, chunks, tag)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from e
+
+
+def _publish(path: str, chunks: Iterable[bytes], tag: str) -> None:
     makedirs(dirname(path) or ".")
     if scheme(path) in _RENAME_STORES:
         temp = join(dirname(path), basename(temp_name(path, tag)))

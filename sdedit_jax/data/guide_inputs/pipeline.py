@@ -135,7 +135,7 @@ def _rows_dataset(catalog: Catalog, indices: np.ndarray | None = None) -> tf.dat
 
 def _done_mask(ids: np.ndarray, completed) -> np.ndarray:
     """Which ids are completed; ``completed`` is a collection or has a vectorised ``contains``
-    (``sinks.CompletedIds``: hashes, so a million ids cost no million-string set)."""
+    (``manifest.CompletedIds``: hashes, so a million ids cost no million-string set)."""
     if hasattr(completed, "contains"):
         return np.asarray(completed.contains(ids), bool)
     completed = frozenset(completed)
@@ -204,7 +204,7 @@ def make_guide_dataset(
         batch_size_per_host: rows per batch on this host.
         process_index, process_count: this host and the number of hosts
             (default: ``jax.process_index()``, ``jax.process_count()``).
-        completed: ids already done (``sinks.completed_index``, or any collection); they are
+        completed: ids already done (``manifest.completed_index``, or any collection); they are
             skipped before batching. Every host must pass the same set for
             the hosts to agree on ``num_steps``; read it before any host writes,
             or agree on the step count across hosts and pass ``num_steps``.
