@@ -105,24 +105,23 @@ def _prefixed(error: Exception, prefix: str) -> ConfigError:
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
-    """``config.output``: the files each edit writes (see :mod:`sdedit_jax.jobs.sinks`)."""
+    """``config.output``: the files each edit writes (see :mod:`sdedit_jax.jobs.sinks`).
 
-    png: bool = _checked(_BOOL, default=True)
-    npz: str = _checked(
-        _rule(lambda v: v in sinks.NPZ_MODES, f"one of {sinks.NPZ_MODES}"), default="none"
-    )
+    No defaults: ``configs/default.py`` holds them (one place).
+    """
+
+    png: bool = _checked(_BOOL)
+    npz: str = _checked(_rule(lambda v: v in sinks.NPZ_MODES, f"one of {sinks.NPZ_MODES}"))
     png_compression: int = _checked(
         _rule(
             lambda v: _is_int(v) and 0 <= v <= 9,
             "an int in 0..9 (zlib level: 1 is fast, 9 is smallest)",
-        ),
-        default=6,
+        )
     )
     writer_threads: int | None = _checked(
         _rule(
             lambda v: v is None or (_is_int(v) and v >= 1), "None (one per CPU core) or an int >= 1"
-        ),
-        default=None,
+        )
     )
 
     def __post_init__(self):
@@ -139,8 +138,9 @@ class OutputConfig:
 class JobConfig:
     """Every setting a job reads (``configs/default.py`` lists and documents them).
 
-    ``input`` and ``sampler`` stay blocks: :func:`input_config` and
-    ``sampler_from_config`` make their typed forms (checked here too).
+    ``input`` and ``sampler`` stay blocks: :meth:`input_config` and
+    ``sampler_from_config`` make their typed forms (both checked here too).
+    Built by :func:`check_config`; ``output`` becomes an :class:`OutputConfig`.
     """
 
     t0s: tuple[float, ...] = _checked(_t0s_rule)
