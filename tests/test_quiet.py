@@ -8,7 +8,7 @@ import pytest
 
 def test_tensorflow_import_leaves_stderr_empty_and_errors_still_show():
     code = (
-        "from sdedit_jax import quiet; tf = quiet.import_tensorflow(); "
+        "from sdedit_jax.util import quiet; tf = quiet.import_tensorflow(); "
         "print(tf.constant(2).numpy()); import sys; print('after', file=sys.stderr)"
     )
     result = subprocess.run(
