@@ -24,6 +24,8 @@ program. Only ``Sampler.max_steps``, the bucket bounding ``n_steps``, is static.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -43,21 +45,28 @@ def sdedit_batch(
     n_steps: Array,
     mask: Array | None = None,
     repeats: int = 1,
+    cond: Any = None,
 ) -> Array:
     """Edits a batch of guides; pure and device-agnostic (jit and shard outside).
 
     Args:
-        score_fn: ``score_fn(x[B,H,W,C], t[B]) -> score``.
+        score_fn: ``score_fn(x[B,H,W,C], t[B]) -> score``, or ``score_fn(x, t, cond)``
+            when ``cond`` is given.
         guides: ``[B, H, W, C]`` guide images (the model's value range).
         keys: ``[B]`` per-example keys, derived from (seed, example id).
         t0: ``[B]`` start times in ``(eps, T]``.
         n_steps: ``[B]`` int reverse steps per repeat, in ``[1, sampler.max_steps]``.
         mask: ``[B, H, W, 1 or C]``, 1 = editable; ``None`` edits everything.
         repeats: number of perturb-and-denoise cycles (static).
+        cond: per-example conditioning pytree (leading axis ``B``) or ``None``. It is
+            bound into the score function here (``score_fn(x, t, cond)`` at every
+            evaluation), so the solvers only ever see ``score(x, t)``; the batch axis
+            of ``x`` and of ``cond``'s leaves is the same, so each example gets its own.
 
     Returns:
         ``[B, H, W, C]`` edited images.
     """
+    score_fn = _bind(score_fn, cond)
     t_end = jnp.full_like(t0, sde.eps)
 
     def keep_known(project_keys, x, t):
@@ -78,3 +87,10 @@ def sdedit_batch(
 
     out, _ = jax.lax.scan(one_repeat, guides, jnp.arange(repeats))
     return out
+
+
+def _bind(score_fn: ScoreFn, cond: Any) -> ScoreFn:
+    """``score_fn`` itself without conditioning, else ``(x, t) -> score_fn(x, t, cond)``."""
+    if cond is None:
+        return score_fn
+    return lambda x, t: score_fn(x, t, cond)

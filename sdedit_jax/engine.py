@@ -10,7 +10,9 @@ Score functions are pytrees: their array leaves (model weights) are traced
 arguments and everything else is static, so a new call with the same model
 reuses the compiled program and weights are never baked in as constants. A
 plain Python function is a static leaf of its own; pass weights through
-``jax.tree_util.Partial`` (see :func:`sdedit_jax.score.make_score_fn`).
+``jax.tree_util.Partial`` (see :func:`sdedit_jax.score.make_score_fn`). A conditional
+score function is called ``score_fn(x, t, cond)`` with the batch's ``cond`` rows
+(:class:`EditBatch`); without ``cond``, ``score_fn(x, t)``.
 
 Bit-reproducibility: an example's output depends only on (seed, id, t0, n_steps,
 guide, mask) at a given ``per_device_batch``. Score functions should multiply by
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -76,34 +79,46 @@ def _merge_score_fn(static: _StaticScore, arrays: list) -> ScoreFn:
 
 @functools.partial(jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats", "mesh"))
 def _edit_program(
-    score_arrays,
-    guides,
-    seeds,
-    id_words,
-    t0,
-    n_steps,
-    mask,
+    score_arrays: list[jax.Array],
+    guides: jax.Array,
+    seeds: jax.Array,
+    id_words: jax.Array,
+    t0: jax.Array,
+    n_steps: jax.Array,
+    mask: jax.Array | None,
+    cond: Any,
     *,
-    static_score,
-    sde,
-    sampler,
-    repeats,
-    mesh,
-):
-    def edit_local(score_arrays, *rows):
+    static_score: _StaticScore,
+    sde: SDE,
+    sampler: Sampler,
+    repeats: int,
+    mesh: Mesh,
+) -> jax.Array:
+    """The one compiled edit: every row of one global batch, all repeats and steps.
+
+    The rows (``guides`` ... ``cond``, the fields of :class:`EditBatch`) are sharded
+    over the mesh's ``data`` axis and edited per device by a ``shard_map`` of
+    :func:`~sdedit_jax.edit.sdedit_batch`; the score function's weights
+    (``score_arrays``) are replicated and merged back with ``static_score`` on each
+    device. ``mask`` and ``cond`` may be ``None`` (a pytree without leaves); ``cond``'s
+    leaves are split by rows like the images, so each example meets its own
+    conditioning. Static arguments are hashable, so a new batch, new weights of the
+    same network or new per-example values reuse the compiled program.
+
+    Returns:
+        ``[B, H, W, C]`` edited images, sharded like ``guides``.
+    """
+
+    def edit_local(score_arrays, guides, seeds, id_words, t0, n_steps, mask, cond):
         score_fn = _merge_score_fn(static_score, score_arrays)
-
-        def edit_rows(guides, seeds, id_words, t0, n_steps, mask):
-            keys = rng.example_keys(seeds, id_words)
-            return sdedit_batch(score_fn, sde, sampler, guides, keys, t0, n_steps, mask, repeats)
-
-        return edit_rows(*rows)
+        keys = rng.example_keys(seeds, id_words)
+        return sdedit_batch(score_fn, sde, sampler, guides, keys, t0, n_steps, mask, repeats, cond)
 
     rows = PartitionSpec(DATA_AXIS)
     local = jax.shard_map(
-        edit_local, mesh=mesh, in_specs=(PartitionSpec(),) + (rows,) * 6, out_specs=rows
+        edit_local, mesh=mesh, in_specs=(PartitionSpec(),) + (rows,) * 7, out_specs=rows
     )
-    return local(score_arrays, guides, seeds, id_words, t0, n_steps, mask)
+    return local(score_arrays, guides, seeds, id_words, t0, n_steps, mask, cond)
 
 
 def compiled_program_count() -> int:
@@ -111,16 +126,41 @@ def compiled_program_count() -> int:
     return _edit_program._cache_size()
 
 
+Rows = np.ndarray | jax.Array  # host-side (numpy) or global (sharded) arrays
+
+
 @dataclasses.dataclass(frozen=True)
 class EditBatch:
-    """One batch of edit inputs, host-side (numpy) or already global arrays."""
+    """One batch of edit inputs, host-side (numpy) or already global arrays.
 
-    guides: Any  # [B, H, W, C] float32
-    seeds: Any  # [B] int32
-    id_words: Any  # [B, W] uint32
-    t0: Any  # [B] float32
-    n_steps: Any  # [B] int32, in [1, sampler.max_steps]
-    mask: Any = None  # [B, H, W, 1|C] float32 or None
+    Every field is per example (leading axis ``B``) and is padded, cut and sharded by
+    rows alike (:meth:`Editor.run`, :meth:`Editor.shard`).
+
+    Attributes:
+        guides: ``[B, H, W, C]`` float32 guide images.
+        seeds: ``[B]`` int32 job seeds; with ``id_words`` they key every draw.
+        id_words: ``[B, W]`` uint32 example ids (:func:`sdedit_jax.rng.ids_to_words`).
+        t0: ``[B]`` float32 start times in ``(eps, T]``.
+        n_steps: ``[B]`` int32 reverse steps, in ``[1, sampler.max_steps]``.
+        mask: ``[B, H, W, 1 or C]`` float32, 1 = editable; ``None`` edits everything.
+        cond: the score function's per-example conditioning, a pytree whose leaves all
+            have the leading axis ``B`` (the score function is then called
+            ``score_fn(x, t, cond)``); ``None`` for unconditional models.
+    """
+
+    guides: Rows
+    seeds: Rows
+    id_words: Rows
+    t0: Rows
+    n_steps: Rows
+    mask: Rows | None = None
+    cond: Any = None
+
+    def map_rows(self, fn: Callable[[Rows], Rows]) -> EditBatch:
+        """``fn`` applied to every array of every field (``None`` fields stay ``None``)."""
+        return EditBatch(
+            **{f.name: jax.tree.map(fn, getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
 
 
 class Editor:
@@ -187,6 +227,7 @@ class Editor:
             batch.t0,
             batch.n_steps,
             batch.mask,
+            batch.cond,
             static_score=static,
             sde=self.sde,
             sampler=self.sampler,
@@ -196,12 +237,7 @@ class Editor:
 
     def shard(self, batch: EditBatch) -> EditBatch:
         """Places a host batch of ``global_batch`` rows on the mesh, sharded by rows."""
-        return EditBatch(
-            *(
-                None if v is None else jax.device_put(v, self.batch_sharding)
-                for v in dataclasses.astuple(batch)
-            )
-        )
+        return batch.map_rows(lambda v: jax.device_put(v, self.batch_sharding))
 
     def run(self, placed_score, batch: EditBatch) -> jax.Array:
         """Edits a host batch of any size: pads, runs step by step, cuts the padding."""
@@ -209,14 +245,13 @@ class Editor:
         padded = _pad_batch(batch, -size % self.global_batch)
         outputs = []
         for start in range(0, size + (-size % self.global_batch), self.global_batch):
-            rows = EditBatch(
-                *(
-                    None if v is None else v[start : start + self.global_batch]
-                    for v in dataclasses.astuple(padded)
-                )
-            )
+            rows = padded.map_rows(_slice_rows(start, start + self.global_batch))
             outputs.append(self.run_global(placed_score, self.shard(rows)))
         return jax.numpy.concatenate(outputs)[:size]
+
+
+def _slice_rows(start: int, stop: int) -> Callable[[Rows], Rows]:
+    return lambda v: v[start:stop]
 
 
 def _pad_batch(batch: EditBatch, pad: int) -> EditBatch:
@@ -234,6 +269,7 @@ def _pad_batch(batch: EditBatch, pad: int) -> EditBatch:
         t0=pad_rows(batch.t0, 1.0),
         n_steps=pad_rows(batch.n_steps, 1),
         mask=None if batch.mask is None else pad_rows(batch.mask, 1.0),
+        cond=jax.tree.map(lambda v: pad_rows(v, 0), batch.cond),
     )
 
 
@@ -244,6 +280,18 @@ def _per_example(value, batch: int, dtype, field: str) -> np.ndarray:
     if array.shape != (batch,):
         raise ValueError(f"{field}: expected a scalar or shape ({batch},), got shape {array.shape}")
     return array
+
+
+def _per_example_tree(cond: Any, batch: int) -> Any:
+    """``cond``'s leaves as numpy arrays, each checked to have ``batch`` rows."""
+    cond = jax.tree.map(np.asarray, cond)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cond):
+        if leaf.ndim == 0 or leaf.shape[0] != batch:
+            raise ValueError(
+                f"cond{jax.tree_util.keystr(path)}: expected a leading axis of {batch} "
+                f"(one row per guide), got shape {leaf.shape}"
+            )
+    return cond
 
 
 def validate_edit_inputs(
@@ -291,12 +339,14 @@ def sdedit(
     denoise: bool = True,
     mesh: Mesh | None = None,
     per_device_batch: int = 8,
+    cond: Any = None,
     **solver_options: Any,
 ) -> jax.Array:
     """Edits ``guides`` with SDEdit on every device (one compiled program per shape).
 
     Args:
-        score_fn: ``score_fn(x[B,H,W,C] float32, t[B]) -> score``; a pytree
+        score_fn: ``score_fn(x[B,H,W,C] float32, t[B]) -> score`` (with ``cond``:
+            ``score_fn(x, t, cond)``); a pytree
             (e.g. ``jax.tree_util.Partial``) whose array leaves are weights.
         sde: the forward SDE the score model was trained with.
         guides: ``[B, H, W, C]`` guide images in the model's value range.
@@ -317,6 +367,9 @@ def sdedit(
         mesh: device mesh (default: all devices on a ``data`` axis).
         per_device_batch: rows each device edits per compiled step; results
             are bit-identical across batch sizes and device counts at a fixed value.
+        cond: per-example conditioning of a conditional score model, a pytree whose
+            leaves have the leading axis ``B``; the score function is then called
+            ``score_fn(x, t, cond)`` with each example's own rows. ``None``: unconditional.
         **solver_options: the chosen solvers' own options, e.g. ``eta`` (ddim),
             ``snr`` and ``corrector_steps`` (langevin); see ``Sampler``.
 
@@ -344,6 +397,7 @@ def sdedit(
         raise ValueError("example_ids: expected non-negative integers")
     mask = None if mask is None else np.asarray(mask, np.float32)
     validate_edit_inputs(guides, t0, steps, mask, sde, sampler)
+    cond = _per_example_tree(cond, batch)
     editor = Editor(sde, sampler, repeats, mesh, per_device_batch)
     batch_in = EditBatch(
         guides=guides,
@@ -352,5 +406,6 @@ def sdedit(
         t0=t0,
         n_steps=steps,
         mask=mask,
+        cond=cond,
     )
     return editor.run(editor.place_score(score_fn), batch_in)

@@ -8,9 +8,10 @@ A model folder holds ``model_info.json`` and ``ema_params_fp32.msgpack`` (or
       "model": {...},                # that architecture's config fields
       "sde": {"name": "discrete_vp", ...},   # as sde.sde_from_config reads it
       "parameterization": "noise",   # "noise" | "score" | "scaled" (see score.py)
-      "condition": "timestep",       # network input: "t" | "timestep" (t*T-1) | "sigma";
-                                     # absent for "unet" (its time_embedding decides)
+      "condition": "timestep",       # network input: "t" | "timestep" (t*T-1) | "sigma"
       "data_range": "-1_1",          # pixels the network was trained on: "-1_1" | "0_1"
+                                     # (either absent where the architecture's config
+                                     # decides it: Architecture.fixed_usage, e.g. "unet")
       "source": {"path": ..., "format": "diffusers", "sha256": ...},  # imported models
       "sha256": {"ema_params_fp32.msgpack": ...}
     }
@@ -21,8 +22,8 @@ the file and the field: :mod:`sdedit_jax.importers.fields`).
 
 Data range: every score model this module returns takes and returns images in
 [-1, 1], whatever the network was trained on; a network trained on [0, 1] (score_sde's
-VE models with ``centered=False``) is wrapped by
-:func:`sdedit_jax.score.make_network_score_fn`, with its VE SDE rescaled to match
+VE models with ``centered=False``) is wrapped by :func:`sdedit_jax.score.make_score_fn`
+(the one wrapper of every network), with its VE SDE rescaled to match
 (:func:`sdedit_jax.score.sde_for_range`). Guides are therefore always given in [-1, 1].
 
 :func:`load_model` and :func:`load_network` also accept a diffusers folder, a
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
 import os
 import re
@@ -46,11 +46,11 @@ from flax import nnx
 
 from sdedit_jax import importers
 from sdedit_jax.importers import fields
-from sdedit_jax.models import unet
+from sdedit_jax.models.architecture import Architecture
+from sdedit_jax.models.architectures import ARCHITECTURES
 from sdedit_jax.score import (
     check_condition,
     check_parameterization,
-    make_network_score_fn,
     make_score_fn,
     sde_for_range,
 )
@@ -60,13 +60,10 @@ from sdedit_jax.util import files, weights
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "default_model")
 INFO_FILE = "model_info.json"
 WEIGHT_FILES = ("ema_params_fp32.msgpack", "ema_params_bf16.msgpack")
-# Architecture name -> (module, config class). Each module has ``build(config, seed)``
-# and the class ``from_config(dict)``; imported lazily so one never needs the others.
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "unet": ("sdedit_jax.models.unet", "UNetConfig"),
-    "ddpm_unet": ("sdedit_jax.models.ddpm_unet", "DDPMUNetConfig"),
-    "ncsnpp": ("sdedit_jax.models.ncsnpp", "NCSNppConfig"),
-}
+# The model folder's "architecture" when absent (folders written before the field).
+DEFAULT_ARCHITECTURE = "unet"
+# The score-model fields besides "parameterization" (see _usage), in description order.
+USAGE_FIELDS = ("condition", "data_range")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +76,7 @@ class LoadedModel:
     num_channels: int
     checksum: str  # sha256 of the weight file: recorded with every output
     path: str
-    architecture: str = "unet"
+    architecture: str = DEFAULT_ARCHITECTURE
     # The network behind ``score_fn`` (``None`` for a score that is not a network, e.g. a
     # closed form): tools that run or export the network use these, not ``score_fn``'s parts.
     graphdef: nnx.GraphDef | None = None
@@ -133,22 +130,16 @@ def save_model(
     return sums
 
 
-def architecture(name: str) -> tuple[Any, type]:
-    """The module and config class of an architecture name."""
+def architecture(name: str) -> Architecture:
+    """The :class:`~sdedit_jax.models.architecture.Architecture` of a name."""
     if name not in ARCHITECTURES:
         raise ValueError(f"architecture: must be one of {sorted(ARCHITECTURES)}, got {name!r}")
-    module_name, config_name = ARCHITECTURES[name]
-    module = importlib.import_module(module_name)
-    return module, getattr(module, config_name)
+    return ARCHITECTURES[name]
 
 
-@functools.lru_cache(maxsize=16)
 def _abstract(name: str, config: Any) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph and shape-only state (shared: callers copy before filling it)."""
-    module, _ = architecture(name)
-    if hasattr(module, "abstract"):  # builds the modules without tracing an initialiser
-        return module.abstract(config)
-    return nnx.split(nnx.eval_shape(lambda: module.build(config, 0)))
+    """Graph and shape-only state (cached and shared: callers copy before filling it)."""
+    return architecture(name).abstract(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +181,7 @@ _ZERO_OK = ("downsample_padding",)
 
 def _network_config(name: str, values: Any, where: str) -> Any:
     """The config of architecture ``name`` from its fields, types and ranges checked first."""
-    _, config_cls = architecture(name)
+    config_cls = architecture(name).config_class
     fields.check_dataclass_fields(config_cls, values, where, may_be_zero=_ZERO_OK)
     try:
         return config_cls.from_config(values)
@@ -206,7 +197,7 @@ def _read_folder(model_dir: str) -> _Folder:
     for field in ("model", "sde", "parameterization", "sha256"):
         if field not in info:
             raise ValueError(f"{info_path}: missing field {field!r}")
-    name = info.get("architecture", "unet")
+    name = info.get("architecture", DEFAULT_ARCHITECTURE)
     try:
         fields.check_values(info, _INFO_RULES, "")
         config = _network_config(name, info["model"], "model")
@@ -229,18 +220,43 @@ def _sde(config: Any, where: str) -> SDE:
         raise ValueError(f"{where}: {err}") from None
 
 
-def _describe(name: str, config: Any, sde: SDE, usage: dict) -> dict:
-    """:attr:`LoadedModel.description`: every field, defaults included, JSON-ready."""
+def _usage(name: str, config: Any, recorded: dict, where: str) -> tuple[dict, tuple[str, ...]]:
+    """How the network is used as a score model, and which of its fields were recorded.
+
+    ``parameterization`` is always recorded; ``condition`` and ``data_range`` come from
+    the architecture's config where it decides them (``fixed_usage``), else from the
+    record (``condition`` required, ``data_range`` by default ``"-1_1"``).
+    """
+    fixed = architecture(name).fixed_usage(config)
+    for field, value in fixed.items():
+        if recorded.get(field) not in (None, value):
+            raise ValueError(
+                f"{where}: field {field!r} is {recorded[field]!r}, but architecture "
+                f"{name!r} with this config needs {value!r}"
+            )
+    if "condition" not in fixed and recorded.get("condition") is None:
+        raise ValueError(f"{where}: missing field 'condition'")
+    usage = {
+        "parameterization": recorded["parameterization"],
+        "condition": fixed.get("condition", recorded.get("condition")),
+        "data_range": fixed.get("data_range", recorded.get("data_range") or "-1_1"),
+    }
+    return usage, ("parameterization",) + tuple(f for f in USAGE_FIELDS if f not in fixed)
+
+
+def _describe(name: str, config: Any, sde: SDE, usage: dict, described: tuple[str, ...]) -> dict:
+    """:attr:`LoadedModel.description`: every field, defaults included, JSON-ready.
+
+    Usage fields the config decides are left out (``config`` already holds them), so a
+    workdir's fingerprint reads as it did before they had a name.
+    """
     sde_name = next(k for k, cls in SDES.items() if type(sde) is cls)
-    used = ("parameterization",) if name == "unet" else ("parameterization", "condition")
     description = {
         "architecture": name,
         "config": dataclasses.asdict(config),
         "sde": {"name": sde_name, **dataclasses.asdict(sde)},
-        **{k: usage[k] for k in used},
+        **{k: usage[k] for k in described},
     }
-    if name != "unet":
-        description["data_range"] = usage.get("data_range") or "-1_1"
     return json.loads(json.dumps(description))
 
 
@@ -259,21 +275,34 @@ def _folder_state(folder: _Folder) -> nnx.State:
     return weights.load_params(folder.weights, abstract_state, sha256=sha256)
 
 
-def _score_model(
-    name: str, config: Any, state: nnx.State, sde: SDE, usage: dict, where: str
-) -> tuple[ScoreFn, SDE, nnx.GraphDef]:
-    """Score function, SDE (both in [-1, 1] units) and graph of an imported architecture."""
+def _loaded(
+    name: str, config: Any, state: nnx.State, sde: SDE, recorded: dict, where: str, **paths: str
+) -> LoadedModel:
+    """The score model of any architecture: score function and SDE in [-1, 1] units."""
     graphdef, _ = _abstract(name, config)
-    data_range = usage.get("data_range", "-1_1")
+    usage, described = _usage(name, config, recorded, where)
     try:
+        check_parameterization(usage["parameterization"])
         check_condition(usage["condition"], sde)
-        user_sde = sde_for_range(sde, data_range)
+        user_sde = sde_for_range(sde, usage["data_range"])
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    score_fn = make_network_score_fn(
-        graphdef, state, sde, usage["parameterization"], usage["condition"], data_range
+    score_fn = make_score_fn(
+        graphdef, state, sde, usage["parameterization"], usage["condition"], usage["data_range"]
     )
-    return score_fn, user_sde, graphdef
+    image_size, num_channels = architecture(name).image_shape(config)
+    return LoadedModel(
+        score_fn=score_fn,
+        sde=user_sde,
+        image_size=image_size,
+        num_channels=num_channels,
+        architecture=name,
+        graphdef=graphdef,
+        state=state,
+        parameterization=usage["parameterization"],
+        description=_describe(name, config, sde, usage, described),
+        **paths,
+    )
 
 
 class CheckpointOptions(TypedDict, total=False):
@@ -312,41 +341,17 @@ def load_model(
     model_dir, folder = _locate(model_dir, options.get("format"))
     if folder is None:
         return _load_imported(model_dir, sde, options)
-    info, config, path = folder.info, folder.config, folder.weights
-    graphdef, _ = _abstract(folder.architecture, config)
-    model_sde = _sde(sde if sde is not None else info["sde"], folder.info_path)
-    state = _folder_state(folder)
-    if folder.architecture == "unet":
-        score_fn, user_sde = (
-            make_score_fn(graphdef, state, model_sde, info["parameterization"]),
-            model_sde,
-        )
-    else:
-        if "condition" not in info:
-            raise ValueError(f"{folder.info_path}: missing field 'condition'")
-        score_fn, user_sde, _ = _score_model(
-            folder.architecture, config, state, model_sde, info, folder.info_path
-        )
-    return LoadedModel(
-        score_fn=score_fn,
-        sde=user_sde,
-        image_size=config.image_size,
-        num_channels=_num_channels(config),
-        checksum=files.sha256(path),
-        path=path,
-        architecture=folder.architecture,
-        graphdef=graphdef,
-        state=state,
-        parameterization=info["parameterization"],
-        description=_describe(folder.architecture, config, model_sde, info),
+    model_sde = _sde(sde if sde is not None else folder.info["sde"], folder.info_path)
+    return _loaded(
+        folder.architecture,
+        folder.config,
+        _folder_state(folder),
+        model_sde,
+        folder.info,
+        folder.info_path,
+        checksum=files.sha256(folder.weights),
+        path=folder.weights,
     )
-
-
-def _num_channels(config: Any) -> int:
-    for field in ("num_channels", "in_channels"):
-        if hasattr(config, field):
-            return int(getattr(config, field))
-    raise ValueError(f"{type(config).__name__} has no channel count")
 
 
 def _import(path: str, options: CheckpointOptions) -> importers.Imported:
@@ -371,26 +376,20 @@ def _imported_sde(imported: importers.Imported, sde: dict | None, path: str) -> 
 def _load_imported(path: str, sde: dict | None, options: CheckpointOptions) -> LoadedModel:
     imported = _import(path, options)
     model_sde = _sde(_imported_sde(imported, sde, path), path)
-    usage = {
+    recorded = {
         "condition": imported.condition,
         "parameterization": imported.parameterization,
         "data_range": imported.data_range,
     }
-    score_fn, user_sde, graphdef = _score_model(
-        imported.architecture, imported.config, imported.state, model_sde, usage, path
-    )
-    return LoadedModel(
-        score_fn=score_fn,
-        sde=user_sde,
-        image_size=imported.config.image_size,
-        num_channels=_num_channels(imported.config),
+    return _loaded(
+        imported.architecture,
+        imported.config,
+        imported.state,
+        model_sde,
+        recorded,
+        path,
         checksum=imported.source["sha256"],
         path=imported.source["path"],
-        architecture=imported.architecture,
-        graphdef=graphdef,
-        state=imported.state,
-        parameterization=imported.parameterization,
-        description=_describe(imported.architecture, imported.config, model_sde, usage),
     )
 
 
@@ -430,22 +429,26 @@ def save_imported(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, t: jax.Array) -> jax.Array:
+def _apply(
+    graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, t: jax.Array, cond: Any
+) -> jax.Array:
     """One jitted call of a bare network (graph static, weights traced): tools and parity tests."""
-    model = nnx.merge(graphdef, state)
-    if isinstance(model, unet.UNet):
-        return model(x, t, train=False)
-    return model(x, t)
+    return nnx.merge(graphdef, state)(x, t, cond)
 
 
 @dataclasses.dataclass(frozen=True)
 class Network:
-    """A loaded network as a function: ``net(x[B,H,W,C], timesteps) -> [B,H,W,C]``.
+    """A loaded network as a function: ``net(x[B,H,W,C], t, cond=None) -> [B,H,W,C]``.
 
-    ``timesteps`` is the network's own conditioning input (a scalar or ``[B]``):
-    DDPM's timestep (0..T-1, float allowed) for ``ddpm_unet``, sigma for ``ncsnpp``,
-    the diffusion time t (or sigma, by its config) for ``unet``. The output equals
-    diffusers' ``UNet2DModel(x_nchw, timesteps).sample`` transposed to NHWC.
+    The architecture's own call (:mod:`sdedit_jax.models.architecture`), jitted, in eval
+    mode. ``t`` is the network's own time input (a scalar or ``[B]``): DDPM's timestep
+    (0..T-1, float allowed) for ``ddpm_unet`` and ``sd_unet``, sigma for ``ncsnpp``,
+    the diffusion time t (or sigma, by its config) for ``unet``. ``cond`` is the
+    per-example conditioning pytree of a conditional network (``None`` for the others):
+    ``sd_unet``'s text encoder states ``h`` (``{"text": h}``, or ``h`` itself), so
+    ``load_network(sd_folder)(z, t, h)`` is ``UNet2DConditionModel(z, t, h).sample``.
+    For the pixel networks the output equals diffusers' ``UNet2DModel(x_nchw, t).sample``
+    transposed to NHWC.
     """
 
     architecture: str
@@ -453,10 +456,10 @@ class Network:
     graphdef: nnx.GraphDef
     state: nnx.State
 
-    def __call__(self, x: jax.Array, timesteps: jax.Array | float) -> jax.Array:
+    def __call__(self, x: jax.Array, timesteps: jax.Array | float, cond: Any = None) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), x.shape[:1])
-        return _apply(self.graphdef, self.state, x, t)
+        return _apply(self.graphdef, self.state, x, t, cond)
 
 
 def load_network(

@@ -9,15 +9,21 @@ Three parameterisations of the network output ``out`` are supported, with
 * ``"scaled"``: NCSN++'s "scale by sigma": ``score = out / s``, which keeps the
   network output O(1) over the huge sigma range of VE SDEs.
 
-:func:`make_score_fn` packages a model as a ``jax.tree_util.Partial`` whose
-leaves are the weights and whose static part is hashable, so a jitted sampler
-that takes it as an argument traces the weights and never recompiles for new
-weights of the same architecture.
+The network's time input (``condition``) is the SDE's ``t``, DDPM's timestep
+``t * T - 1`` or ``sigma = s(t)``; a network trained on [0, 1] pixels (``data_range``)
+sees ``x`` mapped there. :func:`make_score_fn`, the one wrapper of every network,
+packages one as a ``jax.tree_util.Partial`` whose leaves are the weights and whose
+static part is hashable, so a jitted sampler that takes it as an argument traces the
+weights and never recompiles for new weights of the same architecture. The score
+function is ``score_fn(x, t, cond=None)``: ``cond`` is the network's per-example
+conditioning (:mod:`sdedit_jax.models.architecture`); the edit program passes it only
+when the batch has one, so unconditional score functions may take ``(x, t)`` alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +44,6 @@ def check_parameterization(parameterization: str) -> None:
         )
 
 
-def model_condition(sde: SDE, t: Array, time_embedding: str) -> Array:
-    """The network's conditioning input: ``sigma = s(t)`` for Fourier, else ``t``."""
-    return sde.marginal_std(t) if time_embedding == "fourier" else t
-
-
 def output_to_score(out: Array, std: Array, parameterization: str) -> Array:
     """Converts network output to a score; ``std`` is ``s(t)`` as ``[B]``."""
     check_parameterization(parameterization)
@@ -52,55 +53,7 @@ def output_to_score(out: Array, std: Array, parameterization: str) -> Array:
     return -out * inv_std if parameterization == "noise" else out * inv_std
 
 
-def apply_score(
-    model: nnx.Module,
-    sde: SDE,
-    parameterization: str,
-    x: Array,
-    t: Array,
-    *,
-    train: bool,
-    rngs: nnx.Rngs | None = None,
-) -> Array:
-    """Score of ``model`` at ``(x, t)``; shared by the loss and :class:`ScoreApply`."""
-    cond = model_condition(sde, t, model.cfg.time_embedding)
-    out = model(x, cond, train=train, rngs=rngs)
-    return output_to_score(out, sde.marginal_std(t), parameterization)
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreApply:
-    """Static half of a score function: architecture, SDE and parameterisation.
-
-    Frozen and built only from hashable parts, so two instances made from the
-    same graphdef/SDE/parameterisation are equal and hash alike.
-    """
-
-    graphdef: nnx.GraphDef
-    sde: SDE
-    parameterization: str
-
-    def __call__(self, state: nnx.State, x: Array, t: Array) -> Array:
-        """Eval-mode (no dropout) score of the merged model at ``(x, t)``."""
-        model = nnx.merge(self.graphdef, state)
-        return apply_score(model, self.sde, self.parameterization, x, t, train=False)
-
-
-def make_score_fn(
-    graphdef: nnx.GraphDef, state: nnx.State, sde: SDE, parameterization: str
-) -> jax.tree_util.Partial:
-    """Returns ``score_fn(x[B,H,W,C], t[B]) -> score``, a pytree over ``state``.
-
-    Args:
-        graphdef, state: from ``nnx.split(model)`` (all variables, one state).
-        sde: the forward SDE the model was trained with.
-        parameterization: one of :data:`PARAMETERIZATIONS`.
-    """
-    check_parameterization(parameterization)
-    return jax.tree_util.Partial(ScoreApply(graphdef, sde, parameterization), state)
-
-
-# --- imported networks: explicit conditioning input and data range ----------------------
+# --- the network's time input and data range ---------------------------------------------
 
 
 def check_condition(condition: str, sde: SDE) -> None:
@@ -151,12 +104,42 @@ def sde_for_range(sde: SDE, data_range: str) -> SDE:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class NetworkScoreApply:
-    """Static half of the score function of an imported network (see :func:`make_network_score_fn`).
+def apply_score(
+    net: nnx.Module,
+    sde: SDE,
+    parameterization: str,
+    condition: str,
+    x: Array,
+    t: Array,
+    cond: Any = None,
+    *,
+    data_range: str = "-1_1",
+    train: bool = False,
+    rngs: nnx.Rngs | None = None,
+) -> Array:
+    """The score at ``(x, t)`` of ``net`` called ``net(x, t_net, cond, train=...)``.
 
-    ``sde`` is the network's own SDE (in its data range); the function takes and
-    returns images and scores in [-1, 1] units.
+    ``x`` and the score are in [-1, 1] units; ``sde`` is the network's own SDE (in its
+    data range) and ``t_net = condition_value(sde, t, condition)``. ``rngs`` (dropout)
+    is passed only when given, so networks without dropout need not take it. Shared by
+    the training loss and :class:`ScoreApply`.
+    """
+    scale, shift = _affine(data_range)
+    identity = (scale, shift) == (1.0, 0.0)
+    x_net = x if identity else x * scale + shift
+    extra = {} if rngs is None else {"rngs": rngs}
+    out = net(x_net, condition_value(sde, t, condition), cond, train=train, **extra)
+    score = output_to_score(out, sde.marginal_std(t), parameterization)
+    # d/dx log p(scale x + shift) = scale * (network-space score).
+    return score if identity else scale * score
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreApply:
+    """Static half of a score function (see :func:`make_score_fn`).
+
+    Frozen and built only from hashable parts, so two instances made from the same
+    graphdef/SDE/parameterisation/condition/data range are equal and hash alike.
     """
 
     graphdef: nnx.GraphDef
@@ -165,15 +148,22 @@ class NetworkScoreApply:
     condition: str
     data_range: str = "-1_1"
 
-    def __call__(self, state: nnx.State, x: Array, t: Array) -> Array:
-        scale, shift = _affine(self.data_range)
-        model = nnx.merge(self.graphdef, state)
-        out = model(x * scale + shift, condition_value(self.sde, t, self.condition))
-        # d/dx log p(scale x + shift) = scale * (network-space score).
-        return scale * output_to_score(out, self.sde.marginal_std(t), self.parameterization)
+    def __call__(self, state: nnx.State, x: Array, t: Array, cond: Any = None) -> Array:
+        """Eval-mode (no dropout) score of the merged network at ``(x, t)`` given ``cond``."""
+        net = nnx.merge(self.graphdef, state)
+        return apply_score(
+            net,
+            self.sde,
+            self.parameterization,
+            self.condition,
+            x,
+            t,
+            cond,
+            data_range=self.data_range,
+        )
 
 
-def make_network_score_fn(
+def make_score_fn(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     sde: SDE,
@@ -181,12 +171,21 @@ def make_network_score_fn(
     condition: str,
     data_range: str = "-1_1",
 ) -> jax.tree_util.Partial:
-    """``score_fn(x, t)`` for images ``x`` in [-1, 1] of a network called as ``net(x, cond)``.
+    """``score_fn(x[B,H,W,C], t[B], cond=None) -> score``, a pytree over ``state``.
 
-    Pair it with ``sde_for_range(sde, data_range)``, the same process in [-1, 1] units.
+    The one score wrapper of every network (:mod:`sdedit_jax.models.architecture`).
+
+    Args:
+        graphdef, state: from ``nnx.split(net)`` (all variables, one state).
+        sde: the forward SDE the network was trained with, in its data range; pair
+            the function with ``sde_for_range(sde, data_range)``, the same process in
+            [-1, 1] units, which the score function takes and returns.
+        parameterization: one of :data:`PARAMETERIZATIONS`.
+        condition: the network's time input, one of :data:`CONDITIONS`.
+        data_range: the pixels the network was trained on, a key of :data:`DATA_RANGES`.
     """
     check_parameterization(parameterization)
     check_condition(condition, sde)
     check_data_range(data_range)
-    apply = NetworkScoreApply(graphdef, sde, parameterization, condition, data_range)
+    apply = ScoreApply(graphdef, sde, parameterization, condition, data_range)
     return jax.tree_util.Partial(apply, state)

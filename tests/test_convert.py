@@ -25,7 +25,7 @@ import ddpm_reference as ref  # noqa: E402
 import job_cli  # noqa: E402
 
 from sdedit_jax import convert, importers, pretrained  # noqa: E402
-from sdedit_jax.score import make_network_score_fn, sde_for_range  # noqa: E402
+from sdedit_jax.score import make_score_fn, sde_for_range  # noqa: E402
 from sdedit_jax.sde import VESDE, DiscreteVPSDE  # noqa: E402
 from sdedit_jax.util import files  # noqa: E402
 
@@ -160,7 +160,7 @@ def test_networks_on_0_1_data_are_used_in_minus1_1_units():
     mu, s = 0.6, 0.1
     net_sde = VESDE(sigma_min=0.01, sigma_max=50.0)
     graphdef, state = nnx.split(_GaussianScore(mu, s))
-    score_fn = make_network_score_fn(graphdef, state, net_sde, "score", "sigma", "0_1")
+    score_fn = make_score_fn(graphdef, state, net_sde, "score", "sigma", "0_1")
     sde = sde_for_range(net_sde, "0_1")
     assert sde == VESDE(sigma_min=0.02, sigma_max=100.0, eps=net_sde.eps)
     y = jax.random.uniform(jax.random.key(1), (3, 4, 4, 3), minval=-1, maxval=1)

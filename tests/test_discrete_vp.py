@@ -17,7 +17,7 @@ from flax import nnx
 from sdedit_jax import edit, engine, rng
 from sdedit_jax.sampling import predictors
 from sdedit_jax.sampling.sampler import Sampler
-from sdedit_jax.score import make_network_score_fn
+from sdedit_jax.score import make_score_fn
 from sdedit_jax.sde import SDES, VPSDE, DiscreteVPSDE, sde_from_config
 
 T = 1000
@@ -121,7 +121,7 @@ def test_engine_runs_sdedits_ddpm_loop(total_noise_levels):
     assert steps == k
     model = _FakeEps()
     graphdef, state = nnx.split(model)
-    score_fn = make_network_score_fn(graphdef, state, sde, "noise", "timestep")
+    score_fn = make_score_fn(graphdef, state, sde, "noise", "timestep")
     guides = jax.random.uniform(jax.random.key(3), (2, 4, 4, 3), minval=-1, maxval=1)
     keys = jax.random.split(jax.random.key(4), 2)
     sampler = Sampler(predictor="ancestral", max_steps=engine.step_bucket(k))

@@ -142,11 +142,10 @@ class _OracleModel(nnx.Module):
     true score is -x_t / s(t)^2 (independent of any learned weights)."""
 
     def __init__(self, sde, parameterization):
-        self.cfg = unet.UNetConfig(time_embedding="sinusoidal")
         self.sde = sde
         self.parameterization = parameterization
 
-    def __call__(self, x, t, *, train, rngs=None):
+    def __call__(self, x, t, cond=None, *, train=False, rngs=None):
         s = self.sde.marginal_std(t)[:, None, None, None]
         return {"noise": x / s, "scaled": -x / s, "score": -x / s**2}[self.parameterization]
 
@@ -157,7 +156,9 @@ class _OracleModel(nnx.Module):
 @pytest.mark.slow
 def test_dsm_loss_vanishes_at_the_true_score(sde, parameterization, likelihood_weighting):
     images = jnp.zeros((4, 4, 4, 3))
-    kwargs = dict(parameterization=parameterization, likelihood_weighting=likelihood_weighting)
+    kwargs = dict(
+        parameterization=parameterization, condition="t", likelihood_weighting=likelihood_weighting
+    )
     key = jax.random.key(5)
     oracle = _OracleModel(sde, parameterization)
     assert float(losses.dsm_loss(oracle, sde, images, key, **kwargs)) < 1e-9
@@ -182,8 +183,8 @@ def test_score_fn_matches_model_and_is_a_stable_static_pytree(tiny_models):
     model_b = unet.build(model_a.cfg, seed=1)
     graphdef_a, state_a = nnx.split(model_a)
     graphdef_b, state_b = nnx.split(model_b)
-    fn_a = score_lib.make_score_fn(graphdef_a, state_a, sde, "noise")
-    fn_b = score_lib.make_score_fn(graphdef_b, state_b, sde, "noise")
+    fn_a = score_lib.make_score_fn(graphdef_a, state_a, sde, "noise", "t")
+    fn_b = score_lib.make_score_fn(graphdef_b, state_b, sde, "noise", "t")
 
     x = _normal(7, (2, 8, 8, 3))
     t = jnp.array([0.1, 0.8])
@@ -207,5 +208,5 @@ def test_score_fn_matches_model_and_is_a_stable_static_pytree(tiny_models):
     expected_b = -_forward(model_b, x, t) / sde.marginal_std(t)[:, None, None, None]
     np.testing.assert_allclose(apply(fn_b, x, t), expected_b, rtol=1e-5, atol=1e-6)
     assert len(traces) == 1, "new weights of the same architecture must not retrace"
-    fn_ve = score_lib.make_score_fn(graphdef_a, state_a, VESDE(), "noise")
+    fn_ve = score_lib.make_score_fn(graphdef_a, state_a, VESDE(), "noise", "t")
     assert jax.tree_util.tree_structure(fn_ve) != treedef_a

@@ -108,7 +108,7 @@ def test_sampler_step_and_one_step_edit_match_jax(flax_model):
     """One Euler-Maruyama step on the same state and noise; and ``reverse`` with
     a single step, whose denoised output is that step's noise-free mean."""
     graphdef, state = nnx.split(flax_model)
-    score_fn = score_lib.make_score_fn(graphdef, state, SDE, "noise")
+    score_fn = score_lib.make_score_fn(graphdef, state, SDE, "noise", "t")
     x = _normal(20, (2, 16, 16, 3))
     t0 = np.array([0.3, 0.7], np.float32)
     keys = rng_lib.example_keys(np.arange(2, dtype=np.int32), np.zeros((2, 1), np.uint32))
@@ -174,7 +174,7 @@ def test_edit_baseline_edits_with_the_loaded_models_own_settings(flax_models):
     flax_model = flax_models["fourier"]
     graphdef, state = nnx.split(flax_model)
     model = pretrained.LoadedModel(
-        score_fn=score_lib.make_score_fn(graphdef, state, SDE, "scaled"),
+        score_fn=score_lib.make_score_fn(graphdef, state, SDE, "scaled", "sigma"),
         sde=SDE,
         image_size=16,
         num_channels=3,

@@ -159,7 +159,7 @@ def test_loss_falls_on_a_fixed_batch(single_device_step, tiny_config):
         return jnp.mean(
             jax.vmap(
                 lambda k: losses.dsm_loss(
-                    model, sde, images, k, parameterization="noise", train=False
+                    model, sde, images, k, parameterization="noise", condition="t", train=False
                 )
             )(keys)
         )

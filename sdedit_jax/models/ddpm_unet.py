@@ -13,7 +13,8 @@ norm statistics and softmax in float32); inputs and outputs stay float32. In
 float32, convolutions and matmuls ask for full precision (no TF32 on GPUs), so the
 port matches the reference on accelerators as on CPU.
 
-``net(x, timesteps)`` takes DDPM's own timestep input (0..T-1, float allowed)
+``net(x, t)`` (:mod:`~sdedit_jax.models.architecture`'s protocol, unconditional)
+takes DDPM's own timestep input (0..T-1, float allowed)
 and returns the predicted noise, like ``UNet2DModel(x, t).sample``.
 """
 
@@ -31,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from sdedit_jax.models import initialise, layers
+from sdedit_jax.models.architecture import Architecture, unconditional
 from sdedit_jax.util.config import frozen
 
 Array = jax.Array
@@ -305,7 +307,7 @@ def timestep_features(t: Array, dim: int, flip_sin_to_cos: bool, freq_shift: flo
 
 
 class DDPMUNet(nnx.Module):
-    """``net(x[B,H,W,C], timesteps[B]) -> eps[B,H,W,C]``, diffusers' module names."""
+    """``net(x[B,H,W,C], t[B]) -> eps[B,H,W,C]``, diffusers' module names."""
 
     def __init__(self, config: Mapping[str, Any] | DDPMUNetConfig, *, rngs: nnx.Rngs):
         cfg = DDPMUNetConfig.from_config(config)
@@ -341,10 +343,15 @@ class DDPMUNet(nnx.Module):
         self.conv_norm_out = GroupNorm(c, cfg.norm_num_groups, cfg.norm_eps)
         self.conv_out = Conv(c, cfg.out_channels, rngs=rngs)
 
-    def __call__(self, x: Array, timesteps: Array) -> Array:
-        """Predicted noise, float32. ``timesteps`` is ``[B]`` (or a scalar for all)."""
+    def __call__(self, x: Array, t: Array, cond: None = None, *, train: bool = False) -> Array:
+        """Predicted noise, float32. ``t`` is the timestep, ``[B]`` (or a scalar for all).
+
+        ``cond`` must be ``None`` (unconditional); ``train`` changes nothing (no dropout).
+        """
+        del train
+        unconditional(cond, "ddpm_unet")
         cfg = self.cfg
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), x.shape[:1])
+        timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
         dtype = jnp.dtype(cfg.compute_dtype)
         features = timestep_features(
             timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift
@@ -388,3 +395,12 @@ def build(config: Mapping[str, Any] | DDPMUNetConfig, seed: int) -> DDPMUNet:
 def abstract(config: DDPMUNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the network of ``config`` (no weights computed)."""
     return nnx.split(nnx.eval_shape(lambda: DDPMUNet(config, rngs=nnx.Rngs(params=0))))
+
+
+ARCHITECTURE = Architecture(
+    name="ddpm_unet",
+    config_class=DDPMUNetConfig,
+    build=build,
+    abstract=abstract,
+    image_shape=lambda config: (config.image_size, config.in_channels),
+)

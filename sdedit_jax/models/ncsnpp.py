@@ -13,7 +13,8 @@ An exact port of the published 256 px networks (``church``, ``bedroom``,
   FIR-upsampled RGB pyramid, whose finest level is the output;
 * residual sums scaled by 1/sqrt(2) ("skip_rescale"); output divided by sigma.
 
-``__call__(x, sigma)`` takes NHWC images in the model's own data range
+``net(x, sigma)`` (:mod:`~sdedit_jax.models.architecture`'s protocol, ``t = sigma``,
+unconditional) takes NHWC images in the model's own data range
 (:attr:`NCSNppConfig.data_range`) and the noise scale ``sigma`` ``[B]``, and returns
 the score (``scale_by_sigma``: the network output divided by sigma).
 """
@@ -32,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from sdedit_jax.models import fir, initialise, layers
+from sdedit_jax.models.architecture import Architecture, unconditional
 from sdedit_jax.util.config import frozen
 
 Array = jax.Array
@@ -128,11 +130,6 @@ class NCSNppConfig:
                     self.attention_head_dim,
                     f"does not divide the {width} channels at level {level}",
                 )
-
-    @property
-    def time_embedding(self) -> str:
-        """The network is conditioned on sigma (see :func:`sdedit_jax.score.model_condition`)."""
-        return "fourier"
 
     @property
     def num_levels(self) -> int:
@@ -398,12 +395,21 @@ class NCSNpp(nnx.Module):
         self.up = nnx.List(up)
 
     def __call__(
-        self, x: Array, sigma: Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+        self,
+        x: Array,
+        t: Array,
+        cond: None = None,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
     ) -> Array:
-        """Score (or raw output without ``scale_by_sigma``) at ``x [B,H,W,C]``, ``sigma [B]``.
+        """Score (or raw output without ``scale_by_sigma``) at ``x [B,H,W,C]``, ``t = sigma [B]``.
 
-        ``train`` enables dropout, drawing from ``rngs``'s ``dropout`` stream.
+        ``cond`` must be ``None`` (unconditional); ``train`` enables dropout, drawing
+        from ``rngs``'s ``dropout`` stream.
         """
+        unconditional(cond, "ncsnpp")
+        sigma = t
         cfg = self.cfg
         dt = COMPUTE_DTYPES[cfg.compute_dtype]
         if x.ndim != 4 or x.shape[-1] != cfg.num_channels:
@@ -500,3 +506,12 @@ def abstract_params(config: NCSNppConfig) -> dict[str, tuple[int, ...]]:
     pure = nnx.to_pure_dict(abstract(config)[1])
     leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
     return {_path_key(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+ARCHITECTURE = Architecture(
+    name="ncsnpp",
+    config_class=NCSNppConfig,
+    build=build,
+    abstract=abstract,
+    image_shape=lambda config: (config.image_size, config.num_channels),
+)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdedit_jax.models import initialise
+from sdedit_jax.models.architecture import Architecture
 from sdedit_jax.models.ddpm_unet import COMPUTE_DTYPES, TimestepEmbedding, timestep_features
 from sdedit_jax.models.sd_layers import (
     Attention,
@@ -333,3 +334,12 @@ def build(config: Mapping[str, Any] | SDUNetConfig, seed: int) -> SDUNet:
 def abstract(config: SDUNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the network of ``config`` (no weights computed)."""
     return nnx.split(nnx.eval_shape(lambda: SDUNet(config, rngs=nnx.Rngs(params=0))))
+
+
+ARCHITECTURE = Architecture(
+    name="sd_unet",
+    config_class=SDUNetConfig,
+    build=build,
+    abstract=abstract,
+    image_shape=lambda config: (config.sample_size, config.in_channels),
+)

@@ -1,21 +1,24 @@
 """Score network of the NCSN++/DDPM++ family (Song et al., 2021), in Flax NNX.
 
 A U-Net of time-conditioned residual blocks with self-attention at chosen
-resolutions. The conditioning input ``cond`` depends on the time embedding:
+resolutions, called ``net(x, t, cond=None, *, train=False, rngs=None)``
+(:mod:`~sdedit_jax.models.architecture`). The time input ``t`` depends on the time
+embedding (:func:`condition`):
 
-* ``"sinusoidal"`` (DDPM++): ``cond`` is the diffusion time ``t`` in [0, 1],
+* ``"sinusoidal"`` (DDPM++): ``t`` is the diffusion time in [0, 1],
   scaled by 999 so the features match DDPM's integer timesteps.
-* ``"fourier"`` (NCSN++): ``cond`` is the noise scale ``sigma`` of the
+* ``"fourier"`` (NCSN++): ``t`` is the noise scale ``sigma`` of the
   perturbation kernel; random Fourier features of ``log sigma`` are used,
   which spreads the geometric sigma range of VE SDEs evenly.
 
-:func:`sdedit_jax.score.model_condition` maps ``t`` to ``cond`` for an SDE, so
-the network itself needs no SDE.
+:func:`sdedit_jax.score.condition_value` maps the SDE's time to it, so the network
+itself needs no SDE. The network is unconditional (``cond`` must be ``None``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +26,14 @@ import ml_collections
 from flax import nnx
 
 from sdedit_jax.models import initialise, layers
+from sdedit_jax.models.architecture import Architecture, unconditional
 from sdedit_jax.util.config import frozen
 
 Array = jax.Array
 
 TIME_EMBEDDINGS = ("fourier", "sinusoidal")
+# The network's time input for each time embedding (:data:`sdedit_jax.score.CONDITIONS`).
+TIME_INPUTS = {"fourier": "sigma", "sinusoidal": "t"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,27 +225,35 @@ class UNet(nnx.Module):
             channels, cfg.num_channels, init_scale=0.0, fast=cfg.fast_conv, rngs=rngs
         )
 
-    def _time_embedding(self, cond: Array) -> Array:
+    def _time_embedding(self, t: Array) -> Array:
         if self.cfg.time_embedding == "fourier":
-            features = self.fourier(jnp.log(cond))
+            features = self.fourier(jnp.log(t))
         else:
-            features = layers.sinusoidal_embedding(999.0 * cond, self.cfg.nf)
+            features = layers.sinusoidal_embedding(999.0 * t, self.cfg.nf)
         return self.temb_hidden(nnx.silu(self.temb_in(features)))
 
     def __call__(
-        self, x: Array, cond: Array, *, train: bool, rngs: nnx.Rngs | None = None
+        self,
+        x: Array,
+        t: Array,
+        cond: None = None,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
     ) -> Array:
         """Applies the network.
 
         Args:
             x: images ``[B, H, W, C]``.
-            cond: per-example conditioning ``[B]`` (``t`` or ``sigma``, see module doc).
+            t: per-example time input ``[B]`` (``t`` or ``sigma``, see module doc).
+            cond: must be ``None`` (the network is unconditional).
             train: enables dropout.
             rngs: needs a ``dropout`` stream when ``train`` and ``dropout > 0``.
         """
-        if x.ndim != 4 or cond.shape != x.shape[:1]:
-            raise ValueError(f"expected x [B,H,W,C] and cond [B], got {x.shape} and {cond.shape}")
-        temb = self._time_embedding(cond)
+        unconditional(cond, "unet")
+        if x.ndim != 4 or t.shape != x.shape[:1]:
+            raise ValueError(f"expected x [B,H,W,C] and t [B], got {x.shape} and {t.shape}")
+        temb = self._time_embedding(t)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
@@ -270,3 +284,25 @@ def count_params(model: nnx.Module) -> int:
 def build(config: ml_collections.ConfigDict | UNetConfig, seed: int) -> UNet:
     """A randomly initialised :class:`UNet` (see :func:`initialise.build`)."""
     return initialise.build(UNet, UNetConfig.from_config(config), seed)
+
+
+@functools.lru_cache(maxsize=16)
+def abstract(config: UNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and shape-only state of the network of ``config`` (no weights computed)."""
+    return nnx.split(nnx.eval_shape(lambda: build(config, 0)))
+
+
+def condition(config: UNetConfig) -> str:
+    """The time input the config asks for: ``"sigma"`` for Fourier features, else ``"t"``."""
+    return TIME_INPUTS[config.time_embedding]
+
+
+ARCHITECTURE = Architecture(
+    name="unet",
+    config_class=UNetConfig,
+    build=build,
+    abstract=abstract,
+    image_shape=lambda config: (config.image_size, config.num_channels),
+    # Trained here on [-1, 1] images; the config decides the time input.
+    fixed_usage=lambda config: {"condition": condition(config), "data_range": "-1_1"},
+)

@@ -30,7 +30,7 @@ from torch import nn
 from sdedit_jax.models import unet
 from sdedit_jax.pretrained import LoadedModel
 from sdedit_jax.sampling.integrate import grid_time
-from sdedit_jax.score import check_parameterization, model_condition
+from sdedit_jax.score import check_parameterization, condition_value
 from sdedit_jax.sde import SDE
 
 Tensor = torch.Tensor
@@ -317,7 +317,7 @@ def edit_schedule(sde: SDE, time_embedding: str, t0: np.ndarray, n_steps: int) -
     coeffs = {
         "mean0": mean0,
         "std0": std0,
-        "cond": model_condition(sde, t, time_embedding),
+        "cond": condition_value(sde, t, unet.TIME_INPUTS[time_embedding]),
         "inv_std": 1.0 / sde.marginal_std(t),
         "drift_coeff": sde.drift_coeff(t),
         "g2": g**2,

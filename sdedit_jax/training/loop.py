@@ -134,6 +134,7 @@ def make_train_step(
                 images,
                 key,
                 parameterization=parameterization,
+                condition=unet.condition(model.cfg),
                 likelihood_weighting=likelihood_weighting,
                 train=True,
             )

@@ -47,17 +47,20 @@ def dsm_loss(
     step_key: Array,
     *,
     parameterization: str,
+    condition: str,
     likelihood_weighting: bool = False,
     train: bool = True,
 ) -> Array:
     """Mean over batch and pixels of the weighted score-matching error.
 
     Args:
-        model: the score network (see :mod:`sdedit_jax.models.unet`).
+        model: the network, called ``model(x, t, train=..., rngs=...)``
+            (:mod:`sdedit_jax.models.architecture`; e.g. :mod:`sdedit_jax.models.unet`).
         sde: forward SDE.
         images: clean data ``[B, H, W, C]``.
         step_key: one key per step; per-example keys are folded in from it.
-        parameterization: see :mod:`sdedit_jax.score`.
+        parameterization, condition: see :mod:`sdedit_jax.score` (``condition``: the
+            network's time input, e.g. :func:`sdedit_jax.models.unet.condition`).
         likelihood_weighting: weight by ``g(t)^2`` instead of ``s(t)^2``.
         train: enables dropout.
     """
@@ -66,7 +69,9 @@ def dsm_loss(
     mean, std = sde.marginal(images, t)
     x_t = mean + std * z
     rngs = nnx.Rngs(dropout=dropout_key) if train else None
-    score = score_lib.apply_score(model, sde, parameterization, x_t, t, train=train, rngs=rngs)
+    score = score_lib.apply_score(
+        model, sde, parameterization, condition, x_t, t, train=train, rngs=rngs
+    )
     if likelihood_weighting:
         g2 = jnp.reshape(sde.diffusion(t) ** 2, t.shape + (1,) * (images.ndim - 1))
         error = g2 * jnp.square(score + z / std)
