@@ -152,7 +152,7 @@ class _GaussianScore(nnx.Module):
     def __init__(self, mu: float, s: float):
         self.mu, self.s2 = nnx.Param(jnp.asarray(mu)), nnx.Param(jnp.asarray(s * s))
 
-    def __call__(self, x, sigma):
+    def __call__(self, x, sigma, cond=None, *, train=False):
         return -(x - self.mu[...]) / (self.s2[...] + sigma.reshape(-1, 1, 1, 1) ** 2)
 
 

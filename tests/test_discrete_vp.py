@@ -101,7 +101,7 @@ class _FakeEps(nnx.Module):
     def __init__(self):
         self.w = nnx.Param(jnp.asarray(0.3))
 
-    def __call__(self, x, timesteps):
+    def __call__(self, x, timesteps, cond=None, *, train=False):
         return self.w[...] * jnp.tanh(x) + 1e-3 * timesteps.reshape(-1, 1, 1, 1) * jnp.cos(x)
 
 
