@@ -18,6 +18,12 @@ Every network is called ``net(x, t, cond=None, *, train=False)``:
 
 Each architecture module exports one :class:`Architecture`, ``ARCHITECTURE``; the list
 of them is :data:`sdedit_jax.models.architectures.ARCHITECTURES`.
+
+Latent and class- or text-conditional models plug in here unchanged: ``x`` is then the
+latent ``z`` (an autoencoder maps guides to latents and edits back, outside the score),
+and the conditioning rides in ``cond`` (``sd_unet``: ``{"text": h}``), which the edit
+carries per example (:class:`sdedit_jax.engine.EditBatch`); so diffusers'
+``unet(z, t, h)`` is ``pretrained.load_network(...)(z, t, h)``, i.e. ``net(z, t, cond)``.
 """
 
 from __future__ import annotations
