@@ -11,7 +11,6 @@ mirror transformers' for the importer. Float32 output; optional bfloat16 compute
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -172,7 +171,6 @@ def build(config: Mapping[str, Any] | CLIPTextConfig, seed: int) -> CLIPTextEnco
     return initialise.build(CLIPTextEncoder, CLIPTextConfig.from_config(config), seed)
 
 
-@functools.lru_cache(maxsize=16)
 def abstract(config: CLIPTextConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the encoder of ``config``."""
-    return nnx.split(nnx.eval_shape(lambda: CLIPTextEncoder(config, rngs=nnx.Rngs(params=0))))
+    return initialise.abstract(CLIPTextEncoder, config)

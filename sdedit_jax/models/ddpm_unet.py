@@ -21,7 +21,6 @@ and returns the predicted noise, like ``UNet2DModel(x, t).sample``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -391,10 +390,9 @@ def build(config: Mapping[str, Any] | DDPMUNetConfig, seed: int) -> DDPMUNet:
     return initialise.build(DDPMUNet, DDPMUNetConfig.from_config(config), seed)
 
 
-@functools.lru_cache(maxsize=16)
 def abstract(config: DDPMUNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the network of ``config`` (no weights computed)."""
-    return nnx.split(nnx.eval_shape(lambda: DDPMUNet(config, rngs=nnx.Rngs(params=0))))
+    return initialise.abstract(DDPMUNet, config)
 
 
 ARCHITECTURE = Architecture(

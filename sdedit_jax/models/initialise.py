@@ -18,12 +18,19 @@ from flax import nnx
 Model = TypeVar("Model", bound=nnx.Module)
 
 
+@functools.lru_cache(maxsize=32)
+def abstract(model_cls: type[nnx.Module], config: Hashable) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and shape-only state of ``model_cls(config)`` (no weights computed): what
+    weight files are read into."""
+    return nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(params=0))))
+
+
 def build(model_cls: type[Model], config: Hashable, seed: int) -> Model:
     """``model_cls(config, rngs=...)`` with parameters drawn from ``seed``.
 
     ``config`` is the class's frozen (hashable) config: it is static under jit.
     """
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(params=0))))
+    graphdef, _ = abstract(model_cls, config)
     return nnx.merge(graphdef, _init_state(model_cls, config, jnp.asarray(seed, jnp.uint32)))
 
 

@@ -22,7 +22,6 @@ the score (``scale_by_sigma``: the network output divided by sigma).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -468,10 +467,9 @@ def _path_key(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-@functools.lru_cache(maxsize=16)
 def abstract(config: NCSNppConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the network of ``config`` (no weights computed)."""
-    return nnx.split(nnx.eval_shape(lambda: NCSNpp(config, rngs=nnx.Rngs(params=0))))
+    return initialise.abstract(NCSNpp, config)
 
 
 def block_paths(config: NCSNppConfig) -> list[tuple[str, str]]:

@@ -330,10 +330,9 @@ def build(config: Mapping[str, Any] | SDUNetConfig, seed: int) -> SDUNet:
     return initialise.build(SDUNet, SDUNetConfig.from_config(config), seed)
 
 
-@functools.lru_cache(maxsize=16)
 def abstract(config: SDUNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the network of ``config`` (no weights computed)."""
-    return nnx.split(nnx.eval_shape(lambda: SDUNet(config, rngs=nnx.Rngs(params=0))))
+    return initialise.abstract(SDUNet, config)
 
 
 ARCHITECTURE = Architecture(

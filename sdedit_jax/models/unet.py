@@ -18,7 +18,6 @@ itself needs no SDE. The network is unconditional (``cond`` must be ``None``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -286,10 +285,9 @@ def build(config: ml_collections.ConfigDict | UNetConfig, seed: int) -> UNet:
     return initialise.build(UNet, UNetConfig.from_config(config), seed)
 
 
-@functools.lru_cache(maxsize=16)
 def abstract(config: UNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the network of ``config`` (no weights computed)."""
-    return nnx.split(nnx.eval_shape(lambda: build(config, 0)))
+    return initialise.abstract(UNet, config)
 
 
 def condition(config: UNetConfig) -> str:

@@ -11,7 +11,6 @@ With ``compute_dtype="bfloat16"`` activations run in bfloat16; outputs are float
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -229,7 +228,6 @@ def build(config: Mapping[str, Any] | VAEConfig, seed: int) -> AutoencoderKL:
     return initialise.build(AutoencoderKL, VAEConfig.from_config(config), seed)
 
 
-@functools.lru_cache(maxsize=16)
 def abstract(config: VAEConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the autoencoder of ``config``."""
-    return nnx.split(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(params=0))))
+    return initialise.abstract(AutoencoderKL, config)
