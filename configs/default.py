@@ -9,9 +9,12 @@ Variants: ``configs/default.py:quick`` (fewer steps, for smoke tests).
 
 Every setting the job reads is listed here (``None`` where unset), so any of
 them can be given on the command line, e.g. ``--config.input.source=tfds
---config.input.tfds_name=my_set`` or ``--config.output.npz=shards``. The t0 and
-seed of the guide inputs come from ``t0s`` and ``seed``. ``FIELD_DOCS`` says what
-each field means (``python -m sdedit_jax.main --help`` prints it). The default paths
+--config.input.tfds.name=my_set`` or ``--config.output.npz=shards``. A guide
+source's own settings are its block (``input.folder``, ``input.tfds``); the flat
+keys they replaced (``input.mask_dir``, ``input.tfds_name``, ...) are refused
+with their new name. The t0 and seed of the guide inputs come from ``t0s`` and
+``seed``. ``FIELD_DOCS`` says what each field means (``python -m
+sdedit_jax.main --help`` prints it). The default paths
 point into the installed package, so this file works from any folder.
 """
 
@@ -29,12 +32,12 @@ FIELD_DOCS = {
     "input.image_size": "(height, width) of the guides; None = the model's own size",
     "input.channels": "3 (RGB) or 1 (grayscale)",
     "input.resize": "resize guides and masks of another size to image_size",
-    "input.mask_dir": "masks folder inside a guide folder ('' = no masks)",
-    "input.tfds_name": "TFDS data set name (source=tfds)",
-    "input.tfds_split": "TFDS split (source=tfds)",
-    "input.tfds_data_dir": "TFDS data folder (None = TFDS's default)",
-    "input.tfds_image_key": "feature holding the image (source=tfds)",
-    "input.tfds_mask_key": "feature holding the mask ('' = none; source=tfds)",
+    "input.folder.mask_dir": "masks folder inside a guide folder ('' = no masks; source=folder)",
+    "input.tfds.name": "TFDS data set name (source=tfds)",
+    "input.tfds.split": "TFDS split (source=tfds)",
+    "input.tfds.data_dir": "TFDS data folder (None = TFDS's default)",
+    "input.tfds.image_key": "feature holding the image (source=tfds)",
+    "input.tfds.mask_key": "feature holding the mask ('' = none; source=tfds)",
     "input.generator": "none | stroke_painting | stroke_edit | composite: guides made from images",
     "input.generator_kwargs": "the generator's settings as JSON, e.g. '{\"num_strokes\": 8}'",
     "input.max_pixels": "larger images fail (one failure row) before they are decoded",
@@ -66,12 +69,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "image_size": config_dict.placeholder(tuple),  # (height, width); None = the model's
             "channels": 3,
             "resize": False,
-            "mask_dir": "masks",
-            "tfds_name": "",
-            "tfds_split": "test",
-            "tfds_data_dir": config_dict.placeholder(str),
-            "tfds_image_key": "image",
-            "tfds_mask_key": "",
+            # One block per source with options of its own (sdedit_jax/data/guide_inputs/sources/).
+            "folder": ml_collections.ConfigDict({"mask_dir": "masks"}),
+            "tfds": ml_collections.ConfigDict(
+                {
+                    "name": "",
+                    "split": "test",
+                    "data_dir": config_dict.placeholder(str),
+                    "image_key": "image",
+                    "mask_key": "",
+                }
+            ),
             "generator": "none",
             "generator_kwargs": ml_collections.ConfigDict(),
             "max_pixels": 1 << 26,

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "source": "folder",
             "path": os.path.join(EMOJI, "test"),
             "resize": False,
-            "mask_dir": "",
+            "folder": {"mask_dir": ""},
         }
     )
     config.max_guides = 0  # 0 = every held-out image
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # in the reference, or the guides would be scored against their own sources.
             "paths": (os.path.join(EMOJI, "train"),),
             "resize": False,
-            "mask_dir": "",
+            "folder": {"mask_dir": ""},
             "max_images": 0,  # 0 = all
         }
     )

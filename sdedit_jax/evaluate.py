@@ -22,11 +22,14 @@ tf = quiet.import_tensorflow()  # before anything else imports it
 
 from absl import app, flags  # noqa: E402
 
+from sdedit_jax.data import guide_inputs  # noqa: E402
 from sdedit_jax.evaluation import run_evaluation  # noqa: E402
 from sdedit_jax.util import cli  # noqa: E402
 from sdedit_jax.util.config import resolve_config_path  # noqa: E402
 
 _DEFAULT_CONFIG = resolve_config_path("configs/eval_emoji.py")
+# Guide-input fields of earlier versions, in both guide-input blocks.
+_MOVED = {**guide_inputs.moved_fields("input"), **guide_inputs.moved_fields("reference")}
 _EMOJI_SPLIT = re.compile(r"emoji(\d+)$")
 
 
@@ -37,7 +40,11 @@ def _define_flags() -> tuple[flags.FlagHolder, flags.FlagHolder, flags.FlagHolde
     ``sdedit_jax.main`` with its own ``--config``) must not claim flag names.
     """
     config = cli.define_config_file(
-        "config", _DEFAULT_CONFIG, "evaluation config file, path[:variant]", prefix="evaluate"
+        "config",
+        _DEFAULT_CONFIG,
+        "evaluation config file, path[:variant]",
+        prefix="evaluate",
+        moved=_MOVED,
     )
     workdir = flags.DEFINE_string("workdir", "runs/eval_emoji", "output folder")
     print_config = flags.DEFINE_bool(
@@ -90,7 +97,11 @@ def main(argv: list[str], config_flag, workdir_flag, print_flag) -> None:
 if __name__ == "__main__":
     _flags = _define_flags()
     parser = cli.flags_parser(
-        __doc__, prefix="evaluate", config_flag="config", config_default=_DEFAULT_CONFIG
+        __doc__,
+        prefix="evaluate",
+        config_flag="config",
+        config_default=_DEFAULT_CONFIG,
+        moved=_MOVED,
     )
     app.run(
         lambda argv: main(argv, *_flags),

@@ -57,6 +57,7 @@ tf = quiet.import_tensorflow()  # before anything else imports it
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from sdedit_jax.data import guide_inputs  # noqa: E402
 from sdedit_jax.jobs import (  # noqa: E402
     checks,  # noqa: E402
     cluster,
@@ -76,6 +77,7 @@ _CONFIG = cli.define_config_file(
     "job config file, path[:variant]; configs/<name>.py works from any folder "
     "(default: configs/default.py)",
     prefix="sdedit_jax",
+    moved=guide_inputs.moved_fields("input"),
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "output folder (resumable)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()")
@@ -176,6 +178,10 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     parser = cli.flags_parser(
-        __doc__, prefix="sdedit_jax", config_flag="config", config_default=_DEFAULT_CONFIG
+        __doc__,
+        prefix="sdedit_jax",
+        config_flag="config",
+        config_default=_DEFAULT_CONFIG,
+        moved=guide_inputs.moved_fields("input"),
     )
     app.run(main, argv=cli.resolve_config_argv(sys.argv), flags_parser=parser)

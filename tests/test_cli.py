@@ -122,7 +122,8 @@ def test_dry_run_escapes_control_characters_and_counts_network_calls(tmp_path, c
     name = "red\x1b[2Jeye\n.png"
     job_cli.save_png(str(guides / name), np.zeros((32, 32, 3), np.uint8))
     config = load_config("configs/default.py")
-    config.input.update(path=str(guides), mask_dir="")
+    config.input.update(path=str(guides))
+    config.input.folder.mask_dir = ""
     result = job.run_job(config, str(tmp_path / "work"), dry_run=True)
     out = capsys.readouterr().out
     assert "\x1b" not in out and "red\\x1b[2Jeye\\n.png" in out

@@ -52,7 +52,7 @@ def test_default_config_edits_every_row_of_a_converted_model(tmp_path, make_hub,
         str(guides),
         workdir,
         "--config.output.npz=per_example",
-        "--config.input.mask_dir=",
+        "--config.input.folder.mask_dir=",
         t0s="(0.5,)",
     )
     proc = job_cli.run(cmd, devices=1)

@@ -117,8 +117,8 @@ def test_folder_tfrecord_and_manifests_give_the_same_guides(good_folder, tmp_pat
         "tfrecord": dict(
             base, source="tfrecord", path=tfrecord_from_files(str(tmp_path / "records"), files)
         ),
-        "jsonl": dict(base, source="manifest", path=jsonl, mask_dir=""),
-        "csv": dict(base, source="manifest", path=csv_path, mask_dir=""),
+        "jsonl": dict(base, source="manifest", path=jsonl),
+        "csv": dict(base, source="manifest", path=csv_path),
     }
     for name, config in sources.items():
         rows, _, _ = collect(config)
@@ -375,8 +375,7 @@ def test_tfds_source_with_generators(tmp_path):
     write_tfds_dataset(data_dir, images)
     base = {
         "source": "tfds",
-        "tfds_name": "tiny_guides",
-        "tfds_data_dir": data_dir,
+        "tfds": {"name": "tiny_guides", "data_dir": data_dir},
         "image_size": SIZE,
         "seed": 3,
     }

@@ -262,8 +262,8 @@ def test_cli_from_another_folder_takes_every_setting_and_dry_run_writes_nothing(
         "out",
         "--dry_run",
         "--config.output.writer_threads=3",
-        "--config.input.tfds_data_dir=/nowhere",
-        "--config.input.tfds_name=unused",
+        "--config.input.tfds.data_dir=/nowhere",
+        "--config.input.tfds.name=unused",
         '--config.input.generator_kwargs={"num_colors": 4}',
         "--config.output.npz=shards",
     ]

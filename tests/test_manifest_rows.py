@@ -17,7 +17,7 @@ import pytest
 
 from sdedit_jax.data import guide_inputs, names
 from sdedit_jax.data.guide_inputs import catalog as catalog_module
-from sdedit_jax.data.guide_inputs import manifest as manifest_module
+from sdedit_jax.data.guide_inputs.sources import manifest as manifest_module
 from tests import job_cli
 
 
@@ -276,7 +276,7 @@ def test_a_ladder_of_links_is_listed_once_per_folder(tmp_path):
     os.symlink(tmp_path / "L0", tmp_path / f"L{levels}" / "loop")  # a cycle back to the top
     with deadline(30):
         catalog = guide_inputs.build_catalog(
-            {"source": "folder", "path": str(tmp_path / "L0"), "mask_dir": ""}
+            {"source": "folder", "path": str(tmp_path / "L0"), "folder": {"mask_dir": ""}}
         )
     errors = dict(zip(catalog.ids, catalog.columns["error"], strict=True))
     files = {i: e for i, e in errors.items() if i.endswith(".png")}

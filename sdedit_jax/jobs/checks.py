@@ -210,7 +210,9 @@ def check_config(config: ml_collections.ConfigDict) -> JobConfig:
 
     A key that ``configs/default.py`` (which lists every field) lacks is refused.
     """
-    unknown = config_files.first_unknown(config, _default_config())
+    unknown = config_files.first_unknown(
+        config, _default_config(), moved=guide_inputs.moved_fields("input")
+    )
     if unknown:
         raise ConfigError(unknown)
     return config_files.frozen(JobConfig, {k: config[k] for k in config.keys()}, "config")

@@ -162,7 +162,6 @@ def run_phase(phase: str, data: dict) -> dict:
             path=data["manifest"],
             image_size=(GUIDE_SIDE, GUIDE_SIDE),
             t0=0.5,
-            mask_dir="",
         )
         catalog = guide_inputs.build_catalog(config)
         out["catalog_s"] = time.perf_counter() - start
@@ -357,7 +356,10 @@ def _stream(guides: str):
     from sdedit_jax.data import guide_inputs
 
     config = guide_inputs.GuideInputConfig(
-        source="folder", path=guides, mask_dir="", image_size=(_SIZE.value, _SIZE.value)
+        source="folder",
+        path=guides,
+        options={"folder": {"mask_dir": ""}},
+        image_size=(_SIZE.value, _SIZE.value),
     )
     return guide_inputs.make_guide_dataset(
         config, batch_size_per_host=32, process_index=0, process_count=1

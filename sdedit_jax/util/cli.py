@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from absl import flags
@@ -153,26 +153,36 @@ def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
     return out
 
 
-def _check_config_argv(argv: list[str], flag: str, default: str, prefix: str) -> None:
-    """Ends with one line (exit 2) when the config file or a ``--<flag>.<field>`` is bad."""
+def _check_config_argv(
+    argv: list[str], flag: str, default: str, prefix: str, moved: Mapping[str, str] | None
+) -> None:
+    """Ends with one line (exit 2) when the config file or a ``--<flag>.<field>`` is bad
+    (a field of an earlier version that ``moved`` renames: naming its new place)."""
     spec = _config_spec(argv, flag, default)
     try:
         config, _ = load(spec)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, SyntaxError) as e:
         end(EXIT_CONFIG, f"{prefix}: --{flag}={spec}: {one_line(e)}", sys.stderr)
     for path, value in _overrides(argv, flag):
-        error = config_files.unknown_path(config, path, value, prefix=f"--{flag}")
+        error = config_files.unknown_path(config, path, value, prefix=f"--{flag}", moved=moved)
         if error:
             end(EXIT_CONFIG, f"{prefix}: {spec}: {error}", sys.stderr)
 
 
 def define_config_file(
-    name: str, default: str | None, help_: str, *, prefix: str, **kwargs
+    name: str,
+    default: str | None,
+    help_: str,
+    *,
+    prefix: str,
+    moved: Mapping[str, str] | None = None,
+    **kwargs,
 ) -> flags.FlagHolder:
     """``config_flags.DEFINE_config_file``, with the command line's overrides checked first.
 
     ml_collections applies the ``--<name>.<field>`` of ``sys.argv`` while it defines
     the flag, and a misspelt field is a traceback there; here it is one line.
+    ``moved``: fields of earlier versions -> their new dotted names (refused by name).
     """
     from ml_collections import config_flags
 
@@ -181,7 +191,7 @@ def define_config_file(
     if _config_spec(argv, name, default or "") and any(
         arg.startswith(f"--{name}.") for arg in argv
     ):
-        _check_config_argv(argv, name, default or "", prefix)
+        _check_config_argv(argv, name, default or "", prefix, moved)
     return config_flags.DEFINE_config_file(name, default, help_, **kwargs)
 
 
@@ -191,6 +201,7 @@ def flags_parser(
     prefix: str,
     config_flag: str | None = None,
     config_default: str = "",
+    moved: Mapping[str, str] | None = None,
 ) -> Callable[[list[str]], list[str]]:
     """A parser for ``app.run``: own help (exit 0) and one-line flag errors (exit 2).
 
@@ -199,6 +210,7 @@ def flags_parser(
         prefix: starts each error line, e.g. ``"sdedit_jax"``.
         config_flag: the name of the command's config-file flag, if any.
         config_default: its default ``path[:variant]``.
+        moved: config fields of earlier versions -> their new dotted names.
     """
 
     def parse(argv: list[str]) -> list[str]:
@@ -211,7 +223,7 @@ def flags_parser(
             spec = _config_spec(args, config_flag, config_default) if config_flag else ""
             end(0, help_text(doc, own, config_flag, spec))
         if config_flag and _config_spec(args, config_flag, config_default):
-            _check_config_argv(args, config_flag, config_default, prefix)
+            _check_config_argv(args, config_flag, config_default, prefix, moved)
         try:
             return flags.FLAGS(argv)
         except (flags.Error, ValueError, TypeError, KeyError, AttributeError) as e:

@@ -52,10 +52,28 @@ def _is_block(value: Any) -> bool:
     return hasattr(value, "keys") and hasattr(value, "__getitem__")
 
 
-def unknown_path(config: Any, path: str, value: Any, prefix: str = "config") -> str | None:
+def moved_field(path: str, moved: Mapping[str, str] | None, prefix: str = "config") -> str | None:
+    """The error for ``path``, a key of an earlier version that ``moved`` renames, else None.
+
+    ``moved`` maps dotted paths to their new names (``"input.tfds_name" ->
+    "input.tfds.name"``): such a key is refused naming its new place, never dropped.
+    """
+    if moved and path in moved:
+        return f"{prefix}.{path}: moved to {prefix}.{moved[path]}"
+    return None
+
+
+def unknown_path(
+    config: Any,
+    path: str,
+    value: Any,
+    prefix: str = "config",
+    moved: Mapping[str, str] | None = None,
+) -> str | None:
     """The error for setting ``path`` (``"sampler.snr"``) that ``config`` lacks, else None.
 
-    What ``--config.<path>=<value>`` is checked with, before ml_collections sees it.
+    What ``--config.<path>=<value>`` is checked with, before ml_collections sees it;
+    a key that ``moved`` renames is refused with its new name (:func:`moved_field`).
     """
     node, parts = config, path.split(".")
     for depth, part in enumerate(parts):
@@ -64,27 +82,34 @@ def unknown_path(config: Any, path: str, value: Any, prefix: str = "config") -> 
             parent = ".".join([prefix, *parts[:depth]])
             return f"{name}: unknown field, got {value!r} ({parent} is a value, not a block)"
         if part not in node.keys():
-            return unknown_field(name, value, list(node.keys()))
+            return moved_field(path, moved, prefix) or unknown_field(name, value, list(node.keys()))
         node = node[part]
     return None
 
 
-def first_unknown(config: Any, reference: Any, prefix: str = "config") -> str | None:
+def first_unknown(
+    config: Any, reference: Any, prefix: str = "config", moved: Mapping[str, str] | None = None
+) -> str | None:
     """The error for the first key of ``config`` that ``reference`` lacks (nested blocks too).
 
     Blocks that are empty in ``reference`` (free-form, e.g. ``input.generator_kwargs``)
-    are not looked into.
+    are not looked into; a key that ``moved`` renames is refused with its new name.
     """
-    for key in config.keys():
-        name = f"{prefix}.{key}"
-        if key not in reference.keys():
-            return unknown_field(name, config[key], list(reference.keys()))
-        value, known = config[key], reference[key]
-        if _is_block(value) and _is_block(known) and len(known.keys()):
-            error = first_unknown(value, known, name)
-            if error:
-                return error
-    return None
+
+    def walk(block: Any, known: Any, path: str) -> str | None:
+        for key in block.keys():
+            dotted = f"{path}.{key}" if path else key
+            if key not in known.keys():
+                return moved_field(dotted, moved, prefix) or unknown_field(
+                    f"{prefix}.{dotted}", block[key], list(known.keys())
+                )
+            if _is_block(block[key]) and _is_block(known[key]) and len(known[key].keys()):
+                error = walk(block[key], known[key], dotted)
+                if error:
+                    return error
+        return None
+
+    return walk(config, reference, "")
 
 
 def load_module(path: str) -> ModuleType:

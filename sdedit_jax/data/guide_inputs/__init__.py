@@ -1,12 +1,13 @@
 """Guide inputs of a batch edit job: sources, validation, host sharding, padding, resume.
 
-Sources (``GuideInputConfig.source``):
+Sources (``GuideInputConfig.source``; one module each in :mod:`.sources`, whose
+options are the source's own block, ``config.input.<source>``):
 
 * ``"folder"``: every file under ``path`` (recursively) is one example; ids are
   the POSIX paths relative to ``path`` (``"sub/cat.png"``). Guides are
   ``.png``, ``.jpg``, ``.jpeg`` (8-bit) or ``.npy`` (float ``[H, W]`` or
   ``[H, W, C]`` in ``[-1, 1]``). **Mask pairing rule:** if the folder
-  ``path/<mask_dir>`` (default ``masks/``) exists, every guide ``sub/cat.<ext>``
+  ``path/<folder.mask_dir>`` (default ``masks/``) exists, every guide ``sub/cat.<ext>``
   needs exactly one mask ``<mask_dir>/sub/cat.png`` or ``<mask_dir>/sub/cat.npy``;
   without that folder no guide has a mask. Hidden files and folders (``.x``)
   are ignored; any other file with an unsupported extension, a guide without
@@ -17,9 +18,9 @@ Sources (``GuideInputConfig.source``):
   ``"<shard name>:<record index>"``), ``t0`` (float, optional), ``seed``
   (int64, optional); other features are ignored.
   :func:`sdedit_jax.data.records.tf_example` writes them.
-* ``"tfds"``: a prepared TFDS data set (``tfds_name``, ``tfds_split``,
-  ``tfds_data_dir``; never downloaded), images from ``tfds_image_key`` and
-  optional masks from ``tfds_mask_key``; ids are TFDS's stable ``tfds_id``.
+* ``"tfds"``: a prepared TFDS data set (``tfds.name``, ``tfds.split``,
+  ``tfds.data_dir``; never downloaded), images from ``tfds.image_key`` and
+  optional masks from ``tfds.mask_key``; ids are TFDS's stable ``tfds_id``.
 * ``"manifest"``: ``path`` is a ``.jsonl`` file (one JSON object per line) or a
   ``.csv`` file (header row) with fields ``path`` (required), ``mask``, ``t0``,
   ``seed``, ``id`` (default: ``path`` as written). Relative paths are resolved
@@ -84,31 +85,33 @@ with ``valid = False``. Resume: ids in ``completed`` are skipped before
 batching, so a restarted job does no repeated work (batch composition
 changes, outputs do not: they depend only on (seed, id)).
 
-Modules: :mod:`.config` (``GuideInputConfig`` and the limits), :mod:`.catalog`
-(listing every source without pixels), :mod:`.manifest` (manifest rows, parsed
-and validated in a stream into columns), :mod:`.decode` (decoding and validation
-of one example), :mod:`.stream` (the tf.data stream). The names below are the
-public API, re-exported here so ``guide_inputs.make_guide_dataset(...)`` works.
+Modules: :mod:`.options` (``GuideInputConfig`` and the limits), :mod:`.catalog`
+(what every source's listing shares: rows, columns, id rules), :mod:`.sources`
+(one module per source and the one list of them; :mod:`.sources.manifest` parses
+and validates manifest rows in a stream into columns), :mod:`.decode` (decoding
+and validation of one example), :mod:`.pipeline` (the catalog of the configured
+source and the tf.data stream). The names below are the public API, re-exported
+here so ``guide_inputs.make_guide_dataset(...)`` works.
 """
 
-from sdedit_jax.data.guide_inputs.catalog import Catalog, build_catalog
+from sdedit_jax.data.guide_inputs.catalog import SEED_RANGE, Catalog, Source
 from sdedit_jax.data.guide_inputs.decode import BadInput, decode_example
 from sdedit_jax.data.guide_inputs.options import (
     GENERATOR_NAMES,
-    GUIDE_EXTENSIONS,
-    MANIFEST_FIELDS,
-    MASK_EXTENSIONS,
-    SEED_RANGE,
     SOURCES,
     T0_ROWS,
     GuideInputConfig,
+    moved_fields,
 )
 from sdedit_jax.data.guide_inputs.pipeline import (
     GuideStream,
+    build_catalog,
     global_num_steps,
     make_guide_dataset,
     preview_examples,
 )
+from sdedit_jax.data.guide_inputs.sources.folder import GUIDE_EXTENSIONS, MASK_EXTENSIONS
+from sdedit_jax.data.guide_inputs.sources.manifest import MANIFEST_FIELDS
 from sdedit_jax.data.records import tf_example
 
 __all__ = [
@@ -123,10 +126,12 @@ __all__ = [
     "Catalog",
     "GuideInputConfig",
     "GuideStream",
+    "Source",
     "build_catalog",
     "decode_example",
     "global_num_steps",
     "make_guide_dataset",
+    "moved_fields",
     "preview_examples",
     "tf_example",
 ]

@@ -1,7 +1,11 @@
 """The catalog: every example of a source in canonical order, with its id, t0, seed, error.
 
 Listing reads no pixels (only folder entries, manifest rows, record headers), so a
-job can count, shard and skip completed examples before decoding anything.
+job can count, shard and skip completed examples before decoding anything. What
+every source shares lives here: :class:`Source` (what a source module declares),
+rows and columns, the id rules (repeats, output-name clashes, UTF-8) and the t0 and
+seed rules of inputs that name their own; each source's listing is its own module
+under :mod:`.sources`.
 """
 
 from __future__ import annotations
@@ -17,21 +21,38 @@ import numpy as np
 import tensorflow as tf
 
 from sdedit_jax.data import names
-from sdedit_jax.data.guide_inputs.options import (
-    GUIDE_EXTENSIONS,
-    MASK_EXTENSIONS,
-    SEED_RANGE,
-    GuideInputConfig,
-    _as_config,
-)
-from sdedit_jax.data.records import record_fields
-from sdedit_jax.util import files
+
+# Seeds become int32 jax.random keys: every seed (config, manifest, record) must fit.
+SEED_RANGE = (0, 2**31)
 
 
 def _plain(fn: Callable) -> Callable:
     """Marks a tf.data function as plain graph code: AutoGraph would otherwise convert
     it and leave ``__autograph_generated_file*.py`` in the temp folder (forever, after a kill)."""
     return tf.autograph.experimental.do_not_convert(fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a guide source module declares (its ``SOURCE``); the list is ``sources.MODULES``.
+
+    Attributes:
+        name: the value of ``config.input.source``.
+        list_examples: ``GuideInputConfig -> Catalog``, every example in canonical
+            order (raises ``ValueError`` when the source itself is unusable).
+        options: the frozen dataclass of the source's own block
+            ``config.input.<name>`` (checked in its ``__post_init__``), or None.
+        required: fields that must be non-empty when the source is used, dotted
+            inside the source's block (``"tfds.name"``).
+        moved: flat keys of ``config.input`` of earlier versions -> their field in
+            the block (``"tfds_name" -> "name"``); they are refused by name.
+    """
+
+    name: str
+    list_examples: Callable[[Any], Catalog]
+    options: type | None = None
+    required: tuple[str, ...] = ("path",)
+    moved: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,155 +334,6 @@ def _file_problem(path: str) -> str:
     return f"{kind}, not a regular file"
 
 
-def _walk_files(root: str, skip: str = "") -> list[tuple[str, str]]:
-    """Sorted ``(POSIX path relative to root, problem)`` of non-hidden entries, skipping ``skip``.
-
-    Symbolic links to folders are followed (their files are inputs like any
-    other), but every real folder is listed once: the tree itself first, then
-    the links in the order found; a link to a folder already listed (a folder
-    above it, a sibling, another link's target) is one entry with its problem.
-    So link cycles end and a ladder of links that doubles the paths per level
-    costs one visit per folder. Entries that are not regular files (FIFOs,
-    sockets, devices, broken links) are listed with their problem, so they
-    become failure rows instead of hanging the reader or vanishing; nothing is
-    opened here.
-    """
-    if not files.is_local(root):
-        return _walk_store(root, skip)
-    found: list[tuple[str, str]] = []
-    listed: dict[tuple[int, int], str] = {}  # (device, inode) of each folder walked -> rel
-    links: list[tuple[str, str]] = []
-
-    def walk(folder: str, rel_folder: str) -> None:
-        try:
-            entries = sorted(os.listdir(folder))
-        except OSError as e:
-            found.append((rel_folder or ".", f"cannot list folder ({e.strerror})"))
-            return
-        for name in entries:
-            path, rel = os.path.join(folder, name), f"{rel_folder}/{name}" if rel_folder else name
-            if name.startswith(".") or path == skip:
-                continue
-            if not os.path.isdir(path):
-                found.append((rel, _file_problem(path)))
-            elif os.path.islink(path):
-                links.append((path, rel))
-            else:
-                enter(path, rel)
-
-    def enter(path: str, rel: str) -> None:
-        try:
-            info = os.stat(path)
-        except OSError as e:
-            found.append((rel, f"cannot read ({e.strerror})"))
-            return
-        key = (info.st_dev, info.st_ino)
-        if key in listed:
-            real, parent = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
-            if parent == real or parent.startswith(real.rstrip(os.sep) + os.sep):
-                problem = f"symbolic link to {real}, a folder above it; not followed"
-            else:
-                problem = (
-                    f"symbolic link to {real}, whose files are already listed "
-                    f"under {listed[key] or '.'!r}; not followed"
-                )
-            found.append((rel, problem))
-            return
-        listed[key] = rel
-        # A link's target is walked by its real path: a path through many links would
-        # hit the kernel's limit on links per path (ELOOP) long before a ladder ends.
-        walk(os.path.realpath(path) if os.path.islink(path) else path, rel)
-
-    enter(root, "")
-    while links:  # the real tree first: a link never hides a folder's own path
-        batch, links[:] = list(links), []
-        for path, rel in batch:
-            enter(path, rel)
-    return sorted(found)
-
-
-def _walk_store(root: str, skip: str) -> list[tuple[str, str]]:
-    """``_walk_files`` on an object store (``gs://``, ``ram://``): objects are regular files."""
-    found = []
-    for folder, subfolders, entries in files.walk(root):
-        subfolders[:] = [
-            f for f in subfolders if not f.startswith(".") and files.join(folder, f) != skip
-        ]
-        rel_folder = "" if folder == root else files.relpath(folder, root)
-        found += [
-            (f"{rel_folder}/{n}" if rel_folder else n, "") for n in entries if not n.startswith(".")
-        ]
-    return sorted(found)
-
-
-def _folder_catalog(config: GuideInputConfig) -> Catalog:
-    root = files.abspath(config.path)
-    if not files.isdir(root):
-        raise ValueError(f"path: guide folder {config.path!r} does not exist")
-    mask_root = ""
-    if config.mask_dir:
-        mask_root = files.join(root, config.mask_dir)
-        mask_root = os.path.normpath(mask_root) if files.is_local(root) else mask_root
-    with_masks = bool(mask_root) and files.isdir(mask_root)
-    masks_by_stem: dict[str, list[str]] = {}
-    rows, guide_stems = [], set()
-
-    def mask_failure(rel: str, reason: str) -> _Row:
-        path = files.join(mask_root, rel)
-        return _Row(
-            id=f"{config.mask_dir}/{rel}",
-            source=path,
-            t0=config.t0,
-            seed=config.seed,
-            error=f"mask ({path}): {reason}",
-        )
-
-    for rel, problem in _walk_files(mask_root) if with_masks else []:
-        if problem:
-            rows.append(mask_failure(rel, problem))
-        else:
-            masks_by_stem.setdefault(os.path.splitext(rel)[0], []).append(rel)
-    for rel, problem in _walk_files(root, skip=mask_root):
-        path = files.join(root, rel)
-        row = _Row(id=rel, source=path, t0=config.t0, seed=config.seed, guide_path=path)
-        if problem:
-            rows.append(dataclasses.replace(row, error=f"guide ({path}): {problem}"))
-            continue
-        stem, ext = os.path.splitext(rel)
-        if ext.lower() not in GUIDE_EXTENSIONS:
-            rows.append(
-                dataclasses.replace(
-                    row,
-                    error=f"guide ({path}): unsupported extension {ext!r}; expected one of "
-                    f"{GUIDE_EXTENSIONS}",
-                )
-            )
-            continue
-        guide_stems.add(stem)
-        if with_masks:
-            row = _pair_mask(row, stem, masks_by_stem.get(stem, []), mask_root)
-        rows.append(row)
-    for stem, mask_files in sorted(masks_by_stem.items()):
-        if stem not in guide_stems:
-            rows.extend(mask_failure(rel, f"no guide image named {stem}.*") for rel in mask_files)
-    if not rows:
-        raise ValueError(f"path: guide folder {config.path!r} holds no files")
-    return _catalog(sorted(rows, key=lambda r: r.id))
-
-
-def _pair_mask(row: _Row, stem: str, candidates: list[str], mask_root: str) -> _Row:
-    """Attaches the guide's mask, or an error naming the expected mask files."""
-    usable = [c for c in candidates if os.path.splitext(c)[1].lower() in MASK_EXTENSIONS]
-    if len(usable) == 1 and len(candidates) == 1:
-        return dataclasses.replace(row, mask_path=files.join(mask_root, usable[0]))
-    expected = files.join(mask_root, stem) + "{" + ",".join(MASK_EXTENSIONS) + "}"
-    if not candidates:
-        problem = "file not found (the mask folder exists, so every guide needs a mask)"
-    else:
-        problem = f"need exactly one such file, found {sorted(candidates)}"
-    return dataclasses.replace(row, error=f"mask ({expected}): {problem}")
-
-
 class _HugeInt:
     """A JSON integer longer than Python converts (``sys.get_int_max_str_digits``)."""
 
@@ -479,7 +351,8 @@ def _int_or_huge(text: str) -> int | _HugeInt:
         return _HugeInt(text)
 
 
-def _parse_t0(value: Any, config: GuideInputConfig) -> float:
+def _parse_t0(value: Any, config: Any) -> float:
+    """A given t0 checked against ``config``'s (a ``GuideInputConfig``) time domain."""
     if isinstance(value, _HugeInt):
         raise ValueError(f"{value!r} is not in {config.time_domain_text()}")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -505,130 +378,3 @@ def _parse_seed(value: Any) -> int:
     if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
         raise ValueError(f"{_shown(value)} is not in [0, 2^31)")
     return seed
-
-
-def _record_row(record: bytes, shard: str, index: int, config: GuideInputConfig) -> _Row:
-    source = f"{shard}#{index}"
-    row = _Row(
-        id=f"{os.path.basename(shard)}:{index}", source=source, t0=config.t0, seed=config.seed
-    )
-    try:
-        fields = record_fields(record)
-        raw_id = fields.get("id", row.id.encode())
-        row_id = raw_id.decode("utf-8") if isinstance(raw_id, bytes) else raw_id
-        if not row_id:
-            raise ValueError("feature 'id': empty")
-        row = dataclasses.replace(row, id=row_id)
-    except (ValueError, UnicodeDecodeError) as e:
-        return dataclasses.replace(row, error=f"tfrecord ({source}): {e}")
-    try:
-        t0 = _parse_t0(float(fields["t0"]), config) if "t0" in fields else config.t0
-    except ValueError as e:
-        return dataclasses.replace(row, error=f"tfrecord ({source}): feature 't0': {e}")
-    try:
-        seed = _parse_seed(int(fields["seed"])) if "seed" in fields else config.seed
-    except ValueError as e:
-        return dataclasses.replace(row, t0=t0, error=f"tfrecord ({source}): feature 'seed': {e}")
-    return dataclasses.replace(row, t0=t0, seed=seed, t0_given="t0" in fields)
-
-
-def _tfrecord_catalog(config: GuideInputConfig) -> Catalog:
-    shards = sorted({f for pattern in config.path.split(",") for f in tf.io.gfile.glob(pattern)})
-    if not shards:
-        raise ValueError(f"path: no TFRecord files match {config.path!r}")
-    rows, readable, corrupt = [], [], []
-    for shard in shards:
-        count, broken = 0, False
-        try:
-            for record in tf.data.TFRecordDataset(shard).as_numpy_iterator():
-                rows.append(_record_row(record, shard, count, config))
-                count += 1
-        except tf.errors.OpError as e:
-            # A corrupt record ends what can be read of a shard; the rest is
-            # reported as one failure rather than dropped without a trace.
-            broken = True
-            rows.append(
-                _Row(
-                    id=f"{os.path.basename(shard)}:{count}",
-                    source=f"{shard}#{count}",
-                    t0=config.t0,
-                    seed=config.seed,
-                    error=f"tfrecord ({shard}): record {count} and all later records of this shard "
-                    f"are unreadable ({type(e).__name__}: {e.message})",
-                )
-            )
-        readable.append(count)
-        corrupt.append(broken)
-
-    def payload() -> tf.data.Dataset:
-        def shard_records(path, count, broken):
-            return (
-                tf.data.TFRecordDataset(path)
-                .take(count)
-                .concatenate(
-                    tf.data.Dataset.from_tensors(tf.constant(b"")).repeat(tf.cast(broken, tf.int64))
-                )
-            )
-
-        records = tf.data.Dataset.from_tensor_slices(
-            (shards, np.array(readable, np.int64), np.array(corrupt))
-        ).flat_map(_plain(shard_records))
-        return records.map(_plain(lambda r: {"record": r, "guide_bytes": "", "mask_bytes": ""}))
-
-    return _catalog(rows, payload)
-
-
-def _tfds_catalog(config: GuideInputConfig) -> Catalog:
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(config.tfds_name, data_dir=config.tfds_data_dir)
-    keys = [k for k in (config.tfds_image_key, config.tfds_mask_key) if k]
-    features = builder.info.features
-    for key in keys:
-        if key not in features.keys() or not isinstance(features[key], tfds.features.Image):
-            raise ValueError(f"tfds: {config.tfds_name} has no Image feature {key!r}")
-
-    def examples() -> tf.data.Dataset:
-        # One file at a time keeps the order identical on every pass and host.
-        return builder.as_dataset(
-            split=config.tfds_split,
-            shuffle_files=False,
-            decoders={k: tfds.decode.SkipDecoding() for k in keys},
-            read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1),
-        )
-
-    ids = [i.decode() for i in examples().map(_plain(lambda e: e["tfds_id"])).as_numpy_iterator()]
-    where = f"tfds://{config.tfds_name}/{config.tfds_split}"
-    rows = [_Row(id=i, source=f"{where}/{i}", t0=config.t0, seed=config.seed) for i in ids]
-
-    def payload() -> tf.data.Dataset:
-        mask_key = config.tfds_mask_key
-        return examples().map(
-            _plain(
-                lambda e: {
-                    "record": "",
-                    "guide_bytes": e[config.tfds_image_key],
-                    "mask_bytes": e[mask_key] if mask_key else tf.constant(b""),
-                }
-            )
-        )
-
-    return _catalog(rows, payload)
-
-
-def build_catalog(config: GuideInputConfig | Mapping[str, Any]) -> Catalog:
-    """Lists every example of the configured source in canonical order (reads no pixels).
-
-    Raises:
-        ValueError: the source itself is unusable (missing folder or manifest,
-            no TFRecord files); problems of single examples never raise.
-    """
-    config = _as_config(config)
-    from sdedit_jax.data.guide_inputs.manifest import manifest_catalog
-
-    return {
-        "folder": _folder_catalog,
-        "manifest": manifest_catalog,
-        "tfrecord": _tfrecord_catalog,
-        "tfds": _tfds_catalog,
-    }[config.source](config)

@@ -1,4 +1,10 @@
-"""The guide input config: sources, fields and the limits every input is checked against."""
+"""The guide input config: cross-source fields, each source's own block, and the limits.
+
+Fields every source shares are flat (``config.input.path``, ``.resize``, ...); a
+source's own options are its block (``config.input.tfds.name``), declared by its
+module in :mod:`.sources`. The flat keys those blocks replaced (``tfds_name``,
+``mask_dir``) are refused by name: ``tfds_name: moved to tfds.name``.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +17,18 @@ import numpy as np
 import tensorflow as tf
 
 from sdedit_jax.data import guides
-from sdedit_jax.util.config import frozen
+from sdedit_jax.data.guide_inputs import sources
+from sdedit_jax.data.guide_inputs.catalog import SEED_RANGE
+from sdedit_jax.util.config import frozen, unknown_field
 
-SOURCES = ("folder", "tfrecord", "tfds", "manifest")
+SOURCES = tuple(sources.by_name())  # the names of sources.MODULES
 GENERATOR_NAMES = ("none", *guides.GENERATORS)
-GUIDE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
-MASK_EXTENSIONS = (".png", ".npy")
-MANIFEST_FIELDS = ("path", "mask", "t0", "seed", "id")
 # The t0 rule: an input that names its own t0 (a manifest or TFRecord field) is
 # edited once, at that t0 ("own" rows: the job's ``t0_per_example`` sub-job);
 # every other input is edited at each configured t0 ("configured" rows).
 T0_ROWS = ("all", "configured", "own")
 _NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Seeds become int32 jax.random keys: every seed (config, manifest, record) must fit.
-SEED_RANGE = (0, 2**31)
 # npy values may exceed the nominal range by float round-off.
 _RANGE_TOLERANCE = 1e-3
 
@@ -47,7 +50,7 @@ class GuideInputConfig:
     """Where a job's guides come from and how they are decoded.
 
     Attributes:
-        source: one of ``SOURCES`` (see the module docstring).
+        source: one of ``SOURCES`` (see the package docstring).
         path: folder, manifest file, or comma-separated TFRecord globs.
         image_size: ``(height, width)`` of the model (an int means square).
         channels: 3 (RGB) or 1 (grayscale).
@@ -58,9 +61,9 @@ class GuideInputConfig:
             ``(eps, T]``. The job sets it from the loaded model; the data layer
             restates no SDE constant (the default is the unit interval).
         seed: job seed, the default per-example seed.
-        mask_dir: the masks folder inside a guide folder ("" = no masks).
-        tfds_name, tfds_split, tfds_data_dir: the TFDS data set.
-        tfds_image_key, tfds_mask_key: its image and (optional) mask features.
+        options: each source's own block by source name (``{"tfds": {"name": ...}}``;
+            mappings or the source's ``Options``); every source with a block gets
+            one, defaults filled in, so ``options["tfds"].name`` always exists.
         generator: ``"none"`` or a guide generator name (see ``guides.GENERATORS``).
         generator_kwargs: keyword arguments of the generator.
         max_pixels: larger images fail before they are decoded.
@@ -76,12 +79,7 @@ class GuideInputConfig:
     t0: float = 0.5
     time_domain: tuple[float, float] = (0.0, 1.0)
     seed: int = 0
-    mask_dir: str = "masks"
-    tfds_name: str = ""
-    tfds_split: str = "test"
-    tfds_data_dir: str | None = None
-    tfds_image_key: str = "image"
-    tfds_mask_key: str = ""
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     generator: str = "none"
     generator_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # The generator built from generator and generator_kwargs (None for "none").
@@ -106,8 +104,10 @@ class GuideInputConfig:
         if not isinstance(self.generator_kwargs, Mapping):
             raise ValueError(f"generator_kwargs: expected a mapping, got {self.generator_kwargs!r}")
         object.__setattr__(self, "generator_kwargs", dict(self.generator_kwargs))
-        if self.source not in SOURCES:
-            raise ValueError(f"source: expected one of {SOURCES}, got {self.source!r}")
+        known = sources.by_name()
+        if self.source not in known:
+            raise ValueError(f"source: expected one of {tuple(known)}, got {self.source!r}")
+        object.__setattr__(self, "options", _options(self.options, known))
         if self.channels not in (1, 3) or not _is_int(self.channels):
             raise ValueError(f"channels: expected 1 or 3, got {self.channels!r}")
         domain = self.time_domain
@@ -133,15 +133,7 @@ class GuideInputConfig:
                 f"num_parallel_calls: expected a positive int or -1 (autotune), "
                 f"got {self.num_parallel_calls!r}"
             )
-        for name in (
-            "path",
-            "mask_dir",
-            "tfds_name",
-            "tfds_split",
-            "tfds_image_key",
-            "tfds_mask_key",
-            "generator",
-        ):
+        for name in ("path", "generator"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}: expected a string, got {getattr(self, name)!r}")
         if not isinstance(self.resize, bool):
@@ -157,10 +149,10 @@ class GuideInputConfig:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"generator_kwargs.{e}") from None
             object.__setattr__(self, "guide_generator", built)
-        if self.source == "tfds" and not self.tfds_name:
-            raise ValueError("tfds_name: required when source is 'tfds'")
-        if self.source != "tfds" and not self.path:
-            raise ValueError(f"path: required when source is {self.source!r}")
+        for name in known[self.source].required:
+            block, _, field = name.rpartition(".")
+            if not getattr(self.options[block] if block else self, field):
+                raise ValueError(f"{name}: required when source is {self.source!r}")
 
     def in_time_domain(self, t0: float) -> bool:
         """Whether ``t0`` lies in ``(eps, T]``."""
@@ -171,8 +163,56 @@ class GuideInputConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> GuideInputConfig:
-        """Builds a config from a dict or ``ml_collections.ConfigDict`` (unknown keys fail)."""
-        return frozen(cls, mapping, "")
+        """Builds a config from a dict or ``ml_collections.ConfigDict``: flat fields plus
+        one block per source (``{"source": "tfds", "tfds": {"name": ...}}``).
+
+        Unknown keys fail; a flat key of earlier versions fails naming its new place.
+        """
+        values = dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping)
+        moved = moved_fields()
+        blocks = [name for name, source in sources.by_name().items() if source.options]
+        flat = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "options"]
+        for key in sorted(values):
+            if key in moved:
+                raise ValueError(f"{key}: moved to {moved[key]}")
+            if key not in flat and key not in blocks:
+                raise ValueError(unknown_field(key, values[key], [*flat, *blocks]))
+        options = {name: values.pop(name) for name in blocks if name in values}
+        return frozen(cls, {**values, "options": options}, "")
+
+
+def _options(blocks: Any, known: Mapping[str, sources.Source]) -> dict[str, Any]:
+    """Every source's block built (its ``Options``, defaults filled in), by source name."""
+    if not isinstance(blocks, Mapping):
+        raise ValueError(f"options: expected a mapping of source name to block, got {blocks!r}")
+    with_options = {name: source.options for name, source in known.items() if source.options}
+    unknown = sorted(set(blocks) - set(with_options))
+    if unknown:
+        raise ValueError(unknown_field(unknown[0], blocks[unknown[0]], list(with_options)))
+    built = {}
+    for name, options in with_options.items():
+        try:
+            built[name] = frozen(options, blocks.get(name, {}), name, error=_UnknownKey)
+        except _UnknownKey:
+            raise
+        except (TypeError, ValueError) as e:  # from the block's __post_init__
+            raise ValueError(f"{name}.{e}") from None
+    return built
+
+
+class _UnknownKey(ValueError):
+    """A key a source's block does not declare (its message names the block already)."""
+
+
+def moved_fields(block: str = "") -> dict[str, str]:
+    """The flat keys the sources' blocks replaced -> their new names (``"tfds.name"``),
+    both under ``block`` when given (``moved_fields("input")["input.tfds_name"]``)."""
+    prefix = f"{block}." if block else ""
+    return {
+        f"{prefix}{old}": f"{prefix}{name}.{new}"
+        for name, source in sources.by_name().items()
+        for old, new in source.moved.items()
+    }
 
 
 def _as_config(config) -> GuideInputConfig:

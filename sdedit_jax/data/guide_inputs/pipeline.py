@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from sdedit_jax.data.guide_inputs import sources
 from sdedit_jax.data.guide_inputs.catalog import (
     Catalog,
     _plain,
-    build_catalog,
 )
 from sdedit_jax.data.guide_inputs.decode import (
     _decode_or_reason,
@@ -23,6 +23,17 @@ from sdedit_jax.data.guide_inputs.options import (
     GuideInputConfig,
     _as_config,
 )
+
+
+def build_catalog(config: GuideInputConfig | Mapping[str, Any]) -> Catalog:
+    """Lists every example of the configured source in canonical order (reads no pixels).
+
+    Raises:
+        ValueError: the source itself is unusable (missing folder or manifest,
+            no TFRecord files); problems of single examples never raise.
+    """
+    config = _as_config(config)
+    return sources.by_name()[config.source].list_examples(config)
 
 
 def _decode_in_graph(element: dict, config: GuideInputConfig) -> dict:

@@ -1,4 +1,4 @@
-"""Manifest sources (``.jsonl`` / ``.csv``): rows parsed and validated in a stream into columns.
+"""The ``manifest`` source (``.jsonl``, ``.csv``): rows parsed and checked in a stream, as columns.
 
 Why a stream: a million-row manifest is listed on every host before any work, so it
 must cost seconds and tens of MB, not a dict and a row object per line (~1 KB and
@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from sdedit_jax.data.guide_inputs.catalog import (
+    SEED_RANGE,
     Catalog,
+    Source,
     _columns_catalog,
     _file_problem,
     _id_bytes,
@@ -40,8 +42,10 @@ from sdedit_jax.data.guide_inputs.catalog import (
     _shown,
     _utf8,
 )
-from sdedit_jax.data.guide_inputs.options import MANIFEST_FIELDS, SEED_RANGE, GuideInputConfig
 from sdedit_jax.util import files
+
+NAME = "manifest"
+MANIFEST_FIELDS = ("path", "mask", "t0", "seed", "id")
 
 _CHUNK_BYTES = 1 << 20  # lines read and parsed together (~20,000 rows)
 _CSV_CHUNK_ROWS = 1 << 15
@@ -187,9 +191,7 @@ def _csv_records(stream) -> Iterator[_Records]:
         yield numbers, fields, errors
 
 
-def _manifest_row(
-    number: int, fields: dict | None, error: str, manifest: str, config: GuideInputConfig
-) -> _Row:
+def _manifest_row(number: int, fields: dict | None, error: str, manifest: str, config: Any) -> _Row:
     """One row, every problem named: the per-row path (rows the fast path does not vouch for)."""
     base = files.dirname(manifest)
     where = f"manifest ({manifest}) line {number}"
@@ -221,7 +223,7 @@ def _manifest_row(
     )
 
 
-def _field_problems(fields: dict, config: GuideInputConfig) -> tuple[list[str], dict]:
+def _field_problems(fields: dict, config: Any) -> tuple[list[str], dict]:
     """Every problem of a decoded row's fields, and its parsed ``t0``/``seed`` values."""
     problems = [
         f"unknown field {_shown(k)} (known: {', '.join(MANIFEST_FIELDS)})"
@@ -273,9 +275,7 @@ class _ColumnParts:
 _ROW_FIELDS = ("id", "source", "guide_path", "mask_path", "t0", "seed", "t0_given", "error")
 
 
-def _add_chunk(
-    parts: _ColumnParts, records: _Records, manifest: str, config: GuideInputConfig
-) -> None:
+def _add_chunk(parts: _ColumnParts, records: _Records, manifest: str, config: Any) -> None:
     """Checks a chunk of rows in bulk; the rows it cannot vouch for take the per-row path.
 
     Rows keep their line order (ties of the canonical sort, hence which of two rows
@@ -384,7 +384,7 @@ def _local_join(prefix: str, path: str) -> str:
     return path if path.startswith("/") else prefix + path
 
 
-def manifest_catalog(config: GuideInputConfig) -> Catalog:
+def manifest_catalog(config: Any) -> Catalog:
     """Every row of a ``.jsonl`` / ``.csv`` manifest, in canonical (sorted id) order."""
     manifest = files.abspath(config.path)
     if files.is_local(manifest) and os.path.exists(manifest):
@@ -424,3 +424,6 @@ def _release_freed_memory() -> None:
     except (OSError, AttributeError):
         return
     trim(0)
+
+
+SOURCE = Source(NAME, manifest_catalog)
