@@ -1,0 +1,247 @@
+"""Stable Diffusion 1.x single-file checkpoints in the original (CompVis ``ldm``) key layout.
+
+One ``.safetensors`` or ``.ckpt`` holds the U-Net (``model.diffusion_model.*``), the VAE
+(``first_stage_model.*``) and the CLIP text encoder (``cond_stage_model.transformer.*``).
+The architecture comes from a diffusers config folder (``unet/``, ``vae/``,
+``text_encoder/`` with their ``config.json``); each expected diffusers key is given its
+original name here, so the file is checked once, in the names a user sees in it (every
+missing, unexpected and mis-shaped tensor in one error), and then renamed to the diffusers
+keys that :mod:`sdedit_jax.importers.diffusers_sd` loads: the architecture mapping stays
+there. ``.ckpt`` files go through the allow-listed torch reader (a Lightning checkpoint's
+``state_dict`` entry is taken). EMA weights (``model_ema.<key without dots>``) replace the
+U-Net's when the file has them, unless ``ema=False``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from sdedit_jax.importers import diffusers, diffusers_sd, state_dict, torch_checkpoint
+from sdedit_jax.models import clip_text, sd_unet, vae
+from sdedit_jax.util import files
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+EMA_PREFIX = "model_ema."
+# Buffers of ldm's LatentDiffusion that are not weights of the three networks.
+_IGNORED = {
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+    "model_ema.decay",
+    "model_ema.num_updates",
+    f"{TEXT_PREFIX}text_model.embeddings.position_ids",
+}
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_VAE_LINEAR = re.compile(
+    r"first_stage_model\.(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight"
+)
+_VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+
+
+def _resnet(rest: str) -> str:
+    name, _, leaf = rest.partition(".")
+    return f"{_RESNET[name]}.{leaf}"
+
+
+def unet_key(key: str, config: sd_unet.SDUNetConfig) -> str:
+    """The original name of one diffusers ``UNet2DConditionModel`` key."""
+    per_level = config.layers_per_block + 1
+    for new, old in _UNET_TOP.items():
+        if key.startswith(new + "."):
+            return UNET_PREFIX + old + key[len(new) :]
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        block = 1 + level * per_level + layer
+        inner = f"0.{_resnet(rest)}" if kind == "resnets" else f"1.{rest}"
+    elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        block, inner = (int(m[1]) + 1) * per_level, f"0.op.{m[2]}"
+    elif m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        if m[1] == "attentions":
+            return f"{UNET_PREFIX}middle_block.1.{m[3]}"
+        return f"{UNET_PREFIX}middle_block.{2 * int(m[2])}.{_resnet(m[3])}"
+    elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        block = level * per_level + layer
+        inner = f"0.{_resnet(rest)}" if kind == "resnets" else f"1.{rest}"
+    elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        level = int(m[1])
+        has_attention = tuple(reversed(config.up_cross_attention))[level]
+        block = level * per_level + config.layers_per_block
+        inner = f"{2 if has_attention else 1}.conv.{m[2]}"
+    else:
+        raise KeyError(f"no original name for U-Net key {key}")
+    side = "input_blocks" if key.startswith("down") else "output_blocks"
+    return f"{UNET_PREFIX}{side}.{block}.{inner}"
+
+
+def vae_key(key: str, config: vae.VAEConfig) -> str:
+    """The original name of one diffusers ``AutoencoderKL`` key."""
+    levels = len(config.block_out_channels)
+    key = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+        return f"{VAE_PREFIX}{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"
+    key = re.sub(r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1.", key)
+    key = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", key
+    )
+    key = re.sub(r"\.resnets\.(\d+)\.", r".block.\1.", key)
+    key = key.replace(".conv_shortcut.", ".nin_shortcut.")
+    key = key.replace(".downsamplers.0.", ".downsample.").replace(".upsamplers.0.", ".upsample.")
+    return VAE_PREFIX + key
+
+
+def text_key(key: str) -> str:
+    """The original name of one transformers ``CLIPTextModel`` key (SD 1.x)."""
+    return f"{TEXT_PREFIX}text_model.{key}"
+
+
+def ema_key(key: str) -> str:
+    """ldm's name for the EMA copy of a U-Net weight: its path without dots."""
+    return EMA_PREFIX + key.removeprefix("model.").replace(".", "")
+
+
+def _original_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """ldm's VAE attention uses 1 x 1 convolutions where diffusers has linear layers."""
+    return (*shape, 1, 1) if _VAE_LINEAR.fullmatch(key) else shape
+
+
+def expected_tensors(
+    configs: Mapping[str, Any],
+) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Every original key with its component, diffusers key and torch shape."""
+    abstract = {
+        "unet": (sd_unet, lambda k: unet_key(k, configs["unet"])),
+        "vae": (vae, lambda k: vae_key(k, configs["vae"])),
+        "text_encoder": (clip_text, text_key),
+    }
+    expected = {}
+    for component, (module, rename) in abstract.items():
+        state = module.abstract(configs[component])[1]
+        for key, shape in diffusers_sd.expected_tensors(state).items():
+            original = rename(key)
+            expected[original] = (component, key, _original_shape(original, shape))
+    return expected
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+    """The flat state dict of a ``.safetensors`` or ``.ckpt`` (its ``state_dict`` entry)."""
+    if path.endswith(".safetensors"):
+        return diffusers.read_tensors(path)
+    obj = torch_checkpoint.read_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    return torch_checkpoint.state_dict_from(obj, path)
+
+
+def _normalise(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Text encoders saved by old transformers lack the ``text_model.`` level; files
+    converted from diffusers may keep the VAE attention's linear (2-d) weights."""
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith(TEXT_PREFIX) and not key.startswith(TEXT_PREFIX + "text_model."):
+            key = f"{TEXT_PREFIX}text_model.{key[len(TEXT_PREFIX) :]}"
+        if _VAE_LINEAR.fullmatch(key) and len(np.shape(value)) == 2:
+            value = np.asarray(value).reshape(*np.shape(value), 1, 1)
+        out[key] = value
+    return out
+
+
+def split_tensors(
+    source: str, tensors: Mapping[str, Any], configs: Mapping[str, Any], ema: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Each component's diffusers state dict, after one check of every key of the file."""
+    tensors = _normalise(tensors)
+    expected = expected_tensors(configs)
+    use_ema = ema and any(k.startswith(EMA_PREFIX) and k not in _IGNORED for k in tensors)
+    stored = {}  # the key each expected weight is read from
+    for key in expected:
+        stored[key] = ema_key(key) if use_ema and key.startswith(UNET_PREFIX) else key
+    skipped = set(_IGNORED)
+    if use_ema:
+        skipped |= {k for k in tensors if k.startswith(UNET_PREFIX)}
+    elif not ema:
+        skipped |= {k for k in tensors if k.startswith(EMA_PREFIX)}
+    found = {k: v for k, v in tensors.items() if k not in skipped}
+    state_dict.check_tensors(
+        source, found, {stored[k]: shape for k, (_, _, shape) in expected.items()}
+    )
+    split: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
+    for key, (component, new_key, shape) in expected.items():
+        value = np.asarray(tensors[stored[key]])
+        split[component][new_key] = (
+            value.reshape(shape[:2]) if _VAE_LINEAR.fullmatch(key) else value
+        )
+    return split
+
+
+def configs_from(folder: str) -> dict[str, Any]:
+    """The three components' frozen configs from a diffusers folder's config.json files."""
+    readers = {
+        "unet": diffusers_sd.unet_config,
+        "vae": diffusers_sd.vae_config,
+        "text_encoder": diffusers_sd.text_encoder_config,
+    }
+    configs = {}
+    for component, reader in readers.items():
+        path = files.join(folder, component, diffusers_sd.CONFIG_FILE)
+        try:
+            configs[component] = reader(diffusers.read_json(path))
+        except ValueError as err:
+            message = str(err)
+            raise type(err)(message if path in message else f"{path}: {err}") from None
+    return configs
+
+
+def load(path: str, config_folder: str, ema: bool = True) -> dict[str, diffusers_sd.Component]:
+    """The U-Net, VAE and text encoder of a single-file checkpoint, with the architecture
+    of ``config_folder`` (a diffusers SD folder, or one with only the three config.json)."""
+    configs = configs_from(config_folder)
+    split = split_tensors(path, read_tensors(path), configs, ema)
+    states = {
+        "unet": diffusers_sd.unet_state,
+        "vae": diffusers_sd.vae_state,
+        "text_encoder": diffusers_sd.text_encoder_state,
+    }
+    return {
+        c: diffusers_sd.Component(configs[c], states[c](split[c], configs[c], path), path)
+        for c in COMPONENTS
+    }
