@@ -125,34 +125,92 @@ def original_text(tensors: dict) -> dict:
     return {f"cond_stage_model.transformer.text_model.{k}": v for k, v in tensors.items()}
 
 
+def original_open_clip(tensors: dict, layers: int, rng) -> dict:
+    """SD 2.x's OpenCLIP layout, with what ldm keeps beside the layers SD 2.x reads: one
+    more residual block, the text projection and the logit scale."""
+    p = "cond_stage_model.model."
+    out = {
+        p + "token_embedding.weight": tensors["embeddings.token_embedding.weight"],
+        p + "positional_embedding": tensors["embeddings.position_embedding.weight"],
+        p + "ln_final.weight": tensors["final_layer_norm.weight"],
+        p + "ln_final.bias": tensors["final_layer_norm.bias"],
+    }
+    width = out[p + "ln_final.weight"].shape[0]
+    names = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc")]
+    names += [("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
+    for i in range(layers + 1):
+        old, new = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            if i == layers:  # the block past the penultimate layer: random, never read
+                for _, name in names:
+                    out[f"{new}{name}.{leaf}"] = rng.standard_normal(
+                        out[f"{p}transformer.resblocks.0.{name}.{leaf}"].shape
+                    ).astype(np.float32)
+                shape = out[f"{p}transformer.resblocks.0.attn.in_proj_{leaf}"].shape
+                out[f"{new}attn.in_proj_{leaf}"] = rng.standard_normal(shape).astype(np.float32)
+                continue
+            for hf, sd in names:
+                out[f"{new}{sd}.{leaf}"] = tensors[f"{old}{hf}.{leaf}"]
+            qkv = [tensors[f"{old}self_attn.{n}_proj.{leaf}"] for n in "qkv"]
+            out[f"{new}attn.in_proj_{leaf}"] = np.concatenate(qkv, axis=0)
+    out[p + "text_projection"] = rng.standard_normal((width, 16)).astype(np.float32)
+    out[p + "logit_scale"] = np.full((), 4.6, np.float32)
+    return out
+
+
 def _numpy(model) -> dict:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    """A tiny SD 1.x folder saved by diffusers, and the same weights in one original file."""
+def _write(folder, structure: str) -> tuple[str, dict, dict]:
+    """A tiny SD folder saved by diffusers/transformers, and its weights in one original file."""
+    import safetensors.numpy
+
+    unet_config = {"sd1": sd_reference.UNET_SD1, "sd2": sd_reference.UNET_SD2}[structure]
+    act = {"sd1": "quick_gelu", "sd2": "gelu"}[structure]
+    models = {
+        "unet": sd_reference.save_unet(str(folder / "unet"), unet_config),
+        "vae": sd_reference.save_vae(str(folder / "vae")),
+        "text_encoder": sd_reference.save_text_encoder(str(folder / "text_encoder"), act),
+    }
+    text = _numpy(models["text_encoder"])
+    if structure == "sd2":
+        text = original_open_clip(
+            text, sd_reference.TEXT["num_hidden_layers"], np.random.default_rng(5)
+        )
+    else:
+        text = original_text(text)
+    tensors = {
+        **original_unet(_numpy(models["unet"]), unet_config),
+        **original_vae(_numpy(models["vae"]), 2, sd_reference.VAE["layers_per_block"]),
+        **text,
+        "alphas_cumprod": np.ones(1000, np.float32),  # an ldm schedule buffer, not a weight
+    }
+    path = str(folder / f"{structure}.safetensors")
+    safetensors.numpy.save_file(tensors, path)
+    return path, models, tensors
+
+
+def _references():
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    import safetensors.numpy
 
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """SD 1.x: the folder, the file, the reference models and the file's tensors."""
+    _references()
     folder = tmp_path_factory.mktemp("sd1")
-    models = {
-        "unet": sd_reference.save_unet(str(folder / "unet"), sd_reference.UNET_SD1),
-        "vae": sd_reference.save_vae(str(folder / "vae")),
-        "text_encoder": sd_reference.save_text_encoder(str(folder / "text_encoder"), "quick_gelu"),
-    }
-    sd_reference.write_tokenizer(str(folder / "tokenizer"))
-    tensors = {
-        **original_unet(_numpy(models["unet"]), sd_reference.UNET_SD1),
-        **original_vae(_numpy(models["vae"]), 2, sd_reference.VAE["layers_per_block"]),
-        **original_text(_numpy(models["text_encoder"])),
-        "alphas_cumprod": np.ones(1000, np.float32),  # an ldm schedule buffer, not a weight
-    }
-    path = str(folder / "sd1.safetensors")
-    safetensors.numpy.save_file(tensors, path)
-    return folder, path, models, tensors
+    return folder, *_write(folder, "sd1")
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    """SD 2.x (OpenCLIP text encoder, linear projections, per-level heads)."""
+    _references()
+    folder = tmp_path_factory.mktemp("sd2")
+    return folder, *_write(folder, "sd2")
 
 
 def _same_weights(model, reference) -> None:
@@ -163,14 +221,15 @@ def _same_weights(model, reference) -> None:
 
 
 @pytest.mark.slow
-def test_written_file_reads_back_in_diffusers(sd1):
+@pytest.mark.parametrize("structure", ["sd1", "sd2"])
+def test_written_file_reads_back_in_diffusers(structure, request):
     """The test's original layout is the one diffusers' from_single_file understands."""
     import diffusers
     import torch
     import transformers
     from diffusers.loaders import single_file_utils
 
-    folder, path, models, tensors = sd1
+    folder, path, models, tensors = request.getfixturevalue(structure)
     options = {"config": str(folder), "local_files_only": True}
     unet = diffusers.UNet2DConditionModel.from_single_file(path, subfolder="unet", **options)
     _same_weights(unet, models["unet"])
@@ -207,14 +266,15 @@ def _run(module, component, *args, method: str = ""):
 
 
 @pytest.mark.slow
-def test_single_file_matches_the_reference_components(sd1):
+@pytest.mark.parametrize("structure", ["sd1", "sd2"])
+def test_single_file_matches_the_reference_components(structure, request):
     """U-Net output, VAE encode mean and decode, text embeddings: all <= 1e-4 of scale."""
     import torch
 
-    folder, path, models, _ = sd1
+    folder, path, models, _ = request.getfixturevalue(structure)
     loaded = sd_single_file.load(path, str(folder))
     rng = np.random.default_rng(0)
-    z = rng.standard_normal((2, 16, 16, 4), dtype=np.float32)
+    z = rng.standard_normal((2, 8, 8, 4), dtype=np.float32)
     t = np.array([999.0, 17.5], np.float32)
     h = rng.standard_normal((2, 7, 32), dtype=np.float32)
     x = rng.uniform(-1, 1, (2, 16, 24, 3)).astype(np.float32)
@@ -237,7 +297,10 @@ def test_single_file_matches_the_reference_components(sd1):
         "text": _run(clip_text, loaded["text_encoder"], ids),
     }
     errors = {k: sd_reference.rel_err(found[k], expected[k]) for k in expected}
-    print("single file: max rel err " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print(
+        f"{structure} single file: max rel err "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+    )
     assert max(errors.values()) <= TOL
     assert loaded["vae"].config.scaling_factor == pytest.approx(0.13025)
     assert {c.weights for c in loaded.values()} == {path}

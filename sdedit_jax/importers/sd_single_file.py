@@ -1,7 +1,10 @@
-"""Stable Diffusion 1.x single-file checkpoints in the original (CompVis ``ldm``) key layout.
+"""Stable Diffusion 1.x/2.x single-file checkpoints in the original (CompVis ``ldm``) key layout.
 
 One ``.safetensors`` or ``.ckpt`` holds the U-Net (``model.diffusion_model.*``), the VAE
-(``first_stage_model.*``) and the CLIP text encoder (``cond_stage_model.transformer.*``).
+(``first_stage_model.*``) and the text encoder: SD 1.x's transformers CLIP
+(``cond_stage_model.transformer.*``) or SD 2.x's OpenCLIP (``cond_stage_model.model.*``,
+fused ``in_proj`` query/key/value; its projection, logit scale and the one block past the
+penultimate layer SD 2.x reads are not used).
 The architecture comes from a diffusers config folder (``unet/``, ``vae/``,
 ``text_encoder/`` with their ``config.json``); each expected diffusers key is given its
 original name here, so the file is checked once, in the names a user sees in it (every
@@ -27,6 +30,7 @@ from sdedit_jax.util import files
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
 # Buffers of ldm's LatentDiffusion that are not weights of the three networks.
 _IGNORED = {
@@ -46,6 +50,8 @@ _IGNORED = {
     "model_ema.decay",
     "model_ema.num_updates",
     f"{TEXT_PREFIX}text_model.embeddings.position_ids",
+    f"{OPEN_CLIP_PREFIX}text_projection",
+    f"{OPEN_CLIP_PREFIX}logit_scale",
 }
 COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -134,6 +140,36 @@ def text_key(key: str) -> str:
     return f"{TEXT_PREFIX}text_model.{key}"
 
 
+_OPEN_CLIP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def open_clip_key(key: str) -> tuple[str, int]:
+    """The OpenCLIP name of one ``CLIPTextModel`` key (SD 2.x), and the key's place in
+    that tensor along its first axis (query, key and value share one ``in_proj``)."""
+    if key in _OPEN_CLIP:
+        return OPEN_CLIP_PREFIX + _OPEN_CLIP[key], 0
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if m is None:
+        raise KeyError(f"no OpenCLIP name for text encoder key {key}")
+    block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}"
+    if m[2].startswith("self_attn.") and m[2].removeprefix("self_attn.") in _QKV:
+        return f"{block}.attn.in_proj_{m[3]}", _QKV.index(m[2].removeprefix("self_attn."))
+    return f"{block}.{_OPEN_CLIP_LAYER[m[2]]}.{m[3]}", 0
+
+
 def ema_key(key: str) -> str:
     """ldm's name for the EMA copy of a U-Net weight: its path without dots."""
     return EMA_PREFIX + key.removeprefix("model.").replace(".", "")
@@ -144,21 +180,34 @@ def _original_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*shape, 1, 1) if _VAE_LINEAR.fullmatch(key) else shape
 
 
+Parts = tuple[tuple[str, tuple[int, ...]], ...]
+
+
 def expected_tensors(
-    configs: Mapping[str, Any],
-) -> dict[str, tuple[str, str, tuple[int, ...]]]:
-    """Every original key with its component, diffusers key and torch shape."""
-    abstract = {
-        "unet": (sd_unet, lambda k: unet_key(k, configs["unet"])),
-        "vae": (vae, lambda k: vae_key(k, configs["vae"])),
-        "text_encoder": (clip_text, text_key),
+    configs: Mapping[str, Any], open_clip: bool = False
+) -> dict[str, tuple[str, Parts, tuple[int, ...]]]:
+    """Every original key with its component, the diffusers keys and shapes it holds
+    (stacked along its first axis) and its own torch shape."""
+    text = open_clip_key if open_clip else (lambda k: (text_key(k), 0))
+    renames = {
+        "unet": (sd_unet, lambda k: (unet_key(k, configs["unet"]), 0)),
+        "vae": (vae, lambda k: (vae_key(k, configs["vae"]), 0)),
+        "text_encoder": (clip_text, text),
     }
     expected = {}
-    for component, (module, rename) in abstract.items():
-        state = module.abstract(configs[component])[1]
-        for key, shape in diffusers_sd.expected_tensors(state).items():
-            original = rename(key)
-            expected[original] = (component, key, _original_shape(original, shape))
+    for component, (module, rename) in renames.items():
+        grouped: dict[str, list[tuple[int, str, tuple[int, ...]]]] = {}
+        for key, shape in diffusers_sd.expected_tensors(
+            module.abstract(configs[component])[1]
+        ).items():
+            original, index = rename(key)
+            grouped.setdefault(original, []).append((index, key, shape))
+        for original, parts in grouped.items():
+            parts.sort()
+            rows = sum(shape[0] for _, _, shape in parts)
+            shape = parts[0][2] if len(parts) == 1 else (rows, *parts[0][2][1:])
+            held = tuple((key, part_shape) for _, key, part_shape in parts)
+            expected[original] = (component, held, _original_shape(original, shape))
     return expected
 
 
@@ -190,12 +239,18 @@ def split_tensors(
 ) -> dict[str, dict[str, Any]]:
     """Each component's diffusers state dict, after one check of every key of the file."""
     tensors = _normalise(tensors)
-    expected = expected_tensors(configs)
+    open_clip = any(k.startswith(OPEN_CLIP_PREFIX) for k in tensors)
+    expected = expected_tensors(configs, open_clip)
     use_ema = ema and any(k.startswith(EMA_PREFIX) and k not in _IGNORED for k in tensors)
     stored = {}  # the key each expected weight is read from
     for key in expected:
         stored[key] = ema_key(key) if use_ema and key.startswith(UNET_PREFIX) else key
     skipped = set(_IGNORED)
+    if open_clip:  # SD 2.x reads the penultimate layer: the next block is not used
+        past = (
+            f"{OPEN_CLIP_PREFIX}transformer.resblocks.{configs['text_encoder'].num_hidden_layers}."
+        )
+        skipped |= {k for k in tensors if k.startswith(past)}
     if use_ema:
         skipped |= {k for k in tensors if k.startswith(UNET_PREFIX)}
     elif not ema:
@@ -205,11 +260,10 @@ def split_tensors(
         source, found, {stored[k]: shape for k, (_, _, shape) in expected.items()}
     )
     split: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
-    for key, (component, new_key, shape) in expected.items():
-        value = np.asarray(tensors[stored[key]])
-        split[component][new_key] = (
-            value.reshape(shape[:2]) if _VAE_LINEAR.fullmatch(key) else value
-        )
+    for key, (component, parts, _) in expected.items():
+        values = np.split(np.asarray(tensors[stored[key]]), len(parts))
+        for (new_key, shape), value in zip(parts, values, strict=True):
+            split[component][new_key] = value.reshape(shape)
     return split
 
 
