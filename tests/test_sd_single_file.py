@@ -360,3 +360,25 @@ def test_bad_file_names_every_key_in_one_error(sd1, tmp_path):
         r"\(4,32,1,1\)",
         message,
     )
+
+
+def test_bad_open_clip_file_names_every_key(sd2, tmp_path):
+    """SD 2.x: a fused in_proj of the wrong size and a block past the one ldm keeps."""
+    import safetensors.numpy
+
+    folder, _, _, tensors = sd2
+    p = "cond_stage_model.model."
+    bad = dict(tensors)
+    del bad[p + "ln_final.bias"]
+    bad[p + "transformer.resblocks.3.ln_1.weight"] = np.zeros(32, np.float32)
+    bad[p + "transformer.resblocks.1.attn.in_proj_weight"] = np.zeros((64, 32), np.float32)
+    path = str(tmp_path / "bad.safetensors")
+    safetensors.numpy.save_file(bad, path)
+    with pytest.raises(state_dict.StateDictError) as err:
+        sd_single_file.load(path, str(folder))
+    message = str(err.value)
+    assert f"1 missing: {p}ln_final.bias (32)" in message
+    assert f"1 unexpected: {p}transformer.resblocks.3.ln_1.weight (32)" in message
+    assert f"{p}transformer.resblocks.1.attn.in_proj_weight expected (96,32) found (64,32)" in (
+        message
+    )
