@@ -9,6 +9,7 @@ then that the importer gives the reference's outputs within 1e-4 of the output s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdedit_jax.importers import sd_single_file, state_dict
+from sdedit_jax.importers import diffusers_sd, sd_single_file, state_dict
 from sdedit_jax.models import clip_text, sd_unet, vae
 from tests import sd_reference
 
@@ -382,3 +383,78 @@ def test_bad_open_clip_file_names_every_key(sd2, tmp_path):
     assert f"{p}transformer.resblocks.1.attn.in_proj_weight expected (96,32) found (64,32)" in (
         message
     )
+
+
+@pytest.mark.parametrize("structure", ["sd1", "sd2"])
+def test_architecture_inferred_from_the_tensors(structure, request):
+    """Without a config folder, the tensors give the folder's configs (but for what the
+    tensors do not hold: native size, scaling factor, and SD 2.x's head counts, which
+    follow ldm's 64 channels per head) and the same weights."""
+    folder, path, _, _ = request.getfixturevalue(structure)
+    given = sd_single_file.configs_from(str(folder))
+    inferred = sd_single_file.load(path)
+    unet = inferred["unet"].config
+    assert unet.sample_size == 64 and inferred["vae"].config.scaling_factor == 0.18215
+    if structure == "sd2":  # the tiny SD 2.x U-Net has 2 and 4 heads, not 1 per 64 channels
+        assert unet.attention_heads == (1, 1)
+        unet = dataclasses.replace(unet, attention_heads=given["unet"].attention_heads)
+    assert dataclasses.replace(unet, sample_size=given["unet"].sample_size) == given["unet"]
+    assert (
+        dataclasses.replace(
+            inferred["vae"].config, scaling_factor=given["vae"].scaling_factor, sample_size=32
+        )
+        == given["vae"]
+    )
+    text = inferred["text_encoder"].config
+    assert text.num_attention_heads == 1  # 32 channels: one head by ldm's rule, 4 in the folder
+    assert dataclasses.replace(text, num_attention_heads=4) == given["text_encoder"]
+    tensors = sd_single_file.read_tensors(path)
+    by_folder = sd_single_file.split_tensors(path, tensors, given)
+    by_tensors = sd_single_file.split_tensors(path, tensors, sd_single_file.infer_configs(tensors))
+    for name, weights in by_folder.items():
+        assert by_tensors[name].keys() == weights.keys()
+        for key, value in weights.items():
+            np.testing.assert_array_equal(by_tensors[name][key], value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["sd15", "sd21"])
+def test_published_architectures_inferred_from_their_tensors(version):
+    """The full-size SD 1.5 / SD 2.1 structures (built on torch's meta device, written
+    in the original layout as zero-stride arrays) give the published configs back."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    import safetensors  # noqa: F401  (the single-file reader's dependency)
+
+    unet_json, text_json = {
+        "sd15": (sd_reference.SD15_UNET, sd_reference.CLIP_VIT_L),
+        "sd21": (sd_reference.SD21_UNET, sd_reference.OPENCLIP_H),
+    }[version]
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(unet_json)
+        autoencoder = diffusers.AutoencoderKL.from_config(sd_reference.SD_VAE)
+        text = transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(**{k: v for k, v in text_json.items() if k != "model_type"})
+        )
+
+    def shapes(model):
+        return {
+            k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in model.state_dict().items()
+        }
+
+    tensors = {
+        **original_unet(shapes(unet), unet_json),
+        **original_vae(shapes(autoencoder), 4, sd_reference.SD_VAE["layers_per_block"]),
+    }
+    if version == "sd21":
+        tensors |= original_open_clip(shapes(text), 23, np.random.default_rng(0))
+    else:
+        tensors |= original_text(shapes(text))
+    configs = sd_single_file.infer_configs(tensors)
+    expected_unet = diffusers_sd.unet_config(unet_json)
+    assert (
+        dataclasses.replace(configs["unet"], sample_size=expected_unet.sample_size) == expected_unet
+    )
+    assert configs["vae"] == diffusers_sd.vae_config(sd_reference.SD_VAE)
+    assert configs["text_encoder"] == diffusers_sd.text_encoder_config(text_json)

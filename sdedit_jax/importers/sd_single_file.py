@@ -5,12 +5,14 @@ One ``.safetensors`` or ``.ckpt`` holds the U-Net (``model.diffusion_model.*``),
 (``cond_stage_model.transformer.*``) or SD 2.x's OpenCLIP (``cond_stage_model.model.*``,
 fused ``in_proj`` query/key/value; its projection, logit scale and the one block past the
 penultimate layer SD 2.x reads are not used).
+
 The architecture comes from a diffusers config folder (``unet/``, ``vae/``,
-``text_encoder/`` with their ``config.json``); each expected diffusers key is given its
-original name here, so the file is checked once, in the names a user sees in it (every
-missing, unexpected and mis-shaped tensor in one error), and then renamed to the diffusers
-keys that :mod:`sdedit_jax.importers.diffusers_sd` loads: the architecture mapping stays
-there. ``.ckpt`` files go through the allow-listed torch reader (a Lightning checkpoint's
+``text_encoder/`` with their ``config.json``) or is read off the tensors' shapes. Each
+expected diffusers key is given its original name here, so the file is checked once, in
+the names a user sees in it (every missing, unexpected and mis-shaped tensor in one
+error), and then renamed to the diffusers keys that
+:mod:`sdedit_jax.importers.diffusers_sd` loads: the architecture mapping stays there.
+``.ckpt`` files go through the allow-listed torch reader (a Lightning checkpoint's
 ``state_dict`` entry is taken). EMA weights (``model_ema.<key without dots>``) replace the
 U-Net's when the file has them, unless ``ema=False``.
 """
@@ -285,11 +287,17 @@ def configs_from(folder: str) -> dict[str, Any]:
     return configs
 
 
-def load(path: str, config_folder: str, ema: bool = True) -> dict[str, diffusers_sd.Component]:
+def load(
+    path: str, config_folder: str | None = None, ema: bool = True
+) -> dict[str, diffusers_sd.Component]:
     """The U-Net, VAE and text encoder of a single-file checkpoint, with the architecture
-    of ``config_folder`` (a diffusers SD folder, or one with only the three config.json)."""
-    configs = configs_from(config_folder)
-    split = split_tensors(path, read_tensors(path), configs, ema)
+    of ``config_folder`` (a diffusers SD folder, or one with only the three config.json),
+    or inferred from the tensors (:func:`infer_configs`) without one."""
+    configs = configs_from(config_folder) if config_folder is not None else None
+    tensors = read_tensors(path)
+    if configs is None:
+        configs = infer_configs(tensors, path)
+    split = split_tensors(path, tensors, configs, ema)
     states = {
         "unet": diffusers_sd.unet_state,
         "vae": diffusers_sd.vae_state,
@@ -299,3 +307,120 @@ def load(path: str, config_folder: str, ema: bool = True) -> dict[str, diffusers
         c: diffusers_sd.Component(configs[c], states[c](split[c], configs[c], path), path)
         for c in COMPONENTS
     }
+
+
+# --- architecture from the tensors ----------------------------------------------------------
+
+
+def _count(tensors: Mapping[str, Any], pattern: str) -> int:
+    """How many distinct indices the ``(\\d+)`` of ``pattern`` takes among the keys."""
+    regex = re.compile(pattern)
+    return len({m[1] for k in tensors if (m := regex.match(k))})
+
+
+def _dims(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise state_dict.StateDictError(f"cannot infer the architecture: no tensor {key}")
+    return tuple(int(n) for n in np.shape(tensors[key]))
+
+
+def _heads(width: int) -> int:
+    """ldm's 64 channels per head (at least one head in a narrower layer)."""
+    return max(1, width // 64)
+
+
+def infer_unet(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``UNet2DConditionModel`` config.json from ldm's U-Net tensors. Head counts are not
+    in the tensors: ldm's SD 1.x config has 8 heads, SD 2.x's (linear projections) 64
+    channels per head; the native size is taken as 64 latents (SD 2.x 768 px: 96)."""
+    p = UNET_PREFIX
+    levels = _count(tensors, rf"{re.escape(p)}input_blocks\.(\d+)\.0\.op\.weight") + 1
+    blocks = _count(tensors, rf"{re.escape(p)}input_blocks\.(\d+)\.")
+    layers = blocks // levels - 1
+    first = [1 + level * (layers + 1) for level in range(levels)]
+    channels = [_dims(tensors, f"{p}input_blocks.{i}.0.out_layers.3.weight")[0] for i in first]
+    down = [f"{p}input_blocks.{i}.1." for i in first]
+    up = [f"{p}output_blocks.{level * (layers + 1)}.1." for level in range(levels)]
+    down_attn = [f"{b}proj_in.weight" in tensors for b in down]
+    up_attn = [f"{b}proj_in.weight" in tensors for b in up]
+    attention = next((b for b, a in zip(down + up, down_attn + up_attn, strict=True) if a), None)
+    if attention is None:
+        raise state_dict.StateDictError("cannot infer the architecture: no attention blocks")
+    linear = len(_dims(tensors, f"{attention}proj_in.weight")) == 2
+    depth = [
+        _count(tensors, rf"{re.escape(b)}transformer_blocks\.(\d+)\.") if a else 1
+        for b, a in zip(down, down_attn, strict=True)
+    ]
+    return {
+        "in_channels": _dims(tensors, f"{p}input_blocks.0.0.weight")[1],
+        "out_channels": _dims(tensors, f"{p}out.2.weight")[0],
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
+        "cross_attention_dim": _dims(tensors, f"{attention}transformer_blocks.0.attn2.to_k.weight")[
+            1
+        ],
+        "attention_head_dim": [_heads(c) for c in channels] if linear else 8,
+        "use_linear_projection": linear,
+        "transformer_layers_per_block": depth,
+    }
+
+
+def infer_vae(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``AutoencoderKL`` config.json from ldm's VAE tensors (scaling factor 0.18215, SD's)."""
+    p = VAE_PREFIX
+    levels = _count(tensors, rf"{re.escape(p)}encoder\.down\.(\d+)\.")
+    channels = [
+        _dims(tensors, f"{p}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)
+    ]
+    return {
+        "in_channels": _dims(tensors, f"{p}encoder.conv_in.weight")[1],
+        "out_channels": _dims(tensors, f"{p}decoder.conv_out.weight")[0],
+        "block_out_channels": channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": _count(tensors, rf"{re.escape(p)}encoder\.down\.0\.block\.(\d+)\."),
+        "latent_channels": _dims(tensors, f"{p}post_quant_conv.weight")[1],
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    }
+
+
+def infer_text_encoder(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``CLIPTextModel`` config.json: SD 1.x's CLIP (quick-GELU) or SD 2.x's OpenCLIP
+    (GELU, its penultimate layer), 64 channels per head as in both."""
+    if f"{OPEN_CLIP_PREFIX}token_embedding.weight" in tensors:
+        p = OPEN_CLIP_PREFIX
+        vocab, hidden = _dims(tensors, f"{p}token_embedding.weight")
+        positions = _dims(tensors, f"{p}positional_embedding")[0]
+        layers = _count(tensors, rf"{re.escape(p)}transformer\.resblocks\.(\d+)\.") - 1
+        inner, act = _dims(tensors, f"{p}transformer.resblocks.0.mlp.c_fc.weight")[0], "gelu"
+    else:
+        p = f"{TEXT_PREFIX}text_model."
+        vocab, hidden = _dims(tensors, f"{p}embeddings.token_embedding.weight")
+        positions = _dims(tensors, f"{p}embeddings.position_embedding.weight")[0]
+        layers = _count(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
+        inner, act = _dims(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0], "quick_gelu"
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inner,
+        "num_hidden_layers": layers,
+        "num_attention_heads": _heads(hidden),
+        "max_position_embeddings": positions,
+        "hidden_act": act,
+    }
+
+
+def infer_configs(tensors: Mapping[str, Any], source: str = "") -> dict[str, Any]:
+    """The three components' frozen configs, read off a single file's tensors."""
+    tensors = _normalise(tensors)
+    try:
+        return {
+            "unet": diffusers_sd.unet_config(infer_unet(tensors)),
+            "vae": diffusers_sd.vae_config(infer_vae(tensors)),
+            "text_encoder": diffusers_sd.text_encoder_config(infer_text_encoder(tensors)),
+        }
+    except ValueError as err:
+        raise type(err)(f"{source}: {err}" if source else str(err)) from None
