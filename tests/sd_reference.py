@@ -336,3 +336,25 @@ OPENCLIP_H = {  # SD 2.x (the penultimate layer's output: 23 of ViT-H's 24 layer
     "hidden_act": "gelu",
     "projection_dim": 512,
 }
+
+
+PUBLISHED = {"sd15": (SD15_UNET, CLIP_VIT_L), "sd21": (SD21_UNET, OPENCLIP_H)}
+
+
+def published_structures(version: str) -> tuple[dict, dict, dict]:
+    """The full-size U-Net, VAE and text encoder of ``version`` (a key of ``PUBLISHED``),
+    built by diffusers/transformers on torch's meta device (shapes, no weights), with the
+    U-Net's and text encoder's configs: ``(models, unet_json, text_json)``."""
+    import diffusers
+    import torch
+    import transformers
+
+    unet_json, text_json = PUBLISHED[version]
+    text_fields = {k: v for k, v in text_json.items() if k != "model_type"}
+    with torch.device("meta"):
+        models = {
+            "unet": diffusers.UNet2DConditionModel.from_config(unet_json),
+            "vae": diffusers.AutoencoderKL.from_config(SD_VAE),
+            "text": transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_fields)),
+        }
+    return models, unet_json, text_json

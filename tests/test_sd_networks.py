@@ -238,24 +238,9 @@ def test_configs_round_trip_through_json():
 def test_published_structures_have_the_references_tensors(version):
     """Every key and shape of the full-size SD 1.5 / 2.1 U-Net, VAE and text encoder
     (built by the reference libraries on torch's meta device: no weights)."""
-    torch = _torch()
-    transformers = pytest.importorskip("transformers")
-    import diffusers
-
-    unet_json, text_json = {
-        "sd15": (sd_reference.SD15_UNET, sd_reference.CLIP_VIT_L),
-        "sd21": (sd_reference.SD21_UNET, sd_reference.OPENCLIP_H),
-    }[version]
-    with torch.device("meta"):
-        references = {
-            "unet": diffusers.UNet2DConditionModel.from_config(unet_json),
-            "vae": diffusers.AutoencoderKL.from_config(sd_reference.SD_VAE),
-            "text": transformers.CLIPTextModel(
-                transformers.CLIPTextConfig(
-                    **{k: v for k, v in text_json.items() if k != "model_type"}
-                )
-            ),
-        }
+    _torch()
+    pytest.importorskip("transformers")
+    references, unet_json, text_json = sd_reference.published_structures(version)
     ports = {
         "unet": sd_unet.abstract(diffusers_sd.unet_config(unet_json)),
         "vae": vae.abstract(diffusers_sd.vae_config(sd_reference.SD_VAE)),

@@ -422,21 +422,10 @@ def test_architecture_inferred_from_the_tensors(structure, request):
 def test_published_architectures_inferred_from_their_tensors(version):
     """The full-size SD 1.5 / SD 2.1 structures (built on torch's meta device, written
     in the original layout as zero-stride arrays) give the published configs back."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    diffusers = pytest.importorskip("diffusers")
-    import safetensors  # noqa: F401  (the single-file reader's dependency)
-
-    unet_json, text_json = {
-        "sd15": (sd_reference.SD15_UNET, sd_reference.CLIP_VIT_L),
-        "sd21": (sd_reference.SD21_UNET, sd_reference.OPENCLIP_H),
-    }[version]
-    with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel.from_config(unet_json)
-        autoencoder = diffusers.AutoencoderKL.from_config(sd_reference.SD_VAE)
-        text = transformers.CLIPTextModel(
-            transformers.CLIPTextConfig(**{k: v for k, v in text_json.items() if k != "model_type"})
-        )
+    for module in ("torch", "transformers", "diffusers", "safetensors"):
+        pytest.importorskip(module)
+    models, unet_json, text_json = sd_reference.published_structures(version)
+    unet, autoencoder, text = models["unet"], models["vae"], models["text"]
 
     def shapes(model):
         return {
