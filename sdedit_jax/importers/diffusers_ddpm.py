@@ -17,7 +17,8 @@ from flax import nnx
 
 from sdedit_jax.importers import state_dict
 from sdedit_jax.models import ddpm_unet
-from sdedit_jax.models.ddpm_unet import DDPMUNetConfig, UnsupportedConfig
+from sdedit_jax.models.architecture import UnsupportedConfig
+from sdedit_jax.models.ddpm_unet import DDPMUNetConfig
 
 # UNet2DModel's defaults, used for fields a diffusers config.json leaves out.
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {

@@ -28,6 +28,7 @@ from flax import nnx
 
 from sdedit_jax.importers import diffusers, fields, state_dict
 from sdedit_jax.models import clip_text, sd_unet, vae
+from sdedit_jax.models.architecture import UnsupportedConfig
 from sdedit_jax.util import files
 
 CONFIG_FILE = "config.json"
@@ -179,10 +180,6 @@ _TEXT_FIELDS = (
     "hidden_act",
     "layer_norm_eps",
 )
-
-
-class UnsupportedConfig(ValueError):
-    """A component's config asks for a network these ports do not implement."""
 
 
 def _with_defaults(

@@ -26,7 +26,8 @@ import numpy as np
 
 from sdedit_jax.importers import diffusers_ddpm, torch_pickle
 from sdedit_jax.importers.imported import Imported
-from sdedit_jax.models.ddpm_unet import DDPMUNetConfig, UnsupportedConfig
+from sdedit_jax.models.architecture import UnsupportedConfig
+from sdedit_jax.models.ddpm_unet import DDPMUNetConfig
 from sdedit_jax.util import files
 
 FORMAT = "ddim"

@@ -36,6 +36,10 @@ import jax
 from flax import nnx
 
 
+class UnsupportedConfig(ValueError):
+    """A config (the project's or a checkpoint's) asks for a network no port here implements."""
+
+
 class Network(Protocol):
     """What every architecture's module is, called (see the module docstring)."""
 

@@ -19,16 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdedit_jax.models import initialise
+from sdedit_jax.models.architecture import UnsupportedConfig
 from sdedit_jax.models.ddpm_unet import COMPUTE_DTYPES
 from sdedit_jax.models.sd_layers import LayerNorm, Linear, attend
 from sdedit_jax.util.config import frozen
 
 Array = jax.Array
 ACTIVATIONS = ("quick_gelu", "gelu")
-
-
-class UnsupportedConfig(ValueError):
-    """A config asks for a text encoder this port does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,16 +31,12 @@ import numpy as np
 from flax import nnx
 
 from sdedit_jax.models import initialise, layers
-from sdedit_jax.models.architecture import Architecture, unconditional
+from sdedit_jax.models.architecture import Architecture, UnsupportedConfig, unconditional
 from sdedit_jax.util.config import frozen
 
 Array = jax.Array
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-class UnsupportedConfig(ValueError):
-    """A checkpoint config asks for a network this port does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)

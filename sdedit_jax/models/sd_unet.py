@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdedit_jax.models import initialise
-from sdedit_jax.models.architecture import Architecture
+from sdedit_jax.models.architecture import Architecture, UnsupportedConfig
 from sdedit_jax.models.ddpm_unet import COMPUTE_DTYPES, TimestepEmbedding, timestep_features
 from sdedit_jax.models.sd_layers import (
     Attention,
@@ -42,10 +42,6 @@ from sdedit_jax.models.sd_layers import (
 from sdedit_jax.util.config import frozen
 
 Array = jax.Array
-
-
-class UnsupportedConfig(ValueError):
-    """A config asks for a network this port does not implement."""
 
 
 def _per_level(name: str, value: tuple, levels: int) -> None:

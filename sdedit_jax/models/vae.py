@@ -19,16 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdedit_jax.models import initialise
+from sdedit_jax.models.architecture import UnsupportedConfig
 from sdedit_jax.models.ddpm_unet import COMPUTE_DTYPES
 from sdedit_jax.models.sd_layers import Attention, Conv, GroupNorm, Resnet, attend, upsample_nearest
 from sdedit_jax.util.config import frozen
 
 Array = jax.Array
 EPS = 1e-6  # diffusers' resnet_eps of the VAE's blocks and norms
-
-
-class UnsupportedConfig(ValueError):
-    """A config asks for an autoencoder this port does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
