@@ -159,8 +159,11 @@ def test_the_sink_reports_each_example_once_its_files_are_published(tmp_path, pn
     assert sum(count for count, _, _ in calls) == sink.rows_written == 3
     if npz == "shards":  # one file for the batch: its examples count with their record
         assert calls == [(3, 1, True)]
-    else:  # each image as its file appears, the failure row with its record
-        assert calls == [(1, 1, False), (1, 2, False), (1, 2, True)]
+    else:  # each image once its file is on disk, the failure row with its record
+        # (the writer thread may already be one file ahead when the first report runs)
+        assert [count for count, _, _ in calls] == [1, 1, 1]
+        assert calls[0][1] >= 1 and calls[1][1] == calls[2][1] == 2
+        assert [failed for _, _, failed in calls] == [False, False, True]
 
 
 def test_progress_every_s_is_checked():
