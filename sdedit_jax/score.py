@@ -1,13 +1,16 @@
 """From network output to the score ``grad_x log p_t(x)``.
 
-Three parameterisations of the network output ``out`` are supported, with
-``s(t)`` the std of the SDE's perturbation kernel:
+Four parameterisations of the network output ``out`` are supported, with
+``x_t = m(t) x_0 + s(t) z`` the SDE's perturbation kernel:
 
 * ``"score"``: ``out`` is the score itself.
 * ``"noise"``: ``out`` predicts the noise ``z`` in ``x_t = m x_0 + s z``;
   since ``grad log p(x_t | x_0) = -z / s``, the score is ``-out / s``.
 * ``"scaled"``: NCSN++'s "scale by sigma": ``score = out / s``, which keeps the
   network output O(1) over the huge sigma range of VE SDEs.
+* ``"velocity"``: ``out`` predicts ``v = m z - s x_0`` (diffusers' ``v_prediction``,
+  Stable Diffusion 2.x at 768 px); on a VP process (``m^2 + s^2 = 1``) the noise is
+  ``z = m v + s x_t``, so the score is ``-(m / s) out - x_t``.
 
 The network's time input (``condition``) is the SDE's ``t``, DDPM's timestep
 ``t * T - 1`` or ``sigma = s(t)``; a network trained on [0, 1] pixels (``data_range``)
@@ -33,23 +36,33 @@ from sdedit_jax.sde import SDE, VESDE
 
 Array = jax.Array
 
-PARAMETERIZATIONS = ("score", "noise", "scaled")
+PARAMETERIZATIONS = ("score", "noise", "scaled", "velocity")
 CONDITIONS = ("t", "timestep", "sigma")
 
 
-def check_parameterization(parameterization: str) -> None:
+def check_parameterization(parameterization: str, sde: SDE | None = None) -> None:
+    """Raises ``ValueError`` for an unknown name, or "velocity" on a non-VP ``sde``."""
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(
             f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}"
         )
+    if parameterization == "velocity" and sde is not None and not sde.variance_preserving:
+        raise ValueError(
+            f"parameterization 'velocity' needs a variance-preserving SDE, got {type(sde).__name__}"
+        )
 
 
-def output_to_score(out: Array, std: Array, parameterization: str) -> Array:
-    """Converts network output to a score; ``std`` is ``s(t)`` as ``[B]``."""
+def output_to_score(
+    out: Array, x: Array, mean_coeff: Array, std: Array, parameterization: str
+) -> Array:
+    """Network output at ``x`` as a score; ``mean_coeff``, ``std``: ``m(t)``, ``s(t)``, ``[B]``."""
     check_parameterization(parameterization)
     if parameterization == "score":
         return out
     inv_std = jnp.reshape(1.0 / std, std.shape + (1,) * (out.ndim - 1))
+    if parameterization == "velocity":
+        ratio = jnp.reshape(mean_coeff, inv_std.shape) * inv_std
+        return -ratio * out - x
     return -out * inv_std if parameterization == "noise" else out * inv_std
 
 
@@ -124,12 +137,14 @@ def apply_score(
     is passed only when given, so networks without dropout need not take it. Shared by
     the training loss and :class:`ScoreApply`.
     """
+    check_parameterization(parameterization, sde)
     scale, shift = _affine(data_range)
     identity = (scale, shift) == (1.0, 0.0)
     x_net = x if identity else x * scale + shift
     extra = {} if rngs is None else {"rngs": rngs}
     out = net(x_net, condition_value(sde, t, condition), cond, train=train, **extra)
-    score = output_to_score(out, sde.marginal_std(t), parameterization)
+    mean_coeff = jnp.exp(sde.log_mean_coeff(t))
+    score = output_to_score(out, x_net, mean_coeff, sde.marginal_std(t), parameterization)
     # d/dx log p(scale x + shift) = scale * (network-space score).
     return score if identity else scale * score
 
@@ -184,7 +199,7 @@ def make_score_fn(
         condition: the network's time input, one of :data:`CONDITIONS`.
         data_range: the pixels the network was trained on, a key of :data:`DATA_RANGES`.
     """
-    check_parameterization(parameterization)
+    check_parameterization(parameterization, sde)
     check_condition(condition, sde)
     check_data_range(data_range)
     apply = ScoreApply(graphdef, sde, parameterization, condition, data_range)

@@ -80,6 +80,11 @@ class SDE:
         return self.eps
 
     @property
+    def variance_preserving(self) -> bool:
+        """Whether ``m(t)^2 + s(t)^2 = 1`` (what a velocity-predicting network assumes)."""
+        return False
+
+    @property
     def noise_free_end(self) -> bool:
         """Whether integrating to ``eps`` ends with that final data-prediction step."""
         return self.last_noisy_time > self.eps
@@ -159,6 +164,8 @@ class _LinearBetaSDE(SDE):
 @dataclasses.dataclass(frozen=True)
 class VPSDE(_LinearBetaSDE):
     """Variance-preserving SDE (DDPM in the continuous limit)."""
+
+    variance_preserving = True
 
     def marginal_var(self, t):
         return -jnp.expm1(2.0 * self.log_mean_coeff(t))
@@ -261,6 +268,7 @@ class DiscreteVPSDE(SDE):
     num_timesteps: int = 1000
     eps: float = 0.0
     beta_schedule: str = "linear"
+    variance_preserving = True
 
     def __post_init__(self):
         if self.beta_schedule not in BETA_SCHEDULES:

@@ -123,18 +123,26 @@ def test_config_errors_name_the_field():
 
 
 def test_output_to_score_follows_the_definitions():
-    out = _normal(4, (2, 4, 4, 3))
-    std = jnp.array([0.5, 2.0])
-    std_b = std[:, None, None, None]
-    np.testing.assert_array_equal(score_lib.output_to_score(out, std, "score"), out)
-    np.testing.assert_allclose(
-        score_lib.output_to_score(out, std, "noise"), -out / std_b, rtol=1e-6
-    )
-    np.testing.assert_allclose(
-        score_lib.output_to_score(out, std, "scaled"), out / std_b, rtol=1e-6
-    )
+    out, x = _normal(4, (2, 4, 4, 3)), _normal(5, (2, 4, 4, 3))
+    m, std = jnp.array([0.6, 0.8]), jnp.array([0.8, 0.6])
+    m_b, std_b = m[:, None, None, None], std[:, None, None, None]
+
+    def to_score(parameterization):
+        return score_lib.output_to_score(out, x, m, std, parameterization)
+
+    np.testing.assert_array_equal(to_score("score"), out)
+    np.testing.assert_allclose(to_score("noise"), -out / std_b, rtol=1e-6)
+    np.testing.assert_allclose(to_score("scaled"), out / std_b, rtol=1e-6)
+    # v = m z - s x0 with x = m x0 + s z, m^2 + s^2 = 1: z = m v + s x, score = -z / s.
+    np.testing.assert_allclose(to_score("velocity"), -(m_b * out + std_b * x) / std_b, rtol=1e-5)
     with pytest.raises(ValueError, match="parameterization"):
-        score_lib.output_to_score(out, std, "eps")
+        to_score("eps")
+
+
+def test_velocity_needs_a_variance_preserving_sde():
+    score_lib.check_parameterization("velocity", VPSDE())
+    with pytest.raises(ValueError, match="variance-preserving SDE, got VESDE"):
+        score_lib.check_parameterization("velocity", VESDE())
 
 
 class _OracleModel(nnx.Module):
@@ -147,7 +155,9 @@ class _OracleModel(nnx.Module):
 
     def __call__(self, x, t, cond=None, *, train=False, rngs=None):
         s = self.sde.marginal_std(t)[:, None, None, None]
-        return {"noise": x / s, "scaled": -x / s, "score": -x / s**2}[self.parameterization]
+        m = jnp.exp(self.sde.log_mean_coeff(t))[:, None, None, None]
+        outputs = {"noise": x / s, "scaled": -x / s, "score": -x / s**2, "velocity": m * x / s}
+        return outputs[self.parameterization]
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
@@ -155,6 +165,8 @@ class _OracleModel(nnx.Module):
 @pytest.mark.parametrize("likelihood_weighting", [False, True])
 @pytest.mark.slow
 def test_dsm_loss_vanishes_at_the_true_score(sde, parameterization, likelihood_weighting):
+    if parameterization == "velocity" and not sde.variance_preserving:
+        pytest.skip("velocity is defined for variance-preserving SDEs only (tested above)")
     images = jnp.zeros((4, 4, 4, 3))
     kwargs = dict(
         parameterization=parameterization, condition="t", likelihood_weighting=likelihood_weighting
