@@ -8,7 +8,8 @@ replicated. Editing is purely data-parallel, so the program has no collectives.
 
 Score functions are pytrees: their array leaves (model weights) are traced
 arguments and everything else is static, so a new call with the same model
-reuses the compiled program and weights are never baked in as constants. A
+reuses the compiled program and weights are never baked in as constants. A latent
+model's codec (:class:`sdedit_jax.edit.Codec`, its VAE) is split and placed the same way. A
 plain Python function is a static leaf of its own; pass weights through
 ``jax.tree_util.Partial`` (see :func:`sdedit_jax.score.make_score_fn`). A conditional
 score function is called ``score_fn(x, t, cond)`` with the batch's ``cond`` rows
@@ -27,14 +28,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdedit_jax import rng
-from sdedit_jax.edit import sdedit_batch
+from sdedit_jax.edit import Codec, check_projection_noise, sdedit_batch
 from sdedit_jax.sampling.sampler import Sampler
 from sdedit_jax.sampling.steps import paper_steps as paper_steps  # re-exported: engine.paper_steps
 from sdedit_jax.sampling.steps import step_bucket
@@ -54,32 +55,53 @@ def _is_array(leaf: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class _StaticScore:
-    """The hashable, non-array part of a score-function pytree."""
+class _StaticTree:
+    """The hashable, non-array part of a pytree (a score function or a codec)."""
 
     treedef: Any
     static_leaves: tuple
     array_positions: tuple[int, ...]
 
 
-def split_score_fn(score_fn: ScoreFn) -> tuple[_StaticScore, list]:
-    """Splits a score-function pytree into (static part, array leaves)."""
-    leaves, treedef = jax.tree_util.tree_flatten(score_fn)
+def split_tree(tree: Any) -> tuple[_StaticTree, list]:
+    """Splits a pytree (score function, codec) into (static part, array leaves)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
     positions = tuple(i for i, leaf in enumerate(leaves) if _is_array(leaf))
     static = tuple(None if i in positions else leaf for i, leaf in enumerate(leaves))
-    return _StaticScore(treedef, static, positions), [leaves[i] for i in positions]
+    return _StaticTree(treedef, static, positions), [leaves[i] for i in positions]
 
 
-def _merge_score_fn(static: _StaticScore, arrays: list) -> ScoreFn:
+def _merge_tree(static: _StaticTree, arrays: list) -> Any:
     leaves = list(static.static_leaves)
     for position, array in zip(static.array_positions, arrays, strict=True):
         leaves[position] = array
     return jax.tree_util.tree_unflatten(static.treedef, leaves)
 
 
-@functools.partial(jax.jit, static_argnames=("static_score", "sde", "sampler", "repeats", "mesh"))
+class Placed(NamedTuple):
+    """A score function and codec split for the edit program, weights on the mesh."""
+
+    score: _StaticTree
+    score_arrays: list
+    codec: _StaticTree
+    codec_arrays: list
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "static_score",
+        "static_codec",
+        "sde",
+        "sampler",
+        "repeats",
+        "projection_noise",
+        "mesh",
+    ),
+)
 def _edit_program(
     score_arrays: list[jax.Array],
+    codec_arrays: list[jax.Array],
     guides: jax.Array,
     seeds: jax.Array,
     id_words: jax.Array,
@@ -87,38 +109,57 @@ def _edit_program(
     n_steps: jax.Array,
     mask: jax.Array | None,
     cond: Any,
+    initial_noise: jax.Array | None,
     *,
-    static_score: _StaticScore,
+    static_score: _StaticTree,
+    static_codec: _StaticTree,
     sde: SDE,
     sampler: Sampler,
     repeats: int,
+    projection_noise: str,
     mesh: Mesh,
 ) -> jax.Array:
     """The one compiled edit: every row of one global batch, all repeats and steps.
 
-    The rows (``guides`` ... ``cond``, the fields of :class:`EditBatch`) are sharded
-    over the mesh's ``data`` axis and edited per device by a ``shard_map`` of
-    :func:`~sdedit_jax.edit.sdedit_batch`; the score function's weights
-    (``score_arrays``) are replicated and merged back with ``static_score`` on each
-    device. ``mask`` and ``cond`` may be ``None`` (a pytree without leaves); ``cond``'s
-    leaves are split by rows like the images, so each example meets its own
-    conditioning. Static arguments are hashable, so a new batch, new weights of the
-    same network or new per-example values reuse the compiled program.
+    The rows (``guides`` ... ``initial_noise``, the fields of :class:`EditBatch`) are
+    sharded over the mesh's ``data`` axis and edited per device by a ``shard_map`` of
+    :func:`~sdedit_jax.edit.sdedit_batch`; the weights of the score function and of the
+    codec (``score_arrays``, ``codec_arrays``) are replicated and merged back with their
+    static halves on each device (a codec of ``None`` has neither). ``mask``, ``cond``
+    and ``initial_noise`` may be ``None`` (a pytree without leaves); ``cond``'s leaves
+    are split by rows like the images, so each example meets its own conditioning.
+    Static arguments are hashable, so a new batch, new weights of the same network or
+    new per-example values reuse the compiled program.
 
     Returns:
         ``[B, H, W, C]`` edited images, sharded like ``guides``.
     """
 
-    def edit_local(score_arrays, guides, seeds, id_words, t0, n_steps, mask, cond):
-        score_fn = _merge_score_fn(static_score, score_arrays)
-        keys = rng.example_keys(seeds, id_words)
-        return sdedit_batch(score_fn, sde, sampler, guides, keys, t0, n_steps, mask, repeats, cond)
+    def edit_local(score_arrays, codec_arrays, *rows):
+        guides, seeds, id_words, t0, n_steps, mask, cond, initial_noise = rows
+        return sdedit_batch(
+            _merge_tree(static_score, score_arrays),
+            sde,
+            sampler,
+            guides,
+            rng.example_keys(seeds, id_words),
+            t0,
+            n_steps,
+            mask,
+            repeats,
+            cond,
+            codec=_merge_tree(static_codec, codec_arrays),
+            initial_noise=initial_noise,
+            projection_noise=projection_noise,
+        )
 
     rows = PartitionSpec(DATA_AXIS)
     local = jax.shard_map(
-        edit_local, mesh=mesh, in_specs=(PartitionSpec(),) + (rows,) * 7, out_specs=rows
+        edit_local, mesh=mesh, in_specs=(PartitionSpec(),) * 2 + (rows,) * 8, out_specs=rows
     )
-    return local(score_arrays, guides, seeds, id_words, t0, n_steps, mask, cond)
+    return local(
+        score_arrays, codec_arrays, guides, seeds, id_words, t0, n_steps, mask, cond, initial_noise
+    )
 
 
 def compiled_program_count() -> int:
@@ -146,6 +187,8 @@ class EditBatch:
         cond: the score function's per-example conditioning, a pytree whose leaves all
             have the leading axis ``B`` (the score function is then called
             ``score_fn(x, t, cond)``); ``None`` for unconditional models.
+        initial_noise: ``[B, h, w, c]`` noise of the perturbation to ``t0`` (in the
+            codec's space); ``None`` draws it from each example's key.
     """
 
     guides: Rows
@@ -155,6 +198,7 @@ class EditBatch:
     n_steps: Rows
     mask: Rows | None = None
     cond: Any = None
+    initial_noise: Rows | None = None
 
     def map_rows(self, fn: Callable[[Rows], Rows]) -> EditBatch:
         """``fn`` applied to every array of every field (``None`` fields stay ``None``)."""
@@ -164,7 +208,7 @@ class EditBatch:
 
 
 class Editor:
-    """Runs SDEdit for one (SDE, sampler, repeats) on a device mesh.
+    """Runs SDEdit for one (SDE, sampler, repeats, projection noise) on a device mesh.
 
     The compiled step edits ``per_device_batch`` rows on every device (a
     ``shard_map``, so the per-device program is the same for any mesh size);
@@ -184,12 +228,15 @@ class Editor:
         repeats: int = 1,
         mesh: Mesh | None = None,
         per_device_batch: int = 8,
+        projection_noise: str = "fresh",
     ):
+        check_projection_noise(projection_noise)
         if not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats: must be a positive int, got {repeats!r}")
         if not isinstance(per_device_batch, int) or per_device_batch < 1:
             raise ValueError(f"per_device_batch: must be a positive int, got {per_device_batch!r}")
         self.sde, self.sampler, self.repeats = sde, sampler, repeats
+        self.projection_noise = projection_noise
         self.per_device_batch = per_device_batch
         self.mesh = data_mesh() if mesh is None else mesh
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
@@ -204,23 +251,29 @@ class Editor:
         """Rows per compiled step: mesh size * per-device batch."""
         return self.num_devices * self.per_device_batch
 
-    def place_score(self, score_fn: ScoreFn) -> tuple[_StaticScore, list]:
-        """Splits the score function and replicates its weights on the mesh (do it once)."""
-        static, arrays = split_score_fn(score_fn)
-        return static, jax.device_put(arrays, self.replicated)
+    def place_score(self, score_fn: ScoreFn, codec: Codec | None = None) -> Placed:
+        """Splits the score function (and codec) and replicates their weights (do it once)."""
+        static_score, score_arrays = split_tree(score_fn)
+        static_codec, codec_arrays = split_tree(codec)
+        return Placed(
+            static_score,
+            jax.device_put(score_arrays, self.replicated),
+            static_codec,
+            jax.device_put(codec_arrays, self.replicated),
+        )
 
-    def run_global(self, placed_score, batch: EditBatch) -> jax.Array:
+    def run_global(self, placed: Placed, batch: EditBatch) -> jax.Array:
         """One compiled step on sharded arrays of ``global_batch`` rows."""
-        return self._call(_edit_program, placed_score, batch)
+        return self._call(_edit_program, placed, batch)
 
-    def lower(self, placed_score, batch: EditBatch) -> jax.stages.Lowered:
+    def lower(self, placed: Placed, batch: EditBatch) -> jax.stages.Lowered:
         """The step's lowered program (``.compile()`` it to time compilation or read costs)."""
-        return self._call(_edit_program.lower, placed_score, batch)
+        return self._call(_edit_program.lower, placed, batch)
 
-    def _call(self, program, placed_score, batch: EditBatch):
-        static, arrays = placed_score
+    def _call(self, program, placed: Placed, batch: EditBatch):
         return program(
-            arrays,
+            placed.score_arrays,
+            placed.codec_arrays,
             batch.guides,
             batch.seeds,
             batch.id_words,
@@ -228,10 +281,13 @@ class Editor:
             batch.n_steps,
             batch.mask,
             batch.cond,
-            static_score=static,
+            batch.initial_noise,
+            static_score=placed.score,
+            static_codec=placed.codec,
             sde=self.sde,
             sampler=self.sampler,
             repeats=self.repeats,
+            projection_noise=self.projection_noise,
             mesh=self.mesh,
         )
 
@@ -239,14 +295,14 @@ class Editor:
         """Places a host batch of ``global_batch`` rows on the mesh, sharded by rows."""
         return batch.map_rows(lambda v: jax.device_put(v, self.batch_sharding))
 
-    def run(self, placed_score, batch: EditBatch) -> jax.Array:
+    def run(self, placed: Placed, batch: EditBatch) -> jax.Array:
         """Edits a host batch of any size: pads, runs step by step, cuts the padding."""
         size = len(batch.t0)
         padded = _pad_batch(batch, -size % self.global_batch)
         outputs = []
         for start in range(0, size + (-size % self.global_batch), self.global_batch):
             rows = padded.map_rows(_slice_rows(start, start + self.global_batch))
-            outputs.append(self.run_global(placed_score, self.shard(rows)))
+            outputs.append(self.run_global(placed, self.shard(rows)))
         return jax.numpy.concatenate(outputs)[:size]
 
 
@@ -270,6 +326,7 @@ def _pad_batch(batch: EditBatch, pad: int) -> EditBatch:
         n_steps=pad_rows(batch.n_steps, 1),
         mask=None if batch.mask is None else pad_rows(batch.mask, 1.0),
         cond=jax.tree.map(lambda v: pad_rows(v, 0), batch.cond),
+        initial_noise=None if batch.initial_noise is None else pad_rows(batch.initial_noise, 0.0),
     )
 
 
@@ -340,6 +397,9 @@ def sdedit(
     mesh: Mesh | None = None,
     per_device_batch: int = 8,
     cond: Any = None,
+    codec: Codec | None = None,
+    initial_noise=None,
+    projection_noise: str = "fresh",
     **solver_options: Any,
 ) -> jax.Array:
     """Edits ``guides`` with SDEdit on every device (one compiled program per shape).
@@ -370,6 +430,13 @@ def sdedit(
         cond: per-example conditioning of a conditional score model, a pytree whose
             leaves have the leading axis ``B``; the score function is then called
             ``score_fn(x, t, cond)`` with each example's own rows. ``None``: unconditional.
+        codec: a latent model's autoencoder (:class:`sdedit_jax.edit.Codec`; e.g.
+            ``sj.load_model(sd_folder).codec``): the SDE then runs on its latents and the
+            output is decoded and pasted back in pixels. ``None``: the SDE runs on pixels.
+        initial_noise: ``[B, h, w, c]`` noise of the perturbation to ``t0`` (shaped like
+            the encoded guides); default: drawn from each example's key.
+        projection_noise: a masked edit's known-region noise, ``"fresh"`` at every step
+            or ``"initial"`` (the perturbation's own; diffusers' inpainting convention).
         **solver_options: the chosen solvers' own options, e.g. ``eta`` (ddim),
             ``snr`` and ``corrector_steps`` (langevin); see ``Sampler``.
 
@@ -398,7 +465,9 @@ def sdedit(
     mask = None if mask is None else np.asarray(mask, np.float32)
     validate_edit_inputs(guides, t0, steps, mask, sde, sampler)
     cond = _per_example_tree(cond, batch)
-    editor = Editor(sde, sampler, repeats, mesh, per_device_batch)
+    if initial_noise is not None:
+        initial_noise = _checked_initial_noise(initial_noise, guides, codec)
+    editor = Editor(sde, sampler, repeats, mesh, per_device_batch, projection_noise)
     batch_in = EditBatch(
         guides=guides,
         seeds=np.full((batch,), seed, np.int32),
@@ -407,5 +476,23 @@ def sdedit(
         n_steps=steps,
         mask=mask,
         cond=cond,
+        initial_noise=initial_noise,
     )
-    return editor.run(editor.place_score(score_fn), batch_in)
+    return editor.run(editor.place_score(score_fn, codec), batch_in)
+
+
+def _checked_initial_noise(noise, guides: np.ndarray, codec: Codec | None) -> np.ndarray:
+    """``noise`` as float32, checked to have the encoded guides' shape and finite values."""
+    noise = np.asarray(noise, np.float32)
+    if codec is None:
+        expected = guides.shape
+    else:
+        keys = jax.ShapeDtypeStruct((guides.shape[0],), jax.random.key(0).dtype)
+        expected = jax.eval_shape(codec.encode, keys, guides).shape
+    if noise.shape != tuple(expected):
+        raise ValueError(
+            f"initial_noise: shape {noise.shape}, expected {tuple(expected)} (the encoded guides)"
+        )
+    if not np.all(np.isfinite(noise)):
+        raise ValueError("initial_noise: non-finite values")
+    return noise
