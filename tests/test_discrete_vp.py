@@ -16,6 +16,7 @@ from flax import nnx
 
 from sdedit_jax import edit, engine, rng
 from sdedit_jax.sampling import predictors
+from sdedit_jax.sampling.integrate import integrate as sj_integrate
 from sdedit_jax.sampling.sampler import Sampler
 from sdedit_jax.score import make_score_fn
 from sdedit_jax.sde import SDES, VPSDE, DiscreteVPSDE, sde_from_config
@@ -196,3 +197,50 @@ def test_a_diffusers_scheduler_names_the_schedule_and_ddpm_records_stay_as_they_
     assert "beta_schedule" not in sde_of({"beta_schedule": "linear"})  # DDPM folders unchanged
     with pytest.raises(ValueError, match="beta_schedule: 'squaredcos_cap_v2' is not supported"):
         sde_of({"beta_schedule": "squaredcos_cap_v2"})
+
+
+def _timesteps_called(sde, sampler, t0: float, n_steps: int) -> list[float]:
+    """The network timesteps (``t T - 1``) of every score call of one integration."""
+    calls = []
+
+    def recording_score(x, t):
+        jax.debug.callback(lambda ts: calls.append(float(ts[0])), sde.timestep(t))
+        return -x
+
+    ones = jnp.ones((1,))
+    jax.block_until_ready(
+        jax.jit(sj_integrate, static_argnums=(0, 1, 2))(
+            sde, recording_score, sampler, jax.random.split(jax.random.key(0), 1),
+            jnp.ones((1, 4)), t0 * ones, sde.eps * ones, jnp.full((1,), n_steps, jnp.int32),
+        )
+    )  # fmt: skip
+    jax.effects_barrier()
+    return calls
+
+
+@pytest.mark.parametrize("strength,inference_steps", [(0.6, 10), (0.75, 20), (1.0, 4), (0.3, 50)])
+def test_uniform_steps_from_t0_are_diffusers_trailing_ddim_timesteps(strength, inference_steps):
+    """img2img's ``strength`` is t0 and its ``int(num_inference_steps * strength)`` steps
+    are ``n_steps``: the uniform grid reaches the data in even steps whose network times
+    are diffusers' DDIM timesteps with ``timestep_spacing="trailing"`` (``steps_offset=0``),
+    the last one predicting the data as ``set_alpha_to_one=True`` does."""
+    diffusers = pytest.importorskip("diffusers")
+    sde = DiscreteVPSDE(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
+    )  # fmt: skip
+    scheduler.set_timesteps(inference_steps)
+    n_steps = int(inference_steps * strength)
+    expected = scheduler.timesteps.numpy()[inference_steps - n_steps :].tolist()
+    sampler = Sampler(predictor="ddim", max_steps=64, time_grid="uniform")
+    np.testing.assert_allclose(
+        _timesteps_called(sde, sampler, strength, n_steps), expected, atol=1e-3
+    )
+
+
+def test_more_steps_than_timesteps_never_call_below_ddpms_first_step():
+    sde = DiscreteVPSDE()
+    sampler = Sampler(predictor="ddim", max_steps=64, time_grid="uniform")
+    called = _timesteps_called(sde, sampler, 0.01, 40)  # t0 = 10 / T, 40 steps
+    assert len(called) == 40 and min(called) > -1e-3 and called[-1] == pytest.approx(0.0)

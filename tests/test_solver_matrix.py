@@ -4,8 +4,10 @@ Truth: Gaussian data ``N(MU, S^2)`` with its exact score, so the probability-flo
 ODE's map and the reverse SDE's output distribution are known
 (sdedit_jax.tools.gaussian_reference). Where the SDE's end is noise-free
 (``DiscreteVPSDE``, sigma = 0 at t = 0) the integrator's target is the exact flow
-(or output distribution) down to ``sde.last_noisy_time`` followed by the exact data
-prediction there, an affine map; it is checked against the flow to t = 0 too.
+(or output distribution) down to the grid's last noisy time followed by the exact data
+prediction there, an affine map; it is checked against the flow to t = 0 too. That time
+is ``sde.last_noisy_time`` for the log-SNR grids and one even step before the end,
+``max(T0 / n, last_noisy_time)``, for the uniform grid (diffusers' "trailing" DDIM).
 Deterministic solvers are compared pixel by pixel with the exact flow; stochastic ones
 by the output's mean and variance against the process they discretise (the reverse
 SDE, DDIM(eta)'s eta-family member, or for a PC sampler, started at the marginal,
@@ -113,35 +115,44 @@ def _inputs(sde, from_marginal=False):
     return x, guides, jnp.asarray(mask), t0, n_steps, keys, known_noise
 
 
-def _final_data_map(sde):
-    """(k, c): the exact data prediction ``x -> k x + c`` at ``last_noisy_time`` (identity
-    where the end has noise), for Gaussian data."""
+def _noisy_end(sde, grid, n_steps):
+    """Where the integrator's grid ends before a noise-free end (see the module docstring)."""
+    if grid == "uniform" and sde.noise_free_end:
+        return max(T0 / n_steps, sde.last_noisy_time)
+    return sde.last_noisy_time
+
+
+def _final_data_map(sde, end):
+    """(k, c): the exact data prediction ``x -> k x + c`` at time ``end`` (identity where
+    the SDE's end has noise), for Gaussian data."""
     if not sde.noise_free_end:
         return 1.0, 0.0
-    t = jnp.asarray([sde.last_noisy_time])
+    t = jnp.asarray([end])
     m = float(jnp.exp(sde.log_mean_coeff(t))[0])
     var = float(sde.marginal_var(t)[0])
     k = m * S**2 / (m**2 * S**2 + var)
     return k, MU - k * m * MU
 
 
-def _reference_flow(sde, x_t0):
-    k, c = _final_data_map(sde)
-    return k * flow_map(sde, MU, S, x_t0, T0, sde.last_noisy_time) + c
+def _reference_flow(sde, x_t0, end=None):
+    end = sde.last_noisy_time if end is None else end
+    k, c = _final_data_map(sde, end)
+    return k * flow_map(sde, MU, S, x_t0, T0, end) + c
 
 
 @functools.cache
-def _reference_moments(sde, eta=1.0):
+def _reference_moments(sde, eta=1.0, end=None):
     """Output mean and variance of the reverse process DDIM(eta) approximates (eta = 1: the
     reverse SDE, what every other stochastic solver approximates)."""
-    k, c = _final_data_map(sde)
-    mean, var = reverse_moments(sde, MU, S, GUIDE, T0, sde.last_noisy_time, eta)
+    end = sde.last_noisy_time if end is None else end
+    k, c = _final_data_map(sde, end)
+    mean, var = reverse_moments(sde, MU, S, GUIDE, T0, end, eta)
     return k * mean + c, k**2 * var
 
 
-def _reference_marginal(sde):
-    k, c = _final_data_map(sde)
-    mean, std = data_marginal(sde, MU, S, sde.last_noisy_time)
+def _reference_marginal(sde, end):
+    k, c = _final_data_map(sde, end)
+    mean, std = data_marginal(sde, MU, S, end)
     return k * mean + c, (k * std) ** 2
 
 
@@ -246,25 +257,35 @@ def test_finite_no_score_at_sigma_zero_and_converging_at_the_declared_order(solv
     )
     if order == 0:  # the corrector-free "none" keeps its state: nothing converges
         return
+    ends = [_noisy_end(sde, grid, n) for n in (N1, N2, N1, N2)]
     if stochastic:
-        if corrector != "none":  # from p_T0, every marginal-keeping process ends at p_eps
-            mean, var = _reference_marginal(sde)
-        else:
-            mean, var = _reference_moments(sde, eta if name == "ddim" else 1.0)
         errors = []
         for b in range(4):
+            if corrector != "none":  # from p_T0, every marginal-keeping process ends at p_eps
+                mean, var = _reference_marginal(sde, ends[b])
+            else:
+                mean, var = _reference_moments(sde, eta if name == "ddim" else 1.0, ends[b])
             v = out[b][editable[b]]
             errors.append(max(abs(v.var() / var - 1), abs(v.mean() - mean) / np.sqrt(var)))
         floors = [4 * np.sqrt(2.0 / editable[b].sum()) for b in range(4)]  # 4 s.e.
     else:
-        ref = _reference_flow(sde, np.asarray(x))
-        errors = [np.max(np.abs(out[b] - ref[b])[editable[b]]) for b in range(4)]
+        errors = [
+            np.max(np.abs(out[b] - _reference_flow(sde, np.asarray(x[b]), ends[b]))[editable[b]])
+            for b in range(4)
+        ]
         floors = [2e-5] * 4
         if sde_name == "discrete_vp" and name in predictors.PREDICTORS:
             # Runge-Kutta in t meets DDPM's piecewise-constant beta(t) at every knot: first
             # order there, down to the knots' own error (the exponential integrators, exact
             # in the linear part, keep their order).
             order, floors = min(order, 1), [1e-3] * 4
+        if grid == "uniform" and sde.noise_free_end:
+            # The even steps t0 k / n reach the data: their last few have n-independent
+            # log-SNR lengths (sigma^2 ~ t near 0, so log((k + 1) / k) / 2), a first-order
+            # terminal layer for every solver (measured: DPM-Solver++(2M) on SD's schedule
+            # halves its error per doubling, 64 to 512 steps). DDIM, the grid's purpose, is
+            # first order anyway; the log-SNR grids keep the higher orders.
+            order = min(order, 1)
     # Unmasked (examples 0, 1) and masked (2, 3), each at N1 and N2 steps.
     for n1, n2 in ((0, 1), (2, 3)):
         assert _order_ok(errors[n1], errors[n2], order, floors[n2]), errors

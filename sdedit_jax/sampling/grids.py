@@ -8,8 +8,12 @@ grids; the uniform grid keeps the engine's original formula
 ``t_start + (t_end - t_start) * i / n`` (so earlier outputs stay bit-identical),
 whose last point is ``eps`` up to one float32 rounding of ``t_start`` (~6e-8).
 Where ``eps`` is noise-free (an infinite log-SNR, ``DiscreteVPSDE``'s t = 0) the
-integrator ends the grid at ``sde.last_noisy_time`` instead, one step short, and
-takes the last step to ``eps`` itself (see :func:`integrate.integrate`).
+integrator ends the grid one step short, at the grid's :meth:`noisy_end`, and takes
+the last step to ``eps`` itself as a data prediction (see :func:`integrate.integrate`).
+The uniform grid then keeps its even spacing all the way to the data: ``n`` steps from
+``t0`` fall on ``t0 (1 - i / n)`` and the last one predicts the data from ``t0 / n``
+(diffusers' DDIM with ``timestep_spacing="trailing"``), never below the SDE's
+``last_noisy_time``; the log-SNR grids end at ``last_noisy_time``.
 
 * ``uniform``: uniform in ``t`` (the score-SDE papers' and SDEdit's grid);
 * ``logsnr``: uniform in the log-SNR ``lambda_t = log(alpha_t / sigma_t)``
@@ -59,6 +63,10 @@ class UniformGrid:
         del sde
         return t_start + (t_end - t_start) * _fraction(n_steps, i, t_start.dtype)
 
+    def noisy_end(self, sde: SDE, t_start: Array, n_steps: Array) -> Array:
+        """Where ``n_steps`` to a noise-free end leave the grid: one even step before it."""
+        return jnp.maximum(t_start / n_steps.astype(t_start.dtype), sde.last_noisy_time)
+
 
 @dataclasses.dataclass(frozen=True)
 class _LambdaGrid:
@@ -72,6 +80,11 @@ class _LambdaGrid:
         lam = self.log_snr_at(log_snr(sde, t_start), log_snr(sde, t_end), frac)
         t = time_for_log_snr(sde, lam, t_end, t_start)
         return jnp.where(frac <= 0, t_start, jnp.where(frac >= 1, t_end, t))
+
+    def noisy_end(self, sde: SDE, t_start: Array, n_steps: Array) -> Array:
+        """Where the grid ends before a noise-free end: the SDE's last noisy time."""
+        del n_steps
+        return jnp.full_like(t_start, sde.last_noisy_time)
 
 
 @dataclasses.dataclass(frozen=True)

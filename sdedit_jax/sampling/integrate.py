@@ -11,7 +11,8 @@ carries the solver's state (:class:`solver.SolverState`) and runs as many
 iterations as the largest step count in the batch; an example that has
 finished keeps its whole state (sample and history) untouched. A noise-free end
 (sigma = 0) is reached by one final data-prediction step after the loop, so no
-solver and no corrector ever evaluates the score at sigma = 0.
+solver and no corrector ever evaluates the score at sigma = 0; the grid decides
+where that step starts (:meth:`grids.UniformGrid.noisy_end`).
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def integrate(
 
     Where ``t_end`` is noise-free (``marginal_std(t_end) == 0``) on an SDE with
     ``noise_free_end`` (``DiscreteVPSDE``, ``eps = 0``), the first ``n_steps - 1`` steps
-    follow the grid down to ``sde.last_noisy_time`` and the last one is the data
-    prediction from there (:func:`solver.data_step`; a PC sampler's corrector still runs
-    before it): no score is ever evaluated at sigma = 0, and the step count still counts
-    network calls.
+    follow the grid down to its ``noisy_end`` (``t_start / n_steps`` on the uniform grid,
+    at least ``sde.last_noisy_time``) and the last one is the data prediction from there
+    (:func:`solver.data_step`; a PC sampler's corrector still runs before it): no score
+    is ever evaluated at sigma = 0, and the step count still counts network calls.
 
     Args:
         keys: one PRNG key per example; step ``i`` uses ``fold_in(key, i)``.
@@ -79,7 +80,7 @@ def integrate(
         # A noise-free t_end (sigma = 0: a discrete schedule's t = 0) has an infinite
         # log-SNR: its grid ends at the SDE's last noisy time, its last step predicts the data.
         to_data = sde.marginal_std(t_end) == 0
-        grid_end = jnp.where(to_data, jnp.asarray(sde.last_noisy_time, t_end.dtype), t_end)
+        grid_end = jnp.where(to_data, grid.noisy_end(sde, t_start, n_steps), t_end)
         # Steps on the grid; none when t_start is already at the last noisy time.
         loop_steps = jnp.where(to_data, jnp.where(t_start > grid_end, n_steps - 1, 0), n_steps)
         grid_steps = jnp.maximum(loop_steps, 1)
