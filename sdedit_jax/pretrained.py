@@ -46,6 +46,7 @@ from flax import nnx
 
 from sdedit_jax import importers
 from sdedit_jax.importers import fields
+from sdedit_jax.latent import model as latent_model
 from sdedit_jax.models.architecture import Architecture
 from sdedit_jax.models.architectures import ARCHITECTURES
 from sdedit_jax.score import (
@@ -310,12 +311,19 @@ class CheckpointOptions(TypedDict, total=False):
 
     ``format``: the checkpoint format where detection cannot tell; ``image_size``: the
     network's image size where the checkpoint does not record it; ``score_sde_config``:
-    score_sde's config file for a ``checkpoint_<n>``.
+    score_sde's config file for a ``checkpoint_<n>``. Stable Diffusion
+    (:mod:`sdedit_jax.latent.model`): ``config_folder``, the folder with ``tokenizer/``
+    (and ``scheduler/``, component configs) of a single-file checkpoint, which makes the
+    path one; ``variant`` (``"fp16"``) of a diffusers folder's weight files; ``ema``: a
+    single file's EMA weights where it has them (default True).
     """
 
     format: str | None
     image_size: int | None
     score_sde_config: str | None
+    config_folder: str | None
+    variant: str | None
+    ema: bool
 
 
 def _checked(options: dict) -> CheckpointOptions:
@@ -325,19 +333,53 @@ def _checked(options: dict) -> CheckpointOptions:
     return CheckpointOptions(**options)
 
 
+def is_latent(path: str | None, options: CheckpointOptions | None = None) -> bool:
+    """Whether ``path`` holds a latent text-to-image model (Stable Diffusion)."""
+    if path in (None, "", "default"):
+        return False
+    if (options or {}).get("config_folder") is not None:
+        return True
+    return latent_model.is_pipeline_folder(path) or latent_model.is_converted_folder(path)
+
+
+def load_latent(
+    path: str, options: CheckpointOptions, compute_dtype: str | None = None
+) -> latent_model.LatentModel:
+    """A Stable Diffusion model from any of its sources (see :mod:`sdedit_jax.latent.model`)."""
+    if options.get("config_folder") is not None:
+        return latent_model.from_single_file(
+            path, options["config_folder"], options.get("ema", True), compute_dtype
+        )
+    if latent_model.is_converted_folder(path):
+        return latent_model.from_converted_folder(path, compute_dtype)
+    return latent_model.from_pipeline(path, options.get("variant"), compute_dtype)
+
+
 def load_model(
-    model_dir: str | None = None, *, sde: dict | None = None, **options: Unpack[CheckpointOptions]
-) -> LoadedModel:
+    model_dir: str | None = None,
+    *,
+    sde: dict | None = None,
+    compute_dtype: str | None = None,
+    **options: Unpack[CheckpointOptions],
+) -> LoadedModel | latent_model.LatentModel:
     """Loads a score model: the shipped one (default), a model folder, or a checkpoint.
 
     Args:
         model_dir: a model folder, a diffusers folder, a ddim/SDEdit ``.ckpt``/``.pth``
-            or a score_sde ``checkpoint_<n>`` (the latter converted on the fly).
+            or a score_sde ``checkpoint_<n>`` (the latter converted on the fly); or a
+            Stable Diffusion model (a diffusers pipeline folder, a single-file checkpoint
+            with ``config_folder``, or its converted folder), which loads as a
+            :class:`~sdedit_jax.latent.model.LatentModel`.
         sde: overrides the SDE of a checkpoint (``{"name": "ve", ...}``); needed when
             the checkpoint does not record it.
+        compute_dtype: a latent model's network compute type (e.g. ``"bfloat16"``).
         options: see :class:`CheckpointOptions`.
     """
     options = _checked(options)
+    if is_latent(model_dir, options):
+        return load_latent(model_dir, options, compute_dtype)
+    if compute_dtype is not None:
+        raise ValueError("compute_dtype: only latent models take it here; see load_network")
     model_dir, folder = _locate(model_dir, options.get("format"))
     if folder is None:
         return _load_imported(model_dir, sde, options)
@@ -476,6 +518,12 @@ def load_network(
         options: see :class:`CheckpointOptions`.
     """
     options = _checked(options)
+    if is_latent(path, options):
+        unet = load_latent(path, options).unet
+        config = unet.config
+        if compute_dtype is not None:
+            config = dataclasses.replace(config, compute_dtype=compute_dtype)
+        return Network("sd_unet", config, _abstract("sd_unet", config)[0], unet.state)
     path, folder = _locate(path, options.get("format"))
     if folder is not None:
         name, config, state = folder.architecture, folder.config, _folder_state(folder)

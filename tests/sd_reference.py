@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -358,3 +359,44 @@ def published_structures(version: str) -> tuple[dict, dict, dict]:
             "text": transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_fields)),
         }
     return models, unet_json, text_json
+
+
+# (UNet config, text encoder activation, tokenizer pad token) of each tiny structure.
+PIPELINES = {"sd1": (UNET_SD1, "quick_gelu", "<|endoftext|>"), "sd2": (UNET_SD2, "gelu", "!")}
+
+
+def save_pipeline(
+    folder: str, version: str = "sd1", prediction_type: str = "epsilon", seed: int = 0, **save
+):
+    """A whole tiny ``StableDiffusionImg2ImgPipeline`` folder, saved by diffusers itself
+    (``save`` goes to ``save_pretrained``, e.g. ``variant="fp16"``, ``safe_serialization``)."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from transformers import CLIPTokenizer
+
+    unet_config, hidden_act, pad_token = PIPELINES[version]
+    parts = os.path.join(folder, "_parts")
+    write_tokenizer(os.path.join(parts, "tokenizer"), pad_token)
+    pipe = StableDiffusionImg2ImgPipeline(
+        unet=save_unet(os.path.join(parts, "unet"), unet_config, seed),
+        vae=save_vae(os.path.join(parts, "vae"), seed + 1),
+        text_encoder=save_text_encoder(os.path.join(parts, "text"), hidden_act, seed + 2),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(parts, "tokenizer")),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type=prediction_type,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if "variant" in save:
+        pipe = pipe.to(torch.float16)
+    pipe.save_pretrained(folder, **save)
+    shutil.rmtree(parts)
+    return pipe

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdedit_jax.models import clip_tokenizer
+from sdedit_jax.latent import tokenizer as clip_tokenizer
 from tests import sd_reference
 
 pytest.importorskip("tokenizers")

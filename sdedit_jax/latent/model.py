@@ -1,0 +1,480 @@
+"""A latent text-to-image model (Stable Diffusion 1.x / 2.x): load it, save it, use it.
+
+Three sources load to the same :class:`LatentModel`:
+
+* a diffusers pipeline folder: ``model_index.json`` + ``unet/ vae/ text_encoder/
+  tokenizer/ scheduler/`` (safetensors or ``.bin``; ``variant="fp16"`` reads the half
+  files, widened to float32);
+* a single-file checkpoint in the original layout (``model.diffusion_model.*``,
+  ``first_stage_model.*``, ``cond_stage_model.*``; ``.safetensors`` or ``.ckpt``), with
+  ``config=`` a folder holding ``tokenizer/`` (a file carries none), ``scheduler/`` and,
+  optionally, the components' ``config.json`` (else the architecture is read off the
+  tensors);
+* this project's converted folder (:func:`save_folder`, ``python -m sdedit_jax.convert``):
+  ``model_info.json`` with a ``latent`` record, one weight file per component (the
+  U-Net's is the pixel models' ``ema_params_fp32.msgpack``, so ``load_network`` reads it
+  alike) and the tokenizer's files, every file pinned by its sha256.
+
+The schedule is the scheduler config's (``scaled_linear`` 0.00085..0.012 over 1000 steps
+when there is none) as a :class:`~sdedit_jax.sde.DiscreteVPSDE`; ``prediction_type``
+``epsilon`` is the ``noise`` parameterisation, ``v_prediction`` ``velocity``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sdedit_jax.importers import diffusers, diffusers_sd, fields, sd_single_file
+from sdedit_jax.latent import tokenizer as clip_tokenizer
+from sdedit_jax.latent.codec import VAECodec, check_options
+from sdedit_jax.latent.guidance import GuidedScore
+from sdedit_jax.models import clip_text, sd_unet, vae
+from sdedit_jax.score import make_score_fn
+from sdedit_jax.sde import BETA_SCHEDULES, DiscreteVPSDE, sde_from_config
+from sdedit_jax.util import files, weights
+
+MODEL_INDEX = "model_index.json"
+INFO_FILE = "model_info.json"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SCHEDULER_FILE = "scheduler_config.json"
+WEIGHT_FILES = {
+    "unet": "ema_params_fp32.msgpack",
+    "vae": "vae_fp32.msgpack",
+    "text_encoder": "text_encoder_fp32.msgpack",
+}
+TOKENIZER_FILES = (
+    clip_tokenizer.VOCAB_FILE,
+    clip_tokenizer.MERGES_FILE,
+    clip_tokenizer.TOKENIZER_FILE,
+    *clip_tokenizer.CONFIG_FILES,
+)
+PREDICTION_TYPES = {"epsilon": "noise", "v_prediction": "velocity"}
+SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+SD_SCHEDULE_NAME = "scaled_linear"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_states(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(ids)
+
+
+@jax.jit
+def _encode(codec: VAECodec, x: jax.Array) -> jax.Array:
+    return codec.encode(None, x)
+
+
+@jax.jit
+def _decode(codec: VAECodec, z: jax.Array) -> jax.Array:
+    return codec.decode(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One network of the model: its frozen config and float32 weights."""
+
+    config: Any
+    state: nnx.State
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentModel:
+    """A Stable Diffusion model as the edit uses it (see the module docstring).
+
+    ``score_fn(z, t, cond)`` is the guided score of latents (:mod:`.guidance`'s
+    ``cond``), ``sde`` its schedule, ``codec`` the VAE; ``tokenize``/``encode_text`` make
+    the text states of ``cond``, ``encode``/``decode`` map images in [-1, 1] to scaled
+    latents and back.
+    """
+
+    unet: Part
+    vae: Part
+    text_encoder: Part
+    tokenizer: clip_tokenizer.CLIPTokenizer
+    sde: DiscreteVPSDE
+    parameterization: str
+    scaling_factor: float
+    path: str
+    source: dict
+    tokenizer_folder: str
+    tokenizer_sha256: dict
+
+    architecture = "sd_unet"
+    num_channels = 3
+
+    @functools.cached_property
+    def score_fn(self) -> GuidedScore:
+        graphdef, _ = sd_unet.abstract(self.unet.config)
+        conditional = make_score_fn(
+            graphdef, self.unet.state, self.sde, self.parameterization, "timestep"
+        )
+        return GuidedScore(conditional)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels per latent cell: guides must be a multiple of it on each side."""
+        return self.vae.config.size_multiple
+
+    @property
+    def image_size(self) -> int:
+        """The native pixel size: the U-Net's sample size times the VAE's factor."""
+        return self.unet.config.sample_size * self.size_multiple
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @functools.cached_property
+    def codec(self) -> VAECodec:
+        """The VAE as the edit's codec: posterior mean, max-pooled masks."""
+        return self.codec_with()
+
+    def codec_with(self, posterior: str = "mean", mask_downsample: str = "max_pool") -> VAECodec:
+        """The codec with other options (see :class:`~.codec.VAECodec`)."""
+        check_options(posterior, mask_downsample)
+        graphdef, _ = vae.abstract(self.vae.config)
+        return VAECodec(
+            self.vae.state,
+            graphdef,
+            self.scaling_factor,
+            self.size_multiple,
+            posterior,
+            mask_downsample,
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """``int32 [B, 77]`` ids, padded and truncated as transformers' CLIPTokenizer does."""
+        return self.tokenizer(texts)
+
+    def tokenize_with_flags(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and, per text, whether it was longer than the tokenizer's length."""
+        return self.tokenizer.encode(texts)
+
+    def encode_text(self, ids: Any) -> jax.Array:
+        """``[B, 77, D]`` text-encoder states (the pipelines' ``prompt_embeds``)."""
+        graphdef, _ = clip_text.abstract(self.text_encoder.config)
+        return _text_states(graphdef, self.text_encoder.state, np.asarray(ids, np.int32))
+
+    def encode(self, x: Any) -> jax.Array:
+        """Images ``[B, H, W, 3]`` in [-1, 1] to scaled latents (the posterior mean)."""
+        return _encode(self.codec_with(), np.asarray(x, np.float32))
+
+    def decode(self, z: Any) -> jax.Array:
+        """Scaled latents to images (about [-1, 1], not clipped)."""
+        return _decode(self.codec_with(), np.asarray(z, np.float32))
+
+    @functools.cached_property
+    def checksum(self) -> str:
+        """One sha256 over every file the model was read from (recorded with outputs)."""
+        return _digest({"source": self.source["sha256"], "tokenizer": self.tokenizer_sha256})
+
+    @functools.cached_property
+    def description(self) -> dict:
+        """Everything that decides the model's outputs besides weights, JSON-ready."""
+        sde = {"name": "discrete_vp", **dataclasses.asdict(self.sde)}
+        return json.loads(
+            json.dumps(
+                {
+                    "architecture": "stable_diffusion",
+                    "unet": dataclasses.asdict(self.unet.config),
+                    "vae": dataclasses.asdict(self.vae.config),
+                    "text_encoder": dataclasses.asdict(self.text_encoder.config),
+                    "tokenizer_max_length": self.tokenizer.max_length,
+                    "sde": sde,
+                    "parameterization": self.parameterization,
+                    "scaling_factor": self.scaling_factor,
+                    "source_sha256": self.source["sha256"],
+                }
+            )
+        )
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+# --- the schedule ---------------------------------------------------------------------------
+
+
+def schedule(path: str | None) -> tuple[dict, str]:
+    """``(sde config, parameterization)`` from a scheduler config (SD's defaults without)."""
+    sched = {} if path is None else diffusers.read_json(path)
+    where = path or "scheduler"
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(
+            f"{where}: prediction_type: {prediction!r} is not one of {sorted(PREDICTION_TYPES)}"
+        )
+    name = sched.get("beta_schedule", SD_SCHEDULE_NAME)
+    if name not in BETA_SCHEDULES or sched.get("trained_betas") is not None:
+        raise ValueError(f"{where}: beta_schedule: {name!r} is not one of {BETA_SCHEDULES}")
+    values = {k: sched.get(k, v) for k, v in SD_SCHEDULE.items()}
+    for key, value in values.items():
+        ok = isinstance(value, int) if key == "num_train_timesteps" else isinstance(value, float)
+        if isinstance(value, bool) or not ok:
+            raise ValueError(f"{where}: {key}: expected a number, got {value!r}")
+    sde = {
+        "name": "discrete_vp",
+        "beta_start": float(values["beta_start"]),
+        "beta_end": float(values["beta_end"]),
+        "num_timesteps": int(values["num_train_timesteps"]),
+        "beta_schedule": name,
+    }
+    try:
+        sde_from_config(sde)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+    return sde, PREDICTION_TYPES[prediction]
+
+
+def _scheduler_file(folder: str) -> str | None:
+    path = files.join(folder, "scheduler", SCHEDULER_FILE)
+    return path if files.exists(path) else None
+
+
+# --- sources --------------------------------------------------------------------------------
+
+
+def is_pipeline_folder(path: str) -> bool:
+    """A diffusers Stable Diffusion folder: ``model_index.json`` naming a U-Net and a VAE."""
+    index = files.join(path, MODEL_INDEX)
+    if not (files.isdir(path) and files.exists(index)):
+        return False
+    return {"unet", "vae"} <= set(files.read_json_object(index))
+
+
+def is_converted_folder(path: str) -> bool:
+    """This project's model folder of a latent model (its info has a ``latent`` record)."""
+    info = files.join(path, INFO_FILE)
+    return files.isdir(path) and files.exists(info) and "latent" in files.read_json_object(info)
+
+
+def _pipeline_index(folder: str) -> None:
+    """Every component the pipeline needs, present; one line naming the first that is not."""
+    index = files.read_json_object(files.join(folder, MODEL_INDEX))
+    for component in COMPONENTS:
+        where = files.join(folder, component)
+        if component not in index:
+            raise ValueError(f"{files.join(folder, MODEL_INDEX)}: names no {component!r}")
+        if not files.isdir(where):
+            raise FileNotFoundError(f"{where}: missing ({MODEL_INDEX} names it)")
+
+
+def _tokenizer(folder: str) -> tuple[clip_tokenizer.CLIPTokenizer, dict]:
+    names = [n for n in TOKENIZER_FILES if files.exists(files.join(folder, n))]
+    sums = {n: files.sha256(files.join(folder, n)) for n in names}
+    return clip_tokenizer.CLIPTokenizer.from_folder(folder), sums
+
+
+def _with_dtype(config: Any, compute_dtype: str | None) -> Any:
+    return (
+        config
+        if compute_dtype is None
+        else dataclasses.replace(config, compute_dtype=compute_dtype)
+    )
+
+
+def _model(
+    parts: dict[str, diffusers_sd.Component | Part],
+    tokenizer_folder: str,
+    scheduler: str | None,
+    scaling_factor: float,
+    path: str,
+    source: dict,
+    compute_dtype: str | None,
+) -> LatentModel:
+    sde, parameterization = schedule(scheduler)
+    tokenizer, token_sums = _tokenizer(tokenizer_folder)
+    built = {
+        name: Part(_with_dtype(parts[name].config, compute_dtype), parts[name].state)
+        for name in ("unet", "vae", "text_encoder")
+    }
+    return LatentModel(
+        **built,
+        tokenizer=tokenizer,
+        sde=sde_from_config(sde),
+        parameterization=parameterization,
+        scaling_factor=float(scaling_factor),
+        path=path,
+        source=source,
+        tokenizer_folder=tokenizer_folder,
+        tokenizer_sha256=token_sums,
+    )
+
+
+def _vae_scaling(folder: str) -> float:
+    value = diffusers.read_json(files.join(folder, diffusers_sd.CONFIG_FILE)).get(
+        "scaling_factor", 0.18215
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{folder}/config.json: scaling_factor: expected > 0, got {value!r}")
+    return float(value)
+
+
+def from_pipeline(
+    folder: str, variant: str | None = None, compute_dtype: str | None = None
+) -> LatentModel:
+    """A diffusers pipeline folder (see the module docstring)."""
+    _pipeline_index(folder)
+    parts = {
+        "unet": diffusers_sd.load_unet(files.join(folder, "unet"), variant),
+        "vae": diffusers_sd.load_vae(files.join(folder, "vae"), variant),
+        "text_encoder": diffusers_sd.load_text_encoder(files.join(folder, "text_encoder"), variant),
+    }
+    sums = {name: files.sha256(part.weights) for name, part in parts.items()}
+    source = {"path": folder, "format": "diffusers", "sha256": _digest(sums)}
+    return _model(
+        parts,
+        files.join(folder, "tokenizer"),
+        _scheduler_file(folder),
+        _vae_scaling(files.join(folder, "vae")),
+        folder,
+        source,
+        compute_dtype,
+    )
+
+
+def from_single_file(
+    path: str, config: str | None, ema: bool = True, compute_dtype: str | None = None
+) -> LatentModel:
+    """A single-file checkpoint with ``config``, a folder holding at least ``tokenizer/``."""
+    if config is None:
+        raise ValueError(
+            f"{path}: a single-file checkpoint carries no tokenizer; pass config=<a folder "
+            "with tokenizer/ (and scheduler/), e.g. the model's diffusers folder>"
+        )
+    has_configs = all(
+        files.exists(files.join(config, c, diffusers_sd.CONFIG_FILE))
+        for c in sd_single_file.COMPONENTS
+    )
+    parts = sd_single_file.load(path, config if has_configs else None, ema=ema)
+    vae_folder = files.join(config, "vae")
+    scaling = (
+        _vae_scaling(vae_folder)
+        if files.exists(files.join(vae_folder, diffusers_sd.CONFIG_FILE))
+        else 0.18215
+    )
+    source = {"path": path, "format": "sd_single_file", "sha256": files.sha256(path)}
+    return _model(
+        parts,
+        files.join(config, "tokenizer"),
+        _scheduler_file(config),
+        scaling,
+        path,
+        source,
+        compute_dtype,
+    )
+
+
+# --- the converted folder -------------------------------------------------------------------
+
+
+def save_folder(folder: str, model: LatentModel) -> dict:
+    """Writes ``model`` as a converted folder (see the module docstring); returns its info."""
+    files.makedirs(folder)
+    files.makedirs(files.join(folder, "tokenizer"))
+    sums = {
+        WEIGHT_FILES[name]: weights.save_params_fp32(
+            files.join(folder, WEIGHT_FILES[name]), getattr(model, name).state
+        )
+        for name in WEIGHT_FILES
+    }
+    for name in model.tokenizer_sha256:
+        data = files.read_bytes(files.join(model.tokenizer_folder, name))
+        files.publish_bytes(files.join(folder, "tokenizer", name), data)
+    info = {
+        "architecture": "sd_unet",
+        "model": dataclasses.asdict(_with_dtype(model.unet.config, "float32")),
+        "sde": {"name": "discrete_vp", **dataclasses.asdict(model.sde)},
+        "parameterization": model.parameterization,
+        "condition": "timestep",
+        "latent": {
+            "vae": dataclasses.asdict(_with_dtype(model.vae.config, "float32")),
+            "text_encoder": dataclasses.asdict(_with_dtype(model.text_encoder.config, "float32")),
+            "scaling_factor": model.scaling_factor,
+            "image_size": model.image_size,
+            "size_multiple": model.size_multiple,
+            "tokenizer_sha256": model.tokenizer_sha256,
+        },
+        "source": model.source,
+        "sha256": sums,
+    }
+    files.publish_bytes(files.join(folder, INFO_FILE), json.dumps(info, indent=1).encode())
+    return info
+
+
+def _config(config_class: type, values: Any, where: str) -> Any:
+    """A network config recorded by :func:`save_folder`, types checked before it is built."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected an object of {config_class.__name__} fields")
+    fields.check_dataclass_fields(config_class, values, where, may_be_zero=("downsample_padding",))
+    try:
+        return config_class.from_config(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
+
+
+def from_converted_folder(folder: str, compute_dtype: str | None = None) -> LatentModel:
+    """A folder :func:`save_folder` wrote, every file checked against its sha256."""
+    info_path = files.join(folder, INFO_FILE)
+    info = files.read_json_object(info_path)
+    latent = info.get("latent")
+    if not isinstance(latent, dict):
+        raise ValueError(f"{info_path}: latent: expected an object")
+    try:
+        configs = {
+            "unet": _config(sd_unet.SDUNetConfig, info.get("model"), "model"),
+            "vae": _config(vae.VAEConfig, latent.get("vae"), "latent.vae"),
+            "text_encoder": _config(
+                clip_text.CLIPTextConfig, latent.get("text_encoder"), "latent.text_encoder"
+            ),
+        }
+    except ValueError as err:
+        raise ValueError(f"{info_path}: {err}") from None
+    modules = {"unet": sd_unet, "vae": vae, "text_encoder": clip_text}
+    sums = info.get("sha256") or {}
+    parts = {}
+    for name, config in configs.items():
+        weight_file = WEIGHT_FILES[name]
+        if weight_file not in sums:
+            raise ValueError(f"{info_path}: sha256: lists no {weight_file!r}")
+        state = weights.load_params(
+            files.join(folder, weight_file), modules[name].abstract(config)[1], sums[weight_file]
+        )
+        parts[name] = Part(config, state)
+    token_folder = files.join(folder, "tokenizer")
+    tokenizer, token_sums = _tokenizer(token_folder)
+    if token_sums != latent.get("tokenizer_sha256"):
+        raise ValueError(f"{token_folder}: files differ from the sha256 that {INFO_FILE} records")
+    sde_config = info.get("sde")
+    try:
+        sde = sde_from_config(sde_config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{info_path}: sde: {err}") from None
+    if info.get("parameterization") not in PREDICTION_TYPES.values():
+        raise ValueError(
+            f"{info_path}: parameterization: {info.get('parameterization')!r} is not one of "
+            f"{sorted(PREDICTION_TYPES.values())}"
+        )
+    source = info.get("source")
+    if not (isinstance(source, dict) and isinstance(source.get("sha256"), str)):
+        raise ValueError(f"{info_path}: source: expected an object with a sha256")
+    return LatentModel(
+        **{n: Part(_with_dtype(p.config, compute_dtype), p.state) for n, p in parts.items()},
+        tokenizer=tokenizer,
+        sde=sde,
+        parameterization=info["parameterization"],
+        scaling_factor=float(latent.get("scaling_factor", 0.18215)),
+        path=folder,
+        source=source,
+        tokenizer_folder=token_folder,
+        tokenizer_sha256=token_sums,
+    )
