@@ -3,11 +3,18 @@
     python -m sdedit_jax.convert --source ddpm-ema-church-256/ --out models/church_ddpm
     python -m sdedit_jax.convert --source church_outdoor.ckpt --out models/church_sdedit
     python -m sdedit_jax.convert --source checkpoint_126 --config church --out models/church_ve
+    python -m sdedit_jax.convert --source stable-diffusion-v1-5/ --out models/sd15
+    python -m sdedit_jax.convert --source v1-5-pruned-emaonly.safetensors \
+        --config_folder stable-diffusion-v1-5/ --out models/sd15
 
 The format (a diffusers folder, an ermongroup/ddim or SDEdit ``.ckpt``/``.pth``, a
 score_sde ``checkpoint_<n>``) is detected from the files; ``--format`` overrides it.
 The folder records the network, its training SDE, parameterisation, conditioning
 input and data range, and the source file's sha256 (see :mod:`sdedit_jax.pretrained`).
+A Stable Diffusion model (a diffusers pipeline folder, or a single-file checkpoint with
+``--config_folder``, the folder of its ``tokenizer/`` and ``scheduler/``) becomes a
+latent model folder: every component, the tokenizer, schedule, prediction type, scaling
+factor, native size and size multiple (see :mod:`sdedit_jax.latent.model`).
 
 The folder appears whole or not at all: it is written into a temporary sibling
 folder, loaded once from there, and renamed to ``--out``
@@ -33,6 +40,7 @@ tf = quiet.import_tensorflow()  # before anything else imports it
 from absl import app, flags  # noqa: E402
 
 from sdedit_jax import importers, pretrained  # noqa: E402
+from sdedit_jax.latent import model as latent_model  # noqa: E402
 from sdedit_jax.sde import sde_from_config  # noqa: E402
 from sdedit_jax.util import cli, files  # noqa: E402
 
@@ -61,6 +69,14 @@ def _define_flags() -> None:
         "image_size", None, "training resolution of a ddim/SDEdit checkpoint (default 256)"
     )
     flags.DEFINE_string("config", None, "score_sde network config: a preset name or a JSON file")
+    flags.DEFINE_string(
+        "config_folder",
+        None,
+        "Stable Diffusion single file: the folder with its tokenizer/ and scheduler/ "
+        "(and, optionally, the components' config.json)",
+    )
+    flags.DEFINE_string("variant", None, 'weight variant of a diffusers folder, e.g. "fp16"')
+    flags.DEFINE_bool("ema", True, "Stable Diffusion single file: its EMA weights if it has them")
     flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
 
@@ -92,6 +108,9 @@ def convert(
     config: str | None = None,
     with_bf16: bool = False,
     overwrite: bool = False,
+    config_folder: str | None = None,
+    variant: str | None = None,
+    ema: bool = True,
 ) -> dict:
     """Imports ``source`` and publishes the model folder ``out``; returns its model_info.
 
@@ -99,6 +118,14 @@ def convert(
         FileExistsError: ``out`` exists and ``overwrite`` is False (checked before the
             import and again when the folder is published).
     """
+    latent_options = {"config_folder": config_folder, "variant": variant, "ema": ema}
+    if pretrained.is_latent(source, latent_options):
+        with files.publish_folder(out, replace=overwrite) as folder:
+            model = pretrained.load_latent(source, latent_options)
+            latent_model.save_folder(folder, model)
+            pretrained.load_model(folder)  # proves the folder loads before it is published
+            info = files.read_json_object(files.join(folder, pretrained.INFO_FILE))
+        return info
     with files.publish_folder(out, replace=overwrite) as folder:
         imported = importers.load(source, format=format, image_size=image_size, config=config)
         pretrained.save_imported(folder, imported, sde=sde, with_bf16=with_bf16)
@@ -125,6 +152,9 @@ def main(argv: list[str]) -> None:
             config=f.config,
             with_bf16=f.bf16,
             overwrite=f.overwrite,
+            config_folder=f.config_folder,
+            variant=f.variant,
+            ema=f.ema,
         )
     except FileExistsError as err:
         print(f"convert: --out {err}; pass --overwrite to replace it", file=sys.stderr)
@@ -135,10 +165,8 @@ def main(argv: list[str]) -> None:
     except OSError as err:
         print(f"convert: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
-    summary = {
-        k: info[k]
-        for k in ("architecture", "sde", "parameterization", "condition", "data_range", "source")
-    }
+    fields = ("architecture", "sde", "parameterization", "condition", "data_range", "source")
+    summary = {k: info[k] for k in fields if k in info}
     print(json.dumps({"out": f.out, **summary}, indent=1))
 
 
