@@ -55,6 +55,11 @@ FIELD_DOCS = {
     "overwrite": "True: delete a workdir's outputs of another configuration",
     "contact_sheet": "write <workdir>/contact_sheet.png (guides and edits side by side)",
     "progress_every_s": "seconds between progress lines (log files) and throughput rows",
+    "prompt": "text-to-image models: the prompt of rows naming none (manifest field, caption)",
+    "negative_prompt": "text-to-image models: the negative prompt of rows naming none",
+    "guidance_scale": "text-to-image models: guidance of rows naming none (None = 7.5)",
+    "latent.posterior": "latent models: mean | sample (the VAE posterior, from the row's key)",
+    "latent.mask_downsample": "latent models: max_pool | nearest (masks to the latent grid)",
 }
 
 
@@ -106,6 +111,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.overwrite = False
     config.contact_sheet = True
     config.progress_every_s = 10.0
+    # Text and latent settings: only models that take prompts (configs/sd.py) use them;
+    # a pixel model refuses any other value (sdedit_jax/data/guide_inputs/text.py).
+    config.prompt = config_dict.placeholder(str)
+    config.negative_prompt = ""
+    config.guidance_scale = config_dict.placeholder(float)
+    config.latent = ml_collections.ConfigDict({"posterior": "mean", "mask_downsample": "max_pool"})
     if variant.quick:
         config.sampler.steps_per_unit_time = 20
     return config

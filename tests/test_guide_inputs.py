@@ -238,7 +238,7 @@ def test_bad_folder_inputs_become_exactly_the_expected_failures(tmp_path):
     transparent = np.concatenate([random_rgb(), np.full((SIZE, SIZE, 1), 7, np.uint8)], -1)
     save(root, "transparent.png", transparent)
     save(root, "huge.png", random_rgb(40, 40))
-    with open(os.path.join(root, "notes.txt"), "w") as f:
+    with open(os.path.join(root, "notes.md"), "w") as f:
         f.write("not an image")
     save(root, "masks/orphan.png", random_mask())
     for name in ("truncated", "random", "two_channel", "nan", "transparent", "huge"):
@@ -258,7 +258,7 @@ def test_bad_folder_inputs_become_exactly_the_expected_failures(tmp_path):
         "colour_mask.png": f"mask ({m}/colour_mask.png): RGB channels differ",
         "transparent.png": f"guide ({root}/transparent.png): has transparent pixels",
         "huge.png": f"guide ({root}/huge.png): size 40x40 exceeds max_pixels=1000",
-        "notes.txt": f"guide ({root}/notes.txt): unsupported extension '.txt'",
+        "notes.md": f"guide ({root}/notes.md): unsupported extension '.md'",
         "masks/orphan.png": f"mask ({m}/orphan.png): no guide image named orphan.*",
     }
     failed = {i: r["error"] for i, r in rows.items() if not r["ok"]}

@@ -134,6 +134,36 @@ class OutputConfig:
             )
 
 
+# The VAE codec's options (sdedit_jax.latent): how guides become latents, masks a latent grid.
+POSTERIORS = ("mean", "sample")
+MASK_DOWNSAMPLES = ("max_pool", "nearest")
+# The guidance scale of rows and jobs that name none: diffusers' default.
+DEFAULT_GUIDANCE_SCALE = 7.5
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    """``config.latent``: the codec settings of latent models (defaults in ``configs/default.py``).
+
+    ``posterior``: ``"mean"`` encodes a guide to its VAE posterior mean, ``"sample"``
+    to a draw from the example's own key. ``mask_downsample``: ``"max_pool"`` makes a
+    latent cell editable when any of its pixels is (thin strokes survive),
+    ``"nearest"`` resizes and thresholds at 0.5 as diffusers does.
+    """
+
+    posterior: str = _checked(_rule(lambda v: v in POSTERIORS, f"one of {POSTERIORS}"))
+    mask_downsample: str = _checked(
+        _rule(lambda v: v in MASK_DOWNSAMPLES, f"one of {MASK_DOWNSAMPLES}")
+    )
+
+    def __post_init__(self):
+        _check_fields(self, "latent.")
+
+
+def _optional_text(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and guide_inputs.text.is_utf8(value))
+
+
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
     """Every setting a job reads (``configs/default.py`` lists and documents them).
@@ -162,9 +192,26 @@ class JobConfig:
         _rule(lambda v: _is_real(v) and v > 0, "seconds > 0 between progress reports"),
         default=PROGRESS_EVERY_S,
     )
+    prompt: str | None = _checked(
+        _rule(_optional_text, "a string (UTF-8), or None for rows to name their own"),
+        default=None,
+    )
+    negative_prompt: str = _checked(
+        _rule(lambda v: isinstance(v, str) and _optional_text(v), "a string (UTF-8)"), default=""
+    )
+    guidance_scale: float | None = _checked(
+        _rule(
+            lambda v: v is None or (_is_real(v) and v >= 0),
+            f"a finite number >= 0, or None ({DEFAULT_GUIDANCE_SCALE})",
+        ),
+        default=None,
+    )
+    latent: LatentConfig = dataclasses.field(default_factory=LatentConfig)
 
     def __post_init__(self):
         _check_fields(self, "")
+        latent = config_files.frozen(LatentConfig, self.latent, "config.latent", error=ConfigError)
+        object.__setattr__(self, "latent", latent)
         object.__setattr__(self, "t0s", tuple(float(t0) for t0 in self.t0s))
         for name in STEP_FIELDS:
             value = self.sampler[name]
@@ -180,13 +227,18 @@ class JobConfig:
         object.__setattr__(self, "output", output)
 
     def input_config(
-        self, t0: float, sde: SDE | None = None, model_size: int | None = None
+        self,
+        t0: float,
+        sde: SDE | None = None,
+        model_size: int | None = None,
+        text: guide_inputs.TextInputs | None = None,
     ) -> guide_inputs.GuideInputConfig:
         """The guide input config of the sub-job at ``t0`` (raises :class:`ConfigError`).
 
         With the model's ``sde``, per-example t0s must lie in its ``(eps, T]``;
         ``input.image_size`` None means the model's ``model_size`` (before the model
-        is loaded any size stands in, to check the other fields).
+        is loaded any size stands in, to check the other fields); ``text``: the
+        rows' text defaults when the model takes prompts (:func:`text_inputs`).
         """
         domain = {} if sde is None else {"time_domain": (float(sde.eps), float(sde.T))}
         block = dict(self.input.to_dict() if hasattr(self.input, "to_dict") else self.input)
@@ -194,7 +246,7 @@ class JobConfig:
         size = (model_size or 1) if size is None else size
         try:
             return guide_inputs.GuideInputConfig.from_mapping(
-                dict(block, image_size=size, t0=float(t0), seed=self.seed, **domain)
+                dict(block, image_size=size, t0=float(t0), seed=self.seed, text=text, **domain)
             )
         except (ValueError, TypeError) as e:
             raise _prefixed(e, "input") from None
@@ -228,12 +280,62 @@ def load_model(model_dir: str) -> pretrained.LoadedModel:
         ) from None
 
 
+def takes_text(model: Any) -> bool:
+    """Whether ``model`` takes prompts (a latent text-to-image model: it tokenizes text)."""
+    return callable(getattr(model, "tokenize_with_flags", None))
+
+
+def text_inputs(config: JobConfig, model: Any) -> guide_inputs.TextInputs | None:
+    """The rows' text defaults for ``model``; None for a model that takes no text.
+
+    A pixel model refuses every text or latent setting other than the default by
+    name (it would otherwise edit without them).
+    """
+    if takes_text(model):
+        scale = config.guidance_scale
+        return guide_inputs.TextInputs(
+            prompt=config.prompt,
+            negative_prompt=config.negative_prompt,
+            guidance_scale=DEFAULT_GUIDANCE_SCALE if scale is None else scale,
+        )
+    unused = (
+        " (the default): the model in "
+        f"{model.path} is a pixel model, which takes no text and has no VAE"
+    )
+    defaults = LatentConfig(posterior=POSTERIORS[0], mask_downsample=MASK_DOWNSAMPLES[0])
+    for field, value, default in (
+        ("prompt", config.prompt, None),
+        ("negative_prompt", config.negative_prompt, ""),
+        ("guidance_scale", config.guidance_scale, None),
+        ("latent.posterior", config.latent.posterior, defaults.posterior),
+        ("latent.mask_downsample", config.latent.mask_downsample, defaults.mask_downsample),
+    ):
+        if value != default:
+            raise field_error(field, value, f"{default!r}{unused}")
+    return None
+
+
 def check_model(
     model: pretrained.LoadedModel, inputs: guide_inputs.GuideInputConfig, t0s: Iterable[float]
 ) -> None:
-    """The inputs must have the model's size and channels, t0s must lie above the SDE's eps."""
-    size = (model.image_size, model.image_size)
-    if tuple(inputs.image_size) != size:
+    """The inputs must fit the model's size and have its channels; t0s above the SDE's eps.
+
+    A pixel model takes its own size; a latent model any size whose sides are
+    multiples of its ``size_multiple`` (the VAE's factor; one size per job).
+    """
+    multiple = getattr(model, "size_multiple", None) if takes_text(model) else None
+    if multiple is not None:
+        if any(side % multiple for side in inputs.image_size):
+            height, width = inputs.image_size
+            raise field_error(
+                "input.image_size",
+                inputs.image_size,
+                f"sides that are multiples of {multiple}, the size multiple of the model in "
+                f"{model.path} (its VAE's factor; {height}x{width} is not); resize the guides "
+                "or crop them",
+            )
+    elif tuple(inputs.image_size) != (model.image_size, model.image_size):
+        size = (model.image_size, model.image_size)
         raise field_error(
             "input.image_size", inputs.image_size, f"{size}, the size of the model in {model.path}"
         )

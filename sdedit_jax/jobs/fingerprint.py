@@ -14,7 +14,9 @@ conditioning input and data range, defaults filled in, so that two spellings
 of one network agree and an edited ``model_info.json`` does not), the SDE, the
 sampler and its settings, the step rule, K (``repeats``), the seed rule, the
 t0 list and the t0 rule, the image size and channels, how guides are made
-from the inputs (``resize``, generator) and the output format. Settings that
+from the inputs (``resize``, generator), the output format and, for models that
+take prompts, the job's text defaults (``config.prompt``, ``negative_prompt``,
+``guidance_scale``) and the latent codec's settings (``config.latent``). Settings that
 never change an output (batch size, writer threads, PNG compression level,
 input paths) are not part of it.
 
@@ -63,9 +65,20 @@ def job_fingerprint(
     channels: int,
     guides: Mapping[str, Any],
     output: Mapping[str, Any],
+    text: Mapping[str, Any] | None = None,
+    codec: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The fingerprint as a JSON-ready dict (field names are what mismatch messages show)."""
+    """The fingerprint as a JSON-ready dict (field names are what mismatch messages show).
+
+    ``text`` (the job's prompt defaults and the rule for rows' own) and ``codec``
+    (the latent codec's settings) are fields only of models that take prompts, so
+    the fingerprints of other jobs are those of earlier versions.
+    """
+    extra = {
+        name: dict(value) for name, value in (("text", text), ("codec", codec)) if value is not None
+    }
     return {
+        **extra,
         "version": VERSION,
         "model_sha256": model_sha256,
         "model": None if model is None else dict(model),

@@ -446,9 +446,10 @@ def finalize(workdir: str) -> FinalizeSummary:
 
 # --- per-row input digests ------------------------------------------------------------------------
 # Why: the job fingerprint (:mod:`sdedit_jax.jobs.fingerprint`) covers everything shared
-# by all rows, but a row's own inputs (its guide path, mask path, t0 and seed, from a
-# manifest, folder or record) can change between runs under the same id; resume would
-# then skip the id as done and the workdir would hold an output of other inputs. Each
+# by all rows, but a row's own inputs (its guide path, mask path, t0 and seed, and the
+# text of models that take prompts, from a manifest, folder, caption or record) can
+# change between runs under the same id; resume would then skip the id as done and
+# the workdir would hold an output of other inputs. Each
 # manifest row records ``inputs``, a 64-bit digest of those fields (16 hex digits); on
 # resume, a finished id whose digest differs from its inputs now becomes one failure
 # row naming the changed field (:func:`sdedit_jax.jobs.plan.changed_inputs`; the
@@ -460,7 +461,9 @@ def finalize(workdir: str) -> FinalizeSummary:
 def digests(columns: Mapping[str, np.ndarray]) -> np.ndarray:
     """The input digest (uint64, never 0) of every catalog row.
 
-    The source is part of the guide: record sources have no guide path.
+    The source is part of the guide: record sources have no guide path. Rows with
+    text (a model that takes prompts) add their prompt, negative prompt and
+    guidance scale; rows without keep the digest of earlier versions.
     """
     keys = [
         f"{source}\0{guide}\0{mask}\0{float(t0)!r}\0{int(seed)}"
@@ -473,6 +476,18 @@ def digests(columns: Mapping[str, np.ndarray]) -> np.ndarray:
             strict=True,
         )
     ]
+    if "prompt" in columns:
+        # Lengths first: no prompt ending in the separator collides with another split.
+        keys = [
+            f"{key}\0{len(prompt)}:{prompt}\0{len(negative)}:{negative}\0{float(scale)!r}"
+            for key, prompt, negative, scale in zip(
+                keys,
+                columns["prompt"].tolist(),
+                columns["negative_prompt"].tolist(),
+                np.asarray(columns["guidance_scale"], np.float32).tolist(),
+                strict=True,
+            )
+        ]
     values = id_hashes(keys) if keys else np.zeros(0, np.uint64)
     return np.where(values == 0, np.uint64(1), values)
 

@@ -187,20 +187,44 @@ def changed(
 def changed_field(recorded: Mapping[str, Any], columns: Mapping[str, np.ndarray], i: int) -> str:
     """Which input of catalog row ``i`` differs from the finished row ``recorded``.
 
-    Rows record their source, t0 and seed: if those agree, the mask (the only
-    input a row does not record in clear) changed.
+    Rows record their source, t0, seed and text: if those agree, the mask (the
+    only input a row does not record in clear) changed.
     """
     if recorded.get("source") != columns["source"][i]:
         return "path"
     if recorded.get("seed") != int(columns["seed"][i]):
         return "seed"
-    if not _same_t0(recorded.get("t0"), columns["t0"][i]):
+    if not _same_float(recorded.get("t0"), columns["t0"][i]):
         return "t0"
+    for field in TEXT_FIELDS:
+        if field in columns and _text_value(columns, field, i) != _recorded_text(recorded, field):
+            return field
     return "mask"
 
 
-def _same_t0(recorded: Any, t0: float) -> bool:
-    return isinstance(recorded, (int, float)) and np.float32(recorded) == np.float32(t0)
+TEXT_FIELDS = guide_inputs.text.FIELDS
+
+
+def _same_float(recorded: Any, value: float) -> bool:
+    return isinstance(recorded, (int, float)) and np.float32(recorded) == np.float32(value)
+
+
+def _text_value(columns: Mapping[str, np.ndarray], field: str, i: int) -> Any:
+    value = columns[field][i]
+    return float(np.float32(value)) if field == "guidance_scale" else value
+
+
+def _recorded_text(recorded: Mapping[str, Any], field: str) -> Any:
+    value = recorded.get(field)
+    if field == "guidance_scale" and isinstance(value, (int, float)):
+        return float(np.float32(value))
+    return value
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, shortened to stay inside one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(str(value))} chars)"
 
 
 def reason(
@@ -210,7 +234,9 @@ def reason(
     now = {"path": columns["source"][i], "seed": int(columns["seed"][i])}
     now["t0"] = float(np.float32(columns["t0"][i]))
     was = {"path": recorded.get("source"), "seed": recorded.get("seed"), "t0": recorded.get("t0")}
-    detail = f" ({was[field]!r} then, {now[field]!r} now)" if field in now else ""
+    if field in TEXT_FIELDS:
+        now[field], was[field] = _text_value(columns, field, i), _recorded_text(recorded, field)
+    detail = f" ({_shown(was[field])} then, {_shown(now[field])} now)" if field in now else ""
     return (
         f"inputs ({columns['source'][i]}): {field} changed since the output in "
         f"{recorded.get('output') or recorded.get('npz')} was made{detail}; the workdir keeps "

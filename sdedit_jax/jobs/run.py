@@ -76,7 +76,17 @@ def job_fingerprint(
             ),
         },
         output={"png": config.output.png, "npz": config.output.npz},
+        text=None if inputs.text is None else _text_fingerprint(inputs.text),
+        codec=None if inputs.text is None else dataclasses.asdict(config.latent),
     )
+
+
+def _text_fingerprint(text: guide_inputs.TextInputs) -> dict:
+    return {
+        **dataclasses.asdict(text),
+        "rule": "a manifest row's own text fields or a folder guide's <name>.txt caption, "
+        "else these",
+    }
 
 
 def _scalar_fields(value) -> dict:
@@ -114,9 +124,10 @@ def run_job(
     t0s = list(job.t0s)
     sampler, step_rule = sampler_from_config(job.sampler)
     model = checks.load_model(job.model_dir)
+    text = checks.text_inputs(job, model)
     checks.check_model(model, job.input_config(t0s[0], model_size=model.image_size), t0s)
     checks.check_batch(job.per_device_batch, model)
-    inputs = {t0: job.input_config(t0, model.sde, model.image_size) for t0 in t0s}
+    inputs = {t0: job.input_config(t0, model.sde, model.image_size, text) for t0 in t0s}
     catalog = checks.build_catalog(inputs[t0s[0]])
     try:  # before anything is compiled or written: guides none of which the model takes
         preflight.check_guide_sizes(inputs[t0s[0]], catalog, job.model_dir)
@@ -226,6 +237,7 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
                 sink,
                 step_rule=step_rule,
                 progress=progress,
+                tokenize=model.tokenize_with_flags if checks.takes_text(model) else None,
             )
         multihost_utils.sync_global_devices(f"wrote {sub}")
         subdirs[job.label] = sub

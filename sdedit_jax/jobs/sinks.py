@@ -84,6 +84,15 @@ from sdedit_jax.jobs import workdir_lock
 from sdedit_jax.jobs.manifest import FAILURES, MANIFEST, jsonl_line, process_tag, usable_cores
 from sdedit_jax.util import files
 
+# Optional per-row text columns (models that take prompts): what the edit used, and
+# whether the tokenizer cut the prompt or the negative prompt at its length (77 tokens).
+TEXT_COLUMNS = (
+    "prompt",
+    "negative_prompt",
+    "guidance_scale",
+    "prompt_truncated",
+    "negative_prompt_truncated",
+)
 RESERVED_FIELDS = (
     "id",
     "source",
@@ -99,6 +108,7 @@ RESERVED_FIELDS = (
     "inputs",
     "reason",
     "inputs_changed",
+    *TEXT_COLUMNS,
 )
 NPZ_MODES = ("none", "per_example", "shards")
 
@@ -311,8 +321,8 @@ class Sink:
         Args:
             batch: a batch of the guide stream as numpy (``id``, ``source``,
                 ``t0``, ``seed``, ``valid``, ``ok``, ``error``, and optionally the
-                per-row counts ``steps`` and ``nfe`` of :data:`PER_ROW_COUNTS`); padding rows
-                (``valid`` False) are skipped.
+                per-row counts ``steps`` and ``nfe`` of :data:`PER_ROW_COUNTS` and the
+                text of :data:`TEXT_COLUMNS`); padding rows (``valid`` False) are skipped.
             outputs: ``[B, H, W, C]`` outputs aligned with the batch; converted
                 to numpy on the writer thread, so a jax.Array does not block
                 the caller.
@@ -320,7 +330,9 @@ class Sink:
         """
         columns = {
             k: np.asarray(batch[k])
-            for k in ("id", "source", "t0", "seed", "valid", "ok", "error") + PER_ROW_COUNTS
+            for k in ("id", "source", "t0", "seed", "valid", "ok", "error")
+            + PER_ROW_COUNTS
+            + TEXT_COLUMNS
             if k in batch
         }
         self._submit(self._write_batch, columns, outputs, self._fields(fields))
@@ -459,6 +471,7 @@ class Sink:
                     "t0": np.float32(columns["t0"][i]),
                     "seed": int(columns["seed"][i]),
                     **{k: int(columns[k][i]) for k in PER_ROW_COUNTS if k in columns},
+                    **_text_fields(columns, i),
                 }
             )
         ids = [_text(columns["id"][i]) for i in finite]
@@ -511,6 +524,21 @@ class Sink:
             self._written += stream_rows
         if stream_rows:
             self._on_written(stream_rows - counted)
+
+
+def _text_fields(columns: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
+    """The row's text columns as manifest fields (none for a model that takes no text)."""
+    out: dict[str, Any] = {}
+    for key in TEXT_COLUMNS:
+        if key in columns:
+            value = columns[key][i]
+            if key == "guidance_scale":
+                out[key] = np.float32(value)
+            elif key.endswith("_truncated"):
+                out[key] = bool(value)
+            else:
+                out[key] = _text(value)
+    return out
 
 
 def _file_fields(key: str, path: str, data: bytes) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from sdedit_jax import rng
 from sdedit_jax.engine import EditBatch, Editor
+from sdedit_jax.jobs import text
 from sdedit_jax.sampling.steps import StepRule
 from sdedit_jax.util.progress import Progress
 
@@ -63,6 +64,7 @@ def run_stream(
     step_rule: StepRule,
     manifest_fields: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    tokenize: text.Tokenizer | None = None,
 ) -> JobSummary:
     """Edits a stream of host-local guide batches and hands outputs to ``sink``.
 
@@ -72,7 +74,10 @@ def run_stream(
     is dispatched asynchronously and its outputs are fetched by the sink's
     writer threads, so input prefetch (tf.data), compute and writes overlap.
     Every process must run the same number of batches; ``step_rule`` gives the
-    per-example reverse step counts. ``progress`` learns of each dispatched
+    per-example reverse step counts; ``tokenize`` (a text model's
+    ``tokenize_with_flags``) tokenizes each batch's prompts on the host
+    (:mod:`sdedit_jax.jobs.text`), so rows record whether they were truncated.
+    ``progress`` learns of each dispatched
     batch (the sink, built with ``on_written=progress.written``, of each image
     written). Closes ``sink`` at the end, so the reported time includes the
     last computations and writes.
@@ -81,6 +86,8 @@ def run_stream(
     start = time.perf_counter()
     first_batch_seconds = 0.0
     for batch in batches:
+        if tokenize is not None:
+            batch = {**batch, **text.tokenized(tokenize, batch)}
         batch, global_batch = _with_step_counts(editor, batch, step_rule)
         outputs = editor.run_global(placed_score, global_batch)
         valid = np.asarray(batch["valid"])

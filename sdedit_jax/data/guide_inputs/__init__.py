@@ -23,7 +23,7 @@ options are the source's own block, ``config.input.<source>``):
   optional masks from ``tfds.mask_key``; ids are TFDS's stable ``tfds_id``.
 * ``"manifest"``: ``path`` is a ``.jsonl`` file (one JSON object per line) or a
   ``.csv`` file (header row) with fields ``path`` (required), ``mask``, ``t0``,
-  ``seed``, ``id`` (default: ``path`` as written). Relative paths are resolved
+  ``seed``, ``id`` (default: ``path`` as written), text (below). Relative paths are resolved
   against the manifest's folder. Unknown fields fail the row (a typo such as
   ``tO`` must not silently fall back to the default). One bad line (not UTF-8,
   not JSON, nested too deep to parse, an integer past Python's 4300-digit
@@ -31,6 +31,11 @@ options are the source's own block, ``config.input.<source>``):
   that row, named ``<manifest file>:<line>`` when it has no readable id. Rows
   are validated in a stream into columns (a million rows: about 3 s and
   160-240 MB per host, see BENCHMARKS.md).
+
+Text (models that take prompts; :mod:`.text`): manifest fields ``prompt``,
+``negative_prompt``, ``guidance_scale`` and folder captions ``<name>.txt`` beside
+their guides, else the job's ``config.prompt`` etc.; with a model that takes no
+text, a row naming one fails.
 
 ``generator`` (``"stroke_painting"``, ``"stroke_edit"`` or ``"composite"``,
 see :mod:`sdedit_jax.data.guides`) turns each decoded image into a synthetic
@@ -94,6 +99,7 @@ source and the tf.data stream). The names below are the public API, re-exported
 here so ``guide_inputs.make_guide_dataset(...)`` works.
 """
 
+from sdedit_jax.data.guide_inputs import text
 from sdedit_jax.data.guide_inputs.catalog import SEED_RANGE, Catalog, Source
 from sdedit_jax.data.guide_inputs.decode import BadInput, decode_example
 from sdedit_jax.data.guide_inputs.options import (
@@ -112,6 +118,7 @@ from sdedit_jax.data.guide_inputs.pipeline import (
 )
 from sdedit_jax.data.guide_inputs.sources.folder import GUIDE_EXTENSIONS, MASK_EXTENSIONS
 from sdedit_jax.data.guide_inputs.sources.manifest import MANIFEST_FIELDS
+from sdedit_jax.data.guide_inputs.text import TextInputs
 from sdedit_jax.data.records import tf_example
 
 __all__ = [
@@ -127,11 +134,13 @@ __all__ = [
     "GuideInputConfig",
     "GuideStream",
     "Source",
+    "TextInputs",
     "build_catalog",
     "decode_example",
     "global_num_steps",
     "make_guide_dataset",
     "moved_fields",
     "preview_examples",
+    "text",
     "tf_example",
 ]

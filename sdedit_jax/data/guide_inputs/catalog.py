@@ -65,6 +65,10 @@ class _Row:
     mask_path: str = ""
     error: str = ""
     t0_given: bool = False  # the input names its own t0 (see T0_ROWS)
+    # The text fields the input names (None: it names none; see guide_inputs.text).
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +79,9 @@ class Catalog:
         columns: equal-length numpy arrays ``id`` (str), ``source``,
             ``guide_path``, ``mask_path`` and ``error`` (object arrays of str;
             ``error`` non-empty for examples already known to be bad), ``t0``
-            (float32), ``t0_given`` (bool) and ``seed`` (int64).
+            (float32), ``t0_given`` (bool) and ``seed`` (int64); the text fields
+            of :mod:`sdedit_jax.data.guide_inputs.text` (what rows name, then,
+            once resolved, what they use; none when the model takes no text).
         payload: for record sources, a function returning a dataset aligned
             row for row with ``columns`` that yields ``record`` (serialized
             ``tf.train.Example``), ``guide_bytes`` and ``mask_bytes``.
@@ -100,8 +106,11 @@ def _catalog(rows: list[_Row], payload=None) -> Catalog:
         "seed": np.array([row.seed for row in rows], np.int64),
         "t0_given": np.array([row.t0_given for row in rows], bool),
     }
-    for name in _TEXT:
+    for name in _TEXT + ("prompt", "negative_prompt"):
         columns[name] = _objects([getattr(row, name) for row in rows])
+    columns["guidance_scale"] = np.array(
+        [np.nan if row.guidance_scale is None else row.guidance_scale for row in rows], np.float32
+    )
     return _columns_catalog(columns, payload=payload)
 
 

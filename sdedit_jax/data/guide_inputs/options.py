@@ -19,6 +19,7 @@ import tensorflow as tf
 from sdedit_jax.data import guides
 from sdedit_jax.data.guide_inputs import sources
 from sdedit_jax.data.guide_inputs.catalog import SEED_RANGE
+from sdedit_jax.data.guide_inputs.text import TextInputs
 from sdedit_jax.util.config import frozen, unknown_field
 
 SOURCES = tuple(sources.by_name())  # the names of sources.MODULES
@@ -64,6 +65,9 @@ class GuideInputConfig:
         options: each source's own block by source name (``{"tfds": {"name": ...}}``;
             mappings or the source's ``Options``); every source with a block gets
             one, defaults filled in, so ``options["tfds"].name`` always exists.
+        text: the rows' text defaults when the model takes prompts (a
+            :class:`~sdedit_jax.data.guide_inputs.text.TextInputs` or a mapping of
+            its fields); None: the model takes no text, rows naming some fail.
         generator: ``"none"`` or a guide generator name (see ``guides.GENERATORS``).
         generator_kwargs: keyword arguments of the generator.
         max_pixels: larger images fail before they are decoded.
@@ -80,6 +84,7 @@ class GuideInputConfig:
     time_domain: tuple[float, float] = (0.0, 1.0)
     seed: int = 0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    text: TextInputs | None = None
     generator: str = "none"
     generator_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # The generator built from generator and generator_kwargs (None for "none").
@@ -108,6 +113,11 @@ class GuideInputConfig:
         if self.source not in known:
             raise ValueError(f"source: expected one of {tuple(known)}, got {self.source!r}")
         object.__setattr__(self, "options", _options(self.options, known))
+        if self.text is not None:
+            try:
+                object.__setattr__(self, "text", frozen(TextInputs, self.text, ""))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"text.{e}") from None
         if self.channels not in (1, 3) or not _is_int(self.channels):
             raise ValueError(f"channels: expected 1 or 3, got {self.channels!r}")
         domain = self.time_domain

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from sdedit_jax.data.guide_inputs import sources
+from sdedit_jax.data.guide_inputs import sources, text
 from sdedit_jax.data.guide_inputs.catalog import (
     Catalog,
     _plain,
@@ -28,12 +28,14 @@ from sdedit_jax.data.guide_inputs.options import (
 def build_catalog(config: GuideInputConfig | Mapping[str, Any]) -> Catalog:
     """Lists every example of the configured source in canonical order (reads no pixels).
 
+    Rows get their text settings (:func:`text.resolve`) when the model takes prompts.
+
     Raises:
         ValueError: the source itself is unusable (missing folder or manifest,
             no TFRecord files); problems of single examples never raise.
     """
     config = _as_config(config)
-    return sources.by_name()[config.source].list_examples(config)
+    return text.resolve(sources.by_name()[config.source].list_examples(config), config.text)
 
 
 def _decode_in_graph(element: dict, config: GuideInputConfig) -> dict:
@@ -89,6 +91,7 @@ def _process(element: dict, config: GuideInputConfig) -> dict:
     mask = tf.ensure_shape(mask, [*config.image_size, 1])
     ok = tf.strings.length(error) == 0
     return {
+        **{name: element[name] for name in text.FIELDS if name in element},
         "id": element["id"],
         "source": element["source"],
         "guide": tf.where(ok, guide, tf.zeros_like(guide)),
@@ -104,7 +107,15 @@ def _process(element: dict, config: GuideInputConfig) -> dict:
 
 def _padding_row(config: GuideInputConfig) -> dict:
     height, width = config.image_size
+    padding_text = {}
+    if config.text is not None:
+        padding_text = {
+            "prompt": tf.constant(""),
+            "negative_prompt": tf.constant(""),
+            "guidance_scale": tf.constant(config.text.guidance_scale, tf.float32),
+        }
     return {
+        **padding_text,
         "id": tf.constant(""),
         "source": tf.constant(""),
         "guide": tf.zeros([height, width, config.channels]),
@@ -168,7 +179,9 @@ class GuideStream:
             ``guide`` [B,H,W,C] and ``mask`` [B,H,W,1] (float32), ``t0``
             (float32), ``seed`` and ``index`` (int64, canonical position, -1 on
             padding), ``valid`` (False on padding) and ``ok`` (False on
-            padding and failed examples).
+            padding and failed examples); with a model that takes text also
+            ``prompt``, ``negative_prompt`` (tf.string) and ``guidance_scale``
+            (float32; see :mod:`.text`).
         num_steps: batches per host, equal on every host.
         batch_size: rows per batch on this host.
         host_counts: examples left to do on each host.

@@ -2,16 +2,28 @@
 
 Ids are the POSIX paths relative to ``path``; the rules (pairing, hidden files,
 links, FIFOs) are in the package docstring. Its block: ``config.input.folder``.
+
+Captions: ``sub/cat.txt`` beside ``sub/cat.png`` is that guide's prompt (see
+:mod:`sdedit_jax.data.guide_inputs.text`), never a guide itself; a caption without
+a guide of its name fails. Captions are read while listing (one small read each,
+on a pool of threads), so that the per-row input digest covers their text and a
+resume notices an edited caption. A caption that is not UTF-8 or cannot be read
+fails its guide; with a model that takes no text, a caption fails its guide unread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from typing import Any
 
 from sdedit_jax.data.guide_inputs.catalog import Catalog, Source, _catalog, _file_problem, _Row
+from sdedit_jax.data.guide_inputs.text import CAPTION_EXTENSION
 from sdedit_jax.util import files
+
+# Captions read at once while listing (reads of small files; object stores gain most).
+_CAPTION_THREADS = 16
 
 NAME = "folder"
 GUIDE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
@@ -143,13 +155,21 @@ def _folder_catalog(config: Any) -> Catalog:
             rows.append(mask_failure(rel, problem))
         else:
             masks_by_stem.setdefault(os.path.splitext(rel)[0], []).append(rel)
-    for rel, problem in _walk_files(root, skip=mask_root):
+    listed = _walk_files(root, skip=mask_root)
+    captions = {
+        os.path.splitext(rel)[0]: (files.join(root, rel), problem)
+        for rel, problem in listed
+        if os.path.splitext(rel)[1] == CAPTION_EXTENSION
+    }
+    for rel, problem in listed:
         path = files.join(root, rel)
         row = _Row(id=rel, source=path, t0=config.t0, seed=config.seed, guide_path=path)
+        stem, ext = os.path.splitext(rel)
+        if ext == CAPTION_EXTENSION:
+            continue
         if problem:
             rows.append(dataclasses.replace(row, error=f"guide ({path}): {problem}"))
             continue
-        stem, ext = os.path.splitext(rel)
         if ext.lower() not in GUIDE_EXTENSIONS:
             rows.append(
                 dataclasses.replace(
@@ -163,12 +183,66 @@ def _folder_catalog(config: Any) -> Catalog:
         if with_masks:
             row = _pair_mask(row, stem, masks_by_stem.get(stem, []), mask_root)
         rows.append(row)
+    rows = _with_captions(rows, captions, config.text is not None)
     for stem, mask_files in sorted(masks_by_stem.items()):
         if stem not in guide_stems:
             rows.extend(mask_failure(rel, f"no guide image named {stem}.*") for rel in mask_files)
+    for stem, (path, _) in sorted(captions.items()):
+        if stem not in guide_stems:
+            rows.append(
+                _Row(
+                    id=f"{stem}{CAPTION_EXTENSION}",
+                    source=path,
+                    t0=config.t0,
+                    seed=config.seed,
+                    error=f"caption ({path}): no guide image named {os.path.basename(stem)}.*",
+                )
+            )
     if not rows:
         raise ValueError(f"path: guide folder {config.path!r} holds no files")
     return _catalog(sorted(rows, key=lambda r: r.id))
+
+
+def _with_captions(
+    rows: list[_Row], captions: dict[str, tuple[str, str]], takes_text: bool
+) -> list[_Row]:
+    """The rows with their captions' text as ``prompt`` (or the caption's problem as error)."""
+    wanted = [
+        (k, captions[os.path.splitext(row.id)[0]])
+        for k, row in enumerate(rows)
+        if not row.error and os.path.splitext(row.id)[0] in captions
+    ]
+    if not takes_text:
+        read = [
+            "the model takes no text (a pixel model), so a guide cannot have a caption; "
+            "remove it or use a text-to-image model (config.model_dir)"
+        ] * len(wanted)
+        texts = [None] * len(wanted)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(_CAPTION_THREADS, "captions") as pool:
+            results = list(pool.map(lambda item: _read_caption(*item[1]), wanted))
+        texts, read = [t for t, _ in results], [p for _, p in results]
+    rows = list(rows)
+    for (k, (path, _)), text, problem in zip(wanted, texts, read, strict=True):
+        rows[k] = dataclasses.replace(
+            rows[k], **({"error": f"caption ({path}): {problem}"} if problem else {"prompt": text})
+        )
+    return rows
+
+
+def _read_caption(path: str, problem: str) -> tuple[str | None, str]:
+    """``(text, "")`` of a caption file, or ``(None, why it cannot be read)``."""
+    if problem:
+        return None, problem
+    try:
+        with files.open_file(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return None, f"cannot read ({e.strerror or e})"
+    try:
+        return data.decode("utf-8-sig").strip(), ""
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text (byte {e.start}: {e.reason})"
 
 
 def _pair_mask(row: _Row, stem: str, candidates: list[str], mask_root: str) -> _Row:

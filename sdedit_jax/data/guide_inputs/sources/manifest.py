@@ -19,6 +19,7 @@ import ctypes
 import io
 import itertools
 import json
+import math
 import operator
 import os
 import re
@@ -33,6 +34,7 @@ from sdedit_jax.data.guide_inputs.catalog import (
     Source,
     _columns_catalog,
     _file_problem,
+    _HugeInt,
     _id_bytes,
     _int_or_huge,
     _objects,
@@ -42,10 +44,13 @@ from sdedit_jax.data.guide_inputs.catalog import (
     _shown,
     _utf8,
 )
+from sdedit_jax.data.guide_inputs.text import FIELDS as TEXT_FIELDS
+from sdedit_jax.data.guide_inputs.text import parse_guidance
 from sdedit_jax.util import files
 
 NAME = "manifest"
-MANIFEST_FIELDS = ("path", "mask", "t0", "seed", "id")
+# The text fields (prompt, negative_prompt, guidance_scale): see guide_inputs.text.
+MANIFEST_FIELDS = ("path", "mask", "t0", "seed", "id", *TEXT_FIELDS)
 
 _CHUNK_BYTES = 1 << 20  # lines read and parsed together (~20,000 rows)
 _CSV_CHUNK_ROWS = 1 << 15
@@ -220,6 +225,9 @@ def _manifest_row(number: int, fields: dict | None, error: str, manifest: str, c
         guide_path=path,
         mask_path=files.join(base, mask) if mask else "",
         t0_given="t0" in values,
+        prompt=fields.get("prompt"),
+        negative_prompt=fields.get("negative_prompt"),
+        guidance_scale=values.get("guidance_scale"),
     )
 
 
@@ -236,14 +244,28 @@ def _field_problems(fields: dict, config: Any) -> tuple[list[str], dict]:
     for name in ("mask", "id"):
         if name in fields and not (isinstance(fields[name], str) and fields[name]):
             problems.append(f"{name}: expected a non-empty string, got {_shown(fields[name])}")
+    for name in ("prompt", "negative_prompt"):  # "" is a valid (empty) prompt
+        if name in fields and not isinstance(fields[name], str):
+            problems.append(f"{name}: expected a string, got {_shown(fields[name])}")
     values = {}
-    for name, parse in (("t0", lambda v: _parse_t0(v, config)), ("seed", _parse_seed)):
+    parsers = (
+        ("t0", lambda v: _parse_t0(v, config)),
+        ("seed", _parse_seed),
+        ("guidance_scale", _parse_guidance),
+    )
+    for name, parse in parsers:
         if name in fields:
             try:
                 values[name] = parse(fields[name])
             except ValueError as e:
                 problems.append(f"{name}: {e}")
     return problems, values
+
+
+def _parse_guidance(value: Any) -> float:
+    if isinstance(value, _HugeInt):
+        raise ValueError(f"expected a finite number >= 0, got {value!r}")
+    return parse_guidance(value)
 
 
 class _ColumnParts:
@@ -255,11 +277,22 @@ class _ColumnParts:
     def __init__(self) -> None:
         self.parts: dict[str, list[np.ndarray]] = {name: [] for name in _ROW_FIELDS}
 
-    def add(self, ids, sources, guides, masks, t0, seed, t0_given, errors=None) -> None:
-        """Appends rows given as one list per field (``errors``: None when all are good)."""
+    def add(self, ids, sources, guides, masks, t0, seed, t0_given, text, errors=None) -> None:
+        """Appends rows given as one list per field (``errors``: None when all are good;
+        ``text``: the prompts, negative prompts and guidance scales, None where not given)."""
         self.parts["id"].append(_id_bytes(ids))
-        for name, values in (("source", sources), ("guide_path", guides), ("mask_path", masks)):
+        prompts, negatives, scales = text
+        for name, values in (
+            ("source", sources),
+            ("guide_path", guides),
+            ("mask_path", masks),
+            ("prompt", prompts),
+            ("negative_prompt", negatives),
+        ):
             self.parts[name].append(_objects(values))
+        self.parts["guidance_scale"].append(
+            np.array([np.nan if s is None else s for s in scales], np.float32).reshape(-1)
+        )
         self.parts["error"].append(
             np.full(len(ids), "", object) if errors is None else _objects(errors)
         )
@@ -272,7 +305,19 @@ class _ColumnParts:
         return {name: np.concatenate(self.parts.pop(name)) for name in _ROW_FIELDS}
 
 
-_ROW_FIELDS = ("id", "source", "guide_path", "mask_path", "t0", "seed", "t0_given", "error")
+_ROW_FIELDS = (
+    "id",
+    "source",
+    "guide_path",
+    "mask_path",
+    "t0",
+    "seed",
+    "t0_given",
+    "error",
+    "prompt",
+    "negative_prompt",
+    "guidance_scale",
+)
 
 
 def _add_chunk(parts: _ColumnParts, records: _Records, manifest: str, config: Any) -> None:
@@ -331,6 +376,17 @@ def _add_chunk(parts: _ColumnParts, records: _Records, manifest: str, config: An
         seed = [
             v if v is not None and g else config.seed for v, g in zip(values, good, strict=True)
         ]
+    text = [[None] * len(fields) for _ in range(3)]
+    for k, name in enumerate(("prompt", "negative_prompt")):
+        if name in keys:
+            text[k] = [f.get(name) for f in fields]
+            good = [g and (v is None or type(v) is str) for g, v in zip(good, text[k], strict=True)]
+    if "guidance_scale" in keys:
+        text[2] = [f.get("guidance_scale") for f in fields]
+        good = [
+            g and (v is None or (type(v) in (int, float) and 0 <= v < math.inf))
+            for g, v in zip(good, text[2], strict=True)
+        ]
     if unread:
         good = [g and not e for g, e in zip(good, errors, strict=True)]
     slow = {
@@ -354,7 +410,9 @@ def _add_chunk(parts: _ColumnParts, records: _Records, manifest: str, config: An
                 row.mask_path,
             )
             t0[i], seed[i], given[i], row_errors[i] = row.t0, row.seed, row.t0_given, row.error
-    parts.add(ids, sources, guides, masks, t0, seed, given, row_errors)
+            text[0][i], text[1][i] = row.prompt, row.negative_prompt
+            text[2][i] = row.guidance_scale
+    parts.add(ids, sources, guides, masks, t0, seed, given, text, row_errors)
 
 
 def _values(fields: list[dict], key: str) -> list:
