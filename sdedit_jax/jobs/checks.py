@@ -23,6 +23,7 @@ import numpy as np
 from sdedit_jax import pretrained
 from sdedit_jax.data import guide_inputs
 from sdedit_jax.jobs import sinks
+from sdedit_jax.latent import codec
 from sdedit_jax.sampling.sampler import sampler_from_config
 from sdedit_jax.sde import SDE
 from sdedit_jax.util import config as config_files
@@ -134,9 +135,8 @@ class OutputConfig:
             )
 
 
-# The VAE codec's options (sdedit_jax.latent): how guides become latents, masks a latent grid.
-POSTERIORS = ("mean", "sample")
-MASK_DOWNSAMPLES = ("max_pool", "nearest")
+# The VAE codec's options: how guides become latents, masks a latent grid.
+POSTERIORS, MASK_DOWNSAMPLES = codec.POSTERIORS, codec.MASK_DOWNSAMPLES
 # The guidance scale of rows and jobs that name none: diffusers' default.
 DEFAULT_GUIDANCE_SCALE = 7.5
 

@@ -15,6 +15,7 @@ import sys
 
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
 from sdedit_jax import engine, pretrained
@@ -27,6 +28,7 @@ from sdedit_jax.jobs import (
     plan,
     preflight,
     sinks,
+    text,
     workdir_lock,
 )
 from sdedit_jax.jobs.checks import ConfigError, JobConfig
@@ -169,7 +171,13 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
     editor = engine.Editor(
         model.sde, sampler, config.repeats, per_device_batch=config.per_device_batch
     )
-    placed = editor.place_score(model.score_fn)
+    conditioner, codec = None, None
+    if checks.takes_text(model):
+        scales = catalog.columns["guidance_scale"][catalog.columns["error"] == ""]
+        with_negative = bool(np.any(scales > 1))
+        conditioner = text.Conditioner(model.tokenize_with_flags, model.encode_text, with_negative)
+        codec = model.codec_with(config.latent.posterior, config.latent.mask_downsample)
+    placed = editor.place_score(model.score_fn, codec)
     subdirs, this_run, totals = {}, [], []
     # Each manifest row also gets its own reverse "steps" and network calls "nfe"
     # (nfe_per_step * steps * repeats), from the engine.
@@ -237,7 +245,7 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
                 sink,
                 step_rule=step_rule,
                 progress=progress,
-                tokenize=model.tokenize_with_flags if checks.takes_text(model) else None,
+                conditioner=conditioner,
             )
         multihost_utils.sync_global_devices(f"wrote {sub}")
         subdirs[job.label] = sub

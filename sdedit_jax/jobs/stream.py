@@ -64,7 +64,7 @@ def run_stream(
     step_rule: StepRule,
     manifest_fields: dict[str, Any] | None = None,
     progress: Progress | None = None,
-    tokenize: text.Tokenizer | None = None,
+    conditioner: text.Conditioner | None = None,
 ) -> JobSummary:
     """Edits a stream of host-local guide batches and hands outputs to ``sink``.
 
@@ -74,9 +74,9 @@ def run_stream(
     is dispatched asynchronously and its outputs are fetched by the sink's
     writer threads, so input prefetch (tf.data), compute and writes overlap.
     Every process must run the same number of batches; ``step_rule`` gives the
-    per-example reverse step counts; ``tokenize`` (a text model's
-    ``tokenize_with_flags``) tokenizes each batch's prompts on the host
-    (:mod:`sdedit_jax.jobs.text`), so rows record whether they were truncated.
+    per-example reverse step counts; ``conditioner`` (a text model's) tokenizes
+    each batch's prompts on the host, so rows record whether they were truncated,
+    and encodes them on device into the batch's ``cond`` (:mod:`sdedit_jax.jobs.text`).
     ``progress`` learns of each dispatched
     batch (the sink, built with ``on_written=progress.written``, of each image
     written). Closes ``sink`` at the end, so the reported time includes the
@@ -86,9 +86,11 @@ def run_stream(
     start = time.perf_counter()
     first_batch_seconds = 0.0
     for batch in batches:
-        if tokenize is not None:
-            batch = {**batch, **text.tokenized(tokenize, batch)}
-        batch, global_batch = _with_step_counts(editor, batch, step_rule)
+        cond = None
+        if conditioner is not None:
+            batch = {**batch, **conditioner.columns(batch)}
+            cond = conditioner.cond(batch)
+        batch, global_batch = _with_step_counts(editor, batch, step_rule, cond)
         outputs = editor.run_global(placed_score, global_batch)
         valid = np.asarray(batch["valid"])
         if progress is not None:
@@ -107,7 +109,7 @@ def run_stream(
 
 
 def _with_step_counts(
-    editor: Editor, batch: dict[str, np.ndarray], step_rule: StepRule
+    editor: Editor, batch: dict[str, np.ndarray], step_rule: StepRule, cond: Any = None
 ) -> tuple[dict[str, np.ndarray], EditBatch]:
     """The host batch with its per-row ``steps`` and ``nfe``, and its global sharded arrays."""
     if batch["guide"].shape[0] * jax.process_count() != editor.global_batch:
@@ -133,4 +135,5 @@ def _with_step_counts(
         t0=to_global(batch["t0"]),
         n_steps=to_global(n_steps),
         mask=to_global(batch["mask"]),
+        cond=jax.tree.map(to_global, cond),
     )

@@ -9,7 +9,9 @@ which edits did not see their whole prompt.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,3 +42,35 @@ def tokenized(tokenize: Tokenizer, batch: Mapping[str, np.ndarray]) -> dict[str,
         out[f"{field}_ids"] = ids.astype(np.int32)
         out[f"{field}_truncated"] = truncated.astype(bool)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioner:
+    """A text model's per-batch ``cond`` (:func:`sdedit_jax.latent.guidance.text_condition`).
+
+    Attributes:
+        tokenize: the model's ``tokenize_with_flags``.
+        encode_text: the model's ``encode_text`` (``ids [B, L] -> [B, L, D]``, jitted).
+        with_negative: whether the job has a row with ``guidance_scale > 1``: then every
+            batch carries the negative half, so a row's output never depends on its
+            batch-mates' guidance (the program's batch shape would otherwise change).
+    """
+
+    tokenize: Tokenizer
+    encode_text: Callable[[np.ndarray], Any]
+    with_negative: bool
+
+    def columns(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch's token ids and truncation flags (recorded by the sink)."""
+        return tokenized(self.tokenize, batch)
+
+    def cond(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This host's rows of ``cond``: text states (and negative ones) and guidance scales."""
+        cond = {
+            "text": np.asarray(self.encode_text(batch["prompt_ids"]), np.float32),
+            "guidance": np.asarray(batch["guidance_scale"], np.float32),
+        }
+        if self.with_negative:
+            negative = self.encode_text(batch["negative_prompt_ids"])
+            cond["negative"] = np.asarray(negative, np.float32)
+        return cond

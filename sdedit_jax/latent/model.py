@@ -293,6 +293,12 @@ def _model(
 ) -> LatentModel:
     sde, parameterization = schedule(scheduler)
     tokenizer, token_sums = _tokenizer(tokenizer_folder)
+    positions = parts["text_encoder"].config.max_position_embeddings
+    if tokenizer.max_length > positions:
+        raise ValueError(
+            f"{tokenizer_folder}: model_max_length: {tokenizer.max_length} tokens, but the "
+            f"text encoder has {positions} positions"
+        )
     built = {
         name: Part(_with_dtype(parts[name].config, compute_dtype), parts[name].state)
         for name in ("unet", "vae", "text_encoder")

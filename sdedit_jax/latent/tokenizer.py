@@ -64,8 +64,11 @@ def special_tokens(folder: str) -> dict[str, Any]:
                 values[key] = config[key]
         length = config.get("model_max_length")
         if length is not None:
-            if not isinstance(length, int) or isinstance(length, bool) or length < 2:
-                raise ValueError(f"{path}: model_max_length: got {length!r}; expected an int >= 2")
+            if not isinstance(length, int) or isinstance(length, bool) or not 2 <= length <= 4096:
+                raise ValueError(
+                    f"{path}: model_max_length: got {length!r}; expected an int in [2, 4096] "
+                    "(CLIP's is 77)"
+                )
             values["model_max_length"] = length
     return values
 

@@ -74,7 +74,9 @@ def build_cache(folder: str) -> None:
         vae=AutoencoderKL.from_config(SD_VAE),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_fields)),
         tokenizer=CLIPTokenizer(
-            os.path.join(token_dir, "vocab.json"), os.path.join(token_dir, "merges.txt")
+            os.path.join(token_dir, "vocab.json"),
+            os.path.join(token_dir, "merges.txt"),
+            model_max_length=77,
         ),
         scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
         safety_checker=None,
