@@ -58,6 +58,9 @@ def guides(tmp_path_factory):
     (folder / "paint_chelsea.txt").write_text("a cat on a sofa\n", encoding="utf-8")
     (folder / "edit_rocket.txt").write_text(LONG, encoding="utf-8")
     (folder / "paint_coffee.txt").write_text("", encoding="utf-8")  # an empty prompt is valid
+    Image.open(folder / "paint_rocket.png").save(folder / "zz_bad_caption.png")
+    Image.open(folder / "masks" / "paint_rocket.png").save(folder / "masks" / "zz_bad_caption.png")
+    (folder / "zz_bad_caption.txt").write_bytes(b"a \xff\xfe rocket")  # not UTF-8
     return str(folder)
 
 
@@ -84,7 +87,7 @@ def _outputs(workdir):
 def reference(sd_folder, guides, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reference") / "run")
     done = job_cli.run(_command(sd_folder, guides, workdir, "--config.prompt=a photo"))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]  # the bad caption's row failed alone
     return workdir
 
 
@@ -92,6 +95,10 @@ def reference(sd_folder, guides, tmp_path_factory):
 def test_prompts_come_from_captions_or_the_config_and_masks_keep_the_guide(reference, guides):
     rows = job_cli.rows(os.path.join(reference, "t0_0.50", "manifest.jsonl"))
     assert len(rows) == 10
+    failed = job_cli.rows(os.path.join(reference, "t0_0.50", "failures.jsonl"))
+    assert list(failed) == ["zz_bad_caption.png"]
+    assert "zz_bad_caption.txt" in failed["zz_bad_caption.png"]["reason"]
+    assert "UTF-8" in failed["zz_bad_caption.png"]["reason"]
     assert rows["paint_chelsea.png"]["prompt"] == "a cat on a sofa"
     assert rows["paint_coffee.png"]["prompt"] == ""
     assert rows["edit_astronaut.png"]["prompt"] == "a photo"
@@ -125,7 +132,7 @@ def test_kill_9_and_resume_equal_the_uninterrupted_run(sd_folder, guides, refere
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
     done = job_cli.run(cmd)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]
     assert _outputs(workdir) == _outputs(reference)
 
 
