@@ -66,12 +66,10 @@ BENCHMARKS.md for the per-call time. Lower ``--config.t0s`` for more
 faithful, raise it for more realistic results.
 """
 
-import os
-
 import ml_collections
 
 from sdedit_jax.sampling.sampler import sampler_config
-from sdedit_jax.util.config import load_sibling, package_path
+from sdedit_jax.util.config import download_hint, load_sibling, package_path
 
 # variant: (model folder, SDE family, the published hub folder it is converted from)
 VARIANTS = {
@@ -101,14 +99,7 @@ SAMPLERS = {
 
 def missing_model(model_dir: str) -> str | None:
     """How to make a variant's missing model folder (what the job says), else None."""
-    for folder, _, hub in VARIANTS.values():
-        if os.path.normpath(model_dir) == folder:
-            local = f"downloads/{hub.split('/')[1]}"
-            return (
-                f"download {hub} (huggingface-cli download {hub} --local-dir {local}), then "
-                f"python -m sdedit_jax.convert --source {local} --out {folder}"
-            )
-    return None
+    return download_hint(model_dir, {folder: hub for folder, _, hub in VARIANTS.values()})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

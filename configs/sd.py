@@ -20,11 +20,11 @@ Weights: download the published diffusers folder once and convert it:
 
     huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --include "*.json" "*.txt" "*.safetensors" --exclude "*.fp16.*" "*ema*" \
-        --local-dir downloads/sd15
-    python -m sdedit_jax.convert --source downloads/sd15 --out models/sd15
+        --local-dir downloads/stable-diffusion-v1-5
+    python -m sdedit_jax.convert --source downloads/stable-diffusion-v1-5 --out models/sd15
     # or a single file with the folder's tokenizer/ and scheduler/:
     python -m sdedit_jax.convert --source v1-5-pruned-emaonly.safetensors \
-        --config_folder downloads/sd15 --out models/sd15
+        --config_folder downloads/stable-diffusion-v1-5 --out models/sd15
 
 Sampling: SDE-DPM-Solver++(2M) with ``ceil(50 t0)`` steps (25 U-Net calls, each one
 classifier-free-guidance pair, at t0 = 0.5) on the model's own schedule, guidance 7.5.
@@ -32,12 +32,10 @@ classifier-free-guidance pair, at t0 = 0.5) on the model's own schedule, guidanc
 its ``num_inference_steps``.
 """
 
-import os
-
 import ml_collections
 
 from sdedit_jax.sampling.sampler import sampler_config
-from sdedit_jax.util.config import load_sibling, package_path
+from sdedit_jax.util.config import download_hint, load_sibling, package_path
 
 # variant: (model folder, published diffusers folder, pixel size the guides are resized to)
 VARIANTS = {
@@ -49,14 +47,7 @@ VARIANTS = {
 
 def missing_model(model_dir: str) -> str | None:
     """How to make a variant's missing model folder (what the job says), else None."""
-    for folder, hub, _ in VARIANTS.values():
-        if os.path.normpath(model_dir) == folder:
-            local = f"downloads/{os.path.basename(folder)}"
-            return (
-                f"download {hub} (huggingface-cli download {hub} --local-dir {local}), then "
-                f"python -m sdedit_jax.convert --source {local} --out {folder}"
-            )
-    return None
+    return download_hint(model_dir, {folder: hub for folder, hub, _ in VARIANTS.values()})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from sdedit_jax.util.config import load_config
+from sdedit_jax.util.config import load_config, load_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,3 +65,23 @@ def test_config_blocks_become_frozen_dataclasses_and_unknown_keys_are_named():
     message = r"^config\.model\.nf_: unknown field, got 8 \(known: image_size"
     with pytest.raises(ValueError, match=message):
         frozen(unet.UNetConfig, {"nf_": 8}, "config.model")
+
+
+@pytest.mark.parametrize(
+    "variant,size,hub",
+    [
+        ("sd15", 512, "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ("sd21_base", 512, "stabilityai/stable-diffusion-2-1-base"),
+        ("sd21", 768, "stabilityai/stable-diffusion-2-1"),
+    ],
+)
+def test_sd_variants_name_their_folder_size_and_published_source(variant, size, hub):
+    path = os.path.join(REPO, "configs", "sd.py")
+    config = load_config(f"{path}:{variant}")
+    assert config.model_dir == f"models/{variant}"
+    assert tuple(config.input.image_size) == (size, size) and config.input.resize
+    assert config.guidance_scale == 7.5 and config.sampler.predictor == "sde_dpm_solver_2m"
+    hint = load_module(path).missing_model(f"models/{variant}")
+    assert hub in hint and f"--out models/{variant}" in hint
+    with pytest.raises(ValueError, match=r"configs/sd.py: variant 'sd3' unknown"):
+        load_config(f"{path}:sd3")

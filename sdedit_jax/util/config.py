@@ -220,3 +220,19 @@ def parse_arg(arg: str | None, where: str, **spec) -> ml_collections.ConfigDict:
             raise ValueError(f"{where}: variant {key!r} needs a value ({key}=...)")
         values[key] = _cast(where, key, spec[key], text) if eq else True
     return values
+
+
+def download_hint(model_dir: str, published: Mapping[str, str]) -> str | None:
+    """How to make a missing model folder that a config names (its ``missing_model``).
+
+    ``published`` maps each model folder the config's variants read to the hub folder it
+    is converted from; None for a folder that is not one of them.
+    """
+    for folder, hub in published.items():
+        if os.path.normpath(model_dir) == folder:
+            local = f"downloads/{hub.split('/')[-1]}"
+            return (
+                f"download {hub} (huggingface-cli download {hub} --local-dir {local}), then "
+                f"python -m sdedit_jax.convert --source {local} --out {folder}"
+            )
+    return None
