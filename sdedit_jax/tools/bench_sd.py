@@ -11,7 +11,8 @@ and bf16 compute vs torch fp32 and bf16 autocast. ``edit``: one whole 512 px edi
 (encode, 20 steps with guidance 7.5, decode) vs ``StableDiffusionImg2ImgPipeline`` with
 its SDE-DPM-Solver++(2M) at the same number of U-Net calls, both from the same text
 states. ``gpu``: sdedit_jax alone, bf16, images/s and MFU per batch size. Medians of
-``--repeats`` runs after a warm-up; FLOPs from XLA's cost analysis. Needs torch and
+``--repeats`` runs after a warm-up; FLOPs from XLA's cost analysis (an edit's summed from
+its U-Net calls and VAE passes, since XLA counts a loop's body once). Needs torch and
 diffusers (``unet``, ``edit``; ``gpu`` only for building the cache).
 """
 
@@ -29,6 +30,7 @@ from flax import nnx
 
 from sdedit_jax import engine, pretrained, rng
 from sdedit_jax.latent import guidance
+from sdedit_jax.models import sd_unet
 from sdedit_jax.sampling.sampler import Sampler
 from sdedit_jax.tools.published_sd import CLIP_VIT_L, SD15_UNET, SD_VAE
 from sdedit_jax.tools.timing import cpu_model_name, timed
@@ -99,6 +101,29 @@ def _median(fn, repeats: int, warm_up: bool = True) -> float:
 def _flops(compiled) -> float:
     analysis = compiled.cost_analysis()
     return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
+
+
+def _edit_flops(model, batch: int, steps: int, size: int) -> float:
+    """The edit's FLOPs summed from its parts: XLA counts a loop's body once, not per step.
+
+    ``steps`` guided U-Net calls (batch ``2 batch``: the CFG pair) plus one VAE encode and
+    one decode of ``batch`` images; the solver's own arithmetic is negligible beside them.
+    """
+    latent = size // model.size_multiple
+    width = model.text_encoder.config.hidden_size
+    shape = jax.ShapeDtypeStruct
+    z = shape((2 * batch, latent, latent, model.latent_channels), np.float32)
+    t = shape((2 * batch,), np.float32)
+    h = shape((2 * batch, 77, width), np.float32)
+    graphdef, _ = sd_unet.abstract(model.unet.config)
+    call = jax.jit(lambda state, z, t, h: _unet(graphdef, state, z, t, h))
+    unet = _flops(call.lower(model.unet.state, z, t, h).compile())
+    codec = model.codec
+    images = shape((batch, size, size, 3), np.float32)
+    latents = shape((batch, latent, latent, model.latent_channels), np.float32)
+    encode = _flops(jax.jit(lambda c, x: c.encode(None, x)).lower(codec, images).compile())
+    decode = _flops(jax.jit(lambda c, z: c.decode(z)).lower(codec, latents).compile())
+    return steps * unet + encode + decode
 
 
 def bench_unet(folder: str, repeats: int) -> dict:
@@ -189,7 +214,7 @@ def _jax_edit(model, batch: int, steps: int, strength: float, size: int = 512):
     args = (placed.score_arrays, placed.codec_arrays, sharded.guides, sharded.seeds)
     args += (sharded.id_words, sharded.t0, sharded.n_steps, sharded.mask, sharded.cond)
     args += (sharded.initial_noise,)
-    return (lambda: compiled(*args).block_until_ready()), _flops(compiled)
+    return (lambda: compiled(*args).block_until_ready()), _edit_flops(model, batch, steps, size)
 
 
 def bench_edit(folder: str, repeats: int, steps: int, strength: float) -> dict:
@@ -235,7 +260,7 @@ def bench_edit(folder: str, repeats: int, steps: int, strength: float) -> dict:
         "platform": jax.devices()[0].platform,
         "unet_calls (each a CFG pair)": {"jax": steps, "torch": torch_calls},
         "strength": strength,
-        "gflop_per_edit (XLA, float32)": round(flops / 1e9, 1),
+        "gflop_per_edit (XLA, float32: steps x U-Net + VAE)": round(flops / 1e9, 1),
         "seconds_per_edit (median)": {k: round(v, 2) for k, v in seconds.items()},
         "speedup_vs_torch_float32": {
             k: round(seconds["torch_float32"] / v, 2) for k, v in seconds.items()
@@ -243,18 +268,20 @@ def bench_edit(folder: str, repeats: int, steps: int, strength: float) -> dict:
     }
 
 
-def bench_gpu(folder: str, repeats: int, steps: int, strength: float, batches: list[int]) -> list:
-    """sdedit_jax alone in bf16: 512 px edits per second and MFU for each batch size."""
+def bench_gpu(
+    folder: str, repeats: int, steps: int, strength: float, batches: list[int], size: int = 512
+) -> list:
+    """sdedit_jax alone in bf16: ``size`` px edits per second and MFU for each batch size."""
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if kind.startswith(k)), None)
     model = pretrained.load_model(folder, compute_dtype="bfloat16")
     results = []
     for batch in batches:
-        run, flops = _jax_edit(model, batch, steps, strength)
+        run, flops = _jax_edit(model, batch, steps, strength, size)
         seconds = _median(run, repeats)
         results.append(
             {
-                "bench": "sd15_edit_512_bf16",
+                "bench": f"sd15_edit_{size}_bf16",
                 "device": kind,
                 "batch": batch,
                 "steps": steps,
