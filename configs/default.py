@@ -21,6 +21,7 @@ point into the installed package, so this file works from any folder.
 import ml_collections
 from ml_collections import config_dict
 
+from sdedit_jax.data.guide_inputs import sources
 from sdedit_jax.sampling.sampler import sampler_config, sampler_docs
 from sdedit_jax.util.config import package_path, parse_arg
 
@@ -32,12 +33,7 @@ FIELD_DOCS = {
     "input.image_size": "(height, width) of the guides; None = the model's own size",
     "input.channels": "3 (RGB) or 1 (grayscale)",
     "input.resize": "resize guides and masks of another size to image_size",
-    "input.folder.mask_dir": "masks folder inside a guide folder ('' = no masks; source=folder)",
-    "input.tfds.name": "TFDS data set name (source=tfds)",
-    "input.tfds.split": "TFDS split (source=tfds)",
-    "input.tfds.data_dir": "TFDS data folder (None = TFDS's default)",
-    "input.tfds.image_key": "feature holding the image (source=tfds)",
-    "input.tfds.mask_key": "feature holding the mask ('' = none; source=tfds)",
+    **sources.option_docs(),
     "input.generator": "none | stroke_painting | stroke_edit | composite: guides made from images",
     "input.generator_kwargs": "the generator's settings as JSON, e.g. '{\"num_strokes\": 8}'",
     "input.max_pixels": "larger images fail (one failure row) before they are decoded",
@@ -75,16 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "channels": 3,
             "resize": False,
             # One block per source with options of its own (sdedit_jax/data/guide_inputs/sources/).
-            "folder": ml_collections.ConfigDict({"mask_dir": "masks"}),
-            "tfds": ml_collections.ConfigDict(
-                {
-                    "name": "",
-                    "split": "test",
-                    "data_dir": config_dict.placeholder(str),
-                    "image_key": "image",
-                    "mask_key": "",
-                }
-            ),
+            **sources.option_blocks(),
             "generator": "none",
             "generator_kwargs": ml_collections.ConfigDict(),
             "max_pixels": 1 << 26,

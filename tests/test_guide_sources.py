@@ -16,6 +16,7 @@ from sdedit_jax.data import guide_inputs
 from sdedit_jax.data.guide_inputs import sources
 from sdedit_jax.data.guide_inputs.sources import tfds as tfds_source
 from sdedit_jax.jobs import checks as job
+from sdedit_jax.util import cli
 from sdedit_jax.util import config as config_files
 from sdedit_jax.util.config import load_config
 from tests import job_cli
@@ -116,6 +117,12 @@ NAME = "glob"
 
 @dataclasses.dataclass(frozen=True)
 class Options:
+    '''``config.input.glob``.
+
+    Attributes:
+        pattern: the guide file names to take (fnmatch).
+    '''
+
     pattern: str = "*"
 
     def __post_init__(self):
@@ -162,3 +169,7 @@ def test_a_source_is_one_module_and_one_entry_in_the_list(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"^glob_pattern: moved to glob.pattern$"):
         guide_inputs.GuideInputConfig.from_mapping({**config, "glob_pattern": "*"})
     assert guide_inputs.moved_fields("input")["input.glob_pattern"] == "input.glob.pattern"
+    # The default config gets its block, and --help its line, from the same entry.
+    config, docs = cli.load(os.path.join(job_cli.REPO, "configs", "default.py"))
+    assert config.input.glob.pattern == "*"
+    assert docs["input.glob.pattern"] == "the guide file names to take (fnmatch) (source=glob)"

@@ -35,7 +35,7 @@ class Options:
     """``config.input.folder``.
 
     Attributes:
-        mask_dir: the masks folder inside the guide folder ("" = no masks).
+        mask_dir: the masks folder inside the guide folder ('' = no masks).
     """
 
     mask_dir: str = "masks"

@@ -21,11 +21,11 @@ class Options:
     """``config.input.tfds``.
 
     Attributes:
-        name: the TFDS data set (required when the source is ``tfds``).
-        split: its split.
-        data_dir: its data folder (None = TFDS's default).
+        name: the TFDS data set name (required).
+        split: the TFDS split.
+        data_dir: the TFDS data folder (None = TFDS's default).
         image_key: the Image feature holding the guide.
-        mask_key: the Image feature holding the mask ("" = none).
+        mask_key: the Image feature holding the mask ('' = none).
     """
 
     name: str = ""
