@@ -41,7 +41,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per contestant (median
 _STEPS = flags.DEFINE_integer("steps", 20, "edit: U-Net calls (each one CFG pair)")
 _STRENGTH = flags.DEFINE_float("strength", 0.5, "edit: t0 = diffusers' strength")
 _BATCHES = flags.DEFINE_list("batches", ["1", "4", "8", "16"], "gpu: images per edit")
-_RESULTS = flags.DEFINE_string("results", "", "append each result as a JSON line here")
+_RESULTS = flags.DEFINE_string("results_jsonl", "", "append each result as a JSON line here")
 
 GUIDANCE = 7.5
 # Dense bf16 peak FLOP/s by device kind (vendor data sheets), for MFU.
