@@ -1,0 +1,68 @@
+"""SDXL's U-Net (base and refiner structures) against diffusers: the text_time embedding of
+pooled text and micro-conditioning time ids on top of SD's U-Net."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdedit_jax.importers import diffusers_sd
+from sdedit_jax.models import sd_unet
+from sdedit_jax.models.architecture import UnsupportedConfig
+from tests import sd_reference
+from tests.test_sd_networks import TOL, _nchw, _nhwc, _run
+
+torch = pytest.importorskip("torch", reason="the reference U-Net needs torch")
+pytest.importorskip("diffusers", reason="the reference U-Net is diffusers'")
+
+
+@pytest.mark.parametrize("structure", ["base", "refiner"])
+def test_sdxl_unet_matches_diffusers_with_added_conditioning(tmp_path, structure):
+    config = {"base": sd_reference.UNET_SDXL, "refiner": sd_reference.UNET_SDXL_REFINER}[structure]
+    reference = sd_reference.save_unet(str(tmp_path), config)
+    unet = diffusers_sd.load_unet(str(tmp_path))
+    assert unet.config.down_cross_attention == (False, True)
+    ids = 6 if structure == "base" else 5
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((2, 16, 16, 4), dtype=np.float32)
+    t = np.array([981.0, 3.0], np.float32)
+    h = rng.standard_normal((2, 7, config["cross_attention_dim"]), dtype=np.float32)
+    pooled = rng.standard_normal((2, 32), dtype=np.float32)
+    # Sizes, crops and aesthetic scores as the pipelines send them (floats of pixels).
+    time_ids = np.array([[1024, 768, 0, 16, 1024, 1024][:ids], [512, 512, 8, 0, 6.0, 768][:ids]])
+    time_ids = time_ids.astype(np.float32)
+    added = {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}
+    with torch.no_grad():
+        expected = reference(
+            _nchw(z), torch.from_numpy(t), torch.from_numpy(h), added_cond_kwargs=added
+        ).sample
+    cond = {"text": h, "text_embeds": pooled, "time_ids": time_ids}
+    err = sd_reference.rel_err(_run(sd_unet, unet.config, unet.state, z, t, cond), _nhwc(expected))
+    print(f"sdxl {structure} unet: max rel err {err:.2e}")
+    assert err <= TOL
+    # The added embedding matters: other time ids give another output.
+    other = {**cond, "time_ids": time_ids + 64}
+    assert (
+        sd_reference.rel_err(_run(sd_unet, unet.config, unet.state, z, t, other), _nhwc(expected))
+        > 1e-3
+    )
+    with pytest.raises(ValueError, match=r"needs cond\['text_embeds'\] and cond\['time_ids'\]"):
+        _run(sd_unet, unet.config, unet.state, z, t, {"text": h})
+    with pytest.raises(ValueError, match=r"the added embedding takes"):
+        _run(sd_unet, unet.config, unet.state, z, t, {**cond, "time_ids": time_ids[:, :4]})
+
+
+def test_text_time_fields_come_together():
+    base = {k: v for k, v in sd_reference.UNET_SDXL.items()}
+    with pytest.raises(
+        UnsupportedConfig, match="^projection_class_embeddings_input_dim: .*needs it"
+    ):
+        diffusers_sd.unet_config({**base, "projection_class_embeddings_input_dim": None})
+    with pytest.raises(UnsupportedConfig, match="^addition_time_embed_dim: set without"):
+        diffusers_sd.unet_config(
+            {**base, "addition_embed_type": None, "projection_class_embeddings_input_dim": None}
+        )
+    with pytest.raises(
+        ValueError, match="^addition_embed_type: got 'text'; expected null or 'text_time'"
+    ):
+        diffusers_sd.unet_config({**base, "addition_embed_type": "text"})
