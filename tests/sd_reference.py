@@ -356,3 +356,16 @@ def save_pipeline(
     pipe.save_pretrained(folder, **save)
     shutil.rmtree(parts)
     return pipe
+
+
+def save_text_encoder_with_projection(folder: str, eos_token_id: int = 2, seed: int = 0):
+    """SDXL's second text encoder (``CLIPTextModelWithProjection``), tiny, GELU."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    fields = {**TEXT, "eos_token_id": eos_token_id}
+    config = CLIPTextConfig(**fields, hidden_act="gelu", projection_dim=24)
+    model = perturb(CLIPTextModelWithProjection(config), seed)
+    model.save_pretrained(folder)
+    return model

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from sdedit_jax.importers import diffusers_sd
-from sdedit_jax.models import sd_unet
+from sdedit_jax.models import clip_text, sd_unet
 from sdedit_jax.models.architecture import UnsupportedConfig
 from tests import sd_reference
 from tests.test_sd_networks import TOL, _nchw, _nhwc, _run
@@ -66,3 +67,27 @@ def test_text_time_fields_come_together():
         ValueError, match="^addition_embed_type: got 'text'; expected null or 'text_time'"
     ):
         diffusers_sd.unet_config({**base, "addition_embed_type": "text"})
+
+
+@pytest.mark.parametrize("eos_token_id", [2, 997])
+def test_penultimate_states_and_pooled_projection_match_transformers(tmp_path, eos_token_id):
+    """SDXL's text_encoder_2: hidden_states[-2] and text_embeds; the pooled state at the
+    largest id (eos_token_id 2, as the converted OpenCLIP configs say) or at the token."""
+    pytest.importorskip("transformers", reason="the reference text encoder is transformers'")
+    reference = sd_reference.save_text_encoder_with_projection(str(tmp_path), eos_token_id)
+    encoder = diffusers_sd.load_text_encoder(str(tmp_path))
+    assert encoder.config.projection_dim == 24
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 990, (3, 11)).astype(np.int64)
+    ids[:, 0] = 998
+    end = 999 if eos_token_id == 2 else eos_token_id
+    ids[0, 5:], ids[1, 9:], ids[2, 10:] = end, end, end  # padded with the end token
+    ids[1, 3] = 999  # the largest id before row 1's end: where the two rules differ
+    with torch.no_grad():
+        out = reference(torch.from_numpy(ids), output_hidden_states=True)
+    net = nnx.merge(clip_text.abstract(encoder.config)[0], encoder.state)
+    hidden, pooled = net.encode(ids.astype(np.int32), skip=1)
+    assert sd_reference.rel_err(hidden, out.hidden_states[-2].numpy()) <= TOL
+    assert sd_reference.rel_err(pooled, out.text_embeds.numpy()) <= TOL
+    last, _ = net.encode(ids.astype(np.int32), skip=0)
+    assert sd_reference.rel_err(last, out.last_hidden_state.numpy()) <= TOL

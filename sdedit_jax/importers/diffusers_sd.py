@@ -297,8 +297,8 @@ def vae_config(config: Mapping[str, Any]) -> vae.VAEConfig:
 
 
 def text_encoder_config(config: Mapping[str, Any]) -> clip_text.CLIPTextConfig:
-    """From a transformers ``CLIPTextModel`` config.json (fields that do not change the
-    last hidden state, such as dropout, initialisers or token ids, are ignored)."""
+    """From a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` config.json
+    (fields that change no output, such as dropout or initialisers, are ignored)."""
     model_type = config.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
         raise UnsupportedConfig(f"model_type: {model_type!r} is not 'clip_text_model'")
@@ -314,6 +314,12 @@ def text_encoder_config(config: Mapping[str, Any]) -> clip_text.CLIPTextConfig:
         **{k: config[k] for k in _TEXT_FIELDS if k in config},
     }
     fields.check_dataclass_fields(clip_text.CLIPTextConfig, values, "")
+    if "CLIPTextModelWithProjection" in config.get("architectures", ()):
+        # SDXL's second encoder; transformers reads the pooled state at the largest id
+        # when eos_token_id is 2 (the converted OpenCLIP configs), else at that token.
+        eos = config.get("eos_token_id", 2)
+        values["projection_dim"] = config.get("projection_dim", 512)
+        values["eos_token_id"] = None if eos == 2 else eos
     return clip_text.CLIPTextConfig(**values)
 
 
