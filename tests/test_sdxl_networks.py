@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from sdedit_jax.importers import diffusers_sd
+from sdedit_jax.latent import micro_conditioning
 from sdedit_jax.models import clip_text, sd_unet
 from sdedit_jax.models.architecture import UnsupportedConfig
 from tests import sd_reference
@@ -91,3 +92,41 @@ def test_penultimate_states_and_pooled_projection_match_transformers(tmp_path, e
     assert sd_reference.rel_err(pooled, out.text_embeds.numpy()) <= TOL
     last, _ = net.encode(ids.astype(np.int32), skip=0)
     assert sd_reference.rel_err(last, out.last_hidden_state.numpy()) <= TOL
+
+
+@pytest.mark.parametrize("refiner", [False, True])
+def test_time_ids_are_the_pipelines(refiner):
+    """``time_ids`` == StableDiffusionXLImg2ImgPipeline._get_add_time_ids, per example."""
+    import types
+
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    ids = 5 if refiner else 6
+    fake = types.SimpleNamespace(
+        config=types.SimpleNamespace(requires_aesthetics_score=refiner),
+        unet=types.SimpleNamespace(
+            config=types.SimpleNamespace(addition_time_embed_dim=8),
+            add_embedding=types.SimpleNamespace(
+                linear_1=types.SimpleNamespace(in_features=32 + ids * 8)
+            ),
+        ),
+    )
+    rows = [((1024, 768), (0, 16), (1024, 1024), 6.0), ((512, 640), (8, 0), (768, 768), 2.5)]
+    expected = [
+        StableDiffusionXLImg2ImgPipeline._get_add_time_ids(
+            fake, o, c, t, a, 2.5, o, c, t, torch.float32, text_encoder_projection_dim=32
+        )[0].numpy()[0]
+        for o, c, t, a in rows
+    ]
+    original, crops, targets, scores = (np.array([r[i] for r in rows]) for i in range(4))
+    if refiner:
+        found = micro_conditioning.time_ids(original, crops, aesthetic_score=scores)
+    else:
+        found = micro_conditioning.time_ids(original, crops, targets)
+    np.testing.assert_array_equal(found, np.stack(expected))
+    # One value for the whole batch broadcasts; a missing or doubled last field is refused.
+    assert micro_conditioning.time_ids((64, 64), (0, 0), (64, 64)).shape == (1, 6)
+    with pytest.raises(ValueError, match="target_size .base. or aesthetic_score"):
+        micro_conditioning.time_ids((64, 64), (0, 0))
+    with pytest.raises(ValueError, match="^crops_coords_top_left: 3 rows for a batch of 2$"):
+        micro_conditioning.time_ids(original, np.zeros((3, 2)), targets)
