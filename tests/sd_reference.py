@@ -45,6 +45,28 @@ UNET_SD2 = {
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 }
+# SDXL's structure: no attention at level 0, transformer depth per level, linear
+# projections, and the text_time added embedding (pooled text + 6 time ids x 8 features;
+# the refiner's 5 ids: sizes, crop and the aesthetic score).
+UNET_SDXL = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "cross_attention_dim": 64,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "transformer_layers_per_block": (1, 2),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+UNET_SDXL_REFINER = {
+    **UNET_SDXL,
+    "cross_attention_dim": 32,
+    "projection_class_embeddings_input_dim": 32 + 5 * 8,
+}
 VAE = {
     "block_out_channels": (32, 64),
     "down_block_types": ("DownEncoderBlock2D",) * 2,
@@ -334,3 +356,16 @@ def save_pipeline(
     pipe.save_pretrained(folder, **save)
     shutil.rmtree(parts)
     return pipe
+
+
+def save_text_encoder_with_projection(folder: str, eos_token_id: int = 2, seed: int = 0):
+    """SDXL's second text encoder (``CLIPTextModelWithProjection``), tiny, GELU."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    fields = {**TEXT, "eos_token_id": eos_token_id}
+    config = CLIPTextConfig(**fields, hidden_act="gelu", projection_dim=24)
+    model = perturb(CLIPTextModelWithProjection(config), seed)
+    model.save_pretrained(folder)
+    return model

@@ -210,7 +210,7 @@ def test_vae_reads_old_attention_names():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"addition_embed_type": "text_time"}, "addition_embed_type: 'text_time' is not supported"),
+        ({"addition_embed_type": "image"}, "addition_embed_type: got 'image'; expected null or"),
         ({"attention_head_dim": [2, 4, 8]}, "attention_head_dim: 3 values for 2 levels"),
         ({"down_block_types": ["SimpleCrossAttnDownBlock2D"] * 2}, "block type"),
         ({"layers_per_block": [1, 2]}, "layers_per_block: got [1, 2]; expected an int >= 1"),

@@ -50,8 +50,6 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
@@ -63,7 +61,6 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
@@ -71,7 +68,7 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
 }
 # Read and mapped (defaults of diffusers), or accepted without effect: ``dropout`` (inference),
 # ``upcast_attention`` (attention logits are always float32), ``addition_embed_type_num_heads``
-# (only read with an addition embedding, which is refused above).
+# (read only by addition embeddings other than SDXL's ``text_time``, which are refused).
 _UNET_DEFAULTS: dict[str, Any] = {
     "sample_size": 64,
     "in_channels": 4,
@@ -102,6 +99,9 @@ _UNET_DEFAULTS: dict[str, Any] = {
     "dropout": 0.0,
     "upcast_attention": False,
     "addition_embed_type_num_heads": 64,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
 }
 _INT_OR_INTS = (
     (lambda v: fields.POSITIVE_INT[0](v) or fields.POSITIVE_INTS[0](v)),
@@ -130,6 +130,9 @@ _UNET_RULES = {
     "use_linear_projection": fields.BOOL,
     "dropout": fields.UNIT_INTERVAL,
     "upcast_attention": fields.BOOL,
+    "addition_embed_type": ((lambda v: v in (None, "text_time")), "null or 'text_time' (SDXL)"),
+    "addition_time_embed_dim": fields.POSITIVE_INT_OR_NULL,
+    "projection_class_embeddings_input_dim": fields.POSITIVE_INT_OR_NULL,
 }
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
@@ -254,7 +257,23 @@ def unet_config(config: Mapping[str, Any]) -> sd_unet.SDUNetConfig:
         flip_sin_to_cos=cfg["flip_sin_to_cos"],
         freq_shift=float(cfg["freq_shift"]),
         downsample_padding=cfg["downsample_padding"],
+        **_added_embedding(cfg),
     )
+
+
+def _added_embedding(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """SDXL's ``text_time`` fields (none for SD 1.x/2.x), which come together."""
+    kind = cfg["addition_embed_type"]
+    dims = {k: cfg[k] for k in ("addition_time_embed_dim", "projection_class_embeddings_input_dim")}
+    given = [k for k, v in dims.items() if v is not None]
+    if kind is None:
+        if given:
+            raise UnsupportedConfig(f"{given[0]}: set without addition_embed_type 'text_time'")
+        return {}
+    missing = [k for k, v in dims.items() if v is None]
+    if missing:
+        raise UnsupportedConfig(f"{missing[0]}: addition_embed_type 'text_time' needs it")
+    return dims
 
 
 def vae_config(config: Mapping[str, Any]) -> vae.VAEConfig:
@@ -278,8 +297,8 @@ def vae_config(config: Mapping[str, Any]) -> vae.VAEConfig:
 
 
 def text_encoder_config(config: Mapping[str, Any]) -> clip_text.CLIPTextConfig:
-    """From a transformers ``CLIPTextModel`` config.json (fields that do not change the
-    last hidden state, such as dropout, initialisers or token ids, are ignored)."""
+    """From a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` config.json
+    (fields that change no output, such as dropout or initialisers, are ignored)."""
     model_type = config.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
         raise UnsupportedConfig(f"model_type: {model_type!r} is not 'clip_text_model'")
@@ -295,6 +314,12 @@ def text_encoder_config(config: Mapping[str, Any]) -> clip_text.CLIPTextConfig:
         **{k: config[k] for k in _TEXT_FIELDS if k in config},
     }
     fields.check_dataclass_fields(clip_text.CLIPTextConfig, values, "")
+    if "CLIPTextModelWithProjection" in config.get("architectures", ()):
+        # SDXL's second encoder; transformers reads the pooled state at the largest id
+        # when eos_token_id is 2 (the converted OpenCLIP configs), else at that token.
+        eos = config.get("eos_token_id", 2)
+        values["projection_dim"] = config.get("projection_dim", 512)
+        values["eos_token_id"] = None if eos == 2 else eos
     return clip_text.CLIPTextConfig(**values)
 
 

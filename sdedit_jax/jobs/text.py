@@ -72,5 +72,5 @@ class Conditioner:
         }
         if self.with_negative:
             negative = self.encode_text(batch["negative_prompt_ids"])
-            cond["negative"] = np.asarray(negative, np.float32)
+            cond["negative"] = {"text": np.asarray(negative, np.float32)}
         return cond

@@ -6,6 +6,11 @@ blocks with causal self-attention and a quick-GELU (SD 1.x, OpenAI CLIP) or GELU
 (SD 2.x, OpenCLIP) MLP, and the final LayerNorm. That is what SD's pipelines feed
 the U-Net (``clip_skip=None``); like them, no padding mask is applied. Module names
 mirror transformers' for the importer. Float32 output; optional bfloat16 compute.
+
+SDXL reads more of it (:meth:`CLIPTextEncoder.encode`): the penultimate layer's hidden
+states (``hidden_states[-2]``, before the final LayerNorm) of both of its encoders, and
+the second one's pooled projection (``CLIPTextModelWithProjection.text_embeds``: the
+final-normed state at the end-of-text token through ``text_projection``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class CLIPTextConfig:
         num_hidden_layers, num_attention_heads: depth and heads.
         hidden_act: ``"quick_gelu"`` (``x * sigmoid(1.702 x)``) or ``"gelu"`` (exact).
         layer_norm_eps: LayerNorm epsilon.
+        projection_dim: width of ``text_projection`` (``CLIPTextModelWithProjection``),
+            None for a ``CLIPTextModel``.
+        eos_token_id: the end-of-text token the pooled state is read at; None: at the
+            largest id, as transformers does for configs with ``eos_token_id == 2``.
         compute_dtype: "float32" or "bfloat16".
     """
 
@@ -49,6 +58,8 @@ class CLIPTextConfig:
     num_attention_heads: int = 12
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None
+    eos_token_id: int | None = None
     compute_dtype: str = "float32"
 
     def __post_init__(self):
@@ -137,8 +148,9 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
         self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x: Array) -> Array:
-        for layer in self.layers:
+    def __call__(self, x: Array, stop: int | None = None) -> Array:
+        """The residual stream after the first ``stop`` layers (all by default)."""
+        for layer in self.layers[:stop]:
             x = layer(x)
         return x
 
@@ -153,14 +165,42 @@ class CLIPTextEncoder(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-    def __call__(self, ids: Array) -> Array:
+        if cfg.projection_dim is not None:
+            self.text_projection = Linear(
+                cfg.hidden_size, cfg.projection_dim, bias=False, rngs=rngs
+            )
+
+    def _embedded(self, ids: Array) -> Array:
         if ids.ndim != 2 or ids.shape[1] > self.cfg.max_position_embeddings:
             raise ValueError(
                 f"ids: shape {tuple(ids.shape)}, expected (batch, <= "
                 f"{self.cfg.max_position_embeddings})"
             )
-        h = self.embeddings(ids).astype(jnp.dtype(self.cfg.compute_dtype))
-        return self.final_layer_norm(self.encoder(h)).astype(jnp.float32)
+        return self.embeddings(ids).astype(jnp.dtype(self.cfg.compute_dtype))
+
+    def __call__(self, ids: Array) -> Array:
+        return self.final_layer_norm(self.encoder(self._embedded(ids))).astype(jnp.float32)
+
+    def encode(self, ids: Array, skip: int = 1) -> tuple[Array, Array]:
+        """``(hidden, pooled)``, float32. ``hidden``: transformers' ``hidden_states[-1 - skip]``,
+        the stream ``skip`` layers before the end, without the final LayerNorm (SDXL's
+        ``skip=1``); ``skip=0`` is the last hidden state, as :meth:`__call__`. ``pooled``:
+        the final-normed state at the end-of-text token, through ``text_projection`` when
+        the encoder has it."""
+        cfg = self.cfg
+        if not 0 <= skip < cfg.num_hidden_layers:
+            raise ValueError(f"skip: {skip} layers of {cfg.num_hidden_layers}")
+        kept = cfg.num_hidden_layers - skip
+        hidden = self.encoder(self._embedded(ids), kept)
+        top = hidden
+        for layer in self.encoder.layers[kept:]:
+            top = layer(top)
+        top = self.final_layer_norm(top)
+        at = jnp.argmax(ids if cfg.eos_token_id is None else ids == cfg.eos_token_id, axis=-1)
+        pooled = top[jnp.arange(ids.shape[0]), at]
+        if cfg.projection_dim is not None:
+            pooled = self.text_projection(pooled)
+        return (hidden if skip else top).astype(jnp.float32), pooled.astype(jnp.float32)
 
 
 def build(config: Mapping[str, Any] | CLIPTextConfig, seed: int) -> CLIPTextEncoder:

@@ -14,6 +14,10 @@ noise, or v for v-prediction models), float32.
 
 SD 1.x: cross-attention dim 768, 8 heads per level, 1x1-conv projections. SD 2.x: 1024,
 heads per level (diffusers' config calls them ``attention_head_dim``), linear projections.
+SDXL adds diffusers' ``text_time`` embedding to the timestep embedding: the pooled text
+embedding and the sinusoidal features of the micro-conditioning ``time_ids`` (sizes,
+crop, aesthetic score), read from ``cond["text_embeds"]`` ``[B, P]`` and
+``cond["time_ids"]`` ``[B, K]``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ class SDUNetConfig:
         norm_num_groups, norm_eps: GroupNorm settings of the resnets.
         flip_sin_to_cos, freq_shift: timestep embedding variant (SD: True, 0).
         downsample_padding: padding of the stride-2 downsampling convs.
+        addition_time_embed_dim: SDXL: sinusoidal features per ``time_ids`` value
+            (None: no added embedding, SD 1.x/2.x).
+        projection_class_embeddings_input_dim: SDXL: width of the added embedding's
+            input, the pooled text embedding and every ``time_ids`` value's features.
         compute_dtype: "float32" or "bfloat16" (activations and weights).
     """
 
@@ -86,9 +94,18 @@ class SDUNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     downsample_padding: int = 1
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     compute_dtype: str = "float32"
 
     def __post_init__(self):
+        if (self.addition_time_embed_dim is None) != (
+            self.projection_class_embeddings_input_dim is None
+        ):
+            raise UnsupportedConfig(
+                "addition_time_embed_dim, projection_class_embeddings_input_dim: the text_time "
+                "embedding needs both (or neither)"
+            )
         levels = len(self.block_out_channels)
         for name in (
             "down_cross_attention",
@@ -238,6 +255,30 @@ class MidBlock(nnx.Module):
         return self.resnets[1](x, temb)
 
 
+def added_condition(cond: Any, batch: int, cfg: SDUNetConfig) -> tuple[Array, Array]:
+    """``cond["text_embeds"]`` ``[B, P]`` and ``cond["time_ids"]`` ``[B, K]``, checked
+    against the batch and against the added embedding's input width."""
+    parts = [
+        cond.get(k) if isinstance(cond, Mapping) else None for k in ("text_embeds", "time_ids")
+    ]
+    if parts[0] is None or parts[1] is None:
+        raise ValueError("cond: an SDXL U-Net needs cond['text_embeds'] and cond['time_ids']")
+    pooled, time_ids = parts
+    if pooled.ndim != 2 or time_ids.ndim != 2 or {pooled.shape[0], time_ids.shape[0]} != {batch}:
+        raise ValueError(
+            f"cond['text_embeds'], cond['time_ids']: shapes {tuple(pooled.shape)}, "
+            f"{tuple(time_ids.shape)}, expected ({batch}, P) and ({batch}, K)"
+        )
+    width = pooled.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(
+            f"cond['text_embeds'], cond['time_ids']: {pooled.shape[1]} + {time_ids.shape[1]} x "
+            f"{cfg.addition_time_embed_dim} features, the added embedding takes "
+            f"{cfg.projection_class_embeddings_input_dim}"
+        )
+    return pooled, time_ids
+
+
 def text_condition(cond: Any, batch: int, dim: int) -> Array:
     """``cond["text"]`` (or ``cond`` itself when it is an array), checked against the batch."""
     text = cond.get("text") if isinstance(cond, Mapping) else cond
@@ -259,6 +300,9 @@ class SDUNet(nnx.Module):
         chans = cfg.block_out_channels
         temb_dim = 4 * chans[0]
         self.time_embedding = TimestepEmbedding(chans[0], temb_dim, rngs=rngs)
+        if cfg.projection_class_embeddings_input_dim is not None:
+            width = cfg.projection_class_embeddings_input_dim
+            self.add_embedding = TimestepEmbedding(width, temb_dim, rngs=rngs)
         self.conv_in = Conv(cfg.in_channels, chans[0], rngs=rngs)
         last = len(chans) - 1
         skips, c = [chans[0]], chans[0]
@@ -298,6 +342,8 @@ class SDUNet(nnx.Module):
             t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift
         )
         temb = self.time_embedding(features.astype(dtype))
+        if cfg.addition_time_embed_dim is not None:
+            temb = temb + self._added_embedding(cond, x.shape[0], dtype)
         h = self.conv_in(x.astype(dtype))
         skips = [h]
         for block in self.down_blocks:
@@ -319,6 +365,19 @@ class SDUNet(nnx.Module):
                 h = block.resampler(h, skips[-1].shape[1:3])
         h = self.conv_out(nnx.silu(self.conv_norm_out(h)))
         return h.astype(jnp.float32)
+
+    def _added_embedding(self, cond: Any, batch: int, dtype: Any) -> Array:
+        """SDXL's ``text_time`` embedding: pooled text and ``time_ids`` features, embedded."""
+        cfg = self.cfg
+        pooled, time_ids = added_condition(cond, batch, cfg)
+        features = timestep_features(
+            jnp.asarray(time_ids, jnp.float32).reshape(-1),
+            cfg.addition_time_embed_dim,
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+        ).reshape(batch, -1)
+        inputs = jnp.concatenate([jnp.asarray(pooled, jnp.float32), features], axis=-1)
+        return self.add_embedding(inputs.astype(dtype))
 
 
 def build(config: Mapping[str, Any] | SDUNetConfig, seed: int) -> SDUNet:
