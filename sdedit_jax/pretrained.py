@@ -47,6 +47,7 @@ from flax import nnx
 from sdedit_jax import importers
 from sdedit_jax.importers import fields
 from sdedit_jax.latent import model as latent_model
+from sdedit_jax.latent import sdxl
 from sdedit_jax.models.architecture import Architecture
 from sdedit_jax.models.architectures import ARCHITECTURES
 from sdedit_jax.score import (
@@ -352,6 +353,8 @@ def load_latent(
         )
     if latent_model.is_converted_folder(path):
         return latent_model.from_converted_folder(path, compute_dtype)
+    if sdxl.is_sdxl_pipeline(path):
+        return sdxl.from_pipeline(path, options.get("variant"), compute_dtype)
     return latent_model.from_pipeline(path, options.get("variant"), compute_dtype)
 
 
@@ -361,7 +364,7 @@ def load_model(
     sde: dict | None = None,
     compute_dtype: str | None = None,
     **options: Unpack[CheckpointOptions],
-) -> LoadedModel | latent_model.LatentModel:
+) -> LoadedModel | latent_model.LatentModel | sdxl.SDXLModel:
     """Loads a score model: the shipped one (default), a model folder, or a checkpoint.
 
     Args:
@@ -369,7 +372,8 @@ def load_model(
             or a score_sde ``checkpoint_<n>`` (the latter converted on the fly); or a
             Stable Diffusion model (a diffusers pipeline folder, a single-file checkpoint
             with ``config_folder``, or its converted folder), which loads as a
-            :class:`~sdedit_jax.latent.model.LatentModel`.
+            :class:`~sdedit_jax.latent.model.LatentModel` (an SDXL base or refiner
+            folder: :class:`~sdedit_jax.latent.sdxl.SDXLModel`).
         sde: overrides the SDE of a checkpoint (``{"name": "ve", ...}``); needed when
             the checkpoint does not record it.
         compute_dtype: a latent model's network compute type (e.g. ``"bfloat16"``).
@@ -488,7 +492,8 @@ class Network:
     the diffusion time t (or sigma, by its config) for ``unet``. ``cond`` is the
     per-example conditioning pytree of a conditional network (``None`` for the others):
     ``sd_unet``'s text encoder states ``h`` (``{"text": h}``, or ``h`` itself), so
-    ``load_network(sd_folder)(z, t, h)`` is ``UNet2DConditionModel(z, t, h).sample``.
+    ``load_network(sd_folder)(z, t, h)`` is ``UNet2DConditionModel(z, t, h).sample``; an
+    SDXL U-Net also takes ``added_cond={"text_embeds": pooled, "time_ids": ids}``.
     For the pixel networks the output equals diffusers' ``UNet2DModel(x_nchw, t).sample``
     transposed to NHWC.
     """
@@ -498,9 +503,17 @@ class Network:
     graphdef: nnx.GraphDef
     state: nnx.State
 
-    def __call__(self, x: jax.Array, timesteps: jax.Array | float, cond: Any = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        timesteps: jax.Array | float,
+        cond: Any = None,
+        added_cond: dict[str, Any] | None = None,
+    ) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), x.shape[:1])
+        if added_cond is not None:  # SDXL: diffusers' added_cond_kwargs beside the text states
+            cond = {"text": cond, **added_cond}
         return _apply(self.graphdef, self.state, x, t, cond)
 
 

@@ -358,14 +358,59 @@ def save_pipeline(
     return pipe
 
 
-def save_text_encoder_with_projection(folder: str, eos_token_id: int = 2, seed: int = 0):
+def save_text_encoder_with_projection(
+    folder: str, eos_token_id: int = 2, seed: int = 0, projection_dim: int = 24
+):
     """SDXL's second text encoder (``CLIPTextModelWithProjection``), tiny, GELU."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     fields = {**TEXT, "eos_token_id": eos_token_id}
-    config = CLIPTextConfig(**fields, hidden_act="gelu", projection_dim=24)
+    config = CLIPTextConfig(**fields, hidden_act="gelu", projection_dim=projection_dim)
     model = perturb(CLIPTextModelWithProjection(config), seed)
     model.save_pretrained(folder)
     return model
+
+
+def save_xl_pipeline(folder: str, refiner: bool = False, seed: int = 0):
+    """A whole tiny ``StableDiffusionXLImg2ImgPipeline`` folder (base, or the refiner:
+    ``text_encoder_2`` only, aesthetic scores), saved by diffusers itself."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline
+    from transformers import CLIPTokenizer
+
+    parts = os.path.join(folder, "_parts")
+    unet_config = UNET_SDXL_REFINER if refiner else UNET_SDXL
+    write_tokenizer(os.path.join(parts, "tokenizer_2"), "!")
+    text_2 = save_text_encoder_with_projection(
+        os.path.join(parts, "text_2"), 2, seed + 3, projection_dim=32
+    )
+    first = {"text_encoder": None, "tokenizer": None}
+    if not refiner:
+        write_tokenizer(os.path.join(parts, "tokenizer"), "<|endoftext|>")
+        first = {
+            "text_encoder": save_text_encoder(os.path.join(parts, "text"), "quick_gelu", seed + 2),
+            "tokenizer": CLIPTokenizer.from_pretrained(os.path.join(parts, "tokenizer")),
+        }
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        unet=save_unet(os.path.join(parts, "unet"), unet_config, seed),
+        vae=save_vae(os.path.join(parts, "vae"), seed + 1),
+        text_encoder_2=text_2,
+        tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(parts, "tokenizer_2")),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        requires_aesthetics_score=refiner,
+        force_zeros_for_empty_prompt=not refiner,
+        **first,
+    )
+    pipe.save_pretrained(folder)
+    shutil.rmtree(parts)
+    torch.manual_seed(seed)
+    return pipe

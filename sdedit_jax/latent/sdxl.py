@@ -1,0 +1,216 @@
+"""SDXL base and refiner as latent models: two CLIP text encoders and micro-conditioning.
+
+A diffusers SDXL folder (``model_index.json`` naming ``text_encoder_2``) holds the U-Net
+with the ``text_time`` embedding, the VAE, ``text_encoder_2``/``tokenizer_2`` (OpenCLIP
+ViT-bigG with its pooled projection) and, for the base only, ``text_encoder``/
+``tokenizer`` (CLIP ViT-L). As diffusers' SDXL pipelines do, the U-Net's text states
+are the penultimate hidden states of each encoder, concatenated, and its added
+conditioning is the second encoder's pooled projection with the ``time_ids`` of
+:mod:`.micro_conditioning` (``requires_aesthetics_score``: the refiner's 5 values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdedit_jax.importers import diffusers_sd
+from sdedit_jax.latent import micro_conditioning
+from sdedit_jax.latent import model as latent_model
+from sdedit_jax.latent import tokenizer as clip_tokenizer
+from sdedit_jax.models import clip_text
+from sdedit_jax.util import files
+
+# The text encoders in the order their states are concatenated (the refiner has the second).
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+DEFAULT_AESTHETIC_SCORE = 6.0  # the pipelines' defaults (the negative half: 2.5)
+DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+def is_sdxl_pipeline(folder: str) -> bool:
+    """A diffusers pipeline folder whose ``model_index.json`` names ``text_encoder_2``."""
+    index = files.read_json_object(files.join(folder, latent_model.MODEL_INDEX))
+    return _named(index.get("text_encoder_2"))
+
+
+def _named(entry: Any) -> bool:
+    """Whether a ``model_index.json`` entry names a component (``[null, null]`` does not)."""
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _encoded(graphdef: nnx.GraphDef, state: nnx.State, skip: int, ids: jax.Array):
+    return nnx.merge(graphdef, state).encode(ids, skip)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTower:
+    """One text encoder with its tokenizer (and the files the tokenizer was read from)."""
+
+    part: latent_model.Part
+    tokenizer: clip_tokenizer.CLIPTokenizer
+    tokenizer_folder: str
+    tokenizer_sha256: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class SDXLModel:
+    """An SDXL base or refiner model (see the module docstring and ``LatentModel``).
+
+    ``tokenize`` gives each tower's ids (a dict by encoder name), ``encode_text`` the
+    U-Net's text states and the pooled projection, ``time_ids`` the micro-conditioning;
+    ``condition`` puts them into the network's ``cond``.
+    """
+
+    unet: latent_model.Part
+    vae: latent_model.Part
+    towers: dict[str, TextTower]
+    sde: Any
+    parameterization: str
+    scaling_factor: float
+    path: str
+    source: dict
+    requires_aesthetics_score: bool
+    force_zeros_for_empty_prompt: bool
+
+    architecture = "sd_unet"
+    num_channels = 3
+
+    score_fn = latent_model.LatentModel.score_fn
+    size_multiple = latent_model.LatentModel.size_multiple
+    image_size = latent_model.LatentModel.image_size
+    latent_channels = latent_model.LatentModel.latent_channels
+    codec = latent_model.LatentModel.codec
+    codec_with = latent_model.LatentModel.codec_with
+    encode = latent_model.LatentModel.encode
+    decode = latent_model.LatentModel.decode
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Each tower's ``int32 [B, L]`` ids, as its own ``CLIPTokenizer`` pads and cuts."""
+        return {name: tower.tokenizer(texts) for name, tower in self.towers.items()}
+
+    def tokenize_with_flags(self, texts: Sequence[str]) -> tuple[dict, np.ndarray]:
+        """The ids and, per text, whether any tokenizer cut it."""
+        encoded = {name: tower.tokenizer.encode(texts) for name, tower in self.towers.items()}
+        flags = np.any([cut for _, cut in encoded.values()], axis=0)
+        return {name: ids for name, (ids, _) in encoded.items()}, flags
+
+    def encode_text(self, ids: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+        """``(h [B, L, sum of widths], pooled [B, P])``: ``encode_prompt``'s ``[0]`` and
+        ``[2]`` (penultimate states of each tower, the last tower's pooled projection)."""
+        states, pooled = [], None
+        for name, tower in self.towers.items():
+            graphdef, _ = clip_text.abstract(tower.part.config)
+            hidden, pooled = _encoded(
+                graphdef, tower.part.state, 1, jnp.asarray(ids[name], jnp.int32)
+            )
+            states.append(hidden)
+        return jnp.concatenate(states, axis=-1), pooled
+
+    def time_ids(
+        self,
+        original_size: Any,
+        crops_coords_top_left: Any = (0, 0),
+        target_size: Any = None,
+        aesthetic_score: Any = DEFAULT_AESTHETIC_SCORE,
+    ) -> np.ndarray:
+        """``[B, 6]`` (base: target size, default the original) or ``[B, 5]`` (refiner:
+        the aesthetic score) micro-conditioning, as the pipeline's ``_get_add_time_ids``."""
+        if self.requires_aesthetics_score:
+            return micro_conditioning.time_ids(
+                original_size, crops_coords_top_left, aesthetic_score=aesthetic_score
+            )
+        target = original_size if target_size is None else target_size
+        return micro_conditioning.time_ids(original_size, crops_coords_top_left, target)
+
+    @staticmethod
+    def condition(text: Any, pooled: Any, time_ids: Any) -> dict[str, Any]:
+        """The U-Net's ``cond`` (one half of :func:`~.guidance.text_condition`)."""
+        return {"text": text, "text_embeds": pooled, "time_ids": time_ids}
+
+    @functools.cached_property
+    def checksum(self) -> str:
+        """One sha256 over every file the model was read from."""
+        tokens = {name: t.tokenizer_sha256 for name, t in self.towers.items()}
+        return latent_model._digest({"source": self.source["sha256"], "tokenizers": tokens})
+
+    @functools.cached_property
+    def description(self) -> dict:
+        """Everything that decides the model's outputs besides weights, JSON-ready."""
+        return {
+            "architecture": "stable_diffusion_xl",
+            "unet": dataclasses.asdict(self.unet.config),
+            "vae": dataclasses.asdict(self.vae.config),
+            "text_encoders": {n: dataclasses.asdict(t.part.config) for n, t in self.towers.items()},
+            "tokenizer_max_length": {n: t.tokenizer.max_length for n, t in self.towers.items()},
+            "sde": {"name": "discrete_vp", **dataclasses.asdict(self.sde)},
+            "parameterization": self.parameterization,
+            "scaling_factor": self.scaling_factor,
+            "requires_aesthetics_score": self.requires_aesthetics_score,
+            "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+            "source_sha256": self.source["sha256"],
+        }
+
+
+def _flag(index: dict, name: str, default: bool, where: str) -> bool:
+    value = index.get(name, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {name}: expected true or false, got {value!r}")
+    return value
+
+
+def from_pipeline(
+    folder: str, variant: str | None = None, compute_dtype: str | None = None
+) -> SDXLModel:
+    """A diffusers SDXL base or refiner folder (see the module docstring)."""
+    index_path = files.join(folder, latent_model.MODEL_INDEX)
+    index = files.read_json_object(index_path)
+    names = ["unet", "vae", "scheduler"] + [
+        n for pair in TEXT_ENCODERS.items() for n in pair if _named(index.get(pair[0]))
+    ]
+    for name in names:
+        if not files.isdir(files.join(folder, name)):
+            raise FileNotFoundError(f"{files.join(folder, name)}: missing ({index_path} names it)")
+    unet = diffusers_sd.load_unet(files.join(folder, "unet"), variant)
+    if unet.config.addition_time_embed_dim is None:
+        raise ValueError(f"{folder}/unet: an SDXL U-Net has addition_embed_type 'text_time'")
+    vae = diffusers_sd.load_vae(files.join(folder, "vae"), variant)
+    towers, sums = {}, {"unet": files.sha256(unet.weights), "vae": files.sha256(vae.weights)}
+    for name, tokenizer_name in TEXT_ENCODERS.items():
+        if not _named(index.get(name)):
+            continue
+        part = diffusers_sd.load_text_encoder(files.join(folder, name), variant)
+        token_folder = files.join(folder, tokenizer_name)
+        tokenizer, token_sums = latent_model._tokenizer(token_folder)
+        towers[name] = TextTower(
+            latent_model.Part(latent_model._with_dtype(part.config, compute_dtype), part.state),
+            tokenizer,
+            token_folder,
+            token_sums,
+        )
+        sums[name] = files.sha256(part.weights)
+    if (
+        "text_encoder_2" not in towers
+        or towers["text_encoder_2"].part.config.projection_dim is None
+    ):
+        raise ValueError(f"{folder}/text_encoder_2: SDXL needs a CLIPTextModelWithProjection")
+    sde, parameterization = latent_model.schedule(latent_model._scheduler_file(folder))
+    return SDXLModel(
+        unet=latent_model.Part(latent_model._with_dtype(unet.config, compute_dtype), unet.state),
+        vae=latent_model.Part(latent_model._with_dtype(vae.config, compute_dtype), vae.state),
+        towers=towers,
+        sde=latent_model.sde_from_config(sde),
+        parameterization=parameterization,
+        scaling_factor=latent_model._vae_scaling(files.join(folder, "vae")),
+        path=folder,
+        source={"path": folder, "format": "diffusers", "sha256": latent_model._digest(sums)},
+        requires_aesthetics_score=_flag(index, "requires_aesthetics_score", False, index_path),
+        force_zeros_for_empty_prompt=_flag(index, "force_zeros_for_empty_prompt", True, index_path),
+    )
