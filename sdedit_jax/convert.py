@@ -41,6 +41,7 @@ from absl import app, flags  # noqa: E402
 
 from sdedit_jax import importers, pretrained  # noqa: E402
 from sdedit_jax.latent import model as latent_model  # noqa: E402
+from sdedit_jax.latent import sdxl  # noqa: E402
 from sdedit_jax.sde import sde_from_config  # noqa: E402
 from sdedit_jax.util import cli, files  # noqa: E402
 
@@ -122,6 +123,11 @@ def convert(
     if pretrained.is_latent(source, latent_options):
         with files.publish_folder(out, replace=overwrite) as folder:
             model = pretrained.load_latent(source, latent_options)
+            if isinstance(model, sdxl.SDXLModel):
+                raise ValueError(
+                    f"{source}: an SDXL folder is not converted yet; sj.load_model reads it "
+                    "as it is"
+                )
             latent_model.save_folder(folder, model)
             pretrained.load_model(folder)  # proves the folder loads before it is published
             info = files.read_json_object(files.join(folder, pretrained.INFO_FILE))

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import sdedit_jax as sj
+from sdedit_jax import convert
+from sdedit_jax.jobs import checks
 
 torch = pytest.importorskip("torch", reason="the reference pipeline needs torch")
 diffusers = pytest.importorskip("diffusers", reason="the reference pipeline needs diffusers")
@@ -115,3 +117,11 @@ def test_img2img_matches_the_pipeline(folder, strength):
     err = np.abs(found - expected).max()
     print(f"{folder.rsplit('/', 1)[-1]} strength {strength}: max abs err {err:.2e}")
     assert err <= 1e-3
+
+
+def test_jobs_and_convert_refuse_sdxl_in_one_line_for_now(folder, tmp_path):
+    with pytest.raises(checks.ConfigError, match="is an SDXL model, which batch jobs do not take"):
+        checks.load_model(folder)
+    with pytest.raises(ValueError, match="an SDXL folder is not converted yet"):
+        convert.convert(folder, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ import numpy as np
 from sdedit_jax import pretrained
 from sdedit_jax.data import guide_inputs
 from sdedit_jax.jobs import sinks
-from sdedit_jax.latent import codec
+from sdedit_jax.latent import codec, sdxl
 from sdedit_jax.sampling.sampler import sampler_from_config
 from sdedit_jax.sde import SDE
 from sdedit_jax.util import config as config_files
@@ -273,11 +273,17 @@ def check_config(config: ml_collections.ConfigDict) -> JobConfig:
 def load_model(model_dir: str) -> pretrained.LoadedModel:
     """The job's model; a folder that does not load is a :class:`ConfigError`."""
     try:
-        return pretrained.load_model(model_dir)
+        model = pretrained.load_model(model_dir)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(
             f"config.model_dir: cannot load {model_dir!r}: {' '.join(str(e).split())}"
         ) from None
+    if isinstance(model, sdxl.SDXLModel):
+        raise ConfigError(
+            f"config.model_dir: {model_dir!r} is an SDXL model, which batch jobs do not take "
+            "yet (the Python API edits with it: README, Stable Diffusion)"
+        )
+    return model
 
 
 def takes_text(model: Any) -> bool:
