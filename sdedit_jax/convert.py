@@ -123,12 +123,10 @@ def convert(
     if pretrained.is_latent(source, latent_options):
         with files.publish_folder(out, replace=overwrite) as folder:
             model = pretrained.load_latent(source, latent_options)
-            if isinstance(model, sdxl.SDXLModel):
-                raise ValueError(
-                    f"{source}: an SDXL folder is not converted yet; sj.load_model reads it "
-                    "as it is"
-                )
-            latent_model.save_folder(folder, model)
+            save = (
+                sdxl.save_folder if isinstance(model, sdxl.SDXLModel) else latent_model.save_folder
+            )
+            save(folder, model)
             pretrained.load_model(folder)  # proves the folder loads before it is published
             info = files.read_json_object(files.join(folder, pretrained.INFO_FILE))
         return info

@@ -352,6 +352,8 @@ def load_latent(
             path, options["config_folder"], options.get("ema", True), compute_dtype
         )
     if latent_model.is_converted_folder(path):
+        if sdxl.is_converted_sdxl(path):
+            return sdxl.from_converted_folder(path, compute_dtype)
         return latent_model.from_converted_folder(path, compute_dtype)
     if sdxl.is_sdxl_pipeline(path):
         return sdxl.from_pipeline(path, options.get("variant"), compute_dtype)

@@ -119,9 +119,31 @@ def test_img2img_matches_the_pipeline(folder, strength):
     assert err <= 1e-3
 
 
-def test_jobs_and_convert_refuse_sdxl_in_one_line_for_now(folder, tmp_path):
+def test_a_converted_folder_is_the_same_model(folder, tmp_path):
+    out = str(tmp_path / "converted")
+    info = convert.convert(folder, out)
+    assert info["latent"]["kind"] == "sdxl"
+    model, converted = sj.load_model(folder), sj.load_model(out)
+    assert converted.description == model.description
+    assert converted.checksum == model.checksum
+    assert converted.requires_aesthetics_score == model.requires_aesthetics_score
+    ids = model.tokenize(PROMPTS)
+    for a, b in zip(model.encode_text(ids), converted.encode_text(ids), strict=True):
+        np.testing.assert_array_equal(a, b)
+    z = np.random.default_rng(5).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    h, pooled = model.encode_text(ids)
+    added = {"text_embeds": np.asarray(pooled), "time_ids": model.time_ids([(32, 32)] * 2)}
+    np.testing.assert_array_equal(
+        sj.load_network(folder)(z, 500.0, np.asarray(h), added_cond=added),
+        sj.load_network(out)(z, 500.0, np.asarray(h), added_cond=added),
+    )
+    # A changed tokenizer file is named, never loaded.
+    vocab = tmp_path / "converted" / "tokenizer_2" / "tokenizer.json"
+    vocab.write_text(vocab.read_text(encoding="utf-8") + " ", encoding="utf-8")
+    with pytest.raises(ValueError, match="tokenizer_2: files differ from the sha256"):
+        sj.load_model(out)
+
+
+def test_jobs_refuse_sdxl_in_one_line_for_now(folder):
     with pytest.raises(checks.ConfigError, match="is an SDXL model, which batch jobs do not take"):
         checks.load_model(folder)
-    with pytest.raises(ValueError, match="an SDXL folder is not converted yet"):
-        convert.convert(folder, str(tmp_path / "out"))
-    assert not (tmp_path / "out").exists()

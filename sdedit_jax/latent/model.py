@@ -386,16 +386,13 @@ def from_single_file(
 def save_folder(folder: str, model: LatentModel) -> dict:
     """Writes ``model`` as a converted folder (see the module docstring); returns its info."""
     files.makedirs(folder)
-    files.makedirs(files.join(folder, "tokenizer"))
+    save_tokenizer(folder, "tokenizer", model.tokenizer_folder, model.tokenizer_sha256)
     sums = {
         WEIGHT_FILES[name]: weights.save_params_fp32(
             files.join(folder, WEIGHT_FILES[name]), getattr(model, name).state
         )
         for name in WEIGHT_FILES
     }
-    for name in model.tokenizer_sha256:
-        data = files.read_bytes(files.join(model.tokenizer_folder, name))
-        files.publish_bytes(files.join(folder, "tokenizer", name), data)
     info = {
         "architecture": "sd_unet",
         "model": dataclasses.asdict(_with_dtype(model.unet.config, "float32")),
@@ -428,41 +425,27 @@ def _config(config_class: type, values: Any, where: str) -> Any:
         raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
 
 
-def from_converted_folder(folder: str, compute_dtype: str | None = None) -> LatentModel:
-    """A folder :func:`save_folder` wrote, every file checked against its sha256."""
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """What every converted latent folder records besides its networks (checked)."""
+
+    info_path: str
+    info: dict
+    latent: dict
+    sde: DiscreteVPSDE
+    parameterization: str
+    source: dict
+
+
+def read_recorded(folder: str) -> Recorded:
+    """``model_info.json`` of a converted folder: its latent record, schedule and source."""
     info_path = files.join(folder, INFO_FILE)
     info = files.read_json_object(info_path)
     latent = info.get("latent")
     if not isinstance(latent, dict):
         raise ValueError(f"{info_path}: latent: expected an object")
     try:
-        configs = {
-            "unet": _config(sd_unet.SDUNetConfig, info.get("model"), "model"),
-            "vae": _config(vae.VAEConfig, latent.get("vae"), "latent.vae"),
-            "text_encoder": _config(
-                clip_text.CLIPTextConfig, latent.get("text_encoder"), "latent.text_encoder"
-            ),
-        }
-    except ValueError as err:
-        raise ValueError(f"{info_path}: {err}") from None
-    modules = {"unet": sd_unet, "vae": vae, "text_encoder": clip_text}
-    sums = info.get("sha256") or {}
-    parts = {}
-    for name, config in configs.items():
-        weight_file = WEIGHT_FILES[name]
-        if weight_file not in sums:
-            raise ValueError(f"{info_path}: sha256: lists no {weight_file!r}")
-        state = weights.load_params(
-            files.join(folder, weight_file), modules[name].abstract(config)[1], sums[weight_file]
-        )
-        parts[name] = Part(config, state)
-    token_folder = files.join(folder, "tokenizer")
-    tokenizer, token_sums = _tokenizer(token_folder)
-    if token_sums != latent.get("tokenizer_sha256"):
-        raise ValueError(f"{token_folder}: files differ from the sha256 that {INFO_FILE} records")
-    sde_config = info.get("sde")
-    try:
-        sde = sde_from_config(sde_config)
+        sde = sde_from_config(info.get("sde"))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{info_path}: sde: {err}") from None
     if info.get("parameterization") not in PREDICTION_TYPES.values():
@@ -473,14 +456,74 @@ def from_converted_folder(folder: str, compute_dtype: str | None = None) -> Late
     source = info.get("source")
     if not (isinstance(source, dict) and isinstance(source.get("sha256"), str)):
         raise ValueError(f"{info_path}: source: expected an object with a sha256")
+    return Recorded(info_path, info, latent, sde, info["parameterization"], source)
+
+
+def recorded_config(recorded: Recorded, config_class: type, values: Any, where: str) -> Any:
+    """A network config of the record (:func:`_config`), the error naming the info file."""
+    try:
+        return _config(config_class, values, where)
+    except ValueError as err:
+        raise ValueError(f"{recorded.info_path}: {err}") from None
+
+
+def recorded_part(folder: str, recorded: Recorded, weight_file: str, module: Any, config) -> Part:
+    """One network's weights, read against the sha256 the record lists for the file."""
+    sums = recorded.info.get("sha256") or {}
+    if weight_file not in sums:
+        raise ValueError(f"{recorded.info_path}: sha256: lists no {weight_file!r}")
+    path = files.join(folder, weight_file)
+    return Part(config, weights.load_params(path, module.abstract(config)[1], sums[weight_file]))
+
+
+def recorded_tokenizer(
+    folder: str, name: str, expected: Any
+) -> tuple[clip_tokenizer.CLIPTokenizer, str, dict]:
+    """``(tokenizer, its folder, its files' sha256)``, the files as the record lists them."""
+    token_folder = files.join(folder, name)
+    tokenizer, token_sums = _tokenizer(token_folder)
+    if token_sums != expected:
+        raise ValueError(f"{token_folder}: files differ from the sha256 that {INFO_FILE} records")
+    return tokenizer, token_folder, token_sums
+
+
+def save_tokenizer(folder: str, name: str, source_folder: str, sums: dict) -> None:
+    """Copies a tokenizer's recorded files into ``folder/name``."""
+    files.makedirs(files.join(folder, name))
+    for file_name in sums:
+        data = files.read_bytes(files.join(source_folder, file_name))
+        files.publish_bytes(files.join(folder, name, file_name), data)
+
+
+def from_converted_folder(folder: str, compute_dtype: str | None = None) -> LatentModel:
+    """A folder :func:`save_folder` wrote, every file checked against its sha256."""
+    recorded = read_recorded(folder)
+    latent = recorded.latent
+    configs = {
+        "unet": recorded_config(
+            recorded, sd_unet.SDUNetConfig, recorded.info.get("model"), "model"
+        ),
+        "vae": recorded_config(recorded, vae.VAEConfig, latent.get("vae"), "latent.vae"),
+        "text_encoder": recorded_config(
+            recorded, clip_text.CLIPTextConfig, latent.get("text_encoder"), "latent.text_encoder"
+        ),
+    }
+    modules = {"unet": sd_unet, "vae": vae, "text_encoder": clip_text}
+    parts = {
+        name: recorded_part(folder, recorded, WEIGHT_FILES[name], modules[name], config)
+        for name, config in configs.items()
+    }
+    tokenizer, token_folder, token_sums = recorded_tokenizer(
+        folder, "tokenizer", latent.get("tokenizer_sha256")
+    )
     return LatentModel(
         **{n: Part(_with_dtype(p.config, compute_dtype), p.state) for n, p in parts.items()},
         tokenizer=tokenizer,
-        sde=sde,
-        parameterization=info["parameterization"],
+        sde=recorded.sde,
+        parameterization=recorded.parameterization,
         scaling_factor=float(latent.get("scaling_factor", 0.18215)),
         path=folder,
-        source=source,
+        source=recorded.source,
         tokenizer_folder=token_folder,
         tokenizer_sha256=token_sums,
     )

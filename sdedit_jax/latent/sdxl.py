@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,8 +26,8 @@ from sdedit_jax.importers import diffusers_sd
 from sdedit_jax.latent import micro_conditioning
 from sdedit_jax.latent import model as latent_model
 from sdedit_jax.latent import tokenizer as clip_tokenizer
-from sdedit_jax.models import clip_text
-from sdedit_jax.util import files
+from sdedit_jax.models import clip_text, sd_unet, vae
+from sdedit_jax.util import files, weights
 
 # The text encoders in the order their states are concatenated (the refiner has the second).
 TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -213,4 +214,108 @@ def from_pipeline(
         source={"path": folder, "format": "diffusers", "sha256": latent_model._digest(sums)},
         requires_aesthetics_score=_flag(index, "requires_aesthetics_score", False, index_path),
         force_zeros_for_empty_prompt=_flag(index, "force_zeros_for_empty_prompt", True, index_path),
+    )
+
+
+# --- the converted folder -------------------------------------------------------------------
+
+WEIGHT_FILES = {**latent_model.WEIGHT_FILES, "text_encoder_2": "text_encoder_2_fp32.msgpack"}
+KIND = "sdxl"
+
+
+def is_converted_sdxl(folder: str) -> bool:
+    """A converted latent folder of an SDXL model (its latent record says ``kind: sdxl``)."""
+    info = files.read_json_object(files.join(folder, latent_model.INFO_FILE))
+    return isinstance(info.get("latent"), dict) and info["latent"].get("kind") == KIND
+
+
+def save_folder(folder: str, model: SDXLModel) -> dict:
+    """Writes ``model`` as a converted folder (``python -m sdedit_jax.convert``)."""
+    files.makedirs(folder)
+    parts = {"unet": model.unet, "vae": model.vae}
+    parts.update({name: tower.part for name, tower in model.towers.items()})
+    sums = {
+        WEIGHT_FILES[name]: weights.save_params_fp32(
+            files.join(folder, WEIGHT_FILES[name]), p.state
+        )
+        for name, p in parts.items()
+    }
+    for name, tower in model.towers.items():
+        latent_model.save_tokenizer(
+            folder, TEXT_ENCODERS[name], tower.tokenizer_folder, tower.tokenizer_sha256
+        )
+
+    def config(part: latent_model.Part) -> dict:
+        return dataclasses.asdict(latent_model._with_dtype(part.config, "float32"))
+
+    info = {
+        "architecture": "sd_unet",
+        "model": config(model.unet),
+        "sde": {"name": "discrete_vp", **dataclasses.asdict(model.sde)},
+        "parameterization": model.parameterization,
+        "condition": "timestep",
+        "latent": {
+            "kind": KIND,
+            "vae": config(model.vae),
+            "text_encoders": {name: config(t.part) for name, t in model.towers.items()},
+            "scaling_factor": model.scaling_factor,
+            "image_size": model.image_size,
+            "size_multiple": model.size_multiple,
+            "tokenizers_sha256": {n: t.tokenizer_sha256 for n, t in model.towers.items()},
+            "requires_aesthetics_score": model.requires_aesthetics_score,
+            "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
+        },
+        "source": model.source,
+        "sha256": sums,
+    }
+    text = json.dumps(info, indent=1).encode()
+    files.publish_bytes(files.join(folder, latent_model.INFO_FILE), text)
+    return info
+
+
+def from_converted_folder(folder: str, compute_dtype: str | None = None) -> SDXLModel:
+    """A folder :func:`save_folder` wrote, every file checked against its sha256."""
+    recorded = latent_model.read_recorded(folder)
+    latent = recorded.latent
+    encoders = latent.get("text_encoders")
+    tokens = latent.get("tokenizers_sha256")
+    if not (isinstance(encoders, dict) and encoders and set(encoders) <= set(TEXT_ENCODERS)):
+        raise ValueError(
+            f"{recorded.info_path}: latent.text_encoders: expected an object with "
+            f"{' and/or '.join(TEXT_ENCODERS)}"
+        )
+    if not (isinstance(tokens, dict) and set(tokens) == set(encoders)):
+        raise ValueError(f"{recorded.info_path}: latent.tokenizers_sha256: one per text encoder")
+    for flag in ("requires_aesthetics_score", "force_zeros_for_empty_prompt"):
+        if not isinstance(latent.get(flag), bool):
+            raise ValueError(f"{recorded.info_path}: latent.{flag}: expected true or false")
+
+    def part(name: str, module: Any, config_class: type, values: Any, where: str):
+        config = latent_model.recorded_config(recorded, config_class, values, where)
+        loaded = latent_model.recorded_part(folder, recorded, WEIGHT_FILES[name], module, config)
+        return latent_model.Part(latent_model._with_dtype(config, compute_dtype), loaded.state)
+
+    unet = part("unet", sd_unet, sd_unet.SDUNetConfig, recorded.info.get("model"), "model")
+    vae_part = part("vae", vae, vae.VAEConfig, latent.get("vae"), "latent.vae")
+    towers = {}
+    for name in TEXT_ENCODERS:  # in the order of their states
+        if name not in encoders:
+            continue
+        where = f"latent.text_encoders.{name}"
+        tower_part = part(name, clip_text, clip_text.CLIPTextConfig, encoders[name], where)
+        tokenizer, token_folder, token_sums = latent_model.recorded_tokenizer(
+            folder, TEXT_ENCODERS[name], tokens[name]
+        )
+        towers[name] = TextTower(tower_part, tokenizer, token_folder, token_sums)
+    return SDXLModel(
+        unet=unet,
+        vae=vae_part,
+        towers=towers,
+        sde=recorded.sde,
+        parameterization=recorded.parameterization,
+        scaling_factor=float(latent.get("scaling_factor", 0.13025)),
+        path=folder,
+        source=recorded.source,
+        requires_aesthetics_score=latent["requires_aesthetics_score"],
+        force_zeros_for_empty_prompt=latent["force_zeros_for_empty_prompt"],
     )
