@@ -56,6 +56,11 @@ FIELD_DOCS = {
     "guidance_scale": "text-to-image models: guidance of rows naming none (None = 7.5)",
     "latent.posterior": "latent models: mean | sample (the VAE posterior, from the row's key)",
     "latent.mask_downsample": "latent models: max_pool | nearest (masks to the latent grid)",
+    "sdxl.original_size": "SDXL: (height, width) the image is said to have had (None = guides')",
+    "sdxl.crops_coords_top_left": "SDXL: (top, left) of the crop the model is told of",
+    "sdxl.target_size": "SDXL base: (height, width) asked for (None = the guides' size)",
+    "sdxl.aesthetic_score": "SDXL refiner: the aesthetic score of the prompts",
+    "sdxl.negative_aesthetic_score": "SDXL refiner: the aesthetic score of the negative half",
 }
 
 
@@ -104,6 +109,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.negative_prompt = ""
     config.guidance_scale = config_dict.placeholder(float)
     config.latent = ml_collections.ConfigDict({"posterior": "mean", "mask_downsample": "max_pool"})
+    config.sdxl = ml_collections.ConfigDict(
+        {
+            "original_size": config_dict.placeholder(tuple),
+            "crops_coords_top_left": (0, 0),
+            "target_size": config_dict.placeholder(tuple),
+            "aesthetic_score": 6.0,
+            "negative_aesthetic_score": 2.5,
+        }
+    )
     if variant.quick:
         config.sampler.steps_per_unit_time = 20
     return config

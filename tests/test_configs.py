@@ -85,3 +85,19 @@ def test_sd_variants_name_their_folder_size_and_published_source(variant, size, 
     assert hub in hint and f"--out models/{variant}" in hint
     with pytest.raises(ValueError, match=r"configs/sd.py: variant 'sd3' unknown"):
         load_config(f"{path}:sd3")
+
+
+@pytest.mark.parametrize(
+    "variant,t0,hub",
+    [
+        ("base", 0.6, "stabilityai/stable-diffusion-xl-base-1.0"),
+        ("refiner", 0.3, "stabilityai/stable-diffusion-xl-refiner-1.0"),
+    ],
+)
+def test_sdxl_variants_name_their_folder_t0_and_published_source(variant, t0, hub):
+    path = os.path.join(REPO, "configs", "sdxl.py")
+    config = load_config(f"{path}:{variant}")
+    assert config.model_dir == f"models/sdxl_{variant}" and tuple(config.t0s) == (t0,)
+    assert tuple(config.input.image_size) == (1024, 1024) and config.guidance_scale == 5.0
+    hint = load_module(path).missing_model(f"models/sdxl_{variant}")
+    assert hub in hint and f"--out models/sdxl_{variant}" in hint

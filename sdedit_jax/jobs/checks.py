@@ -23,7 +23,7 @@ import numpy as np
 from sdedit_jax import pretrained
 from sdedit_jax.data import guide_inputs
 from sdedit_jax.jobs import sinks
-from sdedit_jax.latent import codec, sdxl
+from sdedit_jax.latent import codec
 from sdedit_jax.sampling.sampler import sampler_from_config
 from sdedit_jax.sde import SDE
 from sdedit_jax.util import config as config_files
@@ -139,6 +139,14 @@ class OutputConfig:
 POSTERIORS, MASK_DOWNSAMPLES = codec.POSTERIORS, codec.MASK_DOWNSAMPLES
 # The guidance scale of rows and jobs that name none: diffusers' default.
 DEFAULT_GUIDANCE_SCALE = 7.5
+# SDXL's micro-conditioning when a config has no sdxl block: the pipelines' defaults.
+SDXL_DEFAULTS = {
+    "original_size": None,
+    "crops_coords_top_left": (0, 0),
+    "target_size": None,
+    "aesthetic_score": 6.0,
+    "negative_aesthetic_score": 2.5,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +166,36 @@ class LatentConfig:
 
     def __post_init__(self):
         _check_fields(self, "latent.")
+
+
+def _optional_pair(value: Any) -> bool:
+    """None, or a (height, width)-like pair of numbers >= 0."""
+    return value is None or (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(_is_real(v) and v >= 0 for v in value)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SDXLConfig:
+    """``config.sdxl``: the micro-conditioning of SDXL models, the same for every row.
+
+    ``original_size`` and ``target_size``: ``(height, width)`` in pixels, None for the
+    guides' size; ``crops_coords_top_left``: ``(top, left)``; ``aesthetic_score`` and
+    ``negative_aesthetic_score``: the refiner's (the pipelines' defaults 6.0 and 2.5).
+    """
+
+    original_size: tuple | None = _checked(_rule(_optional_pair, "None or (height, width)"))
+    crops_coords_top_left: tuple = _checked(
+        _rule(lambda v: v is not None and _optional_pair(v), "(top, left) pixels >= 0")
+    )
+    target_size: tuple | None = _checked(_rule(_optional_pair, "None or (height, width)"))
+    aesthetic_score: float = _checked(_rule(_is_real, "a finite number"))
+    negative_aesthetic_score: float = _checked(_rule(_is_real, "a finite number"))
+
+    def __post_init__(self):
+        _check_fields(self, "sdxl.")
 
 
 def _optional_text(value: Any) -> bool:
@@ -207,11 +245,15 @@ class JobConfig:
         default=None,
     )
     latent: LatentConfig = dataclasses.field(default_factory=LatentConfig)
+    sdxl: SDXLConfig | None = None
 
     def __post_init__(self):
         _check_fields(self, "")
         latent = config_files.frozen(LatentConfig, self.latent, "config.latent", error=ConfigError)
         object.__setattr__(self, "latent", latent)
+        sdxl_block = SDXL_DEFAULTS if self.sdxl is None else self.sdxl
+        sdxl_config = config_files.frozen(SDXLConfig, sdxl_block, "config.sdxl", error=ConfigError)
+        object.__setattr__(self, "sdxl", sdxl_config)
         object.__setattr__(self, "t0s", tuple(float(t0) for t0 in self.t0s))
         for name in STEP_FIELDS:
             value = self.sampler[name]
@@ -278,11 +320,6 @@ def load_model(model_dir: str) -> pretrained.LoadedModel:
         raise ConfigError(
             f"config.model_dir: cannot load {model_dir!r}: {' '.join(str(e).split())}"
         ) from None
-    if isinstance(model, sdxl.SDXLModel):
-        raise ConfigError(
-            f"config.model_dir: {model_dir!r} is an SDXL model, which batch jobs do not take "
-            "yet (the Python API edits with it: README, Stable Diffusion)"
-        )
     return model
 
 
@@ -297,6 +334,16 @@ def text_inputs(config: JobConfig, model: Any) -> guide_inputs.TextInputs | None
     A pixel model refuses every text or latent setting other than the default by
     name (it would otherwise edit without them).
     """
+    if not hasattr(model, "time_ids"):
+        for field, default in SDXL_DEFAULTS.items():
+            value = getattr(config.sdxl, field)
+            if value != (tuple(default) if isinstance(default, tuple) else default):
+                raise field_error(
+                    f"sdxl.{field}",
+                    value,
+                    f"{default!r} (the default): the model in "
+                    f"{model.path} is not an SDXL model, which alone takes micro-conditioning",
+                )
     if takes_text(model):
         scale = config.guidance_scale
         return guide_inputs.TextInputs(

@@ -67,16 +67,17 @@ def job_fingerprint(
     output: Mapping[str, Any],
     text: Mapping[str, Any] | None = None,
     codec: Mapping[str, Any] | None = None,
+    micro_conditioning: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The fingerprint as a JSON-ready dict (field names are what mismatch messages show).
 
     ``text`` (the job's prompt defaults and the rule for rows' own) and ``codec``
-    (the latent codec's settings) are fields only of models that take prompts, so
-    the fingerprints of other jobs are those of earlier versions.
+    (the latent codec's settings) are fields only of models that take prompts, and
+    ``micro_conditioning`` (``config.sdxl``) only of SDXL models, so the fingerprints
+    of other jobs are those of earlier versions.
     """
-    extra = {
-        name: dict(value) for name, value in (("text", text), ("codec", codec)) if value is not None
-    }
+    optional = (("text", text), ("codec", codec), ("micro_conditioning", micro_conditioning))
+    extra = {name: dict(value) for name, value in optional if value is not None}
     return {
         **extra,
         "version": VERSION,

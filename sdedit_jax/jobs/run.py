@@ -80,6 +80,7 @@ def job_fingerprint(
         output={"png": config.output.png, "npz": config.output.npz},
         text=None if inputs.text is None else _text_fingerprint(inputs.text),
         codec=None if inputs.text is None else dataclasses.asdict(config.latent),
+        micro_conditioning=dataclasses.asdict(config.sdxl) if hasattr(model, "time_ids") else None,
     )
 
 
@@ -175,7 +176,13 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
     if checks.takes_text(model):
         scales = catalog.columns["guidance_scale"][catalog.columns["error"] == ""]
         with_negative = bool(np.any(scales > 1))
-        conditioner = text.Conditioner(model.tokenize_with_flags, model.encode_text, with_negative)
+        if hasattr(model, "time_ids"):  # SDXL: pooled text and micro-conditioning too
+            size = inputs[t0s[0]].image_size
+            conditioner = text.xl_conditioner(model, with_negative, size, config.sdxl)
+        else:
+            conditioner = text.Conditioner(
+                model.tokenize_with_flags, model.encode_text, with_negative
+            )
         codec = model.codec_with(config.latent.posterior, config.latent.mask_downsample)
     placed = editor.place_score(model.score_fn, codec)
     subdirs, this_run, totals = {}, [], []

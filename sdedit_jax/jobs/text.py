@@ -74,3 +74,66 @@ class Conditioner:
             negative = self.encode_text(batch["negative_prompt_ids"])
             cond["negative"] = {"text": np.asarray(negative, np.float32)}
         return cond
+
+
+@dataclasses.dataclass(frozen=True)
+class XLConditioner:
+    """An SDXL model's per-batch ``cond``: both towers' text states, the pooled projection
+    and the micro-conditioning ``time_ids``, for the prompts and (``with_negative``) the
+    negative prompts. As the pipelines do with ``force_zeros_for_empty_prompt`` and no
+    negative prompt, an empty negative prompt is zeros, not the encoded empty string.
+
+    Attributes:
+        model: the :class:`~sdedit_jax.latent.sdxl.SDXLModel`.
+        with_negative: as :class:`Conditioner`'s.
+        time_ids: ``[1, K]`` micro-conditioning of the prompts; ``negative_time_ids``
+            of the negative half (the refiner's negative aesthetic score).
+    """
+
+    model: Any
+    with_negative: bool
+    time_ids: np.ndarray
+    negative_time_ids: np.ndarray
+
+    def columns(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Each tower's token ids (dicts) and the rows' truncation flags."""
+        out = {}
+        for field in ("prompt", "negative_prompt"):
+            ids, truncated = self.model.tokenize_with_flags(_texts(np.asarray(batch[field])))
+            out[f"{field}_ids"], out[f"{field}_truncated"] = ids, np.asarray(truncated, bool)
+        return out
+
+    def cond(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """This host's rows of ``cond`` (:func:`sdedit_jax.latent.guidance.text_condition`)."""
+        rows = len(batch["guidance_scale"])
+
+        def half(ids: Any, time_ids: np.ndarray, zero: np.ndarray | None = None) -> dict:
+            text, pooled = (np.asarray(v, np.float32) for v in self.model.encode_text(ids))
+            if zero is not None:
+                text = np.where(zero[:, None, None], 0.0, text).astype(np.float32)
+                pooled = np.where(zero[:, None], 0.0, pooled).astype(np.float32)
+            return self.model.condition(text, pooled, np.repeat(time_ids, rows, axis=0))
+
+        cond = {
+            **half(batch["prompt_ids"], self.time_ids),
+            "guidance": np.asarray(batch["guidance_scale"], np.float32),
+        }
+        if self.with_negative:
+            empty = np.array([t == "" for t in _texts(np.asarray(batch["negative_prompt"]))])
+            zero = empty & self.model.force_zeros_for_empty_prompt
+            cond["negative"] = half(batch["negative_prompt_ids"], self.negative_time_ids, zero)
+        return cond
+
+
+def xl_conditioner(model: Any, with_negative: bool, image_size: Any, micro: Any) -> XLConditioner:
+    """The job's :class:`XLConditioner`; ``micro``: ``config.sdxl`` (sizes None: the guides')."""
+    size = tuple(int(s) for s in image_size)
+    original = size if micro.original_size is None else tuple(micro.original_size)
+    target = size if micro.target_size is None else tuple(micro.target_size)
+    crop = tuple(micro.crops_coords_top_left)
+    return XLConditioner(
+        model,
+        with_negative,
+        model.time_ids(original, crop, target, micro.aesthetic_score),
+        model.time_ids(original, crop, target, micro.negative_aesthetic_score),
+    )
