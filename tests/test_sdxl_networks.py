@@ -9,8 +9,9 @@ from flax import nnx
 
 from sdedit_jax.importers import diffusers_sd
 from sdedit_jax.latent import micro_conditioning
-from sdedit_jax.models import clip_text, sd_unet
+from sdedit_jax.models import clip_text, sd_unet, vae
 from sdedit_jax.models.architecture import UnsupportedConfig
+from sdedit_jax.tools import published_sd
 from tests import sd_reference
 from tests.test_sd_networks import TOL, _nchw, _nhwc, _run
 
@@ -130,3 +131,44 @@ def test_time_ids_are_the_pipelines(refiner):
         micro_conditioning.time_ids((64, 64), (0, 0))
     with pytest.raises(ValueError, match="^crops_coords_top_left: 3 rows for a batch of 2$"):
         micro_conditioning.time_ids(original, np.zeros((3, 2)), targets)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", ["base", "refiner"])
+def test_published_sdxl_structures_have_the_references_tensors(structure):
+    """Every key and shape of the full-size SDXL U-Net (base 2.6B, refiner 2.3B), its VAE
+    and its text encoders, built by the reference libraries on torch's meta device."""
+    import diffusers
+    import transformers
+
+    unet_json = {"base": published_sd.SDXL_UNET, "refiner": published_sd.SDXL_REFINER_UNET}
+    texts = {"text_encoder_2": published_sd.OPENCLIP_BIGG}
+    if structure == "base":
+        texts["text_encoder"] = published_sd.CLIP_VIT_L
+
+    def text_model(config):
+        fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+        cls = transformers.CLIPTextModel
+        if "architectures" in config:
+            cls = transformers.CLIPTextModelWithProjection
+        return cls(transformers.CLIPTextConfig(**fields))
+
+    with torch.device("meta"):
+        references = {
+            "unet": diffusers.UNet2DConditionModel.from_config(unet_json[structure]),
+            "vae": diffusers.AutoencoderKL.from_config(published_sd.SDXL_VAE),
+            **{name: text_model(config) for name, config in texts.items()},
+        }
+    ports = {
+        "unet": sd_unet.abstract(diffusers_sd.unet_config(unet_json[structure])),
+        "vae": vae.abstract(diffusers_sd.vae_config(published_sd.SDXL_VAE)),
+        **{n: clip_text.abstract(diffusers_sd.text_encoder_config(c)) for n, c in texts.items()},
+    }
+    for name, reference in references.items():
+        found = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+        found = {k.removeprefix("text_model."): v for k, v in found.items()}
+        found = {k: v for k, v in found.items() if k != "embeddings.position_ids"}
+        assert diffusers_sd.expected_tensors(ports[name][1]) == found, name
+    params = sum(int(np.prod(s)) for s in diffusers_sd.expected_tensors(ports["unet"][1]).values())
+    print(f"sdxl {structure} unet: {params:,} parameters")
+    assert params == sum(p.numel() for p in references["unet"].parameters())

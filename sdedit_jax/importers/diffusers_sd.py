@@ -129,7 +129,7 @@ _UNET_RULES = {
     "attention_head_dim": _INT_OR_INTS,
     "use_linear_projection": fields.BOOL,
     "dropout": fields.UNIT_INTERVAL,
-    "upcast_attention": fields.BOOL,
+    "upcast_attention": ((lambda v: v is None or isinstance(v, bool)), "true, false or null"),
     "addition_embed_type": ((lambda v: v in (None, "text_time")), "null or 'text_time' (SDXL)"),
     "addition_time_embed_dim": fields.POSITIVE_INT_OR_NULL,
     "projection_class_embeddings_input_dim": fields.POSITIVE_INT_OR_NULL,

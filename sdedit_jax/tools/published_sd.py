@@ -1,8 +1,8 @@
 """The published Stable Diffusion component configs, for structure tests and benchmarks.
 
-The ``config.json`` fields of the diffusers folders of SD 1.5 and SD 2.1 (768 px), and the
-text encoders' fields that shape the network: full-size architectures built with random
-weights where the published weights cannot be had.
+The ``config.json`` fields of the diffusers folders of SD 1.5, SD 2.1 (768 px) and SDXL
+(base and refiner), and the text encoders' fields that shape the network: full-size
+architectures built with random weights where the published weights cannot be had.
 """
 
 _DOWN = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
@@ -74,4 +74,44 @@ OPENCLIP_H = {  # SD 2.x (the penultimate layer's output: 23 of ViT-H's 24 layer
     "num_attention_heads": 16,
     "hidden_act": "gelu",
     "projection_dim": 512,
+}
+SDXL_UNET = {  # stabilityai/stable-diffusion-xl-base-1.0
+    **{k: v for k, v in SD15_UNET.items() if k != "_diffusers_version"},
+    "_diffusers_version": "0.19.0.dev0",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+SDXL_REFINER_UNET = {  # stabilityai/stable-diffusion-xl-refiner-1.0
+    **SDXL_UNET,
+    "attention_head_dim": [6, 12, 24, 24],
+    "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
+    "projection_class_embeddings_input_dim": 2560,
+    "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"],
+}
+SDXL_VAE = {**SD_VAE, "scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024}
+OPENCLIP_BIGG = {  # SDXL's text_encoder_2: CLIPTextModelWithProjection
+    **CLIP_VIT_L,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+    "bos_token_id": 0,
+    "pad_token_id": 1,
 }
