@@ -143,3 +143,19 @@ TINY_NCSNPP_DIFFUSERS = {
     "attention_head_dim": None,
     "act_fn": "silu",
 }
+
+
+def photo_guides(folder, side: int, names=None) -> None:
+    """The bundled photo guides (or ``names`` of them) and their masks at ``side`` px in
+    ``folder`` (masks thresholded at 128 after a nearest resize)."""
+    from sdedit_jax.util.config import package_path
+
+    source = package_path("assets", "photos_256")
+    os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+    for name in names or sorted(n for n in os.listdir(source) if n.endswith(".png")):
+        image = Image.open(os.path.join(source, name)).convert("RGB")
+        image.resize((side, side), Image.BICUBIC).save(os.path.join(folder, name))
+        mask_path = os.path.join(source, "masks", name)
+        if os.path.exists(mask_path):
+            mask = Image.open(mask_path).convert("L").resize((side, side), Image.NEAREST)
+            mask.point(lambda v: 255 if v >= 128 else 0).save(os.path.join(folder, "masks", name))

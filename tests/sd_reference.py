@@ -317,6 +317,21 @@ def published_structures(version: str) -> tuple[dict, dict, dict]:
     return models, unet_json, text_json
 
 
+def sd_scheduler(prediction_type: str = "epsilon"):
+    """The published SD folders' own scheduler (DDIM with leading spacing, steps_offset 1)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 # (UNet config, text encoder activation, tokenizer pad token) of each tiny structure.
 PIPELINES = {"sd1": (UNET_SD1, "quick_gelu", "<|endoftext|>"), "sd2": (UNET_SD2, "gelu", "!")}
 
@@ -327,7 +342,7 @@ def save_pipeline(
     """A whole tiny ``StableDiffusionImg2ImgPipeline`` folder, saved by diffusers itself
     (``save`` goes to ``save_pretrained``, e.g. ``variant="fp16"``, ``safe_serialization``)."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline
     from transformers import CLIPTokenizer
 
     unet_config, hidden_act, pad_token = PIPELINES[version]
@@ -338,15 +353,7 @@ def save_pipeline(
         vae=save_vae(os.path.join(parts, "vae"), seed + 1),
         text_encoder=save_text_encoder(os.path.join(parts, "text"), hidden_act, seed + 2),
         tokenizer=CLIPTokenizer.from_pretrained(os.path.join(parts, "tokenizer")),
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            prediction_type=prediction_type,
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=sd_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -377,7 +384,7 @@ def save_xl_pipeline(folder: str, refiner: bool = False, seed: int = 0):
     """A whole tiny ``StableDiffusionXLImg2ImgPipeline`` folder (base, or the refiner:
     ``text_encoder_2`` only, aesthetic scores), saved by diffusers itself."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline
+    from diffusers import StableDiffusionXLImg2ImgPipeline
     from transformers import CLIPTokenizer
 
     parts = os.path.join(folder, "_parts")
@@ -398,14 +405,7 @@ def save_xl_pipeline(folder: str, refiner: bool = False, seed: int = 0):
         vae=save_vae(os.path.join(parts, "vae"), seed + 1),
         text_encoder_2=text_2,
         tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(parts, "tokenizer_2")),
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=sd_scheduler(),
         requires_aesthetics_score=refiner,
         force_zeros_for_empty_prompt=not refiner,
         **first,

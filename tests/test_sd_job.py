@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 from sdedit_jax import convert
-from sdedit_jax.util.config import package_path
 from tests import job_cli
 
 pytest.importorskip("torch", reason="the tiny SD folder is saved by diffusers")
@@ -44,17 +43,7 @@ def sd_folder(tmp_path_factory):
 def guides(tmp_path_factory):
     """The bundled photo guides and masks at 64 px, three with a sidecar caption."""
     folder = tmp_path_factory.mktemp("guides")
-    source = package_path("assets", "photos_256")
-    os.makedirs(folder / "masks")
-    for name in sorted(os.listdir(source)):
-        if not name.endswith(".png"):
-            continue
-        image = Image.open(os.path.join(source, name)).convert("RGB")
-        image.resize((SIDE, SIDE), Image.BICUBIC).save(folder / name)
-        mask_path = os.path.join(source, "masks", name)
-        if os.path.exists(mask_path):
-            mask = Image.open(mask_path).convert("L").resize((SIDE, SIDE), Image.NEAREST)
-            mask.point(lambda v: 255 if v >= 128 else 0).save(folder / "masks" / name)
+    job_cli.photo_guides(folder, SIDE)
     (folder / "paint_chelsea.txt").write_text("a cat on a sofa\n", encoding="utf-8")
     (folder / "edit_rocket.txt").write_text(LONG, encoding="utf-8")
     (folder / "paint_coffee.txt").write_text("", encoding="utf-8")  # an empty prompt is valid

@@ -17,7 +17,7 @@ from sdedit_jax import convert, engine, rng
 from sdedit_jax.jobs import checks
 from sdedit_jax.latent import guidance
 from sdedit_jax.sampling.sampler import Sampler
-from sdedit_jax.util.config import load_config, package_path
+from sdedit_jax.util.config import load_config
 from tests import job_cli
 
 pytest.importorskip("torch", reason="the tiny SDXL folders are saved by diffusers")
@@ -36,15 +36,7 @@ def variant(request, tmp_path_factory):
     sd_reference.save_xl_pipeline(str(root / "pipe"), refiner=request.param == "refiner")
     convert.convert(str(root / "pipe"), str(root / "converted"))
     guides = root / "guides"
-    os.makedirs(guides / "masks")
-    source = package_path("assets", "photos_256")
-    for name in NAMES:
-        image = Image.open(os.path.join(source, name)).convert("RGB")
-        image.resize((SIDE, SIDE), Image.BICUBIC).save(guides / name)
-        mask_path = os.path.join(source, "masks", name)
-        if os.path.exists(mask_path):
-            mask = Image.open(mask_path).convert("L").resize((SIDE, SIDE), Image.NEAREST)
-            mask.point(lambda v: 255 if v >= 128 else 0).save(guides / "masks" / name)
+    job_cli.photo_guides(guides, SIDE, NAMES)
     return request.param, str(root / "converted"), str(guides), root
 
 
