@@ -7,7 +7,6 @@ import pytest
 
 import sdedit_jax as sj
 from sdedit_jax import convert
-from sdedit_jax.jobs import checks
 
 torch = pytest.importorskip("torch", reason="the reference pipeline needs torch")
 diffusers = pytest.importorskip("diffusers", reason="the reference pipeline needs diffusers")
@@ -142,8 +141,3 @@ def test_a_converted_folder_is_the_same_model(folder, tmp_path):
     vocab.write_text(vocab.read_text(encoding="utf-8") + " ", encoding="utf-8")
     with pytest.raises(ValueError, match="tokenizer_2: files differ from the sha256"):
         sj.load_model(out)
-
-
-def test_jobs_refuse_sdxl_in_one_line_for_now(folder):
-    with pytest.raises(checks.ConfigError, match="is an SDXL model, which batch jobs do not take"):
-        checks.load_model(folder)
