@@ -23,7 +23,7 @@ import numpy as np
 from sdedit_jax import pretrained
 from sdedit_jax.data import guide_inputs
 from sdedit_jax.jobs import sinks
-from sdedit_jax.latent import codec
+from sdedit_jax.latent import codec, sdxl
 from sdedit_jax.sampling.sampler import sampler_from_config
 from sdedit_jax.sde import SDE
 from sdedit_jax.util import config as config_files
@@ -323,6 +323,11 @@ def load_model(model_dir: str) -> pretrained.LoadedModel:
     return model
 
 
+def takes_micro_conditioning(model: Any) -> bool:
+    """Whether ``model`` is an SDXL model (it takes ``config.sdxl``'s micro-conditioning)."""
+    return isinstance(model, sdxl.SDXLModel)
+
+
 def takes_text(model: Any) -> bool:
     """Whether ``model`` takes prompts (a latent text-to-image model: it tokenizes text)."""
     return callable(getattr(model, "tokenize_with_flags", None))
@@ -334,7 +339,7 @@ def text_inputs(config: JobConfig, model: Any) -> guide_inputs.TextInputs | None
     A pixel model refuses every text or latent setting other than the default by
     name (it would otherwise edit without them).
     """
-    if not hasattr(model, "time_ids"):
+    if not takes_micro_conditioning(model):
         for field, default in SDXL_DEFAULTS.items():
             value = getattr(config.sdxl, field)
             if value != (tuple(default) if isinstance(default, tuple) else default):

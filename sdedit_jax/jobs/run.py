@@ -80,7 +80,9 @@ def job_fingerprint(
         output={"png": config.output.png, "npz": config.output.npz},
         text=None if inputs.text is None else _text_fingerprint(inputs.text),
         codec=None if inputs.text is None else dataclasses.asdict(config.latent),
-        micro_conditioning=dataclasses.asdict(config.sdxl) if hasattr(model, "time_ids") else None,
+        micro_conditioning=dataclasses.asdict(config.sdxl)
+        if checks.takes_micro_conditioning(model)
+        else None,
     )
 
 
@@ -176,7 +178,7 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
     if checks.takes_text(model):
         scales = catalog.columns["guidance_scale"][catalog.columns["error"] == ""]
         with_negative = bool(np.any(scales > 1))
-        if hasattr(model, "time_ids"):  # SDXL: pooled text and micro-conditioning too
+        if checks.takes_micro_conditioning(model):  # SDXL: pooled text and micro-conditioning too
             size = inputs[t0s[0]].image_size
             conditioner = text.xl_conditioner(model, with_negative, size, config.sdxl)
         else:

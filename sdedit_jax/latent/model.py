@@ -85,30 +85,9 @@ class Part:
     state: nnx.State
 
 
-@dataclasses.dataclass(frozen=True)
-class LatentModel:
-    """A Stable Diffusion model as the edit uses it (see the module docstring).
-
-    ``score_fn(z, t, cond)`` is the guided score of latents (:mod:`.guidance`'s
-    ``cond``), ``sde`` its schedule, ``codec`` the VAE; ``tokenize``/``encode_text`` make
-    the text states of ``cond``, ``encode``/``decode`` map images in [-1, 1] to scaled
-    latents and back.
-    """
-
-    unet: Part
-    vae: Part
-    text_encoder: Part
-    tokenizer: clip_tokenizer.CLIPTokenizer
-    sde: DiscreteVPSDE
-    parameterization: str
-    scaling_factor: float
-    path: str
-    source: dict
-    tokenizer_folder: str
-    tokenizer_sha256: dict
-
-    architecture = "sd_unet"
-    num_channels = 3
+class LatentMethods:
+    """What every latent model does alike with its ``unet``, ``vae``, ``sde``,
+    ``parameterization`` and ``scaling_factor`` (SD here, SDXL in :mod:`.sdxl`)."""
 
     @functools.cached_property
     def score_fn(self) -> GuidedScore:
@@ -150,6 +129,40 @@ class LatentModel:
             mask_downsample,
         )
 
+    def encode(self, x: Any) -> jax.Array:
+        """Images ``[B, H, W, 3]`` in [-1, 1] to scaled latents (the posterior mean)."""
+        return _encode(self.codec_with(), np.asarray(x, np.float32))
+
+    def decode(self, z: Any) -> jax.Array:
+        """Scaled latents to images (about [-1, 1], not clipped)."""
+        return _decode(self.codec_with(), np.asarray(z, np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentModel(LatentMethods):
+    """A Stable Diffusion model as the edit uses it (see the module docstring).
+
+    ``score_fn(z, t, cond)`` is the guided score of latents (:mod:`.guidance`'s
+    ``cond``), ``sde`` its schedule, ``codec`` the VAE; ``tokenize``/``encode_text`` make
+    the text states of ``cond``, ``encode``/``decode`` map images in [-1, 1] to scaled
+    latents and back.
+    """
+
+    unet: Part
+    vae: Part
+    text_encoder: Part
+    tokenizer: clip_tokenizer.CLIPTokenizer
+    sde: DiscreteVPSDE
+    parameterization: str
+    scaling_factor: float
+    path: str
+    source: dict
+    tokenizer_folder: str
+    tokenizer_sha256: dict
+
+    architecture = "sd_unet"
+    num_channels = 3
+
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """``int32 [B, 77]`` ids, padded and truncated as transformers' CLIPTokenizer does."""
         return self.tokenizer(texts)
@@ -162,14 +175,6 @@ class LatentModel:
         """``[B, 77, D]`` text-encoder states (the pipelines' ``prompt_embeds``)."""
         graphdef, _ = clip_text.abstract(self.text_encoder.config)
         return _text_states(graphdef, self.text_encoder.state, np.asarray(ids, np.int32))
-
-    def encode(self, x: Any) -> jax.Array:
-        """Images ``[B, H, W, 3]`` in [-1, 1] to scaled latents (the posterior mean)."""
-        return _encode(self.codec_with(), np.asarray(x, np.float32))
-
-    def decode(self, z: Any) -> jax.Array:
-        """Scaled latents to images (about [-1, 1], not clipped)."""
-        return _decode(self.codec_with(), np.asarray(z, np.float32))
 
     @functools.cached_property
     def checksum(self) -> str:

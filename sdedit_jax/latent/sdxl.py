@@ -62,7 +62,7 @@ class TextTower:
 
 
 @dataclasses.dataclass(frozen=True)
-class SDXLModel:
+class SDXLModel(latent_model.LatentMethods):
     """An SDXL base or refiner model (see the module docstring and ``LatentModel``).
 
     ``tokenize`` gives each tower's ids (a dict by encoder name), ``encode_text`` the
@@ -83,15 +83,6 @@ class SDXLModel:
 
     architecture = "sd_unet"
     num_channels = 3
-
-    score_fn = latent_model.LatentModel.score_fn
-    size_multiple = latent_model.LatentModel.size_multiple
-    image_size = latent_model.LatentModel.image_size
-    latent_channels = latent_model.LatentModel.latent_channels
-    codec = latent_model.LatentModel.codec
-    codec_with = latent_model.LatentModel.codec_with
-    encode = latent_model.LatentModel.encode
-    decode = latent_model.LatentModel.decode
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Each tower's ``int32 [B, L]`` ids, as its own ``CLIPTokenizer`` pads and cuts."""
