@@ -345,8 +345,9 @@ def is_latent(path: str | None, options: CheckpointOptions | None = None) -> boo
 
 def load_latent(
     path: str, options: CheckpointOptions, compute_dtype: str | None = None
-) -> latent_model.LatentModel:
-    """A Stable Diffusion model from any of its sources (see :mod:`sdedit_jax.latent.model`)."""
+) -> latent_model.LatentModel | sdxl.SDXLModel:
+    """A Stable Diffusion model from any of its sources (:mod:`sdedit_jax.latent.model`;
+    SDXL folders, diffusers' or converted: :mod:`sdedit_jax.latent.sdxl`)."""
     if options.get("config_folder") is not None:
         return latent_model.from_single_file(
             path, options["config_folder"], options.get("ema", True), compute_dtype
