@@ -78,7 +78,11 @@ def _define_flags() -> None:
     )
     flags.DEFINE_string("variant", None, 'weight variant of a diffusers folder, e.g. "fp16"')
     flags.DEFINE_bool("ema", True, "Stable Diffusion single file: its EMA weights if it has them")
-    flags.DEFINE_bool("bf16", False, "also write a bfloat16 copy of the weights")
+    flags.DEFINE_bool(
+        "bf16",
+        False,
+        "also write a bfloat16 copy of the weights (latent models: write them in bfloat16 only)",
+    )
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
 
 
@@ -122,11 +126,13 @@ def convert(
     latent_options = {"config_folder": config_folder, "variant": variant, "ema": ema}
     if pretrained.is_latent(source, latent_options):
         with files.publish_folder(out, replace=overwrite) as folder:
-            model = pretrained.load_latent(source, latent_options)
+            dtype = "bfloat16" if with_bf16 else None
+            model = pretrained.load_latent(source, latent_options, param_dtype=dtype)
             save = (
                 sdxl.save_folder if isinstance(model, sdxl.SDXLModel) else latent_model.save_folder
             )
             save(folder, model)
+            del model  # one copy at a time: the check below reads the folder back
             pretrained.load_model(folder)  # proves the folder loads before it is published
             info = files.read_json_object(files.join(folder, pretrained.INFO_FILE))
         return info

@@ -344,21 +344,31 @@ def is_latent(path: str | None, options: CheckpointOptions | None = None) -> boo
 
 
 def load_latent(
-    path: str, options: CheckpointOptions, compute_dtype: str | None = None
+    path: str,
+    options: CheckpointOptions,
+    compute_dtype: str | None = None,
+    param_dtype: str | None = None,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> latent_model.LatentModel | sdxl.SDXLModel:
     """A Stable Diffusion model from any of its sources (:mod:`sdedit_jax.latent.model`;
-    SDXL folders, diffusers' or converted: :mod:`sdedit_jax.latent.sdxl`)."""
+    SDXL folders, diffusers' or converted: :mod:`sdedit_jax.latent.sdxl`).
+
+    ``param_dtype``: the weights' dtype when read from a diffusers folder (default
+    float32; a converted folder keeps its own); ``sharding``: where a converted
+    folder's weights are placed as they are read.
+    """
     if options.get("config_folder") is not None:
         return latent_model.from_single_file(
             path, options["config_folder"], options.get("ema", True), compute_dtype
         )
     if latent_model.is_converted_folder(path):
         if sdxl.is_converted_sdxl(path):
-            return sdxl.from_converted_folder(path, compute_dtype)
-        return latent_model.from_converted_folder(path, compute_dtype)
+            return sdxl.from_converted_folder(path, compute_dtype, sharding)
+        return latent_model.from_converted_folder(path, compute_dtype, sharding)
+    variant = options.get("variant")
     if sdxl.is_sdxl_pipeline(path):
-        return sdxl.from_pipeline(path, options.get("variant"), compute_dtype)
-    return latent_model.from_pipeline(path, options.get("variant"), compute_dtype)
+        return sdxl.from_pipeline(path, variant, compute_dtype, param_dtype)
+    return latent_model.from_pipeline(path, variant, compute_dtype, param_dtype)
 
 
 def load_model(

@@ -15,6 +15,7 @@ the pipeline's ``scheduler/``) when there is one; otherwise DDPM's linear betas
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 from sdedit_jax.importers import diffusers_ddpm, diffusers_ncsnpp, fields, torch_checkpoint
 from sdedit_jax.importers.imported import Imported
 from sdedit_jax.sde import BETA_SCHEDULES
-from sdedit_jax.util import files
+from sdedit_jax.util import files, safetensors_files
 
 FORMAT = "diffusers"
 OPTIONS = ()
@@ -134,6 +135,14 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
                 f"{path}: not a readable safetensors file ({err})"
             ) from None
     return torch_checkpoint.state_dict_from(torch_checkpoint.read_checkpoint(path), path)
+
+
+def lazy_tensors(path: str) -> Mapping[str, Any]:
+    """:func:`read_tensors`, but a safetensors file's tensors are read one by one when used
+    (``np.asarray(tensor)``), so a 10 GB file is never in memory at once."""
+    if path.endswith(".safetensors"):
+        return safetensors_files.lazy_tensors(path)
+    return read_tensors(path)
 
 
 def new_attention_names(tensors: dict[str, Any]) -> dict[str, Any]:

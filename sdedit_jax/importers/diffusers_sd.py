@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -377,26 +378,47 @@ def state_from_tensors(
     )
 
 
+def abstract_in(module: Any, config: Any, dtype: Any = None) -> nnx.State:
+    """``module.abstract(config)``'s state, its float leaves in ``dtype`` when given."""
+    abstract_state = module.abstract(config)[1]
+    if dtype is None:
+        return abstract_state
+    return jax.tree.map(
+        lambda leaf: (
+            jax.ShapeDtypeStruct(leaf.shape, dtype)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)
+            else leaf
+        ),
+        abstract_state,
+    )
+
+
 def unet_state(
-    tensors: Mapping[str, Any], config: sd_unet.SDUNetConfig, source: str = ""
+    tensors: Mapping[str, Any], config: sd_unet.SDUNetConfig, source: str = "", dtype: Any = None
 ) -> nnx.State:
-    """:class:`~sdedit_jax.models.sd_unet.SDUNet`'s state from a diffusers state dict."""
-    return state_from_tensors(source, tensors, sd_unet.abstract(config)[1])
+    """:class:`~sdedit_jax.models.sd_unet.SDUNet`'s state from a diffusers state dict
+    (float leaves in ``dtype``, default float32)."""
+    return state_from_tensors(source, tensors, abstract_in(sd_unet, config, dtype))
 
 
-def vae_state(tensors: Mapping[str, Any], config: vae.VAEConfig, source: str = "") -> nnx.State:
+def vae_state(
+    tensors: Mapping[str, Any], config: vae.VAEConfig, source: str = "", dtype: Any = None
+) -> nnx.State:
     """:class:`~sdedit_jax.models.vae.AutoencoderKL`'s state (old attention names read too)."""
     tensors = diffusers.new_attention_names(dict(tensors))
-    return state_from_tensors(source, tensors, vae.abstract(config)[1])
+    return state_from_tensors(source, tensors, abstract_in(vae, config, dtype))
 
 
 def text_encoder_state(
-    tensors: Mapping[str, Any], config: clip_text.CLIPTextConfig, source: str = ""
+    tensors: Mapping[str, Any],
+    config: clip_text.CLIPTextConfig,
+    source: str = "",
+    dtype: Any = None,
 ) -> nnx.State:
     """:class:`~sdedit_jax.models.clip_text.CLIPTextEncoder`'s state, either key layout."""
     tensors = {k.removeprefix(_TEXT_PREFIX): v for k, v in tensors.items()}
     tensors = {k: v for k, v in tensors.items() if k not in _TEXT_BUFFERS}
-    return state_from_tensors(source, tensors, clip_text.abstract(config)[1])
+    return state_from_tensors(source, tensors, abstract_in(clip_text, config, dtype))
 
 
 # --- component folders ----------------------------------------------------------------------
@@ -425,7 +447,8 @@ def _load(
     stems: Mapping[str, str],
     variant: str | None,
     to_config: Callable[[Mapping[str, Any]], Any],
-    to_state: Callable[[Mapping[str, Any], Any, str], nnx.State],
+    to_state: Callable[..., nnx.State],
+    dtype: Any,
 ) -> Component:
     config_path = files.join(folder, CONFIG_FILE)
     try:
@@ -434,23 +457,24 @@ def _load(
         message = str(err)
         raise type(err)(message if config_path in message else f"{config_path}: {err}") from None
     weights = _weights(folder, stems, variant)
-    state = to_state(diffusers.read_tensors(weights), config, weights)
+    state = to_state(diffusers.lazy_tensors(weights), config, weights, dtype)
     return Component(config=config, state=state, weights=weights)
 
 
 _DIFFUSERS_STEMS = {"safetensors": "diffusion_pytorch_model", "bin": "diffusion_pytorch_model"}
 
 
-def load_unet(folder: str, variant: str | None = None) -> Component:
-    """A diffusers ``unet/`` folder (``variant="fp16"`` reads ``*.fp16.safetensors``)."""
-    return _load(folder, _DIFFUSERS_STEMS, variant, unet_config, unet_state)
+def load_unet(folder: str, variant: str | None = None, dtype: Any = None) -> Component:
+    """A diffusers ``unet/`` folder (``variant="fp16"`` reads ``*.fp16.safetensors``), its
+    weights in ``dtype`` (default float32), read one tensor at a time."""
+    return _load(folder, _DIFFUSERS_STEMS, variant, unet_config, unet_state, dtype)
 
 
-def load_vae(folder: str, variant: str | None = None) -> Component:
+def load_vae(folder: str, variant: str | None = None, dtype: Any = None) -> Component:
     """A diffusers ``vae/`` folder."""
-    return _load(folder, _DIFFUSERS_STEMS, variant, vae_config, vae_state)
+    return _load(folder, _DIFFUSERS_STEMS, variant, vae_config, vae_state, dtype)
 
 
-def load_text_encoder(folder: str, variant: str | None = None) -> Component:
+def load_text_encoder(folder: str, variant: str | None = None, dtype: Any = None) -> Component:
     """A transformers ``text_encoder/`` folder (``model.safetensors`` or ``pytorch_model.bin``)."""
-    return _load(folder, TEXT_WEIGHTS, variant, text_encoder_config, text_encoder_state)
+    return _load(folder, TEXT_WEIGHTS, variant, text_encoder_config, text_encoder_state, dtype)

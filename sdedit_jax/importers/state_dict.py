@@ -56,15 +56,18 @@ def check_tensors(source: str, found: Mapping[str, Any], expected: Mapping[str, 
             )
         )
     not_float = [
-        k
-        for k in expected
-        if k in found and not np.issubdtype(np.asarray(found[k]).dtype, np.floating)
+        k for k in expected if k in found and not np.issubdtype(_dtype(found[k]), np.floating)
     ]
     if not_float:
         problems.append(f"{len(not_float)} not floating point: " + ", ".join(not_float))
     if problems:
         prefix = f"{source}: " if source else ""
         raise StateDictError(f"{prefix}tensors do not match the network: " + "; ".join(problems))
+
+
+def _dtype(value: Any) -> np.dtype:
+    """A tensor's dtype without reading it (lazy tensors carry theirs)."""
+    return np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
 
 
 def flat_paths(state: nnx.State) -> list[tuple[Any, ...]]:
@@ -77,7 +80,8 @@ def fill_state(
     abstract_state: nnx.State,
     value_for: Callable[[tuple[Any, ...], Shape], np.ndarray],
 ) -> nnx.State:
-    """A float32 copy of ``abstract_state``, each leaf from ``value_for(path, shape)``."""
+    """A copy of ``abstract_state``, each leaf from ``value_for(path, shape)`` in the
+    leaf's dtype (a bfloat16 abstract state is filled in bfloat16, one leaf at a time)."""
     pure = nnx.to_pure_dict(abstract_state)
 
     def fill(path, leaf):

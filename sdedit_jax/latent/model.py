@@ -11,9 +11,14 @@ Three sources load to the same :class:`LatentModel`:
   optionally, the components' ``config.json`` (else the architecture is read off the
   tensors);
 * this project's converted folder (:func:`save_folder`, ``python -m sdedit_jax.convert``):
-  ``model_info.json`` with a ``latent`` record, one weight file per component (the
-  U-Net's is the pixel models' ``ema_params_fp32.msgpack``, so ``load_network`` reads it
-  alike) and the tokenizer's files, every file pinned by its sha256.
+  ``model_info.json`` with a ``latent`` record, one safetensors file per component
+  (``unet.safetensors`` ..., float32 or, converted with ``--bf16``, bfloat16; folders of
+  earlier versions hold ``*_fp32.msgpack`` files and still load) and the tokenizer's
+  files, every file pinned by its sha256.
+
+Weights are read one tensor at a time into their final dtype (``param_dtype``; a
+converted folder's own) and placement, and written the same way, so loading or
+converting a model holds no second copy of it (:mod:`sdedit_jax.util.safetensors_files`).
 
 The schedule is the scheduler config's (``scaled_linear`` 0.00085..0.012 over 1000 steps
 when there is none) as a :class:`~sdedit_jax.sde.DiscreteVPSDE`; ``prediction_type``
@@ -46,10 +51,13 @@ MODEL_INDEX = "model_index.json"
 INFO_FILE = "model_info.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SCHEDULER_FILE = "scheduler_config.json"
-WEIGHT_FILES = {
+NETWORKS = ("unet", "vae", "text_encoder")  # each saved as <name>.safetensors
+# What folders written before the safetensors files hold (read, never written).
+MSGPACK_WEIGHT_FILES = {
     "unet": "ema_params_fp32.msgpack",
     "vae": "vae_fp32.msgpack",
     "text_encoder": "text_encoder_fp32.msgpack",
+    "text_encoder_2": "text_encoder_2_fp32.msgpack",
 }
 TOKENIZER_FILES = (
     clip_tokenizer.VOCAB_FILE,
@@ -79,7 +87,8 @@ def _decode(codec: VAECodec, z: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """One network of the model: its frozen config and float32 weights."""
+    """One network of the model: its frozen config and weights (float32, or the dtype
+    they were loaded in)."""
 
     config: Any
     state: nnx.State
@@ -331,14 +340,20 @@ def _vae_scaling(folder: str) -> float:
 
 
 def from_pipeline(
-    folder: str, variant: str | None = None, compute_dtype: str | None = None
+    folder: str,
+    variant: str | None = None,
+    compute_dtype: str | None = None,
+    param_dtype: str | None = None,
 ) -> LatentModel:
-    """A diffusers pipeline folder (see the module docstring)."""
+    """A diffusers pipeline folder (see the module docstring); weights in ``param_dtype``
+    (default float32)."""
     _pipeline_index(folder)
     parts = {
-        "unet": diffusers_sd.load_unet(files.join(folder, "unet"), variant),
-        "vae": diffusers_sd.load_vae(files.join(folder, "vae"), variant),
-        "text_encoder": diffusers_sd.load_text_encoder(files.join(folder, "text_encoder"), variant),
+        "unet": diffusers_sd.load_unet(files.join(folder, "unet"), variant, param_dtype),
+        "vae": diffusers_sd.load_vae(files.join(folder, "vae"), variant, param_dtype),
+        "text_encoder": diffusers_sd.load_text_encoder(
+            files.join(folder, "text_encoder"), variant, param_dtype
+        ),
     }
     sums = {name: files.sha256(part.weights) for name, part in parts.items()}
     source = {"path": folder, "format": "diffusers", "sha256": _digest(sums)}
@@ -389,15 +404,11 @@ def from_single_file(
 
 
 def save_folder(folder: str, model: LatentModel) -> dict:
-    """Writes ``model`` as a converted folder (see the module docstring); returns its info."""
+    """Writes ``model`` as a converted folder (see the module docstring), its weights in
+    their dtype, one tensor at a time; returns its info."""
     files.makedirs(folder)
     save_tokenizer(folder, "tokenizer", model.tokenizer_folder, model.tokenizer_sha256)
-    sums = {
-        WEIGHT_FILES[name]: weights.save_params_fp32(
-            files.join(folder, WEIGHT_FILES[name]), getattr(model, name).state
-        )
-        for name in WEIGHT_FILES
-    }
+    sums = save_weights(folder, {name: getattr(model, name) for name in NETWORKS})
     info = {
         "architecture": "sd_unet",
         "model": dataclasses.asdict(_with_dtype(model.unet.config, "float32")),
@@ -472,13 +483,37 @@ def recorded_config(recorded: Recorded, config_class: type, values: Any, where: 
         raise ValueError(f"{recorded.info_path}: {err}") from None
 
 
-def recorded_part(folder: str, recorded: Recorded, weight_file: str, module: Any, config) -> Part:
-    """One network's weights, read against the sha256 the record lists for the file."""
+def save_weights(folder: str, parts: dict[str, Part]) -> dict[str, str]:
+    """Each part's ``<name>.safetensors`` in ``folder``; returns ``{file: sha256}``."""
+    return {
+        f"{name}.safetensors": weights.save_state(
+            files.join(folder, f"{name}.safetensors"), part.state
+        )
+        for name, part in parts.items()
+    }
+
+
+def recorded_part(
+    folder: str,
+    recorded: Recorded,
+    name: str,
+    module: Any,
+    config: Any,
+    sharding: jax.sharding.Sharding | None = None,
+) -> Part:
+    """One network's weights, read against the sha256 the record lists for its file
+    (``<name>.safetensors``, or the msgpack file of an earlier version's folder)."""
     sums = recorded.info.get("sha256") or {}
-    if weight_file not in sums:
-        raise ValueError(f"{recorded.info_path}: sha256: lists no {weight_file!r}")
-    path = files.join(folder, weight_file)
-    return Part(config, weights.load_params(path, module.abstract(config)[1], sums[weight_file]))
+    candidates = [f"{name}.safetensors", MSGPACK_WEIGHT_FILES[name]]
+    weight_file = next((c for c in candidates if c in sums), None)
+    if weight_file is None:
+        raise ValueError(f"{recorded.info_path}: sha256: lists neither of {candidates}")
+    path, abstract_state = files.join(folder, weight_file), module.abstract(config)[1]
+    if weight_file.endswith(".safetensors"):
+        state = weights.load_state(path, abstract_state, sums[weight_file], sharding)
+    else:
+        state = weights.load_params(path, abstract_state, sums[weight_file])
+    return Part(config, state)
 
 
 def recorded_tokenizer(
@@ -500,8 +535,13 @@ def save_tokenizer(folder: str, name: str, source_folder: str, sums: dict) -> No
         files.publish_bytes(files.join(folder, name, file_name), data)
 
 
-def from_converted_folder(folder: str, compute_dtype: str | None = None) -> LatentModel:
-    """A folder :func:`save_folder` wrote, every file checked against its sha256."""
+def from_converted_folder(
+    folder: str,
+    compute_dtype: str | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> LatentModel:
+    """A folder :func:`save_folder` wrote, every file checked against its sha256, the
+    weights in their stored dtype placed with ``sharding`` (default: the default device)."""
     recorded = read_recorded(folder)
     latent = recorded.latent
     configs = {
@@ -515,7 +555,7 @@ def from_converted_folder(folder: str, compute_dtype: str | None = None) -> Late
     }
     modules = {"unet": sd_unet, "vae": vae, "text_encoder": clip_text}
     parts = {
-        name: recorded_part(folder, recorded, WEIGHT_FILES[name], modules[name], config)
+        name: recorded_part(folder, recorded, name, modules[name], config, sharding)
         for name, config in configs.items()
     }
     tokenizer, token_folder, token_sums = recorded_tokenizer(

@@ -27,7 +27,7 @@ from sdedit_jax.latent import micro_conditioning
 from sdedit_jax.latent import model as latent_model
 from sdedit_jax.latent import tokenizer as clip_tokenizer
 from sdedit_jax.models import clip_text, sd_unet, vae
-from sdedit_jax.util import files, weights
+from sdedit_jax.util import files
 
 # The text encoders in the order their states are concatenated (the refiner has the second).
 TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -159,9 +159,13 @@ def _flag(index: dict, name: str, default: bool, where: str) -> bool:
 
 
 def from_pipeline(
-    folder: str, variant: str | None = None, compute_dtype: str | None = None
+    folder: str,
+    variant: str | None = None,
+    compute_dtype: str | None = None,
+    param_dtype: str | None = None,
 ) -> SDXLModel:
-    """A diffusers SDXL base or refiner folder (see the module docstring)."""
+    """A diffusers SDXL base or refiner folder (see the module docstring); weights in
+    ``param_dtype`` (default float32), read one tensor at a time."""
     index_path = files.join(folder, latent_model.MODEL_INDEX)
     index = files.read_json_object(index_path)
     names = ["unet", "vae", "scheduler"] + [
@@ -170,15 +174,15 @@ def from_pipeline(
     for name in names:
         if not files.isdir(files.join(folder, name)):
             raise FileNotFoundError(f"{files.join(folder, name)}: missing ({index_path} names it)")
-    unet = diffusers_sd.load_unet(files.join(folder, "unet"), variant)
+    unet = diffusers_sd.load_unet(files.join(folder, "unet"), variant, param_dtype)
     if unet.config.addition_time_embed_dim is None:
         raise ValueError(f"{folder}/unet: an SDXL U-Net has addition_embed_type 'text_time'")
-    vae = diffusers_sd.load_vae(files.join(folder, "vae"), variant)
+    vae = diffusers_sd.load_vae(files.join(folder, "vae"), variant, param_dtype)
     towers, sums = {}, {"unet": files.sha256(unet.weights), "vae": files.sha256(vae.weights)}
     for name, tokenizer_name in TEXT_ENCODERS.items():
         if not _named(index.get(name)):
             continue
-        part = diffusers_sd.load_text_encoder(files.join(folder, name), variant)
+        part = diffusers_sd.load_text_encoder(files.join(folder, name), variant, param_dtype)
         token_folder = files.join(folder, tokenizer_name)
         tokenizer, token_sums = latent_model._tokenizer(token_folder)
         towers[name] = TextTower(
@@ -210,7 +214,6 @@ def from_pipeline(
 
 # --- the converted folder -------------------------------------------------------------------
 
-WEIGHT_FILES = {**latent_model.WEIGHT_FILES, "text_encoder_2": "text_encoder_2_fp32.msgpack"}
 KIND = "sdxl"
 
 
@@ -221,16 +224,12 @@ def is_converted_sdxl(folder: str) -> bool:
 
 
 def save_folder(folder: str, model: SDXLModel) -> dict:
-    """Writes ``model`` as a converted folder (``python -m sdedit_jax.convert``)."""
+    """Writes ``model`` as a converted folder (``python -m sdedit_jax.convert``), its
+    weights in their dtype, one tensor at a time."""
     files.makedirs(folder)
     parts = {"unet": model.unet, "vae": model.vae}
     parts.update({name: tower.part for name, tower in model.towers.items()})
-    sums = {
-        WEIGHT_FILES[name]: weights.save_params_fp32(
-            files.join(folder, WEIGHT_FILES[name]), p.state
-        )
-        for name, p in parts.items()
-    }
+    sums = latent_model.save_weights(folder, parts)
     for name, tower in model.towers.items():
         latent_model.save_tokenizer(
             folder, TEXT_ENCODERS[name], tower.tokenizer_folder, tower.tokenizer_sha256
@@ -264,8 +263,13 @@ def save_folder(folder: str, model: SDXLModel) -> dict:
     return info
 
 
-def from_converted_folder(folder: str, compute_dtype: str | None = None) -> SDXLModel:
-    """A folder :func:`save_folder` wrote, every file checked against its sha256."""
+def from_converted_folder(
+    folder: str,
+    compute_dtype: str | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> SDXLModel:
+    """A folder :func:`save_folder` wrote, every file checked against its sha256, the
+    weights in their stored dtype placed with ``sharding`` (default: the default device)."""
     recorded = latent_model.read_recorded(folder)
     latent = recorded.latent
     encoders = latent.get("text_encoders")
@@ -283,7 +287,7 @@ def from_converted_folder(folder: str, compute_dtype: str | None = None) -> SDXL
 
     def part(name: str, module: Any, config_class: type, values: Any, where: str):
         config = latent_model.recorded_config(recorded, config_class, values, where)
-        loaded = latent_model.recorded_part(folder, recorded, WEIGHT_FILES[name], module, config)
+        loaded = latent_model.recorded_part(folder, recorded, name, module, config, sharding)
         return latent_model.Part(latent_model._with_dtype(config, compute_dtype), loaded.state)
 
     unet = part("unet", sd_unet, sd_unet.SDUNetConfig, recorded.info.get("model"), "model")

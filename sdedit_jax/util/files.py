@@ -298,6 +298,15 @@ def open_file(path: str, mode: str = "rb") -> IO[Any]:
         return _gfile().GFile(path, mode)
 
 
+def open_reader(path: str) -> IO[bytes]:
+    """A seekable binary reader that reads on demand (URLs too, where :func:`open_file`
+    copies the whole object first): for files read piece by piece."""
+    if is_local(path):
+        return os.fdopen(_open_regular(_local(path)), "rb")
+    with _translated(path):
+        return _gfile().GFile(path, "rb")
+
+
 def read_bytes(path: str) -> bytes:
     """The whole content of the file at ``path``."""
     if is_local(path):

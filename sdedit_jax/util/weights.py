@@ -1,12 +1,17 @@
-"""Weight files: a flax msgpack of a model's state, in bfloat16 or float32.
+"""Weight files: a model's state as a flax msgpack or, for big models, safetensors.
 
 bfloat16 halves the size and is enough for sampling; each writer returns the file's
-sha256 so a model folder pins the exact bytes it was published with.
+sha256 so a model folder pins the exact bytes it was published with. msgpack files
+are read and written whole (the pixel models, tens of MB); safetensors files one
+tensor at a time, straight into their dtype and sharding (latent models, up to
+10 GB: :func:`save_state` and :func:`load_state` hold no second copy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ import numpy as np
 from flax import nnx, serialization
 
 from sdedit_jax.util import files
+from sdedit_jax.util import safetensors_files as st
 
 
 def _to_bytes(state: nnx.State, dtype: jnp.dtype) -> bytes:
@@ -78,4 +84,75 @@ def load_params(path: str, abstract_state: nnx.State, sha256: str | None = None)
     cast = jax.tree.map(lambda ref, got: jnp.asarray(got, ref.dtype), reference, loaded)
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, cast)
+    return state
+
+
+def leaf_name(path: tuple[Any, ...]) -> str:
+    """A state leaf's name in a safetensors file: its path joined with dots."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _named_leaves(state: nnx.State) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
+    return {leaf_name(path): leaf for path, leaf in leaves}
+
+
+def save_state(path: str, state: nnx.State, dtype: Any = None) -> str:
+    """Writes ``state`` as safetensors, float leaves in ``dtype`` (default: as they are),
+    one leaf at a time; returns the file's sha256."""
+
+    def cast(leaf: Any) -> Any:
+        if dtype is None or not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf
+        return _Cast(leaf, np.dtype(dtype))
+
+    return st.write(path, {name: cast(leaf) for name, leaf in _named_leaves(state).items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cast:
+    """A leaf written in another dtype, converted only when the writer reaches it."""
+
+    leaf: Any
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.leaf.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.leaf).astype(self.dtype)
+
+
+def load_state(
+    path: str,
+    abstract_state: nnx.State,
+    sha256: str | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> nnx.State:
+    """Reads a :func:`save_state` file into a copy of ``abstract_state``, each tensor placed
+    with ``sharding`` (default: the default device) as soon as it is read.
+
+    Float leaves keep the file's dtype (a bfloat16 folder stays bfloat16 in memory;
+    the networks cast weights to their compute dtype). Names, shapes and the file's
+    sha256 must match; every mismatched name is listed in one error.
+    """
+    expected = {n: tuple(leaf.shape) for n, leaf in _named_leaves(abstract_state).items()}
+    tensors, _ = st.read_header(path)
+    missing, extra = sorted(expected.keys() - tensors), sorted(tensors.keys() - expected)
+    shaped = [n for n in expected if n in tensors and tensors[n].shape != expected[n]]
+    if missing or extra or shaped:
+        wrong = [f"{n} is {tensors[n].shape}, model expects {expected[n]}" for n in shaped]
+        raise ValueError(
+            f"{path}: variables differ from the model: missing {missing}, extra {extra}"
+            + (f", mis-shaped {wrong}" if wrong else "")
+        )
+    placed = {}
+    for name, array in st.read_all(path, sha256):
+        placed[name] = jax.device_put(array, sharding) if sharding else jnp.asarray(array)
+        del array  # the host copy goes as soon as it is on the device
+    state = jax.tree.map(lambda x: x, abstract_state)
+    pure = nnx.to_pure_dict(abstract_state)
+    filled = jax.tree_util.tree_map_with_path(lambda p, _: placed.pop(leaf_name(p)), pure)
+    nnx.replace_by_pure_dict(state, filled)
     return state
