@@ -380,15 +380,16 @@ def save_text_encoder_with_projection(
     return model
 
 
-def save_xl_pipeline(folder: str, refiner: bool = False, seed: int = 0):
+def save_xl_pipeline(folder: str, refiner: bool = False, seed: int = 0, **unet_changes):
     """A whole tiny ``StableDiffusionXLImg2ImgPipeline`` folder (base, or the refiner:
-    ``text_encoder_2`` only, aesthetic scores), saved by diffusers itself."""
+    ``text_encoder_2`` only, aesthetic scores), saved by diffusers itself; ``unet_changes``
+    replace fields of the U-Net's config (a bigger one, say)."""
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline
     from transformers import CLIPTokenizer
 
     parts = os.path.join(folder, "_parts")
-    unet_config = UNET_SDXL_REFINER if refiner else UNET_SDXL
+    unet_config = {**(UNET_SDXL_REFINER if refiner else UNET_SDXL), **unet_changes}
     write_tokenizer(os.path.join(parts, "tokenizer_2"), "!")
     text_2 = save_text_encoder_with_projection(
         os.path.join(parts, "text_2"), 2, seed + 3, projection_dim=32

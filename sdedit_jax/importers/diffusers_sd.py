@@ -30,7 +30,7 @@ from flax import nnx
 from sdedit_jax.importers import diffusers, fields, state_dict
 from sdedit_jax.models import clip_text, sd_unet, vae
 from sdedit_jax.models.architecture import UnsupportedConfig
-from sdedit_jax.util import files
+from sdedit_jax.util import files, host_memory
 
 CONFIG_FILE = "config.json"
 TEXT_WEIGHTS = {"safetensors": "model", "bin": "pytorch_model"}
@@ -457,6 +457,7 @@ def _load(
         message = str(err)
         raise type(err)(message if config_path in message else f"{config_path}: {err}") from None
     weights = _weights(folder, stems, variant)
+    host_memory.map_large_blocks()
     state = to_state(diffusers.lazy_tensors(weights), config, weights, dtype)
     return Component(config=config, state=state, weights=weights)
 

@@ -86,10 +86,11 @@ def fill_state(
 
     def fill(path, leaf):
         key = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-        value = np.asarray(value_for(key, tuple(leaf.shape)), np.float32)
+        value = np.asarray(value_for(key, tuple(leaf.shape)))
         if value.shape != tuple(leaf.shape):
             raise StateDictError(f"{key}: built shape {value.shape}, expected {leaf.shape}")
-        return jax.numpy.asarray(value, leaf.dtype)
+        # One host copy in the leaf's dtype, which device_put takes over on CPU.
+        return jax.device_put(np.ascontiguousarray(value, np.dtype(leaf.dtype)))
 
     filled = jax.tree_util.tree_map_with_path(fill, pure)
     state = jax.tree.map(lambda x: x, abstract_state)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
-from sdedit_jax.util import files
+from sdedit_jax.util import files, host_memory
 from sdedit_jax.util import safetensors_files as st
 
 
@@ -137,6 +137,7 @@ def load_state(
     the networks cast weights to their compute dtype). Names, shapes and the file's
     sha256 must match; every mismatched name is listed in one error.
     """
+    host_memory.map_large_blocks()
     expected = {n: tuple(leaf.shape) for n, leaf in _named_leaves(abstract_state).items()}
     tensors, _ = st.read_header(path)
     missing, extra = sorted(expected.keys() - tensors), sorted(tensors.keys() - expected)
@@ -147,10 +148,8 @@ def load_state(
             f"{path}: variables differ from the model: missing {missing}, extra {extra}"
             + (f", mis-shaped {wrong}" if wrong else "")
         )
-    placed = {}
-    for name, array in st.read_all(path, sha256):
-        placed[name] = jax.device_put(array, sharding) if sharding else jnp.asarray(array)
-        del array  # the host copy goes as soon as it is on the device
+    # device_put, not jnp.asarray: on CPU it takes the buffer over instead of copying it.
+    placed = {name: jax.device_put(array, sharding) for name, array in st.read_all(path, sha256)}
     state = jax.tree.map(lambda x: x, abstract_state)
     pure = nnx.to_pure_dict(abstract_state)
     filled = jax.tree_util.tree_map_with_path(lambda p, _: placed.pop(leaf_name(p)), pure)
