@@ -33,7 +33,9 @@ def test_gpu_mode_runs_and_counts_each_step_as_one_guided_call(tmp_path):
     (result,) = bench_sd.bench_gpu(folder, 1, 2, 0.5, [2], size=32)
     assert result["bench"] == "sd15_edit_32_bf16" and result["images_per_s"] > 0
     model = pretrained.load_model(folder)
-    per_step = bench_sd._edit_flops(model, 2, 2, 32) - bench_sd._edit_flops(model, 2, 1, 32)
+    text = {"text": np.zeros((2, 77, model.text_encoder.config.hidden_size), np.float32)}
+    flops = [bench_sd._edit_flops(model, 2, steps, 32, text) for steps in (2, 1)]
+    per_step = flops[0] - flops[1]
     guided = _guided_call_flops(model, 2, 32)
     # The guided call adds the CFG combination and the score conversion to the U-Net pair.
     assert guided * 0.95 < per_step <= guided

@@ -416,9 +416,14 @@ def text_encoder_state(
     dtype: Any = None,
 ) -> nnx.State:
     """:class:`~sdedit_jax.models.clip_text.CLIPTextEncoder`'s state, either key layout."""
-    tensors = {k.removeprefix(_TEXT_PREFIX): v for k, v in tensors.items()}
-    tensors = {k: v for k, v in tensors.items() if k not in _TEXT_BUFFERS}
+    tensors = text_encoder_tensors(tensors)
     return state_from_tensors(source, tensors, abstract_in(clip_text, config, dtype))
+
+
+def text_encoder_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """A transformers CLIP text model's weights in the port's names (no buffers)."""
+    tensors = {k.removeprefix(_TEXT_PREFIX): v for k, v in tensors.items()}
+    return {k: v for k, v in tensors.items() if k not in _TEXT_BUFFERS}
 
 
 # --- component folders ----------------------------------------------------------------------

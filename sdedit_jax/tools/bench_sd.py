@@ -35,13 +35,17 @@ from sdedit_jax.sampling.sampler import Sampler
 from sdedit_jax.tools.published_sd import CLIP_VIT_L, SD15_UNET, SD_VAE
 from sdedit_jax.tools.timing import cpu_model_name, timed
 
-_WHAT = flags.DEFINE_list("what", ["unet", "edit"], "unet, edit and/or gpu")
-_CACHE = flags.DEFINE_string("cache", "/tmp/sd15_random", "pipeline folder (built if absent)")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per contestant (median reported)")
-_STEPS = flags.DEFINE_integer("steps", 20, "edit: U-Net calls (each one CFG pair)")
-_STRENGTH = flags.DEFINE_float("strength", 0.5, "edit: t0 = diffusers' strength")
-_BATCHES = flags.DEFINE_list("batches", ["1", "4", "8", "16"], "gpu: images per edit")
-_RESULTS = flags.DEFINE_string("results_jsonl", "", "append each result as a JSON line here")
+
+def define_flags() -> None:
+    """The command line's flags (not at import: other tools import this module's parts)."""
+    flags.DEFINE_list("what", ["unet", "edit"], "unet, edit and/or gpu")
+    flags.DEFINE_string("cache", "/tmp/sd15_random", "pipeline folder (built if absent)")
+    flags.DEFINE_integer("repeats", 3, "timed runs per contestant (median reported)")
+    flags.DEFINE_integer("steps", 20, "edit: U-Net calls (each one CFG pair)")
+    flags.DEFINE_float("strength", 0.5, "edit: t0 = diffusers' strength")
+    flags.DEFINE_list("batches", ["1", "4", "8", "16"], "gpu: images per edit")
+    flags.DEFINE_string("results_jsonl", "", "append each result as a JSON line here")
+
 
 GUIDANCE = 7.5
 # Dense bf16 peak FLOP/s by device kind (vendor data sheets), for MFU.
@@ -57,19 +61,10 @@ def build_cache(folder: str) -> None:
         StableDiffusionImg2ImgPipeline,
         UNet2DConditionModel,
     )
-    from tokenizers import pre_tokenizers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    token_dir = os.path.join(folder, "_tokenizer")
-    os.makedirs(token_dir, exist_ok=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet + [c + "</w>" for c in alphabet])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    with open(os.path.join(token_dir, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(token_dir, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
+    token_dir = write_byte_tokenizer(os.path.join(folder, "_tokenizer"))
     text_fields = {k: v for k, v in CLIP_VIT_L.items() if k != "model_type"}
     pipe = StableDiffusionImg2ImgPipeline(
         unet=UNet2DConditionModel.from_config(SD15_UNET),
@@ -88,8 +83,24 @@ def build_cache(folder: str) -> None:
     pipe.save_pretrained(folder)
 
 
-def _unet(graphdef, state, z, t, h):
-    return nnx.merge(graphdef, state)(z, t, {"text": h})
+def write_byte_tokenizer(folder: str) -> str:
+    """A CLIP vocabulary of the 256 byte symbols (no merges) standing in for CLIP's own."""
+    from tokenizers import pre_tokenizers
+
+    os.makedirs(folder, exist_ok=True)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return folder
+
+
+def _unet(graphdef, state, z, t, cond):
+    cond = cond if isinstance(cond, dict) else {"text": cond}
+    return nnx.merge(graphdef, state)(z, t, cond)
 
 
 def _median(fn, repeats: int, warm_up: bool = True) -> float:
@@ -103,21 +114,21 @@ def _flops(compiled) -> float:
     return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 
 
-def _edit_flops(model, batch: int, steps: int, size: int) -> float:
+def _edit_flops(model, batch: int, steps: int, size: int, text: dict) -> float:
     """The edit's FLOPs summed from its parts: XLA counts a loop's body once, not per step.
 
     ``steps`` guided U-Net calls (batch ``2 batch``: the CFG pair) plus one VAE encode and
     one decode of ``batch`` images; the solver's own arithmetic is negligible beside them.
+    ``text``: one half of the guided cond (the network's cond of ``batch`` rows).
     """
     latent = size // model.size_multiple
-    width = model.text_encoder.config.hidden_size
     shape = jax.ShapeDtypeStruct
     z = shape((2 * batch, latent, latent, model.latent_channels), np.float32)
     t = shape((2 * batch,), np.float32)
-    h = shape((2 * batch, 77, width), np.float32)
+    pair = {k: shape((2 * batch, *np.shape(v)[1:]), np.float32) for k, v in text.items()}
     graphdef, _ = sd_unet.abstract(model.unet.config)
-    call = jax.jit(lambda state, z, t, h: _unet(graphdef, state, z, t, h))
-    unet = _flops(call.lower(model.unet.state, z, t, h).compile())
+    call = jax.jit(lambda state, z, t, c: _unet(graphdef, state, z, t, c))
+    unet = _flops(call.lower(model.unet.state, z, t, pair).compile())
     codec = model.codec
     images = shape((batch, size, size, 3), np.float32)
     latents = shape((batch, latent, latent, model.latent_channels), np.float32)
@@ -192,11 +203,27 @@ def _edit_inputs(batch: int, size: int = 512, width: int = 768):
     return guides, text, negative
 
 
-def _jax_edit(model, batch: int, steps: int, strength: float, size: int = 512):
-    """``(run, flops)``: one compiled sdedit_jax edit of ``batch`` guides of ``size`` px."""
-    width = model.text_encoder.config.hidden_size
-    guides, text, negative = _edit_inputs(batch, size, width)
-    cond = guidance.text_condition(text, negative, np.full(batch, GUIDANCE, np.float32))
+def _jax_edit(
+    model,
+    batch: int,
+    steps: int,
+    strength: float,
+    size: int = 512,
+    text_cond=None,
+    scale: float = GUIDANCE,
+):
+    """``(run, flops)``: one compiled sdedit_jax edit of ``batch`` guides of ``size`` px.
+
+    ``text_cond(batch) -> (text, negative)``, the two halves of the guided cond (default:
+    random SD text states of the model's width).
+    """
+    guides, text, negative = (
+        _edit_inputs(batch, size, model.text_encoder.config.hidden_size)
+        if text_cond is None
+        else (_edit_inputs(batch, size, 1)[0], *text_cond(batch))
+    )
+    cond = guidance.text_condition(text, negative, np.full(batch, scale, np.float32))
+    text = text if isinstance(text, dict) else {"text": text}
     sampler = Sampler("sde_dpm_solver_2m", max_steps=steps)
     mesh = engine.data_mesh(jax.devices()[:1])
     editor = engine.Editor(model.sde, sampler, mesh=mesh, per_device_batch=batch)
@@ -214,7 +241,8 @@ def _jax_edit(model, batch: int, steps: int, strength: float, size: int = 512):
     args = (placed.score_arrays, placed.codec_arrays, sharded.guides, sharded.seeds)
     args += (sharded.id_words, sharded.t0, sharded.n_steps, sharded.mask, sharded.cond)
     args += (sharded.initial_noise,)
-    return (lambda: compiled(*args).block_until_ready()), _edit_flops(model, batch, steps, size)
+    flops = _edit_flops(model, batch, steps, size, text)
+    return (lambda: compiled(*args).block_until_ready()), flops
 
 
 def bench_edit(folder: str, repeats: int, steps: int, strength: float) -> dict:
@@ -269,19 +297,27 @@ def bench_edit(folder: str, repeats: int, steps: int, strength: float) -> dict:
 
 
 def bench_gpu(
-    folder: str, repeats: int, steps: int, strength: float, batches: list[int], size: int = 512
+    folder: str,
+    repeats: int,
+    steps: int,
+    strength: float,
+    batches: list[int],
+    size: int = 512,
+    name: str = "sd15",
+    **edit,
 ) -> list:
-    """sdedit_jax alone in bf16: ``size`` px edits per second and MFU for each batch size."""
+    """sdedit_jax alone in bf16: ``size`` px edits per second and MFU for each batch size
+    (``edit``: :func:`_jax_edit`'s ``text_cond`` and ``scale`` for other models)."""
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if kind.startswith(k)), None)
     model = pretrained.load_model(folder, compute_dtype="bfloat16")
     results = []
     for batch in batches:
-        run, flops = _jax_edit(model, batch, steps, strength, size)
+        run, flops = _jax_edit(model, batch, steps, strength, size, **edit)
         seconds = _median(run, repeats)
         results.append(
             {
-                "bench": f"sd15_edit_{size}_bf16",
+                "bench": f"{name}_edit_{size}_bf16",
                 "device": kind,
                 "batch": batch,
                 "steps": steps,
@@ -297,26 +333,31 @@ def bench_gpu(
 
 def main(argv: list[str]) -> None:
     del argv
-    unknown = sorted(set(_WHAT.value) - {"unet", "edit", "gpu"})
+    unknown = sorted(set(flags.FLAGS.what) - {"unet", "edit", "gpu"})
     if unknown:
         raise app.UsageError(f"--what: unknown {unknown}; choose from unet, edit, gpu")
-    folder = _CACHE.value
+    folder = flags.FLAGS.cache
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         build_cache(folder)
     results = []
-    if "unet" in _WHAT.value:
-        results.append(bench_unet(folder, _REPEATS.value))
+    if "unet" in flags.FLAGS.what:
+        results.append(bench_unet(folder, flags.FLAGS.repeats))
         print(json.dumps(results[-1], indent=1), flush=True)
-    if "edit" in _WHAT.value:
-        results.append(bench_edit(folder, _REPEATS.value, _STEPS.value, _STRENGTH.value))
+    if "edit" in flags.FLAGS.what:
+        results.append(
+            bench_edit(folder, flags.FLAGS.repeats, flags.FLAGS.steps, flags.FLAGS.strength)
+        )
         print(json.dumps(results[-1], indent=1), flush=True)
-    if "gpu" in _WHAT.value:
-        batches = [int(b) for b in _BATCHES.value]
-        results += bench_gpu(folder, _REPEATS.value, _STEPS.value, _STRENGTH.value, batches)
-    if _RESULTS.value:
-        with open(_RESULTS.value, "a") as f:
+    if "gpu" in flags.FLAGS.what:
+        batches = [int(b) for b in flags.FLAGS.batches]
+        results += bench_gpu(
+            folder, flags.FLAGS.repeats, flags.FLAGS.steps, flags.FLAGS.strength, batches
+        )
+    if flags.FLAGS.results_jsonl:
+        with open(flags.FLAGS.results_jsonl, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

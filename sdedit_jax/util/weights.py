@@ -92,7 +92,8 @@ def leaf_name(path: tuple[Any, ...]) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def _named_leaves(state: nnx.State) -> dict[str, Any]:
+def named_leaves(state: nnx.State) -> dict[str, Any]:
+    """Every leaf of ``state`` by its :func:`leaf_name`."""
     leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
     return {leaf_name(path): leaf for path, leaf in leaves}
 
@@ -106,7 +107,7 @@ def save_state(path: str, state: nnx.State, dtype: Any = None) -> str:
             return leaf
         return _Cast(leaf, np.dtype(dtype))
 
-    return st.write(path, {name: cast(leaf) for name, leaf in _named_leaves(state).items()})
+    return st.write(path, {name: cast(leaf) for name, leaf in named_leaves(state).items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,7 @@ def load_state(
     sha256 must match; every mismatched name is listed in one error.
     """
     host_memory.map_large_blocks()
-    expected = {n: tuple(leaf.shape) for n, leaf in _named_leaves(abstract_state).items()}
+    expected = {n: tuple(leaf.shape) for n, leaf in named_leaves(abstract_state).items()}
     tensors, _ = st.read_header(path)
     missing, extra = sorted(expected.keys() - tensors), sorted(tensors.keys() - expected)
     shaped = [n for n in expected if n in tensors and tensors[n].shape != expected[n]]
