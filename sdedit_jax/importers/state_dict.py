@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -56,7 +57,7 @@ def check_tensors(source: str, found: Mapping[str, Any], expected: Mapping[str, 
             )
         )
     not_float = [
-        k for k in expected if k in found and not np.issubdtype(_dtype(found[k]), np.floating)
+        k for k in expected if k in found and not jnp.issubdtype(_dtype(found[k]), jnp.floating)
     ]
     if not_float:
         problems.append(f"{len(not_float)} not floating point: " + ", ".join(not_float))

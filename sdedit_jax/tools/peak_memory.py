@@ -10,7 +10,8 @@ its resident memory at that moment, divided by the model folder's size on disk.
 ``convert`` is :func:`sdedit_jax.convert.convert` (the read-back check included);
 ``startup`` is what a job does before it compiles anything: load the model and place
 its weights and codec on the device mesh (:meth:`sdedit_jax.engine.Editor.place_score`).
-Prints one JSON line.
+Measure with one device: simulated CPU devices (``XLA_FLAGS``) each hold a replica in
+host memory. Prints one JSON line.
 """
 
 from __future__ import annotations
