@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdedit_jax import importers
-from sdedit_jax.importers import fields
+from sdedit_jax.importers import fields, sd_single_file, sdxl_single_file
 from sdedit_jax.latent import model as latent_model
 from sdedit_jax.latent import sdxl
 from sdedit_jax.models.architecture import Architecture
@@ -347,10 +347,17 @@ def load_latent(
     path: str, options: CheckpointOptions, compute_dtype: str | None = None
 ) -> latent_model.LatentModel | sdxl.SDXLModel:
     """A Stable Diffusion model from any of its sources (:mod:`sdedit_jax.latent.model`;
-    SDXL folders, diffusers' or converted: :mod:`sdedit_jax.latent.sdxl`)."""
+    SDXL folders, diffusers' or converted, and sgm single files: :mod:`sdedit_jax.latent.sdxl`).
+    A single file is read once, and its keys tell SD from SDXL."""
     if options.get("config_folder") is not None:
-        return latent_model.from_single_file(
-            path, options["config_folder"], options.get("ema", True), compute_dtype
+        tensors = sd_single_file.read_tensors(path)
+        load = (
+            sdxl.from_single_file
+            if sdxl_single_file.is_sdxl(tensors)
+            else latent_model.from_single_file
+        )
+        return load(
+            path, options["config_folder"], options.get("ema", True), compute_dtype, tensors
         )
     if latent_model.is_converted_folder(path):
         if sdxl.is_converted_sdxl(path):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdedit_jax.importers import diffusers_sd
+from sdedit_jax.importers import diffusers_sd, sdxl_single_file
 from sdedit_jax.latent import micro_conditioning
 from sdedit_jax.latent import model as latent_model
 from sdedit_jax.latent import tokenizer as clip_tokenizer
@@ -158,6 +158,53 @@ def _flag(index: dict, name: str, default: bool, where: str) -> bool:
     return value
 
 
+def _tower(part: diffusers_sd.Component, token_folder: str, compute_dtype: str | None) -> TextTower:
+    tokenizer, token_sums = latent_model._tokenizer(token_folder)
+    config = latent_model._with_dtype(part.config, compute_dtype)
+    return TextTower(latent_model.Part(config, part.state), tokenizer, token_folder, token_sums)
+
+
+def _model(
+    parts: dict[str, diffusers_sd.Component],
+    folder: str,
+    source: dict,
+    index: tuple[dict, str],
+    compute_dtype: str | None,
+) -> SDXLModel:
+    """The model of the components ``parts`` with the tokenizers, scheduler and VAE scaling
+    of ``folder`` and the flags of ``index`` (a ``model_index.json``'s object, its path)."""
+    towers = {
+        name: _tower(parts[name], files.join(folder, tokenizer_name), compute_dtype)
+        for name, tokenizer_name in TEXT_ENCODERS.items()
+        if name in parts
+    }
+    if (
+        "text_encoder_2" not in towers
+        or towers["text_encoder_2"].part.config.projection_dim is None
+    ):
+        raise ValueError(f"{folder}/text_encoder_2: SDXL needs a CLIPTextModelWithProjection")
+    sde, parameterization = latent_model.schedule(latent_model._scheduler_file(folder))
+    values, where = index
+    refiner = "text_encoder" not in parts  # the published folders' flags where none is given
+    unet, vae_part = parts["unet"], parts["vae"]
+    return SDXLModel(
+        unet=latent_model.Part(latent_model._with_dtype(unet.config, compute_dtype), unet.state),
+        vae=latent_model.Part(
+            latent_model._with_dtype(vae_part.config, compute_dtype), vae_part.state
+        ),
+        towers=towers,
+        sde=latent_model.sde_from_config(sde),
+        parameterization=parameterization,
+        scaling_factor=latent_model._vae_scaling(files.join(folder, "vae")),
+        path=source["path"],
+        source=source,
+        requires_aesthetics_score=_flag(values, "requires_aesthetics_score", refiner, where),
+        force_zeros_for_empty_prompt=_flag(
+            values, "force_zeros_for_empty_prompt", not refiner, where
+        ),
+    )
+
+
 def from_pipeline(
     folder: str, variant: str | None = None, compute_dtype: str | None = None
 ) -> SDXLModel:
@@ -170,42 +217,34 @@ def from_pipeline(
     for name in names:
         if not files.isdir(files.join(folder, name)):
             raise FileNotFoundError(f"{files.join(folder, name)}: missing ({index_path} names it)")
-    unet = diffusers_sd.load_unet(files.join(folder, "unet"), variant)
-    if unet.config.addition_time_embed_dim is None:
+    parts = {"unet": diffusers_sd.load_unet(files.join(folder, "unet"), variant)}
+    if parts["unet"].config.addition_time_embed_dim is None:
         raise ValueError(f"{folder}/unet: an SDXL U-Net has addition_embed_type 'text_time'")
-    vae = diffusers_sd.load_vae(files.join(folder, "vae"), variant)
-    towers, sums = {}, {"unet": files.sha256(unet.weights), "vae": files.sha256(vae.weights)}
-    for name, tokenizer_name in TEXT_ENCODERS.items():
-        if not _named(index.get(name)):
-            continue
-        part = diffusers_sd.load_text_encoder(files.join(folder, name), variant)
-        token_folder = files.join(folder, tokenizer_name)
-        tokenizer, token_sums = latent_model._tokenizer(token_folder)
-        towers[name] = TextTower(
-            latent_model.Part(latent_model._with_dtype(part.config, compute_dtype), part.state),
-            tokenizer,
-            token_folder,
-            token_sums,
-        )
-        sums[name] = files.sha256(part.weights)
-    if (
-        "text_encoder_2" not in towers
-        or towers["text_encoder_2"].part.config.projection_dim is None
-    ):
-        raise ValueError(f"{folder}/text_encoder_2: SDXL needs a CLIPTextModelWithProjection")
-    sde, parameterization = latent_model.schedule(latent_model._scheduler_file(folder))
-    return SDXLModel(
-        unet=latent_model.Part(latent_model._with_dtype(unet.config, compute_dtype), unet.state),
-        vae=latent_model.Part(latent_model._with_dtype(vae.config, compute_dtype), vae.state),
-        towers=towers,
-        sde=latent_model.sde_from_config(sde),
-        parameterization=parameterization,
-        scaling_factor=latent_model._vae_scaling(files.join(folder, "vae")),
-        path=folder,
-        source={"path": folder, "format": "diffusers", "sha256": latent_model._digest(sums)},
-        requires_aesthetics_score=_flag(index, "requires_aesthetics_score", False, index_path),
-        force_zeros_for_empty_prompt=_flag(index, "force_zeros_for_empty_prompt", True, index_path),
-    )
+    parts["vae"] = diffusers_sd.load_vae(files.join(folder, "vae"), variant)
+    for name in TEXT_ENCODERS:
+        if _named(index.get(name)):
+            parts[name] = diffusers_sd.load_text_encoder(files.join(folder, name), variant)
+    sums = {name: files.sha256(part.weights) for name, part in parts.items()}
+    source = {"path": folder, "format": "diffusers", "sha256": latent_model._digest(sums)}
+    return _model(parts, folder, source, (index, index_path), compute_dtype)
+
+
+def from_single_file(
+    path: str,
+    config: str,
+    ema: bool = True,
+    compute_dtype: str | None = None,
+    tensors: dict | None = None,
+) -> SDXLModel:
+    """An SDXL base or refiner single file in sgm's layout
+    (:mod:`~sdedit_jax.importers.sdxl_single_file`), with ``config`` a diffusers SDXL
+    folder (or one with its components' ``config.json``, ``tokenizer*/`` and ``scheduler/``;
+    ``model_index.json``'s flags, where it has one, else the published folders')."""
+    _, parts = sdxl_single_file.load(path, config, ema, tensors)
+    index_path = files.join(config, latent_model.MODEL_INDEX)
+    index = files.read_json_object(index_path) if files.exists(index_path) else {}
+    source = {"path": path, "format": "sdxl_single_file", "sha256": files.sha256(path)}
+    return _model(parts, config, source, (index, index_path), compute_dtype)
 
 
 # --- the converted folder -------------------------------------------------------------------
