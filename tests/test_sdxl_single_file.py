@@ -11,16 +11,22 @@ give the pipeline's numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import shutil
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import sdedit_jax as sj
 from sdedit_jax import convert
-from sdedit_jax.importers import state_dict
+from sdedit_jax.importers import diffusers_sd, sdxl_single_file, state_dict
 from sdedit_jax.latent import sdxl
 from sdedit_jax.models import sd_unet
+from sdedit_jax.tools import published_sd
 
 torch = pytest.importorskip("torch", reason="the reference pipeline needs torch")
 diffusers = pytest.importorskip("diffusers", reason="the reference pipeline is diffusers'")
@@ -58,9 +64,10 @@ def original_xl_unet(tensors: dict, config: dict) -> dict:
     return out
 
 
-def original_open_clip_xl(tensors: dict, prefix: str) -> dict:
-    """OpenCLIP ViT-bigG's layout: every block, fused in_proj, the projection transposed,
-    the logit scale (a constant of the CLIP loss) beside them."""
+def original_open_clip_xl(tensors: dict, prefix: str, stack=np.concatenate) -> dict:
+    """OpenCLIP ViT-bigG's layout: every block, fused in_proj (query, key and value joined
+    by ``stack``), the projection transposed, the logit scale (a constant of the CLIP loss)
+    beside them."""
     tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
     out = {
         prefix + "token_embedding.weight": tensors.pop("embeddings.token_embedding.weight"),
@@ -77,26 +84,37 @@ def original_open_clip_xl(tensors: dict, prefix: str) -> dict:
             for hf, sd in _OPEN_CLIP_LAYER:
                 out[f"{new}{sd}{leaf}"] = tensors.pop(f"{old}{hf}{leaf}")
             qkv = [tensors.pop(f"{old}self_attn.{n}_proj.{leaf}") for n in "qkv"]
-            out[f"{new}attn.in_proj_{leaf}"] = np.concatenate(qkv, axis=0)
+            out[f"{new}attn.in_proj_{leaf}"] = stack(qkv, axis=0)
     assert not tensors, sorted(tensors)
     return out
 
 
-def original_file(pipe, which: str) -> dict:
-    """The pipeline's weights as one sgm state dict."""
-    unet_config = dict(pipe.unet.config)
+def _components(pipe) -> dict:
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+
+
+def original_layout(weights: dict, unet_config: dict, which: str, stack=np.concatenate) -> dict:
+    """A pipeline's state dicts (by component name) as one sgm state dict."""
+    levels = len(weights["vae_config"]["block_out_channels"])
     tensors = {
-        **original_xl_unet(_numpy(pipe.unet), unet_config),
-        **original_vae(_numpy(pipe.vae), 2, sd_reference.VAE["layers_per_block"]),
-        **original_open_clip_xl(_numpy(pipe.text_encoder_2), OPEN_CLIP[which]),
+        **original_xl_unet(weights["unet"], unet_config),
+        **original_vae(weights["vae"], levels, weights["vae_config"]["layers_per_block"]),
+        **original_open_clip_xl(weights["text_encoder_2"], OPEN_CLIP[which], stack),
         "denoiser.sigmas": np.linspace(0.03, 14.6, 1000, dtype=np.float32),  # sgm's buffer
     }
     if which == "base":
-        text = {k.removeprefix("text_model."): v for k, v in _numpy(pipe.text_encoder).items()}
-        tensors |= {
-            f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in text.items()
-        }
+        text = {k.removeprefix("text_model."): v for k, v in weights["text_encoder"].items()}
+        prefix = "conditioner.embedders.0.transformer.text_model."
+        tensors |= {prefix + k: v for k, v in text.items()}
     return tensors
+
+
+def original_file(pipe, which: str) -> dict:
+    """The pipeline's weights as one sgm state dict."""
+    weights = {name: _numpy(model) for name, model in _components(pipe).items()}
+    weights["vae_config"] = dict(pipe.vae.config)
+    return original_layout(weights, dict(pipe.unet.config), which)
 
 
 @pytest.fixture(scope="module", params=["base", "refiner"])
@@ -112,11 +130,6 @@ def xl(request, tmp_path_factory):
     path = str(root / f"sd_xl_{which}.safetensors")
     safetensors.numpy.save_file(tensors, path)
     return which, folder, path, pipe, tensors
-
-
-def _components(pipe) -> dict:
-    names = ("unet", "vae", "text_encoder", "text_encoder_2")
-    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
 
 
 def test_written_file_reads_back_in_diffusers(xl):
@@ -157,6 +170,7 @@ def _outputs(model, rng: np.random.Generator) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_single_file_matches_the_pipeline(xl):
     """Both encoders' penultimate states, the pooled projection, the U-Net with its added
     conditioning and the VAE: all <= 1e-4 of the pipeline's output scale."""
@@ -230,3 +244,83 @@ def test_bad_file_names_every_tensor_in_one_error(xl, tmp_path):
     assert "2 mis-shaped: " in message
     assert f"{p}text_projection expected ({WIDTH_2},{WIDTH_2}) found ({WIDTH_2},40)" in message
     assert "model.diffusion_model.label_emb.0.0.weight expected (" in message
+
+
+def _leaves(part) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(part.state))]
+
+
+def test_architecture_inferred_from_the_tensors(xl, tmp_path):
+    """With only the tokenizers beside it, the file gives the folder's architecture (but
+    for what the tensors do not hold: native size, and head counts, which follow 64
+    channels per head), the same weights and the published folders' flags."""
+    which, folder, path, pipe, _ = xl
+    tokens = tmp_path / "tokens"
+    for name in ("tokenizer", "tokenizer_2"):
+        if (Path(folder) / name).is_dir():
+            shutil.copytree(Path(folder) / name, tokens / name)
+    inferred = sj.load_model(path, config_folder=str(tokens))
+    given = sj.load_model(path, config_folder=folder)
+    assert inferred.requires_aesthetics_score == pipe.config.requires_aesthetics_score
+    assert inferred.force_zeros_for_empty_prompt == pipe.config.force_zeros_for_empty_prompt
+    assert inferred.scaling_factor == given.scaling_factor == 0.13025
+    unet = inferred.unet.config
+    assert unet.sample_size == 128 and unet.attention_heads == (1, 1)  # the tiny one: 2 and 4
+    heads = {"attention_heads": given.unet.config.attention_heads, "sample_size": 16}
+    assert dataclasses.replace(unet, **heads) == given.unet.config
+    assert dataclasses.replace(inferred.vae.config, sample_size=32) == given.vae.config
+    assert list(inferred.towers) == list(given.towers)
+    for name, tower in inferred.towers.items():
+        config = given.towers[name].part.config
+        assert tower.part.config.num_attention_heads == 1  # 32 and 48 channels: 4 in the folder
+        assert dataclasses.replace(tower.part.config, num_attention_heads=4) == config
+        for a, b in zip(_leaves(tower.part), _leaves(given.towers[name].part), strict=True):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(_leaves(inferred.unet), _leaves(given.unet), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _shapes(model) -> dict:
+    return {
+        k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in model.state_dict().items()
+    }
+
+
+def _stacked_shape(parts, axis: int = 0):
+    """The shape of the fused in_proj, without the memory (zero strides)."""
+    rows = sum(p.shape[0] for p in parts)
+    return np.broadcast_to(np.float32(0), (rows, *parts[0].shape[1:]))
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_published_architectures_inferred_from_their_tensors(which):
+    """Full-size SDXL base and refiner (built on torch's meta device, written in sgm's
+    layout as zero-stride arrays) give the published configs back."""
+    import transformers
+
+    unet_json = {"base": published_sd.SDXL_UNET, "refiner": published_sd.SDXL_REFINER_UNET}[which]
+    texts = {"text_encoder_2": published_sd.OPENCLIP_BIGG}
+    if which == "base":
+        texts["text_encoder"] = published_sd.CLIP_VIT_L
+    with torch.device("meta"):
+        models = {
+            "unet": diffusers.UNet2DConditionModel.from_config(unet_json),
+            "vae": diffusers.AutoencoderKL.from_config(published_sd.SDXL_VAE),
+        }
+        for name, config in texts.items():
+            fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+            cls = transformers.CLIPTextModel
+            if name == "text_encoder_2":
+                cls = transformers.CLIPTextModelWithProjection
+            models[name] = cls(transformers.CLIPTextConfig(**fields))
+    weights = {name: _shapes(model) for name, model in models.items()}
+    weights["vae_config"] = published_sd.SDXL_VAE
+    tensors = original_layout(weights, unet_json, which, _stacked_shape)
+    configs = sdxl_single_file.infer_configs(tensors)
+    expected = diffusers_sd.unet_config(unet_json)
+    if which == "refiner":  # its levels without attention read no depth (published: 4)
+        expected = dataclasses.replace(expected, transformer_layers_per_block=(1, 4, 4, 1))
+    assert configs["unet"] == expected
+    assert configs["vae"] == diffusers_sd.vae_config(published_sd.SDXL_VAE)
+    for name, config in texts.items():
+        assert configs[name] == diffusers_sd.text_encoder_config(config), name

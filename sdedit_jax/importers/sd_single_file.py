@@ -424,30 +424,45 @@ def infer_vae(tensors: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def infer_text_encoder(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``CLIPTextModel`` config.json: SD 1.x's CLIP (quick-GELU) or SD 2.x's OpenCLIP
-    (GELU, its penultimate layer), 64 channels per head as in both."""
-    if f"{OPEN_CLIP_PREFIX}token_embedding.weight" in tensors:
-        p = OPEN_CLIP_PREFIX
-        vocab, hidden = _dims(tensors, f"{p}token_embedding.weight")
-        positions = _dims(tensors, f"{p}positional_embedding")[0]
-        layers = _count(tensors, rf"{re.escape(p)}transformer\.resblocks\.(\d+)\.") - 1
-        inner, act = _dims(tensors, f"{p}transformer.resblocks.0.mlp.c_fc.weight")[0], "gelu"
-    else:
-        p = f"{TEXT_PREFIX}text_model."
-        vocab, hidden = _dims(tensors, f"{p}embeddings.token_embedding.weight")
-        positions = _dims(tensors, f"{p}embeddings.position_embedding.weight")[0]
-        layers = _count(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
-        inner, act = _dims(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0], "quick_gelu"
+def infer_clip(tensors: Mapping[str, Any], prefix: str = TEXT_PREFIX) -> dict[str, Any]:
+    """A ``CLIPTextModel`` config.json of transformers' CLIP under ``prefix`` (SD 1.x's,
+    SDXL's first encoder): quick-GELU, 64 channels per head."""
+    p = f"{prefix}text_model."
+    vocab, hidden = _dims(tensors, f"{p}embeddings.token_embedding.weight")
     return {
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": inner,
-        "num_hidden_layers": layers,
+        "intermediate_size": _dims(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0],
+        "num_hidden_layers": _count(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\."),
         "num_attention_heads": _heads(hidden),
-        "max_position_embeddings": positions,
-        "hidden_act": act,
+        "max_position_embeddings": _dims(tensors, f"{p}embeddings.position_embedding.weight")[0],
+        "hidden_act": "quick_gelu",
     }
+
+
+def infer_open_clip(
+    tensors: Mapping[str, Any], prefix: str = OPEN_CLIP_PREFIX, unread_blocks: int = 1
+) -> dict[str, Any]:
+    """A ``CLIPTextModel`` config.json of OpenCLIP under ``prefix``: GELU, 64 channels per
+    head, the last ``unread_blocks`` blocks left out (SD 2.x reads the penultimate layer)."""
+    vocab, hidden = _dims(tensors, f"{prefix}token_embedding.weight")
+    blocks = _count(tensors, rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": _dims(tensors, f"{prefix}transformer.resblocks.0.mlp.c_fc.weight")[0],
+        "num_hidden_layers": blocks - unread_blocks,
+        "num_attention_heads": _heads(hidden),
+        "max_position_embeddings": _dims(tensors, f"{prefix}positional_embedding")[0],
+        "hidden_act": "gelu",
+    }
+
+
+def infer_text_encoder(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """SD 1.x's CLIP or SD 2.x's OpenCLIP, whichever the file holds."""
+    if f"{OPEN_CLIP_PREFIX}token_embedding.weight" in tensors:
+        return infer_open_clip(tensors)
+    return infer_clip(tensors)
 
 
 def infer_configs(tensors: Mapping[str, Any], source: str = "") -> dict[str, Any]:

@@ -11,7 +11,8 @@ state comes from the last one). The base and the refiner are told apart by the k
 diffusers' ``from_single_file`` does.
 
 The architecture comes from a diffusers SDXL folder's ``config.json`` files (``unet/``,
-``vae/``, ``text_encoder_2/`` and, for the base, ``text_encoder/``). Renaming reuses
+``vae/``, ``text_encoder_2/`` and, for the base, ``text_encoder/``), or is read off the
+tensors' shapes (:func:`infer_configs`). Renaming reuses
 :mod:`.sd_single_file`'s tables: each expected diffusers key is given its original name,
 the file is checked once in those names (every missing, unexpected and mis-shaped tensor
 in one error), and the components load through :mod:`.diffusers_sd`.
@@ -22,7 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sdedit_jax.importers import diffusers, diffusers_sd, sd_single_file
+import numpy as np
+
+from sdedit_jax.importers import diffusers, diffusers_sd, sd_single_file, state_dict
 from sdedit_jax.models import clip_text, sd_unet, vae
 from sdedit_jax.util import files
 
@@ -116,13 +119,84 @@ def load(
     ema: bool = True,
     tensors: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, diffusers_sd.Component]]:
-    """``(kind, components)`` of an SDXL single file with the architecture of
-    ``config_folder``; ``tensors``: the file's state dict where already read."""
+    """``(kind, components)`` of an SDXL single file, with the architecture of
+    ``config_folder`` where it holds every component's ``config.json``, else inferred from
+    the tensors (:func:`infer_configs`); ``tensors``: the file's state dict where already read."""
     tensors = sd_single_file.read_tensors(path) if tensors is None else tensors
     which = kind(tensors)
-    configs = configs_from(config_folder, which)
+    has_configs = all(
+        files.exists(files.join(config_folder, c, diffusers_sd.CONFIG_FILE))
+        for c in COMPONENTS[which]
+    )
+    configs = configs_from(config_folder, which) if has_configs else infer_configs(tensors, path)
     split = split_tensors(path, tensors, configs, ema)
     return which, {
         c: diffusers_sd.Component(configs[c], _STATES[c](split[c], configs[c], path), path)
         for c in COMPONENTS[which]
+    }
+
+
+# --- architecture from the tensors ----------------------------------------------------------
+
+# What the tensors do not hold, as the published SDXL folders have it.
+NATIVE_LATENTS = 128  # 1024 px
+SCALING_FACTOR = 0.13025
+TIME_IDS = {"base": 6, "refiner": 5}  # sizes, crop, then target size or aesthetic score
+
+
+def infer_configs(tensors: Mapping[str, Any], source: str = "") -> dict[str, Any]:
+    """Every component's frozen config, read off an SDXL file's tensors: SD's inference
+    (:func:`.sd_single_file.infer_unet` and the others: 64 channels per head) with the
+    ``text_time`` widths, every OpenCLIP block read and the pooled projection's width;
+    native size and VAE scaling are the published folders'."""
+    tensors = sd_single_file.normalise(tensors)
+    which = kind(tensors)
+    try:
+        text_2 = {
+            **sd_single_file.infer_open_clip(tensors, OPEN_CLIP_PREFIX[which], unread_blocks=0),
+            "architectures": ["CLIPTextModelWithProjection"],
+            "projection_dim": _dims(tensors, f"{OPEN_CLIP_PREFIX[which]}text_projection")[1],
+        }
+        configs = {
+            "unet": diffusers_sd.unet_config(infer_unet(tensors, which, text_2["projection_dim"])),
+            "vae": diffusers_sd.vae_config(
+                {
+                    **sd_single_file.infer_vae(tensors),
+                    "sample_size": NATIVE_LATENTS * 8,
+                    "scaling_factor": SCALING_FACTOR,
+                }
+            ),
+            "text_encoder_2": diffusers_sd.text_encoder_config(text_2),
+        }
+        if which == "base":
+            configs["text_encoder"] = diffusers_sd.text_encoder_config(
+                sd_single_file.infer_clip(tensors, CLIP_PREFIX)
+            )
+    except ValueError as err:
+        raise type(err)(f"{source}: {err}" if source else str(err)) from None
+    return configs
+
+
+def _dims(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise state_dict.StateDictError(f"cannot infer the architecture: no tensor {key}")
+    return tuple(int(n) for n in np.shape(tensors[key]))
+
+
+def infer_unet(tensors: Mapping[str, Any], which: str, pooled_width: int) -> dict[str, Any]:
+    """A ``UNet2DConditionModel`` config.json: SD's, and the ``text_time`` embedding whose
+    input is the pooled projection beside the time ids' sinusoidal features."""
+    width = _dims(tensors, f"{sd_single_file.UNET_PREFIX}label_emb.0.0.weight")[1]
+    features, rest = divmod(width - pooled_width, TIME_IDS[which])
+    if rest or features <= 0:
+        raise state_dict.StateDictError(
+            f"{sd_single_file.UNET_PREFIX}label_emb.0.0.weight: {width} inputs are not the "
+            f"pooled projection's {pooled_width} and {TIME_IDS[which]} time ids' features"
+        )
+    return {
+        **sd_single_file.infer_unet(tensors),
+        "sample_size": NATIVE_LATENTS,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": features,
+        "projection_class_embeddings_input_dim": width,
     }

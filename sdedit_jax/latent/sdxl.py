@@ -171,8 +171,8 @@ def _model(
     index: tuple[dict, str],
     compute_dtype: str | None,
 ) -> SDXLModel:
-    """The model of the components ``parts`` with the tokenizers, scheduler and VAE scaling
-    of ``folder`` and the flags of ``index`` (a ``model_index.json``'s object, its path)."""
+    """The model of the components ``parts`` with the tokenizers and scheduler of
+    ``folder`` and the flags of ``index`` (a ``model_index.json``'s object, its path)."""
     towers = {
         name: _tower(parts[name], files.join(folder, tokenizer_name), compute_dtype)
         for name, tokenizer_name in TEXT_ENCODERS.items()
@@ -195,7 +195,7 @@ def _model(
         towers=towers,
         sde=latent_model.sde_from_config(sde),
         parameterization=parameterization,
-        scaling_factor=latent_model._vae_scaling(files.join(folder, "vae")),
+        scaling_factor=vae_part.config.scaling_factor,
         path=source["path"],
         source=source,
         requires_aesthetics_score=_flag(values, "requires_aesthetics_score", refiner, where),
@@ -238,8 +238,9 @@ def from_single_file(
 ) -> SDXLModel:
     """An SDXL base or refiner single file in sgm's layout
     (:mod:`~sdedit_jax.importers.sdxl_single_file`), with ``config`` a diffusers SDXL
-    folder (or one with its components' ``config.json``, ``tokenizer*/`` and ``scheduler/``;
-    ``model_index.json``'s flags, where it has one, else the published folders')."""
+    folder, or any folder with its ``tokenizer/`` (base) and ``tokenizer_2/`` (and,
+    optionally, ``scheduler/``, the components' ``config.json`` and ``model_index.json``,
+    whose flags default to the published folders')."""
     _, parts = sdxl_single_file.load(path, config, ema, tensors)
     index_path = files.join(config, latent_model.MODEL_INDEX)
     index = files.read_json_object(index_path) if files.exists(index_path) else {}
