@@ -314,9 +314,10 @@ class CheckpointOptions(TypedDict, total=False):
     network's image size where the checkpoint does not record it; ``score_sde_config``:
     score_sde's config file for a ``checkpoint_<n>``. Stable Diffusion
     (:mod:`sdedit_jax.latent.model`): ``config_folder``, the folder with ``tokenizer/``
-    (and ``scheduler/``, component configs) of a single-file checkpoint, which makes the
-    path one; ``variant`` (``"fp16"``) of a diffusers folder's weight files; ``ema``: a
-    single file's EMA weights where it has them (default True).
+    (SDXL: and/or ``tokenizer_2/``; and ``scheduler/``, component configs) of a
+    single-file checkpoint, SD's or SDXL's, which makes the path one; ``variant``
+    (``"fp16"``) of a diffusers folder's weight files; ``ema``: a single file's EMA
+    weights where it has them (default True).
     """
 
     format: str | None
@@ -383,7 +384,7 @@ def load_model(
             Stable Diffusion model (a diffusers pipeline folder, a single-file checkpoint
             with ``config_folder``, or its converted folder), which loads as a
             :class:`~sdedit_jax.latent.model.LatentModel` (an SDXL base or refiner
-            folder: :class:`~sdedit_jax.latent.sdxl.SDXLModel`).
+            folder or single file: :class:`~sdedit_jax.latent.sdxl.SDXLModel`).
         sde: overrides the SDE of a checkpoint (``{"name": "ve", ...}``); needed when
             the checkpoint does not record it.
         compute_dtype: a latent model's network compute type (e.g. ``"bfloat16"``).

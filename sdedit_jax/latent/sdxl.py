@@ -1,6 +1,7 @@
 """SDXL base and refiner as latent models: two CLIP text encoders and micro-conditioning.
 
-A diffusers SDXL folder (``model_index.json`` naming ``text_encoder_2``) holds the U-Net
+A diffusers SDXL folder (``model_index.json`` naming ``text_encoder_2``), or Stability's
+single file (:func:`from_single_file`) with such a folder's tokenizers, holds the U-Net
 with the ``text_time`` embedding, the VAE, ``text_encoder_2``/``tokenizer_2`` (OpenCLIP
 ViT-bigG with its pooled projection) and, for the base only, ``text_encoder``/
 ``tokenizer`` (CLIP ViT-L). As diffusers' SDXL pipelines do, the U-Net's text states
