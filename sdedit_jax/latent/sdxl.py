@@ -152,11 +152,23 @@ class SDXLModel(latent_model.LatentMethods):
         }
 
 
-def _flag(index: dict, name: str, default: bool, where: str) -> bool:
-    value = index.get(name, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}: {name}: expected true or false, got {value!r}")
-    return value
+# The pipelines' flags where a model_index.json does not set them (their own defaults),
+# and, for a single file without one, the published base and refiner folders'.
+PIPELINE_FLAGS = {"requires_aesthetics_score": False, "force_zeros_for_empty_prompt": True}
+PUBLISHED_FLAGS = {
+    "base": PIPELINE_FLAGS,
+    "refiner": {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False},
+}
+
+
+def _flags(index: dict, where: str, defaults: dict = PIPELINE_FLAGS) -> dict[str, bool]:
+    """The pipeline flags of a ``model_index.json`` object (read from ``where``)."""
+    flags = {}
+    for name, default in defaults.items():
+        flags[name] = index.get(name, default)
+        if not isinstance(flags[name], bool):
+            raise ValueError(f"{where}: {name}: expected true or false, got {flags[name]!r}")
+    return flags
 
 
 def _tower(part: diffusers_sd.Component, token_folder: str, compute_dtype: str | None) -> TextTower:
@@ -169,11 +181,11 @@ def _model(
     parts: dict[str, diffusers_sd.Component],
     folder: str,
     source: dict,
-    index: tuple[dict, str],
+    flags: dict[str, bool],
     compute_dtype: str | None,
 ) -> SDXLModel:
     """The model of the components ``parts`` with the tokenizers and scheduler of
-    ``folder`` and the flags of ``index`` (a ``model_index.json``'s object, its path)."""
+    ``folder`` and the pipeline ``flags`` (:func:`_flags`)."""
     towers = {
         name: _tower(parts[name], files.join(folder, tokenizer_name), compute_dtype)
         for name, tokenizer_name in TEXT_ENCODERS.items()
@@ -185,8 +197,6 @@ def _model(
     ):
         raise ValueError(f"{folder}/text_encoder_2: SDXL needs a CLIPTextModelWithProjection")
     sde, parameterization = latent_model.schedule(latent_model._scheduler_file(folder))
-    values, where = index
-    refiner = "text_encoder" not in parts  # the published folders' flags where none is given
     unet, vae_part = parts["unet"], parts["vae"]
     return SDXLModel(
         unet=latent_model.Part(latent_model._with_dtype(unet.config, compute_dtype), unet.state),
@@ -199,10 +209,7 @@ def _model(
         scaling_factor=vae_part.config.scaling_factor,
         path=source["path"],
         source=source,
-        requires_aesthetics_score=_flag(values, "requires_aesthetics_score", refiner, where),
-        force_zeros_for_empty_prompt=_flag(
-            values, "force_zeros_for_empty_prompt", not refiner, where
-        ),
+        **flags,
     )
 
 
@@ -227,7 +234,7 @@ def from_pipeline(
             parts[name] = diffusers_sd.load_text_encoder(files.join(folder, name), variant)
     sums = {name: files.sha256(part.weights) for name, part in parts.items()}
     source = {"path": folder, "format": "diffusers", "sha256": latent_model._digest(sums)}
-    return _model(parts, folder, source, (index, index_path), compute_dtype)
+    return _model(parts, folder, source, _flags(index, index_path), compute_dtype)
 
 
 def from_single_file(
@@ -242,11 +249,12 @@ def from_single_file(
     folder, or any folder with its ``tokenizer/`` (base) and ``tokenizer_2/`` (and,
     optionally, ``scheduler/``, the components' ``config.json`` and ``model_index.json``,
     whose flags default to the published folders')."""
-    _, parts = sdxl_single_file.load(path, config, ema, tensors)
+    which, parts = sdxl_single_file.load(path, config, ema, tensors)
     index_path = files.join(config, latent_model.MODEL_INDEX)
     index = files.read_json_object(index_path) if files.exists(index_path) else {}
+    flags = _flags(index, index_path, PUBLISHED_FLAGS[which])
     source = {"path": path, "format": "sdxl_single_file", "sha256": files.sha256(path)}
-    return _model(parts, config, source, (index, index_path), compute_dtype)
+    return _model(parts, config, source, flags, compute_dtype)
 
 
 # --- the converted folder -------------------------------------------------------------------
