@@ -14,7 +14,8 @@ error), and then renamed to the diffusers keys that
 :mod:`sdedit_jax.importers.diffusers_sd` loads: the architecture mapping stays there.
 ``.ckpt`` files go through the allow-listed torch reader (a Lightning checkpoint's
 ``state_dict`` entry is taken). EMA weights (``model_ema.<key without dots>``) replace the
-U-Net's when the file has them, unless ``ema=False``.
+U-Net's when the file has them, unless ``ema=False``. SDXL's files (Stability's ``sgm``
+layout) share these tables under other prefixes: :mod:`.sdxl_single_file`.
 """
 
 from __future__ import annotations
@@ -355,7 +356,8 @@ def _count(tensors: Mapping[str, Any], pattern: str) -> int:
     return len({m[1] for k in tensors if (m := regex.match(k))})
 
 
-def _dims(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
+def dims(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    """The shape of the tensor ``key``, which the architecture is inferred from."""
     if key not in tensors:
         raise state_dict.StateDictError(f"cannot infer the architecture: no tensor {key}")
     return tuple(int(n) for n in np.shape(tensors[key]))
@@ -375,7 +377,7 @@ def infer_unet(tensors: Mapping[str, Any]) -> dict[str, Any]:
     blocks = _count(tensors, rf"{re.escape(p)}input_blocks\.(\d+)\.")
     layers = blocks // levels - 1
     first = [1 + level * (layers + 1) for level in range(levels)]
-    channels = [_dims(tensors, f"{p}input_blocks.{i}.0.out_layers.3.weight")[0] for i in first]
+    channels = [dims(tensors, f"{p}input_blocks.{i}.0.out_layers.3.weight")[0] for i in first]
     down = [f"{p}input_blocks.{i}.1." for i in first]
     up = [f"{p}output_blocks.{level * (layers + 1)}.1." for level in range(levels)]
     down_attn = [f"{b}proj_in.weight" in tensors for b in down]
@@ -383,19 +385,19 @@ def infer_unet(tensors: Mapping[str, Any]) -> dict[str, Any]:
     attention = next((b for b, a in zip(down + up, down_attn + up_attn, strict=True) if a), None)
     if attention is None:
         raise state_dict.StateDictError("cannot infer the architecture: no attention blocks")
-    linear = len(_dims(tensors, f"{attention}proj_in.weight")) == 2
+    linear = len(dims(tensors, f"{attention}proj_in.weight")) == 2
     depth = [
         _count(tensors, rf"{re.escape(b)}transformer_blocks\.(\d+)\.") if a else 1
         for b, a in zip(down, down_attn, strict=True)
     ]
     return {
-        "in_channels": _dims(tensors, f"{p}input_blocks.0.0.weight")[1],
-        "out_channels": _dims(tensors, f"{p}out.2.weight")[0],
+        "in_channels": dims(tensors, f"{p}input_blocks.0.0.weight")[1],
+        "out_channels": dims(tensors, f"{p}out.2.weight")[0],
         "block_out_channels": channels,
         "layers_per_block": layers,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
-        "cross_attention_dim": _dims(tensors, f"{attention}transformer_blocks.0.attn2.to_k.weight")[
+        "cross_attention_dim": dims(tensors, f"{attention}transformer_blocks.0.attn2.to_k.weight")[
             1
         ],
         "attention_head_dim": [_heads(c) for c in channels] if linear else 8,
@@ -409,16 +411,16 @@ def infer_vae(tensors: Mapping[str, Any]) -> dict[str, Any]:
     p = VAE_PREFIX
     levels = _count(tensors, rf"{re.escape(p)}encoder\.down\.(\d+)\.")
     channels = [
-        _dims(tensors, f"{p}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)
+        dims(tensors, f"{p}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)
     ]
     return {
-        "in_channels": _dims(tensors, f"{p}encoder.conv_in.weight")[1],
-        "out_channels": _dims(tensors, f"{p}decoder.conv_out.weight")[0],
+        "in_channels": dims(tensors, f"{p}encoder.conv_in.weight")[1],
+        "out_channels": dims(tensors, f"{p}decoder.conv_out.weight")[0],
         "block_out_channels": channels,
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "layers_per_block": _count(tensors, rf"{re.escape(p)}encoder\.down\.0\.block\.(\d+)\."),
-        "latent_channels": _dims(tensors, f"{p}post_quant_conv.weight")[1],
+        "latent_channels": dims(tensors, f"{p}post_quant_conv.weight")[1],
         "sample_size": 512,
         "scaling_factor": 0.18215,
     }
@@ -428,14 +430,14 @@ def infer_clip(tensors: Mapping[str, Any], prefix: str = TEXT_PREFIX) -> dict[st
     """A ``CLIPTextModel`` config.json of transformers' CLIP under ``prefix`` (SD 1.x's,
     SDXL's first encoder): quick-GELU, 64 channels per head."""
     p = f"{prefix}text_model."
-    vocab, hidden = _dims(tensors, f"{p}embeddings.token_embedding.weight")
+    vocab, hidden = dims(tensors, f"{p}embeddings.token_embedding.weight")
     return {
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": _dims(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0],
+        "intermediate_size": dims(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0],
         "num_hidden_layers": _count(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\."),
         "num_attention_heads": _heads(hidden),
-        "max_position_embeddings": _dims(tensors, f"{p}embeddings.position_embedding.weight")[0],
+        "max_position_embeddings": dims(tensors, f"{p}embeddings.position_embedding.weight")[0],
         "hidden_act": "quick_gelu",
     }
 
@@ -445,15 +447,15 @@ def infer_open_clip(
 ) -> dict[str, Any]:
     """A ``CLIPTextModel`` config.json of OpenCLIP under ``prefix``: GELU, 64 channels per
     head, the last ``unread_blocks`` blocks left out (SD 2.x reads the penultimate layer)."""
-    vocab, hidden = _dims(tensors, f"{prefix}token_embedding.weight")
+    vocab, hidden = dims(tensors, f"{prefix}token_embedding.weight")
     blocks = _count(tensors, rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
     return {
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": _dims(tensors, f"{prefix}transformer.resblocks.0.mlp.c_fc.weight")[0],
+        "intermediate_size": dims(tensors, f"{prefix}transformer.resblocks.0.mlp.c_fc.weight")[0],
         "num_hidden_layers": blocks - unread_blocks,
         "num_attention_heads": _heads(hidden),
-        "max_position_embeddings": _dims(tensors, f"{prefix}positional_embedding")[0],
+        "max_position_embeddings": dims(tensors, f"{prefix}positional_embedding")[0],
         "hidden_act": "gelu",
     }
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from sdedit_jax.importers import diffusers, diffusers_sd, sd_single_file, state_dict
 from sdedit_jax.models import clip_text, sd_unet, vae
 from sdedit_jax.util import files
@@ -139,7 +137,8 @@ def load(
 # --- architecture from the tensors ----------------------------------------------------------
 
 # What the tensors do not hold, as the published SDXL folders have it.
-NATIVE_LATENTS = 128  # 1024 px
+NATIVE_PIXELS = 1024
+NATIVE_LATENTS = 128  # the U-Net's: 1024 px through the published VAE's factor of 8
 SCALING_FACTOR = 0.13025
 TIME_IDS = {"base": 6, "refiner": 5}  # sizes, crop, then target size or aesthetic score
 
@@ -155,14 +154,16 @@ def infer_configs(tensors: Mapping[str, Any], source: str = "") -> dict[str, Any
         text_2 = {
             **sd_single_file.infer_open_clip(tensors, OPEN_CLIP_PREFIX[which], unread_blocks=0),
             "architectures": ["CLIPTextModelWithProjection"],
-            "projection_dim": _dims(tensors, f"{OPEN_CLIP_PREFIX[which]}text_projection")[1],
+            "projection_dim": sd_single_file.dims(
+                tensors, f"{OPEN_CLIP_PREFIX[which]}text_projection"
+            )[1],
         }
         configs = {
             "unet": diffusers_sd.unet_config(infer_unet(tensors, which, text_2["projection_dim"])),
             "vae": diffusers_sd.vae_config(
                 {
                     **sd_single_file.infer_vae(tensors),
-                    "sample_size": NATIVE_LATENTS * 8,
+                    "sample_size": NATIVE_PIXELS,
                     "scaling_factor": SCALING_FACTOR,
                 }
             ),
@@ -177,16 +178,10 @@ def infer_configs(tensors: Mapping[str, Any], source: str = "") -> dict[str, Any
     return configs
 
 
-def _dims(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    if key not in tensors:
-        raise state_dict.StateDictError(f"cannot infer the architecture: no tensor {key}")
-    return tuple(int(n) for n in np.shape(tensors[key]))
-
-
 def infer_unet(tensors: Mapping[str, Any], which: str, pooled_width: int) -> dict[str, Any]:
     """A ``UNet2DConditionModel`` config.json: SD's, and the ``text_time`` embedding whose
     input is the pooled projection beside the time ids' sinusoidal features."""
-    width = _dims(tensors, f"{sd_single_file.UNET_PREFIX}label_emb.0.0.weight")[1]
+    width = sd_single_file.dims(tensors, f"{sd_single_file.UNET_PREFIX}label_emb.0.0.weight")[1]
     features, rest = divmod(width - pooled_width, TIME_IDS[which])
     if rest or features <= 0:
         raise state_dict.StateDictError(
