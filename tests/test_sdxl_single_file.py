@@ -2,7 +2,7 @@
 
 The test writes each file itself from a tiny random diffusers SDXL pipeline, with its own
 diffusers -> original renaming (in the manner of diffusers'
-``scripts/convert_diffusers_to_original_sdxl.py``, the U-Net, VAE and CLIP ViT-L tables
+``scripts/convert_diffusers_to_original_sdxl.py``; the U-Net and VAE tables
 shared with the SD 1.x test, independent of the importer's), checks first that diffusers'
 own ``StableDiffusionXLImg2ImgPipeline.from_single_file`` reads it back to the pipeline's
 weights, and then that sdedit_jax's model of the file, and the folder converted from it,
