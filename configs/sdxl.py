@@ -20,6 +20,9 @@ Weights: download the published diffusers folder once and convert it:
         --local-dir downloads/stable-diffusion-xl-base-1.0
     python -m sdedit_jax.convert --source downloads/stable-diffusion-xl-base-1.0 \
         --out models/sdxl_base
+    # or Stability's single file, with the folder's tokenizers (and configs, scheduler):
+    python -m sdedit_jax.convert --source sd_xl_base_1.0.safetensors \
+        --config_folder downloads/stable-diffusion-xl-base-1.0 --out models/sdxl_base
 
 Sampling: SDE-DPM-Solver++(2M) with ``ceil(50 t0)`` steps on the model's own schedule.
 """

@@ -6,15 +6,18 @@
     python -m sdedit_jax.convert --source stable-diffusion-v1-5/ --out models/sd15
     python -m sdedit_jax.convert --source v1-5-pruned-emaonly.safetensors \
         --config_folder stable-diffusion-v1-5/ --out models/sd15
+    python -m sdedit_jax.convert --source sd_xl_base_1.0.safetensors \
+        --config_folder stable-diffusion-xl-base-1.0/ --out models/sdxl_base
 
 The format (a diffusers folder, an ermongroup/ddim or SDEdit ``.ckpt``/``.pth``, a
 score_sde ``checkpoint_<n>``) is detected from the files; ``--format`` overrides it.
 The folder records the network, its training SDE, parameterisation, conditioning
 input and data range, and the source file's sha256 (see :mod:`sdedit_jax.pretrained`).
 A Stable Diffusion model (a diffusers pipeline folder, or a single-file checkpoint with
-``--config_folder``, the folder of its ``tokenizer/`` and ``scheduler/``) becomes a
-latent model folder: every component, the tokenizer, schedule, prediction type, scaling
-factor, native size and size multiple (see :mod:`sdedit_jax.latent.model`).
+``--config_folder``, the folder of its ``tokenizer/`` and ``scheduler/``; SD 1.x/2.x or
+SDXL base/refiner, told apart by the file's keys) becomes a latent model folder: every
+component, the tokenizer(s), schedule, prediction type, scaling factor, native size and
+size multiple (see :mod:`sdedit_jax.latent.model` and :mod:`sdedit_jax.latent.sdxl`).
 
 The folder appears whole or not at all: it is written into a temporary sibling
 folder, loaded once from there, and renamed to ``--out``
@@ -73,8 +76,8 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "config_folder",
         None,
-        "Stable Diffusion single file: the folder with its tokenizer/ and scheduler/ "
-        "(and, optionally, the components' config.json)",
+        "Stable Diffusion single file (SD or SDXL): the folder with its tokenizer/ "
+        "(SDXL: tokenizer_2/) and scheduler/ (and, optionally, the components' config.json)",
     )
     flags.DEFINE_string("variant", None, 'weight variant of a diffusers folder, e.g. "fp16"')
     flags.DEFINE_bool("ema", True, "Stable Diffusion single file: its EMA weights if it has them")

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdedit_jax import importers
-from sdedit_jax.importers import fields
+from sdedit_jax.importers import fields, sd_single_file, sdxl_single_file
 from sdedit_jax.latent import model as latent_model
 from sdedit_jax.latent import sdxl
 from sdedit_jax.models.architecture import Architecture
@@ -314,9 +314,10 @@ class CheckpointOptions(TypedDict, total=False):
     network's image size where the checkpoint does not record it; ``score_sde_config``:
     score_sde's config file for a ``checkpoint_<n>``. Stable Diffusion
     (:mod:`sdedit_jax.latent.model`): ``config_folder``, the folder with ``tokenizer/``
-    (and ``scheduler/``, component configs) of a single-file checkpoint, which makes the
-    path one; ``variant`` (``"fp16"``) of a diffusers folder's weight files; ``ema``: a
-    single file's EMA weights where it has them (default True).
+    (SDXL: and/or ``tokenizer_2/``; and ``scheduler/``, component configs) of a
+    single-file checkpoint, SD's or SDXL's, which makes the path one; ``variant``
+    (``"fp16"``) of a diffusers folder's weight files; ``ema``: a single file's EMA
+    weights where it has them (default True).
     """
 
     format: str | None
@@ -351,15 +352,22 @@ def load_latent(
     sharding: jax.sharding.Sharding | None = None,
 ) -> latent_model.LatentModel | sdxl.SDXLModel:
     """A Stable Diffusion model from any of its sources (:mod:`sdedit_jax.latent.model`;
-    SDXL folders, diffusers' or converted: :mod:`sdedit_jax.latent.sdxl`).
+    SDXL folders, diffusers' or converted, and sgm single files: :mod:`sdedit_jax.latent.sdxl`).
+    A single file is read once, and its keys tell SD from SDXL.
 
     ``param_dtype``: the weights' dtype when read from a diffusers folder (default
     float32; a converted folder keeps its own); ``sharding``: where a converted
     folder's weights are placed as they are read.
     """
     if options.get("config_folder") is not None:
-        return latent_model.from_single_file(
-            path, options["config_folder"], options.get("ema", True), compute_dtype
+        tensors = sd_single_file.read_tensors(path)
+        load = (
+            sdxl.from_single_file
+            if sdxl_single_file.is_sdxl(tensors)
+            else latent_model.from_single_file
+        )
+        return load(
+            path, options["config_folder"], options.get("ema", True), compute_dtype, tensors
         )
     if latent_model.is_converted_folder(path):
         if sdxl.is_converted_sdxl(path):
@@ -386,7 +394,7 @@ def load_model(
             Stable Diffusion model (a diffusers pipeline folder, a single-file checkpoint
             with ``config_folder``, or its converted folder), which loads as a
             :class:`~sdedit_jax.latent.model.LatentModel` (an SDXL base or refiner
-            folder: :class:`~sdedit_jax.latent.sdxl.SDXLModel`).
+            folder or single file: :class:`~sdedit_jax.latent.sdxl.SDXLModel`).
         sde: overrides the SDE of a checkpoint (``{"name": "ve", ...}``); needed when
             the checkpoint does not record it.
         compute_dtype: a latent model's network compute type (e.g. ``"bfloat16"``).

@@ -366,33 +366,54 @@ def save_pipeline(
 
 
 def save_text_encoder_with_projection(
-    folder: str, eos_token_id: int = 2, seed: int = 0, projection_dim: int = 24
+    folder: str,
+    eos_token_id: int = 2,
+    seed: int = 0,
+    projection_dim: int = 24,
+    hidden_size: int = TEXT["hidden_size"],
 ):
     """SDXL's second text encoder (``CLIPTextModelWithProjection``), tiny, GELU."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    fields = {**TEXT, "eos_token_id": eos_token_id}
+    fields = {**TEXT, "eos_token_id": eos_token_id, "hidden_size": hidden_size}
     config = CLIPTextConfig(**fields, hidden_act="gelu", projection_dim=projection_dim)
     model = perturb(CLIPTextModelWithProjection(config), seed)
     model.save_pretrained(folder)
     return model
 
 
-def save_xl_pipeline(folder: str, refiner: bool = False, seed: int = 0, **unet_changes):
+def save_xl_pipeline(
+    folder: str,
+    refiner: bool = False,
+    seed: int = 0,
+    width_2: int = TEXT["hidden_size"],
+    **unet_changes,
+):
     """A whole tiny ``StableDiffusionXLImg2ImgPipeline`` folder (base, or the refiner:
-    ``text_encoder_2`` only, aesthetic scores), saved by diffusers itself; ``unet_changes``
-    replace fields of the U-Net's config (a bigger one, say)."""
+    ``text_encoder_2`` only, aesthetic scores), saved by diffusers itself. ``width_2``:
+    the second encoder's width and projection (square, as ViT-bigG's; the U-Net's widths
+    follow); diffusers' single-file loader tells the base's encoders apart by their widths.
+    ``unet_changes`` replace fields of the U-Net's config (a bigger one, say)."""
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline
     from transformers import CLIPTokenizer
 
     parts = os.path.join(folder, "_parts")
-    unet_config = {**(UNET_SDXL_REFINER if refiner else UNET_SDXL), **unet_changes}
+    unet_config = UNET_SDXL_REFINER if refiner else UNET_SDXL
+    first_width = 0 if refiner else TEXT["hidden_size"]
+    ids = 5 if refiner else 6
+    unet_config = {
+        **unet_config,
+        "cross_attention_dim": first_width + width_2,
+        "projection_class_embeddings_input_dim": width_2
+        + ids * unet_config["addition_time_embed_dim"],
+        **unet_changes,
+    }
     write_tokenizer(os.path.join(parts, "tokenizer_2"), "!")
     text_2 = save_text_encoder_with_projection(
-        os.path.join(parts, "text_2"), 2, seed + 3, projection_dim=32
+        os.path.join(parts, "text_2"), 2, seed + 3, projection_dim=width_2, hidden_size=width_2
     )
     first = {"text_encoder": None, "tokenizer": None}
     if not refiner:

@@ -14,13 +14,14 @@ error), and then renamed to the diffusers keys that
 :mod:`sdedit_jax.importers.diffusers_sd` loads: the architecture mapping stays there.
 ``.ckpt`` files go through the allow-listed torch reader (a Lightning checkpoint's
 ``state_dict`` entry is taken). EMA weights (``model_ema.<key without dots>``) replace the
-U-Net's when the file has them, unless ``ema=False``.
+U-Net's when the file has them, unless ``ema=False``. SDXL's files (Stability's ``sgm``
+layout) share these tables under other prefixes: :mod:`.sdxl_single_file`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
+EMA_BUFFERS = ("model_ema.decay", "model_ema.num_updates")  # LitEma's, beside the weights
 # Buffers of ldm's LatentDiffusion that are not weights of the three networks.
 _IGNORED = {
     "betas",
@@ -49,8 +51,7 @@ _IGNORED = {
     "posterior_mean_coef1",
     "posterior_mean_coef2",
     "logvar",
-    "model_ema.decay",
-    "model_ema.num_updates",
+    *EMA_BUFFERS,
     f"{TEXT_PREFIX}text_model.embeddings.position_ids",
     f"{OPEN_CLIP_PREFIX}text_projection",
     f"{OPEN_CLIP_PREFIX}logit_scale",
@@ -71,10 +72,13 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's text_time embedding
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _VAE_LINEAR = re.compile(
     r"first_stage_model\.(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight"
 )
+_TRANSPOSED = re.compile(r".+\.model\.text_projection")
 _VAE_ATTENTION = {
     "group_norm": "norm",
     "to_q": "q",
@@ -137,9 +141,10 @@ def vae_key(key: str, config: vae.VAEConfig) -> str:
     return VAE_PREFIX + key
 
 
-def text_key(key: str) -> str:
-    """The original name of one transformers ``CLIPTextModel`` key (SD 1.x)."""
-    return f"{TEXT_PREFIX}text_model.{key}"
+def text_key(key: str, prefix: str = TEXT_PREFIX) -> str:
+    """The original name of one transformers ``CLIPTextModel`` key (SD 1.x; SDXL's
+    first encoder under another ``prefix``)."""
+    return f"{prefix}text_model.{key}"
 
 
 _OPEN_CLIP = {
@@ -147,6 +152,7 @@ _OPEN_CLIP = {
     "embeddings.position_embedding.weight": "positional_embedding",
     "final_layer_norm.weight": "ln_final.weight",
     "final_layer_norm.bias": "ln_final.bias",
+    "text_projection.weight": "text_projection",  # SDXL's pooled projection, transposed
 }
 _OPEN_CLIP_LAYER = {
     "layer_norm1": "ln_1",
@@ -158,15 +164,16 @@ _OPEN_CLIP_LAYER = {
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def open_clip_key(key: str) -> tuple[str, int]:
-    """The OpenCLIP name of one ``CLIPTextModel`` key (SD 2.x), and the key's place in
-    that tensor along its first axis (query, key and value share one ``in_proj``)."""
+def open_clip_key(key: str, prefix: str = OPEN_CLIP_PREFIX) -> tuple[str, int]:
+    """The OpenCLIP name of one ``CLIPTextModel`` key (SD 2.x; SDXL's second encoder under
+    another ``prefix``), and the key's place in that tensor along its first axis (query,
+    key and value share one ``in_proj``)."""
     if key in _OPEN_CLIP:
-        return OPEN_CLIP_PREFIX + _OPEN_CLIP[key], 0
+        return prefix + _OPEN_CLIP[key], 0
     m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
     if m is None:
         raise KeyError(f"no OpenCLIP name for text encoder key {key}")
-    block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}"
+    block = f"{prefix}transformer.resblocks.{m[1]}"
     if m[2].startswith("self_attn.") and m[2].removeprefix("self_attn.") in _QKV:
         return f"{block}.attn.in_proj_{m[3]}", _QKV.index(m[2].removeprefix("self_attn."))
     return f"{block}.{_OPEN_CLIP_LAYER[m[2]]}.{m[3]}", 0
@@ -178,24 +185,37 @@ def ema_key(key: str) -> str:
 
 
 def _original_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """ldm's VAE attention uses 1 x 1 convolutions where diffusers has linear layers."""
-    return (*shape, 1, 1) if _VAE_LINEAR.fullmatch(key) else shape
+    """ldm's VAE attention uses 1 x 1 convolutions where diffusers has linear layers, and
+    OpenCLIP multiplies by its projection from the right (transformers: from the left)."""
+    if _VAE_LINEAR.fullmatch(key):
+        return (*shape, 1, 1)
+    return tuple(reversed(shape)) if _TRANSPOSED.fullmatch(key) else shape
 
 
 Parts = tuple[tuple[str, tuple[int, ...]], ...]
+Expected = dict[str, tuple[str, Parts, tuple[int, ...]]]
+Rename = Callable[[str], tuple[str, int]]
 
 
-def expected_tensors(
-    configs: Mapping[str, Any], open_clip: bool = False
-) -> dict[str, tuple[str, Parts, tuple[int, ...]]]:
+def expected_tensors(configs: Mapping[str, Any], open_clip: bool = False) -> Expected:
     """Every original key with its component, the diffusers keys and shapes it holds
     (stacked along its first axis) and its own torch shape."""
     text = open_clip_key if open_clip else (lambda k: (text_key(k), 0))
-    renames = {
-        "unet": (sd_unet, lambda k: (unet_key(k, configs["unet"]), 0)),
-        "vae": (vae, lambda k: (vae_key(k, configs["vae"]), 0)),
-        "text_encoder": (clip_text, text),
-    }
+    return expected_from(
+        configs,
+        {
+            "unet": (sd_unet, lambda k: (unet_key(k, configs["unet"]), 0)),
+            "vae": (vae, lambda k: (vae_key(k, configs["vae"]), 0)),
+            "text_encoder": (clip_text, text),
+        },
+    )
+
+
+def expected_from(
+    configs: Mapping[str, Any], renames: Mapping[str, tuple[Any, Rename]]
+) -> Expected:
+    """:func:`expected_tensors` of any components: ``renames`` gives each one's network
+    module and the original name (and place in a fused tensor) of each diffusers key."""
     expected = {}
     for component, (module, rename) in renames.items():
         grouped: dict[str, list[tuple[int, str, tuple[int, ...]]]] = {}
@@ -223,7 +243,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     return torch_checkpoint.state_dict_from(obj, path)
 
 
-def _normalise(tensors: Mapping[str, Any]) -> dict[str, Any]:
+def normalise(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """Text encoders saved by old transformers lack the ``text_model.`` level; files
     converted from diffusers may keep the VAE attention's linear (2-d) weights."""
     out = {}
@@ -240,19 +260,32 @@ def split_tensors(
     source: str, tensors: Mapping[str, Any], configs: Mapping[str, Any], ema: bool = True
 ) -> dict[str, dict[str, Any]]:
     """Each component's diffusers state dict, after one check of every key of the file."""
-    tensors = _normalise(tensors)
+    tensors = normalise(tensors)
     open_clip = any(k.startswith(OPEN_CLIP_PREFIX) for k in tensors)
-    expected = expected_tensors(configs, open_clip)
-    use_ema = ema and any(k.startswith(EMA_PREFIX) and k not in _IGNORED for k in tensors)
-    stored = {}  # the key each expected weight is read from
-    for key in expected:
-        stored[key] = ema_key(key) if use_ema and key.startswith(UNET_PREFIX) else key
     skipped = set(_IGNORED)
     if open_clip:  # SD 2.x reads the penultimate layer: the next block is not used
         past = (
             f"{OPEN_CLIP_PREFIX}transformer.resblocks.{configs['text_encoder'].num_hidden_layers}."
         )
         skipped |= {k for k in tensors if k.startswith(past)}
+    return split_checked(source, tensors, expected_tensors(configs, open_clip), skipped, ema)
+
+
+def split_checked(
+    source: str,
+    tensors: Mapping[str, Any],
+    expected: Expected,
+    skipped: set[str],
+    ema: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """:func:`split_tensors` against any table of :func:`expected_from`: the keys of
+    ``skipped`` are not weights; the U-Net is read from its EMA copy where ``ema`` and the
+    file has one (the training weights are then not read, nor the copy without ``ema``)."""
+    use_ema = ema and any(k.startswith(EMA_PREFIX) and k not in skipped for k in tensors)
+    stored = {}  # the key each expected weight is read from
+    for key in expected:
+        stored[key] = ema_key(key) if use_ema and key.startswith(UNET_PREFIX) else key
+    skipped = set(skipped)
     if use_ema:
         skipped |= {k for k in tensors if k.startswith(UNET_PREFIX)}
     elif not ema:
@@ -261,11 +294,12 @@ def split_tensors(
     state_dict.check_tensors(
         source, found, {stored[k]: shape for k, (_, _, shape) in expected.items()}
     )
-    split: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
+    split: dict[str, dict[str, Any]] = {c: {} for c, _, _ in expected.values()}
     for key, (component, parts, _) in expected.items():
-        values = np.split(np.asarray(tensors[stored[key]]), len(parts))
-        for (new_key, shape), value in zip(parts, values, strict=True):
-            split[component][new_key] = value.reshape(shape)
+        value = np.asarray(tensors[stored[key]])
+        value = value.T if _TRANSPOSED.fullmatch(key) else value
+        for (new_key, shape), part in zip(parts, np.split(value, len(parts)), strict=True):
+            split[component][new_key] = part.reshape(shape)
     return split
 
 
@@ -288,13 +322,17 @@ def configs_from(folder: str) -> dict[str, Any]:
 
 
 def load(
-    path: str, config_folder: str | None = None, ema: bool = True
+    path: str,
+    config_folder: str | None = None,
+    ema: bool = True,
+    tensors: Mapping[str, Any] | None = None,
 ) -> dict[str, diffusers_sd.Component]:
     """The U-Net, VAE and text encoder of a single-file checkpoint, with the architecture
     of ``config_folder`` (a diffusers SD folder, or one with only the three config.json),
-    or inferred from the tensors (:func:`infer_configs`) without one."""
+    or inferred from the tensors (:func:`infer_configs`) without one; ``tensors``: the
+    file's state dict where already read."""
     configs = configs_from(config_folder) if config_folder is not None else None
-    tensors = read_tensors(path)
+    tensors = read_tensors(path) if tensors is None else tensors
     if configs is None:
         configs = infer_configs(tensors, path)
     split = split_tensors(path, tensors, configs, ema)
@@ -318,7 +356,8 @@ def _count(tensors: Mapping[str, Any], pattern: str) -> int:
     return len({m[1] for k in tensors if (m := regex.match(k))})
 
 
-def _dims(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
+def dims(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    """The shape of the tensor ``key``, which the architecture is inferred from."""
     if key not in tensors:
         raise state_dict.StateDictError(f"cannot infer the architecture: no tensor {key}")
     return tuple(int(n) for n in np.shape(tensors[key]))
@@ -338,7 +377,7 @@ def infer_unet(tensors: Mapping[str, Any]) -> dict[str, Any]:
     blocks = _count(tensors, rf"{re.escape(p)}input_blocks\.(\d+)\.")
     layers = blocks // levels - 1
     first = [1 + level * (layers + 1) for level in range(levels)]
-    channels = [_dims(tensors, f"{p}input_blocks.{i}.0.out_layers.3.weight")[0] for i in first]
+    channels = [dims(tensors, f"{p}input_blocks.{i}.0.out_layers.3.weight")[0] for i in first]
     down = [f"{p}input_blocks.{i}.1." for i in first]
     up = [f"{p}output_blocks.{level * (layers + 1)}.1." for level in range(levels)]
     down_attn = [f"{b}proj_in.weight" in tensors for b in down]
@@ -346,19 +385,19 @@ def infer_unet(tensors: Mapping[str, Any]) -> dict[str, Any]:
     attention = next((b for b, a in zip(down + up, down_attn + up_attn, strict=True) if a), None)
     if attention is None:
         raise state_dict.StateDictError("cannot infer the architecture: no attention blocks")
-    linear = len(_dims(tensors, f"{attention}proj_in.weight")) == 2
+    linear = len(dims(tensors, f"{attention}proj_in.weight")) == 2
     depth = [
         _count(tensors, rf"{re.escape(b)}transformer_blocks\.(\d+)\.") if a else 1
         for b, a in zip(down, down_attn, strict=True)
     ]
     return {
-        "in_channels": _dims(tensors, f"{p}input_blocks.0.0.weight")[1],
-        "out_channels": _dims(tensors, f"{p}out.2.weight")[0],
+        "in_channels": dims(tensors, f"{p}input_blocks.0.0.weight")[1],
+        "out_channels": dims(tensors, f"{p}out.2.weight")[0],
         "block_out_channels": channels,
         "layers_per_block": layers,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
-        "cross_attention_dim": _dims(tensors, f"{attention}transformer_blocks.0.attn2.to_k.weight")[
+        "cross_attention_dim": dims(tensors, f"{attention}transformer_blocks.0.attn2.to_k.weight")[
             1
         ],
         "attention_head_dim": [_heads(c) for c in channels] if linear else 8,
@@ -372,50 +411,65 @@ def infer_vae(tensors: Mapping[str, Any]) -> dict[str, Any]:
     p = VAE_PREFIX
     levels = _count(tensors, rf"{re.escape(p)}encoder\.down\.(\d+)\.")
     channels = [
-        _dims(tensors, f"{p}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)
+        dims(tensors, f"{p}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)
     ]
     return {
-        "in_channels": _dims(tensors, f"{p}encoder.conv_in.weight")[1],
-        "out_channels": _dims(tensors, f"{p}decoder.conv_out.weight")[0],
+        "in_channels": dims(tensors, f"{p}encoder.conv_in.weight")[1],
+        "out_channels": dims(tensors, f"{p}decoder.conv_out.weight")[0],
         "block_out_channels": channels,
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "layers_per_block": _count(tensors, rf"{re.escape(p)}encoder\.down\.0\.block\.(\d+)\."),
-        "latent_channels": _dims(tensors, f"{p}post_quant_conv.weight")[1],
+        "latent_channels": dims(tensors, f"{p}post_quant_conv.weight")[1],
         "sample_size": 512,
         "scaling_factor": 0.18215,
     }
 
 
-def infer_text_encoder(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``CLIPTextModel`` config.json: SD 1.x's CLIP (quick-GELU) or SD 2.x's OpenCLIP
-    (GELU, its penultimate layer), 64 channels per head as in both."""
-    if f"{OPEN_CLIP_PREFIX}token_embedding.weight" in tensors:
-        p = OPEN_CLIP_PREFIX
-        vocab, hidden = _dims(tensors, f"{p}token_embedding.weight")
-        positions = _dims(tensors, f"{p}positional_embedding")[0]
-        layers = _count(tensors, rf"{re.escape(p)}transformer\.resblocks\.(\d+)\.") - 1
-        inner, act = _dims(tensors, f"{p}transformer.resblocks.0.mlp.c_fc.weight")[0], "gelu"
-    else:
-        p = f"{TEXT_PREFIX}text_model."
-        vocab, hidden = _dims(tensors, f"{p}embeddings.token_embedding.weight")
-        positions = _dims(tensors, f"{p}embeddings.position_embedding.weight")[0]
-        layers = _count(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
-        inner, act = _dims(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0], "quick_gelu"
+def infer_clip(tensors: Mapping[str, Any], prefix: str = TEXT_PREFIX) -> dict[str, Any]:
+    """A ``CLIPTextModel`` config.json of transformers' CLIP under ``prefix`` (SD 1.x's,
+    SDXL's first encoder): quick-GELU, 64 channels per head."""
+    p = f"{prefix}text_model."
+    vocab, hidden = dims(tensors, f"{p}embeddings.token_embedding.weight")
     return {
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": inner,
-        "num_hidden_layers": layers,
+        "intermediate_size": dims(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0],
+        "num_hidden_layers": _count(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\."),
         "num_attention_heads": _heads(hidden),
-        "max_position_embeddings": positions,
-        "hidden_act": act,
+        "max_position_embeddings": dims(tensors, f"{p}embeddings.position_embedding.weight")[0],
+        "hidden_act": "quick_gelu",
     }
+
+
+def infer_open_clip(
+    tensors: Mapping[str, Any], prefix: str = OPEN_CLIP_PREFIX, unread_blocks: int = 1
+) -> dict[str, Any]:
+    """A ``CLIPTextModel`` config.json of OpenCLIP under ``prefix``: GELU, 64 channels per
+    head, the last ``unread_blocks`` blocks left out (SD 2.x reads the penultimate layer)."""
+    vocab, hidden = dims(tensors, f"{prefix}token_embedding.weight")
+    blocks = _count(tensors, rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": dims(tensors, f"{prefix}transformer.resblocks.0.mlp.c_fc.weight")[0],
+        "num_hidden_layers": blocks - unread_blocks,
+        "num_attention_heads": _heads(hidden),
+        "max_position_embeddings": dims(tensors, f"{prefix}positional_embedding")[0],
+        "hidden_act": "gelu",
+    }
+
+
+def infer_text_encoder(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """SD 1.x's CLIP or SD 2.x's OpenCLIP, whichever the file holds."""
+    if f"{OPEN_CLIP_PREFIX}token_embedding.weight" in tensors:
+        return infer_open_clip(tensors)
+    return infer_clip(tensors)
 
 
 def infer_configs(tensors: Mapping[str, Any], source: str = "") -> dict[str, Any]:
     """The three components' frozen configs, read off a single file's tensors."""
-    tensors = _normalise(tensors)
+    tensors = normalise(tensors)
     try:
         return {
             "unet": diffusers_sd.unet_config(infer_unet(tensors)),

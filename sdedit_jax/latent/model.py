@@ -6,7 +6,8 @@ Three sources load to the same :class:`LatentModel`:
   tokenizer/ scheduler/`` (safetensors or ``.bin``; ``variant="fp16"`` reads the half
   files, widened to float32);
 * a single-file checkpoint in the original layout (``model.diffusion_model.*``,
-  ``first_stage_model.*``, ``cond_stage_model.*``; ``.safetensors`` or ``.ckpt``), with
+  ``first_stage_model.*``, ``cond_stage_model.*``; ``.safetensors`` or ``.ckpt``; SDXL's
+  ``conditioner.*`` files: :mod:`.sdxl`), with
   ``config=`` a folder holding ``tokenizer/`` (a file carries none), ``scheduler/`` and,
   optionally, the components' ``config.json`` (else the architecture is read off the
   tensors);
@@ -369,9 +370,14 @@ def from_pipeline(
 
 
 def from_single_file(
-    path: str, config: str | None, ema: bool = True, compute_dtype: str | None = None
+    path: str,
+    config: str | None,
+    ema: bool = True,
+    compute_dtype: str | None = None,
+    tensors: dict | None = None,
 ) -> LatentModel:
-    """A single-file checkpoint with ``config``, a folder holding at least ``tokenizer/``."""
+    """A single-file checkpoint with ``config``, a folder holding at least ``tokenizer/``
+    (``tensors``: the file's state dict where already read)."""
     if config is None:
         raise ValueError(
             f"{path}: a single-file checkpoint carries no tokenizer; pass config=<a folder "
@@ -381,7 +387,7 @@ def from_single_file(
         files.exists(files.join(config, c, diffusers_sd.CONFIG_FILE))
         for c in sd_single_file.COMPONENTS
     )
-    parts = sd_single_file.load(path, config if has_configs else None, ema=ema)
+    parts = sd_single_file.load(path, config if has_configs else None, ema, tensors)
     vae_folder = files.join(config, "vae")
     scaling = (
         _vae_scaling(vae_folder)

@@ -1,6 +1,7 @@
 """SDXL base and refiner as latent models: two CLIP text encoders and micro-conditioning.
 
-A diffusers SDXL folder (``model_index.json`` naming ``text_encoder_2``) holds the U-Net
+A diffusers SDXL folder (``model_index.json`` naming ``text_encoder_2``), or Stability's
+single file (:func:`from_single_file`) with such a folder's tokenizers, holds the U-Net
 with the ``text_time`` embedding, the VAE, ``text_encoder_2``/``tokenizer_2`` (OpenCLIP
 ViT-bigG with its pooled projection) and, for the base only, ``text_encoder``/
 ``tokenizer`` (CLIP ViT-L). As diffusers' SDXL pipelines do, the U-Net's text states
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdedit_jax.importers import diffusers_sd
+from sdedit_jax.importers import diffusers_sd, sdxl_single_file
 from sdedit_jax.latent import micro_conditioning
 from sdedit_jax.latent import model as latent_model
 from sdedit_jax.latent import tokenizer as clip_tokenizer
@@ -151,11 +152,65 @@ class SDXLModel(latent_model.LatentMethods):
         }
 
 
-def _flag(index: dict, name: str, default: bool, where: str) -> bool:
-    value = index.get(name, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}: {name}: expected true or false, got {value!r}")
-    return value
+# The pipelines' flags where a model_index.json does not set them (their own defaults),
+# and, for a single file without one, the published base and refiner folders'.
+PIPELINE_FLAGS = {"requires_aesthetics_score": False, "force_zeros_for_empty_prompt": True}
+PUBLISHED_FLAGS = {
+    "base": PIPELINE_FLAGS,
+    "refiner": {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False},
+}
+
+
+def _flags(index: dict, where: str, defaults: dict = PIPELINE_FLAGS) -> dict[str, bool]:
+    """The pipeline flags of a ``model_index.json`` object (read from ``where``)."""
+    flags = {}
+    for name, default in defaults.items():
+        flags[name] = index.get(name, default)
+        if not isinstance(flags[name], bool):
+            raise ValueError(f"{where}: {name}: expected true or false, got {flags[name]!r}")
+    return flags
+
+
+def _tower(part: diffusers_sd.Component, token_folder: str, compute_dtype: str | None) -> TextTower:
+    tokenizer, token_sums = latent_model._tokenizer(token_folder)
+    config = latent_model._with_dtype(part.config, compute_dtype)
+    return TextTower(latent_model.Part(config, part.state), tokenizer, token_folder, token_sums)
+
+
+def _model(
+    parts: dict[str, diffusers_sd.Component],
+    folder: str,
+    source: dict,
+    flags: dict[str, bool],
+    compute_dtype: str | None,
+) -> SDXLModel:
+    """The model of the components ``parts`` with the tokenizers and scheduler of
+    ``folder`` and the pipeline ``flags`` (:func:`_flags`)."""
+    towers = {
+        name: _tower(parts[name], files.join(folder, tokenizer_name), compute_dtype)
+        for name, tokenizer_name in TEXT_ENCODERS.items()
+        if name in parts
+    }
+    if (
+        "text_encoder_2" not in towers
+        or towers["text_encoder_2"].part.config.projection_dim is None
+    ):
+        raise ValueError(f"{folder}/text_encoder_2: SDXL needs a CLIPTextModelWithProjection")
+    sde, parameterization = latent_model.schedule(latent_model._scheduler_file(folder))
+    unet, vae_part = parts["unet"], parts["vae"]
+    return SDXLModel(
+        unet=latent_model.Part(latent_model._with_dtype(unet.config, compute_dtype), unet.state),
+        vae=latent_model.Part(
+            latent_model._with_dtype(vae_part.config, compute_dtype), vae_part.state
+        ),
+        towers=towers,
+        sde=latent_model.sde_from_config(sde),
+        parameterization=parameterization,
+        scaling_factor=vae_part.config.scaling_factor,
+        path=source["path"],
+        source=source,
+        **flags,
+    )
 
 
 def from_pipeline(
@@ -174,42 +229,37 @@ def from_pipeline(
     for name in names:
         if not files.isdir(files.join(folder, name)):
             raise FileNotFoundError(f"{files.join(folder, name)}: missing ({index_path} names it)")
-    unet = diffusers_sd.load_unet(files.join(folder, "unet"), variant, param_dtype)
-    if unet.config.addition_time_embed_dim is None:
+    parts = {"unet": diffusers_sd.load_unet(files.join(folder, "unet"), variant, param_dtype)}
+    if parts["unet"].config.addition_time_embed_dim is None:
         raise ValueError(f"{folder}/unet: an SDXL U-Net has addition_embed_type 'text_time'")
-    vae = diffusers_sd.load_vae(files.join(folder, "vae"), variant, param_dtype)
-    towers, sums = {}, {"unet": files.sha256(unet.weights), "vae": files.sha256(vae.weights)}
-    for name, tokenizer_name in TEXT_ENCODERS.items():
-        if not _named(index.get(name)):
-            continue
-        part = diffusers_sd.load_text_encoder(files.join(folder, name), variant, param_dtype)
-        token_folder = files.join(folder, tokenizer_name)
-        tokenizer, token_sums = latent_model._tokenizer(token_folder)
-        towers[name] = TextTower(
-            latent_model.Part(latent_model._with_dtype(part.config, compute_dtype), part.state),
-            tokenizer,
-            token_folder,
-            token_sums,
-        )
-        sums[name] = files.sha256(part.weights)
-    if (
-        "text_encoder_2" not in towers
-        or towers["text_encoder_2"].part.config.projection_dim is None
-    ):
-        raise ValueError(f"{folder}/text_encoder_2: SDXL needs a CLIPTextModelWithProjection")
-    sde, parameterization = latent_model.schedule(latent_model._scheduler_file(folder))
-    return SDXLModel(
-        unet=latent_model.Part(latent_model._with_dtype(unet.config, compute_dtype), unet.state),
-        vae=latent_model.Part(latent_model._with_dtype(vae.config, compute_dtype), vae.state),
-        towers=towers,
-        sde=latent_model.sde_from_config(sde),
-        parameterization=parameterization,
-        scaling_factor=latent_model._vae_scaling(files.join(folder, "vae")),
-        path=folder,
-        source={"path": folder, "format": "diffusers", "sha256": latent_model._digest(sums)},
-        requires_aesthetics_score=_flag(index, "requires_aesthetics_score", False, index_path),
-        force_zeros_for_empty_prompt=_flag(index, "force_zeros_for_empty_prompt", True, index_path),
-    )
+    parts["vae"] = diffusers_sd.load_vae(files.join(folder, "vae"), variant, param_dtype)
+    for name in TEXT_ENCODERS:
+        if _named(index.get(name)):
+            folder_of = files.join(folder, name)
+            parts[name] = diffusers_sd.load_text_encoder(folder_of, variant, param_dtype)
+    sums = {name: files.sha256(part.weights) for name, part in parts.items()}
+    source = {"path": folder, "format": "diffusers", "sha256": latent_model._digest(sums)}
+    return _model(parts, folder, source, _flags(index, index_path), compute_dtype)
+
+
+def from_single_file(
+    path: str,
+    config: str,
+    ema: bool = True,
+    compute_dtype: str | None = None,
+    tensors: dict | None = None,
+) -> SDXLModel:
+    """An SDXL base or refiner single file in sgm's layout
+    (:mod:`~sdedit_jax.importers.sdxl_single_file`), with ``config`` a diffusers SDXL
+    folder, or any folder with its ``tokenizer/`` (base) and ``tokenizer_2/`` (and,
+    optionally, ``scheduler/``, the components' ``config.json`` and ``model_index.json``,
+    whose flags default to the published folders')."""
+    which, parts = sdxl_single_file.load(path, config, ema, tensors)
+    index_path = files.join(config, latent_model.MODEL_INDEX)
+    index = files.read_json_object(index_path) if files.exists(index_path) else {}
+    flags = _flags(index, index_path, PUBLISHED_FLAGS[which])
+    source = {"path": path, "format": "sdxl_single_file", "sha256": files.sha256(path)}
+    return _model(parts, config, source, flags, compute_dtype)
 
 
 # --- the converted folder -------------------------------------------------------------------
