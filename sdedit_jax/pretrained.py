@@ -355,9 +355,9 @@ def load_latent(
     SDXL folders, diffusers' or converted, and sgm single files: :mod:`sdedit_jax.latent.sdxl`).
     A single file is read once, and its keys tell SD from SDXL.
 
-    ``param_dtype``: the weights' dtype when read from a diffusers folder (default
-    float32; a converted folder keeps its own); ``sharding``: where a converted
-    folder's weights are placed as they are read.
+    ``param_dtype``: the weights' dtype when read from a diffusers folder or a single
+    file (default float32; a converted folder keeps its own); ``sharding``: where a
+    converted folder's weights are placed as they are read.
     """
     if options.get("config_folder") is not None:
         tensors = sd_single_file.read_tensors(path)
@@ -366,9 +366,8 @@ def load_latent(
             if sdxl_single_file.is_sdxl(tensors)
             else latent_model.from_single_file
         )
-        return load(
-            path, options["config_folder"], options.get("ema", True), compute_dtype, tensors
-        )
+        ema = options.get("ema", True)
+        return load(path, options["config_folder"], ema, compute_dtype, tensors, param_dtype)
     if latent_model.is_converted_folder(path):
         if sdxl.is_converted_sdxl(path):
             return sdxl.from_converted_folder(path, compute_dtype, sharding)

@@ -20,6 +20,7 @@ layout) share these tables under other prefixes: :mod:`.sdxl_single_file`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -235,8 +236,8 @@ def expected_from(
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
     """The flat state dict of a ``.safetensors`` or ``.ckpt`` (its ``state_dict`` entry)."""
-    if path.endswith(".safetensors"):
-        return diffusers.read_tensors(path)
+    if path.endswith(".safetensors"):  # read tensor by tensor as the state is filled
+        return dict(diffusers.lazy_tensors(path))
     obj = torch_checkpoint.read_checkpoint(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -296,11 +297,34 @@ def split_checked(
     )
     split: dict[str, dict[str, Any]] = {c: {} for c, _, _ in expected.values()}
     for key, (component, parts, _) in expected.items():
-        value = np.asarray(tensors[stored[key]])
-        value = value.T if _TRANSPOSED.fullmatch(key) else value
-        for (new_key, shape), part in zip(parts, np.split(value, len(parts)), strict=True):
-            split[component][new_key] = part.reshape(shape)
+        transposed = bool(_TRANSPOSED.fullmatch(key))
+        for index, (new_key, shape) in enumerate(parts):
+            piece = Piece(tensors[stored[key]], transposed, index, len(parts), tuple(shape))
+            split[component][new_key] = piece
     return split
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One diffusers tensor of a file's tensor (transposed, or one of its fused q/k/v
+    thirds), read only when the state is filled (``np.asarray``), so a file of several
+    GB is never all in memory."""
+
+    tensor: Any
+    transposed: bool
+    index: int
+    count: int
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(getattr(self.tensor, "dtype", np.float32))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        value = np.asarray(self.tensor)
+        value = value.T if self.transposed else value
+        part = np.split(value, self.count)[self.index].reshape(self.shape)
+        return part if dtype is None else part.astype(dtype)
 
 
 def configs_from(folder: str) -> dict[str, Any]:
@@ -326,11 +350,12 @@ def load(
     config_folder: str | None = None,
     ema: bool = True,
     tensors: Mapping[str, Any] | None = None,
+    dtype: Any = None,
 ) -> dict[str, diffusers_sd.Component]:
     """The U-Net, VAE and text encoder of a single-file checkpoint, with the architecture
     of ``config_folder`` (a diffusers SD folder, or one with only the three config.json),
     or inferred from the tensors (:func:`infer_configs`) without one; ``tensors``: the
-    file's state dict where already read."""
+    file's state dict where already read; weights in ``dtype`` (default float32)."""
     configs = configs_from(config_folder) if config_folder is not None else None
     tensors = read_tensors(path) if tensors is None else tensors
     if configs is None:
@@ -342,7 +367,7 @@ def load(
         "text_encoder": diffusers_sd.text_encoder_state,
     }
     return {
-        c: diffusers_sd.Component(configs[c], states[c](split[c], configs[c], path), path)
+        c: diffusers_sd.Component(configs[c], states[c](split[c], configs[c], path, dtype), path)
         for c in COMPONENTS
     }
 

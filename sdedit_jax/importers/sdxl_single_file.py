@@ -116,10 +116,12 @@ def load(
     config_folder: str,
     ema: bool = True,
     tensors: Mapping[str, Any] | None = None,
+    dtype: Any = None,
 ) -> tuple[str, dict[str, diffusers_sd.Component]]:
     """``(kind, components)`` of an SDXL single file, with the architecture of
     ``config_folder`` where it holds every component's ``config.json``, else inferred from
-    the tensors (:func:`infer_configs`); ``tensors``: the file's state dict where already read."""
+    the tensors (:func:`infer_configs`); ``tensors``: the file's state dict where already
+    read; weights in ``dtype`` (default float32)."""
     tensors = sd_single_file.read_tensors(path) if tensors is None else tensors
     which = kind(tensors)
     has_configs = all(
@@ -129,7 +131,7 @@ def load(
     configs = configs_from(config_folder, which) if has_configs else infer_configs(tensors, path)
     split = split_tensors(path, tensors, configs, ema)
     return which, {
-        c: diffusers_sd.Component(configs[c], _STATES[c](split[c], configs[c], path), path)
+        c: diffusers_sd.Component(configs[c], _STATES[c](split[c], configs[c], path, dtype), path)
         for c in COMPONENTS[which]
     }
 

@@ -375,9 +375,10 @@ def from_single_file(
     ema: bool = True,
     compute_dtype: str | None = None,
     tensors: dict | None = None,
+    param_dtype: str | None = None,
 ) -> LatentModel:
     """A single-file checkpoint with ``config``, a folder holding at least ``tokenizer/``
-    (``tensors``: the file's state dict where already read)."""
+    (``tensors``: the file's state dict where already read), weights in ``param_dtype``."""
     if config is None:
         raise ValueError(
             f"{path}: a single-file checkpoint carries no tokenizer; pass config=<a folder "
@@ -387,7 +388,7 @@ def from_single_file(
         files.exists(files.join(config, c, diffusers_sd.CONFIG_FILE))
         for c in sd_single_file.COMPONENTS
     )
-    parts = sd_single_file.load(path, config if has_configs else None, ema, tensors)
+    parts = sd_single_file.load(path, config if has_configs else None, ema, tensors, param_dtype)
     vae_folder = files.join(config, "vae")
     scaling = (
         _vae_scaling(vae_folder)

@@ -248,13 +248,14 @@ def from_single_file(
     ema: bool = True,
     compute_dtype: str | None = None,
     tensors: dict | None = None,
+    param_dtype: str | None = None,
 ) -> SDXLModel:
     """An SDXL base or refiner single file in sgm's layout
     (:mod:`~sdedit_jax.importers.sdxl_single_file`), with ``config`` a diffusers SDXL
     folder, or any folder with its ``tokenizer/`` (base) and ``tokenizer_2/`` (and,
     optionally, ``scheduler/``, the components' ``config.json`` and ``model_index.json``,
-    whose flags default to the published folders')."""
-    which, parts = sdxl_single_file.load(path, config, ema, tensors)
+    whose flags default to the published folders'); weights in ``param_dtype``."""
+    which, parts = sdxl_single_file.load(path, config, ema, tensors, param_dtype)
     index_path = files.join(config, latent_model.MODEL_INDEX)
     index = files.read_json_object(index_path) if files.exists(index_path) else {}
     flags = _flags(index, index_path, PUBLISHED_FLAGS[which])
