@@ -221,6 +221,16 @@ def test_converted_folder_is_the_same_model(xl, tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_a_bf16_conversion_of_the_file_is_the_folders_byte_for_byte(xl, tmp_path):
+    """The file is read tensor by tensor (fused and transposed tensors too) into bfloat16:
+    every weight file equals the one converted from the diffusers folder."""
+    _, folder, path, _, _ = xl
+    from_file, from_folder = str(tmp_path / "file"), str(tmp_path / "folder")
+    file_info = convert.convert(path, from_file, config_folder=folder, with_bf16=True)
+    folder_info = convert.convert(folder, from_folder, with_bf16=True)
+    assert file_info["sha256"] == folder_info["sha256"]
+
+
 def test_bad_file_names_every_tensor_in_one_error(xl, tmp_path):
     """A missing, an unexpected and two mis-shaped tensors, in the file's own names, in
     one line."""

@@ -243,9 +243,13 @@ def forward(converted: str, reference: str) -> dict:
         dtypes |= {str(t.dtype) for t in ref.values()} | {str(t.dtype) for t in ours.values()}
         tensors += len(leaves)
         params += sum(int(np.prod(leaf.shape)) for leaf in leaves.values())
-    net = pretrained.load_network(converted, compute_dtype="bfloat16")
     width = model.unet.config.cross_attention_dim
     pooled_width = model.towers["text_encoder_2"].part.config.projection_dim
+    unet_params = sum(
+        int(np.prod(v.shape)) for v in weights.named_leaves(model.unet.state).values()
+    )
+    del model, parts, part, leaves  # one copy at a time
+    net = pretrained.load_network(converted, compute_dtype="bfloat16")
     z, t, h, pooled, time_ids = _inputs(64, 1, width, pooled_width)
     start = time.perf_counter()
     out = np.asarray(net(z, t, h, added_cond={"text_embeds": pooled, "time_ids": time_ids}))
@@ -253,9 +257,7 @@ def forward(converted: str, reference: str) -> dict:
         "tensors_checked": tensors,
         "params": params,
         "dtypes (reference and converted files, weights in memory)": sorted(dtypes),
-        "unet_params": sum(
-            int(np.prod(v.shape)) for v in weights.named_leaves(model.unet.state).values()
-        ),
+        "unet_params": unet_params,
         "forward_64x64_bf16_s (compile included)": round(time.perf_counter() - start, 1),
         "forward_finite": bool(np.all(np.isfinite(out))),
         "forward_rms": round(float(np.sqrt(np.mean(out.astype(np.float64) ** 2))), 4),
