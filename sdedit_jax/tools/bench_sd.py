@@ -214,13 +214,13 @@ def _jax_edit(
 ):
     """``(run, flops)``: one compiled sdedit_jax edit of ``batch`` guides of ``size`` px.
 
-    ``text_cond(batch) -> (text, negative)``, the two halves of the guided cond (default:
-    random SD text states of the model's width).
+    ``text_cond(model, batch, size) -> (text, negative)``, the two halves of the guided
+    cond (default: random SD text states of the model's width).
     """
     guides, text, negative = (
         _edit_inputs(batch, size, model.text_encoder.config.hidden_size)
         if text_cond is None
-        else (_edit_inputs(batch, size, 1)[0], *text_cond(batch))
+        else (_edit_inputs(batch, size, 1)[0], *text_cond(model, batch, size))
     )
     cond = guidance.text_condition(text, negative, np.full(batch, scale, np.float32))
     text = text if isinstance(text, dict) else {"text": text}
