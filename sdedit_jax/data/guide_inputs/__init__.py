@@ -37,6 +37,11 @@ Text (models that take prompts; :mod:`.text`): manifest fields ``prompt``,
 their guides, else the job's ``config.prompt`` etc.; with a model that takes no
 text, a row naming one fails.
 
+Micro-conditioning (SDXL models; :mod:`.micro`): manifest fields ``original_size``,
+``crops_coords_top_left``, ``target_size`` (``"H,W"`` or ``[H, W]``),
+``aesthetic_score``, ``negative_aesthetic_score``, else the job's ``config.sdxl``
+(sizes None: the guides' size); a row naming one its model does not read fails.
+
 ``generator`` (``"stroke_painting"``, ``"stroke_edit"`` or ``"composite"``,
 see :mod:`sdedit_jax.data.guides`) turns each decoded image into a synthetic
 guide; it is how evaluation builds guides from held-out images. Its
@@ -99,7 +104,7 @@ source and the tf.data stream). The names below are the public API, re-exported
 here so ``guide_inputs.make_guide_dataset(...)`` works.
 """
 
-from sdedit_jax.data.guide_inputs import text
+from sdedit_jax.data.guide_inputs import micro, text
 from sdedit_jax.data.guide_inputs.catalog import SEED_RANGE, Catalog, Source
 from sdedit_jax.data.guide_inputs.decode import BadInput, decode_example
 from sdedit_jax.data.guide_inputs.options import (
@@ -139,6 +144,7 @@ __all__ = [
     "decode_example",
     "global_num_steps",
     "make_guide_dataset",
+    "micro",
     "moved_fields",
     "preview_examples",
     "text",
