@@ -5,8 +5,10 @@ options are the source's own block, ``config.input.<source>``):
 
 * ``"folder"``: every file under ``path`` (recursively) is one example; ids are
   the POSIX paths relative to ``path`` (``"sub/cat.png"``). Guides are
-  ``.png``, ``.jpg``, ``.jpeg`` (8-bit) or ``.npy`` (float ``[H, W]`` or
-  ``[H, W, C]`` in ``[-1, 1]``). **Mask pairing rule:** if the folder
+  ``.png``, ``.jpg``, ``.jpeg`` (8-bit), ``.npy`` (float ``[H, W]`` or
+  ``[H, W, C]`` in ``[-1, 1]``) or ``.npz`` (such an array under the key ``"image"``:
+  a job's float outputs, ``arrays/<stem>.npz``, read exactly, not re-quantised).
+  **Mask pairing rule:** if the folder
   ``path/<folder.mask_dir>`` (default ``masks/``) exists, every guide ``sub/cat.<ext>``
   needs exactly one mask ``<mask_dir>/sub/cat.png`` or ``<mask_dir>/sub/cat.npy``;
   without that folder no guide has a mask. Hidden files and folders (``.x``)
