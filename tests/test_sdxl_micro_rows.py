@@ -145,8 +145,12 @@ def test_a_rows_own_original_size_changes_that_row_alone(base_folder, tmp_path):
     own += [{"id": "d", "path": str(guides / "paint_rocket.png"), "original_size": "big"}]
     (tmp_path / "own.jsonl").write_text("".join(json.dumps(r) + "\n" for r in own))
 
+    from sdedit_jax import engine
+
     _, before, _ = _job(model_dir, tmp_path / "plain.jsonl", tmp_path / "plain")
+    programs = engine.compiled_program_count()
     result, after, failures = _job(model_dir, tmp_path / "own.jsonl", tmp_path / "own")
+    assert engine.compiled_program_count() == programs  # values, not a program per value
     assert result["failures"] == 1 and [f["id"] for f in failures] == ["d"]
     assert f"{tmp_path / 'own.jsonl'}) line 4: original_size:" in failures[0]["reason"]
     assert "got 'big'" in failures[0]["reason"]

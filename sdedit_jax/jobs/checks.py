@@ -179,7 +179,8 @@ def _optional_pair(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SDXLConfig:
-    """``config.sdxl``: the micro-conditioning of SDXL models, the same for every row.
+    """``config.sdxl``: the micro-conditioning of SDXL models: every row's, unless a manifest
+    row names its own (:mod:`sdedit_jax.data.guide_inputs.micro`).
 
     ``original_size`` and ``target_size``: ``(height, width)`` in pixels, None for the
     guides' size; ``crops_coords_top_left``: ``(top, left)``; ``aesthetic_score`` and

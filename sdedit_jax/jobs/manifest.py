@@ -447,8 +447,9 @@ def finalize(workdir: str) -> FinalizeSummary:
 
 # --- per-row input digests ------------------------------------------------------------------------
 # Why: the job fingerprint (:mod:`sdedit_jax.jobs.fingerprint`) covers everything shared
-# by all rows, but a row's own inputs (its guide path, mask path, t0 and seed, and the
-# text of models that take prompts, from a manifest, folder, caption or record) can
+# by all rows, but a row's own inputs (its guide path, mask path, t0 and seed, the
+# text of models that take prompts, from a manifest, folder, caption or record, and an
+# SDXL row's own micro-conditioning) can
 # change between runs under the same id; resume would then skip the id as done and
 # the workdir would hold an output of other inputs. Each
 # manifest row records ``inputs``, a 64-bit digest of those fields (16 hex digits); on

@@ -21,6 +21,7 @@ generator), or the command is refused before any work.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
@@ -124,6 +125,11 @@ def run_two_stage(
     base_config, refiner_config = stage_configs(config, workdir)
     base_dir, refiner_dir = (files.join(workdir, stage) for stage in STAGES)
     checks.check_config(refiner_config)  # both stages' settings, before any work
+    model_dir = refiner_config.model_dir
+    if files.is_local(model_dir) and not os.path.exists(model_dir):
+        raise checks.field_error(
+            f"{BLOCK}.model_dir", model_dir, "the refiner's model folder (it does not exist here)"
+        )
     base = run_job(base_config, base_dir, retry_failed=retry_failed, dry_run=dry_run)
     if dry_run:
         print("[refiner] edits the base's outputs once they exist (not planned in a dry run)")
