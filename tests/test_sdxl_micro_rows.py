@@ -9,6 +9,7 @@ default value gets exactly the default output.
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from PIL import Image
 
 from sdedit_jax.data import guide_inputs
 from sdedit_jax.data.guide_inputs import micro
-from sdedit_jax.jobs import manifest
+from sdedit_jax.jobs import manifest, text
+from sdedit_jax.latent import sdxl
 
 SIDE = 32
 BASE_FIELDS = ("original_size", "crops_coords_top_left", "target_size")
@@ -94,6 +96,27 @@ def test_rows_with_the_jobs_values_digest_as_before_and_others_do_not(tmp_path):
     assert now[2] != before[2]
 
 
+@pytest.mark.parametrize("refiner", [False, True])
+def test_each_rows_time_ids_are_its_own_columns(refiner):
+    model = types.SimpleNamespace(requires_aesthetics_score=refiner)
+    model.time_ids = types.MethodType(sdxl.SDXLModel.time_ids, model)
+    batch = {
+        "original_size": np.array([[32, 32], [64, 48]], np.float32),
+        "crops_coords_top_left": np.array([[0, 0], [4, 2]], np.float32),
+    }
+    if refiner:
+        batch |= {"aesthetic_score": np.array([6.0, 7.5], np.float32)}
+        batch |= {"negative_aesthetic_score": np.array([2.5, 1.0], np.float32)}
+        expected = [[32, 32, 0, 0, 6.0], [64, 48, 4, 2, 7.5]]
+        negative = [[32, 32, 0, 0, 2.5], [64, 48, 4, 2, 1.0]]
+    else:
+        batch |= {"target_size": np.array([[32, 32], [16, 8]], np.float32)}
+        expected = negative = [[32, 32, 0, 0, 32, 32], [64, 48, 4, 2, 16, 8]]
+    conditioner = text.XLConditioner(model, with_negative=True)
+    assert conditioner.time_ids(batch, "aesthetic_score").tolist() == expected
+    assert conditioner.time_ids(batch, "negative_aesthetic_score").tolist() == negative
+
+
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
     for package in ("torch", "diffusers", "transformers"):
@@ -164,3 +187,11 @@ def test_a_rows_own_original_size_changes_that_row_alone(base_folder, tmp_path):
     assert after["a"][0]["inputs"] == before["a"][0]["inputs"]
     assert after["c"][0]["inputs"] == before["c"][0]["inputs"]
     assert "aesthetic_score" not in after["a"][0]
+
+    own[1]["original_size"] = [64, 64]  # a finished row's input changed: named, not redone
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(r) + "\n" for r in own))
+    _, again, failures = _job(model_dir, tmp_path / "own.jsonl", tmp_path / "own")
+    changed = {f["id"]: f for f in failures if f.get("inputs_changed")}
+    assert list(changed) == ["b"] and changed["b"]["inputs_changed"] == "original_size"
+    assert "([64.0, 48.0] then, [64.0, 64.0] now)" in changed["b"]["reason"]
+    np.testing.assert_array_equal(again["b"][1], after["b"][1])
