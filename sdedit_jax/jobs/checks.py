@@ -356,12 +356,9 @@ def micro_inputs(
     for field in ("original_size", "target_size"):
         values[field] = size if values[field] is None else tuple(map(float, values[field]))
     values["crops_coords_top_left"] = tuple(map(float, values["crops_coords_top_left"]))
-    if model.requires_aesthetics_score:
-        fields = ("original_size", "crops_coords_top_left", "aesthetic_score")
-        fields += ("negative_aesthetic_score",)
-    else:
-        fields = ("original_size", "crops_coords_top_left", "target_size")
-    return guide_inputs.micro.MicroInputs(values, fields)
+    micro = guide_inputs.micro
+    reads = micro.REFINER_READS if model.requires_aesthetics_score else micro.BASE_READS
+    return micro.MicroInputs(values, reads)
 
 
 def text_inputs(config: JobConfig, model: Any) -> guide_inputs.TextInputs | None:

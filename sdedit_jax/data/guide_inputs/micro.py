@@ -31,6 +31,9 @@ from sdedit_jax.data.guide_inputs.catalog import Catalog, _shown
 PAIRS = ("original_size", "crops_coords_top_left", "target_size")
 SCORES = ("aesthetic_score", "negative_aesthetic_score")
 FIELDS = PAIRS + SCORES
+# The fields each SDXL model reads (its time_ids layout): the base's and the refiner's.
+BASE_READS = ("original_size", "crops_coords_top_left", "target_size")
+REFINER_READS = ("original_size", "crops_coords_top_left", *SCORES)
 OWN = "micro_own"  # catalog column: the row's values differ from the job's
 _PAIR_RULE = 'two numbers >= 0 as "H,W" or [H, W]'
 
