@@ -121,7 +121,7 @@ def _named(columns: Mapping[str, np.ndarray], field: str) -> np.ndarray:
     return given.any(axis=1) if given.ndim == 2 else given
 
 
-def _refusal(field: str, micro: MicroInputs | None) -> str:
+def _refusal(micro: MicroInputs | None) -> str:
     if micro is None:
         return (
             "the model is not an SDXL model, which alone takes micro-conditioning; remove "
@@ -151,7 +151,7 @@ def resolve(catalog: Catalog, micro: MicroInputs | None) -> Catalog:
         for i in np.flatnonzero(_named(columns, field) & (errors == "")):
             errors[i] = (
                 f"{field} ({columns['source'][i]}): got {_shown(_shown_value(columns[field][i]))}"
-                f", but {_refusal(field, micro)}"
+                f", but {_refusal(micro)}"
             )
         columns.pop(field, None)
     own = np.zeros(n, bool)
