@@ -109,6 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.negative_prompt = ""
     config.guidance_scale = config_dict.placeholder(float)
     config.latent = ml_collections.ConfigDict({"posterior": "mean", "mask_downsample": "max_pool"})
+    # SDXL's micro-conditioning: every row's, unless a manifest row names its own in a
+    # column of the same name (sdedit_jax/data/guide_inputs/micro.py).
     config.sdxl = ml_collections.ConfigDict(
         {
             "original_size": config_dict.placeholder(tuple),

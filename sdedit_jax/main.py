@@ -3,6 +3,8 @@
     python -m sdedit_jax.main --config configs/default.py --workdir runs/demo
     python -m sdedit_jax.main --config configs/default.py --config.seed=3 --workdir runs/s3
 
+A config with a ``refiner`` block (``configs/sdxl.py:base_refiner``) runs two jobs,
+``<workdir>/base`` and ``<workdir>/refiner`` (:mod:`sdedit_jax.jobs.two_stage`).
 Every t0 of ``config.t0s`` is a sub-job writing ``<workdir>/t0_<t0>/``
 (``images/``, ``manifest.jsonl``, ``failures.jsonl``, ``throughput.jsonl``);
 inputs that name their own t0 are edited once, in ``t0_per_example/``.
@@ -62,6 +64,7 @@ from sdedit_jax.jobs import (  # noqa: E402
     checks,  # noqa: E402
     cluster,
     sinks,
+    two_stage,
     workdir_lock,
 )
 from sdedit_jax.jobs.checks import ConfigError  # noqa: E402
@@ -143,7 +146,9 @@ def _run(argv: list[str]) -> int:
             os.environ, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
         )
         jax.distributed.initialize(**dataclasses.asdict(settings))
-    result = run_job(
+    staged = two_stage.is_two_stage(_CONFIG.value)
+    job = two_stage.run_two_stage if staged else run_job
+    result = job(
         _CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value, dry_run=_DRY_RUN.value
     )
     if jax.process_index() == 0:
@@ -151,10 +156,8 @@ def _run(argv: list[str]) -> int:
     if _DISTRIBUTED.value:
         jax.distributed.shutdown()  # os._exit skips the atexit hook that would do it
     if result["failures"]:
-        print(
-            f"{result['failures']} input(s) failed: see {_WORKDIR.value}/t0_*/failures.jsonl",
-            file=sys.stderr,
-        )
+        where = f"{_WORKDIR.value}/{'*/' if staged else ''}t0_*/failures.jsonl"
+        print(f"{result['failures']} input(s) failed: see {where}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
 

@@ -179,7 +179,8 @@ def _optional_pair(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SDXLConfig:
-    """``config.sdxl``: the micro-conditioning of SDXL models, the same for every row.
+    """``config.sdxl``: the micro-conditioning of SDXL models: every row's, unless a manifest
+    row names its own (:mod:`sdedit_jax.data.guide_inputs.micro`).
 
     ``original_size`` and ``target_size``: ``(height, width)`` in pixels, None for the
     guides' size; ``crops_coords_top_left``: ``(top, left)``; ``aesthetic_score`` and
@@ -274,13 +275,15 @@ class JobConfig:
         sde: SDE | None = None,
         model_size: int | None = None,
         text: guide_inputs.TextInputs | None = None,
+        micro: guide_inputs.micro.MicroInputs | None = None,
     ) -> guide_inputs.GuideInputConfig:
         """The guide input config of the sub-job at ``t0`` (raises :class:`ConfigError`).
 
         With the model's ``sde``, per-example t0s must lie in its ``(eps, T]``;
         ``input.image_size`` None means the model's ``model_size`` (before the model
         is loaded any size stands in, to check the other fields); ``text``: the
-        rows' text defaults when the model takes prompts (:func:`text_inputs`).
+        rows' text defaults when the model takes prompts (:func:`text_inputs`);
+        ``micro``: their micro-conditioning when it is an SDXL model (:func:`micro_inputs`).
         """
         domain = {} if sde is None else {"time_domain": (float(sde.eps), float(sde.T))}
         block = dict(self.input.to_dict() if hasattr(self.input, "to_dict") else self.input)
@@ -288,7 +291,15 @@ class JobConfig:
         size = (model_size or 1) if size is None else size
         try:
             return guide_inputs.GuideInputConfig.from_mapping(
-                dict(block, image_size=size, t0=float(t0), seed=self.seed, text=text, **domain)
+                dict(
+                    block,
+                    image_size=size,
+                    t0=float(t0),
+                    seed=self.seed,
+                    text=text,
+                    micro=micro,
+                    **domain,
+                )
             )
         except (ValueError, TypeError) as e:
             raise _prefixed(e, "input") from None
@@ -331,6 +342,23 @@ def takes_micro_conditioning(model: Any) -> bool:
 def takes_text(model: Any) -> bool:
     """Whether ``model`` takes prompts (a latent text-to-image model: it tokenizes text)."""
     return callable(getattr(model, "tokenize_with_flags", None))
+
+
+def micro_inputs(
+    config: JobConfig, model: Any, image_size: tuple[int, int]
+) -> guide_inputs.micro.MicroInputs | None:
+    """The rows' micro-conditioning defaults (``config.sdxl``, sizes None: ``image_size``,
+    the guides') and the fields ``model`` reads; None for a model that is not SDXL."""
+    if not takes_micro_conditioning(model):
+        return None
+    size = tuple(float(s) for s in image_size)
+    values = dataclasses.asdict(config.sdxl)
+    for field in ("original_size", "target_size"):
+        values[field] = size if values[field] is None else tuple(map(float, values[field]))
+    values["crops_coords_top_left"] = tuple(map(float, values["crops_coords_top_left"]))
+    micro = guide_inputs.micro
+    reads = micro.REFINER_READS if model.requires_aesthetics_score else micro.BASE_READS
+    return micro.MicroInputs(values, reads)
 
 
 def text_inputs(config: JobConfig, model: Any) -> guide_inputs.TextInputs | None:

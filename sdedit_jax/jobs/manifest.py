@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from sdedit_jax.data.guide_inputs import micro
 from sdedit_jax.util import files
 
 MANIFEST = "manifest"
@@ -446,8 +447,9 @@ def finalize(workdir: str) -> FinalizeSummary:
 
 # --- per-row input digests ------------------------------------------------------------------------
 # Why: the job fingerprint (:mod:`sdedit_jax.jobs.fingerprint`) covers everything shared
-# by all rows, but a row's own inputs (its guide path, mask path, t0 and seed, and the
-# text of models that take prompts, from a manifest, folder, caption or record) can
+# by all rows, but a row's own inputs (its guide path, mask path, t0 and seed, the
+# text of models that take prompts, from a manifest, folder, caption or record, and an
+# SDXL row's own micro-conditioning) can
 # change between runs under the same id; resume would then skip the id as done and
 # the workdir would hold an output of other inputs. Each
 # manifest row records ``inputs``, a 64-bit digest of those fields (16 hex digits); on
@@ -463,7 +465,9 @@ def digests(columns: Mapping[str, np.ndarray]) -> np.ndarray:
 
     The source is part of the guide: record sources have no guide path. Rows with
     text (a model that takes prompts) add their prompt, negative prompt and
-    guidance scale; rows without keep the digest of earlier versions.
+    guidance scale; rows without keep the digest of earlier versions. So do rows whose
+    SDXL micro-conditioning is the job's (covered by the workdir's fingerprint); rows
+    with their own add its values (:func:`micro.digest_part`).
     """
     keys = [
         f"{source}\0{guide}\0{mask}\0{float(t0)!r}\0{int(seed)}"
@@ -488,6 +492,9 @@ def digests(columns: Mapping[str, np.ndarray]) -> np.ndarray:
                 strict=True,
             )
         ]
+    if micro.OWN in columns:
+        for i in np.flatnonzero(columns[micro.OWN]):
+            keys[i] = f"{keys[i]}\0{micro.digest_part(columns, int(i))}"
     values = id_hashes(keys) if keys else np.zeros(0, np.uint64)
     return np.where(values == 0, np.uint64(1), values)
 

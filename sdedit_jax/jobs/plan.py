@@ -187,8 +187,9 @@ def changed(
 def changed_field(recorded: Mapping[str, Any], columns: Mapping[str, np.ndarray], i: int) -> str:
     """Which input of catalog row ``i`` differs from the finished row ``recorded``.
 
-    Rows record their source, t0, seed and text: if those agree, the mask (the
-    only input a row does not record in clear) changed.
+    Rows record their source, t0, seed, text and micro-conditioning: if those agree,
+    the mask (the only input a row does not record in clear) changed. Rows of earlier
+    versions record no micro-conditioning: theirs was the job's.
     """
     if recorded.get("source") != columns["source"][i]:
         return "path"
@@ -199,10 +200,18 @@ def changed_field(recorded: Mapping[str, Any], columns: Mapping[str, np.ndarray]
     for field in TEXT_FIELDS:
         if field in columns and _text_value(columns, field, i) != _recorded_text(recorded, field):
             return field
+    for field in MICRO_FIELDS:
+        if field in columns:
+            was = recorded.get(field)
+            if was != guide_inputs.micro.row_value(columns, field, i) and (
+                was is not None or columns[guide_inputs.micro.OWN][i]
+            ):
+                return field
     return "mask"
 
 
 TEXT_FIELDS = guide_inputs.text.FIELDS
+MICRO_FIELDS = guide_inputs.micro.FIELDS
 
 
 def _same_float(recorded: Any, value: float) -> bool:
@@ -236,6 +245,9 @@ def reason(
     was = {"path": recorded.get("source"), "seed": recorded.get("seed"), "t0": recorded.get("t0")}
     if field in TEXT_FIELDS:
         now[field], was[field] = _text_value(columns, field, i), _recorded_text(recorded, field)
+    if field in MICRO_FIELDS:
+        now[field] = guide_inputs.micro.row_value(columns, field, i)
+        was[field] = recorded.get(field, "the job's")
     detail = f" ({_shown(was[field])} then, {_shown(now[field])} now)" if field in now else ""
     return (
         f"inputs ({columns['source'][i]}): {field} changed since the output in "

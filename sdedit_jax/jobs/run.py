@@ -132,7 +132,9 @@ def run_job(
     text = checks.text_inputs(job, model)
     checks.check_model(model, job.input_config(t0s[0], model_size=model.image_size), t0s)
     checks.check_batch(job.per_device_batch, model)
-    inputs = {t0: job.input_config(t0, model.sde, model.image_size, text) for t0 in t0s}
+    size = job.input_config(t0s[0], model_size=model.image_size).image_size
+    micro = checks.micro_inputs(job, model, size)
+    inputs = {t0: job.input_config(t0, model.sde, model.image_size, text, micro) for t0 in t0s}
     catalog = checks.build_catalog(inputs[t0s[0]])
     try:  # before anything is compiled or written: guides none of which the model takes
         preflight.check_guide_sizes(inputs[t0s[0]], catalog, job.model_dir)
@@ -179,8 +181,7 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
         scales = catalog.columns["guidance_scale"][catalog.columns["error"] == ""]
         with_negative = bool(np.any(scales > 1))
         if checks.takes_micro_conditioning(model):  # SDXL: pooled text and micro-conditioning too
-            size = inputs[t0s[0]].image_size
-            conditioner = text.xl_conditioner(model, with_negative, size, config.sdxl)
+            conditioner = text.XLConditioner(model, with_negative)
         else:
             conditioner = text.Conditioner(
                 model.tokenize_with_flags, model.encode_text, with_negative

@@ -78,6 +78,7 @@ import numpy as np
 from PIL import Image
 
 from sdedit_jax.data import names
+from sdedit_jax.data.guide_inputs import micro
 from sdedit_jax.data.images import to_uint8
 from sdedit_jax.data.names import output_name, output_stem  # noqa: F401  (the sink's naming)
 from sdedit_jax.jobs import workdir_lock
@@ -109,6 +110,8 @@ RESERVED_FIELDS = (
     "reason",
     "inputs_changed",
     *TEXT_COLUMNS,
+    # SDXL's micro-conditioning as the edit used it (the row's own or the job's).
+    *micro.FIELDS,
 )
 NPZ_MODES = ("none", "per_example", "shards")
 
@@ -322,7 +325,8 @@ class Sink:
             batch: a batch of the guide stream as numpy (``id``, ``source``,
                 ``t0``, ``seed``, ``valid``, ``ok``, ``error``, and optionally the
                 per-row counts ``steps`` and ``nfe`` of :data:`PER_ROW_COUNTS` and the
-                text of :data:`TEXT_COLUMNS`); padding rows (``valid`` False) are skipped.
+                text of :data:`TEXT_COLUMNS` and SDXL micro-conditioning of
+                ``micro.FIELDS``); padding rows (``valid`` False) are skipped.
             outputs: ``[B, H, W, C]`` outputs aligned with the batch; converted
                 to numpy on the writer thread, so a jax.Array does not block
                 the caller.
@@ -333,6 +337,7 @@ class Sink:
             for k in ("id", "source", "t0", "seed", "valid", "ok", "error")
             + PER_ROW_COUNTS
             + TEXT_COLUMNS
+            + micro.FIELDS
             if k in batch
         }
         self._submit(self._write_batch, columns, outputs, self._fields(fields))
@@ -472,6 +477,7 @@ class Sink:
                     "seed": int(columns["seed"][i]),
                     **{k: int(columns[k][i]) for k in PER_ROW_COUNTS if k in columns},
                     **_text_fields(columns, i),
+                    **{k: micro.row_value(columns, k, i) for k in micro.FIELDS if k in columns},
                 }
             )
         ids = [_text(columns["id"][i]) for i in finite]

@@ -83,17 +83,17 @@ class XLConditioner:
     negative prompts. As the pipelines do with ``force_zeros_for_empty_prompt`` and no
     negative prompt, an empty negative prompt is zeros, not the encoded empty string.
 
+    Each row's ``time_ids`` come from its own micro-conditioning columns (the batch's
+    ``original_size`` ... ``negative_aesthetic_score``, :mod:`sdedit_jax.data.guide_inputs.micro`):
+    values, not shapes, so every row's own conditioning runs in the one compiled program.
+
     Attributes:
         model: the :class:`~sdedit_jax.latent.sdxl.SDXLModel`.
         with_negative: as :class:`Conditioner`'s.
-        time_ids: ``[1, K]`` micro-conditioning of the prompts; ``negative_time_ids``
-            of the negative half (the refiner's negative aesthetic score).
     """
 
     model: Any
     with_negative: bool
-    time_ids: np.ndarray
-    negative_time_ids: np.ndarray
 
     def columns(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Each tower's token ids (dicts) and the rows' truncation flags."""
@@ -103,37 +103,33 @@ class XLConditioner:
             out[f"{field}_ids"], out[f"{field}_truncated"] = ids, np.asarray(truncated, bool)
         return out
 
+    def time_ids(self, batch: Mapping[str, Any], score: str) -> np.ndarray:
+        """``[B, K]`` of the rows' micro-conditioning; ``score``: the aesthetic score column
+        of this half (the refiner's; the base reads none, and the refiner no target size)."""
+        return self.model.time_ids(
+            np.asarray(batch["original_size"]),
+            np.asarray(batch["crops_coords_top_left"]),
+            batch.get("target_size"),
+            batch.get(score),
+        )
+
     def cond(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """This host's rows of ``cond`` (:func:`sdedit_jax.latent.guidance.text_condition`)."""
-        rows = len(batch["guidance_scale"])
 
         def half(ids: Any, time_ids: np.ndarray, zero: np.ndarray | None = None) -> dict:
             text, pooled = (np.asarray(v, np.float32) for v in self.model.encode_text(ids))
             if zero is not None:
                 text = np.where(zero[:, None, None], 0.0, text).astype(np.float32)
                 pooled = np.where(zero[:, None], 0.0, pooled).astype(np.float32)
-            return self.model.condition(text, pooled, np.repeat(time_ids, rows, axis=0))
+            return self.model.condition(text, pooled, time_ids)
 
         cond = {
-            **half(batch["prompt_ids"], self.time_ids),
+            **half(batch["prompt_ids"], self.time_ids(batch, "aesthetic_score")),
             "guidance": np.asarray(batch["guidance_scale"], np.float32),
         }
         if self.with_negative:
             empty = np.array([t == "" for t in _texts(np.asarray(batch["negative_prompt"]))])
             zero = empty & self.model.force_zeros_for_empty_prompt
-            cond["negative"] = half(batch["negative_prompt_ids"], self.negative_time_ids, zero)
+            negative_ids = self.time_ids(batch, "negative_aesthetic_score")
+            cond["negative"] = half(batch["negative_prompt_ids"], negative_ids, zero)
         return cond
-
-
-def xl_conditioner(model: Any, with_negative: bool, image_size: Any, micro: Any) -> XLConditioner:
-    """The job's :class:`XLConditioner`; ``micro``: ``config.sdxl`` (sizes None: the guides')."""
-    size = tuple(int(s) for s in image_size)
-    original = size if micro.original_size is None else tuple(micro.original_size)
-    target = size if micro.target_size is None else tuple(micro.target_size)
-    crop = tuple(micro.crops_coords_top_left)
-    return XLConditioner(
-        model,
-        with_negative,
-        model.time_ids(original, crop, target, micro.aesthetic_score),
-        model.time_ids(original, crop, target, micro.negative_aesthetic_score),
-    )

@@ -5,8 +5,10 @@ options are the source's own block, ``config.input.<source>``):
 
 * ``"folder"``: every file under ``path`` (recursively) is one example; ids are
   the POSIX paths relative to ``path`` (``"sub/cat.png"``). Guides are
-  ``.png``, ``.jpg``, ``.jpeg`` (8-bit) or ``.npy`` (float ``[H, W]`` or
-  ``[H, W, C]`` in ``[-1, 1]``). **Mask pairing rule:** if the folder
+  ``.png``, ``.jpg``, ``.jpeg`` (8-bit), ``.npy`` (float ``[H, W]`` or
+  ``[H, W, C]`` in ``[-1, 1]``) or ``.npz`` (such an array under the key ``"image"``:
+  a job's float outputs, ``arrays/<stem>.npz``, read exactly, not re-quantised).
+  **Mask pairing rule:** if the folder
   ``path/<folder.mask_dir>`` (default ``masks/``) exists, every guide ``sub/cat.<ext>``
   needs exactly one mask ``<mask_dir>/sub/cat.png`` or ``<mask_dir>/sub/cat.npy``;
   without that folder no guide has a mask. Hidden files and folders (``.x``)
@@ -36,6 +38,11 @@ Text (models that take prompts; :mod:`.text`): manifest fields ``prompt``,
 ``negative_prompt``, ``guidance_scale`` and folder captions ``<name>.txt`` beside
 their guides, else the job's ``config.prompt`` etc.; with a model that takes no
 text, a row naming one fails.
+
+Micro-conditioning (SDXL models; :mod:`.micro`): manifest fields ``original_size``,
+``crops_coords_top_left``, ``target_size`` (``"H,W"`` or ``[H, W]``),
+``aesthetic_score``, ``negative_aesthetic_score``, else the job's ``config.sdxl``
+(sizes None: the guides' size); a row naming one its model does not read fails.
 
 ``generator`` (``"stroke_painting"``, ``"stroke_edit"`` or ``"composite"``,
 see :mod:`sdedit_jax.data.guides`) turns each decoded image into a synthetic
@@ -99,7 +106,7 @@ source and the tf.data stream). The names below are the public API, re-exported
 here so ``guide_inputs.make_guide_dataset(...)`` works.
 """
 
-from sdedit_jax.data.guide_inputs import text
+from sdedit_jax.data.guide_inputs import micro, text
 from sdedit_jax.data.guide_inputs.catalog import SEED_RANGE, Catalog, Source
 from sdedit_jax.data.guide_inputs.decode import BadInput, decode_example
 from sdedit_jax.data.guide_inputs.options import (
@@ -139,6 +146,7 @@ __all__ = [
     "decode_example",
     "global_num_steps",
     "make_guide_dataset",
+    "micro",
     "moved_fields",
     "preview_examples",
     "text",

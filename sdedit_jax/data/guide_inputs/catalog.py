@@ -69,6 +69,8 @@ class _Row:
     prompt: str | None = None
     negative_prompt: str | None = None
     guidance_scale: float | None = None
+    # The SDXL micro-conditioning fields the input names, parsed (see guide_inputs.micro).
+    micro: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,9 @@ class Catalog:
             ``error`` non-empty for examples already known to be bad), ``t0``
             (float32), ``t0_given`` (bool) and ``seed`` (int64); the text fields
             of :mod:`sdedit_jax.data.guide_inputs.text` (what rows name, then,
-            once resolved, what they use; none when the model takes no text).
+            once resolved, what they use; none when the model takes no text) and
+            the micro-conditioning of :mod:`sdedit_jax.data.guide_inputs.micro`
+            (likewise; only manifests name them).
         payload: for record sources, a function returning a dataset aligned
             row for row with ``columns`` that yields ``record`` (serialized
             ``tf.train.Example``), ``guide_bytes`` and ``mask_bytes``.

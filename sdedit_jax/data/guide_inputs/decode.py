@@ -10,6 +10,7 @@ import io
 import math
 import os
 import stat
+import zipfile
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,6 +27,11 @@ from sdedit_jax.data.guide_inputs.options import (
 )
 from sdedit_jax.data.records import record_fields
 from sdedit_jax.util import files
+
+# An ``.npz`` archive (a zip file): the job's own float outputs (``arrays/<stem>.npz``,
+# key "image"), so a second stage reads the first's floats, not their 8-bit PNGs.
+_ZIP_MAGIC = b"PK\x03\x04"
+NPZ_KEY = "image"
 
 
 class BadInput(Exception):
@@ -91,6 +97,23 @@ def _read_npy(stream, label: str, max_pixels: int) -> np.ndarray:
     return np.load(stream, allow_pickle=False)
 
 
+def _read_npz(stream, label: str, max_pixels: int) -> np.ndarray:
+    """The ``image`` array of an ``.npz`` archive, checked as an ``.npy`` file is."""
+    try:
+        with zipfile.ZipFile(stream) as archive:
+            member = f"{NPZ_KEY}.npy"
+            if member not in archive.namelist():
+                keys = sorted(n.removesuffix(".npy") for n in archive.namelist())
+                raise BadInput(f"{label}: npz holds {keys}; expected the key {NPZ_KEY!r}")
+            # At most 4 channels of 8 bytes per pixel, plus the header.
+            if archive.getinfo(member).file_size > max_pixels * 32 + 4096:
+                raise BadInput(f"{label}: npz array exceeds max_pixels={max_pixels}")
+            data = archive.read(member)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+        raise BadInput(f"{label}: unreadable npz ({type(e).__name__}: {e})") from None
+    return _read_npy(io.BytesIO(data), label, max_pixels)
+
+
 def _png_bit_depth(stream) -> int:
     """The bit depth in a PNG's header (0 if the stream is not a PNG)."""
     head = stream.read(25)
@@ -142,16 +165,19 @@ def _read_pil(stream, label: str, max_pixels: int) -> np.ndarray:
         )
 
 
-def _read_array(path: str, data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray, bool]:
-    """Pixels of a PNG/JPEG/npy input and whether they came from npy (floats) or 8-bit."""
+def _read_array(path: str, data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray, str]:
+    """Pixels of a PNG/JPEG/npy/npz input and their kind: ``"npy"``, ``"npz"`` (floats) or
+    ``"8bit"``."""
     stream = _open(path, data, label)
     with stream:
-        is_npy = stream.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+        head = stream.read(len(_NPY_MAGIC))
         stream.seek(0)
-        if not is_npy:
-            return _read_pil(stream, label, max_pixels), False
+        if head.startswith(_ZIP_MAGIC):
+            return _read_npz(stream, label, max_pixels), "npz"
+        if head != _NPY_MAGIC:
+            return _read_pil(stream, label, max_pixels), "8bit"
         try:
-            return _read_npy(stream, label, max_pixels), True
+            return _read_npy(stream, label, max_pixels), "npy"
         except BadInput:
             raise
         except Exception as e:  # numpy raises ValueError/OSError/EOFError on bad files
@@ -173,15 +199,20 @@ def _check_float_range(values: np.ndarray, label: str, low: float, high: float) 
 
 def _decode_guide(path: str, data: bytes, label: str, config: GuideInputConfig) -> np.ndarray:
     """Guide ``[h, w, channels]`` float32 in ``[-1, 1]`` at its stored size."""
-    pixels, is_npy = _read_array(path, data, label, config.max_pixels)
-    if is_npy:
+    pixels, kind = _read_array(path, data, label, config.max_pixels)
+    if kind != "8bit":
         if not np.issubdtype(pixels.dtype, np.floating):
-            raise BadInput(f"{label}: npy dtype {pixels.dtype}; expected float in [-1, 1]")
+            raise BadInput(f"{label}: {kind} dtype {pixels.dtype}; expected float in [-1, 1]")
         if pixels.ndim == 2:
             pixels = pixels[..., None]
         if pixels.ndim != 3:
-            raise BadInput(f"{label}: npy shape {pixels.shape}; expected [H, W] or [H, W, C]")
-        pixels = _check_float_range(pixels, label, -1.0, 1.0)
+            raise BadInput(f"{label}: {kind} shape {pixels.shape}; expected [H, W] or [H, W, C]")
+        if kind == "npz":
+            # A job's float output: its decoder may overshoot [-1, 1]; clipped as its PNG
+            # is (and as diffusers' image post-processing does between two stages).
+            pixels = np.clip(_check_float_range(pixels, label, -np.inf, np.inf), -1.0, 1.0)
+        else:
+            pixels = _check_float_range(pixels, label, -1.0, 1.0)
     else:
         pixels = images.from_uint8(pixels)
     channels = pixels.shape[-1]
@@ -199,8 +230,8 @@ def _decode_guide(path: str, data: bytes, label: str, config: GuideInputConfig) 
 
 def _decode_mask(path: str, data: bytes, label: str, config: GuideInputConfig) -> np.ndarray:
     """Mask ``[h, w]`` float32 in ``[0, 1]`` (1 = editable) at its stored size."""
-    pixels, is_npy = _read_array(path, data, label, config.max_pixels)
-    if is_npy:
+    pixels, kind = _read_array(path, data, label, config.max_pixels)
+    if kind != "8bit":
         if not (np.issubdtype(pixels.dtype, np.floating) or pixels.dtype == bool):
             raise BadInput(f"{label}: npy dtype {pixels.dtype}; expected bool or float in [0, 1]")
         if pixels.ndim == 3 and pixels.shape[-1] == 1:

@@ -19,6 +19,7 @@ import tensorflow as tf
 from sdedit_jax.data import guides
 from sdedit_jax.data.guide_inputs import sources
 from sdedit_jax.data.guide_inputs.catalog import SEED_RANGE
+from sdedit_jax.data.guide_inputs.micro import MicroInputs
 from sdedit_jax.data.guide_inputs.text import TextInputs
 from sdedit_jax.util.config import frozen, unknown_field
 
@@ -68,6 +69,9 @@ class GuideInputConfig:
         text: the rows' text defaults when the model takes prompts (a
             :class:`~sdedit_jax.data.guide_inputs.text.TextInputs` or a mapping of
             its fields); None: the model takes no text, rows naming some fail.
+        micro: the rows' SDXL micro-conditioning defaults and the fields the model
+            reads (a :class:`~sdedit_jax.data.guide_inputs.micro.MicroInputs`); None:
+            not an SDXL model, rows naming some fail.
         generator: ``"none"`` or a guide generator name (see ``guides.GENERATORS``).
         generator_kwargs: keyword arguments of the generator.
         max_pixels: larger images fail before they are decoded.
@@ -85,6 +89,7 @@ class GuideInputConfig:
     seed: int = 0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     text: TextInputs | None = None
+    micro: MicroInputs | None = None
     generator: str = "none"
     generator_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # The generator built from generator and generator_kwargs (None for "none").

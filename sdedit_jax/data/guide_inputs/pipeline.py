@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from sdedit_jax.data.guide_inputs import sources, text
+from sdedit_jax.data.guide_inputs import micro, sources, text
 from sdedit_jax.data.guide_inputs.catalog import (
     Catalog,
     _plain,
@@ -28,14 +28,16 @@ from sdedit_jax.data.guide_inputs.options import (
 def build_catalog(config: GuideInputConfig | Mapping[str, Any]) -> Catalog:
     """Lists every example of the configured source in canonical order (reads no pixels).
 
-    Rows get their text settings (:func:`text.resolve`) when the model takes prompts.
+    Rows get their text settings (:func:`text.resolve`) when the model takes prompts,
+    and their micro-conditioning (:func:`micro.resolve`) when it is an SDXL model.
 
     Raises:
         ValueError: the source itself is unusable (missing folder or manifest,
             no TFRecord files); problems of single examples never raise.
     """
     config = _as_config(config)
-    return text.resolve(sources.by_name()[config.source].list_examples(config), config.text)
+    listed = sources.by_name()[config.source].list_examples(config)
+    return micro.resolve(text.resolve(listed, config.text), config.micro)
 
 
 def _decode_in_graph(element: dict, config: GuideInputConfig) -> dict:
@@ -91,7 +93,7 @@ def _process(element: dict, config: GuideInputConfig) -> dict:
     mask = tf.ensure_shape(mask, [*config.image_size, 1])
     ok = tf.strings.length(error) == 0
     return {
-        **{name: element[name] for name in text.FIELDS if name in element},
+        **{name: element[name] for name in text.FIELDS + micro.FIELDS if name in element},
         "id": element["id"],
         "source": element["source"],
         "guide": tf.where(ok, guide, tf.zeros_like(guide)),
@@ -114,6 +116,10 @@ def _padding_row(config: GuideInputConfig) -> dict:
             "negative_prompt": tf.constant(""),
             "guidance_scale": tf.constant(config.text.guidance_scale, tf.float32),
         }
+    if config.micro is not None:
+        padding_text.update(
+            {name: tf.constant(config.micro.default(name)) for name in config.micro.fields}
+        )
     return {
         **padding_text,
         "id": tf.constant(""),
@@ -181,7 +187,8 @@ class GuideStream:
             padding), ``valid`` (False on padding) and ``ok`` (False on
             padding and failed examples); with a model that takes text also
             ``prompt``, ``negative_prompt`` (tf.string) and ``guidance_scale``
-            (float32; see :mod:`.text`).
+            (float32; see :mod:`.text`); with an SDXL model the micro-conditioning
+            fields it reads (float32 ``[B, 2]`` pairs, ``[B]`` scores; see :mod:`.micro`).
         num_steps: batches per host, equal on every host.
         batch_size: rows per batch on this host.
         host_counts: examples left to do on each host.

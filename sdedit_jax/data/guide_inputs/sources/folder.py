@@ -26,7 +26,8 @@ from sdedit_jax.util import files
 _CAPTION_THREADS = 16
 
 NAME = "folder"
-GUIDE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
+# .npz: a job's float outputs (key "image"), e.g. a first stage's arrays/ folder.
+GUIDE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy", ".npz")
 MASK_EXTENSIONS = (".png", ".npy")
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from sdedit_jax.data.guide_inputs import micro
 from sdedit_jax.data.guide_inputs.catalog import (
     SEED_RANGE,
     Catalog,
@@ -50,7 +51,8 @@ from sdedit_jax.util import files
 
 NAME = "manifest"
 # The text fields (prompt, negative_prompt, guidance_scale): see guide_inputs.text.
-MANIFEST_FIELDS = ("path", "mask", "t0", "seed", "id", *TEXT_FIELDS)
+# The SDXL micro-conditioning fields (original_size, ...): see guide_inputs.micro.
+MANIFEST_FIELDS = ("path", "mask", "t0", "seed", "id", *TEXT_FIELDS, *micro.FIELDS)
 
 _CHUNK_BYTES = 1 << 20  # lines read and parsed together (~20,000 rows)
 _CSV_CHUNK_ROWS = 1 << 15
@@ -228,6 +230,7 @@ def _manifest_row(number: int, fields: dict | None, error: str, manifest: str, c
         prompt=fields.get("prompt"),
         negative_prompt=fields.get("negative_prompt"),
         guidance_scale=values.get("guidance_scale"),
+        micro={f: values[f] for f in micro.FIELDS if f in values} or None,
     )
 
 
@@ -252,6 +255,7 @@ def _field_problems(fields: dict, config: Any) -> tuple[list[str], dict]:
         ("t0", lambda v: _parse_t0(v, config)),
         ("seed", _parse_seed),
         ("guidance_scale", _parse_guidance),
+        *((name, lambda v, name=name: _parse_micro(name, v)) for name in micro.FIELDS),
     )
     for name, parse in parsers:
         if name in fields:
@@ -260,6 +264,12 @@ def _field_problems(fields: dict, config: Any) -> tuple[list[str], dict]:
             except ValueError as e:
                 problems.append(f"{name}: {e}")
     return problems, values
+
+
+def _parse_micro(name: str, value: Any) -> Any:
+    if isinstance(value, _HugeInt):
+        raise ValueError(f"expected a number, got {value!r}")
+    return micro.parse(name, value)
 
 
 def _parse_guidance(value: Any) -> float:
@@ -276,11 +286,23 @@ class _ColumnParts:
 
     def __init__(self) -> None:
         self.parts: dict[str, list[np.ndarray]] = {name: [] for name in _ROW_FIELDS}
+        # Micro-conditioning columns only where some row names the field (no cost otherwise).
+        self.micro: dict[str, list[tuple[int, np.ndarray | None]]] = {
+            name: [] for name in micro.FIELDS
+        }
 
-    def add(self, ids, sources, guides, masks, t0, seed, t0_given, text, errors=None) -> None:
+    def add(
+        self, ids, sources, guides, masks, t0, seed, t0_given, text, micro_values, errors=None
+    ) -> None:
         """Appends rows given as one list per field (``errors``: None when all are good;
-        ``text``: the prompts, negative prompts and guidance scales, None where not given)."""
+        ``text``: the prompts, negative prompts and guidance scales, None where not given;
+        ``micro_values``: field -> values of the micro-conditioning fields the chunk names)."""
         self.parts["id"].append(_id_bytes(ids))
+        for name in micro.FIELDS:
+            values = micro_values.get(name)
+            self.micro[name].append(
+                (len(ids), None if values is None else micro.column(name, values))
+            )
         prompts, negatives, scales = text
         for name, values in (
             ("source", sources),
@@ -302,7 +324,13 @@ class _ColumnParts:
 
     def columns(self) -> dict[str, np.ndarray]:
         """The columns; the parts are released one by one (a column is never held twice)."""
-        return {name: np.concatenate(self.parts.pop(name)) for name in _ROW_FIELDS}
+        columns = {name: np.concatenate(self.parts.pop(name)) for name in _ROW_FIELDS}
+        for name, chunks in self.micro.items():
+            if any(values is not None for _, values in chunks):
+                columns[name] = np.concatenate(
+                    [micro.empty_column(name, n) if v is None else v for n, v in chunks]
+                )
+        return columns
 
 
 _ROW_FIELDS = (
@@ -387,6 +415,9 @@ def _add_chunk(parts: _ColumnParts, records: _Records, manifest: str, config: An
             g and (v is None or (type(v) in (int, float) and 0 <= v < math.inf))
             for g, v in zip(good, text[2], strict=True)
         ]
+    micro_named = keys & set(micro.FIELDS)
+    if micro_named:  # rare: the per-row path parses and names them
+        good = [g and not (f.keys() & micro_named) for g, f in zip(good, fields, strict=True)]
     if unread:
         good = [g and not e for g, e in zip(good, errors, strict=True)]
     slow = {
@@ -412,7 +443,11 @@ def _add_chunk(parts: _ColumnParts, records: _Records, manifest: str, config: An
             t0[i], seed[i], given[i], row_errors[i] = row.t0, row.seed, row.t0_given, row.error
             text[0][i], text[1][i] = row.prompt, row.negative_prompt
             text[2][i] = row.guidance_scale
-    parts.add(ids, sources, guides, masks, t0, seed, given, text, row_errors)
+    micro_values = {name: [None] * len(fields) for name in micro_named}
+    for i, row in slow.items():
+        for name, value in (row.micro or {}).items():
+            micro_values[name][i] = value
+    parts.add(ids, sources, guides, masks, t0, seed, given, text, micro_values, row_errors)
 
 
 def _values(fields: list[dict], key: str) -> list:
