@@ -21,6 +21,7 @@ in its own process, one after the other, so no two copies of the model are alive
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -103,19 +104,25 @@ def _inputs(latent: int = LATENT, batch: int = BATCH, width: int = TEXT_WIDTH, p
 
 
 def unet_jax(folder: str, repeats: int) -> dict:
-    """sdedit_jax's call, float32 and bfloat16 compute (weights read in float32)."""
+    """sdedit_jax's call, float32 and bfloat16 compute, on the file's bfloat16 weights as
+    they are (float32 compute widens them in the program: the numbers torch's float32
+    copy gives, at half the memory)."""
+    from sdedit_jax.importers import diffusers_sd
+    from sdedit_jax.models import sd_unet
+
     z, t, h, pooled, time_ids = _inputs()
-    added = {"text_embeds": pooled, "time_ids": time_ids}
-    results, cond = {}, {"text": h, **added}
+    cond = {"text": h, "text_embeds": pooled, "time_ids": time_ids}
+    unet = diffusers_sd.load_unet(os.path.join(folder, "unet"), dtype="bfloat16")
+    results = {}
     for dtype in ("float32", "bfloat16"):
-        net = pretrained.load_network(folder, compute_dtype=dtype)
-        call = jax.jit(lambda s, z, t, c, g=net.graphdef: pretrained._apply(g, s, z, t, c))
+        graphdef, _ = sd_unet.abstract(dataclasses.replace(unet.config, compute_dtype=dtype))
+        call = jax.jit(lambda s, z, t, c, g=graphdef: bench_sd._unet(g, s, z, t, c))
         start = time.perf_counter()
-        compiled = call.lower(net.state, z, t, cond).compile()
+        compiled = call.lower(unet.state, z, t, cond).compile()
         compile_s = time.perf_counter() - start
-        output = np.asarray(compiled(net.state, z, t, cond))
+        output = np.asarray(compiled(unet.state, z, t, cond))
         seconds = bench_sd._median(
-            lambda c=compiled, s=net.state: c(s, z, t, cond).block_until_ready(), repeats, False
+            lambda c=compiled: c(unet.state, z, t, cond).block_until_ready(), repeats, False
         )
         results[f"jax_{dtype}"] = {
             "seconds": seconds,
@@ -123,7 +130,7 @@ def unet_jax(folder: str, repeats: int) -> dict:
             "gflop": bench_sd._flops(compiled) / 1e9,
         }
         np.save(os.path.join(folder, f"_out_jax_{dtype}.npy"), output)
-        del net, compiled
+        del compiled
     return results
 
 
@@ -163,7 +170,7 @@ def _run(module: str, **flags_: object) -> dict:
     command = [sys.executable, "-m", module, *(f"--{k}={v}" for k, v in flags_.items())]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
