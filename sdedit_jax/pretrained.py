@@ -383,6 +383,7 @@ def load_model(
     *,
     sde: dict | None = None,
     compute_dtype: str | None = None,
+    sharding: jax.sharding.Sharding | None = None,
     **options: Unpack[CheckpointOptions],
 ) -> LoadedModel | latent_model.LatentModel | sdxl.SDXLModel:
     """Loads a score model: the shipped one (default), a model folder, or a checkpoint.
@@ -397,11 +398,13 @@ def load_model(
         sde: overrides the SDE of a checkpoint (``{"name": "ve", ...}``); needed when
             the checkpoint does not record it.
         compute_dtype: a latent model's network compute type (e.g. ``"bfloat16"``).
+        sharding: where a converted latent folder's weights go as each tensor is read
+            (a job passes its mesh's replicated sharding); default: the default device.
         options: see :class:`CheckpointOptions`.
     """
     options = _checked(options)
     if is_latent(model_dir, options):
-        return load_latent(model_dir, options, compute_dtype)
+        return load_latent(model_dir, options, compute_dtype, sharding=sharding)
     if compute_dtype is not None:
         raise ValueError("compute_dtype: only latent models take it here; see load_network")
     model_dir, folder = _locate(model_dir, options.get("format"))

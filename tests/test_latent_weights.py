@@ -124,6 +124,18 @@ def test_an_earlier_msgpack_folder_loads_to_the_same_model(tmp_path):
     )
 
 
+def test_a_converted_folder_is_read_into_the_sharding_it_is_given(xl_folder, tmp_path):
+    out = str(tmp_path / "bf16")
+    convert.convert(xl_folder, out, with_bf16=True)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    placed, plain = sj.load_model(out, sharding=replicated), sj.load_model(out)
+    for a, b in zip(_parts(placed).values(), _parts(plain).values(), strict=True):
+        for leaf, reference in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+            assert leaf.sharding == replicated and len(leaf.devices()) == len(jax.devices())
+            np.testing.assert_array_equal(leaf, reference)
+
+
 def _peak(*flags):
     command = [sys.executable, "-m", "sdedit_jax.tools.peak_memory", *flags]
     # One device: simulated CPU devices would each hold a replica in host memory.

@@ -323,10 +323,11 @@ def check_config(config: ml_collections.ConfigDict) -> JobConfig:
     return config_files.frozen(JobConfig, {k: config[k] for k in config.keys()}, "config")
 
 
-def load_model(model_dir: str) -> pretrained.LoadedModel:
-    """The job's model; a folder that does not load is a :class:`ConfigError`."""
+def load_model(model_dir: str, sharding: Any = None) -> pretrained.LoadedModel:
+    """The job's model (a converted latent folder's weights placed with ``sharding`` as
+    they are read); a folder that does not load is a :class:`ConfigError`."""
     try:
-        model = pretrained.load_model(model_dir)
+        model = pretrained.load_model(model_dir, sharding=sharding)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(
             f"config.model_dir: cannot load {model_dir!r}: {' '.join(str(e).split())}"

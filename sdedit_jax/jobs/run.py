@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sdedit_jax import engine, pretrained
 from sdedit_jax.data import guide_inputs
@@ -128,7 +129,9 @@ def run_job(
         raise checks.field_error("workdir", workdir, "a folder (this is a file)")
     t0s = list(job.t0s)
     sampler, step_rule = sampler_from_config(job.sampler)
-    model = checks.load_model(job.model_dir)
+    # Weights go straight to where the editor replicates them, one tensor at a time.
+    replicated = NamedSharding(engine.data_mesh(), PartitionSpec())
+    model = checks.load_model(job.model_dir, replicated)
     text = checks.text_inputs(job, model)
     checks.check_model(model, job.input_config(t0s[0], model_size=model.image_size), t0s)
     checks.check_batch(job.per_device_batch, model)
