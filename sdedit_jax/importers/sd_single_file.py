@@ -324,7 +324,7 @@ class Piece:
         value = np.asarray(self.tensor)
         value = value.T if self.transposed else value
         part = np.split(value, self.count)[self.index].reshape(self.shape)
-        return part if dtype is None else part.astype(dtype)
+        return np.array(part, dtype)  # a copy: a view would keep the whole fused tensor
 
 
 def configs_from(folder: str) -> dict[str, Any]:
