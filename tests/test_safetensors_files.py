@@ -158,7 +158,7 @@ def _abstract():
     return nnx.state(nnx.eval_shape(lambda: _Net(nnx.Rngs(0))))
 
 
-def test_a_state_round_trips_in_its_dtype_or_another(tmp_path):
+def test_a_state_round_trips_in_its_dtypes(tmp_path):
     state = nnx.state(_Net(nnx.Rngs(1)))
     path = str(tmp_path / "s.safetensors")
     sha = weights.save_state(path, state)
@@ -168,7 +168,8 @@ def test_a_state_round_trips_in_its_dtype_or_another(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert "blocks.1.kernel" in st.lazy_tensors(path)
     half = str(tmp_path / "h.safetensors")
-    loaded = weights.load_state(half, _abstract(), weights.save_state(half, state, jnp.bfloat16))
+    rounded = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state)
+    loaded = weights.load_state(half, _abstract(), weights.save_state(half, rounded))
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(loaded), strict=True):
         assert b.dtype == jnp.bfloat16  # kept as stored: the networks cast at use
         np.testing.assert_array_equal(np.asarray(a).astype(ml_dtypes.bfloat16), b)

@@ -9,7 +9,6 @@ tensor at a time, straight into their dtype and sharding (latent models, up to
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from typing import Any
 
@@ -98,31 +97,10 @@ def named_leaves(state: nnx.State) -> dict[str, Any]:
     return {leaf_name(path): leaf for path, leaf in leaves}
 
 
-def save_state(path: str, state: nnx.State, dtype: Any = None) -> str:
-    """Writes ``state`` as safetensors, float leaves in ``dtype`` (default: as they are),
-    one leaf at a time; returns the file's sha256."""
-
-    def cast(leaf: Any) -> Any:
-        if dtype is None or not jnp.issubdtype(leaf.dtype, jnp.floating):
-            return leaf
-        return _Cast(leaf, np.dtype(dtype))
-
-    return st.write(path, {name: cast(leaf) for name, leaf in named_leaves(state).items()})
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cast:
-    """A leaf written in another dtype, converted only when the writer reaches it."""
-
-    leaf: Any
-    dtype: np.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.leaf.shape)
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return np.asarray(self.leaf).astype(self.dtype)
+def save_state(path: str, state: nnx.State) -> str:
+    """Writes ``state`` as safetensors in its own dtypes, one leaf at a time; returns the
+    file's sha256."""
+    return st.write(path, named_leaves(state))
 
 
 def load_state(
