@@ -68,13 +68,18 @@ class Tensor:
 def _read_array(f: Any, tensor: Tensor) -> np.ndarray:
     array = np.empty(tensor.shape, tensor.dtype)
     view = array.reshape(-1).view(np.uint8)
-    filled = 0
+    readinto, filled = getattr(f, "readinto", None), 0  # local files read in place
     while filled < view.size:
-        chunk = f.read(min(_CHUNK, view.size - filled))
-        if not chunk:
+        window = view[filled : filled + _CHUNK]
+        if readinto is not None:
+            count = readinto(window)
+        else:
+            chunk = f.read(window.size)
+            count = len(chunk)
+            window[:count] = np.frombuffer(chunk, np.uint8)
+        if not count:
             raise SafetensorsError(f"{tensor.path}: {tensor.name}: the file ends inside it")
-        view[filled : filled + len(chunk)] = np.frombuffer(chunk, np.uint8)
-        filled += len(chunk)
+        filled += count
     return array
 
 
