@@ -231,6 +231,12 @@ def test_a_bf16_conversion_of_the_file_is_the_folders_byte_for_byte(xl, tmp_path
     assert file_info["sha256"] == folder_info["sha256"]
 
 
+def test_a_file_without_its_config_folder_says_what_to_pass(xl, tmp_path):
+    _, _, path, _, _ = xl
+    with pytest.raises(ValueError, match="single file .* pass config_folder= .*tokenizer_2/"):
+        convert.convert(path, str(tmp_path / "out"))
+
+
 def test_bad_file_names_every_tensor_in_one_error(xl, tmp_path):
     """A missing, an unexpected and two mis-shaped tensors, in the file's own names, in
     one line."""

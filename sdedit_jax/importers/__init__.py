@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from sdedit_jax.importers import diffusers, score_sde, torch_checkpoint
 from sdedit_jax.importers.imported import Imported
-from sdedit_jax.util import files
+from sdedit_jax.util import files, safetensors_files
 
 # In detection order: a folder is diffusers' before score_sde's, a file ddim's before score_sde's.
 MODULES = (diffusers, torch_checkpoint, score_sde)
@@ -50,10 +50,27 @@ def detect_format(path: str) -> str:
             f"{path}: folder has no model_info.json, config.json (diffusers) or checkpoint_<n> "
             "(score_sde)"
         )
+    if _is_latent_single_file(path):
+        raise UnknownFormat(
+            f"{path}: a Stable Diffusion single file (model.diffusion_model.*) carries no "
+            "tokenizer: pass config_folder= (convert --config_folder) a folder with its "
+            "tokenizer/ (SDXL: tokenizer/ and tokenizer_2/, the refiner tokenizer_2/ only)"
+        )
     raise UnknownFormat(
         f"{path}: not a checkpoint this project reads (a torch .ckpt/.pth, a diffusers folder, "
         "a score_sde checkpoint_<n> or a model folder)"
     )
+
+
+def _is_latent_single_file(path: str) -> bool:
+    """A safetensors file in ldm/sgm's layout (its header read, never its tensors)."""
+    if not path.endswith(".safetensors"):
+        return False
+    try:
+        names = safetensors_files.read_header(path)[0]
+    except ValueError:
+        return False
+    return any(name.startswith("model.diffusion_model.") for name in names)
 
 
 def load(
