@@ -14,13 +14,17 @@ prediction. The first step has no history and is first order (``D' = D_t``:
 DDIM with eta 0 or 1). The history is the previous ``D`` and ``h``; a
 finished example keeps its history untouched, like its sample.
 
-SDE-DPM-Solver++(3M) keeps two previous data predictions and fits a quadratic in
-``lambda`` through the three (diffusers' ``sde-dpmsolver++`` with ``solver_order=3``):
-``x_s = (sigma_s / sigma_t) e^{-h} x_t + alpha_s [(1 - e^{-2h}) D0
-+ (1 - phi_1) D1 + (phi_2 - 1/2) D2] + sigma_s sqrt(1 - e^{-2h}) z`` with
-``phi_1 = (1 - e^{-2h}) / (2h)``, ``phi_2 = (1 - e^{-2h} - 2h) / (2h)^2`` and the
-divided differences ``D1, D2`` of the history. Its first step is first order and its
-second is the 2M step, as a multistep solver warms up from t0.
+SDE-DPM-Solver++(3M) keeps two previous data predictions and integrates the quadratic
+in ``lambda`` through the three exactly:
+``x_s = (sigma_s / sigma_t) e^{-h} x_t + alpha_s [(1 - e^{-2h}) D0 + (1 - phi) D1
++ (1 + (1 - e^{-2h} - 2h) / (2h^2)) D2] + sigma_s sqrt(1 - e^{-2h}) z``, with
+``phi = (1 - e^{-2h}) / (2h)`` and diffusers' divided differences ``D1 ~ h D'``,
+``D2 ~ h^2 D'' / 2`` of the history. Its D0 and D1 terms, warm-up (first order, then
+the 2M step) and noise are diffusers' ``sde-dpmsolver++`` with ``solver_order=3``; its D2
+coefficient is not: diffusers' ``(1 - e^{-2h} - 2h) / (2h)^2 - 1/2`` tends to -1 as
+``h -> 0`` where the integral's tends to 0, which makes that update first order in the
+drift (measured in EVALUATION.md). Few, uneven log-SNR steps make it unstable (the fit
+divides noisy differences by step ratios): see EVALUATION.md before using it at 5 steps.
 
 Masked edits (:mod:`sdedit_jax.edit`) reset the known pixels of ``x`` after
 every step. The history keeps the network's own ``D`` at the (already
@@ -141,7 +145,8 @@ def _third_order_weights(h: Array, h0: Array, h1: Array, taken: Array):
     """Per-example weights ``(w0, w1)`` of ``D_t - D_prev`` and ``D_prev - D_prev2`` in the
     data term ``alpha_s (1 - e^{-2h}) D0 + w0 (D_t - D_prev) + w1 (D_prev - D_prev2)``
     divided by ``alpha_s``: first order with no history, the 2M midpoint with one step of
-    it, diffusers' third-order update with two (``h0, h1``: the last two log-SNR steps)."""
+    it, the exact integral of the quadratic through all three with two (``h0, h1``: the
+    last two log-SNR steps)."""
     fresh = -jnp.expm1(-2.0 * h)
     r0, r1 = h0 / h, h1 / h
     c1 = 1.0 - fresh / (2.0 * h)  # coefficient of D1
