@@ -3,6 +3,10 @@
 One repeat perturbs the current image to ``t0`` with the forward kernel and
 integrates the reverse SDE back to ``eps``. ``repeats = K`` runs K such cycles
 in sequence, each starting from the previous output (the paper's Algorithm 1).
+Per-example K (``n_repeats``) is traced within the static bucket ``repeats`` (as
+``n_steps`` is within ``max_steps``): an example keeps its output after its own K
+cycles, and cycle ``k`` draws from ``fold_in(key, k)`` whatever the bucket, so its
+output does not depend on the bucket or on its batch mates.
 
 Masked editing (mask = 1 marks the editable region, as in the paper): after
 every step, pixels outside the mask are replaced by the original perturbed to
@@ -86,6 +90,7 @@ def sdedit_batch(
     codec: Codec | None = None,
     initial_noise: Array | None = None,
     projection_noise: str = "fresh",
+    n_repeats: Array | None = None,
 ) -> Array:
     """Edits a batch of guides; pure and device-agnostic (jit and shard outside).
 
@@ -97,7 +102,8 @@ def sdedit_batch(
         t0: ``[B]`` start times in ``(eps, T]``.
         n_steps: ``[B]`` int reverse steps per repeat, in ``[1, sampler.max_steps]``.
         mask: ``[B, H, W, 1 or C]``, 1 = editable; ``None`` edits everything.
-        repeats: number of perturb-and-denoise cycles (static).
+        repeats: number of perturb-and-denoise cycles (static); with ``n_repeats``, the
+            bucket bounding them.
         cond: per-example conditioning pytree (leading axis ``B``) or ``None``. It is
             bound into the score function here (``score_fn(x, t, cond)`` at every
             evaluation), so the solvers only ever see ``score(x, t)``; the batch axis
@@ -110,6 +116,8 @@ def sdedit_batch(
             ``"fresh"`` draws it anew (the paper's Algorithm); ``"initial"`` re-uses the
             repeat's perturbation noise (the official SDEdit code's and diffusers'
             ``StableDiffusionInpaintPipeline``'s convention).
+        n_repeats: ``[B]`` int cycles per example, in ``[1, repeats]`` (traced); ``None``:
+            ``repeats`` for every example.
 
     Returns:
         ``[B, H, W, C]`` edited images.
@@ -124,6 +132,13 @@ def sdedit_batch(
         edit_mask = None if mask is None else codec.latent_mask(mask)
 
     def one_repeat(x, repeat):
+        edited = _one_cycle(x, repeat)
+        if n_repeats is None:
+            return edited, None
+        active = (repeat < n_repeats).reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(active, edited, x), None
+
+    def _one_cycle(x, repeat):
         repeat_keys = rng.fold_in(keys, repeat)
         noise = rng.example_noise(rng.fold_in(repeat_keys, 0), x)
         if initial_noise is not None:
@@ -145,7 +160,7 @@ def sdedit_batch(
         )
         if edit_mask is not None:
             x = edit_mask * x + (1.0 - edit_mask) * x0
-        return x, None
+        return x
 
     out, _ = jax.lax.scan(one_repeat, x0, jnp.arange(repeats))
     if codec is None:

@@ -110,6 +110,7 @@ def _edit_program(
     mask: jax.Array | None,
     cond: Any,
     initial_noise: jax.Array | None,
+    n_repeats: jax.Array | None,
     *,
     static_score: _StaticTree,
     static_codec: _StaticTree,
@@ -121,7 +122,7 @@ def _edit_program(
 ) -> jax.Array:
     """The one compiled edit: every row of one global batch, all repeats and steps.
 
-    The rows (``guides`` ... ``initial_noise``, the fields of :class:`EditBatch`) are
+    The rows (``guides`` ... ``n_repeats``, the fields of :class:`EditBatch`) are
     sharded over the mesh's ``data`` axis and edited per device by a ``shard_map`` of
     :func:`~sdedit_jax.edit.sdedit_batch`; the weights of the score function and of the
     codec (``score_arrays``, ``codec_arrays``) are replicated and merged back with their
@@ -136,7 +137,7 @@ def _edit_program(
     """
 
     def edit_local(score_arrays, codec_arrays, *rows):
-        guides, seeds, id_words, t0, n_steps, mask, cond, initial_noise = rows
+        guides, seeds, id_words, t0, n_steps, mask, cond, initial_noise, n_repeats = rows
         return sdedit_batch(
             _merge_tree(static_score, score_arrays),
             sde,
@@ -151,14 +152,25 @@ def _edit_program(
             codec=_merge_tree(static_codec, codec_arrays),
             initial_noise=initial_noise,
             projection_noise=projection_noise,
+            n_repeats=n_repeats,
         )
 
     rows = PartitionSpec(DATA_AXIS)
     local = jax.shard_map(
-        edit_local, mesh=mesh, in_specs=(PartitionSpec(),) * 2 + (rows,) * 8, out_specs=rows
+        edit_local, mesh=mesh, in_specs=(PartitionSpec(),) * 2 + (rows,) * 9, out_specs=rows
     )
     return local(
-        score_arrays, codec_arrays, guides, seeds, id_words, t0, n_steps, mask, cond, initial_noise
+        score_arrays,
+        codec_arrays,
+        guides,
+        seeds,
+        id_words,
+        t0,
+        n_steps,
+        mask,
+        cond,
+        initial_noise,
+        n_repeats,
     )
 
 
@@ -189,6 +201,8 @@ class EditBatch:
             ``score_fn(x, t, cond)``); ``None`` for unconditional models.
         initial_noise: ``[B, h, w, c]`` noise of the perturbation to ``t0`` (in the
             codec's space); ``None`` draws it from each example's key.
+        n_repeats: ``[B]`` int32 SDEdit cycles (K), in ``[1, Editor.repeats]``; ``None``:
+            ``Editor.repeats`` for every row.
     """
 
     guides: Rows
@@ -199,6 +213,7 @@ class EditBatch:
     mask: Rows | None = None
     cond: Any = None
     initial_noise: Rows | None = None
+    n_repeats: Rows | None = None
 
     def map_rows(self, fn: Callable[[Rows], Rows]) -> EditBatch:
         """``fn`` applied to every array of every field (``None`` fields stay ``None``)."""
@@ -209,6 +224,8 @@ class EditBatch:
 
 class Editor:
     """Runs SDEdit for one (SDE, sampler, repeats, projection noise) on a device mesh.
+
+    ``repeats`` is K for every row, or the bucket of rows' own K (``EditBatch.n_repeats``).
 
     The compiled step edits ``per_device_batch`` rows on every device (a
     ``shard_map``, so the per-device program is the same for any mesh size);
@@ -282,6 +299,7 @@ class Editor:
             batch.mask,
             batch.cond,
             batch.initial_noise,
+            batch.n_repeats,
             static_score=placed.score,
             static_codec=placed.codec,
             sde=self.sde,
@@ -327,6 +345,7 @@ def _pad_batch(batch: EditBatch, pad: int) -> EditBatch:
         mask=None if batch.mask is None else pad_rows(batch.mask, 1.0),
         cond=jax.tree.map(lambda v: pad_rows(v, 0), batch.cond),
         initial_noise=None if batch.initial_noise is None else pad_rows(batch.initial_noise, 0.0),
+        n_repeats=None if batch.n_repeats is None else pad_rows(batch.n_repeats, 1),
     )
 
 
@@ -389,7 +408,8 @@ def sdedit(
     mask=None,
     n_steps=250,
     max_steps: int | None = None,
-    repeats: int = 1,
+    repeats=1,
+    max_repeats: int | None = None,
     predictor: str = "euler_maruyama",
     corrector: str | None = None,
     time_grid: str = "",
@@ -420,7 +440,10 @@ def sdedit(
             traced. The paper's N-step discretisation of [0, 1] corresponds
             to ``paper_steps(N, t0)`` (N=500, t0=0.5 -> 250).
         max_steps: the compiled step bucket (default: ``step_bucket(max(n_steps))``).
-        repeats: SDEdit's K, sequential perturb-and-denoise cycles.
+        repeats: SDEdit's K, sequential perturb-and-denoise cycles: an int or ``[B]``
+            (traced within ``max_repeats``: a batch mixing K is one program).
+        max_repeats: the compiled bucket of per-example K (default: ``max(repeats)``);
+            given or with ``[B]`` repeats, K is traced, otherwise static.
         predictor, corrector, denoise, time_grid: see ``Sampler`` (e.g.
             ``predictor="dpm_solver_2m"``, ``time_grid="logsnr"``; "" = the solver's
             default grid).
@@ -449,6 +472,7 @@ def sdedit(
     batch = guides.shape[0]
     t0 = _per_example(t0, batch, np.float32, "t0")
     steps = _per_example(n_steps, batch, np.int32, "n_steps")
+    n_repeats, bucket = _repeats(repeats, max_repeats, batch)
     sampler = Sampler(
         predictor,
         corrector or "none",
@@ -467,7 +491,7 @@ def sdedit(
     cond = _per_example_tree(cond, batch)
     if initial_noise is not None:
         initial_noise = _checked_initial_noise(initial_noise, guides, codec)
-    editor = Editor(sde, sampler, repeats, mesh, per_device_batch, projection_noise)
+    editor = Editor(sde, sampler, bucket, mesh, per_device_batch, projection_noise)
     batch_in = EditBatch(
         guides=guides,
         seeds=np.full((batch,), seed, np.int32),
@@ -477,8 +501,23 @@ def sdedit(
         mask=mask,
         cond=cond,
         initial_noise=initial_noise,
+        n_repeats=n_repeats,
     )
     return editor.run(editor.place_score(score_fn, codec), batch_in)
+
+
+def _repeats(repeats, max_repeats: int | None, batch: int) -> tuple[np.ndarray | None, int]:
+    """(per-example K or ``None`` when static, the bucket), checked."""
+    if max_repeats is None and np.ndim(repeats) == 0:
+        return None, repeats  # static K: Editor checks it
+    per_row = np.asarray(repeats)
+    if not np.issubdtype(per_row.dtype, np.integer):
+        raise ValueError(f"repeats: expected integers, got {per_row.dtype}")
+    per_row = _per_example(per_row, batch, np.int32, "repeats")
+    bucket = int(per_row.max()) if max_repeats is None else max_repeats
+    if per_row.min() < 1 or per_row.max() > bucket:
+        raise ValueError(f"repeats: must lie in [1, max_repeats = {bucket}], got {per_row}")
+    return per_row, bucket
 
 
 def _checked_initial_noise(noise, guides: np.ndarray, codec: Codec | None) -> np.ndarray:

@@ -151,7 +151,7 @@ class Sampler:
         predictor: a key of ``SOLVERS``: Song et al.'s predictors
             ("euler_maruyama", "reverse_diffusion", "ancestral", "ode_euler",
             "ode_heun", "none") or the few-step solvers "ddim",
-            "dpm_solver_2m", "sde_dpm_solver_2m".
+            "dpm_solver_2m", "sde_dpm_solver_2m", "sde_dpm_solver_3m".
         corrector: a key of ``correctors.CORRECTORS`` ("langevin" or "none").
         max_steps: the largest step count a program accepts (its bucket);
             per-example step counts are traced values in ``[1, max_steps]``.

@@ -1,10 +1,11 @@
 """Solver accuracy against closed forms on Gaussian data (exact score): the solver table.
 
     python -m sdedit_jax.tools.solver_table [--out docs/solvers/solver_table.json]
+        [--solvers=sde_dpm_solver_2m,sde_dpm_solver_3m] [--steps=5,10,20]
 
 For data ``x_0 ~ N(mu, s^2)`` per pixel the score is exact (``gaussian_reference``),
 so the only error left is the solver's. For every solver x time grid x step
-count (10, 20, 50), on VP and VE, from t0 = 0.5 down to eps:
+count (10, 20, 50 unless ``--steps``), on VP and VE, from t0 = 0.5 down to eps:
 
 * ODE error: max |x - flow(x_t0)| over a fixed set of starting points, where
   ``flow`` is the closed-form probability-flow map (deterministic solvers);
@@ -42,6 +43,7 @@ SOLVERS = {  # name: (predictor, eta)
     "ode_heun (2 calls/step)": ("ode_heun", 0.0),
     "ddim eta=1": ("ddim", 1.0),
     "sde_dpm_solver_2m": ("sde_dpm_solver_2m", 0.0),
+    "sde_dpm_solver_3m": ("sde_dpm_solver_3m", 0.0),
     "ancestral": ("ancestral", 0.0),
     "euler_maruyama": ("euler_maruyama", 0.0),
 }
@@ -78,9 +80,9 @@ def ode_errors(
     return [float(np.max(np.abs(np.asarray(out[i]).ravel() - exact))) for i in range(batch)]
 
 
-def variance_ratio(sde, sampler) -> list[float]:
+def variance_ratio(sde, sampler, steps: Sequence[int] = STEPS) -> list[float]:
     """Output variance / closed form for each step count (40,000 pixels per count)."""
-    batch, side = len(STEPS), 200
+    batch, side = len(steps), 200
     guides = np.full((batch, side, side, 1), GUIDE, np.float32)
     out = np.asarray(
         sj.sdedit(
@@ -89,7 +91,7 @@ def variance_ratio(sde, sampler) -> list[float]:
             guides,
             seed=11,
             t0=T0,
-            n_steps=np.asarray(STEPS),
+            n_steps=np.asarray(steps),
             predictor=sampler.predictor,
             **dict(sampler.options),
             time_grid=sampler.time_grid,
@@ -111,42 +113,49 @@ def variance_ratio(sde, sampler) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/solvers/solver_table.json")
+    parser.add_argument("--solvers", default=",".join(SOLVERS), help="labels of SOLVERS, commas")
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="step counts, commas")
     args = parser.parse_args()
+    labels, steps = args.solvers.split(","), [int(n) for n in args.steps.split(",")]
+    unknown = sorted(set(labels) - set(SOLVERS))
+    if unknown:
+        parser.error(f"--solvers: unknown {unknown}; choose from {sorted(SOLVERS)}")
     started = time.perf_counter()
     rows = []
     for sde_name, sde in SDES.items():
-        for label, (predictor, eta) in SOLVERS.items():
+        for label in labels:
+            predictor, eta = SOLVERS[label]
             for grid in GRIDS:
                 sampler = sj.Sampler(
                     predictor, max_steps=64, eta=eta, time_grid=grid, denoise=False
                 )
                 errors = (
-                    ode_errors(sde, sampler, MU, S, T0, STEPS)
+                    ode_errors(sde, sampler, MU, S, T0, steps)
                     if not sampler.solver.stochastic
                     else None
                 )
-                ratios = variance_ratio(sde, sampler)
+                ratios = variance_ratio(sde, sampler, steps)
                 rows.append(
                     {
                         "sde": sde_name,
                         "solver": label,
                         "grid": grid,
                         "nfe_per_step": sampler.nfe_per_step,
-                        "steps": list(STEPS),
+                        "steps": steps,
                         "ode_error": errors,
                         "variance_ratio": ratios,
                     }
                 )
     lines = [
         "| SDE | solver | grid | "
-        + " | ".join(f"ODE err {n}" for n in STEPS)
+        + " | ".join(f"ODE err {n}" for n in steps)
         + " | "
-        + " | ".join(f"var ratio {n}" for n in STEPS)
+        + " | ".join(f"var ratio {n}" for n in steps)
         + " |",
-        "|---|---|---|" + "---|" * (2 * len(STEPS)),
+        "|---|---|---|" + "---|" * (2 * len(steps)),
     ]
     for row in rows:
-        errors = row["ode_error"] or [None] * len(STEPS)
+        errors = row["ode_error"] or [None] * len(steps)
         cells = ["-" if e is None else f"{e:.1e}" for e in errors]
         cells += [f"{r:.3f}" for r in row["variance_ratio"]]
         lines.append(
