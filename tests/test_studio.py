@@ -199,3 +199,19 @@ def test_saved_dataset_runs_in_the_job_to_the_previewed_bytes(model, tiny_model_
         path = os.path.join(workdir, "t0_per_example", "images", names.output_name(preview["id"]))
         with open(path, "rb") as f:
             assert f.read() == base64.b64decode(preview["png"]), preview["id"]
+
+
+def test_composite_pastes_the_box_and_masks_its_region(model):
+    target, source = job_cli.random_guide(3), job_cli.random_guide(4)[:10, :12]
+    body = {"target": _png(target), "source": _png(source), "box": [2, 1, 7, 5], "at": [9, 10]}
+    with _serve(model) as (call, _):
+        status, reply = call("/api/composite", body)
+        bad_status, bad = call("/api/composite", {**body, "at": [14, 10]})
+    assert status == 200, reply
+    expected = target.copy()
+    expected[10:14, 9:14] = source[1:5, 2:7]
+    expected_mask = np.zeros((SIZE, SIZE), np.uint8)
+    expected_mask[10:14, 9:14] = 255
+    np.testing.assert_array_equal(_pixels(reply["guide"]), expected)
+    np.testing.assert_array_equal(_pixels(reply["mask"]), expected_mask)
+    assert bad_status == 400 and bad["error"].startswith("at: the 5x4 region at 14,10"), bad

@@ -9,6 +9,8 @@ Routes (JSON in and out; images travel as base64 PNG):
 * ``GET /api/jobs/<id>?wait=<s>``: progress and finished results (waits up to ``s``).
 * ``POST /api/save`` ``{guide, mask?, t0, repeats, seed, preset, prompt}``: writes the
   dataset row of that preview and returns the job command that edits it.
+* ``POST /api/composite`` ``{target, source, box, at, scale, dilate}``: the guide and
+  mask of ``python -m sdedit_jax.composite`` (:mod:`.composites`).
 * ``GET /api/dataset``, ``GET /api/dataset/guide?name=<file>``: the dataset's guides.
 
 With a token every route needs it (header ``X-Studio-Token`` or ``?token=``).
@@ -28,7 +30,7 @@ import urllib.parse
 from typing import Any
 
 from sdedit_jax.data import guide_inputs
-from sdedit_jax.studio import dataset, presets, previews
+from sdedit_jax.studio import composites, dataset, presets, previews
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
@@ -129,6 +131,18 @@ def _image_field(body: dict, name: str, *, required: bool = True) -> bytes:
         raise ValueError(f"{name}: not valid base64") from None
 
 
+def composite_reply(body: dict) -> dict:
+    guide, mask = composites.composite(
+        _image_field(body, "target"),
+        _image_field(body, "source"),
+        body.get("box"),
+        body.get("at"),
+        body.get("scale", 1.0),
+        body.get("dilate", 0),
+    )
+    return {"guide": base64.b64encode(guide).decode(), "mask": base64.b64encode(mask).decode()}
+
+
 def job_reply(job: previews.Job) -> dict:
     results = [
         {
@@ -224,6 +238,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._json(200 if job.done.is_set() else 202, job_reply(job))
             elif path == "/api/save":
                 self._json(200, self.studio.save(body))
+            elif path == "/api/composite":
+                self._json(200, composite_reply(body))
             else:
                 self._error(404, f"path: no route {path!r}")
         except previews.Busy as e:
