@@ -89,13 +89,18 @@ def test_draw_strokes_and_a_mask_then_edit(browser, studio_url):
     _stroke(browser, canvas, [(0.25, 0.1), (0.25, 0.9)])
     samples = browser.find_element(By.ID, "samples")
     samples.clear()
-    samples.send_keys("1")
+    samples.send_keys("2")
     guide = _decode(browser.execute_script("return composedGuide().toDataURL('image/png')"))
     mask = _decode(browser.execute_script("return maskPNG()"))[..., 0]
     browser.find_element(By.ID, "edit").click()
-    result = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
+    wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("done"))
+    assert browser.find_element(By.ID, "status").text == "done: 2 results"
+    result = browser.find_elements(By.CSS_SELECTOR, "#gallery img.result")
     output = _decode(result[0].get_attribute("src"))
-    assert browser.find_element(By.ID, "status").text == "done: 1 result"
+    assert not np.array_equal(output, _decode(result[1].get_attribute("src")))
+    browser.find_elements(By.CSS_SELECTOR, "#gallery figure button")[1].click()  # seed 1
+    wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("saved"))
+    assert "-s1 to " in browser.find_element(By.ID, "status").text
 
     red = (guide[..., 0] > 150) & (guide[..., 1] < 120)
     assert red[:, 8:].sum() >= 6  # the brush stroke, right of the mask

@@ -236,8 +236,9 @@ function showResults(reply) {
   for (const result of reply.results) {
     if (!result.png) continue;
     const figure = document.createElement("figure");
-    figure.innerHTML = `<img class="result" alt="edit, seed ${result.seed}"><figcaption>seed ${result.seed}</figcaption>`;
+    figure.innerHTML = `<img class="result" alt="edit, seed ${result.seed}"><figcaption>seed ${result.seed} <button>Save</button></figcaption>`;
     figure.querySelector("img").src = "data:image/png;base64," + result.png;
+    figure.querySelector("button").onclick = () => save(result.seed);
     gallery.appendChild(figure);
   }
 }
@@ -262,9 +263,12 @@ async function edit() {
   }
 }
 
-async function save() {
+// Saves the guide and mask with the settings and ``seed`` (default: the seed field).
+async function save(seed) {
   try {
-    const reply = await api("/api/save", settings());
+    const body = settings();
+    if (Number.isInteger(seed)) body.seed = seed;
+    const reply = await api("/api/save", body);
     $("command").textContent = reply.command_line;
     setStatus(`saved ${reply.id} to ${reply.manifest}`);
   } catch (error) {
@@ -316,7 +320,7 @@ async function start() {
   };
   $("apply-composite").onclick = () => applyComposite().catch((e) => setStatus(e.message));
   $("edit").onclick = edit;
-  $("save").onclick = save;
+  $("save").onclick = () => save();
   setStatus("ready");
 }
 
