@@ -142,3 +142,38 @@ def test_undo_redo_mask_from_strokes_and_save(browser, studio_url):
     command = browser.find_element(By.ID, "command").text
     assert " -m sdedit_jax.main " in command and "--config.input.source=manifest" in command
     assert browser.find_element(By.ID, "status").text.startswith("saved studio-")
+
+
+def test_composite_placed_with_the_mouse_and_the_eyedropper(browser, studio_url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    donor = np.random.default_rng(5).integers(0, 256, (10, 12, 3)).astype(np.uint8)
+    Image.fromarray(donor).save(tmp_path / "donor.png")
+    browser.get(studio_url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
+    browser.find_element(By.ID, "donor-file").send_keys(str(tmp_path / "donor.png"))
+    wait.until(lambda b: b.find_element(By.ID, "composite-state").text)
+    donor_canvas = browser.find_element(By.ID, "donor")
+    _stroke(browser, donor_canvas, [(2.5 / 12, 1.5 / 10), (6.5 / 12, 4.5 / 10)])  # box 2,1,7,5
+    browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=place]").click()
+    canvas = browser.find_element(By.ID, "ui")
+    _stroke(browser, canvas, [(9.5 / 16, 10.5 / 16)])
+    assert browser.find_element(By.ID, "composite-state").text == "box 2,1,7,5, at 9,10"
+    browser.find_element(By.ID, "apply-composite").click()
+    guide_js = "return composedGuide().toDataURL('image/png')"
+    wait.until(lambda b: _decode(b.execute_script(guide_js))[..., :3].min() < 255)
+
+    expected = np.full((16, 16, 3), 255, np.uint8)  # the blank canvas is white
+    expected[10:14, 9:14] = donor[1:5, 2:7]
+    np.testing.assert_array_equal(_decode(browser.execute_script(guide_js))[..., :3], expected)
+    mask = _decode(browser.execute_script("return maskPNG()"))[..., 0]
+    expected_mask = np.zeros((16, 16), np.uint8)
+    expected_mask[10:14, 9:14] = 255
+    np.testing.assert_array_equal(mask, expected_mask)
+
+    browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=eyedropper]").click()
+    _stroke(browser, canvas, [(11.5 / 16, 12.5 / 16)])
+    colour = browser.find_element(By.ID, "colour").get_attribute("value")
+    assert colour == "#" + bytes(donor[3, 4]).hex()
