@@ -47,6 +47,8 @@ MAY_IMPORT = {
         "sde",
         "util",
     },
+    # The studio command's wing: a web page over the engine and the job's own inputs.
+    "studio": {"data", "engine", "jobs", "pretrained", "rng", "sampling", "util"},
     "__init__": set(LIBRARY) | {"sampling"},
 }
 ANY_LIBRARY = set(MAY_IMPORT) - {"__init__"} | {"__init__"}
