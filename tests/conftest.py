@@ -1,6 +1,12 @@
-"""Test setup: 8 simulated CPU devices and a persistent compilation cache.
+"""Test setup: 8 simulated CPU devices, a persistent compilation cache, and jax's
+in-memory caches cleared after each test file.
 
-XLA_FLAGS must be set before jax is imported anywhere, hence at module top.
+XLA_FLAGS must be set before jax is imported anywhere, hence at module top. Each
+compiled CPU program keeps its code in memory mappings of its own for as long as jax
+caches it; over the whole suite they passed Linux's default limit of 65,530 mappings
+per process (``vm.max_map_count``) and XLA aborted in the middle of a compile at
+about 97 %. Clearing the caches per file releases them; programs a later file
+needs again come back from the persistent cache.
 """
 
 import os
@@ -19,7 +25,17 @@ jax.config.update(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops the file's compiled programs (and their code mappings) when it ends."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
