@@ -14,9 +14,11 @@ mask, settings, seed).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import itertools
+import math
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -100,14 +102,20 @@ def text_settings(body: Mapping[str, Any], takes_text: bool) -> dict[str, Any]:
         if named:
             raise ValueError(f"{named[0]}: this model takes no text, got {body[named[0]]!r}")
         return fields
+    return {**fields, "guidance_scale": _guidance(body)}
+
+
+def _guidance(body: Mapping[str, Any]) -> float:
+    """The guidance scale as the float32 the job reads back, finite and >= 0 as the job
+    requires of a row (so a value that overflows float32 is refused here, not there)."""
     scale = body.get("guidance_scale", checks.DEFAULT_GUIDANCE_SCALE)
-    try:
-        if isinstance(scale, str):  # a manifest cell may be text, a request's field not
-            raise ValueError(f"expected a finite number >= 0, got {scale!r}")
-        scale = guide_inputs.text.parse_guidance(scale)
-    except ValueError as e:
-        raise ValueError(f"guidance_scale: {e}") from None
-    return {**fields, "guidance_scale": float(np.float32(scale))}
+    rounded = math.nan
+    if not isinstance(scale, bool) and isinstance(scale, (int, float)):
+        with np.errstate(over="ignore"), contextlib.suppress(OverflowError):
+            rounded = float(np.float32(scale))
+    if not (math.isfinite(rounded) and rounded >= 0):
+        raise ValueError(f"guidance_scale: expected a finite float32 >= 0, got {scale!r}")
+    return rounded
 
 
 def parse_settings(
