@@ -17,7 +17,7 @@ from PIL import Image
 
 from sdedit_jax import engine, pretrained
 from sdedit_jax.data import names
-from sdedit_jax.studio import previews, server
+from sdedit_jax.studio import presets, previews, server
 from tests import job_cli
 
 SIZE = job_cli.SIZE
@@ -48,7 +48,7 @@ def model(tiny_model_dir):
 def _serve(model, *, start=True, dataset_dir=None, model_dir="default", token=None, **kw):
     """A studio on a free loopback port; yields ``(call, previewer)``."""
     previewer = previews.Previewer(model, per_device_batch=1, **kw)
-    previewer.warm()
+    previewer.warm((presets.DEFAULT_PRESET,))  # every preset: test_start_up_compiles_...
     studio = server.Studio(previewer, model_dir, dataset_dir, token, max_upload_bytes=1 << 16)
     httpd = server.StudioServer(("127.0.0.1", 0), studio)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -107,7 +107,7 @@ def test_edit_keeps_pixels_outside_the_mask_and_samples_differ(model):
 
 def test_mixed_requests_share_one_batch_and_one_program(model):
     with _serve(model, start=False) as (call, previewer):
-        programs = engine.compiled_program_count()
+        programs, calls = engine.compiled_program_count(), previewer.engine_calls
         mixed = [
             _request(seed=3, t0=0.3, mask=(0, 8)),
             _request(seed=9, t0=0.8, mask=None, guide_seed=1),
@@ -117,7 +117,7 @@ def test_mixed_requests_share_one_batch_and_one_program(model):
         assert [status for status, _ in submitted] == [202, 202, 202]
         previewer.start()
         replies = [_wait(call, s) for s in submitted]
-        assert previewer.engine_calls == 2  # the warm-up and one batch of all four rows
+        assert previewer.engine_calls == calls + 1  # one batch of all four rows
         assert engine.compiled_program_count() == programs
     alone = _serve(model)
     with alone as (call, _):  # each row alone in its own batch: the same bytes
@@ -159,7 +159,9 @@ def test_a_full_queue_answers_busy(model):
         ({"t0": 1.5}, 400, "t0: expected a number in"),
         ({"samples": 0}, 400, "samples: expected an integer in [1, 8]"),
         ({"preset": "slow"}, 400, "preset: expected one of"),
-        ({"prompt": "a cat"}, 400, "prompt: this model takes no text"),
+        ({"prompt": "a cat"}, 400, "prompt: this model takes no text, got 'a cat'"),
+        ({"negative_prompt": "dark"}, 400, "negative_prompt: this model takes no text"),
+        ({"guidance_scale": 7.5}, 400, "guidance_scale: this model takes no text, got 7.5"),
         ({"padding": "x" * (1 << 16)}, 413, "upload: "),
     ],
 )
@@ -167,6 +169,28 @@ def test_bad_uploads_are_refused_naming_the_field(model, change, status, reason)
     with _serve(model) as (call, _):
         got, reply = call("/api/edit", {**_request(), **change})
     assert got == status and reply["error"].startswith(reason), reply
+
+
+def test_start_up_compiles_every_preset_so_no_request_compiles(model):
+    # per_device_batch=3: programs no other test compiles, so the warm-up's own show.
+    previewer = previews.Previewer(model, per_device_batch=3)
+    before = engine.compiled_program_count()
+    previewer.warm()
+    after = engine.compiled_program_count()
+    assert after == before + len(presets.PRESETS)
+    previewer.start()
+    try:
+        for name in presets.PRESETS:
+            rows = previews.make_rows(
+                b"guide", None, job_cli.random_guide(0).astype(np.float32) / 255,
+                np.ones((SIZE, SIZE, 1), np.float32),
+                previews.Settings(0.4, 1, 0, 2, name),
+            )  # fmt: skip
+            job = previewer.submit(rows)
+            assert job.done.wait(60) and not job.error, job.error
+    finally:
+        previewer.stop()
+    assert engine.compiled_program_count() == after
 
 
 def test_token_and_loopback(model):

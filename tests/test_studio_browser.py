@@ -83,6 +83,7 @@ def test_draw_strokes_and_a_mask_then_edit(browser, studio_url):
     browser.get(studio_url)
     wait = WebDriverWait(browser, 60)
     wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
+    assert not browser.find_element(By.ID, "prompt-row").is_displayed()  # a pixel model
     canvas = browser.find_element(By.ID, "ui")
     _stroke(browser, canvas, [(0.1, 0.2), (0.5, 0.25), (0.9, 0.3)])  # red brush
     browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=mask]").click()

@@ -182,13 +182,7 @@ def _run_locked(prepared: PreparedJob, retry_failed: bool, process: int, n_proce
     conditioner, codec = None, None
     if checks.takes_text(model):
         scales = catalog.columns["guidance_scale"][catalog.columns["error"] == ""]
-        with_negative = bool(np.any(scales > 1))
-        if checks.takes_micro_conditioning(model):  # SDXL: pooled text and micro-conditioning too
-            conditioner = text.XLConditioner(model, with_negative)
-        else:
-            conditioner = text.Conditioner(
-                model.tokenize_with_flags, model.encode_text, with_negative
-            )
+        conditioner = text.conditioner_for(model, with_negative=bool(np.any(scales > 1)))
         codec = model.codec_with(config.latent.posterior, config.latent.mask_downsample)
     placed = editor.place_score(model.score_fn, codec)
     subdirs, this_run, totals = {}, [], []

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from sdedit_jax.jobs import checks
+
 # texts -> (ids [B, L] int, truncated [B] bool): a text model's ``tokenize_with_flags``.
 Tokenizer = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
@@ -133,3 +135,11 @@ class XLConditioner:
             negative_ids = self.time_ids(batch, "negative_aesthetic_score")
             cond["negative"] = half(batch["negative_prompt_ids"], negative_ids, zero)
         return cond
+
+
+def conditioner_for(model: Any, *, with_negative: bool) -> Conditioner | XLConditioner:
+    """The conditioner of a text model, as a job builds it (the studio reuses it, so a
+    preview's conditioning is the job's)."""
+    if checks.takes_micro_conditioning(model):  # SDXL: pooled text and micro-conditioning too
+        return XLConditioner(model, with_negative)
+    return Conditioner(model.tokenize_with_flags, model.encode_text, with_negative)

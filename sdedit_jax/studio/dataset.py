@@ -2,8 +2,12 @@
 
 The folder holds ``guides/<id>.png``, ``masks/<id>.png`` and one manifest per
 (preset, K), ``manifest-<preset>-k<K>.jsonl`` (rows ``id``, ``path``, ``mask``,
-``t0``, ``seed``), since a job runs one sampler and one K; :func:`job_command` is
-the one command that edits a manifest, to the previewed bytes.
+``t0``, ``seed``; for a text model also ``prompt``, ``negative_prompt`` and
+``guidance_scale``), since a job runs one sampler and one K. A text model's rows
+without guidance (scale <= 1) go to ``manifest-<preset>-k<K>-unguided.jsonl``: a job
+carries the negative half for every row when one row guides, which changes the
+program. :func:`job_command` is the one command that edits a manifest, to the
+previewed bytes.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from sdedit_jax.studio.previews import Row
 GUIDES, MASKS = "guides", "masks"
 
 
-def manifest_name(preset: str, repeats: int) -> str:
-    return f"manifest-{presets.check_preset(preset)}-k{repeats}.jsonl"
+def manifest_name(preset: str, repeats: int, unguided: bool = False) -> str:
+    suffix = "-unguided" if unguided else ""
+    return f"manifest-{presets.check_preset(preset)}-k{repeats}{suffix}.jsonl"
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -32,11 +37,18 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def manifest_row(row: Row, has_mask: bool) -> dict:
-    """The row: t0 is the float32 value the preview used, written so it reads back as it."""
-    out = {"id": row.id, "path": f"{GUIDES}/{row.id}.png", "t0": row.settings.t0}
+    """The row: t0 (and guidance) the float32 values the preview used, written so they
+    read back as them; a text model's row names its own text, so no job default applies."""
+    s = row.settings
+    out = {"id": row.id, "path": f"{GUIDES}/{row.id}.png", "t0": s.t0}
     if has_mask:
         out["mask"] = f"{MASKS}/{row.id}.png"
-    return {**out, "seed": row.seed}
+    out["seed"] = row.seed
+    if s.guidance_scale is not None:
+        out.update(
+            prompt=s.prompt, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale
+        )
+    return out
 
 
 def save(folder: str, row: Row, guide_png: bytes, mask_png: bytes | None) -> str:
@@ -48,7 +60,8 @@ def save(folder: str, row: Row, guide_png: bytes, mask_png: bytes | None) -> str
     _atomic_write(os.path.join(folder, GUIDES, f"{row.id}.png"), guide_png)
     if mask_png:
         _atomic_write(os.path.join(folder, MASKS, f"{row.id}.png"), mask_png)
-    path = os.path.join(folder, manifest_name(row.settings.preset, row.settings.repeats))
+    s = row.settings
+    path = os.path.join(folder, manifest_name(s.preset, s.repeats, s.unguided))
     lines = []
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:

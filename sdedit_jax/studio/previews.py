@@ -3,25 +3,33 @@
 Every request becomes ``samples`` rows (seeds ``seed, seed + 1, ...``), each with an id
 fixed before it is edited (:func:`row_id`), so a saved row edits to the same bytes in
 a job. A worker thread takes rows of one (preset, K) from the queue, up to the
-editor's global batch at a time, whatever their t0, mask or seed: those are traced,
-so each (preset, K) compiles once. Results are cached by (guide, mask, settings, seed).
+editor's global batch at a time, whatever their t0, mask, seed or prompt: those are
+traced (a text model's prompts as per-row text states, made by the job's own
+:func:`sdedit_jax.jobs.text.conditioner_for`), so each (preset, K) compiles once, and a
+text model's rows guided or not (guidance scale > 1 or <= 1; the job carries the
+negative half exactly when some row guides) once each. Results are cached by (guide,
+mask, settings, seed).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import itertools
+import math
 import threading
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
-from sdedit_jax import engine, pretrained, rng
+from sdedit_jax import engine, rng
 from sdedit_jax.data import guide_inputs
 from sdedit_jax.data.guide_inputs.catalog import SEED_RANGE
+from sdedit_jax.jobs import checks, text
 from sdedit_jax.jobs.sinks import png_bytes
 from sdedit_jax.studio import presets
 
@@ -36,14 +44,27 @@ class Busy(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """One request's edit settings (``t0`` already rounded to the float32 the job reads)."""
+    """One request's edit settings (``t0`` and ``guidance_scale`` already rounded to the
+    float32 the job reads; ``guidance_scale`` None: the model takes no text)."""
 
     t0: float
     repeats: int
     seed: int
     samples: int
     preset: str
-    prompt: str
+    prompt: str = ""
+    negative_prompt: str = ""
+    guidance_scale: float | None = None
+
+    @property
+    def unguided(self) -> bool:
+        """A text row without classifier-free guidance (its program has no negative half)."""
+        return self.guidance_scale is not None and self.guidance_scale <= 1
+
+    @property
+    def program(self) -> tuple[str, int, bool]:
+        """What selects the compiled program: rows of one key share a batch."""
+        return self.preset, self.repeats, self.unguided
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +86,45 @@ def _integer(body: Mapping[str, Any], name: str, low: int, high: int, default: i
     return value
 
 
+def _text(body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name, "")
+    if not isinstance(value, str) or not guide_inputs.text.is_utf8(value):
+        raise ValueError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def text_settings(body: Mapping[str, Any], takes_text: bool) -> dict[str, Any]:
+    """The request's prompt, negative prompt and guidance scale, checked as a manifest
+    row's are; a model that takes no text refuses any of them by name."""
+    fields = {"prompt": _text(body, "prompt"), "negative_prompt": _text(body, "negative_prompt")}
+    if not takes_text:
+        named = [f for f in guide_inputs.text.FIELDS if body.get(f) not in (None, "")]
+        if named:
+            raise ValueError(f"{named[0]}: this model takes no text, got {body[named[0]]!r}")
+        return fields
+    return {**fields, "guidance_scale": _guidance(body)}
+
+
+def _guidance(body: Mapping[str, Any]) -> float:
+    """The guidance scale as the float32 the job reads back, finite and >= 0 as the job
+    requires of a row (so a value that overflows float32 is refused here, not there)."""
+    scale = body.get("guidance_scale", checks.DEFAULT_GUIDANCE_SCALE)
+    rounded = math.nan
+    if not isinstance(scale, bool) and isinstance(scale, (int, float)):
+        with np.errstate(over="ignore"), contextlib.suppress(OverflowError):
+            rounded = float(np.float32(scale))
+    if not (math.isfinite(rounded) and rounded >= 0):
+        raise ValueError(f"guidance_scale: expected a finite float32 >= 0, got {scale!r}")
+    return rounded
+
+
 def parse_settings(
-    body: Mapping[str, Any], sde_domain: tuple[float, float], *, max_samples: int, max_repeats: int
+    body: Mapping[str, Any],
+    sde_domain: tuple[float, float],
+    *,
+    max_samples: int,
+    max_repeats: int,
+    takes_text: bool = False,
 ) -> Settings:
     """The request's settings, each checked (a ``ValueError`` names the field and value)."""
     eps, end = sde_domain
@@ -75,18 +133,13 @@ def parse_settings(
         raise ValueError(f"t0: expected a number in ({eps}, {end}], got {t0!r}")
     samples = _integer(body, "samples", 1, max_samples, 1)
     seed = _integer(body, "seed", SEED_RANGE[0], SEED_RANGE[1] - samples, 0)
-    prompt = body.get("prompt", "")
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt: expected a string, got {prompt!r}")
-    if prompt:
-        raise ValueError(f"prompt: this model takes no text, got {prompt!r}")
     return Settings(
         t0=float(np.float32(t0)),
         repeats=_integer(body, "repeats", 1, max_repeats, 1),
         seed=seed,
         samples=samples,
         preset=presets.check_preset(body.get("preset", presets.DEFAULT_PRESET)),
-        prompt=prompt,
+        **text_settings(body, takes_text),
     )
 
 
@@ -121,7 +174,7 @@ def make_rows(
 ) -> list[Row]:
     """One row per sample, seeds ``s.seed + i``."""
     images = hashlib.sha256(guide.tobytes() + b"\0" + mask.tobytes()).hexdigest()
-    settings = (s.preset, s.repeats, s.t0, s.prompt)
+    settings = (s.preset, s.repeats, s.t0, s.prompt, s.negative_prompt, s.guidance_scale)
     rows = []
     for seed in range(s.seed, s.seed + s.samples):
         example_id = row_id(guide_png, mask_png, seed)
@@ -149,20 +202,23 @@ class Previewer:
 
     def __init__(
         self,
-        model: pretrained.LoadedModel,
+        model: Any,
         *,
         per_device_batch: int = 8,
         max_queue: int = 64,
         cache_size: int = 512,
         max_jobs: int = 256,
     ):
-        if not isinstance(model, pretrained.LoadedModel):
+        if checks.takes_micro_conditioning(model):
             raise ValueError(
-                f"model: {type(model).__name__} (a latent, text-conditioned model) is not "
-                "supported by the studio yet; use a pixel model folder"
+                f"model: {type(model).__name__} (SDXL, with micro-conditioning) is not "
+                "supported by the studio yet; use a pixel or a Stable Diffusion 1.x/2.x folder"
             )
         self.model, self.per_device_batch, self.max_queue = model, per_device_batch, max_queue
-        self._editors: dict[tuple[str, int], tuple[engine.Editor, Any]] = {}
+        self.takes_text = checks.takes_text(model)
+        # The job's default codec (config.latent: posterior mean, max-pooled masks).
+        self._codec = model.codec_with() if self.takes_text else None
+        self._editors: dict[tuple[str, int, bool], tuple[engine.Editor, Any]] = {}
         self._placed = None
         self._pending: collections.deque[tuple[Job, int]] = collections.deque()
         self._cache: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
@@ -174,25 +230,29 @@ class Previewer:
         self._worker: threading.Thread | None = None
         self.engine_calls = 0
 
-    def _editor(self, preset: str, repeats: int) -> tuple[engine.Editor, Any]:
-        key = (preset, repeats)
+    def _editor(self, key: tuple[str, int, bool]) -> tuple[engine.Editor, Any]:
+        """The editor and step rule of a :attr:`Settings.program` key."""
         if key not in self._editors:
+            preset, repeats, _ = key
             sampler, rule = presets.sampler_for(preset)
             editor = engine.Editor(
                 self.model.sde, sampler, repeats, per_device_batch=self.per_device_batch
             )
             if self._placed is None:
-                self._placed = editor.place_score(self.model.score_fn)
+                self._placed = editor.place_score(self.model.score_fn, self._codec)
             self._editors[key] = (editor, rule)
         return self._editors[key]
 
-    def warm(self, preset: str = presets.DEFAULT_PRESET, repeats: int = 1) -> None:
-        """Compiles the program of (preset, K) now, so the first click does not wait for it."""
+    def warm(self, names: tuple[str, ...] = tuple(presets.PRESETS), repeats: int = 1) -> None:
+        """Compiles each preset's program at K = ``repeats`` now (a text model's guided
+        one, the default), so no first request of a preset waits for a compile."""
         size, channels = self.model.image_size, self.model.num_channels
         blank = np.zeros((size, size, channels), np.float32)
-        settings = Settings(0.5, repeats, 0, 1, preset, "")
         mask = np.ones((size, size, 1), np.float32)
-        self._edit([Row("warm-up", 0, blank, mask, settings, ())])
+        scale = checks.DEFAULT_GUIDANCE_SCALE if self.takes_text else None
+        for preset in names:
+            settings = Settings(0.5, repeats, 0, 1, preset, guidance_scale=scale)
+            self._edit([Row("warm-up", 0, blank, mask, settings, ())])
 
     def start(self) -> None:
         self._worker = threading.Thread(target=self._work, name="studio-previews", daemon=True)
@@ -245,19 +305,18 @@ class Previewer:
         return None
 
     def _take_batch(self) -> list[tuple[Job, int]] | None:
-        """Up to one global batch of queued rows sharing the first row's (preset, K)."""
+        """Up to one global batch of queued rows sharing the first row's program."""
         with self._lock:
             while not self._pending and not self._stopped:
                 self._lock.wait()
             if self._stopped:
                 return None
             first = self._pending[0]
-            settings = first[0].rows[first[1]].settings
-            editor, _ = self._editor(settings.preset, settings.repeats)
+            program = first[0].rows[first[1]].settings.program
+            editor, _ = self._editor(program)
             taken, kept = [], collections.deque()
             for job, i in self._pending:
-                s = job.rows[i].settings
-                same = (s.preset, s.repeats) == (settings.preset, settings.repeats)
+                same = job.rows[i].settings.program == program
                 if same and len(taken) < editor.global_batch:
                     taken.append((job, i))
                 else:
@@ -283,10 +342,28 @@ class Previewer:
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
 
+    def _cond(self, rows: list[Row], global_batch: int) -> Any:
+        """The rows' text conditioning, made as the job makes a batch's: the job's
+        conditioner on a full global batch (padding rows as the job's: empty prompts),
+        so the text encoder sees the job's shapes; then cut to the rows."""
+        pad = global_batch - len(rows)
+        batch = {
+            "prompt": np.array([r.settings.prompt for r in rows] + [""] * pad, object),
+            "negative_prompt": np.array(
+                [r.settings.negative_prompt for r in rows] + [""] * pad, object
+            ),
+            "guidance_scale": np.array(
+                [r.settings.guidance_scale for r in rows] + [checks.DEFAULT_GUIDANCE_SCALE] * pad,
+                np.float32,
+            ),
+        }
+        conditioner = text.conditioner_for(self.model, with_negative=not rows[0].settings.unguided)
+        cond = conditioner.cond({**batch, **conditioner.columns(batch)})
+        return jax.tree.map(lambda v: np.asarray(v)[: len(rows)], cond)
+
     def _edit(self, rows: list[Row]) -> list[bytes]:
-        """Output PNGs of ``rows`` (one (preset, K)), encoded as the job writes them."""
-        s = rows[0].settings
-        editor, rule = self._editor(s.preset, s.repeats)
+        """Output PNGs of ``rows`` (one program), encoded as the job writes them."""
+        editor, rule = self._editor(rows[0].settings.program)
         t0 = np.array([row.settings.t0 for row in rows], np.float32)
         batch = engine.EditBatch(
             guides=np.stack([row.guide for row in rows]),
@@ -295,6 +372,7 @@ class Previewer:
             t0=t0,
             n_steps=rule.steps_for(t0),
             mask=np.stack([row.mask for row in rows]),
+            cond=self._cond(rows, editor.global_batch) if self.takes_text else None,
         )
         outputs = np.asarray(editor.run(self._placed, batch))
         self.engine_calls += 1

@@ -4,10 +4,11 @@ Routes (JSON in and out; images travel as base64 PNG):
 
 * ``GET /`` and ``GET /static/<file>``: the page (``static/``, no asset from elsewhere).
 * ``GET /api/info``: the model's size and channels, presets, limits.
-* ``POST /api/edit`` ``{guide, mask?, t0, repeats, seed, samples, preset, prompt}``:
+* ``POST /api/edit`` ``{guide, mask?, t0, repeats, seed, samples, preset, prompt,
+  negative_prompt, guidance_scale}`` (the text fields: text models only):
   queues the previews (202 with a job id; 200 when every one is cached), 503 when busy.
 * ``GET /api/jobs/<id>?wait=<s>``: progress and finished results (waits up to ``s``).
-* ``POST /api/save`` ``{guide, mask?, t0, repeats, seed, preset, prompt}``: writes the
+* ``POST /api/save`` (the fields of ``/api/edit`` but ``samples``): writes the
   dataset row of that preview and returns the job command that edits it.
 * ``POST /api/composite`` ``{target, source, box, at, scale, dilate}``: the guide and
   mask of ``python -m sdedit_jax.composite`` (:mod:`.composites`).
@@ -30,6 +31,7 @@ import urllib.parse
 from typing import Any
 
 from sdedit_jax.data import guide_inputs
+from sdedit_jax.jobs.checks import DEFAULT_GUIDANCE_SCALE
 from sdedit_jax.studio import composites, dataset, presets, previews
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -73,7 +75,8 @@ class Studio:
             "max_samples": self.max_samples,
             "max_repeats": self.max_repeats,
             "max_upload_bytes": self.max_upload_bytes,
-            "takes_text": False,
+            "takes_text": self.previewer.takes_text,
+            "default_guidance_scale": DEFAULT_GUIDANCE_SCALE,
             "dataset": self.dataset_dir,
         }
 
@@ -85,6 +88,7 @@ class Studio:
             (model.sde.eps, model.sde.T),
             max_samples=self.max_samples,
             max_repeats=self.max_repeats,
+            takes_text=self.previewer.takes_text,
         )
         guide_png = previews.check_png(_image_field(body, "guide"), "guide")
         mask_png = _image_field(body, "mask", required=False)

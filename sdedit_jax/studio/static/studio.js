@@ -223,6 +223,10 @@ function settings() {
     t0: Number($("t0").value), repeats: Number($("repeats").value), seed: Number($("seed").value),
     samples: Number($("samples").value), preset: $("preset").value, prompt: $("prompt").value,
   };
+  if (info.takes_text) {
+    body.negative_prompt = $("negative-prompt").value;
+    body.guidance_scale = Number($("guidance-scale").value);
+  }
   const mask = maskPNG();
   if (mask) body.mask = mask;
   return body;
@@ -291,6 +295,7 @@ async function start() {
   $("samples").max = info.max_samples;
   $("repeats").max = info.max_repeats;
   $("prompt-row").hidden = !info.takes_text;
+  if (info.takes_text) $("guidance-scale").value = info.default_guidance_scale;
   resetLayers(true);
   await refreshDataset();
   $("upload").onchange = async (e) => { if (e.target.files[0]) drawBase(await loadImage(fileURL(e.target.files[0]))); };
