@@ -1,4 +1,4 @@
-"""The studio with a text-to-image model: a converted tiny random Stable Diffusion folder.
+"""The studio with a text-to-image model: converted tiny random SD 1.x and SDXL folders.
 
 Prompts are per-row arrays of one compiled program, part of the cache key, and saved
 into manifest rows that ``python -m sdedit_jax.main`` edits to the previewed bytes.
@@ -29,10 +29,15 @@ pytest.importorskip("transformers", reason="the tiny text encoder is saved by tr
 from tests import sd_reference  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
-    sd_reference.save_pipeline(str(root / "pipe"), "sd1")
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def sd_folder(request, tmp_path_factory):
+    """A converted tiny SD 1.x folder, then an SDXL base one (its micro-conditioning the
+    job's defaults: the guides' size, crop (0, 0))."""
+    root = tmp_path_factory.mktemp(request.param)
+    if request.param == "sdxl":
+        sd_reference.save_xl_pipeline(str(root / "pipe"))
+    else:
+        sd_reference.save_pipeline(str(root / "pipe"), "sd1")
     convert.convert(str(root / "pipe"), str(root / "converted"))
     return str(root / "converted")
 

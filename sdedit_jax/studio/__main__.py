@@ -3,7 +3,7 @@
     python -m sdedit_jax.studio [--model <folder>] [--dataset <folder>] [--host 127.0.0.1]
                                 [--port 8765] [--token <secret>]
 
-The default model is the shipped one; a Stable Diffusion 1.x/2.x folder adds a
+The default model is the shipped one; a Stable Diffusion 1.x/2.x or SDXL folder adds a
 prompt, negative prompt and guidance scale to the page. Every preset's program at
 K = 1 (a text model's guided one) is compiled before the URL is printed, so no
 preset's first request holds up the queue; other K (and a text model's unguided

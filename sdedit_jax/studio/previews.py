@@ -197,6 +197,25 @@ class Job:
         return sum(r is not None for r in self.results)
 
 
+def _micro_columns(rows: list[Row], global_batch: int) -> dict[str, np.ndarray]:
+    """SDXL's micro-conditioning of the rows as a job without ``config.sdxl`` and without
+    the columns gives them: sizes the guide's, crop (0, 0), the pipelines' scores."""
+    size = rows[0].guide.shape[:2]  # every row of a program has the model's size
+    n, defaults = global_batch, checks.SDXL_DEFAULTS
+
+    def rows_of(value: Any) -> np.ndarray:
+        value = np.asarray(value, np.float32)
+        return np.tile(value, (n, 1)) if value.ndim else np.full(n, value, np.float32)
+
+    return {
+        "original_size": rows_of(size),
+        "crops_coords_top_left": rows_of(defaults["crops_coords_top_left"]),
+        "target_size": rows_of(size),
+        "aesthetic_score": rows_of(defaults["aesthetic_score"]),
+        "negative_aesthetic_score": rows_of(defaults["negative_aesthetic_score"]),
+    }
+
+
 class Previewer:
     """The queue, the worker that batches it into the engine, and the result cache."""
 
@@ -209,11 +228,6 @@ class Previewer:
         cache_size: int = 512,
         max_jobs: int = 256,
     ):
-        if checks.takes_micro_conditioning(model):
-            raise ValueError(
-                f"model: {type(model).__name__} (SDXL, with micro-conditioning) is not "
-                "supported by the studio yet; use a pixel or a Stable Diffusion 1.x/2.x folder"
-            )
         self.model, self.per_device_batch, self.max_queue = model, per_device_batch, max_queue
         self.takes_text = checks.takes_text(model)
         # The job's default codec (config.latent: posterior mean, max-pooled masks).
@@ -357,6 +371,8 @@ class Previewer:
                 np.float32,
             ),
         }
+        if checks.takes_micro_conditioning(self.model):
+            batch.update(_micro_columns(rows, global_batch))
         conditioner = text.conditioner_for(self.model, with_negative=not rows[0].settings.unguided)
         cond = conditioner.cond({**batch, **conditioner.columns(batch)})
         return jax.tree.map(lambda v: np.asarray(v)[: len(rows)], cond)
