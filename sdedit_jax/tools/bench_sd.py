@@ -240,7 +240,7 @@ def _jax_edit(
     compiled = editor.lower(placed, sharded).compile()
     args = (placed.score_arrays, placed.codec_arrays, sharded.guides, sharded.seeds)
     args += (sharded.id_words, sharded.t0, sharded.n_steps, sharded.mask, sharded.cond)
-    args += (sharded.initial_noise,)
+    args += (sharded.initial_noise, sharded.n_repeats)
     flops = _edit_flops(model, batch, steps, size, text)
     return (lambda: compiled(*args).block_until_ready()), flops
 
